@@ -1,0 +1,50 @@
+"""Flow: audio files -> log-mel Parquet shards, fanned out over a Dask cluster."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from infra.cluster import dask_client, map_batches
+from infra.layout import Layout
+from infra.settings import ClusterSettings, FeatureSettings, TrackingSettings
+from infra.tracking import tracked_run
+from tasks.features import FeatureSummary, annotate_tracks, extract_shard, finish_features, plan_feature_batches
+from tasks.shards import read_manifest, write_table_atomic
+
+
+@task(cache_policy=NO_CACHE)
+def update_tracks_table(tracks_path: Path, feature_dir: Path) -> Path:
+    import pyarrow as pa
+
+    tracks = pd.read_parquet(tracks_path)
+    annotated = annotate_tracks(tracks, read_manifest(feature_dir).to_pandas())
+    return write_table_atomic(pa.Table.from_pandas(annotated, preserve_index=False), tracks_path)
+
+
+@flow(name="features")
+def extract_features(data_dir: Path, dataset: str, features: FeatureSettings, cluster: ClusterSettings,
+                     tracking: TrackingSettings) -> FeatureSummary:
+    """Extract features for every track of ``tracks/<dataset>.parquet`` not already in the manifest."""
+    layout = Layout(Path(data_dir))
+    tracks_path = layout.tracks(dataset)
+    feature_dir = layout.features(dataset, features.feature_set)
+    tracks = pd.read_parquet(tracks_path, columns=["track_id", "source_path"])
+    plan = plan_feature_batches(tracks, feature_dir=feature_dir, settings=features)
+    params = {**features.flat("features."), **cluster.flat("cluster."), "dataset": dataset}
+    with tracked_run(tracking, "features", run_name=f"features-{dataset}", params=params):
+        start = time.perf_counter()
+        with dask_client(cluster) as client:
+            results = map_batches(client, extract_shard, plan.batches, description="log-mel features", unit="clips",
+                                  size=lambda batch: len(batch.track_ids), feature_dir=feature_dir, settings=features)
+        summary = finish_features(plan, results, feature_dir=feature_dir, quarantine_path=layout.quarantine(dataset),
+                                  wall_seconds=time.perf_counter() - start)
+        update_tracks_table(tracks_path, feature_dir)
+        mlflow.log_metrics({"tracks": summary.n_tracks, "extracted": summary.n_extracted, "skipped": summary.n_skipped,
+                            "quarantined": summary.n_quarantined, "clips_per_s": summary.clips_per_s})
+    return summary

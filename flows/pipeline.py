@@ -1,0 +1,90 @@
+"""The whole pipeline: (synthetic world) -> tracks -> features -> WMF -> tagger, latent-factor CNN -> report.
+
+    world ──► tracks/<dataset>.parquet ──► features (Dask) ──┬──► tagger ──────────────┐
+      └──► listening triplets ──► events ──► WMF ────────────┴──► latent-factor CNN ───┴──► report + MLflow
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pyarrow as pa
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.features import extract_features
+from flows.listening import factorize
+from flows.training import train_recommender_flow, train_tagger_flow
+from flows.world import synthetic_world
+from infra.cluster import dask_client
+from infra.layout import Layout
+from infra.settings import ClusterSettings, PipelineSettings
+from infra.tracking import tracked_run
+from tasks.datasets import mtat_tracks, read_mtat_annotations
+from tasks.errors import ParameterError
+from tasks.report import PipelineSummary, metric_slug, summary_text, write_report
+from tasks.shards import write_table_atomic
+
+log = logging.getLogger("mirflow")
+
+
+@task(cache_policy=NO_CACHE)
+def ingest_mtat(annotations: Path, audio_root: Path, n_tags: int, tracks_path: Path) -> Path:
+    tracks = mtat_tracks(read_mtat_annotations(annotations), audio_root=audio_root, n_tags=n_tags)
+    return write_table_atomic(pa.Table.from_pandas(tracks, preserve_index=False), tracks_path)
+
+
+def _sources(settings: PipelineSettings) -> tuple[Path, Path, tuple[Path, ...]]:
+    """Annotations, audio root and triplet files of the run's dataset."""
+    if settings.dataset == "synthetic":
+        root = Layout(settings.data_dir).world()
+        triplets = tuple(sorted((root / "taste_profile").glob("train_triplets.batch-*.txt")))
+        return root / "mtat" / "annotations_final.csv", root / "mtat" / "audio", triplets
+    if settings.annotations is None or settings.audio_root is None:
+        raise ParameterError(f"dataset {settings.dataset!r} needs --annotations and --audio-root (MTAT layout)")
+    return settings.annotations, settings.audio_root, settings.triplets
+
+
+@flow(name="pipeline")
+def pipeline(settings: PipelineSettings) -> PipelineSummary:
+    """Run every step; each lands in MLflow, and a summary run holds the report."""
+    layout = Layout(settings.data_dir)
+    dataset = settings.dataset
+    with dask_client(settings.cluster) as client:
+        # One cluster for all fan-out steps: the sub-flows connect to it by address.
+        shared = ClusterSettings(kind="address", address=client.scheduler.address)
+        if dataset == "synthetic":
+            synthetic_world(layout.world(), settings.world, shared)
+        annotations, audio_root, triplets = _sources(settings)
+        tracks_path = ingest_mtat(annotations, audio_root, settings.tagger.n_tags, layout.tracks(dataset))
+        features = extract_features(settings.data_dir, dataset, settings.features, shared, settings.tracking)
+    feature_set = settings.features.feature_set
+    tagger = train_tagger_flow(settings.data_dir, dataset, feature_set, settings.features.mel, settings.tagger,
+                               settings.tracking)
+    if not triplets:
+        raise ParameterError("no listening data: pass --triplets (Taste Profile files) to train the recommender")
+    tracks = pd.read_parquet(tracks_path, columns=["track_id", "split"])
+    heldout = list(tracks.loc[tracks["split"] == "test", "track_id"])
+    wmf = factorize(settings.data_dir, list(triplets), heldout, settings.wmf, settings.tracking)
+    recommender = train_recommender_flow(settings.data_dir, dataset, feature_set, settings.features.mel, wmf,
+                                         settings.recommender, settings.evaluation, settings.tracking)
+    with tracked_run(settings.tracking, "pipeline", run_name=f"pipeline-{dataset}", params=settings.flat(),
+                     tags={"tagger_run_id": tagger.run_id, "wmf_run_id": wmf.run_id,
+                           "recommender_run_id": recommender.run_id}) as run:
+        report_path = layout.reports() / f"pipeline-{run.info.run_id}.md"
+        summary = PipelineSummary(
+            tagger_roc_auc=tagger.roc_auc, tagger_pr_auc=tagger.pr_auc, tagger_pr_auc_chance=tagger.pr_auc_chance,
+            k=recommender.k, ranking=recommender.rows, n_tracks=features.n_tracks,
+            n_quarantined=features.n_quarantined, n_users=wmf.n_users, n_heldout_items=wmf.n_heldout,
+            tracking_uri=settings.tracking.tracking_uri, report_path=report_path,
+        )
+        write_report(report_path, summary, per_tag=tagger.per_tag, settings=settings.flat())
+        mlflow.log_artifact(str(report_path))
+        mlflow.log_metrics({"tagger/test_roc_auc": tagger.roc_auc, "tagger/test_pr_auc": tagger.pr_auc,
+                            **{f"recommender/{metric_slug(r.name)}/map_at_k": r.map_at_k for r in recommender.rows},
+                            **{f"recommender/{metric_slug(r.name)}/auc": r.auc for r in recommender.rows}})
+        log.info("\n%s", summary_text(summary))
+    return summary

@@ -1,0 +1,120 @@
+"""Flows: train the tagger and the latent-factor CNN, evaluate, log everything to MLflow."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from lightning.pytorch.loggers import MLFlowLogger
+from prefect import flow
+
+from infra.layout import Layout
+from infra.settings import EvalSettings, LatentFactorSettings, MelSettings, TaggerSettings, TrackingSettings
+from infra.tracking import experiment_id, tracked_run
+from lightning_modules.train import train_latent_factor_cnn, train_tagger
+from tasks.listening import load_factors, play_matrix_for
+from tasks.recommend import cold_start_rows
+from tasks.report import RankingRow, metric_slug, plot_factor_scatter, plot_roc_curves
+from tasks.shards import read_manifest
+from flows.listening import WMFOutput
+
+
+@dataclass(frozen=True)
+class TaggerOutput:
+    roc_auc: float
+    pr_auc: float
+    pr_auc_chance: float
+    per_tag: str  # the per-tag table as text
+    run_id: str
+
+
+@dataclass(frozen=True)
+class RecommenderOutput:
+    rows: list[RankingRow]
+    k: int
+    run_id: str
+
+
+def _mlflow_logger(tracking: TrackingSettings, family: str, run_id: str) -> MLFlowLogger:
+    experiment = mlflow.get_experiment(experiment_id(tracking, family))
+    return MLFlowLogger(experiment_name=experiment.name, tracking_uri=tracking.tracking_uri, run_id=run_id)
+
+
+def _tracks_with_features(data_dir: Path, dataset: str, feature_set: str) -> pd.DataFrame:
+    layout = Layout(Path(data_dir))
+    tracks = pd.read_parquet(layout.tracks(dataset), columns=["track_id", "split", "tags"])
+    present = set(read_manifest(layout.features(dataset, feature_set)).column("track_id").to_pylist())
+    return tracks[tracks["track_id"].isin(present)].reset_index(drop=True)
+
+
+@flow(name="train-tagger")
+def train_tagger_flow(data_dir: Path, dataset: str, feature_set: str, mel: MelSettings, tagger: TaggerSettings,
+                      tracking: TrackingSettings) -> TaggerOutput:
+    """Train and test the 2014 spectrogram convnet on the dataset's split; log checkpoint, tables, ROC curves."""
+    layout = Layout(Path(data_dir))
+    tracks = _tracks_with_features(data_dir, dataset, feature_set)
+    counts = pd.Series([t for tags in tracks["tags"] for t in tags]).value_counts()
+    tags = list(counts.index[: tagger.n_tags])
+    params = {**tagger.flat("tagger."), **mel.flat("mel."), "dataset": dataset, "feature_set": feature_set,
+              "tags": ",".join(tags), "n_tracks": len(tracks)}
+    with tracked_run(tracking, "tagger", run_name=f"tagger-{dataset}", params=params) as run:
+        result = train_tagger(feature_dir=layout.features(dataset, feature_set), tracks=tracks, tags=tags,
+                              settings=tagger, mel=mel, checkpoint_dir=layout.checkpoints("tagger") / run.info.run_id,
+                              logger=_mlflow_logger(tracking, "tagger", run.info.run_id))
+        module = result.module
+        mlflow.log_metrics({"epochs": result.epochs, "test/pr_auc_chance": float(module.test_truth.mean())})
+        mlflow.log_artifact(str(result.checkpoint), artifact_path="checkpoints")
+        with tempfile.TemporaryDirectory() as tmp:
+            table_path = Path(tmp) / "per_tag_test_metrics.csv"
+            module.test_table.to_csv(table_path, index=False)
+            mlflow.log_artifact(str(table_path))
+            plot = plot_roc_curves(module.test_truth, module.test_scores, tags=tags, path=Path(tmp) / "roc_curves.png")
+            mlflow.log_artifact(str(plot), artifact_path="plots")
+    return TaggerOutput(roc_auc=float(result.metrics["test/roc_auc"]), pr_auc=float(result.metrics["test/pr_auc"]),
+                        pr_auc_chance=float(module.test_truth.mean()),
+                        per_tag=module.test_table.to_string(index=False, float_format="%.3f"), run_id=run.info.run_id)
+
+
+@flow(name="train-recommender")
+def train_recommender_flow(data_dir: Path, dataset: str, feature_set: str, mel: MelSettings, wmf: WMFOutput,
+                           recommender: LatentFactorSettings, evaluation: EvalSettings,
+                           tracking: TrackingSettings) -> RecommenderOutput:
+    """Regress WMF item factors from audio, then rank held-out tracks for every user by the predictions."""
+    layout = Layout(Path(data_dir))
+    tracks = _tracks_with_features(data_dir, dataset, feature_set)
+    users, user_factors = load_factors(wmf.user_factors)
+    items, item_factors = load_factors(wmf.item_factors)
+    heldout, heldout_factors = load_factors(wmf.heldout_item_factors)
+    factors = {**dict(zip(items, item_factors)), **dict(zip(heldout, heldout_factors))}
+    heldout_set = set(heldout)
+    # Train and validate on tracks in the factorization; test on the held-out tracks that have plays.
+    track_ids = {
+        "train": [t for t in tracks.loc[tracks["split"] == "train", "track_id"] if t in factors and t not in heldout_set],
+        "valid": [t for t in tracks.loc[tracks["split"] == "valid", "track_id"] if t in factors and t not in heldout_set],
+        "test": [t for t in tracks["track_id"] if t in heldout_set],
+    }
+    params = {**recommender.flat("recommender."), **evaluation.flat("evaluation."), "dataset": dataset,
+              "feature_set": feature_set, "wmf_run_id": wmf.run_id,
+              **{f"n_{split}": len(ids) for split, ids in track_ids.items()}}
+    with tracked_run(tracking, "latent-factors", run_name=f"latent-factor-cnn-{dataset}", params=params) as run:
+        result = train_latent_factor_cnn(feature_dir=layout.features(dataset, feature_set), track_ids=track_ids,
+                                         item_factors=factors, settings=recommender, mel=mel,
+                                         checkpoint_dir=layout.checkpoints("latent_factors") / run.info.run_id,
+                                         logger=_mlflow_logger(tracking, "latent-factors", run.info.run_id))
+        test_ids = np.asarray(result.test_track_ids, dtype=str)
+        relevant = play_matrix_for(pd.read_parquet(wmf.heldout_plays), users=users, items=test_ids)
+        true_factors = np.stack([factors[t] for t in test_ids])
+        rows = cold_start_rows(user_factors=user_factors, heldout_plays=relevant,
+                               predicted_factors=result.predicted_factors, wmf_factors=true_factors,
+                               k=evaluation.k, seed=evaluation.seed)
+        mlflow.log_metrics({"epochs": result.epochs, **{f"test/{metric_slug(r.name)}/map_at_{evaluation.k}": r.map_at_k for r in rows},
+                            **{f"test/{metric_slug(r.name)}/auc": r.auc for r in rows}})
+        mlflow.log_artifact(str(result.checkpoint), artifact_path="checkpoints")
+        with tempfile.TemporaryDirectory() as tmp:
+            plot = plot_factor_scatter(true_factors, result.predicted_factors, path=Path(tmp) / "predicted_vs_wmf_factors.png")
+            mlflow.log_artifact(str(plot), artifact_path="plots")
+    return RecommenderOutput(rows=rows, k=evaluation.k, run_id=run.info.run_id)

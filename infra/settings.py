@@ -1,0 +1,192 @@
+"""Typed settings, one object per concern, validated at the boundary.
+
+Everything numeric that a run depends on lives here, so that it can be logged to
+MLflow as params, hashed into feature-set names, and passed down explicitly.
+Nothing in ``tasks/`` or ``lightning_modules/`` reads the environment; the CLI in
+``infra/cli.py`` builds these objects once and hands them over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def flat(self, prefix: str = "") -> dict[str, Any]:
+        """Flatten into ``{"a.b": value}`` pairs, the form MLflow params take."""
+        out: dict[str, Any] = {}
+        for key, value in self.model_dump(mode="json").items():
+            _flatten_into(out, f"{prefix}{key}", value)
+        return out
+
+
+def _flatten_into(out: dict[str, Any], key: str, value: Any) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten_into(out, f"{key}.{k}", v)
+    else:
+        out[key] = value
+
+
+class WorldSettings(_Settings):
+    """Size and character of the synthetic world (DESIGN.md section 6)."""
+
+    n_tracks: int = Field(800, ge=16, description="clips in the MTAT-style tree")
+    n_users: int = Field(2000, ge=10, description="listeners in the Taste Profile triplets")
+    clip_seconds: float = Field(12.0, ge=3.0, le=60.0)
+    sample_rate: int = Field(16000, ge=8000, le=48000, description="rate the MP3s are written at")
+    n_batches: int = Field(3, ge=1, description="time-ordered listening batch files")
+    mean_tracks_per_user: float = Field(40.0, gt=1.0)
+    popularity_exponent: float = Field(0.5, ge=0.0, description="Zipf exponent of track popularity")
+    taste_concentration: float = Field(0.25, gt=0.0, description="Dirichlet concentration of user tastes over styles")
+    tag_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="chance a present tag is missing from the annotations")
+    seed: int = 0
+
+
+class MelSettings(_Settings):
+    """Log-mel spectrogram settings; one resolution (multiresolution comes later)."""
+
+    sample_rate: int = Field(16000, ge=4000, le=96000)
+    n_fft: int = Field(1024, ge=64)
+    hop_length: int = Field(512, ge=16)
+    n_mels: int = Field(128, ge=8, le=512)
+    fmin: float = Field(0.0, ge=0.0)
+    fmax: float | None = None
+    mel_scale: Literal["slaney", "htk"] = "slaney"
+    compression: Literal["log1p", "db"] = "log1p"
+    log_c: float = Field(10000.0, gt=0.0, description="C in log(1 + C*x), as in the papers")
+
+    @model_validator(mode="after")
+    def _check(self) -> "MelSettings":
+        nyquist = self.sample_rate / 2
+        fmax = self.fmax if self.fmax is not None else nyquist
+        if not self.fmin < fmax <= nyquist:
+            raise ValueError(f"need fmin < fmax <= sample_rate/2 = {nyquist}, got fmin={self.fmin}, fmax={fmax}")
+        if self.hop_length > self.n_fft:
+            raise ValueError(f"hop_length={self.hop_length} > n_fft={self.n_fft} would skip samples")
+        return self
+
+    @property
+    def column(self) -> str:
+        """Name of the shard column holding this resolution, e.g. ``mel_1024``."""
+        return f"mel_{self.n_fft}"
+
+
+class FeatureSettings(_Settings):
+    mel: MelSettings = MelSettings()
+    files_per_task: int = Field(32, ge=1, description="files decoded per Dask task")
+    min_seconds: float = Field(1.0, ge=0.0, description="shorter clips are quarantined")
+
+    @property
+    def settings_hash(self) -> str:
+        payload = json.dumps(self.mel.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha1(payload.encode()).hexdigest()[:12]
+
+    @property
+    def feature_set(self) -> str:
+        m = self.mel
+        return f"logmel-sr{m.sample_rate}-n{m.n_fft}-h{m.hop_length}-m{m.n_mels}-{self.settings_hash[:6]}"
+
+
+class ClusterSettings(_Settings):
+    kind: Literal["local", "address", "cuda"] = "local"
+    n_workers: int | None = Field(None, ge=1, description="default: one per core")
+    address: str | None = Field(None, description="scheduler address for kind=address, e.g. tcp://host:8786")
+    dashboard: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "ClusterSettings":
+        if self.kind == "address" and not self.address:
+            raise ValueError("cluster kind 'address' needs an address such as tcp://127.0.0.1:8786")
+        return self
+
+
+class WMFSettings(_Settings):
+    """Weighted matrix factorization for implicit feedback (Hu, Koren & Volinsky 2008)."""
+
+    factors: int = Field(32, ge=1)
+    regularization: float = Field(1.0, ge=0.0)
+    iterations: int = Field(15, ge=1)
+    confidence: Literal["log", "linear"] = "log"
+    alpha: float = Field(2.0, gt=0.0)
+    epsilon: float = Field(1.0, gt=0.0, description="play-count scale in the log confidence")
+    seed: int = 0
+
+
+class TrainSettings(_Settings):
+    """Shared by every Lightning family; each family keeps its own copy."""
+
+    crop_seconds: float = Field(3.0, gt=0.0)
+    eval_hop_seconds: float = Field(1.5, gt=0.0, description="window hop for whole-clip averages")
+    batch_size: int = Field(64, ge=1)
+    crops_per_clip: int = Field(4, ge=1, description="random crops drawn from each clip per epoch")
+    max_epochs: int = Field(20, ge=1)
+    learning_rate: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    patience: int = Field(5, ge=1, description="early stopping on the validation metric")
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    num_workers: int = Field(0, ge=0)
+    seed: int = 0
+
+
+class TaggerSettings(_Settings):
+    """The 2014 spectrogram convnet (Dieleman & Schrauwen, ICASSP 2014)."""
+
+    n_tags: int = Field(50, ge=1, description="top-N tags by count")
+    conv_channels: int = 32
+    conv_length: int = 8
+    pool: int = 4
+    hidden: int = 100
+    train: TrainSettings = TrainSettings()
+
+
+class LatentFactorSettings(_Settings):
+    """The latent-factor CNN (van den Oord, Dieleman & Schrauwen, NIPS 2013)."""
+
+    channels: tuple[int, int, int] = (64, 64, 128)
+    conv_length: int = 4
+    hidden: int = 256
+    dropout: float = Field(0.3, ge=0.0, lt=1.0)
+    train: TrainSettings = TrainSettings(max_epochs=30, learning_rate=1e-3, weight_decay=1e-5)
+
+
+class EvalSettings(_Settings):
+    k: int = Field(500, ge=1, description="cut-off of mAP@k")
+    seed: int = 0
+
+
+class TrackingSettings(_Settings):
+    tracking_uri: str = Field(..., description="e.g. sqlite:////abs/path/mlflow.db")
+    artifact_root: str = Field(..., description="where runs' artifacts are stored")
+    experiment_prefix: str = "mirflow"
+
+
+class PipelineSettings(_Settings):
+    """Everything one run of the whole pipeline needs."""
+
+    data_dir: Path
+    dataset: str = "synthetic"
+    annotations: Path | None = Field(None, description="MTAT annotations_final.csv")
+    audio_root: Path | None = Field(None, description="root of the MTAT mp3 tree")
+    triplets: tuple[Path, ...] = Field((), description="Taste Profile triplet files, oldest first")
+    world: WorldSettings = WorldSettings()
+    features: FeatureSettings = FeatureSettings()
+    cluster: ClusterSettings = ClusterSettings()
+    wmf: WMFSettings = WMFSettings()
+    tagger: TaggerSettings = TaggerSettings()
+    recommender: LatentFactorSettings = LatentFactorSettings()
+    evaluation: EvalSettings = EvalSettings()
+    tracking: TrackingSettings
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()

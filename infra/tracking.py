@@ -1,0 +1,92 @@
+"""MLflow tracking: one sqlite store, one experiment per model family.
+
+Every run carries the full settings as params, the git commit, and the Prefect
+flow-run id when there is one, so that a run in the UI can be traced back to the
+code and the orchestration that made it.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from infra.settings import TrackingSettings
+
+log = logging.getLogger("mirflow")
+# MLflow rejects param values longer than this; longer ones are cut with a marker.
+MAX_PARAM_LENGTH = 6000
+
+
+def tracking_for(data_dir: Path) -> TrackingSettings:
+    """The default store: sqlite and artifacts under the project's data folder."""
+    data_dir = Path(data_dir).resolve()
+    return TrackingSettings(
+        tracking_uri=f"sqlite:///{data_dir / 'mlflow.db'}",
+        artifact_root=(data_dir / "mlartifacts").as_uri(),
+    )
+
+
+def experiment_id(settings: TrackingSettings, family: str) -> str:
+    """Id of the experiment ``<prefix>-<family>``, created with its artifact location if needed."""
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    name = f"{settings.experiment_prefix}-{family}"
+    client = MlflowClient(settings.tracking_uri)
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    return client.create_experiment(name, artifact_location=f"{settings.artifact_root}/{name}")
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def prefect_flow_run_id() -> str | None:
+    try:
+        from prefect.context import FlowRunContext
+    except ImportError:
+        return None
+    context = FlowRunContext.get()
+    return str(context.flow_run.id) if context and context.flow_run else None
+
+
+def _params(params: Mapping[str, Any]) -> dict[str, str]:
+    out = {}
+    for key, value in params.items():
+        text = str(value)
+        out[key] = text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 3] + "..."
+    return out
+
+
+@contextmanager
+def tracked_run(
+    settings: TrackingSettings,
+    family: str,
+    *,
+    run_name: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str] | None = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """Start an MLflow run in the family's experiment with params and provenance tags."""
+    exp_id = experiment_id(settings, family)
+    run_tags = {"mirflow.family": family}
+    if commit := git_commit():
+        run_tags["mlflow.source.git.commit"] = commit
+    if flow_run := prefect_flow_run_id():
+        run_tags["prefect.flow_run_id"] = flow_run
+    run_tags.update(tags or {})
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=run_tags) as run:
+        mlflow.log_params(_params(params))
+        yield run

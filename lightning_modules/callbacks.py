@@ -1,0 +1,35 @@
+"""Callbacks shared by every model family."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import lightning as L
+
+log = logging.getLogger("mirflow")
+
+
+class ThroughputLog(L.Callback):
+    """Logs crops/s of each training epoch, to the logger and as one log line per epoch.
+
+    The line is what shows progress where there is no terminal for a progress bar.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._start = 0.0
+        self._crops = 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start, self._crops = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self._crops += len(batch[0])
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        rate = self._crops / max(time.perf_counter() - self._start, 1e-9)
+        pl_module.log("train/crops_per_s", rate)
+        shown = {k: f"{float(v):.4f}" for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+        log.info("%s epoch %d/%d: %s, %.0f crops/s", self.name, trainer.current_epoch + 1, trainer.max_epochs,
+                 " ".join(f"{k} {v}" for k, v in sorted(shown.items())), rate)

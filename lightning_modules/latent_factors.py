@@ -1,0 +1,62 @@
+"""Content-based recommendation: regress WMF item factors from audio."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+
+from lightning_modules.architectures import LatentFactorCNN
+from lightning_modules.datamodule import clip_means
+
+
+class LatentFactorModule(L.LightningModule):
+    """Trains a :class:`LatentFactorCNN` with MSE on the WMF item factors.
+
+    Targets are divided by one global ``target_scale`` (the factors' standard
+    deviation) so that the loss is O(1) whatever the factorization's scale; the
+    geometry of the factor space, and so every ranking, is unchanged. Predictions
+    are returned in the original scale, one per clip (the mean over its windows).
+    """
+
+    def __init__(self, *, n_mels: int, n_factors: int, channels: tuple[int, int, int] = (64, 64, 128), conv_length: int = 4,
+                 hidden: int = 256, dropout: float = 0.3, learning_rate: float = 1e-3, weight_decay: float = 0.0,
+                 target_scale: float = 1.0, feature_mean: list[float] | None = None,
+                 feature_std: list[float] | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.net = LatentFactorCNN(n_mels=n_mels, n_factors=n_factors, channels=tuple(channels),
+                                   conv_length=conv_length, hidden=hidden, dropout=dropout)
+        self.loss = nn.MSELoss()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Scaled factor predictions ``[shape=(batch, n_factors)]``."""
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = self.loss(self(x), y / self.hparams.target_scale)
+        self.log("train/mse", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x))
+        return loss
+
+    def _clip_predictions(self, windows: torch.Tensor, clip_index: torch.Tensor, n_clips: int) -> torch.Tensor:
+        return clip_means(self(windows).float(), clip_index, n_clips)
+
+    def _eval_step(self, batch, split: str) -> None:
+        windows, clip_index, y = batch
+        predictions = self._clip_predictions(windows, clip_index, len(y))
+        self.log(f"{split}/mse", self.loss(predictions, y / self.hparams.target_scale), on_step=False, on_epoch=True,
+                 prog_bar=split == "val", batch_size=len(y))
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        windows, clip_index, y = batch
+        return self._clip_predictions(windows, clip_index, len(y)) * self.hparams.target_scale
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)

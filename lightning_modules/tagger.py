@@ -1,0 +1,78 @@
+"""The auto-tagger: multi-label tag prediction from log-mel crops."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+
+from lightning_modules.architectures import SpectrogramConvNet2014
+from lightning_modules.datamodule import clip_means
+from tasks.metrics import tag_metrics
+
+
+class TaggerModule(L.LightningModule):
+    """Trains a :class:`SpectrogramConvNet2014` with binary cross-entropy on logits.
+
+    Validation and test average the sigmoid outputs of all windows of a clip and
+    report per-tag ROC-AUC and PR-AUC, macro-averaged (``val/roc_auc``, ``test/pr_auc``).
+    """
+
+    def __init__(self, *, n_mels: int, crop_frames: int, tags: list[str], channels: int = 32, conv_length: int = 8,
+                 pool: int = 4, hidden: int = 100, learning_rate: float = 1e-3, weight_decay: float = 0.0,
+                 feature_mean: list[float] | None = None, feature_std: list[float] | None = None) -> None:
+        super().__init__()
+        # The normalization statistics travel in the checkpoint so inference needs nothing else.
+        self.save_hyperparameters(logger=False)
+        self.net = SpectrogramConvNet2014(n_mels=n_mels, n_frames=crop_frames, n_outputs=len(tags), channels=channels,
+                                          conv_length=conv_length, pool=pool, hidden=hidden)
+        self.loss = nn.BCEWithLogitsLoss()
+        self._scores: list[torch.Tensor] = []
+        self._truth: list[torch.Tensor] = []
+        self.test_scores: np.ndarray | None = None
+        self.test_truth: np.ndarray | None = None
+        self.test_table = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = self.loss(self(x), y)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x))
+        return loss
+
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], split: str) -> None:
+        windows, clip_index, y = batch
+        logits = self(windows)
+        loss = self.loss(logits, y[clip_index])
+        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
+        self._scores.append(clip_means(torch.sigmoid(logits.float()), clip_index, len(y)).cpu())
+        self._truth.append(y.cpu())
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _epoch_metrics(self, split: str) -> None:
+        scores = torch.cat(self._scores).numpy()
+        truth = torch.cat(self._truth).numpy()
+        self._scores.clear()
+        self._truth.clear()
+        summary, table = tag_metrics(truth, scores, tags=self.hparams.tags)
+        self.log(f"{split}/roc_auc", summary["roc_auc_macro"], prog_bar=True)
+        self.log(f"{split}/pr_auc", summary["pr_auc_macro"], prog_bar=split == "val")
+        if split == "test":
+            self.test_scores, self.test_truth, self.test_table = scores, truth, table
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_metrics("test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)

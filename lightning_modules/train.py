@@ -1,0 +1,126 @@
+"""Training entry points, one per family, each reading top to bottom:
+data -> model -> callbacks -> logger -> trainer -> fit -> test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+
+from infra.progress import interactive
+from infra.settings import LatentFactorSettings, MelSettings, TaggerSettings, TrainSettings
+from lightning_modules.callbacks import ThroughputLog
+from lightning_modules.datamodule import FeatureDataModule
+from lightning_modules.latent_factors import LatentFactorModule
+from lightning_modules.tagger import TaggerModule
+
+
+@dataclass
+class TrainResult:
+    module: L.LightningModule  # the best checkpoint, reloaded
+    checkpoint: Path
+    metrics: dict[str, float]
+    epochs: int
+
+
+def frames(seconds: float, mel: MelSettings) -> int:
+    """Number of spectrogram frames spanning ``seconds``."""
+    return max(1, round(seconds * mel.sample_rate / mel.hop_length))
+
+
+def build_trainer(train: TrainSettings, *, name: str, monitor: str, mode: str, checkpoint_dir: Path,
+                  logger: Logger | bool) -> tuple[L.Trainer, ModelCheckpoint]:
+    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename=f"{name}-best", monitor=monitor, mode=mode, save_top_k=1)
+    trainer = L.Trainer(
+        max_epochs=train.max_epochs,
+        accelerator=train.accelerator,
+        devices=train.devices,
+        logger=logger,
+        callbacks=[checkpoint, EarlyStopping(monitor=monitor, mode=mode, patience=train.patience), ThroughputLog(name)],
+        enable_progress_bar=interactive(),
+        enable_model_summary=False,
+        log_every_n_steps=5,
+        num_sanity_val_steps=0,
+    )
+    return trainer, checkpoint
+
+
+def _datamodule(feature_dir: Path, mel: MelSettings, train: TrainSettings, track_ids: dict[str, list[str]],
+                targets: dict[str, np.ndarray]) -> FeatureDataModule:
+    datamodule = FeatureDataModule(
+        feature_dir=feature_dir, column=mel.column, track_ids=track_ids, targets=targets,
+        crop_frames=frames(train.crop_seconds, mel), eval_hop_frames=frames(train.eval_hop_seconds, mel),
+        batch_size=train.batch_size, crops_per_clip=train.crops_per_clip, num_workers=train.num_workers,
+    )
+    datamodule.setup()
+    return datamodule
+
+
+def multi_hot(tracks: pd.DataFrame, tags: list[str]) -> dict[str, np.ndarray]:
+    position = {tag: j for j, tag in enumerate(tags)}
+    out = {}
+    for track_id, track_tags in zip(tracks["track_id"], tracks["tags"]):
+        vector = np.zeros(len(tags), dtype=np.float32)
+        vector[[position[t] for t in track_tags if t in position]] = 1.0
+        out[track_id] = vector
+    return out
+
+
+def train_tagger(*, feature_dir: Path, tracks: pd.DataFrame, tags: list[str], settings: TaggerSettings,
+                 mel: MelSettings, checkpoint_dir: Path, logger: Logger | bool = False) -> TrainResult:
+    """Train the 2014 spectrogram convnet on the tracks' train split; test on their test split."""
+    L.seed_everything(settings.train.seed, workers=True)
+    track_ids = {split: list(group["track_id"]) for split, group in tracks.groupby("split")}
+    datamodule = _datamodule(feature_dir, mel, settings.train, track_ids, multi_hot(tracks, tags))
+    model = TaggerModule(
+        n_mels=mel.n_mels, crop_frames=datamodule.crop, tags=list(tags), channels=settings.conv_channels,
+        conv_length=settings.conv_length, pool=settings.pool, hidden=settings.hidden,
+        learning_rate=settings.train.learning_rate, weight_decay=settings.train.weight_decay,
+        feature_mean=datamodule.mean.tolist(), feature_std=datamodule.std.tolist(),
+    )
+    trainer, checkpoint = build_trainer(settings.train, name="tagger", monitor="val/roc_auc", mode="max",
+                                        checkpoint_dir=checkpoint_dir, logger=logger)
+    trainer.fit(model, datamodule=datamodule)
+    best = TaggerModule.load_from_checkpoint(checkpoint.best_model_path, weights_only=True)
+    metrics = trainer.test(best, datamodule=datamodule, verbose=False)[0]
+    return TrainResult(best, Path(checkpoint.best_model_path), metrics, trainer.current_epoch + 1)
+
+
+@dataclass
+class LatentFactorResult(TrainResult):
+    test_track_ids: list[str] | None = None
+    predicted_factors: np.ndarray | None = None  # (n_test, n_factors), aligned with test_track_ids
+
+
+def train_latent_factor_cnn(*, feature_dir: Path, track_ids: dict[str, list[str]], item_factors: dict[str, np.ndarray],
+                            settings: LatentFactorSettings, mel: MelSettings, checkpoint_dir: Path,
+                            logger: Logger | bool = False) -> LatentFactorResult:
+    """Regress item factors from audio; predict the factors of the test tracks (the cold-start items).
+
+    ``item_factors`` must cover every track of every split; for held-out tracks these
+    are the fold-in factors, used only to report ``test/mse``.
+    """
+    L.seed_everything(settings.train.seed, workers=True)
+    datamodule = _datamodule(feature_dir, mel, settings.train, track_ids, item_factors)
+    train_targets = np.stack([item_factors[t] for t in track_ids["train"]])
+    model = LatentFactorModule(
+        n_mels=mel.n_mels, n_factors=train_targets.shape[1], channels=settings.channels,
+        conv_length=settings.conv_length, hidden=settings.hidden, dropout=settings.dropout,
+        learning_rate=settings.train.learning_rate, weight_decay=settings.train.weight_decay,
+        target_scale=float(train_targets.std()), feature_mean=datamodule.mean.tolist(),
+        feature_std=datamodule.std.tolist(),
+    )
+    trainer, checkpoint = build_trainer(settings.train, name="latent_factors", monitor="val/mse", mode="min",
+                                        checkpoint_dir=checkpoint_dir, logger=logger)
+    trainer.fit(model, datamodule=datamodule)
+    best = LatentFactorModule.load_from_checkpoint(checkpoint.best_model_path, weights_only=True)
+    metrics = trainer.test(best, datamodule=datamodule, verbose=False)[0]
+    predicted = np.concatenate([p.numpy() for p in trainer.predict(best, datamodule=datamodule)])
+    return LatentFactorResult(best, Path(checkpoint.best_model_path), metrics, trainer.current_epoch + 1,
+                              test_track_ids=list(track_ids["test"]), predicted_factors=predicted)

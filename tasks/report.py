@@ -1,0 +1,101 @@
+"""The run summary: the table the demo prints, the report file and the plots."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+
+@dataclass(frozen=True)
+class RankingRow:
+    name: str
+    map_at_k: float
+    auc: float
+
+
+@dataclass(frozen=True)
+class PipelineSummary:
+    tagger_roc_auc: float
+    tagger_pr_auc: float
+    tagger_pr_auc_chance: float  # mean tag frequency: the PR-AUC of a random scorer
+    k: int
+    ranking: Sequence[RankingRow]
+    n_tracks: int
+    n_quarantined: int
+    n_users: int
+    n_heldout_items: int
+    tracking_uri: str
+    report_path: Path
+
+
+def metric_slug(name: str) -> str:
+    """``"WMF factors (upper bound)"`` -> ``"wmf_factors_upper_bound"``, for MLflow metric keys."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def summary_text(summary: PipelineSummary) -> str:
+    """The fixed-width table printed at the end of a pipeline run."""
+    lines = [
+        f"tracks {summary.n_tracks} (quarantined {summary.n_quarantined}), users {summary.n_users}, "
+        f"held-out tracks {summary.n_heldout_items}",
+        f"{'tagger (2014 spectrogram convnet)':<38}test ROC-AUC {summary.tagger_roc_auc:.3f}  "
+        f"PR-AUC {summary.tagger_pr_auc:.3f}   (ROC-AUC 0.5 = chance, PR-AUC chance {summary.tagger_pr_auc_chance:.3f})",
+        f"{'recommendation, held-out tracks':<38}{f'mAP@{summary.k}':<10}AUC",
+    ]
+    for row in summary.ranking:
+        lines.append(f"  {row.name:<36}{row.map_at_k:<10.4f}{row.auc:.3f}")
+    lines.append(f"MLflow: mlflow ui --backend-store-uri {summary.tracking_uri}   report: {summary.report_path}")
+    return "\n".join(lines)
+
+
+def write_report(path: Path, summary: PipelineSummary, *, per_tag: str, settings: Mapping[str, object]) -> Path:
+    """A Markdown report: the summary table, the per-tag table and the settings."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    settings_lines = "\n".join(f"| `{k}` | `{v}` |" for k, v in sorted(settings.items()))
+    path.write_text(
+        "# mirflow pipeline report\n\n"
+        f"```\n{summary_text(summary)}\n```\n\n"
+        f"## Tagger: per-tag test metrics\n\n```\n{per_tag}\n```\n\n"
+        f"## Settings\n\n| setting | value |\n|---|---|\n{settings_lines}\n"
+    )
+    return path
+
+
+def plot_roc_curves(y_true: np.ndarray, y_score: np.ndarray, *, tags: Sequence[str], path: Path) -> Path:
+    """One ROC curve per tag (tags with both classes present), with the chance diagonal."""
+    fig, ax = plt.subplots(figsize=(7, 6))
+    for j, tag in enumerate(tags):
+        if 0 < y_true[:, j].sum() < len(y_true):
+            fpr, tpr, _ = roc_curve(y_true[:, j], y_score[:, j])
+            ax.plot(fpr, tpr, linewidth=1, label=tag)
+    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="chance")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="Tagger ROC curves, test split")
+    ax.legend(fontsize=6, ncol=2, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_factor_scatter(true: np.ndarray, predicted: np.ndarray, *, path: Path, dims: int = 4) -> Path:
+    """Predicted against true (fold-in WMF) factors of held-out tracks, first ``dims`` dimensions."""
+    dims = min(dims, true.shape[1])
+    fig, axes = plt.subplots(1, dims, figsize=(3 * dims, 3), squeeze=False)
+    for d, ax in enumerate(axes[0]):
+        ax.scatter(true[:, d], predicted[:, d], s=4, alpha=0.5)
+        r = np.corrcoef(true[:, d], predicted[:, d])[0, 1] if len(true) > 1 else float("nan")
+        ax.set(title=f"factor {d}: r = {r:.2f}", xlabel="WMF", ylabel="CNN")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

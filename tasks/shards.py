@@ -1,0 +1,191 @@
+"""Parquet I/O for feature shards, track tables and quarantine records.
+
+All Parquet writing in the project goes through this module. Every file is
+written under a temporary name in the same folder and renamed into place when
+complete, so a killed worker leaves no half-written shard behind.
+
+Feature shard schema (one row per track)::
+
+    track_id      string
+    content_sha1  string       hash of the source file's bytes
+    n_frames      int32
+    mel_<n_fft>   list<fixed_size_list<float16>[n_mels]>   shape (n_frames, n_mels)
+
+The manifest ``_manifest.parquet`` beside the shards has one row per track:
+``track_id, content_sha1, shard, n_frames, settings_hash, duration_s, sample_rate``.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.errors import DatasetError
+
+MANIFEST = "_manifest.parquet"
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("track_id", pa.string()),
+        ("content_sha1", pa.string()),
+        ("shard", pa.string()),
+        ("n_frames", pa.int32()),
+        ("settings_hash", pa.string()),
+        ("duration_s", pa.float32()),
+        ("sample_rate", pa.int32()),
+    ]
+)
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+        ("time", pa.timestamp("us", tz="UTC")),
+    ]
+)
+# Small row groups keep streaming reads (one group at a time) cheap in memory.
+ROW_GROUP_SIZE = 64
+
+
+def write_table_atomic(table: pa.Table, path: Path, *, compression: str = "zstd") -> Path:
+    """Write ``table`` to ``path`` via a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        pq.write_table(table, tmp, compression=compression, row_group_size=ROW_GROUP_SIZE)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def feature_schema(column: str, n_mels: int) -> pa.Schema:
+    return pa.schema(
+        [
+            ("track_id", pa.string()),
+            ("content_sha1", pa.string()),
+            ("n_frames", pa.int32()),
+            (column, pa.list_(pa.list_(pa.float16(), n_mels))),
+        ]
+    )
+
+
+def features_to_table(
+    rows: Sequence[tuple[str, str, np.ndarray]], *, column: str, n_mels: int
+) -> pa.Table:
+    """Pack ``(track_id, content_sha1, mel [shape=(n_frames, n_mels)])`` rows into a shard table."""
+    track_ids, hashes, n_frames, offsets = [], [], [], [0]
+    flat: list[np.ndarray] = []
+    for track_id, sha1, mel in rows:
+        if mel.ndim != 2 or mel.shape[1] != n_mels:
+            raise ValueError(f"{track_id}: expected (n_frames, {n_mels}), got {mel.shape}")
+        track_ids.append(track_id)
+        hashes.append(sha1)
+        n_frames.append(mel.shape[0])
+        offsets.append(offsets[-1] + mel.shape[0])
+        flat.append(np.ascontiguousarray(mel, dtype=np.float16).reshape(-1))
+    values = pa.array(np.concatenate(flat) if flat else np.zeros(0, np.float16), type=pa.float16())
+    frames = pa.FixedSizeListArray.from_arrays(values, n_mels)
+    mels = pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), frames)
+    return pa.Table.from_arrays(
+        [pa.array(track_ids, pa.string()), pa.array(hashes, pa.string()), pa.array(n_frames, pa.int32()), mels],
+        schema=feature_schema(column, n_mels),
+    )
+
+
+def table_to_features(table: pa.Table, *, column: str) -> dict[str, np.ndarray]:
+    """Inverse of :func:`features_to_table`: ``{track_id: mel [shape=(n_frames, n_mels)] float16}``."""
+    mels = table.column(column).combine_chunks()
+    n_mels = mels.type.value_type.list_size
+    flat = mels.values.values.to_numpy(zero_copy_only=False)
+    offsets = mels.offsets.to_numpy()
+    out = {}
+    for i, track_id in enumerate(table.column("track_id").to_pylist()):
+        start, stop = offsets[i] - offsets[0], offsets[i + 1] - offsets[0]
+        out[track_id] = flat[start * n_mels : stop * n_mels].reshape(stop - start, n_mels)
+    return out
+
+
+def read_manifest(feature_dir: Path) -> pa.Table:
+    path = Path(feature_dir) / MANIFEST
+    if not path.exists():
+        return MANIFEST_SCHEMA.empty_table()
+    return pq.read_table(path, schema=MANIFEST_SCHEMA)
+
+
+def write_manifest(feature_dir: Path, records: Iterable[Mapping]) -> Path:
+    """Write the manifest from per-track records (one per track id, last one wins)."""
+    by_id = {r["track_id"]: r for r in records}
+    table = pa.Table.from_pylist(list(by_id.values()), schema=MANIFEST_SCHEMA)
+    return write_table_atomic(table.sort_by("track_id"), Path(feature_dir) / MANIFEST)
+
+
+def shard_records(feature_dir: Path) -> list[dict]:
+    """Per-track records of every complete shard on disk, read from shard columns only.
+
+    Used to resume: shards finished before an interruption are counted even when
+    the manifest was never rewritten.
+    """
+    records = []
+    for shard in sorted(Path(feature_dir).glob("part-*.parquet")):
+        table = pq.read_table(shard, columns=["track_id", "content_sha1", "n_frames"])
+        for row in table.to_pylist():
+            records.append({**row, "shard": shard.name})
+    return records
+
+
+def read_features(
+    feature_dir: Path, *, column: str, track_ids: Iterable[str] | None = None
+) -> dict[str, np.ndarray]:
+    """Load features for ``track_ids`` (all tracks when None) as ``{track_id: (n_frames, n_mels) float16}``.
+
+    Only the shards that hold the requested tracks are opened, and only the
+    ``track_id`` and ``column`` columns are read.
+    """
+    feature_dir = Path(feature_dir)
+    manifest = read_manifest(feature_dir)
+    if manifest.num_rows == 0:
+        raise DatasetError(f"no feature manifest in {feature_dir}: run the feature flow first")
+    wanted = None if track_ids is None else set(track_ids)
+    shards: dict[str, list[str]] = {}
+    for track_id, shard in zip(manifest.column("track_id").to_pylist(), manifest.column("shard").to_pylist()):
+        if wanted is None or track_id in wanted:
+            shards.setdefault(shard, []).append(track_id)
+    if wanted is not None:
+        missing = wanted - {t for ids in shards.values() for t in ids}
+        if missing:
+            raise DatasetError(f"{len(missing)} track ids have no features in {feature_dir}, e.g. {sorted(missing)[:3]}")
+    out: dict[str, np.ndarray] = {}
+    for shard, ids in shards.items():
+        table = pq.read_table(feature_dir / shard, columns=["track_id", column])
+        features = table_to_features(table, column=column)
+        out.update({t: features[t] for t in ids if t in features})
+    return out
+
+
+def append_quarantine(path: Path, records: Sequence[Mapping]) -> int:
+    """Append quarantine records (``path, stage, reason``) to ``path``; returns the total count.
+
+    Existing records are kept; the same (path, stage, reason) is stored once.
+    """
+    path = Path(path)
+    old = pq.read_table(path, schema=QUARANTINE_SCHEMA).to_pylist() if path.exists() else []
+    now = datetime.now(timezone.utc)
+    seen = {(r["path"], r["stage"], r["reason"]) for r in old}
+    new = []
+    for r in records:
+        key = (str(r["path"]), r["stage"], r["reason"])
+        if key not in seen:
+            seen.add(key)
+            new.append({"path": key[0], "stage": key[1], "reason": key[2], "time": r.get("time", now)})
+    if new or not path.exists():
+        write_table_atomic(pa.Table.from_pylist(old + new, schema=QUARANTINE_SCHEMA), path)
+    return len(old) + len(new)

@@ -1,0 +1,220 @@
+"""Log-mel spectrograms: one torch implementation for CPU and CUDA.
+
+The same function builds the Parquet feature shards and featurizes a new file at
+inference time, so the two can never drift apart. It reproduces
+``librosa.feature.melspectrogram(center=True, pad_mode="constant", window="hann",
+power=2.0)`` followed by either ``log(1 + C*S)`` (Dieleman & Schrauwen 2014) or
+``librosa.power_to_db(S, ref=1.0, amin=1e-10, top_db=80.0)``; tests hold it to
+librosa. librosa itself is not imported here.
+
+Output is TIME-MAJOR, ``(..., n_frames, n_mels)``, the layout stored in the shards.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from infra.settings import MelSettings
+from tasks.errors import ParameterError
+
+#: ``power_to_db`` constants, as librosa's defaults with ``ref=1.0``.
+DB_AMIN = 1e-10
+DB_TOP = 80.0
+
+# Slaney's auditory-toolbox mel scale: linear below 1 kHz, logarithmic above.
+_SLANEY_F_SP = 200.0 / 3.0
+_SLANEY_MIN_LOG_HZ = 1000.0
+_SLANEY_MIN_LOG_MEL = _SLANEY_MIN_LOG_HZ / _SLANEY_F_SP
+_SLANEY_LOGSTEP = np.log(6.4) / 27.0
+
+
+def hz_to_mel(frequencies: np.ndarray | float, *, htk: bool = False) -> np.ndarray:
+    """Hz to mels (float64), HTK formula or Slaney's (librosa's default)."""
+    f = np.asanyarray(frequencies, dtype=np.float64)
+    if htk:
+        return 2595.0 * np.log10(1.0 + f / 700.0)
+    mels = f / _SLANEY_F_SP
+    above = f >= _SLANEY_MIN_LOG_HZ
+    # np.maximum keeps log() quiet for the entries np.where discards.
+    log_part = _SLANEY_MIN_LOG_MEL + np.log(np.maximum(f, _SLANEY_MIN_LOG_HZ) / _SLANEY_MIN_LOG_HZ) / _SLANEY_LOGSTEP
+    return np.where(above, log_part, mels)
+
+
+def mel_to_hz(mels: np.ndarray | float, *, htk: bool = False) -> np.ndarray:
+    """Mels to Hz (float64), the inverse of :func:`hz_to_mel`."""
+    m = np.asanyarray(mels, dtype=np.float64)
+    if htk:
+        return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
+    freqs = _SLANEY_F_SP * m
+    above = m >= _SLANEY_MIN_LOG_MEL
+    log_part = _SLANEY_MIN_LOG_HZ * np.exp(_SLANEY_LOGSTEP * (m - _SLANEY_MIN_LOG_MEL))
+    return np.where(above, log_part, freqs)
+
+
+def mel_band_centres(*, n_mels: int, fmin: float = 0.0, fmax: float, htk: bool = False) -> np.ndarray:
+    """Centre frequency in Hz of each of ``n_mels`` triangular bands [shape=(n_mels,)]."""
+    edges = mel_to_hz(np.linspace(hz_to_mel(fmin, htk=htk), hz_to_mel(fmax, htk=htk), n_mels + 2), htk=htk)
+    return edges[1:-1]
+
+
+def mel_filterbank(
+    *,
+    sample_rate: int,
+    n_fft: int,
+    n_mels: int,
+    fmin: float = 0.0,
+    fmax: float | None = None,
+    htk: bool = False,
+) -> torch.Tensor:
+    """Slaney-normalised triangular mel filters.
+
+    Equal to ``librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels,
+    fmin=fmin, fmax=fmax, htk=htk, norm="slaney")``.
+
+    Parameters
+    ----------
+    sample_rate : int > 0
+        Hz.
+    n_fft : int > 0
+        FFT length in samples.
+    n_mels : int > 0
+        Number of bands.
+    fmin, fmax : float, Hz
+        Band edges; ``fmax`` defaults to ``sample_rate / 2``.
+    htk : bool
+        HTK mel formula instead of Slaney's.
+
+    Returns
+    -------
+    weights : torch.Tensor [shape=(n_mels, n_fft // 2 + 1), dtype=float32], CPU
+    """
+    if sample_rate <= 0 or n_fft <= 0 or n_mels <= 0:
+        raise ParameterError(
+            f"sample_rate, n_fft and n_mels must be positive, got {sample_rate}, {n_fft}, {n_mels}"
+        )
+    if fmax is None:
+        fmax = sample_rate / 2.0
+    if not 0.0 <= fmin < fmax:
+        raise ParameterError(f"need 0 <= fmin < fmax, got fmin={fmin}, fmax={fmax}")
+
+    fft_freqs = np.fft.rfftfreq(n=n_fft, d=1.0 / sample_rate)
+    mel_f = mel_to_hz(np.linspace(hz_to_mel(fmin, htk=htk), hz_to_mel(fmax, htk=htk), n_mels + 2), htk=htk)
+    fdiff = np.diff(mel_f)
+    ramps = np.subtract.outer(mel_f, fft_freqs)
+    lower = -ramps[:-2] / fdiff[:-1, None]
+    upper = ramps[2:] / fdiff[1:, None]
+    # librosa stores the triangles as float32 before scaling; round at the same step
+    # so the two agree to the last bit.
+    weights = np.maximum(0.0, np.minimum(lower, upper)).astype(np.float32)
+    enorm = 2.0 / (mel_f[2 : n_mels + 2] - mel_f[:n_mels])
+    weights = (weights * enorm[:, None]).astype(np.float32)
+    return torch.from_numpy(weights)
+
+
+def n_frames(n_samples: int, *, hop_length: int) -> int:
+    """Frames produced by a centred STFT of ``n_samples`` samples."""
+    if hop_length <= 0:
+        raise ParameterError(f"hop_length must be positive, got {hop_length}")
+    return 1 + n_samples // hop_length
+
+
+def log_mel(
+    y: np.ndarray | torch.Tensor,
+    *,
+    settings: MelSettings,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Compressed mel power spectrogram of one clip or a batch of equal-length clips.
+
+    Parameters
+    ----------
+    y : np.ndarray or torch.Tensor [shape=(n,) or (batch, n)]
+        Waveform at ``settings.sample_rate``; cast to float32.
+    settings : MelSettings
+        FFT size, hop, bands, mel scale and compression (``log1p``: ``log(1 + C*S)``
+        with ``C = settings.log_c``; ``db``: ``10 log10(max(S, 1e-10))`` floored at
+        80 dB below each clip's maximum).
+    device : str or torch.device, optional
+        Where to compute; defaults to ``y``'s device (CPU for numpy input).
+
+    Returns
+    -------
+    S : torch.Tensor [shape=(n_frames, n_mels) or (batch, n_frames, n_mels), dtype=float32]
+        Time-major, on ``device``; ``n_frames = 1 + n // hop_length``.
+
+    Raises
+    ------
+    ParameterError
+        ``y`` is empty, not 1-D or 2-D, or not real-valued.
+    """
+    x = _as_waveform(y, device)
+    window, filterbank = _kernels(
+        settings.sample_rate,
+        settings.n_fft,
+        settings.n_mels,
+        settings.fmin,
+        settings.fmax,
+        settings.mel_scale == "htk",
+        x.device,
+    )
+    spec = torch.stft(
+        x,
+        n_fft=settings.n_fft,
+        hop_length=settings.hop_length,
+        win_length=settings.n_fft,
+        window=window,
+        center=True,
+        pad_mode="constant",
+        onesided=True,
+        return_complex=True,
+    )  # (..., n_fft//2+1, n_frames) complex64
+    power = torch.view_as_real(spec).square().sum(-1)
+    # (..., frames, freqs) @ (freqs, mels): time-major without a copy afterwards.
+    mel = torch.matmul(power.transpose(-1, -2), filterbank.T)
+
+    if settings.compression == "log1p":
+        return torch.log1p(mel * settings.log_c)
+    if settings.compression == "db":
+        db = 10.0 * torch.log10(torch.clamp(mel, min=DB_AMIN))  # ref=1.0: no offset
+        peak = db.amax(dim=(-2, -1), keepdim=True)  # per clip, as power_to_db on each
+        return torch.maximum(db, peak - DB_TOP)
+    raise ParameterError(f"unknown compression {settings.compression!r}; expected 'log1p' or 'db'")
+
+
+def _as_waveform(y: np.ndarray | torch.Tensor, device: str | torch.device | None) -> torch.Tensor:
+    if isinstance(y, torch.Tensor):
+        x = y
+    elif isinstance(y, np.ndarray):
+        if not np.isrealobj(y):
+            raise ParameterError(f"waveform must be real-valued, got dtype {y.dtype}")
+        x = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
+    else:
+        raise ParameterError(f"waveform must be a numpy array or torch tensor, got {type(y).__name__}")
+    if x.is_complex():
+        raise ParameterError(f"waveform must be real-valued, got dtype {x.dtype}")
+    if x.ndim not in (1, 2):
+        raise ParameterError(f"waveform must have shape (n,) or (batch, n), got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ParameterError(f"waveform is empty, shape {tuple(x.shape)}")
+    target = torch.device(device) if device is not None else x.device
+    return x.to(device=target, dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=32)
+def _kernels(
+    sample_rate: int,
+    n_fft: int,
+    n_mels: int,
+    fmin: float,
+    fmax: float | None,
+    htk: bool,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Periodic Hann window and mel filterbank for one setting on one device, built once."""
+    # Build the window in float64 (as scipy does for librosa), then round once.
+    window = torch.hann_window(n_fft, periodic=True, dtype=torch.float64).to(torch.float32)
+    filterbank = mel_filterbank(sample_rate=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax, htk=htk)
+    return window.to(device), filterbank.to(device)

@@ -1,0 +1,651 @@
+"""A seeded synthetic music world in the real dataset formats (DESIGN.md section 6).
+
+Six latent styles decide each track's tags (instruments, tempo, mode, loudness);
+the audio is rendered from those tags by additive synthesis, so everything a tag
+says can be heard in a log-mel spectrogram. Listeners have tastes over the styles
+(plus a mild tempo preference) and a popularity effect; play counts follow from
+taste. The world is written as:
+
+- ``mtat/annotations_final.csv`` and ``mtat/audio/<folder>/<name>.mp3``, exactly
+  the MagnaTagATune layout (tab-separated, every field double-quoted);
+- ``taste_profile/train_triplets.batch-NNN.txt``, Taste Profile triplets
+  ``user<TAB>song<TAB>plays`` in time-ordered batches. In the synthetic world the
+  song id *is* the MTAT clip id (as a string), so audio and plays join directly;
+- ``truth.parquet`` (style, true tags, popularity per clip) and ``world.json``
+  (the settings plus ``"complete": true``, written last).
+
+All functions are pure and seeded; :func:`render_clips` is the unit an
+orchestrator maps over batches of :class:`TrackPlan`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import soundfile as sf
+
+from infra.settings import WorldSettings
+from tasks.errors import ParameterError
+
+STYLES: tuple[str, ...] = ("classical", "rock", "techno", "ambient", "pop", "jazz")
+INSTRUMENTS: tuple[str, ...] = ("piano", "strings", "flute", "guitar", "drums", "bass", "synth", "vocal")
+TAGS: tuple[str, ...] = STYLES + INSTRUMENTS + ("fast", "slow", "major", "minor", "loud", "quiet")
+
+#: Bumped whenever the generator's output changes, so old worlds are regenerated.
+SYNTH_VERSION = 1
+
+_PITCHED = tuple(i for i in INSTRUMENTS if i != "drums")
+_FOLDERS = "0123456789abcdef"
+# Independent random streams, so that e.g. changing n_users leaves the catalogue alone.
+_PLAN_STREAM, _LISTEN_STREAM = 1, 2
+
+
+@dataclass(frozen=True)
+class _Style:
+    weight: float
+    instruments: tuple[float, ...]  # probability of each of INSTRUMENTS
+    p_fast: float
+    p_major: float
+    p_loud: float
+
+
+#                      piano strings flute guitar drums bass synth vocal
+_STYLE_TABLE: dict[str, _Style] = {
+    "classical": _Style(0.18, (0.60, 0.80, 0.50, 0.05, 0.02, 0.10, 0.02, 0.15), 0.30, 0.60, 0.10),
+    "rock": _Style(0.20, (0.10, 0.05, 0.02, 0.92, 0.95, 0.85, 0.10, 0.70), 0.75, 0.50, 0.88),
+    "techno": _Style(0.13, (0.05, 0.05, 0.02, 0.02, 0.98, 0.90, 0.95, 0.12), 0.92, 0.40, 0.92),
+    "ambient": _Style(0.12, (0.35, 0.50, 0.20, 0.05, 0.04, 0.15, 0.85, 0.10), 0.05, 0.50, 0.06),
+    "pop": _Style(0.25, (0.50, 0.20, 0.05, 0.40, 0.85, 0.80, 0.50, 0.90), 0.50, 0.80, 0.60),
+    "jazz": _Style(0.12, (0.80, 0.10, 0.20, 0.30, 0.70, 0.90, 0.05, 0.35), 0.40, 0.40, 0.35),
+}
+
+
+@dataclass(frozen=True)
+class TrackPlan:
+    """Everything needed to render and describe one clip.
+
+    ``true_tags`` are what the audio carries; ``annotated_tags`` are what the
+    annotations file says (true tags with some missing, as in MTAT). ``seed``
+    alone decides the rendered audio given the true tags. ``popularity`` is the
+    Zipf weight ``rank ** -popularity_exponent`` (1.0 for the most popular clip).
+    """
+
+    clip_id: int
+    mp3_path: str
+    style: str
+    true_tags: tuple[str, ...]
+    annotated_tags: tuple[str, ...]
+    seed: int
+    popularity: float
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def plan_world(settings: WorldSettings) -> list[TrackPlan]:
+    """Draw the catalogue: style, tags, file name and popularity of every clip.
+
+    Cheap (no audio) and deterministic in ``settings.seed`` and ``settings.n_tracks``.
+
+    Parameters
+    ----------
+    settings : WorldSettings
+
+    Returns
+    -------
+    list of TrackPlan [length = settings.n_tracks], ordered by ``clip_id``.
+        Clip ids are ``2, 6, 10, ...`` (gapped, like MTAT's), never row numbers.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([settings.seed, _PLAN_STREAM]))
+    n = settings.n_tracks
+    table = [_STYLE_TABLE[s] for s in STYLES]
+    weights = np.array([s.weight for s in table])
+    inst_p = np.array([s.instruments for s in table])
+    style = rng.choice(len(STYLES), size=n, p=weights / weights.sum())
+    has = rng.random((n, len(INSTRUMENTS))) < inst_p[style]
+    # Every clip needs a pitched instrument, or its mode tag could not be heard.
+    pitched_cols = [INSTRUMENTS.index(i) for i in _PITCHED]
+    extra_draw = rng.random(n)
+    for row in np.flatnonzero(~has[:, pitched_cols].any(axis=1)):
+        p = inst_p[style[row], pitched_cols]
+        has[row, pitched_cols[int(np.searchsorted(np.cumsum(p / p.sum()), extra_draw[row]))]] = True
+    fast = rng.random(n) < np.array([s.p_fast for s in table])[style]
+    major = rng.random(n) < np.array([s.p_major for s in table])[style]
+    loud = rng.random(n) < np.array([s.p_loud for s in table])[style]
+    dropped = rng.random((n, len(TAGS))) < settings.tag_dropout
+    folders = rng.integers(0, len(_FOLDERS), size=n)
+    albums = rng.integers(0, max(1, n // 40), size=n)
+    track_numbers = rng.integers(1, 13, size=n)
+    seeds = rng.integers(0, 2**62, size=n)
+    rank = rng.permutation(n) + 1
+    popularity = rank.astype(np.float64) ** -settings.popularity_exponent
+
+    seconds = int(round(settings.clip_seconds))
+    plans = []
+    for i in range(n):
+        name = STYLES[style[i]]
+        true = {name, "fast" if fast[i] else "slow", "major" if major[i] else "minor", "loud" if loud[i] else "quiet"}
+        true.update(inst for inst, on in zip(INSTRUMENTS, has[i]) if on)
+        true_tags = tuple(t for t in TAGS if t in true)
+        annotated = tuple(t for j, t in enumerate(TAGS) if t in true and not dropped[i, j])
+        clip_id = 2 + 4 * i
+        mp3_path = (
+            f"{_FOLDERS[folders[i]]}/synthetic_{name}-album_{albums[i]:02d}-{track_numbers[i]:02d}"
+            f"-track_{clip_id:04d}-0-{seconds}.mp3"
+        )
+        plans.append(TrackPlan(clip_id, mp3_path, name, true_tags, annotated, int(seeds[i]), float(popularity[i])))
+    return plans
+
+
+# ------------------------------------------------------------------------- render
+
+_MAJOR = np.array([0, 2, 4, 5, 7, 9, 11])
+_MINOR = np.array([0, 2, 3, 5, 7, 8, 10])
+_GAIN = {"piano": 0.5, "strings": 0.22, "flute": 0.45, "guitar": 0.35, "bass": 0.6, "synth": 0.22, "vocal": 0.4, "drums": 0.8}
+_VOWELS = ((700.0, 1200.0, 2600.0), (600.0, 1000.0, 2500.0), (750.0, 1300.0, 2700.0))
+
+
+@dataclass(frozen=True)
+class _Voice:
+    """A line of notes: note ``k`` sounds from ``onsets[k]`` to ``onsets[k+1]`` (samples).
+
+    ``midi`` is one pitch per note, or ``(n_notes, n_tones)`` for chords.
+    """
+
+    onsets: np.ndarray  # int64, sorted, first >= 0
+    midi: np.ndarray  # float64 pitch per note [shape=(n_notes,) or (n_notes, n_tones)]
+    velocity: np.ndarray  # float32 per note
+
+
+def _midi_hz(midi: np.ndarray) -> np.ndarray:
+    return 440.0 * 2.0 ** ((np.asarray(midi, dtype=np.float64) - 69.0) / 12.0)
+
+
+def _note_clock(voice: _Voice, n: int, sample_rate: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-sample note index, seconds since that note's onset and note length in seconds."""
+    bounds = np.append(voice.onsets, n)
+    lengths = np.diff(bounds)
+    idx = np.repeat(np.arange(len(voice.onsets)), lengths)
+    lead = n - idx.size  # silence before the first onset
+    idx = np.concatenate([np.zeros(lead, dtype=idx.dtype), idx])
+    t = (np.arange(n) - voice.onsets[idx]).astype(np.float32) / sample_rate
+    t[:lead] = 0.0
+    note_len = (lengths / sample_rate).astype(np.float32)[idx]
+    return idx, t, note_len
+
+
+_TABLE_SIZE = 2048  # samples per wavetable period; lookup error stays below the added noise
+
+
+@functools.lru_cache(maxsize=8)
+def _sine_basis(n_harmonics: int) -> np.ndarray:
+    """``sin(2 pi k j / L)`` for k = 1..K, j = 0..L-1 [shape=(K, L), dtype=float32]."""
+    k = np.arange(1, n_harmonics + 1)[:, None]
+    j = np.arange(_TABLE_SIZE)[None, :]
+    return np.sin(2 * np.pi * k * j / _TABLE_SIZE).astype(np.float32)
+
+
+def _wavetables(harmonics: np.ndarray, f0: np.ndarray, *, sample_rate: int) -> np.ndarray:
+    """One period per pitch with the given harmonic levels, silent above 0.45 * sample_rate.
+
+    Parameters
+    ----------
+    harmonics : np.ndarray [shape=(K,) or (n_pitches, K)]
+        Level of harmonic k = 1..K, for all pitches or per pitch.
+    f0 : np.ndarray [shape=(n_pitches,)], Hz
+
+    Returns
+    -------
+    np.ndarray [shape=(n_pitches * L,), dtype=float32], the tables laid end to end.
+    """
+    n_harm = np.shape(harmonics)[-1]
+    levels = np.broadcast_to(np.asarray(harmonics, dtype=np.float32), (f0.size, n_harm))
+    audible = np.outer(f0, np.arange(1, n_harm + 1)) < 0.45 * sample_rate  # no aliasing
+    # einsum, not @: a multithreaded BLAS call per voice thrashes when Dask workers share cores.
+    return np.einsum("pk,kl->pl", (levels * audible).astype(np.float32), _sine_basis(n_harm)).ravel()
+
+
+def _render_voice(
+    voice: _Voice,
+    instrument: str,
+    *,
+    n: int,
+    sample_rate: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Render one monophonic line with the timbre of ``instrument``.
+
+    Wavetable synthesis: each note reads a one-period table built from its
+    harmonic levels, so the cost does not grow with the number of harmonics.
+    Plucked and struck instruments crossfade from a bright to a dull table,
+    which is how their upper harmonics die faster than the fundamental.
+    """
+    idx, t, note_len = _note_clock(voice, n, sample_rate)
+    f_note = _midi_hz(voice.midi).reshape(len(voice.onsets), -1)  # (n_notes, n_tones)
+    f0, pitch_of = np.unique(f_note, return_inverse=True)  # one table per distinct pitch
+    pitch_of = pitch_of.reshape(f_note.shape)
+    vibrato = None
+    if instrument in ("strings", "vocal", "flute"):
+        rate, depth = {"strings": (5.5, 0.005), "vocal": (5.0, 0.012), "flute": (4.5, 0.003)}[instrument]
+        time = np.arange(n, dtype=np.float32) / sample_rate
+        # Vibrato sets in after the attack, as players do.
+        vibrato = 1.0 + depth * np.minimum(t / 0.25, 1.0) * np.sin(2 * np.pi * rate * time + rng.uniform(0, 6.28))
+    where = []
+    for tone in range(f_note.shape[1]):
+        step = (f_note[:, tone] / sample_rate)[idx]
+        cycles = np.cumsum(step if vibrato is None else step * vibrato) + rng.uniform()
+        where.append(pitch_of[:, tone][idx] * _TABLE_SIZE + ((cycles * _TABLE_SIZE).astype(np.int64) & (_TABLE_SIZE - 1)))
+
+    def read(harmonics: Sequence[float] | np.ndarray) -> np.ndarray:
+        table = _wavetables(np.asarray(harmonics), f0, sample_rate=sample_rate)
+        out = table[where[0]]
+        for w in where[1:]:
+            out += table[w]
+        return out
+
+    release = np.clip((note_len - t) / 0.03, 0.0, 1.0)
+    if instrument in ("piano", "guitar"):
+        k = np.arange(1, 13 if instrument == "guitar" else 9)
+        bright = k**-0.6 if instrument == "guitar" else 1.0 / k
+        dull = np.where(k == 1, 1.0, np.where(k == 2, 0.3 * bright, 0.0))  # what is left after the decay
+        tau, tau_bright = (0.35, 0.12) if instrument == "guitar" else (0.9, 0.35)
+        env = np.minimum(t / 0.003, 1.0) * np.exp(-t / tau) * release
+        lo = read(dull)
+        y = lo + np.exp(-t / tau_bright) * (read(bright) - lo)
+    elif instrument == "bass":
+        env = np.minimum(t / 0.005, 1.0) * np.exp(-t / 0.45) * release
+        y = read([1.0, 0.5, 0.3, 0.15, 0.08])
+    elif instrument == "strings":
+        k = np.arange(1, 13)
+        env = np.minimum(t / 0.18, 1.0) * np.clip((note_len - t) / 0.12, 0.0, 1.0)
+        y = read(1.0 / k)
+    elif instrument == "synth":
+        k = np.arange(1, 14)
+        env = np.minimum(t / 0.01, 1.0) * (0.6 + 0.4 * np.exp(-t / 0.15)) * np.clip((note_len - t) / 0.02, 0.0, 1.0)
+        y = read(np.where(k % 2 == 1, 1.0 / k, 0.0))
+    elif instrument == "flute":
+        env = np.minimum(t / 0.06, 1.0) * np.clip((note_len - t) / 0.05, 0.0, 1.0)
+        breath = rng.standard_normal(n, dtype=np.float32)
+        breath[1:] -= breath[:-1].copy()  # first difference: a bright hiss
+        y = read([1.0, 0.22, 0.07, 0.03]) + 0.05 * breath
+    elif instrument == "vocal":
+        k = np.arange(1, 21)
+        formants = np.array(_VOWELS[int(rng.integers(len(_VOWELS)))])
+        # Each harmonic's level is the vowel's formant envelope at k * f0, per note.
+        hk = np.outer(f0, k)
+        shape = sum(g / (1.0 + ((hk - fc) / bw) ** 2) for fc, bw, g in zip(formants, (110.0, 140.0, 220.0), (1.0, 0.7, 0.35)))
+        env = np.minimum(t / 0.05, 1.0) * np.clip((note_len - t) / 0.06, 0.0, 1.0)
+        y = read((0.12 / k + shape) / np.sqrt(k))
+    else:  # pragma: no cover - callers pass names from _PITCHED
+        raise ParameterError(f"unknown pitched instrument {instrument!r}; expected one of {_PITCHED}")
+    return (y * env * voice.velocity[idx]).astype(np.float32)
+
+
+def _drum_kit(sample_rate: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One-shot kick (sine sweep), snare (noise + body tone) and hi-hat (high noise)."""
+    t = np.arange(int(0.25 * sample_rate), dtype=np.float32) / sample_rate
+    sweep = 45.0 + 110.0 * np.exp(-t / 0.03)
+    kick = np.sin(2 * np.pi * np.cumsum(sweep) / sample_rate) * np.exp(-t / 0.09)
+    noise = rng.standard_normal(t.size).astype(np.float32)
+    snare = (0.6 * noise + 0.5 * np.sin(2 * np.pi * 185.0 * t)) * np.exp(-t / 0.07)
+    hiss = rng.standard_normal(t.size).astype(np.float32)
+    hiss = np.diff(np.diff(hiss, prepend=0.0), prepend=0.0)  # two differences: mostly above ~5 kHz
+    hat = 0.25 * hiss * np.exp(-t / 0.018)
+    return {"kick": kick.astype(np.float32), "snare": snare.astype(np.float32), "hat": hat.astype(np.float32)}
+
+
+def _drum_pattern(style: str, *, fast: bool) -> dict[str, list[float]]:
+    """Hit positions within one 4-beat bar, in beats, per drum."""
+    eighths = [i / 2 for i in range(8)]
+    if style == "techno":
+        return {"kick": [0, 1, 2, 3], "snare": [1, 3], "hat": [0.5, 1.5, 2.5, 3.5]}
+    if style == "jazz":
+        return {"kick": [0], "snare": [2.67], "hat": [0, 1, 1.67, 2, 3, 3.67]}  # swung ride
+    if style in ("ambient", "classical"):
+        return {"kick": [0, 2], "snare": [], "hat": [1, 3]}
+    hats = [i / 4 for i in range(16)] if fast and style == "rock" else eighths
+    return {"kick": [0, 2, 2.5], "snare": [1, 3], "hat": hats}
+
+
+def _place(out: np.ndarray, template: np.ndarray, onsets: np.ndarray, gains: np.ndarray) -> None:
+    for start, gain in zip(onsets, gains):
+        stop = min(out.size, start + template.size)
+        out[start:stop] += gain * template[: stop - start]
+
+
+def render_clip(track: TrackPlan, *, sample_rate: int, seconds: float) -> np.ndarray:
+    """Render the audio a track's true tags describe.
+
+    A chord progression and a melody in the track's mode (major or natural minor,
+    random tonic), at a tempo drawn from its tempo tag (fast: 130-170 bpm, slow:
+    60-85 bpm), played by the instruments among its tags, each with its own timbre;
+    mixed, lightly noised and scaled to the loudness tag (peak ~0.9 or ~0.15).
+
+    Parameters
+    ----------
+    track : TrackPlan
+    sample_rate : int > 0, Hz
+    seconds : float > 0
+
+    Returns
+    -------
+    y : np.ndarray [shape=(round(sample_rate * seconds),), dtype=float32]
+        Mono waveform in [-1, 1]; identical for identical ``track.seed`` and tags.
+    """
+    if sample_rate <= 0:
+        raise ParameterError(f"sample_rate={sample_rate} must be a positive number of Hz")
+    if seconds <= 0:
+        raise ParameterError(f"seconds={seconds} must be positive")
+    unknown = set(track.true_tags) - set(TAGS)
+    if unknown or track.style not in STYLES:
+        raise ParameterError(f"clip {track.clip_id}: unknown style/tags {sorted(unknown) or track.style!r}; expected names from TAGS")
+    rng = np.random.default_rng(track.seed)
+    tags = set(track.true_tags)
+    n = int(round(sample_rate * seconds))
+    fast = "fast" in tags
+    bpm = rng.uniform(130.0, 170.0) if fast else rng.uniform(60.0, 85.0)
+    beat = 60.0 / bpm * sample_rate  # samples per beat
+    scale = _MAJOR if "major" in tags else _MINOR
+    tonic = int(rng.integers(45, 57))  # A2 .. G#3
+
+    def pitch(degree: np.ndarray) -> np.ndarray:
+        degree = np.asarray(degree)
+        return tonic + 12 * (degree // 7) + scale[degree % 7]
+
+    n_bars = int(np.ceil(n / (4 * beat))) + 1
+    # I-IV-V-vi style progression on scale degrees, starting on the tonic.
+    roots = rng.choice([0, 3, 4, 5], size=n_bars)
+    roots[0] = 0
+    seventh = track.style == "jazz"
+
+    def grid(step_beats: float) -> np.ndarray:
+        onsets = np.round(np.arange(0.0, n, step_beats * beat)).astype(np.int64)
+        return onsets[onsets < n]
+
+    def bar_of(onsets: np.ndarray) -> np.ndarray:
+        return np.minimum((onsets / (4 * beat)).astype(np.int64), n_bars - 1)
+
+    def chord_tone(bars: np.ndarray, which: np.ndarray) -> np.ndarray:
+        return roots[bars] + 2 * which  # degrees of root, third, fifth(, seventh)
+
+    n_tones = 4 if seventh else 3
+    mix = np.zeros(n, dtype=np.float32)
+
+    # Melody: a random walk on the scale, landing on chord tones on strong beats.
+    mel_step = 0.5 if fast else 1.0
+    mel_on = grid(mel_step)
+    walk = np.clip(np.cumsum(rng.integers(-2, 3, size=mel_on.size)) + 9, 7, 15)
+    strong = np.arange(mel_on.size) % int(round(2 / mel_step)) == 0  # beats 1 and 3
+    tones = chord_tone(bar_of(mel_on), np.zeros(mel_on.size, dtype=np.int64)) + 7
+    snapped = tones + 2 * np.round((walk - tones) / 2)
+    mel_deg = np.where(strong, snapped, walk).astype(np.int64)
+    mel_vel = rng.uniform(0.75, 1.0, size=mel_on.size).astype(np.float32)
+    melody = _Voice(mel_on, pitch(mel_deg).astype(np.float64), mel_vel)
+    lead_sung = "vocal" in tags
+
+    for inst in _PITCHED:
+        if inst not in tags:
+            continue
+        voices: list[_Voice] = []
+        if inst == "vocal":
+            voices.append(melody)
+        elif inst == "flute":
+            voices.append(_Voice(melody.onsets, melody.midi + 12.0, melody.velocity))
+        elif inst == "strings":
+            on = grid(4.0)
+            chord = np.stack([pitch(chord_tone(bar_of(on), np.full(on.size, j))) for j in range(n_tones)], axis=1)
+            voices.append(_Voice(on, chord + 12.0, np.full(on.size, 0.8, np.float32)))
+        elif inst == "piano":
+            on = grid(0.5)
+            which = np.arange(on.size) % n_tones
+            voices.append(_Voice(on, pitch(chord_tone(bar_of(on), which)) + 12.0, rng.uniform(0.6, 1.0, on.size).astype(np.float32)))
+            if not lead_sung:
+                voices.append(_Voice(melody.onsets, melody.midi + 12.0, melody.velocity * 0.8))
+        elif inst == "guitar":
+            on = grid(0.5)
+            which = np.array([0, 2, 1, 2])[np.arange(on.size) % 4] if not seventh else np.arange(on.size) % 4
+            voices.append(_Voice(on, pitch(chord_tone(bar_of(on), which)).astype(np.float64), rng.uniform(0.7, 1.0, on.size).astype(np.float32)))
+        elif inst == "bass":
+            on = grid(1.0)
+            which = np.where(np.arange(on.size) % 4 == 2, 2, 0)
+            voices.append(_Voice(on, pitch(chord_tone(bar_of(on), which)) - 12.0, np.full(on.size, 0.9, np.float32)))
+        elif inst == "synth":
+            on = grid(0.25 if fast else 0.5)
+            which = np.arange(on.size) % n_tones
+            voices.append(_Voice(on, pitch(chord_tone(bar_of(on), which)) + 12.0, np.full(on.size, 0.8, np.float32)))
+        for voice in voices:
+            mix += _GAIN[inst] * _render_voice(voice, inst, n=n, sample_rate=sample_rate, rng=rng)
+
+    if "drums" in tags:
+        kit = _drum_kit(sample_rate, rng)
+        for drum, positions in _drum_pattern(track.style, fast=fast).items():
+            bar_starts = np.arange(n_bars) * 4.0
+            hits = (bar_starts[:, None] + np.asarray(positions, dtype=np.float64)[None, :]).ravel() if positions else np.zeros(0)
+            on = np.round(hits * beat).astype(np.int64)
+            on = np.sort(on[on < n])
+            gains = _GAIN["drums"] * rng.uniform(0.8, 1.0, on.size).astype(np.float32)
+            _place(mix, kit[drum], on, gains)
+
+    loud = "loud" in tags
+    if loud:
+        mix = np.tanh(2.0 * mix / (np.abs(mix).max() + 1e-9))  # denser, compressed master
+    peak = np.abs(mix).max() + 1e-9
+    target = rng.uniform(0.85, 0.92) if loud else rng.uniform(0.13, 0.17)
+    mix = mix * (target / peak) + target * 0.004 * rng.standard_normal(n, dtype=np.float32)
+    return np.clip(mix, -1.0, 1.0).astype(np.float32)
+
+
+def render_clips(tracks: Sequence[TrackPlan], *, root: Path, settings: WorldSettings) -> int:
+    """Render and write the MP3 of every track whose file is not there yet.
+
+    Each file is written under a temporary name and moved into place, so a killed
+    worker never leaves a truncated MP3 behind. This is the unit an orchestrator
+    maps over batches of tracks.
+
+    Parameters
+    ----------
+    tracks : sequence of TrackPlan
+    root : Path
+        World root; files go to ``root/mtat/audio/<mp3_path>``.
+    settings : WorldSettings
+        ``sample_rate`` and ``clip_seconds`` are used.
+
+    Returns
+    -------
+    int
+        Number of MP3 files written (existing ones are skipped).
+    """
+    written = 0
+    audio_root = Path(root) / "mtat" / "audio"
+    for track in tracks:
+        path = audio_root / track.mp3_path
+        if path.exists():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        y = render_clip(track, sample_rate=settings.sample_rate, seconds=settings.clip_seconds)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        sf.write(tmp, y, settings.sample_rate, format="MP3", subtype="MPEG_LAYER_III")
+        os.replace(tmp, path)
+        written += 1
+    return written
+
+
+# -------------------------------------------------------------------------- files
+
+
+def _atomic_write_text(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8", newline="")
+    os.replace(tmp, path)
+    return path
+
+
+def write_annotations(tracks: Sequence[TrackPlan], *, root: Path) -> Path:
+    """Write ``root/mtat/annotations_final.csv`` in the exact MTAT format.
+
+    Tab-separated, every field double-quoted; header ``"clip_id"``, one column per
+    tag of :data:`TAGS`, ``"mp3_path"``; tag cells ``"0"`` or ``"1"`` from the
+    *annotated* (not the true) tags.
+
+    Returns
+    -------
+    Path of the written file.
+    """
+    header = "\t".join(f'"{c}"' for c in ("clip_id", *TAGS, "mp3_path"))
+    lines = [header]
+    for track in sorted(tracks, key=lambda t: t.clip_id):
+        present = set(track.annotated_tags)
+        cells = [str(track.clip_id), *("1" if tag in present else "0" for tag in TAGS), track.mp3_path]
+        lines.append("\t".join(f'"{c}"' for c in cells))
+    return _atomic_write_text(Path(root) / "mtat" / "annotations_final.csv", "\n".join(lines) + "\n")
+
+
+def _user_ids(seed: int, n_users: int) -> list[str]:
+    return [hashlib.sha1(f"mirflow-synthetic-user-{seed}-{u}".encode()).hexdigest() for u in range(n_users)]
+
+
+def write_listening(tracks: Sequence[TrackPlan], *, root: Path, settings: WorldSettings) -> list[Path]:
+    """Write Taste Profile triplets in ``settings.n_batches`` time-ordered files.
+
+    Each user has a Dirichlet(``taste_concentration``) taste over the styles and a
+    mild preference for fast or slow tracks; the affinity of user ``u`` for track
+    ``t`` is ``(0.98 * taste[u, style_t] + 0.02 / 6) * tempo_factor``. A user picks a
+    lognormal number of distinct tracks (mean ``mean_tracks_per_user``, at least 3,
+    at most ``n_tracks // 2``) without replacement with probability proportional to
+    ``affinity * popularity``; plays are ``1 + NegBin`` with a mean rising with
+    affinity, then spread over the batches by a multinomial. Zero cells are not
+    written.
+
+    Returns
+    -------
+    list of Path
+        ``root/taste_profile/train_triplets.batch-NNN.txt``, oldest first. Rows are
+        ``user<TAB>song<TAB>plays`` with no header; song = MTAT clip id.
+    """
+    if not tracks:
+        raise ParameterError("write_listening needs at least one track; got an empty catalogue")
+    rng = np.random.default_rng(np.random.SeedSequence([settings.seed, _LISTEN_STREAM]))
+    n_tracks, n_users, n_batches = len(tracks), settings.n_users, settings.n_batches
+    style = np.array([STYLES.index(t.style) for t in tracks])
+    tempo_sign = np.array([1.0 if "fast" in t.true_tags else -1.0 for t in tracks])
+    log_pop = np.log(np.array([t.popularity for t in tracks]))
+    songs = np.array([str(t.clip_id) for t in tracks])
+    users = np.array(_user_ids(settings.seed, n_users))
+
+    taste = rng.dirichlet(np.full(len(STYLES), settings.taste_concentration), size=n_users)
+    taste = np.nan_to_num(taste, nan=1.0 / len(STYLES))  # tiny concentrations can underflow
+    taste = 0.98 * taste / taste.sum(axis=1, keepdims=True) + 0.02 / len(STYLES)
+    tempo_pref = rng.uniform(-0.4, 0.4, size=n_users)
+    sigma = 0.6
+    counts = np.round(rng.lognormal(np.log(settings.mean_tracks_per_user) - sigma**2 / 2, sigma, size=n_users))
+    counts = np.clip(counts, 3, max(3, n_tracks // 2)).astype(np.int64)
+    counts = np.minimum(counts, n_tracks)
+
+    paths = [Path(root) / "taste_profile" / f"train_triplets.batch-{b:03d}.txt" for b in range(n_batches)]
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    tmps = [p.with_name(f".{p.name}.{os.getpid()}.tmp") for p in paths]
+    handles = [open(tmp, "w", encoding="utf-8", newline="") for tmp in tmps]
+    try:
+        chunk = 512  # bounds the (users x tracks) matrices at MSD scale
+        for lo in range(0, n_users, chunk):
+            hi = min(n_users, lo + chunk)
+            affinity = taste[lo:hi][:, style] * (1.0 + tempo_pref[lo:hi, None] * tempo_sign[None, :])
+            # Gumbel top-k = sampling without replacement, proportional to the weights.
+            keys = np.log(affinity) + log_pop[None, :] + rng.gumbel(size=affinity.shape)
+            order = np.argsort(-keys, axis=1, kind="stable")
+            user_rows, item_cols = [], []
+            for r in range(hi - lo):
+                picked = np.sort(order[r, : counts[lo + r]])
+                user_rows.append(np.full(picked.size, lo + r))
+                item_cols.append(picked)
+            u = np.concatenate(user_rows)
+            t = np.concatenate(item_cols)
+            rel = affinity[u - lo, t] / affinity[u - lo].max(axis=1)
+            mean_extra = 0.5 + 12.0 * rel**2
+            r_shape = 0.7
+            plays = 1 + rng.negative_binomial(r_shape, r_shape / (r_shape + mean_extra))
+            remaining = plays.copy()
+            for b in range(n_batches):
+                share = remaining if b == n_batches - 1 else rng.binomial(remaining, 1.0 / (n_batches - b))
+                remaining = remaining - share
+                keep = share > 0
+                if keep.any():
+                    handles[b].write(
+                        "".join(f"{uid}\t{sid}\t{p}\n" for uid, sid, p in zip(users[u[keep]], songs[t[keep]], share[keep]))
+                    )
+    finally:
+        for h in handles:
+            h.close()
+    for tmp, path in zip(tmps, paths):
+        os.replace(tmp, path)
+    return paths
+
+
+def _settings_record(settings: WorldSettings) -> dict:
+    return {**settings.model_dump(mode="json"), "synth_version": SYNTH_VERSION}
+
+
+def write_truth(tracks: Sequence[TrackPlan], *, root: Path, settings: WorldSettings) -> None:
+    """Write ``truth.parquet`` and then ``world.json`` with ``"complete": true``.
+
+    Call last: ``world.json`` is the marker that the whole world is on disk.
+    ``truth.parquet`` columns: ``clip_id`` int64, ``mp3_path``, ``style`` string,
+    ``true_tags`` and ``annotated_tags`` list<string>, ``popularity`` float64.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    table = pa.table(
+        {
+            "clip_id": pa.array([t.clip_id for t in tracks], pa.int64()),
+            "mp3_path": pa.array([t.mp3_path for t in tracks], pa.string()),
+            "style": pa.array([t.style for t in tracks], pa.string()),
+            "true_tags": pa.array([list(t.true_tags) for t in tracks], pa.list_(pa.string())),
+            "annotated_tags": pa.array([list(t.annotated_tags) for t in tracks], pa.list_(pa.string())),
+            "popularity": pa.array([t.popularity for t in tracks], pa.float64()),
+        }
+    )
+    tmp = root / f".truth.parquet.{os.getpid()}.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, root / "truth.parquet")
+    _atomic_write_text(root / "world.json", json.dumps({**_settings_record(settings), "complete": True}, indent=2, sort_keys=True) + "\n")
+
+
+def world_is_complete(root: Path, settings: WorldSettings) -> bool:
+    """True when ``root/world.json`` says complete and was made with these settings (and this generator version)."""
+    path = Path(root) / "world.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(record, dict) or record.pop("complete", False) is not True:
+        return False
+    return record == _settings_record(settings)
+
+
+def generate_world(root: Path, settings: WorldSettings, *, on_progress: Callable[[int], None] | None = None) -> None:
+    """Write the whole world serially (plan, audio, annotations, listening, truth).
+
+    Does nothing when :func:`world_is_complete`; otherwise MP3s already present
+    are kept. ``on_progress(k)`` is called with the number of clips done so far.
+    """
+    root = Path(root)
+    if world_is_complete(root, settings):
+        return
+    tracks = plan_world(settings)
+    for done, track in enumerate(tracks, start=1):
+        render_clips([track], root=root, settings=settings)
+        if on_progress is not None:
+            on_progress(done)
+    write_annotations(tracks, root=root)
+    write_listening(tracks, root=root, settings=settings)
+    write_truth(tracks, root=root, settings=settings)

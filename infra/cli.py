@@ -28,7 +28,10 @@ QUIET_OFFLINE = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
     "PREFECT_LOGGING_LEVEL": "WARNING",
     "GIT_PYTHON_REFRESH": "quiet",
+    "DASK_LOGGING__DISTRIBUTED": "warning",
 }
+# Libraries whose INFO lines drown the pipeline's own progress.
+CHATTY_LOGGERS = ("distributed", "lightning.pytorch", "lightning.fabric", "mlflow.store.db.utils", "alembic")
 
 
 def _setup(verbose: bool) -> None:
@@ -39,6 +42,8 @@ def _setup(verbose: bool) -> None:
     if not logger.handlers:
         logger.addHandler(RichHandler(console=Console(stderr=True), show_path=False, markup=False))
     logger.propagate = False
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 DataDir = Annotated[Path, typer.Option(help="storage root: world, shards, listening, models, MLflow store")]

@@ -32,7 +32,7 @@ def _local_cluster(settings: ClusterSettings) -> LocalCluster:
         threads_per_worker=1,
         processes=True,
         host="127.0.0.1",
-        dashboard_address="127.0.0.1:0" if settings.dashboard else None,
+        dashboard_address="127.0.0.1:0",  # a free port, loopback only
     )
 
 
@@ -47,7 +47,7 @@ def _cuda_cluster(settings: ClusterSettings) -> Any:
         log.warning("cluster kind 'cuda' asked for but no CUDA GPU is visible: using a LocalCluster")
         return _local_cluster(settings)
     try:
-        return LocalCUDACluster(host="127.0.0.1", dashboard_address="127.0.0.1:0" if settings.dashboard else None)
+        return LocalCUDACluster(host="127.0.0.1", dashboard_address="127.0.0.1:0")
     except Exception as err:  # NVML missing or no device: the documented fallback
         log.warning("LocalCUDACluster failed (%s): using a LocalCluster", err)
         return _local_cluster(settings)

@@ -44,7 +44,7 @@ class WorldSettings(_Settings):
     sample_rate: int = Field(16000, ge=8000, le=48000, description="rate the MP3s are written at")
     n_batches: int = Field(3, ge=1, description="time-ordered listening batch files")
     mean_tracks_per_user: float = Field(40.0, gt=1.0)
-    popularity_exponent: float = Field(0.5, ge=0.0, description="Zipf exponent of track popularity")
+    popularity_exponent: float = Field(0.3, ge=0.0, description="Zipf exponent of track popularity")
     taste_concentration: float = Field(0.25, gt=0.0, description="Dirichlet concentration of user tastes over styles")
     tag_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="chance a present tag is missing from the annotations")
     seed: int = 0
@@ -99,7 +99,7 @@ class ClusterSettings(_Settings):
     kind: Literal["local", "address", "cuda"] = "local"
     n_workers: int | None = Field(None, ge=1, description="default: one per core")
     address: str | None = Field(None, description="scheduler address for kind=address, e.g. tcp://host:8786")
-    dashboard: bool = False
+    dashboard: bool = Field(False, description="log the dashboard link (it always binds 127.0.0.1 on a free port)")
 
     @model_validator(mode="after")
     def _check(self) -> "ClusterSettings":
@@ -111,8 +111,8 @@ class ClusterSettings(_Settings):
 class WMFSettings(_Settings):
     """Weighted matrix factorization for implicit feedback (Hu, Koren & Volinsky 2008)."""
 
-    factors: int = Field(32, ge=1)
-    regularization: float = Field(1.0, ge=0.0)
+    factors: int = Field(16, ge=1)
+    regularization: float = Field(5.0, ge=0.0)
     iterations: int = Field(15, ge=1)
     confidence: Literal["log", "linear"] = "log"
     alpha: float = Field(2.0, gt=0.0)
@@ -145,7 +145,7 @@ class TaggerSettings(_Settings):
     conv_length: int = 8
     pool: int = 4
     hidden: int = 100
-    train: TrainSettings = TrainSettings()
+    train: TrainSettings = TrainSettings(max_epochs=40, patience=8)
 
 
 class LatentFactorSettings(_Settings):
@@ -154,8 +154,8 @@ class LatentFactorSettings(_Settings):
     channels: tuple[int, int, int] = (64, 64, 128)
     conv_length: int = 4
     hidden: int = 256
-    dropout: float = Field(0.3, ge=0.0, lt=1.0)
-    train: TrainSettings = TrainSettings(max_epochs=30, learning_rate=1e-3, weight_decay=1e-5)
+    dropout: float = Field(0.5, ge=0.0, lt=1.0)
+    train: TrainSettings = TrainSettings(max_epochs=30, learning_rate=1e-3, weight_decay=1e-4, patience=8)
 
 
 class EvalSettings(_Settings):

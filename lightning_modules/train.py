@@ -89,7 +89,7 @@ def train_tagger(*, feature_dir: Path, tracks: pd.DataFrame, tags: list[str], se
     trainer.fit(model, datamodule=datamodule)
     best = TaggerModule.load_from_checkpoint(checkpoint.best_model_path, weights_only=True)
     metrics = trainer.test(best, datamodule=datamodule, verbose=False)[0]
-    return TrainResult(best, Path(checkpoint.best_model_path), metrics, trainer.current_epoch + 1)
+    return TrainResult(best, Path(checkpoint.best_model_path), metrics, trainer.current_epoch)
 
 
 @dataclass
@@ -122,5 +122,5 @@ def train_latent_factor_cnn(*, feature_dir: Path, track_ids: dict[str, list[str]
     best = LatentFactorModule.load_from_checkpoint(checkpoint.best_model_path, weights_only=True)
     metrics = trainer.test(best, datamodule=datamodule, verbose=False)[0]
     predicted = np.concatenate([p.numpy() for p in trainer.predict(best, datamodule=datamodule)])
-    return LatentFactorResult(best, Path(checkpoint.best_model_path), metrics, trainer.current_epoch + 1,
+    return LatentFactorResult(best, Path(checkpoint.best_model_path), metrics, trainer.current_epoch,
                               test_track_ids=list(track_ids["test"]), predicted_factors=predicted)

@@ -16,7 +16,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from tasks.errors import DecodeError
+from tasks.errors import DecodeError, ParameterError
 
 #: A waveform whose peak absolute value is below this is treated as digital silence.
 SILENCE_PEAK = 1e-6
@@ -52,7 +52,7 @@ def decode(path: str | Path, *, sample_rate: int, min_seconds: float = 0.0) -> n
     """
     if sample_rate <= 0:
         # A programming error, not a bad file: fail loudly rather than quarantine.
-        raise ValueError(f"sample_rate must be a positive integer, got {sample_rate!r}")
+        raise ParameterError(f"sample_rate must be a positive integer, got {sample_rate!r}")
     name = str(path)
     frames, file_rate = _read(Path(path))
 

@@ -13,6 +13,7 @@ Output is TIME-MAJOR, ``(..., n_frames, n_mels)``, the layout stored in the shar
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -151,7 +152,7 @@ def log_mel(
         ``y`` is empty, not 1-D or 2-D, or not real-valued.
     """
     x = _as_waveform(y, device)
-    window, filterbank = _kernels(
+    kernels = _kernels(
         settings.sample_rate,
         settings.n_fft,
         settings.n_mels,
@@ -160,23 +161,10 @@ def log_mel(
         settings.mel_scale == "htk",
         x.device,
     )
-    spec = torch.stft(
-        x,
-        n_fft=settings.n_fft,
-        hop_length=settings.hop_length,
-        win_length=settings.n_fft,
-        window=window,
-        center=True,
-        pad_mode="constant",
-        onesided=True,
-        return_complex=True,
-    )  # (..., n_fft//2+1, n_frames) complex64
-    power = torch.view_as_real(spec).square().sum(-1)
-    # (..., frames, freqs) @ (freqs, mels): time-major without a copy afterwards.
-    mel = torch.matmul(power.transpose(-1, -2), filterbank.T)
+    mel = _mel_power(x, kernels, n_fft=settings.n_fft, hop_length=settings.hop_length)
 
     if settings.compression == "log1p":
-        return torch.log1p(mel * settings.log_c)
+        return mel.mul_(settings.log_c).log1p_()  # mel is ours: compress in place
     if settings.compression == "db":
         db = 10.0 * torch.log10(torch.clamp(mel, min=DB_AMIN))  # ref=1.0: no offset
         peak = db.amax(dim=(-2, -1), keepdim=True)  # per clip, as power_to_db on each
@@ -203,6 +191,25 @@ def _as_waveform(y: np.ndarray | torch.Tensor, device: str | torch.device | None
     return x.to(device=target, dtype=torch.float32)
 
 
+# CPU tuning. The FFT, power and mel product run on blocks of frames of about this many
+# bytes of windowed signal, so each block's spectrum stays in cache between the three
+# steps (librosa blocks its STFT for the same reason); and the mel product is split into
+# groups of adjacent bands, each multiplying only the frequency bins its triangles
+# cover, which skips most of the filterbank's zeros (4-6x fewer flops at 128 mels).
+# On a GPU one block and one dense product are fastest; the arithmetic is the same.
+_CPU_BLOCK_BYTES = 1 << 20
+_CPU_BAND_GROUPS = 8
+
+
+@dataclass(frozen=True)
+class _Kernels:
+    """Per (settings, device) constants of :func:`log_mel`."""
+
+    window: torch.Tensor  # [shape=(n_fft,)] periodic Hann
+    band_groups: tuple[tuple[int, int, torch.Tensor], ...]  # (bin_lo, bin_hi, weights [shape=(bins, bands)])
+    block_bytes: int | None  # None: all frames at once
+
+
 @functools.lru_cache(maxsize=32)
 def _kernels(
     sample_rate: int,
@@ -212,9 +219,48 @@ def _kernels(
     fmax: float | None,
     htk: bool,
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Periodic Hann window and mel filterbank for one setting on one device, built once."""
+) -> _Kernels:
+    """Window and banded mel filterbank for one setting on one device, built once."""
+    on_cpu = device.type == "cpu"
     # Build the window in float64 (as scipy does for librosa), then round once.
     window = torch.hann_window(n_fft, periodic=True, dtype=torch.float64).to(torch.float32)
     filterbank = mel_filterbank(sample_rate=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax, htk=htk)
-    return window.to(device), filterbank.to(device)
+    groups = []
+    for bands in np.array_split(np.arange(n_mels), min(n_mels, _CPU_BAND_GROUPS if on_cpu else 1)):
+        block = filterbank[bands[0] : bands[-1] + 1]
+        bins = torch.nonzero(block.any(dim=0)).flatten()
+        lo, hi = (int(bins[0]), int(bins[-1]) + 1) if bins.numel() else (0, 1)  # all-empty bands stay zero
+        groups.append((lo, hi, block[:, lo:hi].T.contiguous().to(device)))
+    return _Kernels(window.to(device), tuple(groups), _CPU_BLOCK_BYTES if on_cpu else None)
+
+
+def _mel_power(x: torch.Tensor, kernels: _Kernels, *, n_fft: int, hop_length: int) -> torch.Tensor:
+    """Mel power spectrogram, time-major.
+
+    ``x`` [shape=(..., n)] float32 -> [shape=(..., 1 + n // hop_length, n_mels)] float32.
+    """
+    # Centre padding once for the whole clip, then each block is an uncentred STFT of
+    # its slice: identical frames to torch.stft(center=True, pad_mode="constant").
+    padded = torch.nn.functional.pad(x, (n_fft // 2, n_fft // 2))
+    total = 1 + (padded.shape[-1] - n_fft) // hop_length
+    batch = x.shape[0] if x.ndim == 2 else 1
+    step = total if kernels.block_bytes is None else max(1, kernels.block_bytes // (4 * n_fft * batch))
+    blocks = []
+    for first in range(0, total, step):
+        count = min(step, total - first)
+        start = first * hop_length
+        segment = padded[..., start : start + (count - 1) * hop_length + n_fft]
+        spec = torch.stft(
+            segment,
+            n_fft=n_fft,
+            hop_length=hop_length,
+            win_length=n_fft,
+            window=kernels.window,
+            center=False,
+            onesided=True,
+            return_complex=True,
+        ).transpose(-1, -2)  # (..., frames, n_fft//2+1), contiguous in frequency
+        power = torch.view_as_real(spec).square().sum(-1)
+        parts = [torch.matmul(power[..., lo:hi], weights) for lo, hi, weights in kernels.band_groups]
+        blocks.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1))
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-2)

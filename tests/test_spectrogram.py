@@ -141,7 +141,6 @@ def test_n_frames():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("compression", ["log1p", "db"])
 def test_cuda_matches_cpu(noise_and_chirp, compression):
     s = MelSettings(sample_rate=SR, n_fft=2048, hop_length=1024, n_mels=128, compression=compression)
@@ -150,3 +149,20 @@ def test_cuda_matches_cpu(noise_and_chirp, compression):
     assert on_gpu.device.type == "cuda"
     assert log_mel(noise_and_chirp, settings=s, device="cuda").device.type == "cuda"
     torch.testing.assert_close(on_gpu.cpu(), cpu, rtol=1e-4, atol=1e-3)
+
+
+def test_gpu_plan_equals_cpu_plan(noise_and_chirp, monkeypatch):
+    """One dense block (the plan used on GPUs) gives what banded CPU blocks give."""
+    import tasks.spectrogram as spectrogram
+
+    s = MelSettings(sample_rate=SR, n_fft=4096, hop_length=512, n_mels=128)
+    batch = np.stack([noise_and_chirp, 0.5 * noise_and_chirp])
+    banded = log_mel(batch, settings=s)
+    spectrogram._kernels.cache_clear()
+    monkeypatch.setattr(spectrogram, "_CPU_BAND_GROUPS", 1)
+    monkeypatch.setattr(spectrogram, "_CPU_BLOCK_BYTES", 1 << 40)
+    try:
+        dense = log_mel(batch, settings=s)
+    finally:
+        spectrogram._kernels.cache_clear()
+    torch.testing.assert_close(dense, banded, rtol=1e-5, atol=1e-4)

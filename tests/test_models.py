@@ -1,0 +1,106 @@
+"""One interface suite over every model family: shapes, finite loss, overfitting, checkpoints, DDP."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from lightning_modules.datamodule import ClipWindowsDataset, clip_means, collate_windows
+from lightning_modules.latent_factors import LatentFactorModule
+from lightning_modules.tagger import TaggerModule
+
+N_MELS, CROP = 16, 94
+
+
+def _tagger() -> TaggerModule:
+    return TaggerModule(n_mels=N_MELS, crop_frames=CROP, tags=["a", "b", "c"], learning_rate=3e-3)
+
+
+def _latent() -> LatentFactorModule:
+    return LatentFactorModule(n_mels=N_MELS, n_factors=5, channels=(16, 16, 32), hidden=32, dropout=0.0,
+                              learning_rate=3e-3, target_scale=2.0)
+
+
+FAMILIES = {
+    "tagger": (_tagger, lambda g: (torch.rand(8, 3, generator=g) > 0.5).float()),
+    "latent_factors": (_latent, lambda g: torch.randn(8, 5, generator=g)),
+}
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request):
+    make, targets = FAMILIES[request.param]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, N_MELS, CROP, generator=g)
+    return request.param, make, x, targets(g)
+
+
+def test_output_shape_and_finite_loss(family):
+    _, make, x, y = family
+    module = make()
+    out = module(x)
+    assert out.shape == y.shape
+    loss = module.training_step((x, y), 0)
+    assert torch.isfinite(loss)
+
+
+def test_overfits_one_batch(family):
+    _, make, x, y = family
+    L.seed_everything(0)
+    module = make()
+    optimizer = module.configure_optimizers()
+    first = module.training_step((x, y), 0).item()
+    for _ in range(150):
+        optimizer.zero_grad()
+        loss = module.training_step((x, y), 0)
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.2 * first
+
+
+def test_checkpoint_round_trip_with_weights_only(family, tmp_path):
+    name, make, x, y = family
+    module = make().eval()
+    trainer = L.Trainer(max_epochs=0, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                        enable_model_summary=False)
+    trainer.strategy.connect(module)
+    path = tmp_path / f"{name}.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = type(module).load_from_checkpoint(path, weights_only=True).eval()
+    torch.testing.assert_close(loaded(x), module(x))
+    assert loaded.hparams == module.hparams
+
+
+def test_clip_windows_average_back_to_one_prediction_per_clip():
+    clips = [torch.randn(N_MELS, 200).half(), torch.randn(N_MELS, 100).half()]
+    dataset = ClipWindowsDataset(clips, torch.zeros(2, 3), crop=CROP, hop=47)
+    windows, clip_index, targets = collate_windows([dataset[0], dataset[1]])
+    assert windows.shape[1:] == (N_MELS, CROP)
+    assert clip_index.tolist().count(0) == 1 + (200 - CROP) // 47 and clip_index.tolist().count(1) == 1
+    means = clip_means(torch.arange(len(windows), dtype=torch.float32)[:, None], clip_index, 2)
+    assert means[0].item() == np.mean(np.flatnonzero(clip_index.numpy() == 0)) and targets.shape == (2, 3)
+
+
+class _RandomCrops(L.LightningDataModule):
+    def __init__(self, targets):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.data = torch.utils.data.TensorDataset(torch.randn(16, N_MELS, CROP, generator=g), targets(g)[:1].repeat(16, 1))
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.data, batch_size=4)
+
+
+@pytest.mark.slow
+def test_trains_under_ddp_with_two_cpu_processes(family, tmp_path):
+    name, make, _, _ = family
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    module = make()
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer.fit(module, datamodule=_RandomCrops(FAMILIES[name][1]))
+    # ddp_spawn hands rank 0's trained weights back to this process.
+    assert trainer.world_size == 2
+    assert any(not torch.equal(b, p) for b, p in zip(before, module.parameters()))

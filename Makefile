@@ -31,7 +31,7 @@ demo: $(STAMP)
 	$(VENV)/bin/mirflow demo --data-dir $(DATA_DIR) $(DEMO_ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_log_mel.py

@@ -17,7 +17,8 @@ from infra.settings import EvalSettings, LatentFactorSettings, MelSettings, Tagg
 from infra.tracking import experiment_id, tracked_run
 from lightning_modules.train import train_latent_factor_cnn, train_tagger
 from tasks.listening import load_factors, play_matrix_for
-from tasks.recommend import cold_start_rows
+from tasks.datasets import tag_vocabulary
+from tasks.recommend import cold_start_rows, cold_start_track_splits
 from tasks.report import RankingRow, metric_slug, plot_factor_scatter, plot_roc_curves
 from tasks.shards import read_manifest
 from flows.listening import WMFOutput
@@ -57,8 +58,7 @@ def train_tagger_flow(data_dir: Path, dataset: str, feature_set: str, mel: MelSe
     """Train and test the 2014 spectrogram convnet on the dataset's split; log checkpoint, tables, ROC curves."""
     layout = Layout(Path(data_dir))
     tracks = _tracks_with_features(data_dir, dataset, feature_set)
-    counts = pd.Series([t for tags in tracks["tags"] for t in tags]).value_counts()
-    tags = list(counts.index[: tagger.n_tags])
+    tags = tag_vocabulary(tracks, n=tagger.n_tags)
     params = {**tagger.flat("tagger."), **mel.flat("mel."), "dataset": dataset, "feature_set": feature_set,
               "tags": ",".join(tags), "n_tracks": len(tracks)}
     with tracked_run(tracking, "tagger", run_name=f"tagger-{dataset}", params=params) as run:
@@ -66,7 +66,7 @@ def train_tagger_flow(data_dir: Path, dataset: str, feature_set: str, mel: MelSe
                               settings=tagger, mel=mel, checkpoint_dir=layout.checkpoints("tagger") / run.info.run_id,
                               logger=_mlflow_logger(tracking, "tagger", run.info.run_id))
         module = result.module
-        mlflow.log_metrics({"epochs": result.epochs, "test/pr_auc_chance": float(module.test_truth.mean())})
+        mlflow.log_metric("epochs", result.epochs)
         mlflow.log_artifact(str(result.checkpoint), artifact_path="checkpoints")
         with tempfile.TemporaryDirectory() as tmp:
             table_path = Path(tmp) / "per_tag_test_metrics.csv"
@@ -75,7 +75,7 @@ def train_tagger_flow(data_dir: Path, dataset: str, feature_set: str, mel: MelSe
             plot = plot_roc_curves(module.test_truth, module.test_scores, tags=tags, path=Path(tmp) / "roc_curves.png")
             mlflow.log_artifact(str(plot), artifact_path="plots")
     return TaggerOutput(roc_auc=float(result.metrics["test/roc_auc"]), pr_auc=float(result.metrics["test/pr_auc"]),
-                        pr_auc_chance=float(module.test_truth.mean()),
+                        pr_auc_chance=float(result.metrics["test/pr_auc_chance"]),
                         per_tag=module.test_table.to_string(index=False, float_format="%.3f"), run_id=run.info.run_id)
 
 
@@ -90,13 +90,7 @@ def train_recommender_flow(data_dir: Path, dataset: str, feature_set: str, mel: 
     items, item_factors = load_factors(wmf.item_factors)
     heldout, heldout_factors = load_factors(wmf.heldout_item_factors)
     factors = {**dict(zip(items, item_factors)), **dict(zip(heldout, heldout_factors))}
-    heldout_set = set(heldout)
-    # Train and validate on tracks in the factorization; test on the held-out tracks that have plays.
-    track_ids = {
-        "train": [t for t in tracks.loc[tracks["split"] == "train", "track_id"] if t in factors and t not in heldout_set],
-        "valid": [t for t in tracks.loc[tracks["split"] == "valid", "track_id"] if t in factors and t not in heldout_set],
-        "test": [t for t in tracks["track_id"] if t in heldout_set],
-    }
+    track_ids = cold_start_track_splits(tracks, factorized=set(items), heldout=set(heldout))
     params = {**recommender.flat("recommender."), **evaluation.flat("evaluation."), "dataset": dataset,
               "feature_set": feature_set, "wmf_run_id": wmf.run_id,
               **{f"n_{split}": len(ids) for split, ids in track_ids.items()}}
@@ -107,7 +101,7 @@ def train_recommender_flow(data_dir: Path, dataset: str, feature_set: str, mel: 
                                          logger=_mlflow_logger(tracking, "latent-factors", run.info.run_id))
         test_ids = np.asarray(result.test_track_ids, dtype=str)
         relevant = play_matrix_for(pd.read_parquet(wmf.heldout_plays), users=users, items=test_ids)
-        true_factors = np.stack([factors[t] for t in test_ids])
+        true_factors = heldout_factors[pd.Index(heldout).get_indexer(test_ids)]
         rows = cold_start_rows(user_factors=user_factors, heldout_plays=relevant,
                                predicted_factors=result.predicted_factors, wmf_factors=true_factors,
                                k=evaluation.k, seed=evaluation.seed)

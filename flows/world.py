@@ -25,6 +25,8 @@ def synthetic_world(root: Path, world: WorldSettings, cluster: ClusterSettings) 
     if synth.world_is_complete(root, world):
         log.info("synthetic world already complete at %s", root)
         return root
+    if synth.begin_world(root, world):
+        log.warning("removed a synthetic world made with other settings from %s", root)
     tracks = synth.plan_world(world)
     with dask_client(cluster) as client:
         map_batches(client, synth.render_clips, chunked(tracks, CLIPS_PER_TASK), description="render synthetic clips",

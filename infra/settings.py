@@ -132,7 +132,9 @@ class TrainSettings(_Settings):
     weight_decay: float = Field(0.0, ge=0.0)
     patience: int = Field(5, ge=1, description="early stopping on the validation metric")
     accelerator: str = "auto"
-    devices: int | str = "auto"
+    # One device: evaluation gathers per-clip predictions in one process. Multi-GPU
+    # DDP training is a Lightning setting away but needs rank-aware evaluation first.
+    devices: int = Field(1, ge=1)
     num_workers: int = Field(0, ge=0)
     seed: int = 0
 

@@ -5,8 +5,10 @@ evaluation cuts every clip into overlapping windows, and the LightningModules
 average the windows' outputs into one prediction per clip.
 
 The selected tracks' features are read once into memory as float16 (small for the
-datasets of the papers: all of MagnaTagATune is about 8.5 GB at hop 512) and
-standardized per mel band with the training split's mean and deviation.
+datasets of the papers: all of MagnaTagATune is about 8.5 GB at hop 512). The
+training split's per-band mean and deviation are computed here and handed to the
+LightningModule, which standardizes its input itself, so that a checkpoint applied
+to fresh ``log_mel`` output sees what it saw in training.
 """
 
 from __future__ import annotations
@@ -59,6 +61,20 @@ def collate_windows(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[tor
     return windows, clip_index, torch.stack([t for _, t in batch])
 
 
+def stat_buffer(values: list[float] | None, n: int, default: float) -> torch.Tensor:
+    """Per-band statistics as a float32 tensor (``default`` everywhere when None)."""
+    if values is None:
+        return torch.full((n,), default)
+    if len(values) != n:
+        raise ValueError(f"expected {n} per-band values, got {len(values)}")
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def standardize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Per-band standardization of crops ``[shape=(batch, n_mels, n_frames)]``."""
+    return (x.float() - mean[:, None]) / std[:, None]
+
+
 def clip_means(values: torch.Tensor, clip_index: torch.Tensor, n_clips: int) -> torch.Tensor:
     """Average window outputs ``[shape=(n_windows, d)]`` into clip outputs ``[shape=(n_clips, d)]``."""
     sums = torch.zeros(n_clips, values.shape[1], dtype=values.dtype, device=values.device).index_add_(0, clip_index, values)
@@ -107,11 +123,12 @@ class FeatureDataModule(L.LightningDataModule):
             self._clips[split] = [self._prepare(features[t]) for t in ids]
 
     def _prepare(self, mel: np.ndarray) -> torch.Tensor:
-        """Standardize, transpose to (n_mels, n_frames) and pad clips shorter than a crop."""
-        x = ((mel.astype(np.float32) - self.mean) / self.std).T
+        """Transpose to (n_mels, n_frames); pad clips shorter than a crop with the band means."""
+        x = mel.T
         if x.shape[1] < self.crop:
-            x = np.pad(x, ((0, 0), (0, self.crop - x.shape[1])))
-        return torch.from_numpy(np.ascontiguousarray(x)).to(torch.float16)
+            pad = np.repeat(self.mean.astype(mel.dtype)[:, None], self.crop - x.shape[1], axis=1)
+            x = np.concatenate([x, pad], axis=1)
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float16))
 
     def _targets(self, split: str) -> torch.Tensor:
         return torch.from_numpy(np.stack([self.targets[t] for t in self.track_ids[split]]).astype(np.float32))

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lightning_modules.architectures import LatentFactorCNN
-from lightning_modules.datamodule import clip_means
+from lightning_modules.datamodule import clip_means, standardize, stat_buffer
 
 
 class LatentFactorModule(L.LightningModule):
@@ -27,11 +27,13 @@ class LatentFactorModule(L.LightningModule):
         self.save_hyperparameters(logger=False)
         self.net = LatentFactorCNN(n_mels=n_mels, n_factors=n_factors, channels=tuple(channels),
                                    conv_length=conv_length, hidden=hidden, dropout=dropout)
+        self.register_buffer("feature_mean", stat_buffer(feature_mean, n_mels, 0.0))
+        self.register_buffer("feature_std", stat_buffer(feature_std, n_mels, 1.0))
         self.loss = nn.MSELoss()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Scaled factor predictions ``[shape=(batch, n_factors)]``."""
-        return self.net(x)
+        """Raw log-mel crops ``[shape=(batch, n_mels, n_frames)]`` -> scaled factors ``[shape=(batch, n_factors)]``."""
+        return self.net(standardize(x, self.feature_mean, self.feature_std))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lightning_modules.architectures import SpectrogramConvNet2014
-from lightning_modules.datamodule import clip_means
+from lightning_modules.datamodule import clip_means, standardize, stat_buffer
 from tasks.metrics import tag_metrics
 
 
@@ -23,10 +23,12 @@ class TaggerModule(L.LightningModule):
                  pool: int = 4, hidden: int = 100, learning_rate: float = 1e-3, weight_decay: float = 0.0,
                  feature_mean: list[float] | None = None, feature_std: list[float] | None = None) -> None:
         super().__init__()
-        # The normalization statistics travel in the checkpoint so inference needs nothing else.
+        # The normalization statistics are buffers and hparams: a checkpoint needs nothing else at inference.
         self.save_hyperparameters(logger=False)
         self.net = SpectrogramConvNet2014(n_mels=n_mels, n_frames=crop_frames, n_outputs=len(tags), channels=channels,
                                           conv_length=conv_length, pool=pool, hidden=hidden)
+        self.register_buffer("feature_mean", stat_buffer(feature_mean, n_mels, 0.0))
+        self.register_buffer("feature_std", stat_buffer(feature_std, n_mels, 1.0))
         self.loss = nn.BCEWithLogitsLoss()
         self._scores: list[torch.Tensor] = []
         self._truth: list[torch.Tensor] = []
@@ -35,7 +37,8 @@ class TaggerModule(L.LightningModule):
         self.test_table = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        """Raw log-mel crops ``[shape=(batch, n_mels, n_frames)]`` -> logits ``[shape=(batch, n_tags)]``."""
+        return self.net(standardize(x, self.feature_mean, self.feature_std))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -65,6 +68,7 @@ class TaggerModule(L.LightningModule):
         summary, table = tag_metrics(truth, scores, tags=self.hparams.tags)
         self.log(f"{split}/roc_auc", summary["roc_auc_macro"], prog_bar=True)
         self.log(f"{split}/pr_auc", summary["pr_auc_macro"], prog_bar=split == "val")
+        self.log(f"{split}/pr_auc_chance", summary["pr_auc_chance"])
         if split == "test":
             self.test_scores, self.test_truth, self.test_table = scores, truth, table
 

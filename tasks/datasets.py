@@ -14,7 +14,6 @@ real MagnaTagATune and Taste Profile formats.
 
 from __future__ import annotations
 
-import csv
 from collections import Counter
 from pathlib import Path
 
@@ -148,12 +147,7 @@ def read_hetrec_user_artists(path: Path, *, batch: str = "hetrec") -> pd.DataFra
     return events[EVENT_COLUMNS]
 
 
-def tag_counts(tracks: pd.DataFrame) -> Counter:
-    return Counter(tag for tags in tracks["tags"] for tag in tags)
-
-
-def sniff_is_triplets(path: Path) -> bool:
-    """True when the first line of ``path`` looks like a headerless triplet row."""
-    with Path(path).open(newline="") as handle:
-        first = next(csv.reader(handle, delimiter="\t"), [])
-    return len(first) == 3 and first[2].strip().isdigit()
+def tag_vocabulary(tracks: pd.DataFrame, *, n: int) -> list[str]:
+    """The ``n`` most frequent tags of a tracks table, ties broken by name (as :func:`top_tags`)."""
+    counts = Counter(tag for tags in tracks["tags"] for tag in tags)
+    return [tag for tag, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:n]]

@@ -10,6 +10,7 @@ paths and small records around.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,37 +57,70 @@ class FeaturePlan:
     n_skipped: int
 
 
+def source_fingerprint(path: str | Path) -> tuple[int, int] | None:
+    """``(size, mtime_ns)`` of a source file, or None when it cannot be stat'ed."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _still_valid(record: dict, path: str) -> dict | None:
+    """The record if its source file is unchanged, refreshed if only its stat changed, else None.
+
+    Size and modification time are the cheap check; when they differ the file is
+    hashed, and the features are kept only if the content hash is the same.
+    """
+    fingerprint = source_fingerprint(path)
+    if fingerprint is None:
+        return None
+    if record.get("source_path") == path and (record.get("source_size"), record.get("source_mtime_ns")) == fingerprint:
+        return record
+    try:
+        same = content_sha1(path) == record["content_sha1"]
+    except OSError:
+        return None
+    if not same:
+        return None
+    return {**record, "source_path": path, "source_size": fingerprint[0], "source_mtime_ns": fingerprint[1]}
+
+
 def plan_feature_batches(
     tracks: pd.DataFrame, *, feature_dir: Path, settings: FeatureSettings
 ) -> FeaturePlan:
     """Split the tracks that still need features into batches of ``settings.files_per_task``.
 
-    A track is done when a complete shard on disk holds it with the same settings
-    hash (the manifest's records) or when a shard finished before an interruption
-    holds it (found by reading the shards' id columns). Content changes are caught
-    in :func:`extract_shard`, which always hashes the file it decodes.
+    A track is done when a complete shard holds it with the same settings hash and
+    its source file is unchanged (same size and mtime, or else the same content
+    hash). Shards are found through the manifest and, after an interruption that
+    came before the manifest was written, by reading the shards' id columns.
     """
     feature_dir = Path(feature_dir)
-    done: dict[str, dict] = {}
+    known: dict[str, dict] = {}
     manifest = read_manifest(feature_dir).to_pylist()
     for record in manifest:
         if record["settings_hash"] == settings.settings_hash and (feature_dir / record["shard"]).exists():
-            done[record["track_id"]] = record
+            known[record["track_id"]] = record
     in_manifest = {r["shard"] for r in manifest}
     for record in shard_records(feature_dir):
-        if record["shard"] not in in_manifest and record["track_id"] not in done:
-            done[record["track_id"]] = {**record, "settings_hash": settings.settings_hash, "duration_s": None, "sample_rate": None}
-    wanted = set(tracks["track_id"])
-    todo = tracks[~tracks["track_id"].isin(done)]
+        if record["shard"] not in in_manifest:
+            known[record["track_id"]] = {**record, "settings_hash": settings.settings_hash,
+                                         "sample_rate": settings.mel.sample_rate}
+    done: dict[str, dict] = {}
+    for track_id, path in zip(tracks["track_id"].astype(str), tracks["source_path"].astype(str)):
+        if track_id in known and (record := _still_valid(known[track_id], path)) is not None:
+            done[track_id] = record
+    todo = tracks[~tracks["track_id"].astype(str).isin(done)]
     batches = []
     size = settings.files_per_task
     for start in range(0, len(todo), size):
         chunk = todo.iloc[start : start + size]
         ids = tuple(chunk["track_id"].astype(str))
-        digest = hashlib.sha1("\n".join(ids).encode() + settings.settings_hash.encode()).hexdigest()[:16]
-        batches.append(FeatureBatch(shard=f"part-{digest}.parquet", track_ids=ids, paths=tuple(chunk["source_path"].astype(str))))
-    kept = tuple(r for t, r in done.items() if t in wanted)
-    return FeaturePlan(batches=tuple(batches), done_records=kept, n_skipped=len(kept))
+        paths = tuple(chunk["source_path"].astype(str))
+        digest = hashlib.sha1("\n".join(ids + paths).encode() + settings.settings_hash.encode()).hexdigest()[:16]
+        batches.append(FeatureBatch(shard=f"part-{digest}.parquet", track_ids=ids, paths=paths))
+    return FeaturePlan(batches=tuple(batches), done_records=tuple(done.values()), n_skipped=len(done))
 
 
 def extract_shard(batch: FeatureBatch, *, feature_dir: Path, settings: FeatureSettings) -> ShardResult:
@@ -100,30 +134,31 @@ def extract_shard(batch: FeatureBatch, *, feature_dir: Path, settings: FeatureSe
     rows, records, quarantined = [], [], []
     for track_id, path in zip(batch.track_ids, batch.paths):
         try:
-            sha1 = content_sha1(path)
             y = decode(path, sample_rate=mel_settings.sample_rate, min_seconds=settings.min_seconds)
+            sha1 = _hash_or_raise(path)
+            fingerprint = source_fingerprint(path) or (-1, -1)
             mel = log_mel(y, settings=mel_settings).numpy()
         except DecodeError as err:
             quarantined.append({"path": path, "stage": err.stage, "reason": err.reason, "track_id": track_id})
             continue
-        rows.append((track_id, sha1, mel))
-        records.append(
-            {
-                "track_id": track_id,
-                "content_sha1": sha1,
-                "shard": batch.shard,
-                "n_frames": int(mel.shape[0]),
-                "settings_hash": settings.settings_hash,
-                "duration_s": float(len(y) / mel_settings.sample_rate),
-                "sample_rate": int(mel_settings.sample_rate),
-            }
-        )
+        source = {"source_path": path, "source_size": fingerprint[0], "source_mtime_ns": fingerprint[1],
+                  "duration_s": float(len(y) / mel_settings.sample_rate)}
+        rows.append((track_id, sha1, mel, source))
+        records.append({"track_id": track_id, "content_sha1": sha1, "shard": batch.shard, "n_frames": int(mel.shape[0]),
+                        "settings_hash": settings.settings_hash, "sample_rate": int(mel_settings.sample_rate), **source})
     shard = None
     if rows:
         table = features_to_table(rows, column=mel_settings.column, n_mels=mel_settings.n_mels)
         write_table_atomic(table, Path(feature_dir) / batch.shard)
         shard = batch.shard
     return ShardResult(shard=shard, records=records, quarantined=quarantined, seconds=time.perf_counter() - start)
+
+
+def _hash_or_raise(path: str) -> str:
+    try:
+        return content_sha1(path)
+    except OSError as err:  # vanished or unreadable between decoding and hashing
+        raise DecodeError(path, "read", f"cannot hash file: {err}") from err
 
 
 @dataclass(frozen=True)

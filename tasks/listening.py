@@ -8,6 +8,8 @@ Layout under the storage root::
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,27 +132,43 @@ def load_factors(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(table.column("key").to_pylist(), dtype=str), factors
 
 
+def _file_sha1(path: Path) -> str:
+    digest = hashlib.sha1()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def ingest_triplet_files(paths: list[Path], *, listening_dir: Path) -> tuple[list[str], list[dict]]:
     """Ingest Taste Profile triplet files, one batch each (batch id = file stem).
 
-    Batches already on disk are not read again. Returns the batch ids and the
-    quarantine records of malformed rows. User and item id maps are extended.
+    A batch already on disk from a file with the same content hash is not read
+    again; a file whose content changed replaces its batch. Returns the batch ids
+    and the quarantine records of malformed rows. User and item id maps are extended.
     """
     from tasks.datasets import read_triplets
 
     listening_dir = Path(listening_dir)
-    done = set(ingested_batches(listening_dir))
     batches, quarantined = [], []
     for path in paths:
         batch = Path(path).stem.replace("=", "-")
+        if batch in batches:
+            raise DatasetError(f"two listening files map to batch {batch!r}; give them distinct names")
         batches.append(batch)
-        if batch in done:
-            continue
+        marker = listening_dir / "events" / f"batch={batch}" / "_source.json"
+        sha1 = _file_sha1(path)
+        try:
+            if json.loads(marker.read_text())["sha1"] == sha1:
+                continue
+        except (OSError, ValueError, KeyError):
+            pass
         events, bad = read_triplets(path, batch=batch)
         quarantined.extend(bad)
         update_id_map(listening_dir / "users.parquet", events["user"])
         update_id_map(listening_dir / "items.parquet", events["item"])
         write_events(events, listening_dir=listening_dir, batch=batch)
+        marker.write_text(json.dumps({"path": str(path), "sha1": sha1, "rows": len(events), "malformed": len(bad)}))
     return batches, quarantined
 
 

@@ -161,7 +161,8 @@ def tag_metrics(y_true: np.ndarray, y_score: np.ndarray, *, tags: Sequence[str])
     -------
     summary : dict
         ``roc_auc_macro`` and ``pr_auc_macro``, means over the tags with both classes
-        present, and ``n_tags_scored``, how many those were.
+        present, ``n_tags_scored``, how many those were, and ``pr_auc_chance``, the
+        macro PR-AUC of a random scorer over the same tags (their mean positive rate).
     per_tag : pd.DataFrame
         Columns ``tag, positives, roc_auc, pr_auc``, best ROC-AUC first; tags with a
         single class have NaN scores and come last.
@@ -193,6 +194,8 @@ def tag_metrics(y_true: np.ndarray, y_score: np.ndarray, *, tags: Sequence[str])
         "roc_auc_macro": float(roc[scored].mean()) if n_scored else float("nan"),
         "pr_auc_macro": float(pr[scored].mean()) if n_scored else float("nan"),
         "n_tags_scored": n_scored,
+        # A random scorer's expected PR-AUC is the tag's positive rate.
+        "pr_auc_chance": float(truth[:, scored].mean(axis=0).mean()) if n_scored else float("nan"),
     }
     per_tag = pd.DataFrame({"tag": tags, "positives": positives.astype(np.int64), "roc_auc": roc, "pr_auc": pr})
     per_tag = per_tag.sort_values("roc_auc", ascending=False, na_position="last", kind="stable").reset_index(drop=True)

@@ -8,10 +8,24 @@ against the user's real plays of those tracks with mAP@k and AUC.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from tasks.metrics import random_factors, ranking_metrics
 from tasks.report import RankingRow
+
+
+def cold_start_track_splits(tracks: pd.DataFrame, *, factorized: set[str], heldout: set[str]) -> dict[str, list[str]]:
+    """Track ids for the latent-factor CNN: train/valid from the factorized tracks of
+    those splits, test = the held-out tracks (whatever their split), in table order.
+    """
+    ids = tracks["track_id"].astype(str)
+    in_matrix = ids.isin(factorized) & ~ids.isin(heldout)
+    return {
+        "train": list(ids[in_matrix & (tracks["split"] == "train")]),
+        "valid": list(ids[in_matrix & (tracks["split"] == "valid")]),
+        "test": list(ids[ids.isin(heldout)]),
+    }
 
 
 def cold_start_rows(

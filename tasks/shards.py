@@ -6,13 +6,18 @@ complete, so a killed worker leaves no half-written shard behind.
 
 Feature shard schema (one row per track)::
 
-    track_id      string
-    content_sha1  string       hash of the source file's bytes
-    n_frames      int32
-    mel_<n_fft>   list<fixed_size_list<float16>[n_mels]>   shape (n_frames, n_mels)
+    track_id         string
+    content_sha1     string       hash of the source file's bytes
+    n_frames         int32
+    mel_<n_fft>      list<fixed_size_list<float16>[n_mels]>   shape (n_frames, n_mels)
+    source_path      string       the file the features came from
+    source_size      int64        its size in bytes and modification time, the cheap
+    source_mtime_ns  int64        change check of incremental runs
+    duration_s       float32      decoded duration
 
 The manifest ``_manifest.parquet`` beside the shards has one row per track:
-``track_id, content_sha1, shard, n_frames, settings_hash, duration_s, sample_rate``.
+``track_id, content_sha1, shard, n_frames, settings_hash, duration_s, sample_rate,
+source_path, source_size, source_mtime_ns``.
 """
 
 from __future__ import annotations
@@ -39,8 +44,17 @@ MANIFEST_SCHEMA = pa.schema(
         ("settings_hash", pa.string()),
         ("duration_s", pa.float32()),
         ("sample_rate", pa.int32()),
+        ("source_path", pa.string()),
+        ("source_size", pa.int64()),
+        ("source_mtime_ns", pa.int64()),
     ]
 )
+SOURCE_FIELDS = [
+    ("source_path", pa.string()),
+    ("source_size", pa.int64()),
+    ("source_mtime_ns", pa.int64()),
+    ("duration_s", pa.float32()),
+]
 QUARANTINE_SCHEMA = pa.schema(
     [
         ("path", pa.string()),
@@ -74,17 +88,24 @@ def feature_schema(column: str, n_mels: int) -> pa.Schema:
             ("content_sha1", pa.string()),
             ("n_frames", pa.int32()),
             (column, pa.list_(pa.list_(pa.float16(), n_mels))),
+            *SOURCE_FIELDS,
         ]
     )
 
 
 def features_to_table(
-    rows: Sequence[tuple[str, str, np.ndarray]], *, column: str, n_mels: int
+    rows: Sequence[tuple[str, str, np.ndarray, Mapping]], *, column: str, n_mels: int
 ) -> pa.Table:
-    """Pack ``(track_id, content_sha1, mel [shape=(n_frames, n_mels)])`` rows into a shard table."""
+    """Pack ``(track_id, content_sha1, mel [shape=(n_frames, n_mels)], source)`` rows into a shard table.
+
+    ``source`` maps each of ``source_path, source_size, source_mtime_ns, duration_s`` to its value.
+    """
     track_ids, hashes, n_frames, offsets = [], [], [], [0]
     flat: list[np.ndarray] = []
-    for track_id, sha1, mel in rows:
+    sources = {name: [] for name, _ in SOURCE_FIELDS}
+    for track_id, sha1, mel, source in rows:
+        for name in sources:
+            sources[name].append(source[name])
         if mel.ndim != 2 or mel.shape[1] != n_mels:
             raise ValueError(f"{track_id}: expected (n_frames, {n_mels}), got {mel.shape}")
         track_ids.append(track_id)
@@ -96,7 +117,8 @@ def features_to_table(
     frames = pa.FixedSizeListArray.from_arrays(values, n_mels)
     mels = pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), frames)
     return pa.Table.from_arrays(
-        [pa.array(track_ids, pa.string()), pa.array(hashes, pa.string()), pa.array(n_frames, pa.int32()), mels],
+        [pa.array(track_ids, pa.string()), pa.array(hashes, pa.string()), pa.array(n_frames, pa.int32()), mels,
+         *(pa.array(sources[name], type) for name, type in SOURCE_FIELDS)],
         schema=feature_schema(column, n_mels),
     )
 
@@ -136,7 +158,7 @@ def shard_records(feature_dir: Path) -> list[dict]:
     """
     records = []
     for shard in sorted(Path(feature_dir).glob("part-*.parquet")):
-        table = pq.read_table(shard, columns=["track_id", "content_sha1", "n_frames"])
+        table = pq.read_table(shard, columns=["track_id", "content_sha1", "n_frames", *(n for n, _ in SOURCE_FIELDS)])
         for row in table.to_pylist():
             records.append({**row, "shard": shard.name})
     return records

@@ -24,6 +24,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -632,6 +633,36 @@ def world_is_complete(root: Path, settings: WorldSettings) -> bool:
     return record == _settings_record(settings)
 
 
+def begin_world(root: Path, settings: WorldSettings) -> bool:
+    """Prepare ``root`` for rendering a world with ``settings``; returns True when old files were removed.
+
+    A world left by other settings (or by an unknown run: files but no
+    ``world.json``) is deleted first, so that clips rendered for other tags are
+    never reused. Then ``world.json`` records the settings with ``"complete": false``,
+    which lets an interrupted run with the same settings resume its clips.
+    """
+    root = Path(root)
+    record = None
+    try:
+        record = json.loads((root / "world.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    same = isinstance(record, dict) and {k: v for k, v in record.items() if k != "complete"} == _settings_record(settings)
+    removed = False
+    if not same:
+        for name in ("mtat", "taste_profile", "truth.parquet", "world.json"):
+            target = root / name
+            if target.is_dir():
+                shutil.rmtree(target)
+                removed = True
+            elif target.exists():
+                target.unlink()
+                removed = True
+        root.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(root / "world.json", json.dumps({**_settings_record(settings), "complete": False}, indent=2, sort_keys=True) + "\n")
+    return removed
+
+
 def generate_world(root: Path, settings: WorldSettings, *, on_progress: Callable[[int], None] | None = None) -> None:
     """Write the whole world serially (plan, audio, annotations, listening, truth).
 
@@ -641,6 +672,7 @@ def generate_world(root: Path, settings: WorldSettings, *, on_progress: Callable
     root = Path(root)
     if world_is_complete(root, settings):
         return
+    begin_world(root, settings)
     tracks = plan_world(settings)
     for done, track in enumerate(tracks, start=1):
         render_clips([track], root=root, settings=settings)

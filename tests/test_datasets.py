@@ -109,3 +109,10 @@ def test_real_hetrec_user_artists_load_as_events(shared_data):
     assert events["user"].nunique() == 1892 and events["item"].nunique() == 17632
     assert (events["plays"] > 0).all()
     assert isinstance(events, pd.DataFrame) and list(events.columns) == ["user", "item", "plays", "batch"]
+
+
+def test_tag_vocabulary_counts_and_breaks_ties_by_name():
+    from tasks.datasets import tag_vocabulary
+
+    tracks = pd.DataFrame({"tags": [["rock", "guitar"], ["piano", "rock"], ["guitar"], ["jazz"]]})
+    assert tag_vocabulary(tracks, n=3) == ["guitar", "rock", "jazz"]

@@ -40,9 +40,13 @@ def test_ingest_batches_once_and_sum_across_batches(tmp_path):
     assert batches == ["train_triplets.batch-000", "train_triplets.batch-001"] and len(bad) == 1
     events = read_events(listening)
     assert dict(zip(zip(events["user"], events["item"]), events["plays"])) == {("u1", "s1"): 5, ("u2", "s2"): 1}
-    # A second ingestion of the same files reads nothing again.
-    files[0].write_text("garbage that would fail\n")
+    # A second ingestion of the same files reads nothing again; a changed file replaces its batch.
     assert ingest_triplet_files(files, listening_dir=listening)[1] == []
+    files[0].write_text("u1\ts1\t10\nnot a row\n")
+    _, bad = ingest_triplet_files(files, listening_dir=listening)
+    assert len(bad) == 1 and bad[0]["path"].endswith("batch-000.txt:2")
+    events = read_events(listening)
+    assert dict(zip(zip(events["user"], events["item"]), events["plays"])) == {("u1", "s1"): 13}
     with pytest.raises(DatasetError, match="no listening batches"):
         read_events(tmp_path / "nothing")
 

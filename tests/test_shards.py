@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
@@ -21,6 +23,9 @@ from tasks.shards import (
 )
 
 
+SOURCE = {"source_path": "/x.wav", "source_size": 1, "source_mtime_ns": 2, "duration_s": 1.0}
+
+
 def _mels(rng: np.random.Generator, lengths: list[int], n_mels: int = 16) -> list[np.ndarray]:
     return [rng.standard_normal((n, n_mels)).astype(np.float32) for n in lengths]
 
@@ -28,7 +33,7 @@ def _mels(rng: np.random.Generator, lengths: list[int], n_mels: int = 16) -> lis
 def test_shard_round_trip_keeps_shapes_and_float16_values(tmp_path):
     rng = np.random.default_rng(0)
     mels = _mels(rng, [5, 17, 1])
-    table = features_to_table([(f"t{i}", "sha", m) for i, m in enumerate(mels)], column="mel_1024", n_mels=16)
+    table = features_to_table([(f"t{i}", "sha", m, SOURCE) for i, m in enumerate(mels)], column="mel_1024", n_mels=16)
     path = write_table_atomic(table, tmp_path / "part-0.parquet")
     back = table_to_features(pq.read_table(path), column="mel_1024")
     assert list(back) == ["t0", "t1", "t2"]
@@ -41,19 +46,26 @@ def test_shard_round_trip_keeps_shapes_and_float16_values(tmp_path):
 
 def test_wrong_mel_width_is_refused():
     with pytest.raises(ValueError, match="expected"):
-        features_to_table([("t", "sha", np.zeros((3, 8)))], column="mel_1024", n_mels=16)
+        features_to_table([("t", "sha", np.zeros((3, 8)), SOURCE)], column="mel_1024", n_mels=16)
 
 
-def test_atomic_write_leaves_no_temporary_file_when_writing_fails(tmp_path):
-    with pytest.raises(Exception):
-        write_table_atomic("not a table", tmp_path / "x.parquet")  # type: ignore[arg-type]
+def test_atomic_write_leaves_no_partial_file_when_writing_fails(tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    def write_half_then_die(table, where, **kwargs):
+        Path(where).write_bytes(b"PAR1 half a shard")
+        raise OSError("worker killed")
+
+    monkeypatch.setattr(pq, "write_table", write_half_then_die)
+    with pytest.raises(OSError, match="worker killed"):
+        write_table_atomic(pa.table({"a": [1]}), tmp_path / "part-0.parquet")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_read_features_by_track_id_opens_only_what_is_asked(tmp_path):
     rng = np.random.default_rng(1)
     for shard, ids in (("part-a.parquet", ["a", "b"]), ("part-b.parquet", ["c"])):
-        table = features_to_table([(t, "sha", m) for t, m in zip(ids, _mels(rng, [4] * len(ids)))], column="mel_1024", n_mels=16)
+        table = features_to_table([(t, "sha", m, SOURCE) for t, m in zip(ids, _mels(rng, [4] * len(ids)))], column="mel_1024", n_mels=16)
         write_table_atomic(table, tmp_path / shard)
     write_manifest(tmp_path, [
         {"track_id": t, "content_sha1": "sha", "shard": s, "n_frames": 4, "settings_hash": "h", "duration_s": 1.0, "sample_rate": 16000}
@@ -127,8 +139,48 @@ def test_other_feature_settings_redo_the_work(tmp_path):
     assert plan_feature_batches(tracks, feature_dir=out, settings=other).n_skipped == 0
 
 
-def test_feature_batch_is_small_and_picklable():
-    import pickle
+def _run(tracks, out, settings, tmp_path):
+    plan = plan_feature_batches(tracks, feature_dir=out, settings=settings)
+    results = [extract_shard(b, feature_dir=out, settings=settings) for b in plan.batches]
+    return finish_features(plan, results, feature_dir=out, quarantine_path=tmp_path / "q.parquet", wall_seconds=1.0)
 
-    batch = FeatureBatch(shard="part-x.parquet", track_ids=("a",), paths=("/x.mp3",))
-    assert pickle.loads(pickle.dumps(batch)) == batch
+
+def test_changed_files_are_redone_and_touched_copies_are_not(tmp_path):
+    import os
+
+    import soundfile as sf
+
+    settings = FeatureSettings(mel=MelSettings(n_mels=32))
+    tracks = _tone_files(tmp_path, 3)
+    out = tmp_path / "features"
+    assert _run(tracks, out, settings, tmp_path).n_extracted == 3
+    # t0: new content; t1: same bytes, new mtime (a copy); t2 untouched.
+    sf.write(tracks.source_path[0], 0.1 * np.ones(32000), 16000)
+    os.utime(tracks.source_path[1], ns=(1, 1))
+    summary = _run(tracks, out, settings, tmp_path)
+    assert (summary.n_extracted, summary.n_skipped) == (1, 2)
+    manifest = read_manifest(out).to_pandas().set_index("track_id")
+    assert manifest.loc["t1", "source_mtime_ns"] == 1
+    assert len(manifest) == 3 and manifest["duration_s"].notna().all()
+
+
+def test_missing_file_is_quarantined_not_fatal(tmp_path):
+    settings = FeatureSettings(mel=MelSettings(n_mels=32))
+    tracks = _tone_files(tmp_path, 2)
+    tracks.loc[1, "source_path"] = str(tmp_path / "gone.mp3")
+    summary = _run(tracks, tmp_path / "features", settings, tmp_path)
+    assert (summary.n_extracted, summary.n_quarantined) == (1, 1)
+    record = pq.read_table(tmp_path / "q.parquet").to_pylist()[0]
+    assert record["path"].endswith("gone.mp3") and record["stage"] == "read"
+
+
+def test_resume_from_orphan_shard_keeps_metadata(tmp_path):
+    settings = FeatureSettings(mel=MelSettings(n_mels=32), files_per_task=1)
+    tracks = _tone_files(tmp_path, 2)
+    out = tmp_path / "features"
+    plan = plan_feature_batches(tracks, feature_dir=out, settings=settings)
+    extract_shard(plan.batches[0], feature_dir=out, settings=settings)  # then the run dies
+    summary = _run(tracks, out, settings, tmp_path)
+    assert (summary.n_extracted, summary.n_skipped) == (1, 1)
+    manifest = read_manifest(out).to_pandas()
+    assert manifest["duration_s"].tolist() == [2.0, 2.0] and (manifest["sample_rate"] == 16000).all()

@@ -170,3 +170,14 @@ def test_bad_arguments_raise() -> None:
         synth.render_clip(track, sample_rate=0, seconds=1.0)
     with pytest.raises(ParameterError, match="unknown"):
         synth.render_clip(_track("piano", style="polka"), sample_rate=SR, seconds=1.0)
+
+
+def test_a_world_of_other_settings_is_replaced_not_reused(tmp_path: Path, settings: WorldSettings) -> None:
+    tiny = settings.model_copy(update={"n_tracks": 16, "n_users": 12})
+    synth.generate_world(tmp_path, tiny)
+    old_clip = next((tmp_path / "mtat" / "audio").rglob("*.mp3"))
+    other = tiny.model_copy(update={"seed": tiny.seed + 1})
+    assert synth.begin_world(tmp_path, other) is True
+    assert not old_clip.exists() and not synth.world_is_complete(tmp_path, tiny)
+    # Same settings again: an interrupted world resumes and nothing is removed.
+    assert synth.begin_world(tmp_path, other) is False

@@ -6,13 +6,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pyarrow as pa
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.features import extract_features
@@ -28,7 +27,6 @@ from tasks.errors import ParameterError
 from tasks.report import PipelineSummary, metric_slug, summary_text, write_report
 from tasks.shards import write_table_atomic
 
-log = logging.getLogger("mirflow")
 
 
 @task(cache_policy=NO_CACHE)
@@ -86,5 +84,6 @@ def pipeline(settings: PipelineSettings) -> PipelineSummary:
         mlflow.log_metrics({"tagger/test_roc_auc": tagger.roc_auc, "tagger/test_pr_auc": tagger.pr_auc,
                             **{f"recommender/{metric_slug(r.name)}/map_at_k": r.map_at_k for r in recommender.rows},
                             **{f"recommender/{metric_slug(r.name)}/auc": r.auc for r in recommender.rows}})
-        log.info("\n%s", summary_text(summary))
+        # To the flow run's log (the Prefect UI); the CLI prints the table itself.
+        get_run_logger().info("pipeline summary\n%s", summary_text(summary))
     return summary

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 import time
 from pathlib import Path
 from typing import Annotated
@@ -42,8 +43,12 @@ def _setup(verbose: bool) -> None:
     if not logger.handlers:
         logger.addHandler(RichHandler(console=Console(stderr=True), show_path=False, markup=False))
     logger.propagate = False
+    import lightning  # noqa: F401  (it sets its loggers to INFO when imported: import first, then quiet them)
+
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates, once per fit; harmless.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=Warning)
 
 
 DataDir = Annotated[Path, typer.Option(help="storage root: world, shards, listening, models, MLflow store")]
@@ -53,10 +58,15 @@ Cluster = Annotated[str, typer.Option(help="local | address | cuda")]
 
 def _run(settings) -> None:
     from flows.pipeline import pipeline
+    from tasks.errors import MirflowError
     from tasks.report import summary_text
 
     start = time.perf_counter()
-    summary = pipeline(settings)
+    try:
+        summary = pipeline(settings)
+    except MirflowError as err:
+        console.print(f"[red]mirflow: {err}[/red]")
+        raise typer.Exit(1) from None
     console.print(f"\n[bold]mirflow pipeline finished in {time.perf_counter() - start:.0f} s[/bold]")
     console.print(summary_text(summary), highlight=False, soft_wrap=True)
 
@@ -76,14 +86,13 @@ def demo(
 ) -> None:
     """Run the whole pipeline on the embedded synthetic world (built on first use)."""
     _setup(verbose)
-    from infra.settings import ClusterSettings, PipelineSettings, WorldSettings
     from infra.tracking import tracking_for
 
-    settings = PipelineSettings(
+    settings = _settings(
         data_dir=data_dir,
         dataset="synthetic",
-        world=WorldSettings(n_tracks=tracks, n_users=users, clip_seconds=clip_seconds, seed=seed),
-        cluster=ClusterSettings(kind=cluster, n_workers=workers, address=address),
+        world={"n_tracks": tracks, "n_users": users, "clip_seconds": clip_seconds, "seed": seed},
+        cluster={"kind": cluster, "n_workers": workers, "address": address},
         tracking=tracking_for(data_dir),
     )
     if epochs is not None:
@@ -106,13 +115,12 @@ def pipeline(
 ) -> None:
     """Run the whole pipeline on MTAT-layout audio and annotations with Taste Profile listening data."""
     _setup(verbose)
-    from infra.settings import ClusterSettings, PipelineSettings
     from infra.tracking import tracking_for
 
-    settings = PipelineSettings(
+    settings = _settings(
         data_dir=data_dir, dataset=dataset, annotations=annotations.resolve(), audio_root=audio_root.resolve(),
         triplets=tuple(p.resolve() for p in triplets),
-        cluster=ClusterSettings(kind=cluster, n_workers=workers, address=address), tracking=tracking_for(data_dir),
+        cluster={"kind": cluster, "n_workers": workers, "address": address}, tracking=tracking_for(data_dir),
     )
     if epochs is not None:
         settings = _cap_epochs(settings, epochs)
@@ -124,13 +132,33 @@ def world(data_dir: DataDir = Path("data"), tracks: int = 800, users: int = 2000
           seed: int = 0, verbose: bool = False) -> None:
     """Only write the synthetic world (MTAT-style mp3 tree + Taste Profile triplets)."""
     _setup(verbose)
+    from pydantic import ValidationError
+
     from infra.layout import Layout
     from infra.settings import WorldSettings
     from tasks.synth import generate_world
 
+    try:
+        settings = WorldSettings(n_tracks=tracks, n_users=users, clip_seconds=clip_seconds, seed=seed)
+    except ValidationError as err:
+        console.print(f"[red]mirflow: invalid settings[/red]\n{err}")
+        raise typer.Exit(2) from None
     root = Layout(data_dir.resolve()).world()
-    generate_world(root, WorldSettings(n_tracks=tracks, n_users=users, clip_seconds=clip_seconds, seed=seed))
+    generate_world(root, settings)
     console.print(f"synthetic world written to {root}")
+
+
+def _settings(**kwargs):
+    """Build the run's settings; a bad value ends the command with pydantic's explanation."""
+    from pydantic import ValidationError
+
+    from infra.settings import PipelineSettings
+
+    try:
+        return PipelineSettings(**kwargs)
+    except ValidationError as err:
+        console.print(f"[red]mirflow: invalid settings[/red]\n{err}")
+        raise typer.Exit(2) from None
 
 
 def _cap_epochs(settings, epochs: int):

@@ -147,7 +147,7 @@ class TaggerSettings(_Settings):
     conv_length: int = 8
     pool: int = 4
     hidden: int = 100
-    train: TrainSettings = TrainSettings(max_epochs=40, patience=8)
+    train: TrainSettings = TrainSettings(max_epochs=100, patience=10, crops_per_clip=8)
 
 
 class LatentFactorSettings(_Settings):
@@ -157,7 +157,8 @@ class LatentFactorSettings(_Settings):
     conv_length: int = 4
     hidden: int = 256
     dropout: float = Field(0.5, ge=0.0, lt=1.0)
-    train: TrainSettings = TrainSettings(max_epochs=30, learning_rate=1e-3, weight_decay=1e-4, patience=8)
+    train: TrainSettings = TrainSettings(max_epochs=60, learning_rate=1e-3, weight_decay=1e-4, patience=10,
+                                         crops_per_clip=8)
 
 
 class EvalSettings(_Settings):

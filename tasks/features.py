@@ -103,10 +103,9 @@ def plan_feature_batches(
         if record["settings_hash"] == settings.settings_hash and (feature_dir / record["shard"]).exists():
             known[record["track_id"]] = record
     in_manifest = {r["shard"] for r in manifest}
-    for record in shard_records(feature_dir):
-        if record["shard"] not in in_manifest:
-            known[record["track_id"]] = {**record, "settings_hash": settings.settings_hash,
-                                         "sample_rate": settings.mel.sample_rate}
+    for record in shard_records(feature_dir, skip=in_manifest):
+        known[record["track_id"]] = {**record, "settings_hash": settings.settings_hash,
+                                     "sample_rate": settings.mel.sample_rate}
     done: dict[str, dict] = {}
     for track_id, path in zip(tracks["track_id"].astype(str), tracks["source_path"].astype(str)):
         if track_id in known and (record := _still_valid(known[track_id], path)) is not None:

@@ -140,7 +140,11 @@ def read_manifest(feature_dir: Path) -> pa.Table:
     path = Path(feature_dir) / MANIFEST
     if not path.exists():
         return MANIFEST_SCHEMA.empty_table()
-    return pq.read_table(path, schema=MANIFEST_SCHEMA)
+    table = pq.read_table(path)
+    # Columns a manifest of an older release lacks read as nulls: those tracks are re-checked.
+    columns = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+               for f in MANIFEST_SCHEMA]
+    return pa.Table.from_arrays(columns, schema=MANIFEST_SCHEMA)
 
 
 def write_manifest(feature_dir: Path, records: Iterable[Mapping]) -> Path:
@@ -150,17 +154,22 @@ def write_manifest(feature_dir: Path, records: Iterable[Mapping]) -> Path:
     return write_table_atomic(table.sort_by("track_id"), Path(feature_dir) / MANIFEST)
 
 
-def shard_records(feature_dir: Path) -> list[dict]:
-    """Per-track records of every complete shard on disk, read from shard columns only.
+def shard_records(feature_dir: Path, *, skip: Iterable[str] = ()) -> list[dict]:
+    """Per-track records of the complete shards on disk (except those named in ``skip``).
 
-    Used to resume: shards finished before an interruption are counted even when
-    the manifest was never rewritten.
+    Only the id and source columns are read. Used to resume: shards finished before
+    an interruption are counted even when the manifest was never rewritten.
     """
+    skip = set(skip)
+    wanted = ["track_id", "content_sha1", "n_frames", *(n for n, _ in SOURCE_FIELDS)]
     records = []
     for shard in sorted(Path(feature_dir).glob("part-*.parquet")):
-        table = pq.read_table(shard, columns=["track_id", "content_sha1", "n_frames", *(n for n, _ in SOURCE_FIELDS)])
+        if shard.name in skip:
+            continue
+        present = set(pq.read_schema(shard).names)
+        table = pq.read_table(shard, columns=[c for c in wanted if c in present])
         for row in table.to_pylist():
-            records.append({**row, "shard": shard.name})
+            records.append({**dict.fromkeys(wanted), **row, "shard": shard.name})
     return records
 
 

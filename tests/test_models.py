@@ -12,6 +12,8 @@ from lightning_modules.latent_factors import LatentFactorModule
 from lightning_modules.tagger import TaggerModule
 
 N_MELS, CROP = 16, 94
+# The steps are called directly, outside a Trainer, so their self.log calls have nowhere to go.
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 
 
 def _tagger() -> TaggerModule:

@@ -56,6 +56,16 @@ Workers = Annotated[int | None, typer.Option(help="Dask workers (default: one pe
 Cluster = Annotated[str, typer.Option(help="local | address | cuda")]
 
 
+def _launch(epochs: int | None, **fields) -> None:
+    """Build the settings (tracking under the data folder), cap epochs if asked, run the pipeline."""
+    from infra.tracking import tracking_for
+
+    settings = _settings(**fields, tracking=tracking_for(fields["data_dir"]))
+    if epochs is not None:
+        settings = _cap_epochs(settings, epochs)
+    _run(settings)
+
+
 def _run(settings) -> None:
     from flows.pipeline import pipeline
     from tasks.errors import MirflowError
@@ -86,18 +96,9 @@ def demo(
 ) -> None:
     """Run the whole pipeline on the embedded synthetic world (built on first use)."""
     _setup(verbose)
-    from infra.tracking import tracking_for
-
-    settings = _settings(
-        data_dir=data_dir,
-        dataset="synthetic",
-        world={"n_tracks": tracks, "n_users": users, "clip_seconds": clip_seconds, "seed": seed},
-        cluster={"kind": cluster, "n_workers": workers, "address": address},
-        tracking=tracking_for(data_dir),
-    )
-    if epochs is not None:
-        settings = _cap_epochs(settings, epochs)
-    _run(settings)
+    _launch(epochs, data_dir=data_dir, dataset="synthetic",
+            world={"n_tracks": tracks, "n_users": users, "clip_seconds": clip_seconds, "seed": seed},
+            cluster={"kind": cluster, "n_workers": workers, "address": address})
 
 
 @app.command()
@@ -115,16 +116,9 @@ def pipeline(
 ) -> None:
     """Run the whole pipeline on MTAT-layout audio and annotations with Taste Profile listening data."""
     _setup(verbose)
-    from infra.tracking import tracking_for
-
-    settings = _settings(
-        data_dir=data_dir, dataset=dataset, annotations=annotations.resolve(), audio_root=audio_root.resolve(),
-        triplets=tuple(p.resolve() for p in triplets),
-        cluster={"kind": cluster, "n_workers": workers, "address": address}, tracking=tracking_for(data_dir),
-    )
-    if epochs is not None:
-        settings = _cap_epochs(settings, epochs)
-    _run(settings)
+    _launch(epochs, data_dir=data_dir, dataset=dataset, annotations=annotations.resolve(),
+            audio_root=audio_root.resolve(), triplets=tuple(p.resolve() for p in triplets),
+            cluster={"kind": cluster, "n_workers": workers, "address": address})
 
 
 @app.command()

@@ -25,8 +25,16 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (affinity-aware, unlike ``os.cpu_count``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _local_cluster(settings: ClusterSettings) -> LocalCluster:
-    n_workers = settings.n_workers or os.cpu_count() or 1
+    n_workers = settings.n_workers or usable_cores()
     return LocalCluster(
         n_workers=n_workers,
         threads_per_worker=1,

@@ -61,13 +61,15 @@ def write_report(path: Path, summary: PipelineSummary, *, per_tag: str, settings
     """A Markdown report: the summary table, the per-tag table and the settings."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
     settings_lines = "\n".join(f"| `{k}` | `{v}` |" for k, v in sorted(settings.items()))
-    path.write_text(
+    tmp.write_text(
         "# mirflow pipeline report\n\n"
         f"```\n{summary_text(summary)}\n```\n\n"
         f"## Tagger: per-tag test metrics\n\n```\n{per_tag}\n```\n\n"
         f"## Settings\n\n| setting | value |\n|---|---|\n{settings_lines}\n"
     )
+    tmp.replace(path)
     return path
 
 

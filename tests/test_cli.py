@@ -1,0 +1,44 @@
+"""The ``mirflow`` command line, as a user runs it on data in the real formats."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+from typer.testing import CliRunner
+
+from infra.cli import app
+from infra.settings import WorldSettings
+from tasks import synth
+
+
+def test_bad_settings_end_with_a_message_not_a_traceback(tmp_path):
+    result = CliRunner().invoke(app, ["demo", "--tracks", "3", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "n_tracks" in result.output and "greater than or equal to 16" in result.output
+    result = CliRunner().invoke(app, ["demo", "--cluster", "address", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "needs an address" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_pipeline_command_on_external_data_quarantines_a_corrupt_clip(tmp_path):
+    source = tmp_path / "external"
+    synth.generate_world(source, WorldSettings(n_tracks=64, n_users=120, clip_seconds=4.0, seed=3))
+    corrupt = sorted((source / "mtat" / "audio").rglob("*.mp3"))[0]
+    corrupt.write_bytes(b"\x00" * 100)
+    triplets = sorted((source / "taste_profile").glob("*.txt"))
+    data_dir = tmp_path / "store"
+    args = ["pipeline", "--annotations", str(source / "mtat" / "annotations_final.csv"),
+            "--audio-root", str(source / "mtat" / "audio"), "--dataset", "external", "--data-dir", str(data_dir),
+            "--epochs", "2", "--workers", "1"]
+    for path in triplets:
+        args += ["--triplets", str(path)]
+    with prefect_test_harness(server_startup_timeout=60):
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "tracks 63 (quarantined 1)" in result.output
+    assert "WMF factors (upper bound)" in result.output
+    quarantine = pq.read_table(data_dir / "quarantine" / "external.parquet").to_pylist()
+    assert [q["path"] for q in quarantine] == [str(corrupt)]
+    assert quarantine[0]["stage"] == "read"

@@ -84,9 +84,9 @@ def _run(settings) -> None:
 @app.command()
 def demo(
     data_dir: DataDir = Path("data"),
-    tracks: Annotated[int, typer.Option(help="clips in the synthetic world")] = 800,
-    users: Annotated[int, typer.Option(help="listeners in the synthetic world")] = 2000,
-    clip_seconds: Annotated[float, typer.Option(help="length of each synthetic clip")] = 12.0,
+    tracks: Annotated[int, typer.Option(help="clips in the synthetic world")] = 1200,
+    users: Annotated[int, typer.Option(help="listeners in the synthetic world")] = 3000,
+    clip_seconds: Annotated[float, typer.Option(help="length of each synthetic clip")] = 15.0,
     epochs: Annotated[int | None, typer.Option(help="cap on training epochs of each model")] = None,
     seed: int = 0,
     workers: Workers = None,
@@ -122,7 +122,7 @@ def pipeline(
 
 
 @app.command()
-def world(data_dir: DataDir = Path("data"), tracks: int = 800, users: int = 2000, clip_seconds: float = 12.0,
+def world(data_dir: DataDir = Path("data"), tracks: int = 1200, users: int = 3000, clip_seconds: float = 15.0,
           seed: int = 0, verbose: bool = False) -> None:
     """Only write the synthetic world (MTAT-style mp3 tree + Taste Profile triplets)."""
     _setup(verbose)

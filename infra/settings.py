@@ -38,9 +38,9 @@ def _flatten_into(out: dict[str, Any], key: str, value: Any) -> None:
 class WorldSettings(_Settings):
     """Size and character of the synthetic world (DESIGN.md section 6)."""
 
-    n_tracks: int = Field(800, ge=16, description="clips in the MTAT-style tree")
-    n_users: int = Field(2000, ge=10, description="listeners in the Taste Profile triplets")
-    clip_seconds: float = Field(12.0, ge=3.0, le=60.0)
+    n_tracks: int = Field(1200, ge=16, description="clips in the MTAT-style tree")
+    n_users: int = Field(3000, ge=10, description="listeners in the Taste Profile triplets")
+    clip_seconds: float = Field(15.0, ge=3.0, le=60.0)
     sample_rate: int = Field(16000, ge=8000, le=48000, description="rate the MP3s are written at")
     n_batches: int = Field(3, ge=1, description="time-ordered listening batch files")
     mean_tracks_per_user: float = Field(40.0, gt=1.0)

@@ -31,5 +31,7 @@ class ThroughputLog(L.Callback):
         rate = self._crops / max(time.perf_counter() - self._start, 1e-9)
         pl_module.log("train/crops_per_s", rate)
         shown = {k: f"{float(v):.4f}" for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
-        log.info("%s epoch %d/%d: %s, %.0f crops/s", self.name, trainer.current_epoch + 1, trainer.max_epochs,
+        # On a terminal the progress bar already shows this; elsewhere the line is the progress.
+        level = logging.DEBUG if trainer.progress_bar_callback is not None else logging.INFO
+        log.log(level, "%s epoch %d/%d: %s, %.0f crops/s", self.name, trainer.current_epoch + 1, trainer.max_epochs,
                  " ".join(f"{k} {v}" for k, v in sorted(shown.items())), rate)

@@ -19,7 +19,15 @@ from lightning_modules.train import train_latent_factor_cnn, train_tagger
 from tasks.listening import load_factors, play_matrix_for
 from tasks.datasets import tag_vocabulary
 from tasks.recommend import cold_start_rows, cold_start_track_splits
-from tasks.report import RankingRow, metric_slug, plot_factor_scatter, plot_roc_curves
+from tasks.report import (
+    RankingRow,
+    dominant_labels,
+    metric_slug,
+    plot_factor_scatter,
+    plot_first_layer_filters,
+    plot_roc_curves,
+    plot_tsne,
+)
 from tasks.shards import read_manifest
 from flows.listening import WMFOutput
 
@@ -72,8 +80,13 @@ def train_tagger_flow(data_dir: Path, dataset: str, feature_set: str, mel: MelSe
             table_path = Path(tmp) / "per_tag_test_metrics.csv"
             module.test_table.to_csv(table_path, index=False)
             mlflow.log_artifact(str(table_path))
-            plot = plot_roc_curves(module.test_truth, module.test_scores, tags=tags, path=Path(tmp) / "roc_curves.png")
-            mlflow.log_artifact(str(plot), artifact_path="plots")
+            plots = [
+                plot_roc_curves(module.test_truth, module.test_scores, tags=tags, path=Path(tmp) / "roc_curves.png"),
+                plot_first_layer_filters(module.net.features[0].weight.detach().cpu().numpy(),
+                                         path=Path(tmp) / "first_layer_filters.png"),
+            ]
+            for plot in plots:
+                mlflow.log_artifact(str(plot), artifact_path="plots")
     return TaggerOutput(roc_auc=float(result.metrics["test/roc_auc"]), pr_auc=float(result.metrics["test/pr_auc"]),
                         pr_auc_chance=float(result.metrics["test/pr_auc_chance"]),
                         per_tag=module.test_table.to_string(index=False, float_format="%.3f"), run_id=run.info.run_id)
@@ -108,7 +121,17 @@ def train_recommender_flow(data_dir: Path, dataset: str, feature_set: str, mel: 
         mlflow.log_metrics({"epochs": result.epochs, **{f"test/{metric_slug(r.name)}/map_at_{evaluation.k}": r.map_at_k for r in rows},
                             **{f"test/{metric_slug(r.name)}/auc": r.auc for r in rows}})
         mlflow.log_artifact(str(result.checkpoint), artifact_path="checkpoints")
+        tags_of = dict(zip(tracks["track_id"], tracks["tags"]))
+        labels = dominant_labels([tags_of[t] for t in test_ids],
+                                 candidates=evaluation.map_tags or tag_vocabulary(tracks, n=8))
         with tempfile.TemporaryDirectory() as tmp:
-            plot = plot_factor_scatter(true_factors, result.predicted_factors, path=Path(tmp) / "predicted_vs_wmf_factors.png")
-            mlflow.log_artifact(str(plot), artifact_path="plots")
+            plots = [
+                plot_factor_scatter(true_factors, result.predicted_factors, path=Path(tmp) / "predicted_vs_wmf_factors.png"),
+                plot_tsne(result.predicted_factors, labels, path=Path(tmp) / "tsne_predicted_factors.png",
+                          title="held-out tracks: t-SNE of CNN-predicted factors", seed=evaluation.seed),
+                plot_tsne(true_factors, labels, path=Path(tmp) / "tsne_wmf_factors.png",
+                          title="held-out tracks: t-SNE of WMF factors (from plays)", seed=evaluation.seed),
+            ]
+            for plot in plots:
+                mlflow.log_artifact(str(plot), artifact_path="plots")
     return RecommenderOutput(rows=rows, k=evaluation.k, run_id=run.info.run_id)

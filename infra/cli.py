@@ -96,9 +96,12 @@ def demo(
 ) -> None:
     """Run the whole pipeline on the embedded synthetic world (built on first use)."""
     _setup(verbose)
+    from tasks.synth import STYLES
+
     _launch(epochs, data_dir=data_dir, dataset="synthetic",
             world={"n_tracks": tracks, "n_users": users, "clip_seconds": clip_seconds, "seed": seed},
-            cluster={"kind": cluster, "n_workers": workers, "address": address})
+            cluster={"kind": cluster, "n_workers": workers, "address": address},
+            evaluation={"map_tags": STYLES})
 
 
 @app.command()

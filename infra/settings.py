@@ -163,6 +163,7 @@ class LatentFactorSettings(_Settings):
 
 class EvalSettings(_Settings):
     k: int = Field(500, ge=1, description="cut-off of mAP@k")
+    map_tags: tuple[str, ...] = Field((), description="tags that colour the t-SNE maps (default: the 8 most frequent)")
     seed: int = 0
 
 

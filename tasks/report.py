@@ -76,10 +76,11 @@ def write_report(path: Path, summary: PipelineSummary, *, per_tag: str, settings
 def plot_roc_curves(y_true: np.ndarray, y_score: np.ndarray, *, tags: Sequence[str], path: Path) -> Path:
     """One ROC curve per tag (tags with both classes present), with the chance diagonal."""
     fig, ax = plt.subplots(figsize=(7, 6))
+    colours = plt.get_cmap("tab20")
     for j, tag in enumerate(tags):
         if 0 < y_true[:, j].sum() < len(y_true):
             fpr, tpr, _ = roc_curve(y_true[:, j], y_score[:, j])
-            ax.plot(fpr, tpr, linewidth=1, label=tag)
+            ax.plot(fpr, tpr, linewidth=1, label=tag, color=colours(j % 20), linestyle="-" if j < 20 else ":")
     ax.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="chance")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="Tagger ROC curves, test split")
     ax.legend(fontsize=6, ncol=2, loc="lower right")
@@ -101,3 +102,55 @@ def plot_factor_scatter(true: np.ndarray, predicted: np.ndarray, *, path: Path, 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_first_layer_filters(weights: np.ndarray, *, path: Path, max_filters: int = 32) -> Path:
+    """First-layer filters of a spectrogram convnet, one panel each.
+
+    ``weights [shape=(n_filters, n_mels, length)]``: each panel shows mel band
+    (vertical, low at the bottom) against time within the filter.
+    """
+    n = min(max_filters, weights.shape[0])
+    cols = 8
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 2.2), squeeze=False)
+    for i, ax in enumerate(axes.ravel()):
+        ax.axis("off")
+        if i < n:
+            w = weights[i]
+            limit = np.abs(w).max() or 1.0
+            ax.imshow(w, origin="lower", aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit)
+            ax.set_title(str(i), fontsize=7)
+    fig.suptitle("first-layer filters (mel band × time)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_tsne(points: np.ndarray, labels: Sequence[str], *, path: Path, title: str, seed: int = 0) -> Path:
+    """A 2-D t-SNE map of ``points [shape=(n, d)]``, coloured by ``labels``."""
+    from sklearn.manifold import TSNE
+
+    perplexity = float(min(30, max(2, (len(points) - 1) // 3)))
+    xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(points)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    for label in sorted(set(labels)):
+        mask = np.asarray(labels) == label
+        ax.scatter(xy[mask, 0], xy[mask, 1], s=10, alpha=0.7, label=label)
+    ax.set(title=title, xticks=[], yticks=[])
+    ax.legend(fontsize=7, markerscale=1.5, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def dominant_labels(tag_lists: Sequence[Sequence[str]], *, candidates: Sequence[str]) -> list[str]:
+    """For colouring maps: each track's first tag among ``candidates`` (in their order), else ``"other"``."""
+    rank = {tag: i for i, tag in enumerate(candidates)}
+    out = []
+    for tags in tag_lists:
+        present = sorted((rank[t], t) for t in tags if t in rank)
+        out.append(present[0][1] if present else "other")
+    return out

@@ -83,9 +83,12 @@ def test_every_step_landed_in_mlflow(run):
     mlflow.set_tracking_uri(settings.tracking.tracking_uri)
     artifacts = {a.path for a in client.list_artifacts(tagger.info.run_id, "checkpoints")}
     assert artifacts == {"checkpoints/tagger-best.ckpt"}
-    assert {a.path for a in client.list_artifacts(tagger.info.run_id, "plots")} == {"plots/roc_curves.png"}
+    assert {a.path for a in client.list_artifacts(tagger.info.run_id, "plots")} == {
+        "plots/roc_curves.png", "plots/first_layer_filters.png"}
     recommender = runs["latent-factors"].data.metrics
     assert "test/cnn_predicted_factors/map_at_500" in recommender
+    assert {a.path for a in client.list_artifacts(runs["latent-factors"].info.run_id, "plots")} == {
+        "plots/predicted_vs_wmf_factors.png", "plots/tsne_predicted_factors.png", "plots/tsne_wmf_factors.png"}
     assert {a.path for a in client.list_artifacts(runs["wmf"].info.run_id, "factors")} >= {
         "factors/user_factors.parquet", "factors/item_factors.parquet"}
     pipeline_run = runs["pipeline"]

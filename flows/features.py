@@ -7,21 +7,20 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+import pyarrow as pa
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from infra.cluster import dask_client, map_batches
 from infra.layout import Layout
 from infra.settings import ClusterSettings, FeatureSettings, TrackingSettings
-from infra.tracking import tracked_run
+from infra.tracking import file_sha1, tracked_run
 from tasks.features import FeatureSummary, annotate_tracks, extract_shard, finish_features, plan_feature_batches
-from tasks.shards import read_manifest, write_table_atomic
+from tasks.shards import MANIFEST, read_manifest, write_table_atomic
 
 
 @task(cache_policy=NO_CACHE)
 def update_tracks_table(tracks_path: Path, feature_dir: Path) -> Path:
-    import pyarrow as pa
-
     tracks = pd.read_parquet(tracks_path)
     annotated = annotate_tracks(tracks, read_manifest(feature_dir).to_pandas())
     return write_table_atomic(pa.Table.from_pandas(annotated, preserve_index=False), tracks_path)
@@ -45,6 +44,7 @@ def extract_features(data_dir: Path, dataset: str, features: FeatureSettings, cl
         summary = finish_features(plan, results, feature_dir=feature_dir, quarantine_path=layout.quarantine(dataset),
                                   wall_seconds=time.perf_counter() - start)
         update_tracks_table(tracks_path, feature_dir)
+        mlflow.set_tag("mirflow.features_manifest_sha1", file_sha1(feature_dir / MANIFEST) or "none")
         mlflow.log_metrics({"tracks": summary.n_tracks, "extracted": summary.n_extracted, "skipped": summary.n_skipped,
                             "quarantined": summary.n_quarantined, "clips_per_s": summary.clips_per_s})
     return summary

@@ -14,7 +14,7 @@ from prefect import flow
 
 from infra.layout import Layout
 from infra.settings import EvalSettings, LatentFactorSettings, MelSettings, TaggerSettings, TrackingSettings
-from infra.tracking import experiment_id, tracked_run
+from infra.tracking import experiment_id, file_sha1, tracked_run
 from lightning_modules.train import train_latent_factor_cnn, train_tagger
 from tasks.listening import load_factors, play_matrix_for
 from tasks.datasets import tag_vocabulary
@@ -28,7 +28,7 @@ from tasks.report import (
     plot_roc_curves,
     plot_tsne,
 )
-from tasks.shards import read_manifest
+from tasks.shards import MANIFEST, read_manifest
 from flows.listening import WMFOutput
 
 
@@ -69,8 +69,10 @@ def train_tagger_flow(data_dir: Path, dataset: str, feature_set: str, mel: MelSe
     tags = tag_vocabulary(tracks, n=tagger.n_tags)
     params = {**tagger.flat("tagger."), **mel.flat("mel."), "dataset": dataset, "feature_set": feature_set,
               "tags": ",".join(tags), "n_tracks": len(tracks)}
-    with tracked_run(tracking, "tagger", run_name=f"tagger-{dataset}", params=params) as run:
-        result = train_tagger(feature_dir=layout.features(dataset, feature_set), tracks=tracks, tags=tags,
+    feature_dir = layout.features(dataset, feature_set)
+    provenance = {"mirflow.features_manifest_sha1": file_sha1(feature_dir / MANIFEST) or "none"}
+    with tracked_run(tracking, "tagger", run_name=f"tagger-{dataset}", params=params, tags=provenance) as run:
+        result = train_tagger(feature_dir=feature_dir, tracks=tracks, tags=tags,
                               settings=tagger, mel=mel, checkpoint_dir=layout.checkpoints("tagger") / run.info.run_id,
                               logger=_mlflow_logger(tracking, "tagger", run.info.run_id))
         module = result.module
@@ -107,8 +109,12 @@ def train_recommender_flow(data_dir: Path, dataset: str, feature_set: str, mel: 
     params = {**recommender.flat("recommender."), **evaluation.flat("evaluation."), "dataset": dataset,
               "feature_set": feature_set, "wmf_run_id": wmf.run_id,
               **{f"n_{split}": len(ids) for split, ids in track_ids.items()}}
-    with tracked_run(tracking, "latent-factors", run_name=f"latent-factor-cnn-{dataset}", params=params) as run:
-        result = train_latent_factor_cnn(feature_dir=layout.features(dataset, feature_set), track_ids=track_ids,
+    feature_dir = layout.features(dataset, feature_set)
+    provenance = {"mirflow.features_manifest_sha1": file_sha1(feature_dir / MANIFEST) or "none",
+                  "mirflow.item_factors_sha1": file_sha1(Path(wmf.item_factors)) or "none"}
+    with tracked_run(tracking, "latent-factors", run_name=f"latent-factor-cnn-{dataset}", params=params,
+                     tags=provenance) as run:
+        result = train_latent_factor_cnn(feature_dir=feature_dir, track_ids=track_ids,
                                          item_factors=factors, settings=recommender, mel=mel,
                                          checkpoint_dir=layout.checkpoints("latent_factors") / run.info.run_id,
                                          logger=_mlflow_logger(tracking, "latent-factors", run.info.run_id))

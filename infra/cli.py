@@ -106,9 +106,12 @@ def demo(
 
 @app.command()
 def pipeline(
-    annotations: Annotated[Path, typer.Option(help="MTAT annotations_final.csv (or the same format)")],
-    audio_root: Annotated[Path, typer.Option(help="root of the mp3 tree the annotations' mp3_path is relative to")],
-    triplets: Annotated[list[Path], typer.Option(help="Taste Profile triplet files, oldest first; song = clip id")],
+    annotations: Annotated[Path, typer.Option(exists=True, dir_okay=False,
+                                              help="MTAT annotations_final.csv (or the same format)")],
+    audio_root: Annotated[Path, typer.Option(exists=True, file_okay=False,
+                                             help="root of the mp3 tree the annotations' mp3_path is relative to")],
+    triplets: Annotated[list[Path], typer.Option(exists=True, dir_okay=False,
+                                                 help="Taste Profile triplet files, oldest first; song = clip id")],
     dataset: Annotated[str, typer.Option(help="name of the dataset under the storage root")] = "mtat",
     data_dir: DataDir = Path("data"),
     epochs: Annotated[int | None, typer.Option(help="cap on training epochs of each model")] = None,

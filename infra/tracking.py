@@ -62,6 +62,16 @@ def prefect_flow_run_id() -> str | None:
     return str(context.flow_run.id) if context and context.flow_run else None
 
 
+def file_sha1(path: Path) -> str | None:
+    """Hash of a data file (a feature manifest, a factor table) for run provenance; None if absent."""
+    import hashlib
+
+    try:
+        return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def _params(params: Mapping[str, Any]) -> dict[str, str]:
     out = {}
     for key, value in params.items():

@@ -77,6 +77,8 @@ def test_every_step_landed_in_mlflow(run):
         assert found and all(r.info.status == "FINISHED" for r in found), family
         runs[family] = found[-1]  # the first run of the family (the re-run test adds a features run)
     tagger = runs["tagger"]
+    assert tagger.data.tags["mirflow.features_manifest_sha1"] == runs["features"].data.tags["mirflow.features_manifest_sha1"]
+    assert len(tagger.data.tags["mlflow.source.git.commit"]) == 40 and tagger.data.tags["prefect.flow_run_id"]
     assert tagger.data.params["tagger.train.max_epochs"] == "12"
     assert abs(tagger.data.metrics["test/roc_auc"] - summary.tagger_roc_auc) < 1e-6
     assert "val/roc_auc" in tagger.data.metrics and "train/loss" in tagger.data.metrics

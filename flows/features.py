@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 from pathlib import Path
 
@@ -9,14 +11,17 @@ import mlflow
 import pandas as pd
 import pyarrow as pa
 from prefect import flow, task
+from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from infra.cluster import dask_client, map_batches
+from infra.cluster import dask_client, map_batches, spectrogram_device
 from infra.layout import Layout
 from infra.settings import ClusterSettings, FeatureSettings, TrackingSettings
 from infra.tracking import file_sha1, tracked_run
 from tasks.features import FeatureSummary, annotate_tracks, extract_shard, finish_features, plan_feature_batches
 from tasks.shards import MANIFEST, read_manifest, write_table_atomic
+
+log = logging.getLogger("mirflow")
 
 
 @task(cache_policy=NO_CACHE)
@@ -34,17 +39,32 @@ def extract_features(data_dir: Path, dataset: str, features: FeatureSettings, cl
     tracks_path = layout.tracks(dataset)
     feature_dir = layout.features(dataset, features.feature_set)
     tracks = pd.read_parquet(tracks_path, columns=["track_id", "source_path"])
-    plan = plan_feature_batches(tracks, feature_dir=feature_dir, settings=features)
+    audio_dir = layout.audio(dataset) if features.audio_shards else None
+    plan = plan_feature_batches(tracks, feature_dir=feature_dir, settings=features, audio_dir=audio_dir)
     params = {**features.flat("features."), **cluster.flat("cluster."), "dataset": dataset}
     with tracked_run(tracking, "features", run_name=f"features-{dataset}", params=params):
         start = time.perf_counter()
         with dask_client(cluster) as client:
             results = map_batches(client, extract_shard, plan.batches, description="log-mel features", unit="clips",
-                                  size=lambda batch: len(batch.track_ids), feature_dir=feature_dir, settings=features)
+                                  size=lambda batch: len(batch.track_ids), feature_dir=feature_dir, settings=features,
+                                  audio_dir=audio_dir, device=spectrogram_device(client, cluster))
         summary = finish_features(plan, results, feature_dir=feature_dir, quarantine_path=layout.quarantine(dataset),
-                                  wall_seconds=time.perf_counter() - start)
+                                  wall_seconds=time.perf_counter() - start, audio_dir=audio_dir)
         update_tracks_table(tracks_path, feature_dir)
         mlflow.set_tag("mirflow.features_manifest_sha1", file_sha1(feature_dir / MANIFEST) or "none")
         mlflow.log_metrics({"tracks": summary.n_tracks, "extracted": summary.n_extracted, "skipped": summary.n_skipped,
-                            "quarantined": summary.n_quarantined, "clips_per_s": summary.clips_per_s})
+                            "quarantined": summary.n_quarantined, "clips_per_s": summary.clips_per_s,
+                            "peak_worker_rss_mb": summary.peak_worker_rss_mb})
+        report_feature_run(summary, dataset=dataset)
     return summary
+
+
+@task(cache_policy=NO_CACHE)
+def report_feature_run(summary: FeatureSummary, dataset: str) -> None:
+    """The run summary as a Prefect table artifact and one log line."""
+    row = {"dataset": dataset, "tracks": summary.n_tracks, "extracted": summary.n_extracted,
+           "skipped (already present)": summary.n_skipped, "quarantined": summary.n_quarantined,
+           "clips/s": round(summary.clips_per_s, 1), "peak worker memory (MiB)": round(summary.peak_worker_rss_mb)}
+    create_table_artifact([row], key=f"features-{re.sub(r'[^a-z0-9]+', '-', dataset.lower())}",
+                          description="feature extraction summary")
+    log.info("features: %s", ", ".join(f"{k} {v}" for k, v in row.items()))

@@ -18,7 +18,7 @@ from flows.features import extract_features
 from flows.listening import factorize
 from flows.training import train_recommender_flow, train_tagger_flow
 from flows.world import synthetic_world
-from infra.cluster import dask_client
+from infra.cluster import dask_client, spectrogram_device
 from infra.layout import Layout
 from infra.settings import ClusterSettings, PipelineSettings
 from infra.tracking import tracked_run
@@ -53,7 +53,9 @@ def pipeline(settings: PipelineSettings) -> PipelineSummary:
     dataset = settings.dataset
     with dask_client(settings.cluster) as client:
         # One cluster for all fan-out steps: the sub-flows connect to it by address.
-        shared = ClusterSettings(kind="address", address=client.scheduler.address)
+        device = spectrogram_device(client, settings.cluster)
+        shared = ClusterSettings(kind="address", address=client.scheduler.address,
+                                 spectrogram_device="cuda" if device == "cuda" else "cpu")
         if dataset == "synthetic":
             synthetic_world(layout.world(), settings.world, shared)
         annotations, audio_root, triplets = _sources(settings)

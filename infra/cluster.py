@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -61,6 +62,25 @@ def _cuda_cluster(settings: ClusterSettings) -> Any:
         return _local_cluster(settings)
 
 
+def spectrogram_device(client: Client, settings: ClusterSettings) -> str | None:
+    """Where the workers compute spectrograms: ``"cuda"`` or None (the CPU).
+
+    ``auto`` picks the GPU when the cluster is a CUDA one whose every worker sees one.
+    """
+    if settings.spectrogram_device != "auto":
+        return "cuda" if settings.spectrogram_device == "cuda" else None
+    if settings.kind != "cuda":
+        return None
+
+    def has_cuda() -> bool:
+        import torch
+
+        return torch.cuda.is_available()
+
+    answers = client.run(has_cuda)
+    return "cuda" if answers and all(answers.values()) else None
+
+
 @contextmanager
 def dask_client(settings: ClusterSettings) -> Iterator[Client]:
     """A connected client for the configured cluster, closed (and the cluster stopped) on exit."""
@@ -95,7 +115,8 @@ def map_batches(
     futures = client.map(fn, list(batches), pure=False, **kwargs)
     index = {f.key: i for i, f in enumerate(futures)}
     results: list[Any] = [None] * len(futures)
-    with ProgressReporter(description, total=sum(size(b) for b in batches), unit=unit) as progress:
+    key = re.sub(r"[^a-z0-9]+", "-", description.lower()).strip("-")
+    with ProgressReporter(description, total=sum(size(b) for b in batches), unit=unit, artifact_key=key) as progress:
         try:
             for future in as_completed(futures):
                 i = index[future.key]

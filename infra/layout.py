@@ -22,6 +22,9 @@ class Layout:
     def features(self, dataset: str, feature_set: str) -> Path:
         return self.root / "features" / dataset / feature_set
 
+    def audio(self, dataset: str) -> Path:
+        return self.root / "audio" / dataset
+
     def listening(self) -> Path:
         return self.root / "listening"
 

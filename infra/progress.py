@@ -22,10 +22,24 @@ def interactive() -> bool:
     return sys.stderr.isatty()
 
 
-class ProgressReporter:
-    """``with ProgressReporter("features", total=800, unit="clips") as p: p.advance(32)``."""
+def _in_prefect_run() -> bool:
+    try:
+        from prefect.context import FlowRunContext
+    except ImportError:
+        return False
+    return FlowRunContext.get() is not None
 
-    def __init__(self, description: str, *, total: int, unit: str = "items", every_s: float = 10.0) -> None:
+
+class ProgressReporter:
+    """``with ProgressReporter("features", total=800, unit="clips") as p: p.advance(32)``.
+
+    With ``artifact_key`` and inside a Prefect flow run, the progress is also a
+    Prefect progress artifact (percent done, items/s in its description), updated
+    at most every ``artifact_every_s`` seconds.
+    """
+
+    def __init__(self, description: str, *, total: int, unit: str = "items", every_s: float = 10.0,
+                 artifact_key: str | None = None, artifact_every_s: float = 2.0) -> None:
         self.description = description
         self.total = total
         self.unit = unit
@@ -33,6 +47,9 @@ class ProgressReporter:
         self.done = 0
         self._bar: Progress | None = None
         self._task = None
+        self._artifact_key = artifact_key
+        self._artifact_every_s = artifact_every_s
+        self._artifact = None
 
     def __enter__(self) -> "ProgressReporter":
         self._start = self._last = time.perf_counter()
@@ -49,7 +66,24 @@ class ProgressReporter:
             )
             self._bar.start()
             self._task = self._bar.add_task(self.description, total=self.total, rate="")
+        if self._artifact_key and _in_prefect_run():
+            from prefect.artifacts import create_progress_artifact
+
+            self._artifact = create_progress_artifact(0.0, key=self._artifact_key, description=self._status())
+            self._artifact_last = self._start
         return self
+
+    def _status(self) -> str:
+        return f"{self.description}: {self.done}/{self.total} {self.unit}, {self.rate:,.1f} {self.unit}/s"
+
+    def _update_artifact(self, force: bool = False) -> None:
+        now = time.perf_counter()
+        if self._artifact is None or (not force and now - self._artifact_last < self._artifact_every_s):
+            return
+        from prefect.artifacts import update_progress_artifact
+
+        self._artifact_last = now
+        update_progress_artifact(self._artifact, 100.0 * self.done / max(self.total, 1), description=self._status())
 
     @property
     def rate(self) -> float:
@@ -63,12 +97,14 @@ class ProgressReporter:
         elif time.perf_counter() - self._last >= self.every_s:
             self._last = time.perf_counter()
             self._log()
+        self._update_artifact()
 
     def _log(self) -> None:
-        log.info("%s: %d/%d %s, %.1f %s/s", self.description, self.done, self.total, self.unit, self.rate, self.unit)
+        log.info("%s", self._status())
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._bar is not None:
             self._bar.stop()
         else:
             self._log()
+        self._update_artifact(force=True)

@@ -80,19 +80,68 @@ class MelSettings(_Settings):
 
 
 class FeatureSettings(_Settings):
+    """What the feature flow computes for every track (DESIGN.md §3 I).
+
+    ``mel`` is the first (finest) resolution; ``extra_windows`` add one column each
+    (``mel_<n_fft>``) with the same bands and compression. With ``hop_policy``
+    ``fixed`` every resolution uses ``mel.hop_length`` (frames line up across
+    columns); with ``half`` each uses window/2 (Hamel et al. 2012). ``pyramid``
+    adds Gaussian and/or Laplacian pyramids in time of the first resolution:
+    columns ``mel_<n_fft>_g<k>`` (k = 1..levels-1) and ``mel_<n_fft>_l<k>``
+    (k = 0..levels-1, the last one equal to the top Gaussian level).
+    """
+
     mel: MelSettings = MelSettings()
+    extra_windows: tuple[int, ...] = Field((2048, 4096, 8192), description="further FFT windows, one column each")
+    hop_policy: Literal["fixed", "half"] = "fixed"
+    pyramid: Literal["none", "gaussian", "laplacian", "both"] = "none"
+    pyramid_levels: int = Field(4, ge=2, le=8, description="pyramid levels, the base included")
+    audio_shards: bool = Field(False, description="also write int16 PCM at mel.sample_rate to audio/<dataset>/")
     files_per_task: int = Field(32, ge=1, description="files decoded per Dask task")
     min_seconds: float = Field(1.0, ge=0.0, description="shorter clips are quarantined")
 
+    @model_validator(mode="after")
+    def _check(self) -> "FeatureSettings":
+        windows = self.windows
+        if len(set(windows)) != len(windows):
+            raise ValueError(f"windows must be distinct, got {windows}")
+        for resolution in self.resolutions():
+            MelSettings.model_validate(resolution.model_dump())  # hop <= window, fmax <= Nyquist
+        return self
+
+    @property
+    def windows(self) -> tuple[int, ...]:
+        return (self.mel.n_fft, *self.extra_windows)
+
+    def resolutions(self) -> list[MelSettings]:
+        """One MelSettings per window, in column order."""
+        return [
+            self.mel.model_copy(update={"n_fft": w, "hop_length": self.mel.hop_length if self.hop_policy == "fixed" else w // 2})
+            for w in self.windows
+        ]
+
+    @property
+    def columns(self) -> list[str]:
+        """Every feature column a shard of these settings holds."""
+        base = self.mel.column
+        columns = [r.column for r in self.resolutions()]
+        if self.pyramid in ("gaussian", "both"):
+            columns += [f"{base}_g{k}" for k in range(1, self.pyramid_levels)]
+        if self.pyramid in ("laplacian", "both"):
+            columns += [f"{base}_l{k}" for k in range(self.pyramid_levels)]
+        return columns
+
     @property
     def settings_hash(self) -> str:
-        payload = json.dumps(self.mel.model_dump(mode="json"), sort_keys=True)
+        """Hash of everything that changes feature values (not batch sizes or audio shards)."""
+        payload = json.dumps(self.model_dump(mode="json", exclude={"files_per_task", "audio_shards"}), sort_keys=True)
         return hashlib.sha1(payload.encode()).hexdigest()[:12]
 
     @property
     def feature_set(self) -> str:
         m = self.mel
-        return f"logmel-sr{m.sample_rate}-n{m.n_fft}-h{m.hop_length}-m{m.n_mels}-{self.settings_hash[:6]}"
+        windows = "-".join(str(w) for w in self.windows)
+        return f"logmel-sr{m.sample_rate}-n{windows}-h{m.hop_length}{self.hop_policy[0]}-m{m.n_mels}-{self.settings_hash[:6]}"
 
 
 class ClusterSettings(_Settings):
@@ -100,6 +149,8 @@ class ClusterSettings(_Settings):
     n_workers: int | None = Field(None, ge=1, description="default: one per core")
     address: str | None = Field(None, description="scheduler address for kind=address, e.g. tcp://host:8786")
     dashboard: bool = Field(False, description="log the dashboard link (it always binds 127.0.0.1 on a free port)")
+    spectrogram_device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: the GPU when kind is cuda and every worker sees one, else the CPU")
 
     @model_validator(mode="after")
     def _check(self) -> "ClusterSettings":

@@ -138,8 +138,9 @@ def _read(path: Path) -> tuple[np.ndarray, int]:
     if path.stat().st_size == 0:
         raise DecodeError(name, "read", "file is empty (0 bytes)")
     try:
-        frames, rate = sf.read(name, dtype="float32", always_2d=True)
-        return frames, int(rate)
+        with sf.SoundFile(name) as handle:
+            declared, rate = handle.frames, int(handle.samplerate)
+            frames = handle.read(dtype="float32", always_2d=True)
     except Exception as sf_exc:
         try:
             return _read_audioread(name)
@@ -147,6 +148,50 @@ def _read(path: Path) -> tuple[np.ndarray, int]:
             raise DecodeError(
                 name, "read", f"soundfile: {sf_exc}; audioread fallback: {ar_exc!r}"
             ) from ar_exc
+    _check_complete(path, frames.shape[0], declared)
+    return frames, rate
+
+
+# Decoders may round a stream's length to a frame of the codec; more missing than this
+# (and at least a tenth of a second at 8 kHz) means the file was cut short.
+TRUNCATION_TOLERANCE = 0.02
+
+
+def _check_complete(path: Path, n_read: int, n_declared: int) -> None:
+    """Raise for a file that holds less audio than its header declares.
+
+    MP3 headers (Xing/Info) and libsndfile's count for compressed formats give the
+    declared length; for WAV, libsndfile trims the count to the bytes present, so
+    the RIFF ``data`` chunk size is compared with the file size instead.
+    """
+    missing = n_declared - n_read
+    if n_declared > 0 and missing > max(800, TRUNCATION_TOLERANCE * n_declared):
+        raise DecodeError(str(path), "check", f"truncated: {n_read} of {n_declared} declared frames decoded")
+    if path.suffix.lower() in (".wav", ".wave"):
+        declared_bytes, present_bytes = _riff_data_sizes(path)
+        if declared_bytes is not None and declared_bytes > present_bytes + 1:
+            raise DecodeError(str(path), "check",
+                              f"truncated: WAV header declares {declared_bytes} data bytes, {present_bytes} present")
+
+
+def _riff_data_sizes(path: Path) -> tuple[int | None, int]:
+    """``(declared, present)`` byte sizes of a WAV file's ``data`` chunk; declared is None if not found."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        header = handle.read(12)
+        if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] != b"WAVE":
+            return None, 0
+        offset = 12
+        while offset + 8 <= size:
+            handle.seek(offset)
+            chunk = handle.read(8)
+            chunk_id, chunk_size = chunk[:4], int.from_bytes(chunk[4:8], "little")
+            if chunk_id == b"data":
+                # 0xFFFFFFFF marks a streamed WAV whose length was never written: not a truncation.
+                declared = None if chunk_size in (0, 0xFFFFFFFF) else chunk_size
+                return declared, size - offset - 8
+            offset += 8 + chunk_size + (chunk_size & 1)
+    return None, 0
 
 
 def _read_audioread(name: str) -> tuple[np.ndarray, int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +23,15 @@ from tasks.audio import content_sha1, decode
 from tasks.errors import DecodeError
 from tasks.shards import (
     append_quarantine,
+    audio_to_table,
     features_to_table,
     read_manifest,
+    remove_unreferenced,
     shard_records,
     write_manifest,
     write_table_atomic,
 )
-from tasks.spectrogram import log_mel
+from tasks.spectrogram import feature_columns
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class ShardResult:
     records: list[dict] = field(default_factory=list)
     quarantined: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    peak_rss_mb: float = 0.0  # of the worker process, when the batch ended
 
 
 @dataclass(frozen=True)
@@ -87,14 +91,15 @@ def _still_valid(record: dict, path: str) -> dict | None:
 
 
 def plan_feature_batches(
-    tracks: pd.DataFrame, *, feature_dir: Path, settings: FeatureSettings
+    tracks: pd.DataFrame, *, feature_dir: Path, settings: FeatureSettings, audio_dir: Path | None = None
 ) -> FeaturePlan:
     """Split the tracks that still need features into batches of ``settings.files_per_task``.
 
     A track is done when a complete shard holds it with the same settings hash and
     its source file is unchanged (same size and mtime, or else the same content
     hash). Shards are found through the manifest and, after an interruption that
-    came before the manifest was written, by reading the shards' id columns.
+    came before the manifest was written, by reading the shards' id columns. With
+    ``audio_dir``, a track also needs its raw-audio shard to count as done.
     """
     feature_dir = Path(feature_dir)
     known: dict[str, dict] = {}
@@ -104,12 +109,15 @@ def plan_feature_batches(
             known[record["track_id"]] = record
     in_manifest = {r["shard"] for r in manifest}
     for record in shard_records(feature_dir, skip=in_manifest):
+        if record["track_id"] in known:
+            continue
         known[record["track_id"]] = {**record, "settings_hash": settings.settings_hash,
                                      "sample_rate": settings.mel.sample_rate}
     done: dict[str, dict] = {}
     for track_id, path in zip(tracks["track_id"].astype(str), tracks["source_path"].astype(str)):
         if track_id in known and (record := _still_valid(known[track_id], path)) is not None:
-            done[track_id] = record
+            if audio_dir is None or (Path(audio_dir) / record["shard"]).exists():
+                done[track_id] = record
     todo = tracks[~tracks["track_id"].astype(str).isin(done)]
     batches = []
     size = settings.files_per_task
@@ -122,35 +130,49 @@ def plan_feature_batches(
     return FeaturePlan(batches=tuple(batches), done_records=tuple(done.values()), n_skipped=len(done))
 
 
-def extract_shard(batch: FeatureBatch, *, feature_dir: Path, settings: FeatureSettings) -> ShardResult:
-    """Decode, compute log-mel and write one shard; bad files become quarantine records.
+def extract_shard(batch: FeatureBatch, *, feature_dir: Path, settings: FeatureSettings,
+                  audio_dir: Path | None = None, device: str | None = None) -> ShardResult:
+    """Decode, compute every feature column and write one shard; bad files become quarantine records.
 
-    Returns the per-track manifest records. The shard is written atomically, so a
-    batch killed midway leaves nothing behind and is simply redone.
+    With ``audio_dir`` the decoded waveforms are also written there as int16 PCM, in
+    a shard of the same name. Shards are written atomically, so a batch killed
+    midway leaves nothing behind and is simply redone. ``device`` runs the
+    spectrograms there (``cuda`` on a GPU worker); decoding stays on the CPU.
     """
     start = time.perf_counter()
-    mel_settings = settings.mel
-    rows, records, quarantined = [], [], []
+    sample_rate = settings.mel.sample_rate
+    rows, records, quarantined, audio_rows = [], [], [], []
     for track_id, path in zip(batch.track_ids, batch.paths):
         try:
-            y = decode(path, sample_rate=mel_settings.sample_rate, min_seconds=settings.min_seconds)
+            y = decode(path, sample_rate=sample_rate, min_seconds=settings.min_seconds)
             sha1 = _hash_or_raise(path)
             fingerprint = source_fingerprint(path) or (-1, -1)
-            mel = log_mel(y, settings=mel_settings).numpy()
+            columns = {name: values.cpu().numpy() for name, values in
+                       feature_columns(y, settings=settings, device=device).items()}
         except DecodeError as err:
             quarantined.append({"path": path, "stage": err.stage, "reason": err.reason, "track_id": track_id})
             continue
         source = {"source_path": path, "source_size": fingerprint[0], "source_mtime_ns": fingerprint[1],
-                  "duration_s": float(len(y) / mel_settings.sample_rate)}
-        rows.append((track_id, sha1, mel, source))
-        records.append({"track_id": track_id, "content_sha1": sha1, "shard": batch.shard, "n_frames": int(mel.shape[0]),
-                        "settings_hash": settings.settings_hash, "sample_rate": int(mel_settings.sample_rate), **source})
+                  "duration_s": float(len(y) / sample_rate)}
+        rows.append((track_id, sha1, columns, source))
+        if audio_dir is not None:
+            audio_rows.append((track_id, y))
+        records.append({"track_id": track_id, "content_sha1": sha1, "shard": batch.shard,
+                        "n_frames": int(next(iter(columns.values())).shape[0]),
+                        "settings_hash": settings.settings_hash, "sample_rate": int(sample_rate), **source})
     shard = None
     if rows:
-        table = features_to_table(rows, column=mel_settings.column, n_mels=mel_settings.n_mels)
-        write_table_atomic(table, Path(feature_dir) / batch.shard)
+        if audio_rows:
+            write_table_atomic(audio_to_table(audio_rows, sample_rate=sample_rate), Path(audio_dir) / batch.shard)
+        write_table_atomic(features_to_table(rows, n_mels=settings.mel.n_mels), Path(feature_dir) / batch.shard)
         shard = batch.shard
-    return ShardResult(shard=shard, records=records, quarantined=quarantined, seconds=time.perf_counter() - start)
+    return ShardResult(shard=shard, records=records, quarantined=quarantined, seconds=time.perf_counter() - start,
+                       peak_rss_mb=peak_rss_mb())
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _hash_or_raise(path: str) -> str:
@@ -167,7 +189,8 @@ class FeatureSummary:
     n_extracted: int
     n_skipped: int
     n_quarantined: int  # in this run
-    clips_per_s: float  # extracted clips per second of batch work, summed over workers
+    clips_per_s: float  # extracted clips per second of wall time
+    peak_worker_rss_mb: float  # largest peak resident memory of a worker process
 
 
 def finish_features(
@@ -177,12 +200,22 @@ def finish_features(
     feature_dir: Path,
     quarantine_path: Path,
     wall_seconds: float,
+    audio_dir: Path | None = None,
 ) -> FeatureSummary:
-    """Write the manifest and the quarantine records of a feature run."""
+    """Write the manifest and the quarantine records of a feature run, then tidy the folder.
+
+    Call when no batch of the run is still writing: shards no longer referenced by
+    the manifest (every track in them was redone) and temporary files left by
+    killed workers are removed.
+    """
     records = list(plan.done_records) + [r for result in results for r in result.records]
     quarantined = [q for result in results for q in result.quarantined]
     write_manifest(feature_dir, records)
     append_quarantine(quarantine_path, quarantined)
+    shards = {r["shard"] for r in records}
+    remove_unreferenced(feature_dir, keep=shards)
+    if audio_dir is not None and Path(audio_dir).exists():
+        remove_unreferenced(audio_dir, keep=shards)
     n_extracted = sum(len(result.records) for result in results)
     return FeatureSummary(
         feature_dir=str(feature_dir),
@@ -191,6 +224,7 @@ def finish_features(
         n_skipped=plan.n_skipped,
         n_quarantined=len(quarantined),
         clips_per_s=n_extracted / wall_seconds if wall_seconds > 0 else 0.0,
+        peak_worker_rss_mb=max((result.peak_rss_mb for result in results), default=0.0),
     )
 
 

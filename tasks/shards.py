@@ -81,46 +81,81 @@ def write_table_atomic(table: pa.Table, path: Path, *, compression: str = "zstd"
     return path
 
 
-def feature_schema(column: str, n_mels: int) -> pa.Schema:
+def feature_schema(columns: Sequence[str], n_mels: int) -> pa.Schema:
+    frames = pa.list_(pa.list_(pa.float16(), n_mels))
     return pa.schema(
         [
             ("track_id", pa.string()),
             ("content_sha1", pa.string()),
             ("n_frames", pa.int32()),
-            (column, pa.list_(pa.list_(pa.float16(), n_mels))),
+            *((column, frames) for column in columns),
             *SOURCE_FIELDS,
         ]
     )
 
 
-def features_to_table(
-    rows: Sequence[tuple[str, str, np.ndarray, Mapping]], *, column: str, n_mels: int
-) -> pa.Table:
-    """Pack ``(track_id, content_sha1, mel [shape=(n_frames, n_mels)], source)`` rows into a shard table.
+def _frames_array(mels: Sequence[np.ndarray], n_mels: int) -> pa.ListArray:
+    """``list<fixed_size_list<float16>[n_mels]>`` from arrays of shape (n_frames_i, n_mels)."""
+    offsets = np.zeros(len(mels) + 1, dtype=np.int32)
+    offsets[1:] = np.cumsum([m.shape[0] for m in mels])
+    flat = np.concatenate([np.ascontiguousarray(m, dtype=np.float16).reshape(-1) for m in mels]) if mels else np.zeros(0, np.float16)
+    frames = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float16()), n_mels)
+    return pa.ListArray.from_arrays(pa.array(offsets), frames)
 
-    ``source`` maps each of ``source_path, source_size, source_mtime_ns, duration_s`` to its value.
+
+def features_to_table(
+    rows: Sequence[tuple[str, str, Mapping[str, np.ndarray], Mapping]], *, n_mels: int
+) -> pa.Table:
+    """Pack ``(track_id, content_sha1, {column: mel [shape=(n_frames, n_mels)]}, source)`` rows into a shard.
+
+    Every row must hold the same columns; ``n_frames`` is that of the first column
+    (the finest resolution). ``source`` maps each of ``source_path, source_size,
+    source_mtime_ns, duration_s`` to its value.
     """
-    track_ids, hashes, n_frames, offsets = [], [], [], [0]
-    flat: list[np.ndarray] = []
-    sources = {name: [] for name, _ in SOURCE_FIELDS}
-    for track_id, sha1, mel, source in rows:
-        for name in sources:
-            sources[name].append(source[name])
-        if mel.ndim != 2 or mel.shape[1] != n_mels:
-            raise ValueError(f"{track_id}: expected (n_frames, {n_mels}), got {mel.shape}")
-        track_ids.append(track_id)
-        hashes.append(sha1)
-        n_frames.append(mel.shape[0])
-        offsets.append(offsets[-1] + mel.shape[0])
-        flat.append(np.ascontiguousarray(mel, dtype=np.float16).reshape(-1))
-    values = pa.array(np.concatenate(flat) if flat else np.zeros(0, np.float16), type=pa.float16())
-    frames = pa.FixedSizeListArray.from_arrays(values, n_mels)
-    mels = pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), frames)
-    return pa.Table.from_arrays(
-        [pa.array(track_ids, pa.string()), pa.array(hashes, pa.string()), pa.array(n_frames, pa.int32()), mels,
-         *(pa.array(sources[name], type) for name, type in SOURCE_FIELDS)],
-        schema=feature_schema(column, n_mels),
-    )
+    if not rows:
+        raise ValueError("a shard needs at least one row")
+    columns = list(rows[0][2])
+    for track_id, _, features, _ in rows:
+        if list(features) != columns:
+            raise ValueError(f"{track_id}: columns {list(features)} differ from {columns}")
+        for column, mel in features.items():
+            if mel.ndim != 2 or mel.shape[1] != n_mels:
+                raise ValueError(f"{track_id}/{column}: expected (n_frames, {n_mels}), got {mel.shape}")
+    arrays = [
+        pa.array([r[0] for r in rows], pa.string()),
+        pa.array([r[1] for r in rows], pa.string()),
+        pa.array([r[2][columns[0]].shape[0] for r in rows], pa.int32()),
+        *(_frames_array([r[2][column] for r in rows], n_mels) for column in columns),
+        *(pa.array([r[3][name] for r in rows], type) for name, type in SOURCE_FIELDS),
+    ]
+    return pa.Table.from_arrays(arrays, schema=feature_schema(columns, n_mels))
+
+
+def audio_to_table(rows: Sequence[tuple[str, np.ndarray]], *, sample_rate: int) -> pa.Table:
+    """Raw-audio shard: ``track_id``, ``sample_rate``, ``pcm`` (list<int16>) from float waveforms in [-1, 1]."""
+    pcm = [np.clip(np.round(y * 32767.0), -32768, 32767).astype(np.int16) for _, y in rows]
+    offsets = np.zeros(len(pcm) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(p) for p in pcm])
+    values = pa.array(np.concatenate(pcm) if pcm else np.zeros(0, np.int16), type=pa.int16())
+    return pa.table({
+        "track_id": pa.array([t for t, _ in rows], pa.string()),
+        "sample_rate": pa.array([sample_rate] * len(rows), pa.int32()),
+        "pcm": pa.LargeListArray.from_arrays(pa.array(offsets), values),
+    })
+
+
+def read_audio(audio_dir: Path, *, track_ids: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """``{track_id: int16 PCM}`` from the raw-audio shards (all tracks when ``track_ids`` is None)."""
+    wanted = None if track_ids is None else set(track_ids)
+    out = {}
+    for shard in sorted(Path(audio_dir).glob("part-*.parquet")):
+        table = pq.read_table(shard, columns=["track_id", "pcm"])
+        pcm = table.column("pcm").combine_chunks()
+        offsets, values = pcm.offsets.to_numpy(), pcm.values.to_numpy()
+        for i, track_id in enumerate(table.column("track_id").to_pylist()):
+            if wanted is None or track_id in wanted:
+                out[track_id] = values[offsets[i] - offsets[0] : offsets[i + 1] - offsets[0]]
+    return out
 
 
 def table_to_features(table: pa.Table, *, column: str) -> dict[str, np.ndarray]:
@@ -171,6 +206,20 @@ def shard_records(feature_dir: Path, *, skip: Iterable[str] = ()) -> list[dict]:
         for row in table.to_pylist():
             records.append({**dict.fromkeys(wanted), **row, "shard": shard.name})
     return records
+
+
+def remove_unreferenced(folder: Path, *, keep: Iterable[str]) -> list[str]:
+    """Delete ``part-*.parquet`` files not named in ``keep`` and leftover ``.*.tmp`` files; returns the names removed.
+
+    Only safe when no writer is active in ``folder``.
+    """
+    keep = set(keep)
+    removed = []
+    for path in [*Path(folder).glob("part-*.parquet"), *Path(folder).glob(".*.tmp")]:
+        if path.name not in keep:
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
 
 
 def read_features(

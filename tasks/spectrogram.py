@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from infra.settings import MelSettings
+from infra.settings import FeatureSettings, MelSettings
 from tasks.errors import ParameterError
+from tasks.pyramids import gaussian_pyramid, laplacian_from_gaussian
 
 #: ``power_to_db`` constants, as librosa's defaults with ``ref=1.0``.
 DB_AMIN = 1e-10
@@ -170,6 +171,63 @@ def log_mel(
         peak = db.amax(dim=(-2, -1), keepdim=True)  # per clip, as power_to_db on each
         return torch.maximum(db, peak - DB_TOP)
     raise ParameterError(f"unknown compression {settings.compression!r}; expected 'log1p' or 'db'")
+
+
+def feature_columns(
+    y: np.ndarray | torch.Tensor,
+    *,
+    settings: FeatureSettings,
+    device: str | torch.device | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every feature column of ``settings.columns``, in that order (DESIGN.md §3 I).
+
+    One :func:`log_mel` per resolution (``mel_<n_fft>``), then, per
+    ``settings.pyramid``, the Gaussian levels ``mel_<n_fft>_g1 .. g<levels-1>``
+    and/or the Laplacian levels ``mel_<n_fft>_l0 .. l<levels-1>`` of the first
+    resolution (:mod:`tasks.pyramids`; ``g0`` would be ``mel_<n_fft>`` itself).
+
+    Parameters
+    ----------
+    y : np.ndarray or torch.Tensor [shape=(n,) or (batch, n)]
+        Waveform at ``settings.mel.sample_rate``; cast to float32.
+    settings : FeatureSettings
+        Windows, hop policy, bands, compression and pyramid.
+    device : str or torch.device, optional
+        Where to compute; defaults to ``y``'s device (CPU for numpy input).
+
+    Returns
+    -------
+    columns : dict[str, torch.Tensor]
+        Keys exactly ``settings.columns``; each value float32, time-major
+        ``(n_frames, n_mels)`` or ``(batch, n_frames, n_mels)``, on ``device``.
+        ``mel_<w>`` has ``1 + n // hop`` frames (hop per ``settings.hop_policy``);
+        pyramid level ``k`` has ``ceil(n_{k-1} / 2)``.
+
+    Raises
+    ------
+    ParameterError
+        Bad waveform (as :func:`log_mel`), or a clip too short for
+        ``settings.pyramid_levels`` (the top level needs >= 2 frames).
+    """
+    x = _as_waveform(y, device)  # once, not once per resolution
+    resolutions = settings.resolutions()
+    out = {resolution.column: log_mel(x, settings=resolution) for resolution in resolutions}
+
+    base = resolutions[0].column
+    if settings.pyramid == "none":
+        pass
+    elif settings.pyramid in ("gaussian", "laplacian", "both"):
+        gaussian = gaussian_pyramid(out[base], levels=settings.pyramid_levels)
+        if settings.pyramid in ("gaussian", "both"):
+            out.update({f"{base}_g{k}": level for k, level in enumerate(gaussian) if k > 0})
+        if settings.pyramid in ("laplacian", "both"):
+            out.update({f"{base}_l{k}": level for k, level in enumerate(laplacian_from_gaussian(gaussian))})
+    else:
+        raise ParameterError(
+            f"unknown pyramid {settings.pyramid!r}; expected 'none', 'gaussian', 'laplacian' or 'both'"
+        )
+    # settings.columns is the contract shards are written and read by; follow its order.
+    return {column: out[column] for column in settings.columns}
 
 
 def _as_waveform(y: np.ndarray | torch.Tensor, device: str | torch.device | None) -> torch.Tensor:

@@ -129,3 +129,16 @@ def test_audio_info_and_sha1(tmp_path):
     with pytest.raises(DecodeError) as err:
         audio_info(garbage)
     assert err.value.stage == "read"
+
+
+@pytest.mark.parametrize("fmt", ["wav", "mp3"])
+def test_truncated_files_are_caught_at_check(tmp_path, fmt):
+    y = (0.3 * np.sin(2 * np.pi * 440 * np.arange(16000 * 6) / 16000)).astype(np.float32)
+    full = tmp_path / f"full.{fmt}"
+    sf.write(full, y, 16000, format=fmt.upper())
+    assert len(decode(full, sample_rate=16000)) > 0.95 * len(y)  # the whole file passes
+    cut = tmp_path / f"cut.{fmt}"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    with pytest.raises(DecodeError) as info:
+        decode(cut, sample_rate=16000)
+    assert info.value.stage == "check" and "truncated" in info.value.reason

@@ -33,7 +33,7 @@ def _mels(rng: np.random.Generator, lengths: list[int], n_mels: int = 16) -> lis
 def test_shard_round_trip_keeps_shapes_and_float16_values(tmp_path):
     rng = np.random.default_rng(0)
     mels = _mels(rng, [5, 17, 1])
-    table = features_to_table([(f"t{i}", "sha", m, SOURCE) for i, m in enumerate(mels)], column="mel_1024", n_mels=16)
+    table = features_to_table([(f"t{i}", "sha", {"mel_1024": m}, SOURCE) for i, m in enumerate(mels)], n_mels=16)
     path = write_table_atomic(table, tmp_path / "part-0.parquet")
     back = table_to_features(pq.read_table(path), column="mel_1024")
     assert list(back) == ["t0", "t1", "t2"]
@@ -44,9 +44,19 @@ def test_shard_round_trip_keeps_shapes_and_float16_values(tmp_path):
     assert pq.read_metadata(path).row_group(0).column(0).compression == "ZSTD"
 
 
+def test_several_resolutions_share_a_row_with_their_own_frame_counts(tmp_path):
+    rng = np.random.default_rng(2)
+    rows = [(f"t{i}", "sha", {"mel_1024": rng.standard_normal((n, 16)), "mel_8192": rng.standard_normal((n // 8 + 1, 16))},
+             SOURCE) for i, n in enumerate([40, 17])]
+    path = write_table_atomic(features_to_table(rows, n_mels=16), tmp_path / "part-0.parquet")
+    assert pq.read_table(path, columns=["n_frames"]).column(0).to_pylist() == [40, 17]
+    coarse = table_to_features(pq.read_table(path, columns=["track_id", "mel_8192"]), column="mel_8192")
+    assert coarse["t0"].shape == (6, 16) and coarse["t1"].shape == (3, 16)
+
+
 def test_wrong_mel_width_is_refused():
     with pytest.raises(ValueError, match="expected"):
-        features_to_table([("t", "sha", np.zeros((3, 8)), SOURCE)], column="mel_1024", n_mels=16)
+        features_to_table([("t", "sha", {"mel_1024": np.zeros((3, 8))}, SOURCE)], n_mels=16)
 
 
 def test_atomic_write_leaves_no_partial_file_when_writing_fails(tmp_path, monkeypatch):
@@ -65,7 +75,8 @@ def test_atomic_write_leaves_no_partial_file_when_writing_fails(tmp_path, monkey
 def test_read_features_by_track_id_opens_only_what_is_asked(tmp_path):
     rng = np.random.default_rng(1)
     for shard, ids in (("part-a.parquet", ["a", "b"]), ("part-b.parquet", ["c"])):
-        table = features_to_table([(t, "sha", m, SOURCE) for t, m in zip(ids, _mels(rng, [4] * len(ids)))], column="mel_1024", n_mels=16)
+        table = features_to_table([(t, "sha", {"mel_1024": m}, SOURCE) for t, m in zip(ids, _mels(rng, [4] * len(ids)))],
+                                  n_mels=16)
         write_table_atomic(table, tmp_path / shard)
     write_manifest(tmp_path, [
         {"track_id": t, "content_sha1": "sha", "shard": s, "n_frames": 4, "settings_hash": "h", "duration_s": 1.0, "sample_rate": 16000}

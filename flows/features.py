@@ -16,8 +16,9 @@ from prefect.cache_policies import NO_CACHE
 
 from infra.cluster import dask_client, map_batches, spectrogram_device
 from infra.layout import Layout
-from infra.settings import ClusterSettings, FeatureSettings, TrackingSettings
+from infra.settings import ClusterSettings, FeatureSettings, SourceSettings, TrackingSettings
 from infra.tracking import file_sha1, tracked_run
+from tasks.datasets import tracks_from_source
 from tasks.features import FeatureSummary, annotate_tracks, extract_shard, finish_features, plan_feature_batches
 from tasks.shards import MANIFEST, read_manifest, write_table_atomic
 
@@ -68,3 +69,18 @@ def report_feature_run(summary: FeatureSummary, dataset: str) -> None:
     create_table_artifact([row], key=f"features-{re.sub(r'[^a-z0-9]+', '-', dataset.lower())}",
                           description="feature extraction summary")
     log.info("features: %s", ", ".join(f"{k} {v}" for k, v in row.items()))
+
+
+@task(cache_policy=NO_CACHE)
+def ingest_catalogue(source: SourceSettings, tracks_path: Path) -> Path:
+    """Read a catalogue through its adapter and write ``tracks/<dataset>.parquet``."""
+    tracks = tracks_from_source(source)
+    return write_table_atomic(pa.Table.from_pandas(tracks, preserve_index=False), tracks_path)
+
+
+@flow(name="features-from-source")
+def catalogue_features(data_dir: Path, dataset: str, source: SourceSettings, features: FeatureSettings,
+                       cluster: ClusterSettings, tracking: TrackingSettings) -> FeatureSummary:
+    """Any adapter's catalogue (MTAT, GTZAN, a manifest) to feature shards."""
+    ingest_catalogue(source, Layout(Path(data_dir)).tracks(dataset))
+    return extract_features(data_dir, dataset, features, cluster, tracking)

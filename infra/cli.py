@@ -128,6 +128,63 @@ def pipeline(
 
 
 @app.command()
+def features(
+    adapter: Annotated[str, typer.Option(help="mtat | gtzan | manifest")],
+    source: Annotated[Path, typer.Option(exists=True, help="mtat: annotations_final.csv; gtzan: root folder; manifest: CSV/Parquet")],
+    dataset: Annotated[str, typer.Option(help="name of the dataset under the storage root")],
+    audio_root: Annotated[Path | None, typer.Option(help="mtat: root of the mp3 tree")] = None,
+    split: Annotated[str | None, typer.Option(help="mtat: folder|lists; gtzan: filtered|random")] = None,
+    split_dir: Annotated[Path | None, typer.Option(help="folder of the split lists")] = None,
+    windows: Annotated[str, typer.Option(help="FFT windows, comma-separated; the first is the finest")] = "1024,2048,4096,8192",
+    hop: Annotated[int, typer.Option(help="hop in samples for hop-policy fixed")] = 512,
+    hop_policy: Annotated[str, typer.Option(help="fixed | half (window/2)")] = "fixed",
+    sample_rate: Annotated[int, typer.Option(help="model rate the audio is resampled to")] = 16000,
+    n_mels: int = 128,
+    pyramid: Annotated[str, typer.Option(help="none | gaussian | laplacian | both")] = "none",
+    pyramid_levels: int = 4,
+    audio_shards: Annotated[bool, typer.Option(help="also keep int16 PCM shards for raw-audio models")] = False,
+    data_dir: DataDir = Path("data"),
+    workers: Workers = None,
+    cluster: Cluster = "local",
+    address: Annotated[str | None, typer.Option(help="scheduler address for --cluster address")] = None,
+    verbose: bool = False,
+) -> None:
+    """Extract multiresolution log-mel features (and pyramids) for a catalogue; re-runs do only new files."""
+    _setup(verbose)
+    from pydantic import ValidationError
+
+    from infra.settings import ClusterSettings, FeatureSettings, SourceSettings
+    from infra.tracking import tracking_for
+
+    try:
+        sizes = [int(w) for w in windows.split(",") if w.strip()]
+        settings = FeatureSettings(
+            mel={"sample_rate": sample_rate, "n_fft": sizes[0], "hop_length": hop if hop_policy == "fixed" else sizes[0] // 2,
+                 "n_mels": n_mels},
+            extra_windows=tuple(sizes[1:]), hop_policy=hop_policy, pyramid=pyramid, pyramid_levels=pyramid_levels,
+            audio_shards=audio_shards)
+        catalogue = SourceSettings(adapter=adapter, path=source.resolve(), audio_root=audio_root, split=split,
+                                   split_dir=split_dir)
+        cluster_settings = ClusterSettings(kind=cluster, n_workers=workers, address=address)
+    except (ValidationError, ValueError, IndexError) as err:
+        console.print(f"[red]mirflow: invalid settings[/red]\n{err}")
+        raise typer.Exit(2) from None
+    from flows.features import catalogue_features
+    from tasks.errors import MirflowError
+
+    try:
+        summary = catalogue_features(data_dir.resolve(), dataset, catalogue, settings, cluster_settings,
+                                     tracking_for(data_dir))
+    except MirflowError as err:
+        console.print(f"[red]mirflow: {err}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"features of {dataset}: {summary.n_tracks} tracks ({summary.n_extracted} extracted, "
+                  f"{summary.n_skipped} already present, {summary.n_quarantined} quarantined), "
+                  f"{summary.clips_per_s:.1f} clips/s, peak worker memory {summary.peak_worker_rss_mb:.0f} MiB\n"
+                  f"shards: {summary.feature_dir}")
+
+
+@app.command()
 def world(data_dir: DataDir = Path("data"), tracks: int = 1200, users: int = 3000, clip_seconds: float = 15.0,
           seed: int = 0, verbose: bool = False) -> None:
     """Only write the synthetic world (MTAT-style mp3 tree + Taste Profile triplets)."""

@@ -144,6 +144,18 @@ class FeatureSettings(_Settings):
         return f"logmel-sr{m.sample_rate}-n{windows}-h{m.hop_length}{self.hop_policy[0]}-m{m.n_mels}-{self.settings_hash[:6]}"
 
 
+class SourceSettings(_Settings):
+    """Where a catalogue's audio and labels come from, and which adapter reads them."""
+
+    adapter: Literal["mtat", "gtzan", "manifest"]
+    path: Path = Field(..., description="mtat: annotations_final.csv; gtzan: the genre folders' root; manifest: the CSV/Parquet file")
+    audio_root: Path | None = Field(None, description="mtat: root of the mp3 tree (default: the annotations' folder)")
+    split: str | None = Field(None, description="mtat: folder | lists; gtzan: filtered | random (default: folder / filtered)")
+    split_dir: Path | None = Field(None, description="gtzan: folder of *_filtered.txt; mtat lists: folder of train/valid/test .txt")
+    n_tags: int = Field(50, ge=1, description="mtat: top-N tags")
+    seed: int = 0
+
+
 class ClusterSettings(_Settings):
     kind: Literal["local", "address", "cuda"] = "local"
     n_workers: int | None = Field(None, ge=1, description="default: one per core")

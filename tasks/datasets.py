@@ -28,6 +28,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from infra.settings import SourceSettings
 from tasks.errors import DatasetError, ParameterError
 
 # The papers' folder split of MagnaTagATune: folders 0-b train, c valid, d-f test.
@@ -440,3 +441,22 @@ def tag_vocabulary(tracks: pd.DataFrame, *, n: int) -> list[str]:
     """The ``n`` most frequent tags of a tracks table, ties broken by name (as :func:`top_tags`)."""
     counts = Counter(tag for tags in tracks["tags"] for tag in tags)
     return [tag for tag, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:n]]
+
+
+def tracks_from_source(source: SourceSettings) -> pd.DataFrame:
+    """The tracks table of a catalogue, through the adapter ``source.adapter`` names."""
+    if source.adapter == "mtat":
+        split = source.split or "folder"
+        lists = None
+        if split == "lists":
+            if source.split_dir is None:
+                raise ParameterError("MTAT split 'lists' needs split_dir: a folder with train.txt, valid.txt, test.txt")
+            lists = {name: Path(source.split_dir) / f"{name}.txt" for name in SPLITS}
+        annotations = read_mtat_annotations(source.path)
+        return mtat_tracks(annotations, audio_root=source.audio_root or Path(source.path).parent, n_tags=source.n_tags,
+                           split=split, split_lists=lists)
+    if source.adapter == "gtzan":
+        return gtzan_tracks(source.path, split=source.split or "filtered", split_dir=source.split_dir, seed=source.seed)
+    if source.adapter == "manifest":
+        return manifest_tracks(source.path)
+    raise ParameterError(f"unknown adapter {source.adapter!r}; expected mtat, gtzan or manifest")

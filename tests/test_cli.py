@@ -42,3 +42,30 @@ def test_pipeline_command_on_external_data_quarantines_a_corrupt_clip(tmp_path):
     quarantine = pq.read_table(data_dir / "quarantine" / "external.parquet").to_pylist()
     assert [q["path"] for q in quarantine] == [str(corrupt)]
     assert quarantine[0]["stage"] == "read"
+
+
+@pytest.mark.integration
+def test_features_command_runs_a_manifest_and_then_only_new_files(tmp_path):
+    import numpy as np
+    import pandas as pd
+    import soundfile as sf
+
+    rows = []
+    for i in range(6):
+        path = tmp_path / f"tone{i}.wav"
+        sf.write(path, 0.2 * np.sin(2 * np.pi * (200 + 50 * i) * np.arange(32000) / 16000), 16000)
+        rows.append({"track_id": f"t{i}", "path": path.name, "tags": "tone|test", "split": "train"})
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame(rows[:5]).to_csv(manifest, index=False)
+    args = ["features", "--adapter", "manifest", "--source", str(manifest), "--dataset", "tones",
+            "--windows", "512,2048", "--n-mels", "40", "--pyramid", "gaussian", "--pyramid-levels", "3",
+            "--workers", "1", "--data-dir", str(tmp_path / "store")]
+    with prefect_test_harness(server_startup_timeout=60):
+        first = CliRunner().invoke(app, args)
+        pd.DataFrame(rows).to_csv(manifest, index=False)
+        second = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "5 tracks (5 extracted, 0 already present, 0 quarantined)" in first.output
+    assert second.exit_code == 0 and "6 tracks (1 extracted, 5 already present, 0 quarantined)" in second.output
+    bad = CliRunner().invoke(app, [*args[:-2], "--data-dir", str(tmp_path / "store"), "--windows", "512,512"])
+    assert bad.exit_code == 2 and "distinct" in bad.output

@@ -111,3 +111,33 @@ def test_a_killed_worker_costs_nothing_but_time(tmp_path):
     shard_ids = [t for p in feature_dir.glob("part-*.parquet") for t in pq.read_table(p, columns=["track_id"]).column(0).to_pylist()]
     assert sorted(shard_ids) == sorted(tracks["track_id"])  # every track once, in complete shards
     assert not list(feature_dir.glob(".*.tmp"))
+
+
+@pytest.mark.realdata
+def test_real_samples_go_through_the_adapters_and_the_flow(tmp_path, shared_data):
+    from flows.features import catalogue_features
+    from infra.settings import SourceSettings
+
+    gtzan = shared_data / "gtzan"
+    manifest = tmp_path / "manifest.csv"
+    paths = [*sorted((gtzan / "au").glob("*.au")), shared_data / "mtat" / "audio" / "e" /
+             "joram-moments_of_clarity-08-solipsism-59-88.mp3", shared_data / "msd" / "TRWJAZW128F42760DD.mp3"]
+    pd.DataFrame({"track_id": [p.stem for p in paths], "path": [str(p) for p in paths],
+                  "tags": ["real"] * len(paths), "split": "test"}).to_csv(manifest, index=False)
+    settings = FeatureSettings(mel=MelSettings(sample_rate=22050), extra_windows=(8192,), pyramid="laplacian")
+    cluster, tracking = ClusterSettings(n_workers=2), tracking_for(tmp_path)
+    via_manifest = catalogue_features(tmp_path, "real-manifest", SourceSettings(adapter="manifest", path=manifest),
+                                      settings, cluster, tracking)
+    via_gtzan = catalogue_features(tmp_path, "real-gtzan", SourceSettings(adapter="gtzan", path=gtzan / "wav",
+                                                                          split_dir=gtzan / "splits"),
+                                   settings, cluster, tracking)
+    assert (via_manifest.n_tracks, via_manifest.n_quarantined) == (12, 0)
+    assert (via_gtzan.n_tracks, via_gtzan.n_quarantined) == (10, 0)
+    layout = Layout(tmp_path)
+    au = read_features(layout.features("real-manifest", settings.feature_set), column="mel_1024",
+                       track_ids=["blues.00000"])["blues.00000"]
+    wav = read_features(layout.features("real-gtzan", settings.feature_set), column="mel_1024",
+                        track_ids=["blues.00000"])["blues.00000"]
+    np.testing.assert_allclose(au.astype(np.float32), wav.astype(np.float32), atol=0.02)  # same samples, two formats
+    tracks = pq.read_table(layout.tracks("real-gtzan")).to_pandas()
+    assert set(tracks["split"]) <= {"train", "valid", "test"} and (tracks["duration_s"] > 29).all()

@@ -31,7 +31,8 @@ from tasks.shards import (
     write_manifest,
     write_table_atomic,
 )
-from tasks.spectrogram import feature_columns
+from tasks.pyramids import min_frames
+from tasks.spectrogram import feature_columns_batch, n_frames
 
 
 @dataclass(frozen=True)
@@ -141,24 +142,29 @@ def extract_shard(batch: FeatureBatch, *, feature_dir: Path, settings: FeatureSe
     """
     start = time.perf_counter()
     sample_rate = settings.mel.sample_rate
-    rows, records, quarantined, audio_rows = [], [], [], []
+    decoded, quarantined = [], []
     for track_id, path in zip(batch.track_ids, batch.paths):
         try:
             y = decode(path, sample_rate=sample_rate, min_seconds=settings.min_seconds)
+            _check_long_enough(path, len(y), settings)
             sha1 = _hash_or_raise(path)
-            fingerprint = source_fingerprint(path) or (-1, -1)
-            columns = {name: values.cpu().numpy() for name, values in
-                       feature_columns(y, settings=settings, device=device).items()}
         except DecodeError as err:
             quarantined.append({"path": path, "stage": err.stage, "reason": err.reason, "track_id": track_id})
             continue
+        fingerprint = source_fingerprint(path) or (-1, -1)
         source = {"source_path": path, "source_size": fingerprint[0], "source_mtime_ns": fingerprint[1],
                   "duration_s": float(len(y) / sample_rate)}
-        rows.append((track_id, sha1, columns, source))
+        decoded.append((track_id, sha1, y, source))
+    # One batched transform per resolution for the whole shard: on a GPU this is what keeps it busy.
+    columns = feature_columns_batch([y for _, _, y, _ in decoded], settings=settings, device=device)
+    rows, records, audio_rows = [], [], []
+    for (track_id, sha1, y, source), features in zip(decoded, columns):
+        features = {name: values.cpu().numpy() for name, values in features.items()}
+        rows.append((track_id, sha1, features, source))
         if audio_dir is not None:
             audio_rows.append((track_id, y))
         records.append({"track_id": track_id, "content_sha1": sha1, "shard": batch.shard,
-                        "n_frames": int(next(iter(columns.values())).shape[0]),
+                        "n_frames": int(features[settings.mel.column].shape[0]),
                         "settings_hash": settings.settings_hash, "sample_rate": int(sample_rate), **source})
     shard = None
     if rows:
@@ -173,6 +179,18 @@ def extract_shard(batch: FeatureBatch, *, feature_dir: Path, settings: FeatureSe
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _check_long_enough(path: str, n_samples: int, settings: FeatureSettings) -> None:
+    """A clip must give the pyramid's top level at least two frames."""
+    if settings.pyramid == "none":
+        return
+    hop = settings.resolutions()[0].hop_length
+    frames = n_frames(n_samples, hop_length=hop)
+    needed = min_frames(levels=settings.pyramid_levels)
+    if frames < needed:
+        raise DecodeError(path, "check", f"{frames} frames at hop {hop} are too few for "
+                                         f"{settings.pyramid_levels} pyramid levels (needs {needed})")
 
 
 def _hash_or_raise(path: str) -> str:

@@ -12,6 +12,8 @@ Output is TIME-MAJOR, ``(..., n_frames, n_mels)``, the layout stored in the shar
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import functools
 from dataclasses import dataclass
 
@@ -210,10 +212,50 @@ def feature_columns(
         ``settings.pyramid_levels`` (the top level needs >= 2 frames).
     """
     x = _as_waveform(y, device)  # once, not once per resolution
-    resolutions = settings.resolutions()
-    out = {resolution.column: log_mel(x, settings=resolution) for resolution in resolutions}
+    out = {resolution.column: log_mel(x, settings=resolution) for resolution in settings.resolutions()}
+    return _with_pyramids(out, settings)
 
-    base = resolutions[0].column
+
+def feature_columns_batch(
+    waveforms: Sequence[np.ndarray],
+    *,
+    settings: FeatureSettings,
+    device: str | torch.device | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """:func:`feature_columns` of clips of different lengths, one batched transform per resolution.
+
+    The clips are zero-padded to the longest and transformed together (what keeps
+    a GPU busy), then each clip keeps its own ``1 + n // hop`` frames. The result is
+    the same as one call per clip: centre padding is zeros too, so every kept frame
+    sees the same samples. Pyramids are then built per clip.
+
+    Parameters
+    ----------
+    waveforms : sequence of np.ndarray [shape=(n_i,)]
+        Mono waveforms at ``settings.mel.sample_rate``.
+
+    Returns
+    -------
+    columns : list of dict[str, torch.Tensor]
+        One dict per clip, as :func:`feature_columns` returns for it alone.
+    """
+    if not waveforms:
+        return []
+    lengths = [int(np.asarray(w).shape[0]) for w in waveforms]
+    padded = np.zeros((len(waveforms), max(lengths)), dtype=np.float32)
+    for i, w in enumerate(waveforms):
+        padded[i, : lengths[i]] = w
+    x = _as_waveform(padded, device)
+    batched = [(r.column, r.hop_length, log_mel(x, settings=r)) for r in settings.resolutions()]
+    return [
+        _with_pyramids({column: mel[i, : 1 + n // hop] for column, hop, mel in batched}, settings)
+        for i, n in enumerate(lengths)
+    ]
+
+
+def _with_pyramids(out: dict[str, torch.Tensor], settings: FeatureSettings) -> dict[str, torch.Tensor]:
+    """Add the pyramid columns of the first resolution; return every column in ``settings.columns`` order."""
+    base = settings.mel.column
     if settings.pyramid == "none":
         pass
     elif settings.pyramid in ("gaussian", "laplacian", "both"):

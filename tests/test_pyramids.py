@@ -251,3 +251,22 @@ def test_feature_columns_cuda_matches_cpu(clip_16k):
     for got, want in zip(laplacian, laplacian_pyramid(mel, levels=4)):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(reconstruct_from_laplacian(laplacian).cpu(), mel, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("pyramid", ["none", "both"])
+@pytest.mark.parametrize("compression", ["log1p", "db"])
+def test_batch_of_unequal_clips_equals_one_call_per_clip(pyramid, compression):
+    from infra.settings import FeatureSettings, MelSettings
+    from tasks.spectrogram import feature_columns, feature_columns_batch
+
+    rng = np.random.default_rng(5)
+    settings = FeatureSettings(mel=MelSettings(n_mels=40, compression=compression), extra_windows=(4096,),
+                               pyramid=pyramid, pyramid_levels=3)
+    clips = [rng.standard_normal(n).astype(np.float32) * 0.1 for n in (16000, 23457, 9000)]
+    batched = feature_columns_batch(clips, settings=settings)
+    for clip, columns in zip(clips, batched):
+        alone = feature_columns(clip, settings=settings)
+        assert list(columns) == list(alone) == settings.columns
+        for name in alone:
+            torch.testing.assert_close(columns[name], alone[name], atol=2e-4, rtol=1e-5)
+    assert feature_columns_batch([], settings=settings) == []

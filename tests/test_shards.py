@@ -195,3 +195,13 @@ def test_resume_from_orphan_shard_keeps_metadata(tmp_path):
     assert (summary.n_extracted, summary.n_skipped) == (1, 1)
     manifest = read_manifest(out).to_pandas()
     assert manifest["duration_s"].tolist() == [2.0, 2.0] and (manifest["sample_rate"] == 16000).all()
+
+
+def test_clip_too_short_for_the_pyramid_is_quarantined(tmp_path):
+    settings = FeatureSettings(mel=MelSettings(n_mels=32), extra_windows=(), pyramid="gaussian", pyramid_levels=8,
+                               min_seconds=0.5)
+    tracks = _tone_files(tmp_path, 2)  # 2 s: 63 frames, too few for 8 levels (129)
+    summary = _run(tracks, tmp_path / "features", settings, tmp_path)
+    assert (summary.n_extracted, summary.n_quarantined) == (0, 2)
+    record = pq.read_table(tmp_path / "q.parquet").to_pylist()[0]
+    assert record["stage"] == "check" and "pyramid levels" in record["reason"]

@@ -78,6 +78,17 @@ def test_one_percent_new_files_are_the_only_work(tmp_path):
         [MlflowClient(tracking.tracking_uri).get_experiment_by_name("mirflow-features").experiment_id])
     assert sorted(r.data.metrics["extracted"] for r in runs) == [1, 100]
     assert all(r.data.metrics["peak_worker_rss_mb"] > 50 for r in runs)
+    artifacts = {a.key: a for a in _artifacts(["features-tones", "log-mel-features"])}
+    assert artifacts["features-tones"].type == "table" and artifacts["log-mel-features"].type == "progress"
+    assert artifacts["log-mel-features"].data == 100.0
+
+
+def _artifacts(keys: list[str]):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
 
 
 def test_a_killed_worker_costs_nothing_but_time(tmp_path):

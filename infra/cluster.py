@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+import dask
 from distributed import Client, LocalCluster, as_completed
 
 from infra.progress import ProgressReporter
@@ -34,15 +35,33 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+# Dask starts workers with MALLOC_TRIM_THRESHOLD_=65536 to hand memory back to the OS.
+# Setting any trim threshold also freezes glibc's mmap threshold at 128 KiB, so every
+# large temporary array (STFT frames, mel blocks) becomes an mmap/munmap pair with
+# fresh page faults: the spectrogram kernel ran 2.5-3x slower on a worker than in a
+# plain process (benchmarks/bench_features.py overhead). Fixed, larger thresholds
+# keep big temporaries in the heap and still return memory beyond 256 MiB.
+WORKER_MALLOC_ENVIRON = {
+    "MALLOC_MMAP_THRESHOLD_": str(64 * 2**20),
+    "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20),
+}
+
+
+def _worker_environ() -> dict[str, str]:
+    """Dask's pre-spawn environment for workers, with the malloc settings above."""
+    return {**dask.config.get("distributed.nanny.pre-spawn-environ", default={}), **WORKER_MALLOC_ENVIRON}
+
+
 def _local_cluster(settings: ClusterSettings) -> LocalCluster:
     n_workers = settings.n_workers or usable_cores()
-    return LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address="127.0.0.1:0",  # a free port, loopback only
-    )
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": _worker_environ()}):
+        return LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",  # a free port, loopback only
+        )
 
 
 def _cuda_cluster(settings: ClusterSettings) -> Any:
@@ -56,7 +75,8 @@ def _cuda_cluster(settings: ClusterSettings) -> Any:
         log.warning("cluster kind 'cuda' asked for but no CUDA GPU is visible: using a LocalCluster")
         return _local_cluster(settings)
     try:
-        return LocalCUDACluster(host="127.0.0.1", dashboard_address="127.0.0.1:0")
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": _worker_environ()}):
+            return LocalCUDACluster(host="127.0.0.1", dashboard_address="127.0.0.1:0")
     except Exception as err:  # NVML missing or no device: the documented fallback
         log.warning("LocalCUDACluster failed (%s): using a LocalCluster", err)
         return _local_cluster(settings)

@@ -28,8 +28,8 @@ from tasks.shards import (
     read_manifest,
     remove_unreferenced,
     shard_records,
+    write_feature_shard,
     write_manifest,
-    write_table_atomic,
 )
 from tasks.pyramids import min_frames
 from tasks.spectrogram import feature_columns_batch, n_frames
@@ -169,8 +169,8 @@ def extract_shard(batch: FeatureBatch, *, feature_dir: Path, settings: FeatureSe
     shard = None
     if rows:
         if audio_rows:
-            write_table_atomic(audio_to_table(audio_rows, sample_rate=sample_rate), Path(audio_dir) / batch.shard)
-        write_table_atomic(features_to_table(rows, n_mels=settings.mel.n_mels), Path(feature_dir) / batch.shard)
+            write_feature_shard(audio_to_table(audio_rows, sample_rate=sample_rate), Path(audio_dir) / batch.shard)
+        write_feature_shard(features_to_table(rows, n_mels=settings.mel.n_mels), Path(feature_dir) / batch.shard)
         shard = batch.shard
     return ShardResult(shard=shard, records=records, quarantined=quarantined, seconds=time.perf_counter() - start,
                        peak_rss_mb=peak_rss_mb())

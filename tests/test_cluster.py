@@ -59,3 +59,13 @@ def test_cuda_cluster_puts_spectrograms_on_the_gpu():
 def test_address_kind_needs_an_address():
     with pytest.raises(ValueError, match="needs an address"):
         ClusterSettings(kind="address")
+
+
+def test_workers_start_with_malloc_settings_that_keep_big_arrays_fast():
+    import os
+
+    from infra.cluster import WORKER_MALLOC_ENVIRON
+
+    with dask_client(ClusterSettings(n_workers=1)) as client:
+        seen = client.run(lambda: {k: os.environ.get(k) for k in WORKER_MALLOC_ENVIRON})
+    assert list(seen.values()) == [WORKER_MALLOC_ENVIRON]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from infra.settings import FeatureSettings
 from tasks.audio import content_sha1, decode
@@ -159,7 +160,8 @@ def extract_shard(batch: FeatureBatch, *, feature_dir: Path, settings: FeatureSe
     columns = feature_columns_batch([y for _, _, y, _ in decoded], settings=settings, device=device)
     rows, records, audio_rows = [], [], []
     for (track_id, sha1, y, source), features in zip(decoded, columns):
-        features = {name: values.cpu().numpy() for name, values in features.items()}
+        # float16 on the device: half the transfer from a GPU, and torch converts faster than numpy.
+        features = {name: values.to(torch.float16).cpu().numpy() for name, values in features.items()}
         rows.append((track_id, sha1, features, source))
         if audio_dir is not None:
             audio_rows.append((track_id, y))

@@ -8,8 +8,9 @@ Feature shard schema (one row per track)::
 
     track_id         string
     content_sha1     string       hash of the source file's bytes
-    n_frames         int32
-    mel_<n_fft>      list<fixed_size_list<float16>[n_mels]>   shape (n_frames, n_mels)
+    n_frames         int32        frames of the first (finest) resolution
+    mel_<n_fft>, …   large_binary float16 (n_frames, n_mels), C order, little-endian;
+                                  field metadata dtype=float16, shape=n,<n_mels>
     source_path      string       the file the features came from
     source_size      int64        its size in bytes and modification time, the cheap
     source_mtime_ns  int64        change check of incremental runs
@@ -83,28 +84,39 @@ def write_table_atomic(table: pa.Table, path: Path, *, compression: str = "zstd"
     return path
 
 
+def tensor_field(name: str, *, dtype: str, inner_shape: Sequence[int]) -> pa.Field:
+    """A column of arrays stored as raw little-endian bytes, one value per row.
+
+    The field metadata names the dtype and the shape (``n_frames`` varies per row
+    and is the byte length divided by the inner size). Bytes, rather than nested
+    Parquet lists, because the nested encoding of 40 million float16 values per
+    shard cost more than the spectrograms themselves (benchmarks/bench_features.py
+    overhead) and read 20x slower.
+    """
+    shape = ",".join(["n", *(str(d) for d in inner_shape)])
+    return pa.field(name, pa.large_binary(), metadata={b"dtype": dtype.encode(), b"shape": shape.encode()})
+
+
 def feature_schema(columns: Sequence[str], n_mels: int) -> pa.Schema:
-    frames = pa.list_(pa.list_(pa.float16(), n_mels))
     return pa.schema(
         [
-            ("track_id", pa.string()),
-            ("content_sha1", pa.string()),
-            ("n_frames", pa.int32()),
-            *((column, frames) for column in columns),
-            *SOURCE_FIELDS,
+            pa.field("track_id", pa.string()),
+            pa.field("content_sha1", pa.string()),
+            pa.field("n_frames", pa.int32()),
+            *(tensor_field(column, dtype="float16", inner_shape=(n_mels,)) for column in columns),
+            *(pa.field(name, type) for name, type in SOURCE_FIELDS),
         ]
     )
 
 
-def _frames_array(mels: Sequence[np.ndarray], n_mels: int) -> pa.ListArray:
-    """``list<fixed_size_list<float16>[n_mels]>`` from arrays of shape (n_frames_i, n_mels)."""
-    offsets = np.zeros(len(mels) + 1, dtype=np.int32)
-    offsets[1:] = np.cumsum([m.shape[0] for m in mels])
-    flat = np.concatenate([np.ascontiguousarray(m, dtype=np.float16).reshape(-1) for m in mels]) if mels else np.zeros(0, np.float16)
-    # Wrap the buffer: pa.array() converts float16 element by element (100x slower).
-    values = pa.Array.from_buffers(pa.float16(), len(flat), [None, pa.py_buffer(flat)])
-    frames = pa.FixedSizeListArray.from_arrays(values, n_mels)
-    return pa.ListArray.from_arrays(pa.array(offsets), frames)
+def _tensor_bytes(arrays: Sequence[np.ndarray], dtype: str) -> pa.LargeBinaryArray:
+    """One ``large_binary`` value per array: its C-order bytes in ``dtype`` (little-endian)."""
+    target = np.dtype(dtype).newbyteorder("<")
+    flat = [np.ascontiguousarray(a, dtype=target).reshape(-1) for a in arrays]
+    offsets = np.zeros(len(flat) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([a.nbytes for a in flat])
+    data = np.concatenate(flat).view(np.uint8) if flat else np.zeros(0, np.uint8)
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(flat), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
 
 def write_feature_shard(table: pa.Table, path: Path) -> Path:
@@ -135,23 +147,35 @@ def features_to_table(
         pa.array([r[0] for r in rows], pa.string()),
         pa.array([r[1] for r in rows], pa.string()),
         pa.array([r[2][columns[0]].shape[0] for r in rows], pa.int32()),
-        *(_frames_array([r[2][column] for r in rows], n_mels) for column in columns),
+        *(_tensor_bytes([r[2][column] for r in rows], "float16") for column in columns),
         *(pa.array([r[3][name] for r in rows], type) for name, type in SOURCE_FIELDS),
     ]
     return pa.Table.from_arrays(arrays, schema=feature_schema(columns, n_mels))
 
 
 def audio_to_table(rows: Sequence[tuple[str, np.ndarray]], *, sample_rate: int) -> pa.Table:
-    """Raw-audio shard: ``track_id``, ``sample_rate``, ``pcm`` (list<int16>) from float waveforms in [-1, 1]."""
+    """Raw-audio shard: ``track_id``, ``sample_rate``, ``pcm`` (int16 bytes) from float waveforms in [-1, 1]."""
     pcm = [np.clip(np.round(y * 32767.0), -32768, 32767).astype(np.int16) for _, y in rows]
-    offsets = np.zeros(len(pcm) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum([len(p) for p in pcm])
-    values = pa.array(np.concatenate(pcm) if pcm else np.zeros(0, np.int16), type=pa.int16())
-    return pa.table({
-        "track_id": pa.array([t for t, _ in rows], pa.string()),
-        "sample_rate": pa.array([sample_rate] * len(rows), pa.int32()),
-        "pcm": pa.LargeListArray.from_arrays(pa.array(offsets), values),
-    })
+    schema = pa.schema([pa.field("track_id", pa.string()), pa.field("sample_rate", pa.int32()),
+                        tensor_field("pcm", dtype="int16", inner_shape=())])
+    return pa.Table.from_arrays([pa.array([t for t, _ in rows], pa.string()),
+                                 pa.array([sample_rate] * len(rows), pa.int32()), _tensor_bytes(pcm, "int16")],
+                                schema=schema)
+
+
+def _tensors(table: pa.Table, column: str) -> list[np.ndarray]:
+    """The arrays of a tensor column, shaped by its field metadata (views on the Arrow buffers)."""
+    field = table.schema.field(column)
+    metadata = field.metadata or {}
+    if b"dtype" not in metadata:
+        raise DatasetError(f"column {column!r} is not a tensor column (no dtype metadata); was it written by mirflow?")
+    dtype = np.dtype(metadata[b"dtype"].decode()).newbyteorder("<")
+    inner = tuple(int(d) for d in metadata[b"shape"].decode().split(",")[1:])
+    values = table.column(column).combine_chunks()
+    offsets = np.frombuffer(values.buffers()[1], dtype=np.int64)[values.offset : values.offset + len(values) + 1]
+    data = values.buffers()[2]
+    return [np.frombuffer(data, dtype=dtype, count=(int(stop) - int(start)) // dtype.itemsize, offset=int(start))
+            .reshape(-1, *inner) for start, stop in zip(offsets[:-1], offsets[1:])]
 
 
 def read_audio(audio_dir: Path, *, track_ids: Iterable[str] | None = None) -> dict[str, np.ndarray]:
@@ -160,31 +184,15 @@ def read_audio(audio_dir: Path, *, track_ids: Iterable[str] | None = None) -> di
     out = {}
     for shard in sorted(Path(audio_dir).glob("part-*.parquet")):
         table = pq.read_table(shard, columns=["track_id", "pcm"])
-        pcm = table.column("pcm").combine_chunks()
-        offsets, values = pcm.offsets.to_numpy(), pcm.values.to_numpy()
-        for i, track_id in enumerate(table.column("track_id").to_pylist()):
+        for track_id, pcm in zip(table.column("track_id").to_pylist(), _tensors(table, "pcm")):
             if wanted is None or track_id in wanted:
-                out[track_id] = values[offsets[i] - offsets[0] : offsets[i + 1] - offsets[0]]
+                out[track_id] = pcm
     return out
 
 
 def table_to_features(table: pa.Table, *, column: str) -> dict[str, np.ndarray]:
     """Inverse of :func:`features_to_table`: ``{track_id: mel [shape=(n_frames, n_mels)] float16}``."""
-    mels = table.column(column).combine_chunks()
-    n_mels = mels.type.value_type.list_size
-    flat = _float16_values(mels.values.values)
-    offsets = mels.offsets.to_numpy()
-    out = {}
-    for i, track_id in enumerate(table.column("track_id").to_pylist()):
-        start, stop = offsets[i] - offsets[0], offsets[i + 1] - offsets[0]
-        out[track_id] = flat[start * n_mels : stop * n_mels].reshape(stop - start, n_mels)
-    return out
-
-
-def _float16_values(array: pa.Array) -> np.ndarray:
-    """A float16 array's values as numpy without a per-element conversion (no nulls in shards)."""
-    data = array.buffers()[1]
-    return np.frombuffer(data, dtype=np.float16, count=len(array) + array.offset)[array.offset:]
+    return dict(zip(table.column("track_id").to_pylist(), _tensors(table, column)))
 
 
 def read_manifest(feature_dir: Path) -> pa.Table:

@@ -40,10 +40,10 @@ def usable_cores() -> int:
 # large temporary array (STFT frames, mel blocks) becomes an mmap/munmap pair with
 # fresh page faults: the spectrogram kernel ran 2.5-3x slower on a worker than in a
 # plain process (benchmarks/bench_features.py overhead). Fixed, larger thresholds
-# keep big temporaries in the heap and still return memory beyond 256 MiB.
+# keep big temporaries in the heap and still return free memory beyond 64 MiB.
 WORKER_MALLOC_ENVIRON = {
     "MALLOC_MMAP_THRESHOLD_": str(64 * 2**20),
-    "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20),
+    "MALLOC_TRIM_THRESHOLD_": str(64 * 2**20),
 }
 
 

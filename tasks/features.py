@@ -13,9 +13,11 @@ import hashlib
 import os
 import resource
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -33,7 +35,7 @@ from tasks.shards import (
     write_manifest,
 )
 from tasks.pyramids import min_frames
-from tasks.spectrogram import feature_columns_batch, n_frames
+from tasks.spectrogram import feature_columns, feature_columns_batch, n_frames
 
 
 @dataclass(frozen=True)
@@ -156,12 +158,9 @@ def extract_shard(batch: FeatureBatch, *, feature_dir: Path, settings: FeatureSe
         source = {"source_path": path, "source_size": fingerprint[0], "source_mtime_ns": fingerprint[1],
                   "duration_s": float(len(y) / sample_rate)}
         decoded.append((track_id, sha1, y, source))
-    # One batched transform per resolution for the whole shard: on a GPU this is what keeps it busy.
-    columns = feature_columns_batch([y for _, _, y, _ in decoded], settings=settings, device=device)
     rows, records, audio_rows = [], [], []
-    for (track_id, sha1, y, source), features in zip(decoded, columns):
-        # float16 on the device: half the transfer from a GPU, and torch converts faster than numpy.
-        features = {name: values.to(torch.float16).cpu().numpy() for name, values in features.items()}
+    for (track_id, sha1, y, source), features in zip(decoded, _spectrograms([y for _, _, y, _ in decoded],
+                                                                          settings=settings, device=device)):
         rows.append((track_id, sha1, features, source))
         if audio_dir is not None:
             audio_rows.append((track_id, y))
@@ -181,6 +180,24 @@ def extract_shard(batch: FeatureBatch, *, feature_dir: Path, settings: FeatureSe
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _spectrograms(waveforms: list[np.ndarray], *, settings: FeatureSettings,
+                  device: str | None) -> Iterator[dict[str, np.ndarray]]:
+    """Every feature column of each clip, as float16 numpy.
+
+    On a GPU the shard's clips go through one zero-padded batch per resolution,
+    which keeps it busy; on the CPU clip by clip is as fast (the arrays stay in
+    cache) and holds one clip's float32 columns at a time. Both give the same
+    values (tests/test_pyramids.py).
+    """
+    # float16 on the device: half the transfer from a GPU, and torch converts faster than numpy.
+    if device is not None and torch.device(device).type == "cuda":
+        for columns in feature_columns_batch(waveforms, settings=settings, device=device):
+            yield {name: values.to(torch.float16).cpu().numpy() for name, values in columns.items()}
+    else:
+        for y in waveforms:
+            yield {name: values.to(torch.float16).numpy() for name, values in feature_columns(y, settings=settings).items()}
 
 
 def _check_long_enough(path: str, n_samples: int, settings: FeatureSettings) -> None:

@@ -13,7 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 60
 export PREFECT_LOGGING_LEVEL ?= WARNING
 
-.PHONY: demo test setup serve bench clean
+.PHONY: demo test setup bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

@@ -54,6 +54,7 @@ def _setup(verbose: bool) -> None:
 DataDir = Annotated[Path, typer.Option(help="storage root: world, shards, listening, models, MLflow store")]
 Workers = Annotated[int | None, typer.Option(help="Dask workers (default: one per core)")]
 Cluster = Annotated[str, typer.Option(help="local | address | cuda")]
+Address = Annotated[str | None, typer.Option(help="scheduler address for --cluster address")]
 
 
 def _launch(epochs: int | None, **fields) -> None:
@@ -91,7 +92,7 @@ def demo(
     seed: int = 0,
     workers: Workers = None,
     cluster: Cluster = "local",
-    address: Annotated[str | None, typer.Option(help="scheduler address for --cluster address")] = None,
+    address: Address = None,
     verbose: bool = False,
 ) -> None:
     """Run the whole pipeline on the embedded synthetic world (built on first use)."""
@@ -117,7 +118,7 @@ def pipeline(
     epochs: Annotated[int | None, typer.Option(help="cap on training epochs of each model")] = None,
     workers: Workers = None,
     cluster: Cluster = "local",
-    address: Annotated[str | None, typer.Option(help="scheduler address for --cluster address")] = None,
+    address: Address = None,
     verbose: bool = False,
 ) -> None:
     """Run the whole pipeline on MTAT-layout audio and annotations with Taste Profile listening data."""
@@ -146,7 +147,7 @@ def features(
     data_dir: DataDir = Path("data"),
     workers: Workers = None,
     cluster: Cluster = "local",
-    address: Annotated[str | None, typer.Option(help="scheduler address for --cluster address")] = None,
+    address: Address = None,
     verbose: bool = False,
 ) -> None:
     """Extract multiresolution log-mel features (and pyramids) for a catalogue; re-runs do only new files."""

@@ -59,13 +59,13 @@ def pipeline(settings: PipelineSettings) -> PipelineSummary:
         if dataset == "synthetic":
             synthetic_world(layout.world(), settings.world, shared)
         annotations, audio_root, triplets = _sources(settings)
+        if not triplets:
+            raise ParameterError("no listening data: pass --triplets (Taste Profile files) to train the recommender")
         tracks_path = ingest_mtat(annotations, audio_root, settings.tagger.n_tags, layout.tracks(dataset))
         features = extract_features(settings.data_dir, dataset, settings.features, shared, settings.tracking)
     feature_set = settings.features.feature_set
     tagger = train_tagger_flow(settings.data_dir, dataset, feature_set, settings.features.mel, settings.tagger,
                                settings.tracking)
-    if not triplets:
-        raise ParameterError("no listening data: pass --triplets (Taste Profile files) to train the recommender")
     tracks = pd.read_parquet(tracks_path, columns=["track_id", "split"])
     heldout = list(tracks.loc[tracks["split"] == "test", "track_id"])
     wmf = factorize(settings.data_dir, list(triplets), heldout, settings.wmf, settings.tracking)

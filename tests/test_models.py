@@ -95,14 +95,34 @@ class _RandomCrops(L.LightningDataModule):
         return torch.utils.data.DataLoader(self.data, batch_size=4)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.slow
-def test_trains_under_ddp_with_two_cpu_processes(family, tmp_path):
+def test_trains_under_ddp_with_two_cpu_processes(family, tmp_path, monkeypatch):
+    from torch.multiprocessing import ProcessExitedException
+
     name, make, _, _ = family
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     module = make()
     before = [p.detach().clone() for p in module.parameters()]
-    trainer.fit(module, datamodule=_RandomCrops(FAMILIES[name][1]))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    for attempt in range(2):
+        # Seen once in ~6 full-suite runs on 2 cores: a spawned rank killed by a signal
+        # while gloo connects. One retry on a fresh port tells that apart from a real failure.
+        monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+        try:
+            trainer.fit(module, datamodule=_RandomCrops(FAMILIES[name][1]))
+            break
+        except ProcessExitedException:
+            if attempt == 1:
+                raise
     # ddp_spawn hands rank 0's trained weights back to this process.
     assert trainer.world_size == 2
     assert any(not torch.equal(b, p) for b, p in zip(before, module.parameters()))

@@ -64,10 +64,10 @@ def prefect_flow_run_id() -> str | None:
 
 def file_sha1(path: Path) -> str | None:
     """Hash of a data file (a feature manifest, a factor table) for run provenance; None if absent."""
-    import hashlib
+    from tasks.shards import content_sha1
 
     try:
-        return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+        return content_sha1(path)
     except OSError:
         return None
 

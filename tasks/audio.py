@@ -9,7 +9,6 @@ caller can quarantine the file with a reason and go on.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +19,6 @@ from tasks.errors import DecodeError, ParameterError
 
 #: A waveform whose peak absolute value is below this is treated as digital silence.
 SILENCE_PEAK = 1e-6
-
-_SHA1_CHUNK = 1 << 20  # 1 MiB
 
 
 def decode(path: str | Path, *, sample_rate: int, min_seconds: float = 0.0) -> np.ndarray:
@@ -116,18 +113,6 @@ def audio_info(path: str | Path) -> dict:
                 }
         except Exception as ar_exc:
             raise DecodeError(name, "read", f"soundfile: {sf_exc}; audioread: {ar_exc!r}") from ar_exc
-
-
-def content_sha1(path: str | Path) -> str:
-    """SHA-1 hex digest of the file's bytes, read in 1 MiB chunks.
-
-    Used to recognise files already featurized, whatever their path.
-    """
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        while chunk := f.read(_SHA1_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read(path: Path) -> tuple[np.ndarray, int]:

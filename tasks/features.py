@@ -22,10 +22,11 @@ import pandas as pd
 import torch
 
 from infra.settings import FeatureSettings
-from tasks.audio import content_sha1, decode
+from tasks.audio import decode
 from tasks.errors import DecodeError
 from tasks.shards import (
     append_quarantine,
+    content_sha1,
     audio_to_table,
     features_to_table,
     read_manifest,

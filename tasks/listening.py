@@ -8,7 +8,6 @@ Layout under the storage root::
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
+from tasks.datasets import read_triplets
 from tasks.errors import DatasetError
-from tasks.shards import write_table_atomic
+from tasks.shards import content_sha1, write_table_atomic
 
 
 def write_events(events: pd.DataFrame, *, listening_dir: Path, batch: str) -> Path:
@@ -132,14 +132,6 @@ def load_factors(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(table.column("key").to_pylist(), dtype=str), factors
 
 
-def _file_sha1(path: Path) -> str:
-    digest = hashlib.sha1()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def ingest_triplet_files(paths: list[Path], *, listening_dir: Path) -> tuple[list[str], list[dict]]:
     """Ingest Taste Profile triplet files, one batch each (batch id = file stem).
 
@@ -147,8 +139,6 @@ def ingest_triplet_files(paths: list[Path], *, listening_dir: Path) -> tuple[lis
     again; a file whose content changed replaces its batch. Returns the batch ids
     and the quarantine records of malformed rows. User and item id maps are extended.
     """
-    from tasks.datasets import read_triplets
-
     listening_dir = Path(listening_dir)
     batches, quarantined = [], []
     for path in paths:
@@ -157,7 +147,7 @@ def ingest_triplet_files(paths: list[Path], *, listening_dir: Path) -> tuple[lis
             raise DatasetError(f"two listening files map to batch {batch!r}; give them distinct names")
         batches.append(batch)
         marker = listening_dir / "events" / f"batch={batch}" / "_source.json"
-        sha1 = _file_sha1(path)
+        sha1 = content_sha1(path)
         try:
             if json.loads(marker.read_text())["sha1"] == sha1:
                 continue

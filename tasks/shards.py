@@ -23,6 +23,7 @@ source_path, source_size, source_mtime_ns``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -66,6 +67,19 @@ QUARANTINE_SCHEMA = pa.schema(
 )
 # Small row groups keep streaming reads (one group at a time) cheap in memory.
 ROW_GROUP_SIZE = 64
+
+
+def content_sha1(path: str | Path) -> str:
+    """SHA-1 hex digest of a file's bytes, read in 1 MiB chunks.
+
+    Recognises audio already featurized and listening files already ingested,
+    whatever their path.
+    """
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_table_atomic(table: pa.Table, path: Path, *, compression: str = "zstd",

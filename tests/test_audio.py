@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tasks.audio import audio_info, content_sha1, decode
+from tasks.audio import audio_info, decode
 from tasks.errors import DecodeError
+from tasks.shards import content_sha1
 
 FILE_SR = 22050
 MODEL_SR = 16000

@@ -38,7 +38,7 @@ class ProgressReporter:
     at most every ``artifact_every_s`` seconds.
     """
 
-    def __init__(self, description: str, *, total: int, unit: str = "items", every_s: float = 10.0,
+    def __init__(self, description: str, *, total: int | None, unit: str = "items", every_s: float = 10.0,
                  artifact_key: str | None = None, artifact_every_s: float = 2.0) -> None:
         self.description = description
         self.total = total
@@ -74,7 +74,8 @@ class ProgressReporter:
         return self
 
     def _status(self) -> str:
-        return f"{self.description}: {self.done}/{self.total} {self.unit}, {self.rate:,.1f} {self.unit}/s"
+        done = f"{self.done:,}" if self.total is None else f"{self.done}/{self.total}"
+        return f"{self.description}: {done} {self.unit}, {self.rate:,.1f} {self.unit}/s"
 
     def _update_artifact(self, force: bool = False) -> None:
         now = time.perf_counter()
@@ -83,7 +84,8 @@ class ProgressReporter:
         from prefect.artifacts import update_progress_artifact
 
         self._artifact_last = now
-        update_progress_artifact(self._artifact, 100.0 * self.done / max(self.total, 1), description=self._status())
+        percent = 0.0 if self.total is None else 100.0 * self.done / max(self.total, 1)
+        update_progress_artifact(self._artifact, percent, description=self._status())
 
     @property
     def rate(self) -> float:

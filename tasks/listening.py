@@ -121,7 +121,7 @@ def save_factors(path: Path, keys: np.ndarray, factors: np.ndarray) -> Path:
     """Factors as Parquet: ``key`` and ``factors`` (fixed-size list of float32)."""
     values = pa.array(np.ascontiguousarray(factors, dtype=np.float32).reshape(-1))
     table = pa.table({"key": pa.array(keys, pa.string()), "factors": pa.FixedSizeListArray.from_arrays(values, factors.shape[1])})
-    return write_table_atomic(table, path)
+    return write_table_atomic(table, path, row_group_size=1 << 16)
 
 
 def load_factors(path: Path) -> tuple[np.ndarray, np.ndarray]:

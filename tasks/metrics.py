@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from tasks.errors import ParameterError
@@ -46,20 +47,34 @@ def _check_factors(factors: np.ndarray, name: str) -> np.ndarray:
     return array
 
 
-def _average_ranks_descending(sorted_scores: np.ndarray) -> np.ndarray:
-    """Ascending 1-based average ranks (ties share their mean rank) of rows sorted in descending order."""
-    n_rows, n_items = sorted_scores.shape
-    position = np.arange(n_items)
-    new_group = np.ones((n_rows, n_items), dtype=bool)
-    new_group[:, 1:] = sorted_scores[:, 1:] != sorted_scores[:, :-1]
-    # first position of each tie group, and one past its last
-    group_start = np.maximum.accumulate(np.where(new_group, position, 0), axis=1)
-    group_end_flag = np.ones((n_rows, n_items), dtype=bool)
-    group_end_flag[:, :-1] = new_group[:, 1:]
-    group_stop = np.minimum.accumulate(np.where(group_end_flag, position + 1, n_items)[:, ::-1], axis=1)[:, ::-1]
-    # items scored strictly lower: n_items - group_stop; the group's ascending ranks run
-    # from (n_items - group_stop + 1) to (n_items - group_start).
-    return n_items - (group_start + group_stop - 1) / 2.0
+def _relevance_matrix(relevant, shape: tuple[int, int], name: str) -> sp.csr_matrix:
+    try:
+        matrix = sp.csr_matrix(relevant, copy=True)
+    except (TypeError, ValueError) as exc:
+        raise ParameterError(f"{name} must be a (n_users, n_items) sparse matrix: {exc}") from exc
+    if matrix.shape != shape:
+        raise ParameterError(f"{name} has shape {matrix.shape}, expected (n_users, n_items) = {shape}")
+    matrix.sum_duplicates()
+    matrix.eliminate_zeros()
+    matrix.sort_indices()
+    return matrix
+
+
+def _stable_top(scores: torch.Tensor, top: int) -> torch.Tensor:
+    """Indices of the ``top`` best items per row, ordered by (score desc, item index asc).
+
+    ``torch.topk`` is fast but orders tied scores arbitrarily; rows where a tie among
+    finite scores touches the top ``top`` are redone with a stable full sort, so the
+    result equals a stable descending argsort cut at ``top`` for every row.
+    """
+    values, index = torch.topk(scores, top, dim=1, largest=True, sorted=True)
+    kth = values[:, -1:]
+    tied_inside = ((values[:, 1:] == values[:, :-1]) & torch.isfinite(values[:, 1:])).any(dim=1)
+    tied_boundary = torch.isfinite(kth[:, 0]) & ((scores >= kth).sum(dim=1) > top)
+    redo = torch.nonzero(tied_inside | tied_boundary).flatten()
+    if redo.numel():
+        index[redo] = torch.sort(scores[redo], dim=1, descending=True, stable=True).indices[:, :top]
+    return index
 
 
 def ranking_metrics(
@@ -68,13 +83,17 @@ def ranking_metrics(
     relevant: sp.csr_matrix,
     *,
     k: int = 500,
+    exclude: sp.csr_matrix | None = None,
     batch_users: int = 4096,
+    device: str = "cpu",
 ) -> dict[str, float]:
-    """mAP@k, AUC and precision@k of the rankings ``user_factors @ item_factors.T``.
+    """mAP@k, AUC, precision@k and NDCG@k of the rankings ``user_factors @ item_factors.T``.
 
-    Items are ranked by descending score; ties in the top k are broken by item index
-    (stable sort), and AUC counts tied (relevant, non-relevant) pairs as one half
-    (Mann-Whitney with average ranks).
+    Scores are computed block by block (a matrix product), the top k come from
+    ``torch.topk``, and AUC counts, for each relevant item, the candidates scored below
+    it, so no full sort of the catalogue is needed. Items are ranked by descending
+    score with ties in the top k broken by item index (a stable sort); AUC counts tied
+    (relevant, non-relevant) pairs as one half (Mann-Whitney).
 
     Parameters
     ----------
@@ -84,18 +103,25 @@ def ranking_metrics(
     relevant : sp.csr_matrix [shape=(n_users, n_items)]
         Nonzero where the item is relevant to the user (played in the test data).
     k : int > 0
-        Cut-off of AP@k and precision@k. ``AP@k = (1 / min(|R_u|, k)) sum_{j<=k}
-        precision@j rel_j``; precision@k divides by ``min(k, n_items)``.
+        Cut-off. ``AP@k = (1 / min(|R_u|, k)) sum_{j<=k} precision@j rel_j``;
+        ``precision@k`` divides the hits in the top k by ``min(k, candidates)``;
+        ``NDCG@k`` uses binary gains ``1 / log2(j + 1)`` and the ideal ranking of
+        ``min(|R_u|, k)`` hits.
+    exclude : sp.csr_matrix [shape=(n_users, n_items)], optional
+        Nonzero where the item is not a candidate for the user: the in-matrix protocol
+        excludes the items a user played in training. Excluded items must not be relevant.
     batch_users : int > 0
         Users scored at once; lowered further so that one block of scores holds at most
         about 16M entries.
+    device : str
+        Torch device of the score blocks ("cpu" or "cuda").
 
     Returns
     -------
     dict
-        ``map_at_k``, ``auc``, ``precision_at_k`` (means over users with at least one
-        relevant and one non-relevant item; NaN, with a warning, when there are none)
-        and ``n_users``, the number of users averaged.
+        ``map_at_k``, ``auc``, ``precision_at_k``, ``ndcg_at_k`` (means over users with at
+        least one relevant and one non-relevant candidate; NaN, with a warning, when there
+        are none) and ``n_users``, the number of users averaged.
     """
     users = _check_factors(user_factors, "user_factors")
     items = _check_factors(item_factors, "item_factors")
@@ -104,46 +130,72 @@ def ranking_metrics(
     if k < 1 or batch_users < 1:
         raise ParameterError(f"k={k} and batch_users={batch_users} must both be >= 1")
     n_users, n_items = users.shape[0], items.shape[0]
-    try:
-        relevance = sp.csr_matrix(relevant, copy=True)
-    except (TypeError, ValueError) as exc:
-        raise ParameterError(f"relevant must be a (n_users, n_items) sparse matrix: {exc}") from exc
-    if relevance.shape != (n_users, n_items):
-        raise ParameterError(f"relevant has shape {relevance.shape}, expected (n_users, n_items) = {(n_users, n_items)}")
-    relevance.sum_duplicates()
-    relevance.eliminate_zeros()
+    relevance = _relevance_matrix(relevant, (n_users, n_items), "relevant")
+    excluded = None if exclude is None else _relevance_matrix(exclude, (n_users, n_items), "exclude")
+    if excluded is not None and relevance.multiply(excluded).nnz:
+        raise ParameterError("some relevant items are also excluded: test and training plays overlap")
 
     n_relevant = np.diff(relevance.indptr)
-    eligible = np.flatnonzero((n_relevant > 0) & (n_relevant < n_items))
+    n_candidates = n_items - (np.diff(excluded.indptr) if excluded is not None else 0)
+    eligible = np.flatnonzero((n_relevant > 0) & (n_relevant < n_candidates))
     if eligible.size == 0:
         warnings.warn(
             "ranking_metrics: no user has both relevant and non-relevant items; metrics are NaN",
             RuntimeWarning,
             stacklevel=2,
         )
-        return {"map_at_k": float("nan"), "auc": float("nan"), "precision_at_k": float("nan"), "n_users": 0}
+        return {"map_at_k": float("nan"), "auc": float("nan"), "precision_at_k": float("nan"),
+                "ndcg_at_k": float("nan"), "n_users": 0}
 
+    dev = torch.device(device)
+    item_t = torch.as_tensor(np.ascontiguousarray(items, dtype=np.float32), device=dev)
     top = min(k, n_items)
+    discount = 1.0 / torch.log2(torch.arange(2, top + 2, dtype=torch.float64, device=dev))
+    ideal = torch.cumsum(discount, 0)
+    positions = torch.arange(1, top + 1, dtype=torch.float64, device=dev)
     batch = max(1, min(batch_users, _SCORE_BLOCK_ELEMENTS // max(n_items, 1)))
-    ap_sum = auc_sum = precision_sum = 0.0
+    sums = torch.zeros(4, dtype=torch.float64, device=dev)  # ap, precision, ndcg, auc
     for lo in range(0, eligible.size, batch):
         rows = eligible[lo : lo + batch]
-        scores = users[rows] @ items.T
-        order = np.argsort(-scores, axis=1, kind="stable")
-        hits = np.take_along_axis(relevance[rows].toarray() != 0, order, axis=1)
-        n_rel = n_relevant[rows].astype(np.float64)
+        b = len(rows)
+        scores = torch.as_tensor(np.ascontiguousarray(users[rows], dtype=np.float32), device=dev) @ item_t.T
+        block = relevance[rows]
+        rel_row = torch.as_tensor(np.repeat(np.arange(b), np.diff(block.indptr)), device=dev)
+        rel_col = torch.as_tensor(block.indices.astype(np.int64), device=dev)
+        if excluded is not None:
+            ex = excluded[rows]
+            ex_row = torch.as_tensor(np.repeat(np.arange(b), np.diff(ex.indptr)), device=dev)
+            scores[ex_row, torch.as_tensor(ex.indices.astype(np.int64), device=dev)] = -torch.inf
+        n_rel = torch.as_tensor(n_relevant[rows], dtype=torch.float64, device=dev)
+        n_cand = torch.as_tensor(np.broadcast_to(n_candidates, (n_users,))[rows], dtype=torch.float64, device=dev)
 
-        top_hits = hits[:, :top]
-        precision_at_j = np.cumsum(top_hits, axis=1) / np.arange(1, top + 1)
-        ap_sum += float(np.sum((precision_at_j * top_hits).sum(axis=1) / np.minimum(n_rel, k)))
-        precision_sum += float(np.sum(top_hits.sum(axis=1) / top))
+        hit_matrix = torch.zeros((b, n_items), dtype=torch.bool, device=dev)
+        hit_matrix[rel_row, rel_col] = True
+        hits = torch.gather(hit_matrix, 1, _stable_top(scores, top)).to(torch.float64)
+        del hit_matrix
+        cut = torch.clamp(n_rel, max=k)
+        precision_at_j = torch.cumsum(hits, dim=1) / positions
+        sums[0] += ((precision_at_j * hits).sum(dim=1) / cut).sum()
+        sums[1] += (hits.sum(dim=1) / torch.clamp(n_cand, max=top)).sum()
+        sums[2] += ((hits * discount).sum(dim=1) / ideal[cut.long() - 1]).sum()
 
-        ranks = _average_ranks_descending(np.take_along_axis(scores, order, axis=1))
-        rank_sum = (ranks * hits).sum(axis=1)
-        auc_sum += float(np.sum((rank_sum - n_rel * (n_rel + 1) / 2) / (n_rel * (n_items - n_rel))))
+        # AUC: rank of each relevant item among the candidates (excluded items score -inf,
+        # below every candidate, and are subtracted), ties counted as halves.
+        rel_scores = scores[rel_row, rel_col]
+        below = torch.zeros(rel_row.numel(), dtype=torch.float64, device=dev)
+        step = max(1, _SCORE_BLOCK_ELEMENTS // max(n_items, 1))
+        for s in range(0, rel_row.numel(), step):
+            lines = scores[rel_row[s : s + step]]
+            value = rel_scores[s : s + step, None]
+            below[s : s + step] = (lines < value).sum(dim=1) + 0.5 * ((lines == value).sum(dim=1) - 1)
+        n_excluded = n_items - n_cand
+        rank_sum = torch.zeros(b, dtype=torch.float64, device=dev).index_add_(0, rel_row, below + 1.0)
+        rank_sum -= n_rel * n_excluded
+        sums[3] += ((rank_sum - n_rel * (n_rel + 1) / 2) / (n_rel * (n_cand - n_rel))).sum()
 
     n = eligible.size
-    return {"map_at_k": ap_sum / n, "auc": auc_sum / n, "precision_at_k": precision_sum / n, "n_users": int(n)}
+    ap, precision, ndcg, auc = (float(v) / n for v in sums.cpu())
+    return {"map_at_k": ap, "auc": auc, "precision_at_k": precision, "ndcg_at_k": ndcg, "n_users": int(n)}
 
 
 def tag_metrics(y_true: np.ndarray, y_score: np.ndarray, *, tags: Sequence[str]) -> tuple[dict[str, float], pd.DataFrame]:

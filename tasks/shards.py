@@ -83,13 +83,17 @@ def content_sha1(path: str | Path) -> str:
 
 
 def write_table_atomic(table: pa.Table, path: Path, *, compression: str = "zstd",
-                       use_dictionary: bool | list[str] = True) -> Path:
-    """Write ``table`` to ``path`` via a temporary file and an atomic rename."""
+                       use_dictionary: bool | list[str] = True, row_group_size: int = ROW_GROUP_SIZE) -> Path:
+    """Write ``table`` to ``path`` via a temporary file and an atomic rename.
+
+    ``row_group_size`` (rows) defaults to the feature shards' 64; tables of small rows
+    (events, factors, id maps) pass a larger one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        pq.write_table(table, tmp, compression=compression, row_group_size=ROW_GROUP_SIZE,
+        pq.write_table(table, tmp, compression=compression, row_group_size=row_group_size,
                        use_dictionary=use_dictionary)
         os.replace(tmp, path)
     finally:

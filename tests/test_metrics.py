@@ -11,21 +11,28 @@ from tasks.errors import ParameterError
 from tasks.metrics import random_factors, ranking_metrics, tag_metrics
 
 
-def _naive_ranking(scores: np.ndarray, relevant: np.ndarray, k: int) -> dict[str, float]:
-    aps, aucs, precisions = [], [], []
-    for s, r in zip(scores, relevant, strict=True):
+def _naive_ranking(scores: np.ndarray, relevant: np.ndarray, k: int, exclude: np.ndarray | None = None) -> dict[str, float]:
+    """One user at a time, straight from the definitions."""
+    aps, aucs, precisions, ndcgs = [], [], [], []
+    exclude = np.zeros_like(relevant) if exclude is None else exclude
+    for s, r, x in zip(scores, relevant, exclude, strict=True):
+        candidates = np.flatnonzero(~x)
+        s, r = s[candidates], r[candidates]
         if r.sum() == 0 or r.all():
             continue
         order = sorted(range(len(s)), key=lambda i: (-s[i], i))[:k]
-        hits, ap = 0, 0.0
+        hits, ap, dcg = 0, 0.0, 0.0
         for j, item in enumerate(order, start=1):
             if r[item]:
                 hits += 1
                 ap += hits / j
+                dcg += 1 / np.log2(j + 1)
         aps.append(ap / min(r.sum(), k))
         precisions.append(hits / min(k, len(s)))
+        ndcgs.append(dcg / sum(1 / np.log2(j + 1) for j in range(1, min(r.sum(), k) + 1)))
         aucs.append(roc_auc_score(r, s))
-    return {"map_at_k": np.mean(aps), "auc": np.mean(aucs), "precision_at_k": np.mean(precisions), "n_users": len(aps)}
+    return {"map_at_k": np.mean(aps), "auc": np.mean(aucs), "precision_at_k": np.mean(precisions),
+            "ndcg_at_k": np.mean(ndcgs), "n_users": len(aps)}
 
 
 @pytest.mark.parametrize("k", [1, 5, 37, 500])
@@ -45,8 +52,40 @@ def test_ranking_metrics_match_naive_definitions_with_ties(k: int) -> None:
     want = _naive_ranking(scores, relevant, k)
 
     assert got["n_users"] == want["n_users"] == n_users - 2
-    for key in ("map_at_k", "auc", "precision_at_k"):
+    for key in ("map_at_k", "auc", "precision_at_k", "ndcg_at_k"):
         assert got[key] == pytest.approx(want[key], rel=1e-12, abs=1e-12), key
+
+
+@pytest.mark.parametrize("k", [3, 20, 500])
+def test_in_matrix_protocol_excludes_training_items(k: int) -> None:
+    """With ``exclude``, a user's training items are no candidates: naive per-user reference."""
+    rng = np.random.default_rng(3)
+    n_users, n_items = 60, 45
+    users = rng.integers(-2, 3, size=(n_users, 4)).astype(np.float32)
+    items = rng.integers(-2, 3, size=(n_items, 4)).astype(np.float32)
+    played = rng.random((n_users, n_items)) < 0.3
+    test = played & (rng.random((n_users, n_items)) < 0.3)
+    train = played & ~test
+    train[5] = True  # all items excluded but the relevant ones: no non-relevant candidate
+    train[5, test[5]] = False
+
+    got = ranking_metrics(users, items, sp.csr_matrix(test), exclude=sp.csr_matrix(train), k=k, batch_users=11)
+    want = _naive_ranking(users @ items.T, test, k, exclude=train)
+    assert got["n_users"] == want["n_users"]
+    for key in ("map_at_k", "auc", "precision_at_k", "ndcg_at_k"):
+        assert got[key] == pytest.approx(want[key], rel=1e-12, abs=1e-12), key
+    with pytest.raises(ParameterError, match="overlap"):
+        ranking_metrics(users, items, sp.csr_matrix(test), exclude=sp.csr_matrix(played))
+
+
+def test_ranking_metrics_random_float_factors_match_naive() -> None:
+    rng = np.random.default_rng(4)
+    users, items = rng.standard_normal((200, 8)).astype(np.float32), rng.standard_normal((300, 8)).astype(np.float32)
+    relevant = rng.random((200, 300)) < 0.02
+    got = ranking_metrics(users, items, sp.csr_matrix(relevant), k=50, batch_users=64)
+    want = _naive_ranking(users @ items.T, relevant, 50)
+    for key in ("map_at_k", "auc", "precision_at_k", "ndcg_at_k"):
+        assert got[key] == pytest.approx(want[key], rel=1e-9), key
 
 
 def test_ranking_metrics_perfect_and_reversed_scores() -> None:

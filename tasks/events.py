@@ -1,0 +1,531 @@
+"""Listening events: validated, streaming ingestion into Parquet partitions with stable ids.
+
+Source formats (:class:`ListeningSource`):
+
+``triplets``
+    Echo Nest Taste Profile ``train_triplets.txt``: ``user<TAB>song<TAB>plays``, no header.
+``hetrec``
+    HetRec 2011 Last.fm ``user_artists.dat``: header ``userID<TAB>artistID<TAB>weight``.
+``events``
+    Generic CSV (comma; tab for ``.tsv``) with a header, or Parquet: columns ``user``,
+    ``item``, ``plays`` and an optional ``ts`` (ISO 8601 or Unix seconds).
+
+Every row is checked: wrong column count, missing ids, play counts that are not
+non-negative integers and unparsable timestamps become quarantine records with the file,
+the line (for Parquet: the row) and the reason; everything else is kept. Duplicate
+(user, item) rows of one batch are summed (their latest ``ts`` kept).
+
+Layout under ``listening/``::
+
+    events/batch=<id>/part-0.parquet   user int32, item int32, plays int64, ts timestamp[s, UTC]
+    events/batch=<id>/_source.json     sha1 and counts of the source file; written last
+    users.parquet, items.parquet       key string, id int32: ids in order of first sight,
+                                       appended, never renumbered
+
+Files are read in blocks with pyarrow and ids are mapped with hash joins in Arrow, so
+memory grows with the number of valid rows (16 bytes each, plus the id maps), not with
+the size of the text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from infra.progress import ProgressReporter
+from tasks.errors import DatasetError, ParameterError
+from tasks.shards import append_quarantine, content_sha1, write_table_atomic
+
+log = logging.getLogger("mirflow")
+
+Format = Literal["auto", "triplets", "hetrec", "events"]
+EVENT_SCHEMA = pa.schema([
+    pa.field("user", pa.int32(), nullable=False),
+    pa.field("item", pa.int32(), nullable=False),
+    pa.field("plays", pa.int64(), nullable=False),
+    pa.field("ts", pa.timestamp("s", tz="UTC")),
+])
+ID_MAP_SCHEMA = pa.schema([pa.field("key", pa.string(), nullable=False), pa.field("id", pa.int32(), nullable=False)])
+HETREC_HEADER = ["userID", "artistID", "weight"]
+# Text read per block: bounds the memory of one parse step.
+_BLOCK_BYTES = 64 << 20
+_COUNT = r"^[0-9]{1,18}$"  # fits int64
+_NEGATIVE = r"^-[0-9]+$"
+_TEXT_LIMIT = 200  # characters of a bad line kept in its quarantine record
+
+
+@dataclass(frozen=True)
+class ListeningSource:
+    """One listening file; its batch id defaults to the file name without its suffix."""
+
+    path: Path
+    format: Format = "auto"
+    batch: str | None = None
+
+    def resolved(self) -> ListeningSource:
+        path = Path(self.path)
+        fmt = self.format
+        if fmt == "auto":
+            if path.suffix.lower() in {".parquet", ".csv", ".tsv"}:
+                fmt = "events"
+            elif path.name == "user_artists.dat":
+                fmt = "hetrec"
+            else:
+                fmt = "triplets"
+        if fmt not in ("triplets", "hetrec", "events"):
+            raise ParameterError(f"listening format {self.format!r} is unknown: use triplets, hetrec, events or auto")
+        batch = (self.batch or path.stem).replace("=", "-").replace("/", "-")
+        if not batch:
+            raise ParameterError(f"{path}: empty batch id")
+        return ListeningSource(path=path, format=fmt, batch=batch)
+
+
+@dataclass
+class BatchReport:
+    """What one source contributed."""
+
+    batch: str
+    path: str
+    skipped: bool = False  # unchanged since it was ingested
+    rows: int = 0  # data rows read (header excluded)
+    valid: int = 0
+    malformed: int = 0
+    events: int = 0  # distinct (user, item) pairs after summing duplicates
+    new_users: int = 0
+    new_items: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class IngestReport:
+    batches: list[BatchReport] = field(default_factory=list)
+    quarantined: int = 0  # total records in the quarantine file afterwards
+
+    @property
+    def batch_ids(self) -> list[str]:
+        return [b.batch for b in self.batches]
+
+    def totals(self) -> dict[str, int]:
+        keys = ("rows", "valid", "malformed", "events", "new_users", "new_items")
+        return {k: int(sum(getattr(b, k) for b in self.batches)) for k in keys}
+
+
+# ---------------------------------------------------------------- id maps
+
+
+class IdMap:
+    """Stable key -> int32 id map stored as Parquet (``key``, ``id`` = row position)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if self.path.exists():
+            table = pq.read_table(self.path, schema=ID_MAP_SCHEMA)
+            ids = table.column("id").to_numpy()
+            if not np.array_equal(ids, np.arange(len(ids))):
+                raise DatasetError(f"{self.path}: ids are not 0..n-1 in order; the id map is damaged")
+            self._keys = table.column("key").combine_chunks()
+        else:
+            self._keys = pa.array([], pa.string())
+        self._saved = len(self._keys)
+        self._new: list[pa.Array] = []
+
+    def __len__(self) -> int:
+        return len(self._keys) + sum(len(a) for a in self._new)
+
+    @property
+    def keys(self) -> pa.Array:
+        if self._new:
+            self._keys = pa.concat_arrays([self._keys, *self._new])
+            self._new = []
+        return self._keys
+
+    def lookup(self, keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """Ids of ``keys``; -1 where a key is unknown. Nothing is added."""
+        ids = pc.index_in(keys, value_set=self.keys)
+        return ids.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def ids(self, keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """Ids of ``keys`` (non-null strings), appending the unseen ones in order of first sight."""
+        unique = pc.unique(keys)
+        if isinstance(unique, pa.ChunkedArray):
+            unique = unique.combine_chunks()
+        unseen = unique.filter(pc.is_null(pc.index_in(unique, value_set=self.keys)))
+        if len(unseen):
+            if len(self) + len(unseen) > np.iinfo(np.int32).max:
+                raise DatasetError(f"{self.path}: more than 2^31 - 1 ids")
+            self._new.append(unseen.cast(pa.string()))
+        return pc.index_in(keys, value_set=self.keys).to_numpy(zero_copy_only=False).astype(np.int32)
+
+    @property
+    def added(self) -> int:
+        return len(self) - self._saved
+
+    def save(self) -> None:
+        if self.added or not self.path.exists():
+            keys = self.keys
+            table = pa.table({"key": keys, "id": pa.array(np.arange(len(keys), dtype=np.int32))}, schema=ID_MAP_SCHEMA)
+            write_table_atomic(table, self.path, row_group_size=1 << 20)
+            self._saved = len(keys)
+
+
+def read_id_map(path: Path) -> np.ndarray:
+    """Keys of an id map in id order (object array of str); empty when there is none."""
+    if not Path(path).exists():
+        return np.asarray([], dtype=object)
+    return pq.read_table(path, columns=["key"]).column("key").to_numpy(zero_copy_only=False)
+
+
+# ---------------------------------------------------------------- readers
+
+
+@dataclass
+class _Malformed:
+    """Bad rows of one file, located by position until all line numbers are known."""
+
+    path: Path
+    unit: str  # "line" or "row"
+    header_lines: int = 0
+    by_line: list[tuple[int, str, str]] = field(default_factory=list)  # (line, reason, text): column-count errors
+    by_position: list[tuple[int, str, str]] = field(default_factory=list)  # (1-based parsed row, reason, text)
+
+    def __len__(self) -> int:
+        return len(self.by_line) + len(self.by_position)
+
+    def records(self) -> list[dict]:
+        """Quarantine records, each with the file's physical line (or Parquet row) number."""
+        lines = sorted(line for line, _, _ in self.by_line)
+        # Parsed row p sits on line header + p + (rows skipped before it); the j-th skipped
+        # line (0-based, sorted) is preceded by (line_j - header - j - 1) parsed rows.
+        before = np.asarray(lines, dtype=np.int64) - self.header_lines - np.arange(len(lines)) - 1
+        out = []
+        for position, reason, text in self.by_position:
+            line = self.header_lines + position + int(np.searchsorted(before, position, side="left"))
+            out.append((line, reason, text))
+        out.extend(self.by_line)
+        out.sort()
+        return [{"path": f"{self.path}:{line}" if self.unit == "line" else f"{self.path}#row{line}",
+                 "stage": "listening", "reason": f"{reason}: {text[:_TEXT_LIMIT]!r}"} for line, reason, text in out]
+
+
+def _csv_blocks(path: Path, *, delimiter: str, names: list[str], header: bool,
+                bad: _Malformed) -> Iterator[pa.RecordBatch]:
+    """Blocks of string columns; rows with the wrong column count go to ``bad`` with their line."""
+
+    def invalid(row) -> str:
+        text = row.text or ""
+        if row.actual_columns == 1 and not text.strip():
+            reason = "empty line"
+        else:
+            reason = f"expected {row.expected_columns} {'tab' if delimiter == chr(9) else repr(delimiter)}-separated fields, got {row.actual_columns}"
+        bad.by_line.append((int(row.number) if row.number is not None else -1, reason, text))
+        return "skip"
+
+    reader = pacsv.open_csv(
+        path,
+        read_options=pacsv.ReadOptions(column_names=names, skip_rows=1 if header else 0, use_threads=False,
+                                       block_size=_BLOCK_BYTES),
+        parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char=False if delimiter == "\t" else '"',
+                                         ignore_empty_lines=False, invalid_row_handler=invalid),
+        convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False,
+                                             quoted_strings_can_be_null=False, check_utf8=False),
+    )
+    yield from reader
+
+
+def _header(path: Path, delimiter: str) -> list[str]:
+    with open(path, "rb") as handle:
+        first = handle.readline().decode("utf-8", errors="replace").lstrip("\ufeff").rstrip("\r\n")
+    return [name.strip() for name in first.split(delimiter)]
+
+
+def _raw_blocks(source: ListeningSource, bad: _Malformed) -> Iterator[pa.RecordBatch]:
+    """String (or, for Parquet, typed) blocks with columns user, item, plays[, ts]."""
+    path = source.path
+    if source.format == "triplets":
+        yield from _csv_blocks(path, delimiter="\t", names=["user", "item", "plays"], header=False, bad=bad)
+    elif source.format == "hetrec":
+        found = _header(path, "\t")
+        if found != HETREC_HEADER:
+            raise DatasetError(f"{path}: header {found} is not HetRec user_artists.dat's {HETREC_HEADER}")
+        bad.header_lines = 1
+        yield from _csv_blocks(path, delimiter="\t", names=["user", "item", "plays"], header=True, bad=bad)
+    elif path.suffix.lower() == ".parquet":
+        bad.unit = "row"
+        try:
+            file = pq.ParquetFile(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DatasetError(f"{path}: not a readable Parquet file: {exc}") from exc
+        names = file.schema_arrow.names
+        _check_event_columns(path, names)
+        columns = [c for c in ("user", "item", "plays", "ts") if c in names]
+        for block in file.iter_batches(batch_size=1 << 20, columns=columns):
+            yield block
+    else:
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        names = _header(path, delimiter)
+        _check_event_columns(path, names)
+        bad.header_lines = 1
+        yield from _csv_blocks(path, delimiter=delimiter, names=names, header=True, bad=bad)
+
+
+def _check_event_columns(path: Path, names: Sequence[str]) -> None:
+    missing = [c for c in ("user", "item", "plays") if c not in names]
+    if missing:
+        raise DatasetError(f"{path}: missing columns {missing} (found {list(names)}); "
+                           "listening events need user, item, plays and optionally ts")
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _as_trimmed_strings(column: pa.Array) -> pa.Array:
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return pc.utf8_trim_whitespace(column)
+    if pa.types.is_integer(column.type) or pa.types.is_dictionary(column.type):
+        return column.cast(pa.string())
+    raise DatasetError(f"ids must be strings or integers, got {column.type}")
+
+
+def _parse_counts(column: pa.Array) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    """(counts int64, ok mask, reason per bad row) for a plays column of any supported type."""
+    n = len(column)
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        text = pc.utf8_trim_whitespace(column)
+        ok = pc.fill_null(pc.match_substring_regex(text, _COUNT), False).to_numpy(zero_copy_only=False)
+        counts = np.zeros(n, dtype=np.int64)
+        if ok.any():
+            counts[ok] = pc.cast(text.filter(pa.array(ok)), pa.int64()).to_numpy()
+        reasons: list[str | None] = [None] * n
+        if not ok.all():
+            negative = pc.fill_null(pc.match_substring_regex(text, _NEGATIVE), False).to_numpy(zero_copy_only=False)
+            values = text.to_pylist()
+            for i in np.flatnonzero(~ok):
+                value = values[i]
+                if not value:
+                    reasons[i] = "missing play count"
+                elif negative[i]:
+                    reasons[i] = f"negative play count {value}"
+                else:
+                    reasons[i] = f"play count {value!r} is not a non-negative integer"
+        return counts, ok, reasons
+    if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
+        values = column.to_numpy(zero_copy_only=False).astype(np.float64)  # nulls -> nan
+        ok = np.isfinite(values) & (values >= 0) & (np.floor(values) == values) & (values < 2.0**62)
+        counts = np.where(ok, values, 0).astype(np.int64)
+        if pa.types.is_integer(column.type):  # exact, without the float round trip
+            counts[ok] = column.filter(pa.array(ok)).to_numpy(zero_copy_only=False).astype(np.int64)
+        reasons = [None] * n
+        for i in np.flatnonzero(~ok):
+            v = values[i]
+            reasons[i] = ("missing play count" if np.isnan(v) else f"negative play count {v:g}" if v < 0
+                          else f"play count {v!r} is not a non-negative integer")
+        return counts, ok, reasons
+    raise DatasetError(f"plays must be integers or strings of integers, got {column.type}")
+
+
+def _parse_ts(column: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """Timestamps (seconds, UTC) and an ok mask; empty values are null and fine."""
+    if pa.types.is_timestamp(column.type):
+        ts = column.cast(pa.timestamp("s", tz=column.type.tz or "UTC"), safe=False)
+        return ts.cast(pa.timestamp("s", tz="UTC")), np.ones(len(column), dtype=bool)
+    if pa.types.is_integer(column.type):
+        return column.cast(pa.int64()).cast(pa.timestamp("s", tz="UTC")), np.ones(len(column), dtype=bool)
+    text = pd.Series(column.to_pylist(), dtype=object).fillna("").astype(str).str.strip()
+    empty = text == ""
+    numeric = text.str.fullmatch(r"-?[0-9]{1,12}")
+    parsed = pd.Series(pd.NaT, index=text.index, dtype="datetime64[ns, UTC]")
+    if numeric.any():
+        parsed[numeric] = pd.to_datetime(text[numeric].astype(np.int64), unit="s", utc=True)
+    rest = ~numeric & ~empty
+    if rest.any():
+        parsed[rest] = pd.to_datetime(text[rest], utc=True, errors="coerce", format="ISO8601")
+    ok = (empty | parsed.notna()).to_numpy()
+    return pa.array(parsed.dt.floor("s"), type=pa.timestamp("s", tz="UTC")), ok
+
+
+def _row_text(block: pa.RecordBatch, rows: np.ndarray, delimiter: str) -> list[str]:
+    columns = [block.column(i).take(pa.array(rows)).to_pylist() for i in range(block.num_columns)]
+    return [delimiter.join("" if v is None else str(v) for v in values) for values in zip(*columns)]
+
+
+def _validate(block: pa.RecordBatch, *, first_position: int, bad: _Malformed, delimiter: str) -> pa.Table:
+    """Valid rows of ``block`` as (user str, item str, plays int64, ts); bad ones go to ``bad``."""
+    n = block.num_rows
+    user = _as_trimmed_strings(block.column("user"))
+    item = _as_trimmed_strings(block.column("item"))
+    counts, ok, reasons = _parse_counts(block.column("plays"))
+    user_missing = pc.fill_null(pc.equal(user, ""), True).to_numpy(zero_copy_only=False)
+    item_missing = pc.fill_null(pc.equal(item, ""), True).to_numpy(zero_copy_only=False)
+    names = block.schema.names
+    if "ts" in names:
+        ts, ts_ok = _parse_ts(block.column("ts"))
+    else:
+        ts, ts_ok = pa.nulls(n, pa.timestamp("s", tz="UTC")), np.ones(n, dtype=bool)
+    good = ok & ~user_missing & ~item_missing & ts_ok
+    if not good.all():
+        rows = np.flatnonzero(~good)
+        texts = _row_text(block, rows, delimiter)
+        for row, text in zip(rows, texts):
+            if user_missing[row] and item_missing[row] and not text.strip(delimiter + " "):
+                reason = "empty line"
+            elif user_missing[row]:
+                reason = "missing user id"
+            elif item_missing[row]:
+                reason = "missing item id"
+            elif not ok[row]:
+                reason = reasons[row]
+            else:
+                reason = f"timestamp {block.column('ts')[int(row)].as_py()!r} is neither ISO 8601 nor Unix seconds"
+            bad.by_position.append((first_position + int(row), reason, text))
+    mask = pa.array(good)
+    return pa.table({
+        "user": user.filter(mask), "item": item.filter(mask),
+        "plays": pa.array(counts[good]), "ts": ts.filter(mask),
+    })
+
+
+# ---------------------------------------------------------------- ingestion
+
+
+def _batch_dir(listening_dir: Path, batch: str) -> Path:
+    return Path(listening_dir) / "events" / f"batch={batch}"
+
+
+def ingested_batches(listening_dir: Path) -> list[str]:
+    """Batch ids whose ingestion completed (their ``_source.json`` exists), sorted."""
+    root = Path(listening_dir) / "events"
+    return sorted(p.name.split("=", 1)[1] for p in root.glob("batch=*") if (p / "_source.json").exists())
+
+
+def batch_record(listening_dir: Path, batch: str) -> dict:
+    """The ``_source.json`` of an ingested batch."""
+    try:
+        return json.loads((_batch_dir(listening_dir, batch) / "_source.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"batch {batch!r} is not ingested under {listening_dir}: {exc}") from exc
+
+
+def ingest_source(source: ListeningSource, *, listening_dir: Path, users: IdMap, items: IdMap,
+                  quarantine_path: Path) -> BatchReport:
+    """Ingest one file as one batch; see the module docstring. Unchanged sources are skipped."""
+    source = source.resolved()
+    path = source.path
+    if not path.is_file():
+        raise DatasetError(f"listening file not found: {path}")
+    report = BatchReport(batch=source.batch, path=str(path))
+    out = _batch_dir(listening_dir, source.batch)
+    marker = out / "_source.json"
+    sha1 = content_sha1(path)
+    try:
+        if json.loads(marker.read_text())["sha1"] == sha1 and (out / "part-0.parquet").exists():
+            report.skipped = True
+            return report
+    except (OSError, ValueError, KeyError):
+        pass
+
+    start = time.perf_counter()
+    bad = _Malformed(path=path, unit="line")
+    delimiter = "," if source.format == "events" and path.suffix.lower() == ".csv" else "\t"
+    parts: list[pa.Table] = []
+    position = 1
+    with ProgressReporter(f"ingest {path.name}", total=None, unit="rows", every_s=10) as progress:
+        for block in _raw_blocks(source, bad):
+            valid = _validate(block, first_position=position, bad=bad, delimiter=delimiter)
+            position += block.num_rows
+            if valid.num_rows:
+                parts.append(pa.table({
+                    "user": pa.array(users.ids(valid.column("user")), pa.int32()),
+                    "item": pa.array(items.ids(valid.column("item")), pa.int32()),
+                    "plays": valid.column("plays"),
+                    "ts": valid.column("ts"),
+                }, schema=EVENT_SCHEMA))
+            progress.advance(block.num_rows)
+    report.rows = position - 1 + len(bad.by_line)
+    report.malformed = len(bad)
+    report.valid = report.rows - report.malformed
+    events = pa.concat_tables(parts) if parts else EVENT_SCHEMA.empty_table()
+    del parts
+    events = events.group_by(["user", "item"], use_threads=True).aggregate([("plays", "sum"), ("ts", "max")])
+    events = events.rename_columns(["user", "item", "plays", "ts"]).cast(EVENT_SCHEMA)
+    events = events.sort_by([("user", "ascending"), ("item", "ascending")])
+    report.events = events.num_rows
+    report.new_users, report.new_items = users.added, items.added
+
+    # Ids first (events refer to them), then the events, the quarantine, and the marker
+    # last: a crash anywhere before the marker re-ingests this batch next time.
+    users.save()
+    items.save()
+    write_table_atomic(events, out / "part-0.parquet", row_group_size=1 << 20)
+    records = bad.records()
+    append_quarantine(quarantine_path, records)
+    report.seconds = time.perf_counter() - start
+    _write_text_atomic(marker, json.dumps({**asdict(report), "sha1": sha1, "format": source.format}, indent=1))
+    if records:
+        log.warning("listening %s: %d malformed rows quarantined in %s (first: %s)", path.name, len(records),
+                    quarantine_path, records[0]["reason"])
+    return report
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def ingest_sources(sources: Sequence[ListeningSource | str | Path], *, listening_dir: Path,
+                   quarantine_path: Path) -> IngestReport:
+    """Ingest listening files, one batch each, extending the stable user and item id maps.
+
+    A batch already ingested from a file with the same content hash is skipped; a file
+    whose content changed replaces its batch (ids are never renumbered).
+    """
+    listening_dir = Path(listening_dir)
+    resolved = [(s if isinstance(s, ListeningSource) else ListeningSource(Path(s))).resolved() for s in sources]
+    names = [s.batch for s in resolved]
+    duplicated = sorted({b for b in names if names.count(b) > 1})
+    if duplicated:
+        raise DatasetError(f"listening files map to the same batch ids {duplicated}; give them distinct names")
+    missing = [str(s.path) for s in resolved if not s.path.is_file()]
+    if missing:
+        raise DatasetError(f"listening files not found: {missing}")
+    users = IdMap(listening_dir / "users.parquet")
+    items = IdMap(listening_dir / "items.parquet")
+    report = IngestReport()
+    for source in resolved:
+        report.batches.append(ingest_source(source, listening_dir=listening_dir, users=users, items=items,
+                                            quarantine_path=quarantine_path))
+    report.quarantined = pq.read_metadata(quarantine_path).num_rows if Path(quarantine_path).exists() else 0
+    return report
+
+
+def read_batch_events(listening_dir: Path, batches: Sequence[str] | None = None,
+                      columns: Sequence[str] = ("user", "item", "plays")) -> pa.Table:
+    """Events of the given batches (all ingested ones when None), concatenated; not summed."""
+    names = ingested_batches(listening_dir) if batches is None else list(batches)
+    if not names:
+        raise DatasetError(f"no listening batches under {Path(listening_dir) / 'events'}: ingest some first")
+    tables = []
+    for batch in names:
+        part = _batch_dir(listening_dir, batch) / "part-0.parquet"
+        if not (_batch_dir(listening_dir, batch) / "_source.json").exists() or not part.exists():
+            raise DatasetError(f"listening batch {batch!r} is not (completely) ingested under {listening_dir}")
+        tables.append(pq.read_table(part, columns=list(columns)))
+    return pa.concat_tables(tables)
+
+
+__all__ = [
+    "EVENT_SCHEMA", "BatchReport", "IdMap", "IngestReport", "ListeningSource", "batch_record", "ingest_source",
+    "ingest_sources", "ingested_batches", "read_batch_events", "read_id_map",
+]

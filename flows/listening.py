@@ -1,14 +1,30 @@
-"""Flow: listening triplets -> events -> WMF factors, with tracks held out for cold start."""
+"""Flow: listening files -> validated events -> WMF factors -> evaluation, each an MLflow run.
+
+    files ──ingest──► events/batch=<id> ──► play matrix ──► split ──► WMF (implicit ALS) ──► evaluation
+                                                           cold start: held-out items
+                                                           in-matrix: held-out plays
+
+A run remembers what it factorized (``models/wmf/state.json``: the fit settings, the
+split and each batch's id and content hash). Running again on the same batches reuses those factors; with
+new batches, the factors are updated from the previous ones by a few ALS sweeps, and
+(``compare_full_refit``) a refit from scratch is run beside it so that both the time
+and the quality of the two are on record for the retraining schedule to choose.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from dataclasses import dataclass
+import tempfile
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pyarrow as pa
+import scipy.sparse as sp
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
@@ -16,71 +32,243 @@ from infra.layout import Layout
 from infra.progress import ProgressReporter
 from infra.settings import TrackingSettings, WMFSettings
 from infra.tracking import tracked_run
+from tasks.errors import DatasetError
+from tasks.events import IngestReport, ListeningSource, batch_record, ingest_sources
 from tasks.listening import (
-    build_play_matrix,
+    PlayMatrix,
     cold_start_split,
-    ingest_triplet_files,
+    in_matrix_split,
+    load_factors,
+    load_play_matrix,
     plays_to_frame,
-    read_events,
     save_factors,
 )
-from tasks.shards import append_quarantine, write_table_atomic
-from tasks.wmf import fit_wmf, fold_in_items, wmf_objective
+from tasks.metrics import random_factors, ranking_metrics
+from tasks.recommend import in_matrix_rows, ranking_row, sample_users
+from tasks.report import RankingRow, metric_slug
+from tasks.shards import write_table_atomic
+from tasks.wmf import WMFModel, fit_wmf, fold_in_items, warm_start, wmf_objective
 
 log = logging.getLogger("mirflow")
+
+# Users scored by the early-stopping validation metric (a sample keeps each check cheap).
+_VALIDATION_USERS = 20_000
 
 
 @dataclass(frozen=True)
 class WMFOutput:
-    """Paths of the factorization's products (Parquet) and its MLflow run."""
+    """Paths of the factorization's products (Parquet) and its MLflow runs."""
 
     user_factors: str
     item_factors: str  # items in the factorization
-    heldout_item_factors: str  # held-out items, folded in from their plays: the upper bound
-    heldout_plays: str  # users × held-out items, long form: the relevance judgements
+    heldout_item_factors: str  # cold start: held-out items folded in from their plays (the upper bound); else ""
+    heldout_plays: str  # cold start: users × held-out items, long form (the relevance judgements); else ""
     n_users: int
     n_items: int
     n_heldout: int
-    run_id: str
+    run_id: str  # the fit run
+    eval_run_id: str
+    mode: str  # "full", "incremental" or "reused"
+    batches: tuple[str, ...]
+    rows: tuple[RankingRow, ...] = ()  # the evaluation table
 
 
 @task(cache_policy=NO_CACHE)
-def ingest_listening(triplets: list[Path], listening_dir: Path, quarantine_path: Path) -> list[str]:
-    batches, quarantined = ingest_triplet_files(triplets, listening_dir=listening_dir)
-    append_quarantine(quarantine_path, quarantined)
-    if quarantined:
-        log.warning("listening: %d malformed rows quarantined in %s", len(quarantined), quarantine_path)
-    return batches
+def ingest_listening(sources: list[ListeningSource], listening_dir: Path, quarantine_path: Path) -> IngestReport:
+    report = ingest_sources(sources, listening_dir=listening_dir, quarantine_path=quarantine_path)
+    totals = report.totals()
+    log.info("listening: %d batches (%d unchanged), %d rows read, %d malformed, %d new users, %d new items",
+             len(report.batches), sum(b.skipped for b in report.batches), totals["rows"], totals["malformed"],
+             totals["new_users"], totals["new_items"])
+    return report
+
+
+def _split_key(heldout_items: list[str] | None, wmf: WMFSettings) -> dict:
+    if heldout_items is None:
+        return {"protocol": "in-matrix", "test_fraction": wmf.test_fraction}
+    digest = hashlib.sha1("\n".join(sorted(map(str, heldout_items))).encode()).hexdigest()
+    return {"protocol": "cold-start", "heldout_sha1": digest}
+
+
+def _previous_state(out: Path) -> dict | None:
+    try:
+        return json.loads((out / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _fit(train: PlayMatrix, wmf: WMFSettings, *, k: int, label: str, init: WMFModel | None = None,
+         iterations: int | None = None) -> tuple[WMFModel, float]:
+    """One fit with progress; with early stopping, validated on plays set aside from ``train``."""
+    sweeps = iterations or wmf.iterations
+    start = time.perf_counter()
+    with ProgressReporter(f"WMF {label} (implicit ALS)", total=sweeps, unit="sweeps", every_s=5) as progress:
+        if wmf.early_stopping_patience and init is None:
+            val = in_matrix_split(train, fraction=wmf.validation_fraction, seed=wmf.seed + 1, keep_all_items=True)
+            users = sample_users(val.train.plays.shape[0], _VALIDATION_USERS, seed=wmf.seed)
+            seen, held = val.train.plays[users], val.test.plays[users]
+
+            def validate(model: WMFModel) -> float:
+                score = ranking_metrics(model.user_factors[users], model.item_factors, held, exclude=seen, k=k)
+                log.info("WMF %s: sweep %d, validation mAP@%d %.4f", label, model.iterations, k, score["map_at_k"])
+                return score["map_at_k"]
+
+            model = fit_wmf(val.train.plays, settings=wmf, validate=validate,
+                            on_iteration=lambda i, loss: progress.advance())
+        else:
+            model = fit_wmf(train.plays, settings=wmf, init=init, iterations=sweeps,
+                            on_iteration=lambda i, loss: progress.advance())
+    return model, time.perf_counter() - start
+
+
+def _log_table(rows: list[RankingRow], prefix: str = "") -> None:
+    metrics = {}
+    for row in rows:
+        for name in ("map_at_k", "auc", "precision_at_k", "ndcg_at_k"):
+            metrics[f"{prefix}{metric_slug(row.name)}/{name}"] = getattr(row, name)
+    mlflow.log_metrics({key: value for key, value in metrics.items() if np.isfinite(value)})
 
 
 @flow(name="wmf")
-def factorize(data_dir: Path, triplets: list[Path], heldout_items: list[str], wmf: WMFSettings,
-              tracking: TrackingSettings) -> WMFOutput:
-    """Ingest listening batches and factorize the play matrix without the held-out items."""
+def factorize(data_dir: Path, sources: list[ListeningSource | str | Path], heldout_items: list[str] | None,
+              wmf: WMFSettings, tracking: TrackingSettings, k: int = 500) -> WMFOutput:
+    """Ingest listening files, factorize (fully, incrementally, or not at all if nothing changed) and evaluate.
+
+    With ``heldout_items`` the protocol is cold start: those items are left out of the
+    factorization, and their factors are folded in from their plays (the upper bound of
+    any content-based predictor). Without, a share of each user's plays is held out.
+    """
     layout = Layout(Path(data_dir))
     out = layout.wmf()
-    batches = ingest_listening(triplets, layout.listening(), layout.quarantine("listening"))
-    matrix = build_play_matrix(read_events(layout.listening(), batches=batches))
-    split = cold_start_split(matrix, heldout_items=np.asarray(heldout_items, dtype=str))
-    params = {**wmf.flat("wmf."), "batches": ",".join(batches)}
-    with tracked_run(tracking, "wmf", run_name="wmf", params=params) as run:
-        with ProgressReporter("WMF (implicit ALS)", total=wmf.iterations, unit="iterations", every_s=5) as progress:
-            model = fit_wmf(split.train.plays, settings=wmf, on_iteration=lambda i, loss: progress.advance())
-        heldout = fold_in_items(model.user_factors, split.test.plays.T.tocsr(), settings=wmf)
-        paths = {
-            "user_factors": save_factors(out / "user_factors.parquet", split.train.users, model.user_factors),
-            "item_factors": save_factors(out / "item_factors.parquet", split.train.items, model.item_factors),
-            "heldout_item_factors": save_factors(out / "heldout_item_factors.parquet", split.test.items, heldout),
-            "heldout_plays": write_table_atomic(pa.Table.from_pandas(plays_to_frame(split.test), preserve_index=False),
-                                                out / "heldout_plays.parquet"),
-        }
-        mlflow.log_metrics({
-            "users": len(split.train.users), "items": len(split.train.items), "heldout_items": len(split.test.items),
-            "train_plays_nnz": split.train.plays.nnz, "heldout_plays_nnz": split.test.plays.nnz,
-            "objective": wmf_objective(split.train.plays, model, settings=wmf),
-        })
+    listening = layout.listening()
+    sources = [s if isinstance(s, ListeningSource) else ListeningSource(Path(s)) for s in sources]
+    if not sources:
+        raise DatasetError("no listening files given")
+    ingest = ingest_listening(sources, listening, layout.quarantine("listening"))
+    batches = ingest.batch_ids
+    # What was factorized is identified by each batch's content hash, not only its name.
+    contents = {b: batch_record(listening, b)["sha1"] for b in batches}
+    matrix = load_play_matrix(listening, batches=batches)
+
+    split_key = _split_key(heldout_items, wmf)
+    if heldout_items is not None:
+        split = cold_start_split(matrix, heldout_items=np.asarray(heldout_items, dtype=object))
+    else:
+        split = in_matrix_split(matrix, fraction=wmf.test_fraction, seed=wmf.seed)
+    train = split.train
+
+    state = _previous_state(out)
+    same_setup = state is not None and state.get("fit_key") == wmf.fit_key() and state.get("split") == split_key
+    files = {name: out / f"{name}.parquet" for name in
+             ("user_factors", "item_factors", "heldout_item_factors", "heldout_plays")}
+    previous = state.get("batches", {}) if same_setup else {}
+    if same_setup and previous == contents and all(files[n].exists() for n in ("user_factors", "item_factors")):
+        log.info("WMF: batches %s already factorized with these settings (run %s): reusing the factors",
+                 batches, state["run_id"])
+        return WMFOutput(**{n: str(p) if p.exists() else "" for n, p in files.items()},
+                         n_users=state["n_users"], n_items=state["n_items"], n_heldout=state["n_heldout"],
+                         run_id=state["run_id"], eval_run_id=state["eval_run_id"], mode="reused",
+                         batches=tuple(batches))
+    incremental = same_setup and set(previous.items()) < set(contents.items())
+
+    totals = ingest.totals()
+    params = {**wmf.flat("wmf."), "batches": ",".join(batches), "protocol": split_key["protocol"],
+              "mode": "incremental" if incremental else "full"}
+    with tracked_run(tracking, "wmf", run_name=f"wmf-{params['mode']}", params=params,
+                     tags={"mirflow.batches": ",".join(batches)}) as run:
+        mlflow.log_metrics({"ingest/rows": totals["rows"], "ingest/malformed": totals["malformed"],
+                            "ingest/new_users": totals["new_users"], "ingest/new_items": totals["new_items"],
+                            "users": train.plays.shape[0], "items": train.plays.shape[1], "train_plays_nnz": train.plays.nnz,
+                            "test_plays_nnz": split.test.plays.nnz})
+        full_model = None
+        if incremental:
+            previous_users, previous_x = load_factors(files["user_factors"])
+            previous_items, previous_y = load_factors(files["item_factors"])
+            start = time.perf_counter()  # the warm start's fold-ins are part of the update
+            init, counts = warm_start(WMFModel(previous_x, previous_y), previous_users=previous_users,
+                                      previous_items=previous_items, plays=train.plays, users=train.users,
+                                      items=train.items, settings=wmf)
+            model, _ = _fit(train, wmf, k=k, label="update", init=init, iterations=wmf.incremental_sweeps)
+            seconds = time.perf_counter() - start
+            mlflow.log_metrics({f"incremental/{key}": value for key, value in counts.items()})
+            mlflow.log_metrics({"incremental/seconds": seconds, "incremental/sweeps": wmf.incremental_sweeps,
+                                "incremental/objective": wmf_objective(train.plays, model, settings=wmf)})
+            mlflow.set_tag("mirflow.previous_batches", ",".join(previous))
+            if wmf.compare_full_refit:
+                full_model, full_seconds = _fit(train, wmf, k=k, label="full refit")
+                mlflow.log_metrics({"full_refit/seconds": full_seconds, "full_refit/sweeps": full_model.iterations,
+                                    "full_refit/objective": wmf_objective(train.plays, full_model, settings=wmf),
+                                    "incremental/time_vs_full_refit": seconds / max(full_seconds, 1e-9)})
+        else:
+            model, seconds = _fit(train, wmf, k=k, label="fit")
+        for step, score in model.validation:
+            mlflow.log_metric("validation/map_at_k", score, step=step)
+        mlflow.log_metrics({"fit_seconds": seconds, "sweeps": model.iterations,
+                            "objective": wmf_objective(train.plays, model, settings=wmf)})
+
+        paths = {"user_factors": save_factors(files["user_factors"], train.users, model.user_factors),
+                 "item_factors": save_factors(files["item_factors"], train.items, model.item_factors)}
+        heldout = None
+        if heldout_items is not None:
+            heldout = fold_in_items(model.user_factors, split.test.plays.T.tocsr(), settings=wmf)
+            paths["heldout_item_factors"] = save_factors(files["heldout_item_factors"], split.test.items, heldout)
+            paths["heldout_plays"] = write_table_atomic(
+                pa.Table.from_pandas(plays_to_frame(split.test), preserve_index=False), files["heldout_plays"],
+                row_group_size=1 << 20)
+        else:
+            for name in ("heldout_item_factors", "heldout_plays"):
+                files[name].unlink(missing_ok=True)
         for path in paths.values():
             mlflow.log_artifact(str(path), artifact_path="factors")
-    return WMFOutput(**{k: str(v) for k, v in paths.items()}, n_users=len(split.train.users),
-                     n_items=len(split.train.items), n_heldout=len(split.test.items), run_id=run.info.run_id)
+        for name in ("users.parquet", "items.parquet"):
+            mlflow.log_artifact(str(listening / name), artifact_path="id_maps")
+        with tempfile.TemporaryDirectory() as tmp:
+            report = Path(tmp) / "ingest.json"
+            report.write_text(json.dumps([asdict(b) for b in ingest.batches], indent=1))
+            mlflow.log_artifact(str(report))
 
+    eval_run_id, rows = evaluate(split, heldout_items is not None, model, heldout, full_model, wmf, tracking, k=k,
+                                 fit_run_id=run.info.run_id, batches=batches)
+    state = {"fit_key": wmf.fit_key(), "split": split_key, "batches": contents, "run_id": run.info.run_id,
+             "eval_run_id": eval_run_id, "n_users": len(train.users), "n_items": len(train.items),
+             "n_heldout": len(split.test.items) if heldout_items is not None else 0}
+    # Last: a run killed before this point is redone in full next time.
+    (out / ".state.json.tmp").write_text(json.dumps(state, indent=1))
+    (out / ".state.json.tmp").replace(out / "state.json")
+    return WMFOutput(**{n: str(paths.get(n, "")) for n in files}, n_users=state["n_users"], n_items=state["n_items"],
+                     n_heldout=state["n_heldout"], run_id=run.info.run_id, eval_run_id=eval_run_id,
+                     mode=params["mode"], batches=tuple(batches), rows=tuple(rows))
+
+
+def evaluate(split, cold_start: bool, model: WMFModel, heldout: np.ndarray | None, full_model: WMFModel | None,
+             wmf: WMFSettings, tracking: TrackingSettings, *, k: int, fit_run_id: str,
+             batches: list[str]) -> tuple[str, list[RankingRow]]:
+    """The evaluation run: WMF against random and popularity rankings under the split's protocol."""
+    protocol = "cold-start" if cold_start else "in-matrix"
+    with tracked_run(tracking, "wmf", run_name=f"wmf-eval-{protocol}",
+                     params={"protocol": protocol, "k": k, "eval_max_users": wmf.eval_max_users,
+                             "batches": ",".join(batches)},
+                     tags={"mirflow.fit_run_id": fit_run_id}) as run:
+        start = time.perf_counter()
+        if cold_start:
+            test: sp.csr_matrix = split.test.plays
+            popularity = np.asarray(test.sum(axis=0), dtype=np.float32).reshape(-1, 1)
+            sources = [("random", random_factors(test.shape[0], seed=wmf.seed), random_factors(test.shape[1], seed=wmf.seed + 1)),
+                       ("popularity", np.ones((test.shape[0], 1), np.float32), popularity),
+                       ("WMF factors (upper bound)", model.user_factors, heldout)]
+            if full_model is not None:
+                refit = fold_in_items(full_model.user_factors, test.T.tocsr(), settings=wmf)
+                sources.append(("WMF full refit (upper bound)", full_model.user_factors, refit))
+            rows = [ranking_row(name, users, items, test, k=k) for name, users, items in sources]
+        else:
+            models = {"WMF": (model.user_factors, model.item_factors)}
+            if full_model is not None:
+                models["WMF full refit"] = (full_model.user_factors, full_model.item_factors)
+            rows = in_matrix_rows(models=models, train=split.train.plays, test=split.test.plays, k=k,
+                                  max_users=wmf.eval_max_users, seed=wmf.seed)
+        _log_table(rows)
+        mlflow.log_metrics({"eval_seconds": time.perf_counter() - start, "eval_users": rows[0].n_users})
+    for row in rows:
+        log.info("WMF %s  %-28s mAP@%d %.4f  AUC %.3f  P@%d %.4f  NDCG@%d %.4f", protocol, row.name, k, row.map_at_k,
+                 row.auc, k, row.precision_at_k, k, row.ndcg_at_k)
+    return run.info.run_id, rows

@@ -68,7 +68,7 @@ def pipeline(settings: PipelineSettings) -> PipelineSummary:
                                settings.tracking)
     tracks = pd.read_parquet(tracks_path, columns=["track_id", "split"])
     heldout = list(tracks.loc[tracks["split"] == "test", "track_id"])
-    wmf = factorize(settings.data_dir, list(triplets), heldout, settings.wmf, settings.tracking)
+    wmf = factorize(settings.data_dir, list(triplets), heldout, settings.wmf, settings.tracking, k=settings.evaluation.k)
     recommender = train_recommender_flow(settings.data_dir, dataset, feature_set, settings.features.mel, wmf,
                                          settings.recommender, settings.evaluation, settings.tracking)
     with tracked_run(settings.tracking, "pipeline", run_name=f"pipeline-{dataset}", params=settings.flat(),

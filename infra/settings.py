@@ -180,7 +180,23 @@ class WMFSettings(_Settings):
     confidence: Literal["log", "linear"] = "log"
     alpha: float = Field(2.0, gt=0.0)
     epsilon: float = Field(1.0, gt=0.0, description="play-count scale in the log confidence")
+    solver: Literal["cg", "cholesky"] = Field("cg", description="implicit's conjugate gradient, or exact solves")
     seed: int = 0
+    # Evaluation and early stopping (in-matrix protocol: held-out plays of known items).
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of each user's items held out (in-matrix)")
+    early_stopping_patience: int = Field(0, ge=0, description="evaluations without gain before stopping; 0 = off")
+    eval_every: int = Field(1, ge=1, description="ALS sweeps between early-stopping evaluations")
+    validation_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="training plays set aside for early stopping")
+    eval_max_users: int = Field(100_000, ge=0, description="users sampled for in-matrix evaluation; 0 = all")
+    # Incremental updates when new listening batches arrive.
+    incremental_sweeps: int = Field(3, ge=1, description="ALS sweeps from the previous factors")
+    compare_full_refit: bool = Field(True, description="also refit from scratch and record both")
+
+    def fit_key(self) -> dict[str, Any]:
+        """The settings that change the factors (not how they are evaluated)."""
+        return self.model_dump(include={"factors", "regularization", "iterations", "confidence", "alpha", "epsilon",
+                                        "solver", "seed", "early_stopping_patience", "eval_every",
+                                        "validation_fraction"})
 
 
 class TrainSettings(_Settings):

@@ -8,12 +8,9 @@ Tracks table (``tracks/<dataset>.parquet``)::
 mark tracks that the list leaves out (the faults a cleaned split removes) ``unused``
 instead of dropping them, so nothing disappears silently.
 
-Events (``listening/events/batch=<id>/``)::
-
-    user string, item string, plays int64, batch string
-
-The demo uses exactly these adapters on the synthetic world, which writes the
-real MagnaTagATune and Taste Profile formats.
+Listening data (Taste Profile triplets, HetRec Last.fm, generic events) is read by
+:mod:`tasks.events`. The demo uses exactly these adapters on the synthetic world,
+which writes the real MagnaTagATune and Taste Profile formats.
 """
 
 from __future__ import annotations
@@ -33,7 +30,6 @@ from tasks.errors import DatasetError, ParameterError
 
 # The papers' folder split of MagnaTagATune: folders 0-b train, c valid, d-f test.
 MTAT_FOLDER_SPLIT = {**{f: "train" for f in "0123456789ab"}, "c": "valid", **{f: "test" for f in "def"}}
-EVENT_COLUMNS = ["user", "item", "plays", "batch"]
 TRACK_COLUMNS = ["track_id", "source_path", "split", "tags"]
 SPLITS = ("train", "valid", "test")
 UNUSED = "unused"
@@ -380,61 +376,6 @@ def _manifest_tags(path: Path, column: pd.Series, track_ids: pd.Series) -> list[
 def _examples(values: Iterable, n: int = 5) -> list:
     values = list(values)
     return values[:n] + ([f"... {len(values) - n} more"] if len(values) > n else [])
-
-
-def read_triplets(path: Path, *, batch: str) -> tuple[pd.DataFrame, list[dict]]:
-    """Read Taste Profile triplets ``user<TAB>song<TAB>plays``; returns (events, quarantine records).
-
-    Rows with the wrong number of fields, empty ids, or a play count that is not a
-    positive integer are returned as quarantine records with their line number and
-    reason; duplicates of the same (user, song) are summed. Nothing valid is dropped.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise DatasetError(f"listening file not found: {path}")
-    users, items, plays, bad = [], [], [], []
-    with path.open(newline="", encoding="utf-8", errors="replace") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            line = line.rstrip("\r\n")
-            if not line:
-                continue
-            fields = line.split("\t")
-            reason = None
-            if len(fields) != 3:
-                reason = f"expected 3 tab-separated fields, got {len(fields)}"
-            elif not fields[0] or not fields[1]:
-                reason = "empty user or song id"
-            else:
-                try:
-                    count = int(fields[2])
-                except ValueError:
-                    reason = f"play count {fields[2]!r} is not an integer"
-                else:
-                    if count <= 0:
-                        reason = f"play count {count} is not positive"
-            if reason is not None:
-                bad.append({"path": f"{path}:{lineno}", "stage": "listening", "reason": f"{reason}: {line[:200]!r}"})
-                continue
-            users.append(fields[0])
-            items.append(fields[1])
-            plays.append(count)
-    events = pd.DataFrame({"user": users, "item": items, "plays": np.asarray(plays, dtype=np.int64)})
-    events = events.groupby(["user", "item"], as_index=False, sort=False)["plays"].sum()
-    events["batch"] = batch
-    return events[EVENT_COLUMNS], bad
-
-
-def read_hetrec_user_artists(path: Path, *, batch: str = "hetrec") -> pd.DataFrame:
-    """Read HetRec 2011 Last.fm ``user_artists.dat`` (``userID artistID weight``, header) as events."""
-    frame = pd.read_csv(path, sep="\t", dtype={"userID": str, "artistID": str, "weight": np.int64})
-    missing = {"userID", "artistID", "weight"} - set(frame.columns)
-    if missing:
-        raise DatasetError(f"{path}: missing columns {sorted(missing)}; expected HetRec user_artists.dat")
-    frame = frame[frame["weight"] > 0]
-    events = frame.rename(columns={"userID": "user", "artistID": "item", "weight": "plays"})
-    events = events.groupby(["user", "item"], as_index=False, sort=False)["plays"].sum()
-    events["batch"] = batch
-    return events[EVENT_COLUMNS]
 
 
 def tag_vocabulary(tracks: pd.DataFrame, *, n: int) -> list[str]:

@@ -352,7 +352,8 @@ def _parse_ts(column: pa.Array) -> tuple[pa.Array, np.ndarray]:
     if rest.any():
         parsed[rest] = pd.to_datetime(text[rest], utc=True, errors="coerce", format="ISO8601")
     ok = (empty | parsed.notna()).to_numpy()
-    return pa.array(parsed.dt.floor("s"), type=pa.timestamp("s", tz="UTC")), ok
+    seconds = parsed.dt.tz_convert(None).to_numpy().astype("datetime64[s]")
+    return pa.array(seconds, type=pa.timestamp("s")).cast(pa.timestamp("s", tz="UTC")), ok
 
 
 def _row_text(block: pa.RecordBatch, rows: np.ndarray, delimiter: str) -> list[str]:
@@ -388,7 +389,7 @@ def _validate(block: pa.RecordBatch, *, first_position: int, bad: _Malformed, de
                 reason = reasons[row]
             else:
                 reason = f"timestamp {block.column('ts')[int(row)].as_py()!r} is neither ISO 8601 nor Unix seconds"
-            bad.by_position.append((first_position + int(row), reason, text))
+            bad.by_position.append((first_position + int(row), reason, "" if reason == "empty line" else text))
     mask = pa.array(good)
     return pa.table({
         "user": user.filter(mask), "item": item.filter(mask),

@@ -1,14 +1,17 @@
-"""Listening data: events on disk, stable id maps, the play matrix and the cold-start split.
+"""Play matrices from ingested listening events, and the two evaluation protocols.
 
-Layout under the storage root::
+Ingestion (validation, quarantine, stable id maps, one Parquet partition per batch) is in
+:mod:`tasks.events`. Here the events of chosen batches become a users × items matrix of
+raw play counts, split for evaluation:
 
-    listening/events/batch=<id>/part-0.parquet   user, item, plays
-    listening/users.parquet, items.parquet       key -> stable integer id (appended, never renumbered)
+- cold start (DESIGN.md §3 II): whole items are held out of the factorization;
+- in-matrix: a fraction of each user's played items is held out; those items stay in
+  the factorization through the other users' plays.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,48 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-from tasks.datasets import read_triplets
-from tasks.errors import DatasetError
-from tasks.shards import content_sha1, write_table_atomic
-
-
-def write_events(events: pd.DataFrame, *, listening_dir: Path, batch: str) -> Path:
-    """Store one ingested batch as its own partition (rewriting it if the batch is ingested again)."""
-    table = pa.Table.from_pandas(events[["user", "item", "plays"]], preserve_index=False)
-    return write_table_atomic(table, Path(listening_dir) / "events" / f"batch={batch}" / "part-0.parquet")
-
-
-def ingested_batches(listening_dir: Path) -> list[str]:
-    root = Path(listening_dir) / "events"
-    return sorted(p.name.split("=", 1)[1] for p in root.glob("batch=*") if (p / "part-0.parquet").exists())
-
-
-def read_events(listening_dir: Path, *, batches: list[str] | None = None) -> pd.DataFrame:
-    """All events of the given batches (all when None), duplicates across batches summed."""
-    names = ingested_batches(listening_dir) if batches is None else batches
-    if not names:
-        raise DatasetError(f"no listening batches under {listening_dir}/events: ingest some first")
-    frames = [pq.read_table(Path(listening_dir) / "events" / f"batch={b}" / "part-0.parquet").to_pandas() for b in names]
-    events = pd.concat(frames, ignore_index=True)
-    return events.groupby(["user", "item"], as_index=False, sort=False)["plays"].sum()
-
-
-def update_id_map(path: Path, keys: np.ndarray | pd.Series) -> pd.DataFrame:
-    """Append unseen ``keys`` to the id map at ``path``; existing ids never change.
-
-    Returns the full map (columns ``key``, ``id``), ids 0..n-1 in order of first sight.
-    """
-    path = Path(path)
-    existing = pq.read_table(path).to_pandas() if path.exists() else pd.DataFrame({"key": pd.Series(dtype=str), "id": pd.Series(dtype=np.int64)})
-    known = set(existing["key"])
-    new = pd.unique(pd.Series(keys, dtype=str))
-    new = [k for k in new if k not in known]
-    if new:
-        start = len(existing)
-        added = pd.DataFrame({"key": new, "id": np.arange(start, start + len(new), dtype=np.int64)})
-        existing = pd.concat([existing, added], ignore_index=True)
-        write_table_atomic(pa.Table.from_pandas(existing, preserve_index=False), path)
-    return existing
+from tasks.errors import DatasetError, ParameterError
+from tasks.events import read_batch_events, read_id_map
+from tasks.shards import write_table_atomic
 
 
 @dataclass(frozen=True)
@@ -67,8 +31,35 @@ class PlayMatrix:
     """Users × items play counts with the keys of each row and column."""
 
     plays: sp.csr_matrix  # (n_users, n_items) float32 raw counts
-    users: np.ndarray  # (n_users,) str
-    items: np.ndarray  # (n_items,) str
+    users: np.ndarray  # (n_users,) keys
+    items: np.ndarray  # (n_items,) keys
+
+
+def load_play_matrix(listening_dir: Path, *, batches: Sequence[str] | None = None) -> PlayMatrix:
+    """The play matrix of the given ingested batches (all when None).
+
+    Plays of the same (user, item) in several batches are summed. Rows and columns are
+    the users and items with at least one play, in stable-id order; zero counts carry no play.
+    """
+    table = read_batch_events(listening_dir, batches, columns=("user", "item", "plays"))
+    rows = table.column("user").to_numpy()
+    cols = table.column("item").to_numpy()
+    plays = table.column("plays").to_numpy().astype(np.float32)
+    del table
+    user_keys = read_id_map(Path(listening_dir) / "users.parquet")
+    item_keys = read_id_map(Path(listening_dir) / "items.parquet")
+    if rows.size and (rows.max() >= len(user_keys) or cols.max() >= len(item_keys)):
+        raise DatasetError(f"events under {listening_dir} refer to ids missing from users/items.parquet")
+    matrix = sp.csr_matrix((plays, (rows, cols)), shape=(len(user_keys), len(item_keys)), dtype=np.float32)
+    del rows, cols, plays
+    matrix.sum_duplicates()
+    matrix.eliminate_zeros()
+    active_users = np.flatnonzero(np.diff(matrix.indptr) > 0)
+    active_items = np.flatnonzero(np.bincount(matrix.indices, minlength=matrix.shape[1]) > 0)
+    if active_users.size == 0:
+        raise DatasetError(f"the listening batches {list(batches) if batches else 'under ' + str(listening_dir)} hold no plays")
+    matrix = matrix[active_users][:, active_items].tocsr()
+    return PlayMatrix(matrix, np.asarray(user_keys[active_users]), np.asarray(item_keys[active_items]))
 
 
 def build_play_matrix(events: pd.DataFrame, *, items: np.ndarray | None = None) -> PlayMatrix:
@@ -95,6 +86,63 @@ class ColdStartSplit:
 
     train: PlayMatrix  # users × training items
     test: PlayMatrix  # same users × held-out items
+
+
+@dataclass(frozen=True)
+class InMatrixSplit:
+    """A fraction of each user's plays held out; train and test share users and items."""
+
+    train: PlayMatrix
+    test: PlayMatrix
+
+
+def in_matrix_split(matrix: PlayMatrix, *, fraction: float = 0.2, seed: int = 0, min_items: int = 2,
+                    keep_all_items: bool = False) -> InMatrixSplit:
+    """Hold out ``round(fraction × n_u)`` of each user's played items (at least one when the
+    user has ``min_items`` or more, and never all of them).
+
+    Which items are held out follows a hash of (user key, item key, seed), not the
+    matrix's order: when a new listening batch arrives, the pairs held out before stay
+    held out (unless the user's new items push them out of the first ``n_test``), so a
+    model warm-started from the previous factors is not scored on plays it trained on.
+
+    Items left with no training play are dropped from both halves (no factor can be
+    learned for them) unless ``keep_all_items``, as for an early-stopping split whose
+    training half must keep the columns of the matrix it was cut from. Every user keeps a row; users with fewer than ``min_items`` played
+    items have an empty test row and are not scored.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ParameterError(f"fraction={fraction} must be in (0, 1)")
+    plays = matrix.plays.tocsr()
+    plays.sort_indices()
+    counts = np.diff(plays.indptr)
+    row_of = np.repeat(np.arange(plays.shape[0]), counts)
+    # A pseudo-random order within each row from the keys: sort by (row, pair hash).
+    user_hash = pd.util.hash_array(np.asarray(matrix.users, dtype=object), hash_key=f"mirflow{seed:09d}"[:16])
+    item_hash = pd.util.hash_array(np.asarray(matrix.items, dtype=object), hash_key=f"mirflow{seed:09d}"[:16])
+    with np.errstate(over="ignore"):
+        pair = user_hash[row_of] * np.uint64(0x9E3779B97F4A7C15) ^ item_hash[plays.indices]
+        pair ^= pair >> np.uint64(31)
+        pair *= np.uint64(0xBF58476D1CE4E5B9)
+        pair ^= pair >> np.uint64(29)
+    order = np.lexsort((pair, row_of))
+    rank = np.empty(plays.nnz, dtype=np.int64)
+    rank[order] = np.arange(plays.nnz) - plays.indptr[row_of[order]]
+    n_test = np.where(counts >= min_items, np.clip(np.rint(fraction * counts), 1, counts - 1), 0).astype(np.int64)
+    test_mask = rank < n_test[row_of]
+
+    def part(mask: np.ndarray) -> sp.csr_matrix:
+        out = sp.csr_matrix((plays.data[mask], (row_of[mask], plays.indices[mask])), shape=plays.shape)
+        out.sort_indices()
+        return out
+
+    train, test = part(~test_mask), part(test_mask)
+    keep = np.arange(train.shape[1]) if keep_all_items else np.flatnonzero(
+        np.bincount(train.indices, minlength=train.shape[1]) > 0)
+    return InMatrixSplit(
+        train=PlayMatrix(train[:, keep].tocsr(), matrix.users, matrix.items[keep]),
+        test=PlayMatrix(test[:, keep].tocsr(), matrix.users, matrix.items[keep]),
+    )
 
 
 def cold_start_split(matrix: PlayMatrix, *, heldout_items: np.ndarray) -> ColdStartSplit:
@@ -130,36 +178,6 @@ def load_factors(path: Path) -> tuple[np.ndarray, np.ndarray]:
     dim = column.type.list_size
     factors = column.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
     return np.asarray(table.column("key").to_pylist(), dtype=str), factors
-
-
-def ingest_triplet_files(paths: list[Path], *, listening_dir: Path) -> tuple[list[str], list[dict]]:
-    """Ingest Taste Profile triplet files, one batch each (batch id = file stem).
-
-    A batch already on disk from a file with the same content hash is not read
-    again; a file whose content changed replaces its batch. Returns the batch ids
-    and the quarantine records of malformed rows. User and item id maps are extended.
-    """
-    listening_dir = Path(listening_dir)
-    batches, quarantined = [], []
-    for path in paths:
-        batch = Path(path).stem.replace("=", "-")
-        if batch in batches:
-            raise DatasetError(f"two listening files map to batch {batch!r}; give them distinct names")
-        batches.append(batch)
-        marker = listening_dir / "events" / f"batch={batch}" / "_source.json"
-        sha1 = content_sha1(path)
-        try:
-            if json.loads(marker.read_text())["sha1"] == sha1:
-                continue
-        except (OSError, ValueError, KeyError):
-            pass
-        events, bad = read_triplets(path, batch=batch)
-        quarantined.extend(bad)
-        update_id_map(listening_dir / "users.parquet", events["user"])
-        update_id_map(listening_dir / "items.parquet", events["item"])
-        write_events(events, listening_dir=listening_dir, batch=batch)
-        marker.write_text(json.dumps({"path": str(path), "sha1": sha1, "rows": len(events), "malformed": len(bad)}))
-    return batches, quarantined
 
 
 def plays_to_frame(matrix: PlayMatrix) -> pd.DataFrame:

@@ -1,8 +1,13 @@
-"""Cold-start evaluation of content-based recommendation (DESIGN.md §3 II).
+"""Recommendation evaluation under the two protocols.
 
-Held-out tracks were removed from the factorization. For every user, they are
-ranked by ``x_uᵀ ŷ_i`` with ŷ from a given source, and the ranking is scored
-against the user's real plays of those tracks with mAP@k and AUC.
+Cold start (DESIGN.md §3 II): held-out tracks were removed from the factorization. For
+every user, they are ranked by ``x_uᵀ ŷ_i`` with ŷ from a given source, and the ranking
+is scored against the user's real plays of those tracks.
+
+In-matrix: a share of each user's plays was held out; every item the user did not play
+in training is a candidate, ranked by ``x_uᵀ y_i``.
+
+Both report mAP@k, AUC, precision@k and NDCG@k (:func:`tasks.metrics.ranking_metrics`).
 """
 
 from __future__ import annotations
@@ -62,8 +67,45 @@ def cold_start_rows(
         ("CNN-predicted factors", user_factors, predicted_factors),
         ("WMF factors (upper bound)", user_factors, wmf_factors),
     ]
-    rows = []
-    for name, users, items in sources:
-        metrics = ranking_metrics(users, items, heldout_plays, k=k)
-        rows.append(RankingRow(name=name, map_at_k=metrics["map_at_k"], auc=metrics["auc"]))
-    return rows
+    return [ranking_row(name, users, items, heldout_plays, k=k) for name, users, items in sources]
+
+
+def ranking_row(name: str, user_factors: np.ndarray, item_factors: np.ndarray, relevant: sp.csr_matrix, *,
+                k: int, exclude: sp.csr_matrix | None = None) -> RankingRow:
+    metrics = ranking_metrics(user_factors, item_factors, relevant, k=k, exclude=exclude)
+    return RankingRow(name=name, map_at_k=metrics["map_at_k"], auc=metrics["auc"],
+                      precision_at_k=metrics["precision_at_k"], ndcg_at_k=metrics["ndcg_at_k"],
+                      n_users=metrics["n_users"])
+
+
+def sample_users(n_users: int, max_users: int, *, seed: int) -> np.ndarray:
+    """Sorted indices of at most ``max_users`` users (all when ``max_users`` is 0 or larger)."""
+    if max_users <= 0 or max_users >= n_users:
+        return np.arange(n_users)
+    return np.sort(np.random.default_rng(seed).choice(n_users, size=max_users, replace=False))
+
+
+def in_matrix_rows(
+    *,
+    models: dict[str, tuple[np.ndarray, np.ndarray]],
+    train: sp.csr_matrix,
+    test: sp.csr_matrix,
+    k: int,
+    max_users: int = 0,
+    seed: int = 0,
+) -> list[RankingRow]:
+    """In-matrix table: ``random``, ``popularity`` (training listeners per item) and each of
+    ``models`` (name -> (user_factors, item_factors)), on the same sample of users.
+
+    ``train`` and ``test`` are users × items plays; training items are no candidates.
+    """
+    rows_idx = sample_users(train.shape[0], max_users, seed=seed)
+    train_s, test_s = train[rows_idx], test[rows_idx]
+    n_items = train.shape[1]
+    listeners = np.diff(sp.csc_matrix(train).indptr).astype(np.float32).reshape(-1, 1)
+    sources = [
+        ("random", random_factors(len(rows_idx), seed=seed), random_factors(n_items, seed=seed + 1)),
+        ("popularity", np.ones((len(rows_idx), 1), np.float32), listeners),
+        *((name, users[rows_idx], items) for name, (users, items) in models.items()),
+    ]
+    return [ranking_row(name, users, items, test_s, k=k, exclude=train_s) for name, users, items in sources]

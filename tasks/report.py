@@ -20,6 +20,9 @@ class RankingRow:
     name: str
     map_at_k: float
     auc: float
+    precision_at_k: float = float("nan")
+    ndcg_at_k: float = float("nan")
+    n_users: int = 0
 
 
 @dataclass(frozen=True)

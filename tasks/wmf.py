@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
@@ -34,6 +35,9 @@ class WMFModel:
 
     user_factors: np.ndarray  # (n_users, factors) float32
     item_factors: np.ndarray  # (n_items, factors) float32
+    iterations: int = 0  # ALS sweeps behind these factors (counting from the initial factors)
+    # (sweep, validation score) after each evaluation when early stopping was on
+    validation: tuple[tuple[int, float], ...] = ()
 
 
 def _checked_plays(plays: sp.spmatrix | sp.sparray | np.ndarray, name: str = "plays") -> sp.csr_matrix:
@@ -100,6 +104,9 @@ def fit_wmf(
     *,
     settings: WMFSettings,
     num_threads: int = 0,
+    init: WMFModel | None = None,
+    iterations: int | None = None,
+    validate: Callable[[WMFModel], float] | None = None,
     on_iteration: Callable[[int, float], None] | None = None,
 ) -> WMFModel:
     """Factorize a play matrix with ALS (``implicit``; on the GPU when it was built with CUDA).
@@ -110,10 +117,20 @@ def fit_wmf(
         Raw play counts, finite and >= 0, with at least one play.
     settings : WMFSettings
         ``factors``, ``regularization`` (lambda), ``iterations``, the confidence
-        function and ``seed`` (the random initial factors).
+        function, ``solver`` and ``seed`` (the random initial factors); with
+        ``validate``, ``eval_every`` and ``early_stopping_patience``.
     num_threads : int >= 0
         CPU solver threads; 0 means one per core. BLAS is held to one thread during
         the fit, as ``implicit`` asks.
+    init : WMFModel, optional
+        Start from these factors (a warm start) instead of random ones; shapes must
+        match ``plays``.
+    iterations : int, optional
+        ALS sweeps to run; ``settings.iterations`` when None.
+    validate : callable, optional
+        ``validate(model) -> score`` (higher is better), called every ``eval_every``
+        sweeps. With ``early_stopping_patience > 0`` the fit stops after that many
+        evaluations without a better score, and the best factors are returned.
     on_iteration : callable, optional
         Called after each ALS sweep as ``on_iteration(iteration, loss)`` with
         ``iteration`` counted from 1 and ``loss`` ``implicit``'s training loss (the WMF
@@ -123,32 +140,72 @@ def fit_wmf(
     Returns
     -------
     WMFModel
-        ``user_factors`` (n_users, factors) and ``item_factors`` (n_items, factors), float32.
+        ``user_factors`` (n_users, factors) and ``item_factors`` (n_items, factors),
+        float32, the sweeps run and the validation history.
     """
     if num_threads < 0:
         raise ParameterError(f"num_threads={num_threads} must be >= 0 (0 = one per core)")
+    total = settings.iterations if iterations is None else iterations
+    if total < 1:
+        raise ParameterError(f"iterations={total} must be >= 1")
     weights = confidence(plays, settings=settings)
+    if init is not None:
+        expected = [(weights.shape[0], settings.factors), (weights.shape[1], settings.factors)]
+        got = [np.shape(init.user_factors), np.shape(init.item_factors)]
+        if got != expected:
+            raise ParameterError(f"initial factors have shapes {got}, the play matrix needs {expected}")
 
     import implicit.als
     import implicit.gpu
 
-    def callback(iteration: int, _elapsed: float, loss: float | None) -> None:
-        on_iteration(iteration + 1, float("nan") if loss is None else float(loss))
+    use_gpu = bool(implicit.gpu.HAS_CUDA)
+    done = 0
 
+    def callback(iteration: int, _elapsed: float, loss: float | None) -> None:
+        on_iteration(done + iteration + 1, float("nan") if loss is None else float(loss))
+
+    def to_model(array: np.ndarray):
+        array = np.ascontiguousarray(array, dtype=np.float32).copy()
+        return implicit.gpu.Matrix(array) if use_gpu else array
+
+    step = settings.eval_every if validate is not None else total
+    history: list[tuple[int, float]] = []
+    best: WMFModel | None = None
+    stale = 0
     # The model's constructor checks the BLAS thread count, so it is built inside the limit too.
     with threadpool_limits(limits=1, user_api="blas"):
         model = implicit.als.AlternatingLeastSquares(
             factors=settings.factors,
             regularization=settings.regularization,
             alpha=1.0,
-            iterations=settings.iterations,
+            iterations=step,
             calculate_training_loss=on_iteration is not None,
+            use_cg=settings.solver == "cg",
             num_threads=num_threads,
             random_state=settings.seed,
-            use_gpu=implicit.gpu.HAS_CUDA,
+            use_gpu=use_gpu,
         )
-        model.fit(weights, show_progress=False, callback=callback if on_iteration is not None else None)
-    return WMFModel(user_factors=_factors_to_numpy(model.user_factors), item_factors=_factors_to_numpy(model.item_factors))
+        if init is not None:
+            model.user_factors = to_model(init.user_factors)
+            model.item_factors = to_model(init.item_factors)
+        while done < total:
+            model.iterations = min(step, total - done)
+            model.fit(weights, show_progress=False, callback=callback if on_iteration is not None else None)
+            done += model.iterations
+            current = WMFModel(_factors_to_numpy(model.user_factors), _factors_to_numpy(model.item_factors),
+                               iterations=done)
+            if validate is None:
+                continue
+            score = float(validate(current))
+            history.append((done, score))
+            if best is None or score > max(s for _, s in history[:-1]):
+                best, stale = current, 0
+            else:
+                stale += 1
+                if settings.early_stopping_patience and stale >= settings.early_stopping_patience:
+                    break
+    final = best if (validate is not None and settings.early_stopping_patience) else current
+    return WMFModel(final.user_factors, final.item_factors, iterations=final.iterations, validation=tuple(history))
 
 
 def _check_factors(factors: np.ndarray, name: str) -> np.ndarray:
@@ -224,6 +281,53 @@ def fold_in_items(user_factors: np.ndarray, item_user_plays: sp.csr_matrix, *, s
     return item_factors.astype(np.float32)
 
 
+def fold_in_users(item_factors: np.ndarray, user_item_plays: sp.csr_matrix, *, settings: WMFSettings) -> np.ndarray:
+    """Exact user factors for fixed item factors: :func:`fold_in_items` with the roles swapped.
+
+    ``user_item_plays`` is (n_users, n_items); returns (n_users, factors) float32.
+    """
+    return fold_in_items(item_factors, user_item_plays, settings=settings)
+
+
+def warm_start(
+    previous: WMFModel,
+    *,
+    previous_users: np.ndarray,
+    previous_items: np.ndarray,
+    plays: sp.csr_matrix,
+    users: np.ndarray,
+    items: np.ndarray,
+    settings: WMFSettings,
+) -> tuple[WMFModel, dict[str, int]]:
+    """Initial factors for ``plays`` from a previous factorization, matched by key.
+
+    Known users and items keep their factors; new items are folded in from the known
+    users' factors (exact half-step), then new users from all item factors. Running a
+    few ALS sweeps from here (``fit_wmf(init=...)``) is the incremental update.
+
+    Returns the model and counts ``known_users, new_users, known_items, new_items``.
+    """
+    if previous.user_factors.shape[1] != settings.factors:
+        raise ParameterError(f"previous factors have {previous.user_factors.shape[1]} dimensions, "
+                             f"settings ask for {settings.factors}: refit from scratch")
+    user_pos = pd.Index(np.asarray(previous_users, dtype=object)).get_indexer(np.asarray(users, dtype=object))
+    item_pos = pd.Index(np.asarray(previous_items, dtype=object)).get_indexer(np.asarray(items, dtype=object))
+    known_u, known_i = user_pos >= 0, item_pos >= 0
+    x = np.zeros((len(users), settings.factors), dtype=np.float32)
+    y = np.zeros((len(items), settings.factors), dtype=np.float32)
+    x[known_u] = previous.user_factors[user_pos[known_u]]
+    y[known_i] = previous.item_factors[item_pos[known_i]]
+    matrix = sp.csr_matrix(plays)
+    if (~known_i).any():
+        # New users still have zero factors here, so only known listeners shape the new items.
+        y[~known_i] = fold_in_items(x, matrix[:, ~known_i].T.tocsr(), settings=settings)
+    if (~known_u).any():
+        x[~known_u] = fold_in_users(y, matrix[~known_u].tocsr(), settings=settings)
+    counts = {"known_users": int(known_u.sum()), "new_users": int((~known_u).sum()),
+              "known_items": int(known_i.sum()), "new_items": int((~known_i).sum())}
+    return WMFModel(x, y, iterations=previous.iterations), counts
+
+
 def wmf_objective(plays: sp.csr_matrix, model: WMFModel, *, settings: WMFSettings) -> float:
     """The WMF objective ``sum_ui c_ui (p_ui - x_u . y_i)^2 + lambda (|X|^2 + |Y|^2)``.
 
@@ -262,5 +366,5 @@ def wmf_objective(plays: sp.csr_matrix, model: WMFModel, *, settings: WMFSetting
     return total
 
 
-__all__ = ["WMFModel", "confidence", "fit_wmf", "fold_in_items", "wmf_objective"]
+__all__ = ["WMFModel", "confidence", "fit_wmf", "fold_in_items", "fold_in_users", "warm_start", "wmf_objective"]
 

@@ -14,10 +14,8 @@ from tasks.datasets import (
     manifest_tracks,
     mtat_folder_split,
     mtat_tracks,
-    read_hetrec_user_artists,
     read_mtat_annotations,
     read_mtat_index,
-    read_triplets,
     top_tags,
 )
 from tasks.errors import DatasetError, ParameterError
@@ -53,25 +51,6 @@ def test_malformed_annotations_are_named(tmp_path):
         mtat_folder_split("g/x.mp3")
 
 
-def test_triplets_quarantine_bad_rows_and_sum_duplicates(tmp_path):
-    path = tmp_path / "triplets.txt"
-    path.write_text(
-        "u1\ts1\t3\n"
-        "u1\ts1\t2\n"          # duplicate: summed
-        "u2\ts2\tmany\n"       # not an integer
-        "u3\ts3\n"             # two fields
-        "u4\ts4\t-1\n"         # negative
-        "\ts5\t1\n"            # empty user
-        "u5\ts5\t1\textra\n"   # four fields
-        "u6\ts6\t7\n"
-    )
-    events, bad = read_triplets(path, batch="b0")
-    assert sorted(zip(events["user"], events["item"], events["plays"])) == [("u1", "s1", 5), ("u6", "s6", 7)]
-    assert set(events["batch"]) == {"b0"}
-    assert [b["path"].rsplit(":", 1)[1] for b in bad] == ["3", "4", "5", "6", "7"]
-    assert all(b["stage"] == "listening" and b["reason"] for b in bad)
-
-
 @pytest.mark.realdata
 def test_real_mtat_index_and_clip(shared_data):
     index = read_mtat_index(shared_data / "mtat" / "index_mtt.tsv")
@@ -104,15 +83,6 @@ def test_real_gtzan_wav_and_au_hold_the_same_samples(shared_data):
 def test_real_msd_preview_decodes_to_mono(shared_data):
     y = decode(shared_data / "msd" / "TRWJAZW128F42760DD.mp3", sample_rate=22050)
     assert y.ndim == 1 and len(y) / 22050 > 20
-
-
-@pytest.mark.realdata
-def test_real_hetrec_user_artists_load_as_events(shared_data):
-    events = read_hetrec_user_artists(shared_data / "lastfm_hetrec2011_2k" / "user_artists.dat")
-    assert len(events) == 92834
-    assert events["user"].nunique() == 1892 and events["item"].nunique() == 17632
-    assert (events["plays"] > 0).all()
-    assert isinstance(events, pd.DataFrame) and list(events.columns) == ["user", "item", "plays", "batch"]
 
 
 def test_tag_vocabulary_counts_and_breaks_ties_by_name():

@@ -1,4 +1,4 @@
-"""Listening data: batches on disk, stable ids, play matrices, the cold-start split."""
+"""Play matrices, the cold-start and in-matrix splits, factor files."""
 
 from __future__ import annotations
 
@@ -6,49 +6,18 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import scipy.sparse as sp
 
 from tasks.errors import DatasetError
 from tasks.listening import (
+    PlayMatrix,
     build_play_matrix,
     cold_start_split,
-    ingest_triplet_files,
+    in_matrix_split,
     load_factors,
     play_matrix_for,
-    read_events,
     save_factors,
-    update_id_map,
 )
-
-
-def test_id_maps_append_and_never_renumber(tmp_path):
-    path = tmp_path / "users.parquet"
-    first = update_id_map(path, np.array(["b", "a", "b"]))
-    assert dict(zip(first["key"], first["id"])) == {"b": 0, "a": 1}
-    second = update_id_map(path, np.array(["c", "a"]))
-    assert dict(zip(second["key"], second["id"])) == {"b": 0, "a": 1, "c": 2}
-    assert pq.read_table(path).num_rows == 3
-
-
-def test_ingest_batches_once_and_sum_across_batches(tmp_path):
-    files = []
-    for i, text in enumerate(["u1\ts1\t2\nu2\ts2\t1\n", "u1\ts1\t3\nu3\ts1\tbad\n"]):
-        path = tmp_path / f"train_triplets.batch-{i:03d}.txt"
-        path.write_text(text)
-        files.append(path)
-    listening = tmp_path / "listening"
-    batches, bad = ingest_triplet_files(files, listening_dir=listening)
-    assert batches == ["train_triplets.batch-000", "train_triplets.batch-001"] and len(bad) == 1
-    events = read_events(listening)
-    assert dict(zip(zip(events["user"], events["item"]), events["plays"])) == {("u1", "s1"): 5, ("u2", "s2"): 1}
-    # A second ingestion of the same files reads nothing again; a changed file replaces its batch.
-    assert ingest_triplet_files(files, listening_dir=listening)[1] == []
-    files[0].write_text("u1\ts1\t10\nnot a row\n")
-    _, bad = ingest_triplet_files(files, listening_dir=listening)
-    assert len(bad) == 1 and bad[0]["path"].endswith("batch-000.txt:2")
-    events = read_events(listening)
-    assert dict(zip(zip(events["user"], events["item"]), events["plays"])) == {("u1", "s1"): 13}
-    with pytest.raises(DatasetError, match="no listening batches"):
-        read_events(tmp_path / "nothing")
 
 
 def test_cold_start_split_holds_out_columns_and_drops_users_without_training_plays():
@@ -77,3 +46,35 @@ def test_factors_round_trip(tmp_path):
     keys, back = load_factors(save_factors(tmp_path / "f.parquet", np.array(["a", "b", "c", "d"]), factors))
     assert list(keys) == ["a", "b", "c", "d"]
     np.testing.assert_array_equal(back, factors)
+
+
+def _random_plays(n_users: int = 300, n_items: int = 200, density: float = 0.05, seed: int = 0) -> PlayMatrix:
+    rng = np.random.default_rng(seed)
+    dense = np.where(rng.random((n_users, n_items)) < density, rng.integers(1, 50, (n_users, n_items)), 0)
+    dense[0, :3] = [4, 5, 6]
+    dense[0, 3:] = 0
+    dense[1, :] = 0
+    dense[1, 7] = 2  # a single play: never held out
+    return PlayMatrix(sp.csr_matrix(dense.astype(np.float32)), np.array([f"u{i}" for i in range(n_users)]),
+                      np.array([f"i{i}" for i in range(n_items)]))
+
+
+def test_in_matrix_split_holds_out_a_fraction_of_each_users_items():
+    matrix = _random_plays()
+    split = in_matrix_split(matrix, fraction=0.2, seed=1)
+    train, test = split.train.plays, split.test.plays
+    assert train.multiply(test).nnz == 0  # disjoint
+    # every play is in exactly one half (no item lost its last training play here)
+    kept = pd.Index(matrix.items).get_indexer(split.train.items)
+    np.testing.assert_array_equal((train + test).toarray(), matrix.plays[:, kept].toarray())
+    per_user = np.diff(matrix.plays.indptr)
+    n_test = np.diff(test.indptr)
+    assert n_test[1] == 0 and np.diff(train.indptr)[1] == 1  # one item: nothing held out
+    assert n_test[0] == 1  # round(0.2 * 3) = 1
+    many = per_user >= 10
+    np.testing.assert_allclose(n_test[many] / per_user[many], 0.2, atol=0.06)
+    assert (np.diff(train.indptr)[per_user > 0] >= 1).all()  # nobody loses all training plays
+    again = in_matrix_split(matrix, fraction=0.2, seed=1)
+    assert (again.test.plays != test).nnz == 0  # seeded
+    with pytest.raises(Exception, match="fraction"):
+        in_matrix_split(matrix, fraction=1.0)

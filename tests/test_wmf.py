@@ -154,3 +154,113 @@ def test_fit_wmf_validation() -> None:
         fit_wmf(sp.csr_matrix(np.eye(3)), settings=SETTINGS, num_threads=-1)
     with pytest.raises(ParameterError, match="-1"):
         fit_wmf(sp.csr_matrix(np.array([[1, -1]])), settings=SETTINGS)
+
+
+# ---------------------------------------------------------------- exact reference, warm starts, early stopping
+
+
+def _exact_wmf(plays: sp.csr_matrix, settings: WMFSettings, init: WMFModel, sweeps: int) -> WMFModel:
+    """Dense closed-form ALS, straight from Hu, Koren & Volinsky (2008): for each user
+    ``x_u = (Y^T C_u Y + lambda I)^-1 Y^T C_u p_u``, then the same for each item."""
+    counts = plays.toarray().astype(np.float64)
+    played = counts > 0
+    if settings.confidence == "log":
+        c = np.where(played, 1 + settings.alpha * np.log1p(counts / settings.epsilon), 1.0)
+    else:
+        c = np.where(played, 1 + settings.alpha * counts, 1.0)
+    p = played.astype(np.float64)
+    x, y = init.user_factors.astype(np.float64).copy(), init.item_factors.astype(np.float64).copy()
+    reg = settings.regularization * np.eye(settings.factors)
+    for _ in range(sweeps):
+        for u in range(x.shape[0]):
+            x[u] = np.linalg.solve((y.T * c[u]) @ y + reg, (y.T * c[u]) @ p[u])
+        for i in range(y.shape[0]):
+            y[i] = np.linalg.solve((x.T * c[:, i]) @ x + reg, (x.T * c[:, i]) @ p[:, i])
+    return WMFModel(x.astype(np.float32), y.astype(np.float32), iterations=sweeps)
+
+
+def _init(plays: sp.csr_matrix, factors: int, seed: int = 1) -> WMFModel:
+    rng = np.random.default_rng(seed)
+    return WMFModel(rng.random((plays.shape[0], factors), dtype=np.float32) * 0.01,
+                    rng.random((plays.shape[1], factors), dtype=np.float32) * 0.01)
+
+
+@pytest.mark.parametrize("kind", ["log", "linear"])
+def test_implicit_exact_solver_matches_the_numpy_reference_sweep_by_sweep(kind: str) -> None:
+    plays, _, _ = _block_plays(seed=3)
+    settings = SETTINGS.model_copy(update={"solver": "cholesky", "confidence": kind, "alpha": 0.5})
+    init = _init(plays, settings.factors)
+    for sweeps in (1, 5):
+        got = fit_wmf(plays, settings=settings, init=init, iterations=sweeps, num_threads=1)
+        want = _exact_wmf(plays, settings, init, sweeps)
+        assert got.iterations == sweeps
+        # float32 (implicit) against float64 (reference): equal up to rounding, which the
+        # near-degenerate directions of a 3-block matrix with 8 factors amplify over sweeps
+        for a, b in ((got.user_factors, want.user_factors), (got.item_factors, want.item_factors)):
+            np.testing.assert_allclose(a, b, atol=1e-3 * np.abs(b).max())
+        assert wmf_objective(plays, got, settings=settings) == pytest.approx(
+            wmf_objective(plays, want, settings=settings), rel=1e-5)
+
+
+def test_default_conjugate_gradient_reaches_the_exact_objective() -> None:
+    plays, _, _ = _block_plays(seed=4)
+    init = _init(plays, SETTINGS.factors)
+    # Three CG steps per solve converge more slowly per sweep than exact solves.
+    cg = fit_wmf(plays, settings=SETTINGS, init=init, iterations=50)
+    exact = _exact_wmf(plays, SETTINGS, init, 50)
+    start = wmf_objective(plays, init, settings=SETTINGS)
+    got, want = wmf_objective(plays, cg, settings=SETTINGS), wmf_objective(plays, exact, settings=SETTINGS)
+    assert got < 0.2 * start
+    assert got == pytest.approx(want, rel=0.01)
+
+
+def test_warm_start_continues_where_the_fit_stopped() -> None:
+    plays, _, _ = _block_plays(seed=5)
+    settings = SETTINGS.model_copy(update={"solver": "cholesky"})
+    init = _init(plays, settings.factors)
+    at_once = fit_wmf(plays, settings=settings, init=init, iterations=8, num_threads=1)
+    first = fit_wmf(plays, settings=settings, init=init, iterations=5, num_threads=1)
+    then = fit_wmf(plays, settings=settings, init=first, iterations=3, num_threads=1)
+    np.testing.assert_allclose(then.user_factors, at_once.user_factors, atol=1e-5)
+    with pytest.raises(ParameterError, match="shapes"):
+        fit_wmf(plays[:-1], settings=settings, init=first)
+
+
+def test_early_stopping_returns_the_best_evaluated_factors() -> None:
+    plays, _, _ = _block_plays(seed=6)
+    settings = SETTINGS.model_copy(update={"iterations": 30, "early_stopping_patience": 2, "eval_every": 2})
+    scores = iter([0.1, 0.3, 0.5, 0.4, 0.45, 0.9, 0.95])  # best at the 3rd evaluation (sweep 6)
+    seen: list[WMFModel] = []
+
+    def validate(model: WMFModel) -> float:
+        seen.append(model)
+        return next(scores)
+
+    model = fit_wmf(plays, settings=settings, validate=validate)
+    assert [s for s, _ in model.validation] == [2, 4, 6, 8, 10]  # stopped after two evaluations without gain
+    assert model.iterations == 6
+    np.testing.assert_array_equal(model.user_factors, seen[2].user_factors)
+
+
+def test_incremental_update_from_previous_factors_is_close_to_a_full_refit() -> None:
+    from tasks.wmf import warm_start
+
+    plays, _, _ = _block_plays(seed=7)
+    users = np.array([f"u{i}" for i in range(plays.shape[0])], dtype=object)
+    items = np.array([f"i{i}" for i in range(plays.shape[1])], dtype=object)
+    old_users, old_items = np.arange(0, plays.shape[0], 2), np.arange(0, plays.shape[1] - 6)
+    old = fit_wmf(plays[old_users][:, old_items], settings=SETTINGS)
+
+    init, counts = warm_start(old, previous_users=users[old_users], previous_items=items[old_items],
+                              plays=plays, users=users, items=items, settings=SETTINGS)
+    assert counts == {"known_users": len(old_users), "new_users": plays.shape[0] - len(old_users),
+                      "known_items": len(old_items), "new_items": 6}
+    np.testing.assert_array_equal(init.user_factors[old_users], old.user_factors)
+    assert np.abs(init.item_factors[-6:]).sum() > 0 and np.abs(init.user_factors[1::2]).sum() > 0
+
+    updated = fit_wmf(plays, settings=SETTINGS, init=init, iterations=3)
+    full = fit_wmf(plays, settings=SETTINGS)
+    cold = fit_wmf(plays, settings=SETTINGS, iterations=3)
+    f_updated, f_full, f_cold = (wmf_objective(plays, m, settings=SETTINGS) for m in (updated, full, cold))
+    assert f_updated <= 1.02 * f_full
+    assert f_updated < f_cold

@@ -1,0 +1,194 @@
+"""Listening ingestion: every format, every kind of broken row, stable ids, resumable batches."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.errors import DatasetError, ParameterError
+from tasks.events import (
+    IdMap,
+    ListeningSource,
+    ingest_sources,
+    ingested_batches,
+    read_batch_events,
+    read_id_map,
+)
+from tasks.listening import load_play_matrix
+
+GOOD = [("u1", "s1", 3), ("u1", "s2", 1), ("u2", "s1", 12), ("u3", "s3", 1), ("u1", "s1", 2), ("u4", "s9", 0)]
+BROKEN = [
+    ("u2\ts2\tmany", "not a non-negative integer"),
+    ("u3\ts3", "expected 3 tab-separated fields, got 2"),
+    ("", "empty line"),
+    ("u4\ts4\t-1", "negative play count -1"),
+    ("\ts5\t1", "missing user id"),
+    ("u5\t\t1", "missing item id"),
+    ("u5\ts5\t1\textra", "expected 3 tab-separated fields, got 4"),
+    ("u6\ts6\t2.5", "'2.5' is not a non-negative integer"),
+    ("u7\ts7\t", "missing play count"),
+    ("u8\ts8\t99999999999999999999", "not a non-negative integer"),
+]
+
+
+def _ingest(tmp_path, *sources):
+    return ingest_sources(list(sources), listening_dir=tmp_path / "listening",
+                          quarantine_path=tmp_path / "quarantine" / "listening.parquet")
+
+
+def _quarantine(tmp_path) -> pd.DataFrame:
+    return pq.read_table(tmp_path / "quarantine" / "listening.parquet").to_pandas()
+
+
+def _events(tmp_path, batches=None) -> dict[tuple[str, str], int]:
+    listening = tmp_path / "listening"
+    table = read_batch_events(listening, batches).to_pandas()
+    users, items = read_id_map(listening / "users.parquet"), read_id_map(listening / "items.parquet")
+    out: dict[tuple[str, str], int] = {}
+    for u, i, p in zip(table["user"], table["item"], table["plays"]):
+        out[(users[u], items[i])] = out.get((users[u], items[i]), 0) + int(p)
+    return out
+
+
+def test_broken_lines_mixed_with_good_ones_every_good_row_lands_every_bad_one_is_quarantined(tmp_path):
+    rng = np.random.default_rng(0)
+    lines = [(f"{u}\t{i}\t{p}", None) for u, i, p in GOOD] + BROKEN
+    lines = [lines[j] for j in rng.permutation(len(lines))]
+    path = tmp_path / "train_triplets.txt"
+    path.write_text("\n".join(text for text, _ in lines) + "\n")
+
+    report = _ingest(tmp_path, path)
+
+    batch = report.batches[0]
+    assert (batch.rows, batch.valid, batch.malformed) == (len(lines), len(GOOD), len(BROKEN))
+    want: dict[tuple[str, str], int] = {}
+    for u, i, p in GOOD:
+        want[(u, i)] = want.get((u, i), 0) + p
+    assert _events(tmp_path) == want  # duplicates summed, the zero count kept as a valid row
+    assert batch.events == len(want)
+
+    quarantine = _quarantine(tmp_path)
+    assert len(quarantine) == len(BROKEN) == report.quarantined
+    expected_lines = {j + 1: reason for j, (_, reason) in enumerate(lines) if reason is not None}
+    got_lines = {int(p.rsplit(":", 1)[1]): r for p, r in zip(quarantine["path"], quarantine["reason"])}
+    assert set(got_lines) == set(expected_lines)
+    for line, reason in expected_lines.items():
+        assert reason in got_lines[line], (line, got_lines[line])
+    assert set(quarantine["stage"]) == {"listening"}
+
+
+def test_crlf_and_whitespace_around_fields_are_not_errors(tmp_path):
+    path = tmp_path / "batch.txt"
+    path.write_bytes(b"u1\ts1\t3\r\n u2 \ts2\t 4 \r\n")
+    report = _ingest(tmp_path, path)
+    assert report.batches[0].malformed == 0
+    assert _events(tmp_path) == {("u1", "s1"): 3, ("u2", "s2"): 4}
+
+
+def test_ids_are_stable_across_batches_and_a_changed_batch_replaces_its_events(tmp_path):
+    first, second = tmp_path / "batch-000.txt", tmp_path / "batch-001.txt"
+    first.write_text("a\tx\t1\nb\ty\t2\n")
+    second.write_text("c\tx\t5\na\tz\t1\n")
+    report = _ingest(tmp_path, first, second)
+    assert report.batch_ids == ["batch-000", "batch-001"]
+    assert [(b.new_users, b.new_items) for b in report.batches] == [(2, 2), (1, 1)]
+    listening = tmp_path / "listening"
+    assert list(read_id_map(listening / "users.parquet")) == ["a", "b", "c"]
+    assert list(read_id_map(listening / "items.parquet")) == ["x", "y", "z"]
+
+    # Unchanged files are skipped; a changed one is re-read, and old ids never move.
+    again = _ingest(tmp_path, first, second)
+    assert [b.skipped for b in again.batches] == [True, True]
+    first.write_text("d\tw\t7\na\tx\t1\n")
+    changed = _ingest(tmp_path, first, second)
+    assert [b.skipped for b in changed.batches] == [False, True]
+    assert list(read_id_map(listening / "users.parquet")) == ["a", "b", "c", "d"]
+    assert list(read_id_map(listening / "items.parquet")) == ["x", "y", "z", "w"]
+    assert _events(tmp_path, ["batch-000"]) == {("d", "w"): 7, ("a", "x"): 1}
+    matrix = load_play_matrix(listening)
+    # b and y had plays only in the replaced batch: no row, no column
+    assert list(matrix.users) == ["a", "c", "d"] and list(matrix.items) == ["x", "z", "w"]
+    assert matrix.plays.toarray().tolist() == [[1, 1, 0], [5, 0, 0], [0, 0, 7]]
+
+
+def test_a_batch_interrupted_before_its_marker_is_ingested_again(tmp_path):
+    path = tmp_path / "b.txt"
+    path.write_text("a\tx\t1\n")
+    _ingest(tmp_path, path)
+    marker = tmp_path / "listening" / "events" / "batch=b" / "_source.json"
+    assert json.loads(marker.read_text())["valid"] == 1
+    marker.unlink()  # as if killed between writing the events and the marker
+    assert ingested_batches(tmp_path / "listening") == []
+    with pytest.raises(DatasetError, match="not \\(completely\\) ingested"):
+        read_batch_events(tmp_path / "listening", ["b"])
+    report = _ingest(tmp_path, path)
+    assert not report.batches[0].skipped and ingested_batches(tmp_path / "listening") == ["b"]
+    assert list(read_id_map(tmp_path / "listening" / "users.parquet")) == ["a"]
+
+
+def test_hetrec_layout_and_generic_csv_and_parquet_events(tmp_path):
+    hetrec = tmp_path / "user_artists.dat"
+    hetrec.write_text("userID\tartistID\tweight\n2\t51\t13883\n2\t52\t11690\n3\t51\tx\n")
+    csv = tmp_path / "events.csv"
+    csv.write_text("user,item,plays,ts\n7,51,2,2024-01-02T03:04:05Z\n7,53,1,1700000000\n8,51,3,\n9,52,1,yesterday\n")
+    parquet = tmp_path / "more.parquet"
+    pq.write_table(pa.table({"user": ["7", "8", None], "item": ["53", "54", "51"], "plays": [4, -2, 1]}), parquet)
+
+    report = _ingest(tmp_path, hetrec, csv, ListeningSource(parquet, batch="2024-02"))
+    assert [b.batch for b in report.batches] == ["user_artists", "events", "2024-02"]
+    assert [b.malformed for b in report.batches] == [1, 1, 2]
+    events = _events(tmp_path)
+    assert events == {("2", "51"): 13883, ("2", "52"): 11690, ("7", "51"): 2, ("7", "53"): 5, ("8", "51"): 3}
+    reasons = dict(zip(_quarantine(tmp_path)["path"], _quarantine(tmp_path)["reason"]))
+    assert "not a non-negative integer" in reasons[f"{hetrec}:4"]
+    assert "neither ISO 8601 nor Unix seconds" in reasons[f"{csv}:5"]
+    assert "negative play count" in reasons[f"{parquet}#row2"] and "missing user id" in reasons[f"{parquet}#row3"]
+    ts = read_batch_events(tmp_path / "listening", ["events"], columns=("user", "item", "ts")).to_pandas()
+    assert ts["ts"].dropna().dt.year.tolist() == [2024, 2023]
+
+
+def test_bad_files_and_settings_are_clear_errors(tmp_path):
+    wrong = tmp_path / "user_artists.dat"
+    wrong.write_text("user\tartist\tcount\n1\t2\t3\n")
+    with pytest.raises(DatasetError, match="HetRec"):
+        _ingest(tmp_path, wrong)
+    no_plays = tmp_path / "events.csv"
+    no_plays.write_text("user,item\n1,2\n")
+    with pytest.raises(DatasetError, match="missing columns \\['plays'\\]"):
+        _ingest(tmp_path, no_plays)
+    with pytest.raises(DatasetError, match="not found"):
+        _ingest(tmp_path, tmp_path / "missing.txt")
+    a, b = tmp_path / "a" / "x.txt", tmp_path / "b" / "x.txt"
+    for p in (a, b):
+        p.parent.mkdir()
+        p.write_text("u\ti\t1\n")
+    with pytest.raises(DatasetError, match="same batch ids"):
+        _ingest(tmp_path, a, b)
+    with pytest.raises(ParameterError, match="format"):
+        _ingest(tmp_path, ListeningSource(a, format="json"))  # type: ignore[arg-type]
+
+
+def test_id_map_appends_in_order_of_first_sight(tmp_path):
+    ids = IdMap(tmp_path / "users.parquet")
+    assert ids.ids(pa.array(["b", "a", "b"])).tolist() == [0, 1, 0]
+    ids.save()
+    again = IdMap(tmp_path / "users.parquet")
+    assert again.ids(pa.array(["c", "a"])).tolist() == [2, 1]
+    assert again.lookup(pa.array(["a", "zz"])).tolist() == [1, -1]
+    again.save()
+    assert list(read_id_map(tmp_path / "users.parquet")) == ["b", "a", "c"]
+
+
+@pytest.mark.realdata
+def test_real_hetrec_user_artists(shared_data, tmp_path):
+    report = _ingest(tmp_path, shared_data / "lastfm_hetrec2011_2k" / "user_artists.dat")
+    batch = report.batches[0]
+    assert (batch.rows, batch.valid, batch.malformed, batch.events) == (92834, 92834, 0, 92834)
+    matrix = load_play_matrix(tmp_path / "listening")
+    assert matrix.plays.shape == (1892, 17632) and matrix.plays.nnz == 92834
+    assert matrix.plays.data.astype(np.int64).sum() == pd.read_csv(shared_data / "lastfm_hetrec2011_2k" / "user_artists.dat", sep="\t")["weight"].sum()

@@ -1,0 +1,109 @@
+"""The WMF flow on a Prefect test server and an MLflow sqlite store: full fit, reuse, incremental update."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.listening import factorize
+from infra.layout import Layout
+from infra.settings import WMFSettings
+from infra.tracking import tracking_for
+from tasks.events import read_id_map
+from tasks.listening import load_factors
+from tasks.synth_listening import ListeningWorld, iter_rows, item_keys, user_keys
+
+pytestmark = pytest.mark.integration
+WMF = WMFSettings(factors=16, regularization=5.0, iterations=10, eval_max_users=0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_server():
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+def _batches(folder, n_batches: int = 3):
+    """One synthetic world cut into time-ordered batch files by user chunks (later batches bring new users)."""
+    world = ListeningWorld(n_users=900, n_items=400, n_rows=30_000, styles=6, seed=3)
+    ukeys, ikeys = user_keys(world.n_users).to_pylist(), item_keys(world.n_items).to_pylist()
+    paths = []
+    for b, (users, items, plays) in enumerate(iter_rows(world, users_per_chunk=400)):
+        path = folder / f"train_triplets.batch-{b:03d}.txt"
+        path.write_text("".join(f"{ukeys[u]}\t{ikeys[i]}\t{p}\n" for u, i, p in zip(users, items, plays)))
+        paths.append(path)
+    assert len(paths) == n_batches
+    return paths, ikeys
+
+
+def test_full_fit_then_reuse_then_incremental_update_on_new_batches(tmp_path):
+    paths, _ = _batches(tmp_path)
+    data_dir = tmp_path / "data"
+    tracking = tracking_for(data_dir)
+
+    first = factorize(data_dir, paths[:2], None, WMF, tracking, k=50)
+    assert first.mode == "full" and first.batches == ("train_triplets.batch-000", "train_triplets.batch-001")
+    table = {row.name: row for row in first.rows}
+    assert set(table) == {"random", "popularity", "WMF"}
+    assert table["WMF"].map_at_k > 1.5 * table["popularity"].map_at_k > 1.5 * table["random"].map_at_k
+    assert table["WMF"].auc > table["popularity"].auc > table["random"].auc - 0.05
+    assert 0.45 < table["random"].auc < 0.55
+
+    again = factorize(data_dir, paths[:2], None, WMF, tracking, k=50)
+    assert again.mode == "reused" and again.run_id == first.run_id
+
+    update = factorize(data_dir, paths, None, WMF, tracking, k=50)
+    assert update.mode == "incremental" and update.n_users > first.n_users
+    rows = {row.name: row for row in update.rows}
+    assert rows["WMF"].map_at_k > 0.8 * rows["WMF full refit"].map_at_k
+    assert rows["WMF"].map_at_k > 1.5 * rows["popularity"].map_at_k
+
+    client = MlflowClient(tracking.tracking_uri)
+    run = client.get_run(update.run_id)
+    metrics = run.data.metrics
+    for key in ("incremental/seconds", "full_refit/seconds", "incremental/objective", "full_refit/objective",
+                "incremental/new_users", "incremental/time_vs_full_refit", "ingest/rows"):
+        assert key in metrics, key
+    assert metrics["incremental/objective"] < 1.05 * metrics["full_refit/objective"]
+    assert run.data.params["mode"] == "incremental" and run.data.tags["mirflow.previous_batches"].count("batch") == 2
+    artifacts = {a.path for a in client.list_artifacts(update.run_id, "factors")} | {
+        a.path for a in client.list_artifacts(update.run_id, "id_maps")}
+    assert {"factors/user_factors.parquet", "factors/item_factors.parquet", "id_maps/users.parquet",
+            "id_maps/items.parquet"} <= artifacts
+    evaluation = client.get_run(update.eval_run_id)
+    assert evaluation.data.tags["mirflow.fit_run_id"] == update.run_id
+    assert evaluation.data.metrics["wmf/ndcg_at_k"] > evaluation.data.metrics["popularity/ndcg_at_k"]
+
+    # The factors are keyed by the stable ids' keys, and the state names the batches.
+    keys, factors = load_factors(update.user_factors)
+    assert set(keys) <= set(read_id_map(Layout(data_dir).listening() / "users.parquet"))
+    assert factors.shape == (update.n_users, WMF.factors)
+    state = json.loads((Layout(data_dir).wmf() / "state.json").read_text())
+    assert list(state["batches"]) == list(update.batches) and state["run_id"] == update.run_id
+
+    # A batch whose file changed since it was factorized: neither reuse nor update, a full refit.
+    paths[0].write_text(paths[0].read_text().replace("\t1\n", "\t2\n", 50))
+    changed = factorize(data_dir, paths, None, WMF, tracking, k=50)
+    assert changed.mode == "full"
+
+
+def test_cold_start_protocol_and_early_stopping(tmp_path):
+    paths, ikeys = _batches(tmp_path)
+    data_dir = tmp_path / "data"
+    tracking = tracking_for(data_dir)
+    heldout = ikeys[::10]
+    settings = WMF.model_copy(update={"iterations": 30, "early_stopping_patience": 2, "eval_every": 2})
+
+    out = factorize(data_dir, paths, heldout, settings, tracking, k=50)
+    rows = {row.name: row for row in out.rows}
+    assert out.n_heldout == len(heldout)
+    assert rows["WMF factors (upper bound)"].auc > rows["popularity"].auc > 0.5
+    assert pq.read_table(out.heldout_plays).num_rows > 0
+    run = MlflowClient(tracking.tracking_uri).get_run(out.run_id)
+    history = MlflowClient(tracking.tracking_uri).get_metric_history(out.run_id, "validation/map_at_k")
+    assert len(history) >= 3 and run.data.metrics["sweeps"] <= 30
+    assert run.data.metrics["sweeps"] == max(history, key=lambda m: m.value).step

@@ -2,6 +2,8 @@
 
     mirflow demo                       the whole pipeline on the synthetic world
     mirflow pipeline --dataset mtat …  the same pipeline on MTAT-layout data and Taste Profile triplets
+    mirflow features --adapter …       log-mel features of a catalogue into Parquet shards
+    mirflow wmf --listening FILE …     ingest listening data, factorize it (WMF) and evaluate
     mirflow world                      only write the synthetic world
 """
 
@@ -183,6 +185,69 @@ def features(
                   f"{summary.n_skipped} already present, {summary.n_quarantined} quarantined), "
                   f"{summary.clips_per_s:.1f} clips/s, peak worker memory {summary.peak_worker_rss_mb:.0f} MiB\n"
                   f"shards: {summary.feature_dir}")
+
+
+@app.command()
+def wmf(
+    listening: Annotated[list[Path], typer.Option(exists=True, dir_okay=False,
+                                                  help="listening files, oldest first (one batch each)")],
+    listening_format: Annotated[str, typer.Option("--format", help="auto | triplets | hetrec | events")] = "auto",
+    heldout_items: Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
+                                                       help="text file of item ids to hold out (cold start); "
+                                                            "without it, each user's plays are split (in-matrix)")] = None,
+    factors: int = 16,
+    regularization: float = 5.0,
+    iterations: int = 15,
+    confidence: Annotated[str, typer.Option(help="log | linear")] = "log",
+    alpha: float = 2.0,
+    epsilon: float = 1.0,
+    test_fraction: Annotated[float, typer.Option(help="in-matrix: share of each user's items held out")] = 0.2,
+    early_stopping: Annotated[int, typer.Option(help="patience in evaluations; 0 = off")] = 0,
+    eval_max_users: Annotated[int, typer.Option(help="users sampled for in-matrix evaluation; 0 = all")] = 100_000,
+    k: Annotated[int, typer.Option(help="cut-off of mAP@k, precision@k, NDCG@k")] = 500,
+    data_dir: DataDir = Path("data"),
+    verbose: bool = False,
+) -> None:
+    """Ingest listening data (validated, quarantined, stable ids), factorize it with WMF and evaluate.
+
+    Running again with new files updates the factors from the previous ones and records
+    that update against a full refit; with the same files, nothing is redone.
+    """
+    _setup(verbose)
+    from pydantic import ValidationError
+
+    from infra.settings import WMFSettings
+    from infra.tracking import tracking_for
+    from tasks.events import ListeningSource
+
+    try:
+        settings = WMFSettings(factors=factors, regularization=regularization, iterations=iterations,
+                               confidence=confidence, alpha=alpha, epsilon=epsilon, test_fraction=test_fraction,
+                               early_stopping_patience=early_stopping, eval_max_users=eval_max_users)
+        sources = [ListeningSource(path.resolve(), format=listening_format).resolved() for path in listening]
+        if k < 1:
+            raise ValueError(f"k={k} must be >= 1")
+    except (ValidationError, ValueError) as err:
+        console.print(f"[red]mirflow: invalid settings[/red]\n{err}")
+        raise typer.Exit(2) from None
+    from flows.listening import factorize
+    from tasks.errors import MirflowError
+
+    heldout = None
+    if heldout_items is not None:
+        heldout = [line.strip() for line in heldout_items.read_text().splitlines() if line.strip()]
+    try:
+        out = factorize(data_dir.resolve(), sources, heldout, settings, tracking_for(data_dir), k=k)
+    except MirflowError as err:
+        console.print(f"[red]mirflow: {err}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"WMF ({out.mode}) on batches {', '.join(out.batches)}: {out.n_users} users, {out.n_items} items"
+                  + (f", {out.n_heldout} held out" if out.n_heldout else "") + f"\nfactors: {out.user_factors}")
+    if out.rows:
+        console.print(f"{'':30s}{'mAP@' + str(k):>10s}{'AUC':>8s}{'P@' + str(k):>10s}{'NDCG@' + str(k):>11s}")
+        for row in out.rows:
+            console.print(f"  {row.name:28s}{row.map_at_k:10.4f}{row.auc:8.3f}{row.precision_at_k:10.4f}"
+                          f"{row.ndcg_at_k:11.4f}", highlight=False)
 
 
 @app.command()

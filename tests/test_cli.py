@@ -69,3 +69,24 @@ def test_features_command_runs_a_manifest_and_then_only_new_files(tmp_path):
     assert second.exit_code == 0 and "6 tracks (1 extracted, 5 already present, 0 quarantined)" in second.output
     bad = CliRunner().invoke(app, [*args[:-2], "--data-dir", str(tmp_path / "store"), "--windows", "512,512"])
     assert bad.exit_code == 2 and "distinct" in bad.output
+
+
+@pytest.mark.integration
+def test_wmf_command_ingests_quarantines_and_updates(tmp_path):
+    from tasks.synth_listening import ListeningWorld, write_triplets
+
+    first = write_triplets(ListeningWorld(n_users=300, n_items=150, n_rows=6000, seed=1), tmp_path / "batch-000.txt")
+    second = tmp_path / "batch-001.txt"
+    second.write_text(first.read_text().replace("\n", "\nbroken line\n", 3))
+    data_dir = tmp_path / "store"
+    base = ["wmf", "--data-dir", str(data_dir), "--k", "50", "--iterations", "5"]
+    with prefect_test_harness(server_startup_timeout=60):
+        one = CliRunner().invoke(app, [*base, "--listening", str(first)])
+        two = CliRunner().invoke(app, [*base, "--listening", str(first), "--listening", str(second)])
+    assert one.exit_code == 0 and two.exit_code == 0, one.output + two.output
+    assert "WMF (full)" in one.output and "popularity" in one.output and "NDCG@50" in one.output
+    assert "WMF (incremental)" in two.output and "WMF full refit" in two.output
+    quarantine = pq.read_table(data_dir / "quarantine" / "listening.parquet").to_pandas()
+    assert len(quarantine) == 3 and quarantine["reason"].str.contains("expected 3 tab-separated fields").all()
+    bad = CliRunner().invoke(app, [*base, "--listening", str(first), "--format", "xml"])
+    assert bad.exit_code == 2 and "format" in bad.output

@@ -107,3 +107,20 @@ def test_cold_start_protocol_and_early_stopping(tmp_path):
     history = MlflowClient(tracking.tracking_uri).get_metric_history(out.run_id, "validation/map_at_k")
     assert len(history) >= 3 and run.data.metrics["sweeps"] <= 30
     assert run.data.metrics["sweeps"] == max(history, key=lambda m: m.value).step
+
+
+@pytest.mark.realdata
+def test_real_hetrec_lastfm_wmf_beats_popularity(shared_data, tmp_path):
+    """HetRec 2011 Last.fm (1,892 users, 17,632 artists): 80/20 split of each user's artists."""
+    data_dir = tmp_path / "data"
+    settings = WMFSettings(test_fraction=0.2, eval_max_users=0)  # the defaults: 16 factors, log confidence
+    out = factorize(data_dir, [shared_data / "lastfm_hetrec2011_2k" / "user_artists.dat"], None, settings,
+                    tracking_for(data_dir), k=500)
+    rows = {row.name: row for row in out.rows}
+    wmf, popularity, random = rows["WMF"], rows["popularity"], rows["random"]
+    print({name: (round(r.map_at_k, 4), round(r.auc, 4), round(r.precision_at_k, 4), round(r.ndcg_at_k, 4), r.n_users)
+           for name, r in rows.items()})
+    assert wmf.n_users > 1800
+    assert wmf.map_at_k > 2 * popularity.map_at_k > 10 * random.map_at_k
+    assert wmf.auc > popularity.auc + 0.03 and popularity.auc > random.auc + 0.3
+    assert wmf.ndcg_at_k > popularity.ndcg_at_k

@@ -125,7 +125,9 @@ def train_recommender_flow(data_dir: Path, dataset: str, feature_set: str, mel: 
                                predicted_factors=result.predicted_factors, wmf_factors=true_factors,
                                k=evaluation.k, seed=evaluation.seed)
         mlflow.log_metrics({"epochs": result.epochs, **{f"test/{metric_slug(r.name)}/map_at_{evaluation.k}": r.map_at_k for r in rows},
-                            **{f"test/{metric_slug(r.name)}/auc": r.auc for r in rows}})
+                            **{f"test/{metric_slug(r.name)}/auc": r.auc for r in rows},
+                            **{f"test/{metric_slug(r.name)}/precision_at_{evaluation.k}": r.precision_at_k for r in rows},
+                            **{f"test/{metric_slug(r.name)}/ndcg_at_{evaluation.k}": r.ndcg_at_k for r in rows}})
         mlflow.log_artifact(str(result.checkpoint), artifact_path="checkpoints")
         tags_of = dict(zip(tracks["track_id"], tracks["tags"]))
         labels = dominant_labels([tags_of[t] for t in test_ids],

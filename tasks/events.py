@@ -216,12 +216,15 @@ class _Malformed:
         out.extend(self.by_line)
         out.sort()
         return [{"path": f"{self.path}:{line}" if self.unit == "line" else f"{self.path}#row{line}",
-                 "stage": "listening", "reason": f"{reason}: {text[:_TEXT_LIMIT]!r}"} for line, reason, text in out]
+                 "stage": "listening", "reason": f"{reason}: {text[:_TEXT_LIMIT]!r}" if text else reason}
+                for line, reason, text in out]
 
 
 def _csv_blocks(path: Path, *, delimiter: str, names: list[str], header: bool,
                 bad: _Malformed) -> Iterator[pa.RecordBatch]:
     """Blocks of string columns; rows with the wrong column count go to ``bad`` with their line."""
+    if path.stat().st_size == 0:
+        return
 
     def invalid(row) -> str:
         text = row.text or ""
@@ -288,6 +291,24 @@ def _check_event_columns(path: Path, names: Sequence[str]) -> None:
 
 
 # ---------------------------------------------------------------- validation
+
+
+def _invalid_utf8(column: pa.Array) -> np.ndarray | None:
+    """Rows of a string column (read without UTF-8 checks) that are not valid UTF-8; None when all are."""
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return None
+    try:
+        column.validate(full=True)
+        return None
+    except pa.ArrowInvalid:
+        raw = column.cast(pa.binary() if pa.types.is_string(column.type) else pa.large_binary()).to_pylist()
+        bad = np.zeros(len(raw), dtype=bool)
+        for i, value in enumerate(raw):
+            try:
+                value is None or value.decode("utf-8")
+            except UnicodeDecodeError:
+                bad[i] = True
+        return bad
 
 
 def _as_trimmed_strings(column: pa.Array) -> pa.Array:
@@ -364,6 +385,24 @@ def _row_text(block: pa.RecordBatch, rows: np.ndarray, delimiter: str) -> list[s
 def _validate(block: pa.RecordBatch, *, first_position: int, bad: _Malformed, delimiter: str) -> pa.Table:
     """Valid rows of ``block`` as (user str, item str, plays int64, ts); bad ones go to ``bad``."""
     n = block.num_rows
+    not_utf8 = np.zeros(n, dtype=bool)
+    columns = {name: block.column(name) for name in block.schema.names}
+    for name, column in columns.items():
+        bad_rows = _invalid_utf8(column)
+        if bad_rows is not None:
+            not_utf8 |= bad_rows
+    if not_utf8.any():
+        # Blank the undecodable values so that the checks below can run, then report the rows as such.
+        raw = {name: columns[name] for name in columns}
+        for name, column in columns.items():
+            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                column = column.cast(pa.binary() if pa.types.is_string(column.type) else pa.large_binary())
+                columns[name] = pc.if_else(pa.array(not_utf8), pa.scalar(b"", column.type), column).cast(pa.string())
+        block = pa.RecordBatch.from_pydict(columns)
+        texts = [repr(b) for b in zip(*(raw[name].cast(pa.binary()).take(pa.array(np.flatnonzero(not_utf8))).to_pylist()
+                                         for name in raw))]
+        for row, text in zip(np.flatnonzero(not_utf8), texts):
+            bad.by_position.append((first_position + int(row), "not valid UTF-8", text))
     user = _as_trimmed_strings(block.column("user"))
     item = _as_trimmed_strings(block.column("item"))
     counts, ok, reasons = _parse_counts(block.column("plays"))
@@ -374,9 +413,9 @@ def _validate(block: pa.RecordBatch, *, first_position: int, bad: _Malformed, de
         ts, ts_ok = _parse_ts(block.column("ts"))
     else:
         ts, ts_ok = pa.nulls(n, pa.timestamp("s", tz="UTC")), np.ones(n, dtype=bool)
-    good = ok & ~user_missing & ~item_missing & ts_ok
-    if not good.all():
-        rows = np.flatnonzero(~good)
+    good = ok & ~user_missing & ~item_missing & ts_ok & ~not_utf8
+    if not (good | not_utf8).all():
+        rows = np.flatnonzero(~good & ~not_utf8)
         texts = _row_text(block, rows, delimiter)
         for row, text in zip(rows, texts):
             if user_missing[row] and item_missing[row] and not text.strip(delimiter + " "):
@@ -456,6 +495,8 @@ def ingest_source(source: ListeningSource, *, listening_dir: Path, users: IdMap,
     report.rows = position - 1 + len(bad.by_line)
     report.malformed = len(bad)
     report.valid = report.rows - report.malformed
+    if report.rows == 0:
+        bad.by_line.append((0, "the file holds no data rows", ""))
     events = pa.concat_tables(parts) if parts else EVENT_SCHEMA.empty_table()
     del parts
     events = events.group_by(["user", "item"], use_threads=True).aggregate([("plays", "sum"), ("ts", "max")])

@@ -90,6 +90,19 @@ def test_crlf_and_whitespace_around_fields_are_not_errors(tmp_path):
     assert _events(tmp_path) == {("u1", "s1"): 3, ("u2", "s2"): 4}
 
 
+def test_invalid_utf8_rows_and_empty_files_are_quarantined(tmp_path):
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_bytes(b"u1\ts1\t3\nu\xff\xfe2\ts2\t4\nu3\ts\xc3\t1\nu4\ts4\t5\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    report = _ingest(tmp_path, mixed, empty)
+    assert [(b.valid, b.malformed) for b in report.batches] == [(2, 2), (0, 0)]
+    assert _events(tmp_path) == {("u1", "s1"): 3, ("u4", "s4"): 5}
+    reasons = dict(zip(_quarantine(tmp_path)["path"], _quarantine(tmp_path)["reason"]))
+    assert reasons[f"{mixed}:2"].startswith("not valid UTF-8") and reasons[f"{mixed}:3"].startswith("not valid UTF-8")
+    assert reasons[f"{empty}:0"] == "the file holds no data rows"
+
+
 def test_ids_are_stable_across_batches_and_a_changed_batch_replaces_its_events(tmp_path):
     first, second = tmp_path / "batch-000.txt", tmp_path / "batch-001.txt"
     first.write_text("a\tx\t1\nb\ty\t2\n")

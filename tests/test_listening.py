@@ -78,3 +78,13 @@ def test_in_matrix_split_holds_out_a_fraction_of_each_users_items():
     assert (again.test.plays != test).nnz == 0  # seeded
     with pytest.raises(Exception, match="fraction"):
         in_matrix_split(matrix, fraction=1.0)
+
+
+def test_select_columns_matches_scipy_fancy_indexing():
+    from tasks.listening import select_columns
+
+    matrix = _random_plays(seed=5).plays
+    for columns in (np.array([5, 0, 199, 3]), np.arange(0, 200, 3), np.arange(200) % 2 == 0, np.array([], dtype=int)):
+        got = select_columns(matrix, columns)
+        want = matrix[:, columns]
+        assert got.shape == want.shape and (got != want).nnz == 0 and got.has_sorted_indices

@@ -158,15 +158,25 @@ class IdMap:
 
     def ids(self, keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
         """Ids of ``keys`` (non-null strings), appending the unseen ones in order of first sight."""
-        unique = pc.unique(keys)
-        if isinstance(unique, pa.ChunkedArray):
-            unique = unique.combine_chunks()
-        unseen = unique.filter(pc.is_null(pc.index_in(unique, value_set=self.keys)))
-        if len(unseen):
-            if len(self) + len(unseen) > np.iinfo(np.int32).max:
-                raise DatasetError(f"{self.path}: more than 2^31 - 1 ids")
-            self._new.append(unseen.cast(pa.string()))
-        return pc.index_in(keys, value_set=self.keys).to_numpy(zero_copy_only=False).astype(np.int32)
+        # One hash lookup against the known keys; only the unseen ones are looked up again.
+        found = pc.index_in(keys, value_set=self.keys)
+        missing = pc.is_null(found)
+        if not pc.any(missing).as_py():
+            return found.to_numpy(zero_copy_only=False).astype(np.int32)
+        unseen = pc.unique(pc.filter(keys, missing))
+        if isinstance(unseen, pa.ChunkedArray):
+            unseen = unseen.combine_chunks()
+        unseen = unseen.cast(pa.string())
+        start = len(self)
+        if start + len(unseen) > np.iinfo(np.int32).max:
+            raise DatasetError(f"{self.path}: more than 2^31 - 1 ids")
+        self._new.append(unseen)
+        ids = found.to_numpy(zero_copy_only=False)  # float with NaN where missing
+        fresh = pc.index_in(pc.filter(keys, missing), value_set=unseen).to_numpy(zero_copy_only=False) + start
+        mask = missing.to_numpy(zero_copy_only=False)
+        out = np.where(mask, 0, np.nan_to_num(ids, nan=0)).astype(np.int32)
+        out[mask] = fresh
+        return out
 
     @property
     def added(self) -> int:

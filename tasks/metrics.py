@@ -63,17 +63,26 @@ def _relevance_matrix(relevant, shape: tuple[int, int], name: str) -> sp.csr_mat
 def _stable_top(scores: torch.Tensor, top: int) -> torch.Tensor:
     """Indices of the ``top`` best items per row, ordered by (score desc, item index asc).
 
-    ``torch.topk`` is fast but orders tied scores arbitrarily; rows where a tie among
-    finite scores touches the top ``top`` are redone with a stable full sort, so the
-    result equals a stable descending argsort cut at ``top`` for every row.
+    ``torch.topk`` is fast but orders tied scores arbitrarily. Rows where a tie touches
+    the top ``top`` are redone exactly: every item scored above the k-th score, then the
+    lowest-index items tied with it, then a stable sort of just those ``top`` items. The
+    result equals a stable descending argsort cut at ``top`` for every row, without
+    sorting whole rows (a popularity ranking ties every row).
     """
     values, index = torch.topk(scores, top, dim=1, largest=True, sorted=True)
     kth = values[:, -1:]
-    tied_inside = ((values[:, 1:] == values[:, :-1]) & torch.isfinite(values[:, 1:])).any(dim=1)
-    tied_boundary = torch.isfinite(kth[:, 0]) & ((scores >= kth).sum(dim=1) > top)
+    tied_inside = (values[:, 1:] == values[:, :-1]).any(dim=1)
+    tied_boundary = (scores == kth).sum(dim=1) > (values == kth).sum(dim=1)
     redo = torch.nonzero(tied_inside | tied_boundary).flatten()
     if redo.numel():
-        index[redo] = torch.sort(scores[redo], dim=1, descending=True, stable=True).indices[:, :top]
+        rows, kth_r = scores[redo], kth[redo]
+        above = rows > kth_r
+        tied = rows == kth_r
+        need = top - above.sum(dim=1, keepdim=True)
+        chosen = above | (tied & (torch.cumsum(tied, dim=1) <= need))
+        picked = torch.nonzero(chosen)[:, 1].reshape(len(redo), top)  # ascending item index per row
+        order = torch.sort(torch.gather(rows, 1, picked), dim=1, descending=True, stable=True).indices
+        index[redo] = torch.gather(picked, 1, order)
     return index
 
 

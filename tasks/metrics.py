@@ -60,6 +60,23 @@ def _relevance_matrix(relevant, shape: tuple[int, int], name: str) -> sp.csr_mat
     return matrix
 
 
+def _count_equal(rows: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Per row, how many entries equal ``value`` (one per row). On the CPU numpy's
+    ``count_nonzero`` is several times faster than a torch sum of booleans."""
+    if rows.is_cuda:
+        return (rows == value).sum(dim=1)
+    return torch.from_numpy(np.count_nonzero(rows.numpy() == value.numpy(), axis=1))
+
+
+def _midranks_below(rows: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Per row: entries scored below ``value`` plus half of the others tied with it."""
+    if rows.is_cuda:
+        return (rows < value).sum(dim=1) + 0.5 * ((rows == value).sum(dim=1) - 1)
+    r, v = rows.numpy(), value.numpy()
+    below = np.count_nonzero(r < v, axis=1) + 0.5 * (np.count_nonzero(r == v, axis=1) - 1)
+    return torch.from_numpy(below)
+
+
 def _stable_top(scores: torch.Tensor, top: int) -> torch.Tensor:
     """Indices of the ``top`` best items per row, ordered by (score desc, item index asc).
 
@@ -72,7 +89,7 @@ def _stable_top(scores: torch.Tensor, top: int) -> torch.Tensor:
     values, index = torch.topk(scores, top, dim=1, largest=True, sorted=True)
     kth = values[:, -1:]
     tied_inside = (values[:, 1:] == values[:, :-1]).any(dim=1)
-    tied_boundary = (scores == kth).sum(dim=1) > (values == kth).sum(dim=1)
+    tied_boundary = _count_equal(scores, kth) > _count_equal(values, kth)
     redo = torch.nonzero(tied_inside | tied_boundary).flatten()
     if redo.numel():
         rows, kth_r = scores[redo], kth[redo]
@@ -194,9 +211,7 @@ def ranking_metrics(
         below = torch.zeros(rel_row.numel(), dtype=torch.float64, device=dev)
         step = max(1, _SCORE_BLOCK_ELEMENTS // max(n_items, 1))
         for s in range(0, rel_row.numel(), step):
-            lines = scores[rel_row[s : s + step]]
-            value = rel_scores[s : s + step, None]
-            below[s : s + step] = (lines < value).sum(dim=1) + 0.5 * ((lines == value).sum(dim=1) - 1)
+            below[s : s + step] = _midranks_below(scores[rel_row[s : s + step]], rel_scores[s : s + step, None])
         n_excluded = n_items - n_cand
         rank_sum = torch.zeros(b, dtype=torch.float64, device=dev).index_add_(0, rel_row, below + 1.0)
         rank_sum -= n_rel * n_excluded

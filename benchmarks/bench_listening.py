@@ -273,7 +273,8 @@ def evaluation(args: argparse.Namespace) -> None:
     print(f"{'project ranking_metrics (all users)':44s} {n_users:10,d} {project_s:9.2f} {n_users / project_s:10,.0f}")
     print(f"{'naive, extrapolated to all users':44s} {n_users:10,d} {naive_all:9.0f}")
     print(f"-> project is {naive_all / project_s:.1f}x faster than the naive loop (extrapolated); the sample's "
-          f"metrics agree within 1e-6; mAP@500 {full['map_at_k']:.5f}, AUC {full['auc']:.4f} (random factors)")
+          f"metrics agree within 1e-6; {full['n_users']:,} users with a relevant item scored; "
+          f"mAP@500 {full['map_at_k']:.5f}, AUC {full['auc']:.4f} (random factors)")
 
 
 def main() -> None:

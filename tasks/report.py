@@ -52,10 +52,14 @@ def summary_text(summary: PipelineSummary) -> str:
         f"held-out tracks {summary.n_heldout_items}",
         f"{'tagger (2014 spectrogram convnet)':<38}test ROC-AUC {summary.tagger_roc_auc:.3f}  "
         f"PR-AUC {summary.tagger_pr_auc:.3f}   (ROC-AUC 0.5 = chance, PR-AUC chance {summary.tagger_pr_auc_chance:.3f})",
-        f"{'recommendation, held-out tracks':<38}{f'mAP@{summary.k}':<10}{'AUC':<8}{f'P@{summary.k}':<10}NDCG@{summary.k}",
     ]
+    # With no more held-out tracks than k, every top k holds all of them: P@k is the same for any ranking.
+    precision = summary.k < summary.n_heldout_items
+    lines.append(f"{'recommendation, held-out tracks':<38}{f'mAP@{summary.k}':<10}{'AUC':<8}"
+                 + (f"{f'P@{summary.k}':<10}" if precision else "") + f"NDCG@{summary.k}")
     for row in summary.ranking:
-        lines.append(f"  {row.name:<36}{row.map_at_k:<10.4f}{row.auc:<8.3f}{row.precision_at_k:<10.4f}{row.ndcg_at_k:.4f}")
+        lines.append(f"  {row.name:<36}{row.map_at_k:<10.4f}{row.auc:<8.3f}"
+                     + (f"{row.precision_at_k:<10.4f}" if precision else "") + f"{row.ndcg_at_k:.4f}")
     lines.append(f"MLflow: mlflow ui --backend-store-uri {summary.tracking_uri}   report: {summary.report_path}")
     return "\n".join(lines)
 

@@ -97,9 +97,19 @@ def _previous_state(out: Path) -> dict | None:
         return None
 
 
+def _write_state(out: Path, state: dict) -> None:
+    tmp = out / ".state.json.tmp"
+    tmp.write_text(json.dumps(state, indent=1))
+    tmp.replace(out / "state.json")
+
+
 def _fit(train: PlayMatrix, wmf: WMFSettings, *, k: int, label: str, init: WMFModel | None = None,
          iterations: int | None = None) -> tuple[WMFModel, float]:
-    """One fit with progress; with early stopping, validated on plays set aside from ``train``."""
+    """One fit with progress.
+
+    With early stopping, plays set aside from ``train`` pick the number of sweeps, and
+    the returned model is then fitted on all of ``train`` for that many.
+    """
     sweeps = iterations or wmf.iterations
     start = time.perf_counter()
     with ProgressReporter(f"WMF {label} (implicit ALS)", total=sweeps, unit="sweeps", every_s=5) as progress:
@@ -113,8 +123,15 @@ def _fit(train: PlayMatrix, wmf: WMFSettings, *, k: int, label: str, init: WMFMo
                 log.info("WMF %s: sweep %d, validation mAP@%d %.4f", label, model.iterations, k, score["map_at_k"])
                 return score["map_at_k"]
 
-            model = fit_wmf(val.train.plays, settings=wmf, validate=validate,
-                            on_iteration=lambda i, loss: progress.advance())
+            chosen = fit_wmf(val.train.plays, settings=wmf, validate=validate,
+                             on_iteration=lambda i, loss: progress.advance())
+            # The validation plays only chose the number of sweeps: the model is refitted on
+            # all training plays for that many, from the same initial factors.
+            log.info("WMF %s: best validation mAP@%d after %d sweeps; refitting on all training plays",
+                     label, k, chosen.iterations)
+            model = fit_wmf(train.plays, settings=wmf, iterations=chosen.iterations)
+            model = WMFModel(model.user_factors, model.item_factors, iterations=model.iterations,
+                             validation=chosen.validation)
         else:
             model = fit_wmf(train.plays, settings=wmf, init=init, iterations=sweeps,
                             on_iteration=lambda i, loss: progress.advance())
@@ -162,14 +179,25 @@ def factorize(data_dir: Path, sources: list[ListeningSource | str | Path], heldo
     files = {name: out / f"{name}.parquet" for name in
              ("user_factors", "item_factors", "heldout_item_factors", "heldout_plays")}
     previous = state.get("batches", {}) if same_setup else {}
-    if same_setup and previous == contents and all(files[n].exists() for n in ("user_factors", "item_factors")):
+    have_factors = all(files[n].exists() for n in ("user_factors", "item_factors")) and (
+        heldout_items is None or files["heldout_item_factors"].exists())
+    eval_key = {"k": k, "eval_max_users": wmf.eval_max_users}
+    if same_setup and previous == contents and have_factors:
         log.info("WMF: batches %s already factorized with these settings (run %s): reusing the factors",
                  batches, state["run_id"])
+        eval_run_id, rows = state["eval_run_id"], [RankingRow(**r) for r in state.get("rows", [])]
+        if state.get("eval_key") != eval_key or not rows:
+            model = WMFModel(load_factors(files["user_factors"])[1], load_factors(files["item_factors"])[1])
+            heldout = load_factors(files["heldout_item_factors"])[1] if heldout_items is not None else None
+            eval_run_id, rows = evaluate(split, heldout_items is not None, model, heldout, None, wmf, tracking, k=k,
+                                         fit_run_id=state["run_id"], batches=batches)
+            _write_state(out, {**state, "eval_key": eval_key, "eval_run_id": eval_run_id,
+                               "rows": [asdict(r) for r in rows]})
         return WMFOutput(**{n: str(p) if p.exists() else "" for n, p in files.items()},
                          n_users=state["n_users"], n_items=state["n_items"], n_heldout=state["n_heldout"],
-                         run_id=state["run_id"], eval_run_id=state["eval_run_id"], mode="reused",
-                         batches=tuple(batches))
-    incremental = same_setup and set(previous.items()) < set(contents.items())
+                         run_id=state["run_id"], eval_run_id=eval_run_id, mode="reused",
+                         batches=tuple(batches), rows=tuple(rows))
+    incremental = same_setup and have_factors and set(previous.items()) < set(contents.items())
 
     totals = ingest.totals()
     params = {**wmf.flat("wmf."), "batches": ",".join(batches), "protocol": split_key["protocol"],
@@ -206,6 +234,8 @@ def factorize(data_dir: Path, sources: list[ListeningSource | str | Path], heldo
         mlflow.log_metrics({"fit_seconds": seconds, "sweeps": model.iterations,
                             "objective": wmf_objective(train.plays, model, settings=wmf)})
 
+        # The factors on disk are about to change: until the new state is written, none holds.
+        (out / "state.json").unlink(missing_ok=True)
         paths = {"user_factors": save_factors(files["user_factors"], train.users, model.user_factors),
                  "item_factors": save_factors(files["item_factors"], train.items, model.item_factors)}
         heldout = None
@@ -230,11 +260,12 @@ def factorize(data_dir: Path, sources: list[ListeningSource | str | Path], heldo
     eval_run_id, rows = evaluate(split, heldout_items is not None, model, heldout, full_model, wmf, tracking, k=k,
                                  fit_run_id=run.info.run_id, batches=batches)
     state = {"fit_key": wmf.fit_key(), "split": split_key, "batches": contents, "run_id": run.info.run_id,
-             "eval_run_id": eval_run_id, "n_users": len(train.users), "n_items": len(train.items),
+             "eval_run_id": eval_run_id, "eval_key": eval_key, "rows": [asdict(r) for r in rows],
+             "n_users": len(train.users), "n_items": len(train.items),
              "n_heldout": len(split.test.items) if heldout_items is not None else 0}
-    # Last: a run killed before this point is redone in full next time.
-    (out / ".state.json.tmp").write_text(json.dumps(state, indent=1))
-    (out / ".state.json.tmp").replace(out / "state.json")
+    # Last: a run killed after its factors were written and before this point finds no
+    # state next time, and refits in full.
+    _write_state(out, state)
     return WMFOutput(**{n: str(paths.get(n, "")) for n in files}, n_users=state["n_users"], n_items=state["n_items"],
                      n_heldout=state["n_heldout"], run_id=run.info.run_id, eval_run_id=eval_run_id,
                      mode=params["mode"], batches=tuple(batches), rows=tuple(rows))

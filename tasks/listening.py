@@ -11,6 +11,7 @@ raw play counts, split for evaluation:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,18 +120,21 @@ class InMatrixSplit:
 
 def in_matrix_split(matrix: PlayMatrix, *, fraction: float = 0.2, seed: int = 0, min_items: int = 2,
                     keep_all_items: bool = False) -> InMatrixSplit:
-    """Hold out ``round(fraction × n_u)`` of each user's played items (at least one when the
-    user has ``min_items`` or more, and never all of them).
+    """Hold out about ``fraction`` of each user's played items.
 
-    Which items are held out follows a hash of (user key, item key, seed), not the
-    matrix's order: when a new listening batch arrives, the pairs held out before stay
-    held out (unless the user's new items push them out of the first ``n_test``), so a
-    model warm-started from the previous factors is not scored on plays it trained on.
+    A (user, item) pair is held out when a hash of (user key, item key, seed), read as a
+    number in [0, 1), is below ``fraction``: the decision depends on the pair alone, not
+    on the matrix. When a new listening batch arrives, every pair keeps its side, so a
+    model warm-started from the previous factors is never scored on plays it trained on.
+    Users with fewer than ``min_items`` items keep them all for training; a user whose
+    every pair hashes below ``fraction`` keeps the highest-hash one for training (the
+    only pairs that can change side, and only for such users). Users with no held-out
+    pair have an empty test row and are not scored.
 
     Items left with no training play are dropped from both halves (no factor can be
     learned for them) unless ``keep_all_items``, as for an early-stopping split whose
-    training half must keep the columns of the matrix it was cut from. Every user keeps a row; users with fewer than ``min_items`` played
-    items have an empty test row and are not scored.
+    training half must keep the columns of the matrix it was cut from. Every user keeps
+    a row.
     """
     if not 0.0 < fraction < 1.0:
         raise ParameterError(f"fraction={fraction} must be in (0, 1)")
@@ -138,19 +142,24 @@ def in_matrix_split(matrix: PlayMatrix, *, fraction: float = 0.2, seed: int = 0,
     plays.sort_indices()
     counts = np.diff(plays.indptr)
     row_of = np.repeat(np.arange(plays.shape[0]), counts)
-    # A pseudo-random order within each row from the keys: sort by (row, pair hash).
-    user_hash = pd.util.hash_array(np.asarray(matrix.users, dtype=object), hash_key=f"mirflow{seed:09d}"[:16])
-    item_hash = pd.util.hash_array(np.asarray(matrix.items, dtype=object), hash_key=f"mirflow{seed:09d}"[:16])
+    key = hashlib.sha1(f"mirflow-split-{seed}".encode()).hexdigest()[:16]
+    user_hash = pd.util.hash_array(np.asarray(matrix.users, dtype=object), hash_key=key)
+    item_hash = pd.util.hash_array(np.asarray(matrix.items, dtype=object), hash_key=key)
     with np.errstate(over="ignore"):
         pair = user_hash[row_of] * np.uint64(0x9E3779B97F4A7C15) ^ item_hash[plays.indices]
         pair ^= pair >> np.uint64(31)
         pair *= np.uint64(0xBF58476D1CE4E5B9)
         pair ^= pair >> np.uint64(29)
-    order = np.lexsort((pair, row_of))
-    rank = np.empty(plays.nnz, dtype=np.int64)
-    rank[order] = np.arange(plays.nnz) - plays.indptr[row_of[order]]
-    n_test = np.where(counts >= min_items, np.clip(np.rint(fraction * counts), 1, counts - 1), 0).astype(np.int64)
-    test_mask = rank < n_test[row_of]
+    uniform = (pair >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    test_mask = (uniform < fraction) & (counts[row_of] >= min_items)
+    n_test = np.bincount(row_of[test_mask], minlength=plays.shape[0])
+    everything = np.flatnonzero((n_test == counts) & (counts > 0))
+    if everything.size:
+        nonempty = counts > 0
+        row_max = np.full(plays.shape[0], -1.0)
+        row_max[nonempty] = np.maximum.reduceat(uniform, plays.indptr[:-1][nonempty])
+        keep_for_training = np.isin(row_of, everything) & (uniform == row_max[row_of])
+        test_mask &= ~keep_for_training
 
     def part(mask: np.ndarray) -> sp.csr_matrix:
         out = sp.csr_matrix((plays.data[mask], (row_of[mask], plays.indices[mask])), shape=plays.shape)

@@ -174,7 +174,7 @@ def ranking_metrics(
                 "ndcg_at_k": float("nan"), "n_users": 0}
 
     dev = torch.device(device)
-    item_t = torch.as_tensor(np.ascontiguousarray(items, dtype=np.float32), device=dev)
+    item_t = torch.tensor(np.asarray(items, dtype=np.float32), device=dev)  # a copy: factors read from Parquet are read-only
     top = min(k, n_items)
     discount = 1.0 / torch.log2(torch.arange(2, top + 2, dtype=torch.float64, device=dev))
     ideal = torch.cumsum(discount, 0)

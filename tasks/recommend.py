@@ -95,11 +95,13 @@ def in_matrix_rows(
     seed: int = 0,
 ) -> list[RankingRow]:
     """In-matrix table: ``random``, ``popularity`` (training listeners per item) and each of
-    ``models`` (name -> (user_factors, item_factors)), on the same sample of users.
+    ``models`` (name -> (user_factors, item_factors)), on the same sample of at most
+    ``max_users`` users with a held-out play (all of them when ``max_users`` is 0).
 
     ``train`` and ``test`` are users × items plays; training items are no candidates.
     """
-    rows_idx = sample_users(train.shape[0], max_users, seed=seed)
+    scoreable = np.flatnonzero(np.diff(sp.csr_matrix(test).indptr) > 0)  # users with a held-out play
+    rows_idx = scoreable[sample_users(len(scoreable), max_users, seed=seed)]
     train_s, test_s = train[rows_idx], test[rows_idx]
     n_items = train.shape[1]
     listeners = np.diff(sp.csc_matrix(train).indptr).astype(np.float32).reshape(-1, 1)

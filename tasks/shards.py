@@ -309,5 +309,5 @@ def append_quarantine(path: Path, records: Sequence[Mapping]) -> int:
             seen.add(key)
             new.append({"path": key[0], "stage": key[1], "reason": key[2], "time": r.get("time", now)})
     if new or not path.exists():
-        write_table_atomic(pa.Table.from_pylist(old + new, schema=QUARANTINE_SCHEMA), path)
+        write_table_atomic(pa.Table.from_pylist(old + new, schema=QUARANTINE_SCHEMA), path, row_group_size=1 << 16)
     return len(old) + len(new)

@@ -197,6 +197,9 @@ def fit_wmf(
             if validate is None:
                 continue
             score = float(validate(current))
+            if not np.isfinite(score):
+                raise ParameterError(f"the validation score after {done} sweeps is {score}: the validation split "
+                                     "has no user to score (more plays, or a larger validation_fraction)")
             history.append((done, score))
             if best is None or score > max(s for _, s in history[:-1]):
                 best, stale = current, 0

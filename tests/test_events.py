@@ -205,3 +205,27 @@ def test_real_hetrec_user_artists(shared_data, tmp_path):
     matrix = load_play_matrix(tmp_path / "listening")
     assert matrix.plays.shape == (1892, 17632) and matrix.plays.nnz == 92834
     assert matrix.plays.data.astype(np.int64).sum() == pd.read_csv(shared_data / "lastfm_hetrec2011_2k" / "user_artists.dat", sep="\t")["weight"].sum()
+
+
+def test_timestamps_out_of_range_and_unusual_parquet_types_become_row_errors(tmp_path):
+    csv = tmp_path / "events.csv"
+    csv.write_text("user,item,plays,ts\na,x,1,999999999999\nb,x,1,2024-13-45\nc,x,1,1700000000.5\nd,x,1,\n")
+    parquet = tmp_path / "typed.parquet"
+    pq.write_table(pa.table({
+        "user": pa.array([1.0, 2.0, None, 4.5]),  # pandas' integer ids with a gap, and a non-integral one
+        "item": pa.array(["x", "y", "x", "y"]).dictionary_encode(),
+        "plays": pa.array([1.0, 2.0, 3.0, 1.5]),
+        "ts": pa.array([1.7e9, None, 1.7e9, 1.7e9]),
+    }), parquet)
+    nulls = tmp_path / "nulls.parquet"
+    pq.write_table(pa.table({"user": ["a"], "item": ["x"], "plays": pa.nulls(1)}), nulls)
+
+    report = _ingest(tmp_path, csv, parquet, nulls)
+    assert [(b.valid, b.malformed) for b in report.batches] == [(2, 2), (2, 2), (0, 1)]
+    events = _events(tmp_path)
+    assert events == {("c", "x"): 1, ("d", "x"): 1, ("1", "x"): 1, ("2", "y"): 2}
+    reasons = dict(zip(_quarantine(tmp_path)["path"], _quarantine(tmp_path)["reason"]))
+    assert "supported range" in reasons[f"{csv}:2"] and "supported range" in reasons[f"{csv}:3"]
+    assert "missing user id" in reasons[f"{parquet}#row3"]
+    assert "1.5" in reasons[f"{parquet}#row4"]
+    assert "missing play count" in reasons[f"{nulls}#row1"]

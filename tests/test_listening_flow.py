@@ -54,7 +54,11 @@ def test_full_fit_then_reuse_then_incremental_update_on_new_batches(tmp_path):
     assert 0.45 < table["random"].auc < 0.55
 
     again = factorize(data_dir, paths[:2], None, WMF, tracking, k=50)
-    assert again.mode == "reused" and again.run_id == first.run_id
+    assert again.mode == "reused" and again.run_id == first.run_id and again.eval_run_id == first.eval_run_id
+    assert again.rows == first.rows
+    other_k = factorize(data_dir, paths[:2], None, WMF, tracking, k=20)  # same factors, evaluated anew
+    assert other_k.mode == "reused" and other_k.run_id == first.run_id and other_k.eval_run_id != first.eval_run_id
+    assert {r.name for r in other_k.rows} == {"random", "popularity", "WMF"}
 
     update = factorize(data_dir, paths, None, WMF, tracking, k=50)
     assert update.mode == "incremental" and update.n_users > first.n_users
@@ -124,3 +128,23 @@ def test_real_hetrec_lastfm_wmf_beats_popularity(shared_data, tmp_path):
     assert wmf.map_at_k > 2 * popularity.map_at_k > 10 * random.map_at_k
     assert wmf.auc > popularity.auc + 0.03 and popularity.auc > random.auc + 0.3
     assert wmf.ndcg_at_k > popularity.ndcg_at_k
+
+
+def test_a_run_killed_after_writing_factors_is_not_mistaken_for_the_previous_one(tmp_path, monkeypatch):
+    import flows.listening as listening_flow
+
+    paths, _ = _batches(tmp_path)
+    data_dir = tmp_path / "data"
+    tracking = tracking_for(data_dir)
+    first = factorize(data_dir, paths[:2], None, WMF, tracking, k=50)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed during evaluation")
+
+    monkeypatch.setattr(listening_flow, "evaluate", killed)
+    with pytest.raises(BaseException, match="killed"):
+        factorize(data_dir, paths, None, WMF, tracking, k=50)  # new factors written, then the process dies
+    monkeypatch.undo()
+    # The factor files now hold the 3-batch fit: they must not be reused as the 2-batch one.
+    again = factorize(data_dir, paths[:2], None, WMF, tracking, k=50)
+    assert again.mode == "full" and again.run_id != first.run_id and again.n_users == first.n_users

@@ -43,9 +43,9 @@ from tasks.listening import (
     plays_to_frame,
     save_factors,
 )
-from tasks.metrics import random_factors, ranking_metrics
-from tasks.recommend import in_matrix_rows, ranking_row, sample_users
-from tasks.report import RankingRow, metric_slug
+from tasks.metrics import ranking_metrics
+from tasks.recommend import cold_start_rows, in_matrix_rows, rows_as_metrics, sample_users
+from tasks.report import RankingRow
 from tasks.shards import write_table_atomic
 from tasks.wmf import WMFModel, fit_wmf, fold_in_items, warm_start, wmf_objective
 
@@ -136,14 +136,6 @@ def _fit(train: PlayMatrix, wmf: WMFSettings, *, k: int, label: str, init: WMFMo
             model = fit_wmf(train.plays, settings=wmf, init=init, iterations=sweeps,
                             on_iteration=lambda i, loss: progress.advance())
     return model, time.perf_counter() - start
-
-
-def _log_table(rows: list[RankingRow], prefix: str = "") -> None:
-    metrics = {}
-    for row in rows:
-        for name in ("map_at_k", "auc", "precision_at_k", "ndcg_at_k"):
-            metrics[f"{prefix}{metric_slug(row.name)}/{name}"] = getattr(row, name)
-    mlflow.log_metrics({key: value for key, value in metrics.items() if np.isfinite(value)})
 
 
 @flow(name="wmf")
@@ -283,21 +275,18 @@ def evaluate(split, cold_start: bool, model: WMFModel, heldout: np.ndarray | Non
         start = time.perf_counter()
         if cold_start:
             test: sp.csr_matrix = split.test.plays
-            popularity = np.asarray(test.sum(axis=0), dtype=np.float32).reshape(-1, 1)
-            sources = [("random", random_factors(test.shape[0], seed=wmf.seed), random_factors(test.shape[1], seed=wmf.seed + 1)),
-                       ("popularity", np.ones((test.shape[0], 1), np.float32), popularity),
-                       ("WMF factors (upper bound)", model.user_factors, heldout)]
+            models = {"WMF factors (upper bound)": (model.user_factors, heldout)}
             if full_model is not None:
                 refit = fold_in_items(full_model.user_factors, test.T.tocsr(), settings=wmf)
-                sources.append(("WMF full refit (upper bound)", full_model.user_factors, refit))
-            rows = [ranking_row(name, users, items, test, k=k) for name, users, items in sources]
+                models["WMF full refit (upper bound)"] = (full_model.user_factors, refit)
+            rows = cold_start_rows(heldout_plays=test, models=models, k=k, seed=wmf.seed)
         else:
             models = {"WMF": (model.user_factors, model.item_factors)}
             if full_model is not None:
                 models["WMF full refit"] = (full_model.user_factors, full_model.item_factors)
             rows = in_matrix_rows(models=models, train=split.train.plays, test=split.test.plays, k=k,
                                   max_users=wmf.eval_max_users, seed=wmf.seed)
-        _log_table(rows)
+        mlflow.log_metrics(rows_as_metrics(rows))
         mlflow.log_metrics({"eval_seconds": time.perf_counter() - start, "eval_users": rows[0].n_users})
     for row in rows:
         log.info("WMF %s  %-28s mAP@%d %.4f  AUC %.3f  P@%d %.4f  NDCG@%d %.4f", protocol, row.name, k, row.map_at_k,

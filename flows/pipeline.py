@@ -24,7 +24,8 @@ from infra.settings import ClusterSettings, PipelineSettings
 from infra.tracking import tracked_run
 from tasks.datasets import mtat_tracks, read_mtat_annotations
 from tasks.errors import ParameterError
-from tasks.report import PipelineSummary, metric_slug, summary_text, write_report
+from tasks.recommend import rows_as_metrics
+from tasks.report import PipelineSummary, summary_text, write_report
 from tasks.shards import write_table_atomic
 
 
@@ -84,8 +85,7 @@ def pipeline(settings: PipelineSettings) -> PipelineSummary:
         write_report(report_path, summary, per_tag=tagger.per_tag, settings=settings.flat())
         mlflow.log_artifact(str(report_path))
         mlflow.log_metrics({"tagger/test_roc_auc": tagger.roc_auc, "tagger/test_pr_auc": tagger.pr_auc,
-                            **{f"recommender/{metric_slug(r.name)}/map_at_k": r.map_at_k for r in recommender.rows},
-                            **{f"recommender/{metric_slug(r.name)}/auc": r.auc for r in recommender.rows}})
+                            **rows_as_metrics(recommender.rows, prefix="recommender/")})
         # To the flow run's log (the Prefect UI); the CLI prints the table itself.
         get_run_logger().info("pipeline summary\n%s", summary_text(summary))
     return summary

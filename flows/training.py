@@ -18,11 +18,10 @@ from infra.tracking import experiment_id, file_sha1, tracked_run
 from lightning_modules.train import train_latent_factor_cnn, train_tagger
 from tasks.listening import load_factors, play_matrix_for
 from tasks.datasets import tag_vocabulary
-from tasks.recommend import cold_start_rows, cold_start_track_splits
+from tasks.recommend import cold_start_rows, cold_start_track_splits, rows_as_metrics
 from tasks.report import (
     RankingRow,
     dominant_labels,
-    metric_slug,
     plot_factor_scatter,
     plot_first_layer_filters,
     plot_roc_curves,
@@ -121,13 +120,10 @@ def train_recommender_flow(data_dir: Path, dataset: str, feature_set: str, mel: 
         test_ids = np.asarray(result.test_track_ids, dtype=str)
         relevant = play_matrix_for(pd.read_parquet(wmf.heldout_plays), users=users, items=test_ids)
         true_factors = heldout_factors[pd.Index(heldout).get_indexer(test_ids)]
-        rows = cold_start_rows(user_factors=user_factors, heldout_plays=relevant,
-                               predicted_factors=result.predicted_factors, wmf_factors=true_factors,
-                               k=evaluation.k, seed=evaluation.seed)
-        mlflow.log_metrics({"epochs": result.epochs, **{f"test/{metric_slug(r.name)}/map_at_{evaluation.k}": r.map_at_k for r in rows},
-                            **{f"test/{metric_slug(r.name)}/auc": r.auc for r in rows},
-                            **{f"test/{metric_slug(r.name)}/precision_at_{evaluation.k}": r.precision_at_k for r in rows},
-                            **{f"test/{metric_slug(r.name)}/ndcg_at_{evaluation.k}": r.ndcg_at_k for r in rows}})
+        rows = cold_start_rows(heldout_plays=relevant, k=evaluation.k, seed=evaluation.seed,
+                               models={"CNN-predicted factors": (user_factors, result.predicted_factors),
+                                       "WMF factors (upper bound)": (user_factors, true_factors)})
+        mlflow.log_metrics({"epochs": result.epochs, **rows_as_metrics(rows, prefix="test/", k=evaluation.k)})
         mlflow.log_artifact(str(result.checkpoint), artifact_path="checkpoints")
         tags_of = dict(zip(tracks["track_id"], tracks["tags"]))
         labels = dominant_labels([tags_of[t] for t in test_ids],

@@ -17,7 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from tasks.metrics import random_factors, ranking_metrics
-from tasks.report import RankingRow
+from tasks.report import RankingRow, metric_slug
 
 
 def cold_start_track_splits(tracks: pd.DataFrame, *, factorized: set[str], heldout: set[str]) -> dict[str, list[str]]:
@@ -33,12 +33,18 @@ def cold_start_track_splits(tracks: pd.DataFrame, *, factorized: set[str], heldo
     }
 
 
+def _baselines(n_users: int, n_items: int, popularity: np.ndarray, *, seed: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``random`` (seeded random scores) and ``popularity`` (one ranking for every user) as factors."""
+    return [
+        ("random", random_factors(n_users, seed=seed), random_factors(n_items, seed=seed + 1)),
+        ("popularity", np.ones((n_users, 1), np.float32), np.asarray(popularity, np.float32).reshape(-1, 1)),
+    ]
+
+
 def cold_start_rows(
     *,
-    user_factors: np.ndarray,
     heldout_plays: sp.csr_matrix,
-    predicted_factors: np.ndarray,
-    wmf_factors: np.ndarray,
+    models: dict[str, tuple[np.ndarray, np.ndarray]],
     k: int,
     seed: int,
 ) -> list[RankingRow]:
@@ -46,28 +52,34 @@ def cold_start_rows(
 
     Parameters
     ----------
-    user_factors : np.ndarray [shape=(n_users, F)]
-        WMF user factors, fitted without the held-out tracks.
     heldout_plays : sp.csr_matrix [shape=(n_users, n_heldout)]
         Real plays of the held-out tracks: the relevance judgements.
-    predicted_factors : np.ndarray [shape=(n_heldout, F)]
-        Item factors predicted from audio.
-    wmf_factors : np.ndarray [shape=(n_heldout, F)]
-        Item factors folded in from the held-out plays themselves: the upper bound.
+    models : dict
+        name -> (user_factors (n_users, F), item factors of the held-out tracks
+        (n_heldout, F)): e.g. factors predicted from audio, or the WMF factors folded
+        in from the held-out plays themselves (the upper bound).
 
     Rows: ``random`` (seeded random scores), ``popularity`` (the held-out tracks'
-    total plays, an oracle popularity that ignores the user), the CNN's predicted
-    factors, and the true WMF factors.
+    total plays, an oracle popularity that ignores the user), then ``models`` in order.
     """
     n_users, n_items = heldout_plays.shape
-    popularity = np.asarray(heldout_plays.sum(axis=0), dtype=np.float32).reshape(-1, 1)
-    sources = [
-        ("random", random_factors(n_users, seed=seed), random_factors(n_items, seed=seed + 1)),
-        ("popularity", np.ones((n_users, 1), np.float32), popularity),
-        ("CNN-predicted factors", user_factors, predicted_factors),
-        ("WMF factors (upper bound)", user_factors, wmf_factors),
-    ]
+    sources = [*_baselines(n_users, n_items, heldout_plays.sum(axis=0), seed=seed),
+               *((name, users, items) for name, (users, items) in models.items())]
     return [ranking_row(name, users, items, heldout_plays, k=k) for name, users, items in sources]
+
+
+def rows_as_metrics(rows: list[RankingRow], *, prefix: str = "", k: int | None = None) -> dict[str, float]:
+    """MLflow metrics of a ranking table, ``<prefix><ranking>/<metric>``; with ``k`` the
+    cut-off metrics are named ``map_at_<k>``, ``precision_at_<k>``, ``ndcg_at_<k>``.
+    Undefined (NaN) values are left out."""
+    suffix = "k" if k is None else str(k)
+    metrics = {}
+    for row in rows:
+        for name, value in (("map_at_" + suffix, row.map_at_k), ("auc", row.auc),
+                            ("precision_at_" + suffix, row.precision_at_k), ("ndcg_at_" + suffix, row.ndcg_at_k)):
+            if np.isfinite(value):
+                metrics[f"{prefix}{metric_slug(row.name)}/{name}"] = value
+    return metrics
 
 
 def ranking_row(name: str, user_factors: np.ndarray, item_factors: np.ndarray, relevant: sp.csr_matrix, *,
@@ -103,11 +115,7 @@ def in_matrix_rows(
     scoreable = np.flatnonzero(np.diff(sp.csr_matrix(test).indptr) > 0)  # users with a held-out play
     rows_idx = scoreable[sample_users(len(scoreable), max_users, seed=seed)]
     train_s, test_s = train[rows_idx], test[rows_idx]
-    n_items = train.shape[1]
-    listeners = np.diff(sp.csc_matrix(train).indptr).astype(np.float32).reshape(-1, 1)
-    sources = [
-        ("random", random_factors(len(rows_idx), seed=seed), random_factors(n_items, seed=seed + 1)),
-        ("popularity", np.ones((len(rows_idx), 1), np.float32), listeners),
-        *((name, users[rows_idx], items) for name, (users, items) in models.items()),
-    ]
+    listeners = np.diff(sp.csc_matrix(train).indptr)
+    sources = [*_baselines(len(rows_idx), train.shape[1], listeners, seed=seed),
+               *((name, users[rows_idx], items) for name, (users, items) in models.items())]
     return [ranking_row(name, users, items, test_s, k=k, exclude=train_s) for name, users, items in sources]

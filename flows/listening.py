@@ -68,6 +68,7 @@ class WMFOutput:
     n_heldout: int
     run_id: str  # the fit run
     eval_run_id: str
+    model_uri: str  # the factors as an MLflow pyfunc model (mirflow-wmf), logged in the fit run
     mode: str  # "full", "incremental" or "reused"
     batches: tuple[str, ...]
     rows: tuple[RankingRow, ...] = ()  # the evaluation table
@@ -140,21 +141,23 @@ def _fit(train: PlayMatrix, wmf: WMFSettings, *, k: int, label: str, init: WMFMo
 
 @flow(name="wmf")
 def factorize(data_dir: Path, sources: list[ListeningSource | str | Path], heldout_items: list[str] | None,
-              wmf: WMFSettings, tracking: TrackingSettings, k: int = 500) -> WMFOutput:
+              wmf: WMFSettings, tracking: TrackingSettings, k: int = 500, ingested: list[str] | None = None) -> WMFOutput:
     """Ingest listening files, factorize (fully, incrementally, or not at all if nothing changed) and evaluate.
 
     With ``heldout_items`` the protocol is cold start: those items are left out of the
     factorization, and their factors are folded in from their plays (the upper bound of
     any content-based predictor). Without, a share of each user's plays is held out.
+    ``ingested`` names batches already ingested (their files need not be at hand any
+    more) that the factorization covers besides ``sources``.
     """
     layout = Layout(Path(data_dir))
     out = layout.wmf()
     listening = layout.listening()
     sources = [s if isinstance(s, ListeningSource) else ListeningSource(Path(s)) for s in sources]
-    if not sources:
+    if not sources and not ingested:
         raise DatasetError("no listening files given")
     ingest = ingest_listening(sources, listening, layout.quarantine("listening"))
-    batches = ingest.batch_ids
+    batches = list(dict.fromkeys([*(ingested or []), *ingest.batch_ids]))
     # What was factorized is identified by each batch's content hash, not only its name.
     contents = {b: batch_record(listening, b)["sha1"] for b in batches}
     matrix = load_play_matrix(listening, batches=batches)
@@ -174,7 +177,7 @@ def factorize(data_dir: Path, sources: list[ListeningSource | str | Path], heldo
     have_factors = all(files[n].exists() for n in ("user_factors", "item_factors")) and (
         heldout_items is None or files["heldout_item_factors"].exists())
     eval_key = {"k": k, "eval_max_users": wmf.eval_max_users}
-    if same_setup and previous == contents and have_factors:
+    if same_setup and previous == contents and have_factors and state.get("model_uri"):
         log.info("WMF: batches %s already factorized with these settings (run %s): reusing the factors",
                  batches, state["run_id"])
         eval_run_id, rows = state["eval_run_id"], [RankingRow(**r) for r in state.get("rows", [])]
@@ -187,7 +190,7 @@ def factorize(data_dir: Path, sources: list[ListeningSource | str | Path], heldo
                                "rows": [asdict(r) for r in rows]})
         return WMFOutput(**{n: str(p) if p.exists() else "" for n, p in files.items()},
                          n_users=state["n_users"], n_items=state["n_items"], n_heldout=state["n_heldout"],
-                         run_id=state["run_id"], eval_run_id=eval_run_id, mode="reused",
+                         run_id=state["run_id"], eval_run_id=eval_run_id, model_uri=state["model_uri"], mode="reused",
                          batches=tuple(batches), rows=tuple(rows))
     incremental = same_setup and have_factors and set(previous.items()) < set(contents.items())
 
@@ -248,11 +251,12 @@ def factorize(data_dir: Path, sources: list[ListeningSource | str | Path], heldo
             report = Path(tmp) / "ingest.json"
             report.write_text(json.dumps([asdict(b) for b in ingest.batches], indent=1))
             mlflow.log_artifact(str(report))
+        model_uri = log_wmf_model(paths, users=train.users, items=train.items)
 
     eval_run_id, rows = evaluate(split, heldout_items is not None, model, heldout, full_model, wmf, tracking, k=k,
                                  fit_run_id=run.info.run_id, batches=batches)
     state = {"fit_key": wmf.fit_key(), "split": split_key, "batches": contents, "run_id": run.info.run_id,
-             "eval_run_id": eval_run_id, "eval_key": eval_key, "rows": [asdict(r) for r in rows],
+             "eval_run_id": eval_run_id, "eval_key": eval_key, "rows": [asdict(r) for r in rows], "model_uri": model_uri,
              "n_users": len(train.users), "n_items": len(train.items),
              "n_heldout": len(split.test.items) if heldout_items is not None else 0}
     # Last: a run killed after its factors were written and before this point finds no
@@ -260,7 +264,20 @@ def factorize(data_dir: Path, sources: list[ListeningSource | str | Path], heldo
     _write_state(out, state)
     return WMFOutput(**{n: str(paths.get(n, "")) for n in files}, n_users=state["n_users"], n_items=state["n_items"],
                      n_heldout=state["n_heldout"], run_id=run.info.run_id, eval_run_id=eval_run_id,
-                     mode=params["mode"], batches=tuple(batches), rows=tuple(rows))
+                     model_uri=model_uri, mode=params["mode"], batches=tuple(batches), rows=tuple(rows))
+
+
+def log_wmf_model(paths: dict[str, Path], *, users: np.ndarray, items: np.ndarray) -> str:
+    """The factor tables as the ``mirflow-wmf`` pyfunc model, in the active run; returns its URI."""
+    import pandas as pd
+
+    from infra.registry import WMF_SIGNATURE, log_served_model
+
+    artifacts = {n: Path(paths[n]) for n in ("user_factors", "item_factors", "heldout_item_factors") if n in paths}
+    n = min(3, len(users), len(items))
+    example = pd.DataFrame({"user_id": users[:n].astype(str), "item_id": items[:n].astype(str)})
+    return log_served_model(code="wmf", artifacts=artifacts, config=None, signature=WMF_SIGNATURE,
+                            input_example=example)
 
 
 def evaluate(split, cold_start: bool, model: WMFModel, heldout: np.ndarray | None, full_model: WMFModel | None,

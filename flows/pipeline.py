@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.features import extract_features
 from flows.listening import factorize
+from flows.registry import register_pipeline_models
 from flows.training import train_recommender_flow, train_tagger_flow
 from flows.world import synthetic_world
 from infra.cluster import dask_client, spectrogram_device
@@ -29,7 +30,6 @@ from tasks.report import PipelineSummary, summary_text, write_report
 from tasks.shards import write_table_atomic
 
 
-
 @task(cache_policy=NO_CACHE)
 def ingest_mtat(annotations: Path, audio_root: Path, n_tags: int, tracks_path: Path) -> Path:
     tracks = mtat_tracks(read_mtat_annotations(annotations), audio_root=audio_root, n_tags=n_tags)
@@ -41,6 +41,8 @@ def _sources(settings: PipelineSettings) -> tuple[Path, Path, tuple[Path, ...]]:
     if settings.dataset == "synthetic":
         root = Layout(settings.data_dir).world()
         triplets = tuple(sorted((root / "taste_profile").glob("train_triplets.batch-*.txt")))
+        if settings.initial_batches is not None:
+            triplets = triplets[: settings.initial_batches]
         return root / "mtat" / "annotations_final.csv", root / "mtat" / "audio", triplets
     if settings.annotations is None or settings.audio_root is None:
         raise ParameterError(f"dataset {settings.dataset!r} needs --annotations and --audio-root (MTAT layout)")
@@ -72,9 +74,14 @@ def pipeline(settings: PipelineSettings) -> PipelineSummary:
     wmf = factorize(settings.data_dir, list(triplets), heldout, settings.wmf, settings.tracking, k=settings.evaluation.k)
     recommender = train_recommender_flow(settings.data_dir, dataset, feature_set, settings.features.mel, wmf,
                                          settings.recommender, settings.evaluation, settings.tracking)
+    versions = {}
+    if settings.register_models:
+        versions = register_pipeline_models(settings.tracking, tagger=tagger, wmf=wmf, recommender=recommender,
+                                            dataset=dataset)
     with tracked_run(settings.tracking, "pipeline", run_name=f"pipeline-{dataset}", params=settings.flat(),
                      tags={"tagger_run_id": tagger.run_id, "wmf_run_id": wmf.run_id,
-                           "recommender_run_id": recommender.run_id}) as run:
+                           "recommender_run_id": recommender.run_id,
+                           **{f"registry.{name}": v for name, v in versions.items()}}) as run:
         report_path = layout.reports() / f"pipeline-{run.info.run_id}.md"
         summary = PipelineSummary(
             tagger_roc_auc=tagger.roc_auc, tagger_pr_auc=tagger.pr_auc, tagger_pr_auc_chance=tagger.pr_auc_chance,
@@ -88,4 +95,15 @@ def pipeline(settings: PipelineSettings) -> PipelineSummary:
                             **rows_as_metrics(recommender.rows, prefix="recommender/")})
         # To the flow run's log (the Prefect UI); the CLI prints the table itself.
         get_run_logger().info("pipeline summary\n%s", summary_text(summary))
+    save_pipeline_settings(settings, layout.pipeline_settings())
     return summary
+
+
+@task(cache_policy=NO_CACHE)
+def save_pipeline_settings(settings: PipelineSettings, path: Path) -> Path:
+    """What ``retrain-on-new-listening`` starts from: the settings the registered models were trained with."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(settings.model_dump_json(indent=1))
+    tmp.replace(path)
+    return path

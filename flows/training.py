@@ -13,7 +13,15 @@ from lightning.pytorch.loggers import MLFlowLogger
 from prefect import flow
 
 from infra.layout import Layout
-from infra.settings import EvalSettings, LatentFactorSettings, MelSettings, TaggerSettings, TrackingSettings
+from infra.registry import factors_schema, log_served_model, tag_scores_schema, waveform_signature
+from infra.settings import (
+    EvalSettings,
+    LatentFactorSettings,
+    MelSettings,
+    TaggerSettings,
+    TrackingSettings,
+    TrainSettings,
+)
 from infra.tracking import experiment_id, file_sha1, tracked_run
 from lightning_modules.train import train_latent_factor_cnn, train_tagger
 from tasks.listening import load_factors, play_matrix_for
@@ -38,6 +46,7 @@ class TaggerOutput:
     pr_auc_chance: float
     per_tag: str  # the per-tag table as text
     run_id: str
+    model_uri: str  # the tagger as an MLflow pyfunc model (waveforms -> tag probabilities)
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,8 @@ class RecommenderOutput:
     rows: list[RankingRow]
     k: int
     run_id: str
+    model_uri: str  # the CNN as an MLflow pyfunc model (waveforms -> item factors)
+    checkpoint: str
 
 
 def _mlflow_logger(tracking: TrackingSettings, family: str, run_id: str) -> MLFlowLogger:
@@ -54,7 +65,7 @@ def _mlflow_logger(tracking: TrackingSettings, family: str, run_id: str) -> MLFl
 
 def _tracks_with_features(data_dir: Path, dataset: str, feature_set: str) -> pd.DataFrame:
     layout = Layout(Path(data_dir))
-    tracks = pd.read_parquet(layout.tracks(dataset), columns=["track_id", "split", "tags"])
+    tracks = pd.read_parquet(layout.tracks(dataset), columns=["track_id", "split", "tags", "source_path"])
     present = set(read_manifest(layout.features(dataset, feature_set)).column("track_id").to_pylist())
     return tracks[tracks["track_id"].isin(present)].reset_index(drop=True)
 
@@ -88,16 +99,23 @@ def train_tagger_flow(data_dir: Path, dataset: str, feature_set: str, mel: MelSe
             ]
             for plot in plots:
                 mlflow.log_artifact(str(plot), artifact_path="plots")
+        model_uri = log_audio_model("tagger", result.checkpoint, tracks=tracks, mel=mel, train=tagger.train,
+                                    outputs=tag_scores_schema(list(tags)))
     return TaggerOutput(roc_auc=float(result.metrics["test/roc_auc"]), pr_auc=float(result.metrics["test/pr_auc"]),
                         pr_auc_chance=float(result.metrics["test/pr_auc_chance"]),
-                        per_tag=module.test_table.to_string(index=False, float_format="%.3f"), run_id=run.info.run_id)
+                        per_tag=module.test_table.to_string(index=False, float_format="%.3f"), run_id=run.info.run_id,
+                        model_uri=model_uri)
 
 
 @flow(name="train-recommender")
 def train_recommender_flow(data_dir: Path, dataset: str, feature_set: str, mel: MelSettings, wmf: WMFOutput,
                            recommender: LatentFactorSettings, evaluation: EvalSettings,
-                           tracking: TrackingSettings) -> RecommenderOutput:
-    """Regress WMF item factors from audio, then rank held-out tracks for every user by the predictions."""
+                           tracking: TrackingSettings, init_checkpoint: Path | None = None,
+                           finetune: TrainSettings | None = None) -> RecommenderOutput:
+    """Regress WMF item factors from audio, then rank held-out tracks for every user by the predictions.
+
+    With ``init_checkpoint`` (a champion's weights) the CNN is fine-tuned under ``finetune``.
+    """
     layout = Layout(Path(data_dir))
     tracks = _tracks_with_features(data_dir, dataset, feature_set)
     users, user_factors = load_factors(wmf.user_factors)
@@ -106,7 +124,8 @@ def train_recommender_flow(data_dir: Path, dataset: str, feature_set: str, mel: 
     factors = {**dict(zip(items, item_factors)), **dict(zip(heldout, heldout_factors))}
     track_ids = cold_start_track_splits(tracks, factorized=set(items), heldout=set(heldout))
     params = {**recommender.flat("recommender."), **evaluation.flat("evaluation."), "dataset": dataset,
-              "feature_set": feature_set, "wmf_run_id": wmf.run_id,
+              "feature_set": feature_set, "wmf_run_id": wmf.run_id, "init_checkpoint": str(init_checkpoint or ""),
+              **(finetune.flat("finetune.") if finetune is not None else {}),
               **{f"n_{split}": len(ids) for split, ids in track_ids.items()}}
     feature_dir = layout.features(dataset, feature_set)
     provenance = {"mirflow.features_manifest_sha1": file_sha1(feature_dir / MANIFEST) or "none",
@@ -116,7 +135,8 @@ def train_recommender_flow(data_dir: Path, dataset: str, feature_set: str, mel: 
         result = train_latent_factor_cnn(feature_dir=feature_dir, track_ids=track_ids,
                                          item_factors=factors, settings=recommender, mel=mel,
                                          checkpoint_dir=layout.checkpoints("latent_factors") / run.info.run_id,
-                                         logger=_mlflow_logger(tracking, "latent-factors", run.info.run_id))
+                                         logger=_mlflow_logger(tracking, "latent-factors", run.info.run_id),
+                                         init_checkpoint=init_checkpoint, train=finetune)
         test_ids = np.asarray(result.test_track_ids, dtype=str)
         relevant = play_matrix_for(pd.read_parquet(wmf.heldout_plays), users=users, items=test_ids)
         true_factors = heldout_factors[pd.Index(heldout).get_indexer(test_ids)]
@@ -138,4 +158,22 @@ def train_recommender_flow(data_dir: Path, dataset: str, feature_set: str, mel: 
             ]
             for plot in plots:
                 mlflow.log_artifact(str(plot), artifact_path="plots")
-    return RecommenderOutput(rows=rows, k=evaluation.k, run_id=run.info.run_id)
+        model_uri = log_audio_model("latent_factor_cnn", result.checkpoint, tracks=tracks, mel=mel,
+                                    train=finetune or recommender.train,
+                                    outputs=factors_schema(result.predicted_factors.shape[1]))
+    return RecommenderOutput(rows=rows, k=evaluation.k, run_id=run.info.run_id, model_uri=model_uri,
+                             checkpoint=str(result.checkpoint))
+
+
+def log_audio_model(code: str, checkpoint: Path, *, tracks: pd.DataFrame, mel: MelSettings, train: TrainSettings,
+                    outputs) -> str:
+    """Log a trained audio model (tagger or CNN) as a pyfunc in the active run, a real clip as its input example."""
+    from lightning_modules.served import served_config
+    from lightning_modules.train import frames
+    from tasks.audio import excerpt
+
+    config = served_config(mel=mel, crop_frames=frames(train.crop_seconds, mel),
+                           hop_frames=frames(train.eval_hop_seconds, mel))
+    example = excerpt(tracks["source_path"].iloc[0], sample_rate=mel.sample_rate, seconds=train.crop_seconds)
+    return log_served_model(code=code, artifacts={"checkpoint": Path(checkpoint)}, config=config,
+                            signature=waveform_signature(outputs), input_example=example[None, :])

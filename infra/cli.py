@@ -32,6 +32,7 @@ QUIET_OFFLINE = {
     "PREFECT_LOGGING_LEVEL": "WARNING",
     "GIT_PYTHON_REFRESH": "quiet",
     "DASK_LOGGING__DISTRIBUTED": "warning",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 # Libraries whose INFO lines drown the pipeline's own progress.
 CHATTY_LOGGERS = ("distributed", "lightning.pytorch", "lightning.fabric", "mlflow.store.db.utils", "alembic")
@@ -248,6 +249,42 @@ def wmf(
         for row in out.rows:
             console.print(f"  {row.name:28s}{row.map_at_k:10.4f}{row.auc:8.3f}{row.precision_at_k:10.4f}"
                           f"{row.ndcg_at_k:11.4f}", highlight=False)
+
+
+@app.command()
+def retrain(
+    data_dir: DataDir = Path("data"),
+    metric: Annotated[str, typer.Option(help="promotion metric: map_at_k | auc | ndcg_at_k | precision_at_k")] = "map_at_k",
+    margin: Annotated[float | None, typer.Option(help="absolute gain on the metric the challenger needs")] = None,
+    epochs: Annotated[int | None, typer.Option(help="cap on fine-tuning epochs")] = None,
+    verbose: bool = False,
+) -> None:
+    """Retrain the recommender on new listening files in <data-dir>/inbox/listening; promote it only if better."""
+    _setup(verbose)
+    from pydantic import ValidationError
+
+    from infra.settings import PromotionSettings
+    from infra.tracking import tracking_for
+
+    try:
+        promotion = PromotionSettings(metric=metric, **({"margin": margin} if margin is not None else {}))
+    except ValidationError as err:
+        console.print(f"[red]mirflow: invalid settings[/red]\n{err}")
+        raise typer.Exit(2) from None
+    from flows.retrain import load_pipeline_settings, retrain_on_new_listening
+    from tasks.errors import MirflowError
+
+    tracking = tracking_for(data_dir)
+    try:
+        finetune = None
+        if epochs is not None:
+            base = load_pipeline_settings(data_dir, tracking).retrain.finetune
+            finetune = base.model_copy(update={"max_epochs": epochs})
+        outcome = retrain_on_new_listening(data_dir.resolve(), tracking, promotion, finetune)
+    except MirflowError as err:
+        console.print(f"[red]mirflow: {err}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"retrain: {outcome.status}: {outcome.message}", highlight=False)
 
 
 @app.command()

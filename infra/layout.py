@@ -36,3 +36,11 @@ class Layout:
 
     def reports(self) -> Path:
         return self.root / "reports"
+
+    def inbox(self) -> Path:
+        """Where new listening files land for ``retrain-on-new-listening``."""
+        return self.root / "inbox" / "listening"
+
+    def pipeline_settings(self) -> Path:
+        """The settings of the last finished pipeline run (what retraining starts from)."""
+        return self.root / "models" / "pipeline-settings.json"

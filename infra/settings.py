@@ -252,6 +252,25 @@ class TrackingSettings(_Settings):
     experiment_prefix: str = "mirflow"
 
 
+class PromotionSettings(_Settings):
+    """When a retrained recommender replaces the champion (DESIGN.md §8).
+
+    Challenger and champion are scored on the same held-out tracks and users; the
+    ``champion`` alias moves when ``challenger - champion >= margin`` on ``metric``.
+    """
+
+    metric: Literal["map_at_k", "auc", "ndcg_at_k", "precision_at_k"] = "map_at_k"
+    margin: float = Field(0.0, description="absolute gain the challenger needs on the metric (may be negative)")
+
+
+class RetrainSettings(_Settings):
+    """``retrain-on-new-listening``: fine-tuning of the champion and the promotion rule."""
+
+    finetune: TrainSettings = TrainSettings(max_epochs=8, learning_rate=3e-4, weight_decay=1e-4, patience=3,
+                                            crops_per_clip=8)
+    promotion: PromotionSettings = PromotionSettings()
+
+
 class PipelineSettings(_Settings):
     """Everything one run of the whole pipeline needs."""
 
@@ -260,6 +279,10 @@ class PipelineSettings(_Settings):
     annotations: Path | None = Field(None, description="MTAT annotations_final.csv")
     audio_root: Path | None = Field(None, description="root of the MTAT mp3 tree")
     triplets: tuple[Path, ...] = Field((), description="Taste Profile triplet files, oldest first")
+    initial_batches: int | None = Field(
+        None, ge=1, description="synthetic world: factorize only its first N listening batches (the later ones "
+                                "are new data for `mirflow retrain`)")
+    register_models: bool = Field(True, description="register the trained models in the MLflow model registry")
     world: WorldSettings = WorldSettings()
     features: FeatureSettings = FeatureSettings()
     cluster: ClusterSettings = ClusterSettings()
@@ -267,6 +290,7 @@ class PipelineSettings(_Settings):
     tagger: TaggerSettings = TaggerSettings()
     recommender: LatentFactorSettings = LatentFactorSettings()
     evaluation: EvalSettings = EvalSettings()
+    retrain: RetrainSettings = RetrainSettings()
     tracking: TrackingSettings
 
     @field_validator("data_dir")

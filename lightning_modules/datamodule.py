@@ -50,8 +50,20 @@ class ClipWindowsDataset(Dataset):
         return len(self.clips)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        windows = self.clips[index].unfold(1, self.crop, self.hop).permute(1, 0, 2)
-        return windows.float(), self.targets[index]
+        return clip_windows(self.clips[index], crop=self.crop, hop=self.hop), self.targets[index]
+
+
+def clip_windows(clip: torch.Tensor, *, crop: int, hop: int) -> torch.Tensor:
+    """Every window of one clip ``[shape=(n_mels, n_frames)]`` at a fixed hop ``[shape=(n_windows, n_mels, crop)]``."""
+    return clip.unfold(1, crop, hop).permute(1, 0, 2).float()
+
+
+def pad_to_crop(clip: np.ndarray, *, crop: int, fill: np.ndarray) -> np.ndarray:
+    """A clip ``[shape=(n_mels, n_frames)]`` shorter than a crop, padded on the right with ``fill [shape=(n_mels,)]``."""
+    if clip.shape[1] >= crop:
+        return clip
+    pad = np.repeat(np.asarray(fill, dtype=clip.dtype)[:, None], crop - clip.shape[1], axis=1)
+    return np.concatenate([clip, pad], axis=1)
 
 
 def collate_windows(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -124,10 +136,7 @@ class FeatureDataModule(L.LightningDataModule):
 
     def _prepare(self, mel: np.ndarray) -> torch.Tensor:
         """Transpose to (n_mels, n_frames); pad clips shorter than a crop with the band means."""
-        x = mel.T
-        if x.shape[1] < self.crop:
-            pad = np.repeat(self.mean.astype(mel.dtype)[:, None], self.crop - x.shape[1], axis=1)
-            x = np.concatenate([x, pad], axis=1)
+        x = pad_to_crop(mel.T, crop=self.crop, fill=self.mean)
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float16))
 
     def _targets(self, split: str) -> torch.Tensor:

@@ -19,6 +19,7 @@ from lightning_modules.callbacks import ThroughputLog
 from lightning_modules.datamodule import FeatureDataModule
 from lightning_modules.latent_factors import LatentFactorModule
 from lightning_modules.tagger import TaggerModule
+from tasks.errors import ParameterError
 
 
 @dataclass
@@ -100,23 +101,37 @@ class LatentFactorResult(TrainResult):
 
 def train_latent_factor_cnn(*, feature_dir: Path, track_ids: dict[str, list[str]], item_factors: dict[str, np.ndarray],
                             settings: LatentFactorSettings, mel: MelSettings, checkpoint_dir: Path,
-                            logger: Logger | bool = False) -> LatentFactorResult:
+                            logger: Logger | bool = False, init_checkpoint: Path | None = None,
+                            train: TrainSettings | None = None) -> LatentFactorResult:
     """Regress item factors from audio; predict the factors of the test tracks (the cold-start items).
 
     ``item_factors`` must cover every track of every split; for held-out tracks these
-    are the fold-in factors, used only to report ``test/mse``.
+    are the fold-in factors, used only to report ``test/mse``. With ``init_checkpoint``
+    the network is fine-tuned from those weights (its architecture, input statistics
+    and target scale kept) under ``train`` (default ``settings.train``).
     """
-    L.seed_everything(settings.train.seed, workers=True)
-    datamodule = _datamodule(feature_dir, mel, settings.train, track_ids, item_factors)
+    train = train or settings.train
+    L.seed_everything(train.seed, workers=True)
+    datamodule = _datamodule(feature_dir, mel, train, track_ids, item_factors)
     train_targets = np.stack([item_factors[t] for t in track_ids["train"]])
-    model = LatentFactorModule(
-        n_mels=mel.n_mels, n_factors=train_targets.shape[1], channels=settings.channels,
-        conv_length=settings.conv_length, hidden=settings.hidden, dropout=settings.dropout,
-        learning_rate=settings.train.learning_rate, weight_decay=settings.train.weight_decay,
-        target_scale=float(train_targets.std()), feature_mean=datamodule.mean.tolist(),
-        feature_std=datamodule.std.tolist(),
-    )
-    trainer, checkpoint = build_trainer(settings.train, name="latent_factors", monitor="val/mse", mode="min",
+    if init_checkpoint is not None:
+        model = LatentFactorModule.load_from_checkpoint(init_checkpoint, weights_only=True, map_location="cpu",
+                                                        learning_rate=train.learning_rate,
+                                                        weight_decay=train.weight_decay)
+        if model.hparams.n_factors != train_targets.shape[1] or model.hparams.n_mels != mel.n_mels:
+            raise ParameterError(
+                f"{init_checkpoint} predicts {model.hparams.n_factors} factors from {model.hparams.n_mels} mel bands; "
+                f"the new targets have {train_targets.shape[1]} factors and the features {mel.n_mels} bands: "
+                "train a new model with the pipeline instead of fine-tuning")
+    else:
+        model = LatentFactorModule(
+            n_mels=mel.n_mels, n_factors=train_targets.shape[1], channels=settings.channels,
+            conv_length=settings.conv_length, hidden=settings.hidden, dropout=settings.dropout,
+            learning_rate=train.learning_rate, weight_decay=train.weight_decay,
+            target_scale=float(train_targets.std()), feature_mean=datamodule.mean.tolist(),
+            feature_std=datamodule.std.tolist(),
+        )
+    trainer, checkpoint = build_trainer(train, name="latent_factors", monitor="val/mse", mode="min",
                                         checkpoint_dir=checkpoint_dir, logger=logger)
     trainer.fit(model, datamodule=datamodule)
     best = LatentFactorModule.load_from_checkpoint(checkpoint.best_model_path, weights_only=True)

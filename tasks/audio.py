@@ -80,6 +80,12 @@ def decode(path: str | Path, *, sample_rate: int, min_seconds: float = 0.0) -> n
     return y
 
 
+def excerpt(path: str | Path, *, sample_rate: int, seconds: float) -> np.ndarray:
+    """The first ``seconds`` of a file as :func:`decode` reads it ``[shape=(n,), dtype=float32]`` (an input example)."""
+    y = decode(path, sample_rate=sample_rate)
+    return y[: max(1, round(seconds * sample_rate))]
+
+
 def audio_info(path: str | Path) -> dict:
     """Header information without decoding the samples.
 

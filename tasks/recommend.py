@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from tasks.listening import play_matrix_for
 from tasks.metrics import random_factors, ranking_metrics
 from tasks.report import RankingRow, metric_slug
 
@@ -119,3 +120,42 @@ def in_matrix_rows(
     sources = [*_baselines(len(rows_idx), train.shape[1], listeners, seed=seed),
                *((name, users[rows_idx], items) for name, (users, items) in models.items())]
     return [ranking_row(name, users, items, test_s, k=k, exclude=train_s) for name, users, items in sources]
+
+
+def compare_recommenders(
+    *,
+    heldout_plays: pd.DataFrame,
+    track_ids: np.ndarray,
+    recommenders: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    k: int,
+    seed: int,
+) -> list[RankingRow]:
+    """Cold-start table of several recommenders on the same held-out tracks and the same users.
+
+    Parameters
+    ----------
+    heldout_plays : pd.DataFrame
+        Long-form ``user, item, plays`` of the held-out tracks: the relevance judgements.
+    track_ids : np.ndarray [shape=(n_tracks,)]
+        The held-out tracks to rank, the order of every ``item_factors``.
+    recommenders : dict
+        name -> (user ids ``(n_u,)``, their factors ``(n_u, F)``, predicted factors of
+        ``track_ids`` ``(n_tracks, F)``). Each may know different users (factorizations
+        of different listening data): only users every recommender knows are scored.
+
+    Returns
+    -------
+    list of RankingRow
+        ``random``, ``popularity`` (oracle), then the recommenders in order.
+    """
+    known = None
+    for users, _, _ in recommenders.values():
+        ids = pd.Index(np.asarray(users, dtype=str))
+        known = ids if known is None else known.intersection(ids)
+    users = np.asarray(sorted(known), dtype=str)
+    relevant = play_matrix_for(heldout_plays, users=users, items=track_ids)
+    models = {}
+    for name, (ids, user_factors, item_factors) in recommenders.items():
+        rows = pd.Index(np.asarray(ids, dtype=str)).get_indexer(users)
+        models[name] = (user_factors[rows], item_factors)
+    return cold_start_rows(heldout_plays=relevant, models=models, k=k, seed=seed)

@@ -1,0 +1,246 @@
+"""Flow: retrain the recommender when new listening data lands, and promote it only if it is better.
+
+    inbox/listening/*  ──ingest──►  WMF update from the previous factors  ──►  fine-tune the champion CNN
+                                                                                    │
+        champion (CNN + its WMF factors)  ──┬── same held-out tracks, same users ──┤
+                                            ▼                                       ▼
+                                    register the challenger (new versions)  ──►  move `champion` last, if better
+
+New data is any inbox file whose batch the last registered recommender did not
+cover (its ``mirflow.batches`` tag), so a run killed before registering is simply
+run again: ingestion and the WMF update are then found done and reused, and only
+the fine-tuning is repeated. The decision, both scores and the batch ids go on the
+new model version (tags), into a Prefect markdown artifact, an MLflow run
+(``mirflow-retrain``) and the flow's return value.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.listening import WMFOutput, factorize, ingest_listening
+from flows.training import train_recommender_flow
+from infra.layout import Layout
+from infra.registry import (
+    LATENT_FACTOR_CNN,
+    WMF,
+    WMF_VERSION_TAG,
+    champion,
+    client_for,
+    download_recommender,
+    promote_recommender,
+    register,
+    repair_recommender_aliases,
+)
+from infra.settings import PipelineSettings, PromotionSettings, TrackingSettings, TrainSettings
+from infra.tracking import tracked_run
+from lightning_modules.latent_factors import LatentFactorModule
+from lightning_modules.served import predict_latent_factors
+from tasks.errors import DatasetError
+from tasks.events import ListeningSource, batch_record, ingested_batches
+from tasks.listening import load_factors
+from tasks.recommend import compare_recommenders, rows_as_metrics
+from tasks.report import RankingRow
+from tasks.shards import content_sha1, read_features
+
+log = logging.getLogger("mirflow")
+CHALLENGER_ROW = "challenger"
+CHAMPION_ROW = "champion"
+
+
+@dataclass(frozen=True)
+class RetrainOutcome:
+    """What a retraining run did and why."""
+
+    status: str  # "nothing-new", "no-valid-rows", "promoted" or "kept-champion"
+    message: str
+    new_batches: tuple[str, ...] = ()
+    metric: str = ""
+    challenger_score: float | None = None
+    champion_score: float | None = None
+    challenger_version: str | None = None  # the new mirflow-latent-factor-cnn version
+    champion_version: str | None = None  # the champion after this run
+    rows: tuple[RankingRow, ...] = field(default_factory=tuple)
+
+
+def load_pipeline_settings(data_dir: Path, tracking: TrackingSettings) -> PipelineSettings:
+    """The settings of the last finished pipeline run, with this run's data folder and tracking."""
+    path = Layout(Path(data_dir)).pipeline_settings()
+    if not path.exists():
+        raise DatasetError(f"no finished pipeline run under {data_dir} ({path} is missing): run `mirflow pipeline` "
+                           "or `make demo` first, so that there is a champion to retrain")
+    settings = PipelineSettings.model_validate_json(path.read_text())
+    return settings.model_copy(update={"data_dir": Path(data_dir).resolve(), "tracking": tracking})
+
+
+def inbox_sources(inbox: Path) -> list[ListeningSource]:
+    """Every listening file in the inbox (any supported format), oldest name first; hidden files are ignored."""
+    if not inbox.is_dir():
+        return []
+    files = sorted(p for p in inbox.iterdir() if p.is_file() and not p.name.startswith("."))
+    return [ListeningSource(p).resolved() for p in files]
+
+
+def covered_batches(tracking: TrackingSettings) -> list[str]:
+    """Batches the newest registered recommender (champion or not) was trained on."""
+    versions = client_for(tracking).search_model_versions(f"name='{LATENT_FACTOR_CNN}'")
+    if not versions:
+        return []
+    newest = max(versions, key=lambda mv: int(mv.version))
+    return [b for b in newest.tags.get("mirflow.batches", "").split(",") if b]
+
+
+def new_sources(sources: list[ListeningSource], *, covered: list[str], listening_dir: Path) -> list[ListeningSource]:
+    """Inbox files not covered yet, or covered but changed since they were ingested."""
+    out = []
+    for source in sources:
+        if source.batch not in covered:
+            out.append(source)
+            continue
+        try:
+            recorded = batch_record(listening_dir, source.batch)["sha1"]
+        except DatasetError:
+            recorded = None
+        if recorded != content_sha1(source.path):
+            out.append(source)
+    return out
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate_against_champion(settings: PipelineSettings, *, wmf: WMFOutput, challenger_checkpoint: Path,
+                              champion_cnn_version: str) -> tuple[list[RankingRow], str]:
+    """Champion and challenger on the same held-out tracks and users; returns the table and the champion's WMF version."""
+    layout = Layout(settings.data_dir)
+    feature_dir = layout.features(settings.dataset, settings.features.feature_set)
+    heldout_ids, _ = load_factors(Path(wmf.heldout_item_factors))
+    present = set(pd.read_parquet(feature_dir / "_manifest.parquet", columns=["track_id"])["track_id"].astype(str))
+    track_ids = np.asarray([t for t in heldout_ids if t in present], dtype=str)
+    if len(track_ids) == 0:
+        raise DatasetError("no held-out track has features: nothing to compare the recommenders on")
+    mels = read_features(feature_dir, column=settings.features.mel.column, track_ids=list(track_ids))
+    clips = [mels[t] for t in track_ids]
+    with tempfile.TemporaryDirectory() as tmp:
+        old = download_recommender(settings.tracking, cnn_version=champion_cnn_version, into=Path(tmp))
+        recommenders = {}
+        for name, checkpoint, config, user_factors_path in (
+            (CHAMPION_ROW, old.checkpoint, old.config, old.user_factors),
+            (CHALLENGER_ROW, challenger_checkpoint, old.config, Path(wmf.user_factors)),
+        ):
+            module = LatentFactorModule.load_from_checkpoint(checkpoint, weights_only=True, map_location="cpu")
+            predicted = predict_latent_factors(module, clips, crop=config["crop_frames"], hop=config["hop_frames"])
+            users, user_factors = load_factors(user_factors_path)
+            recommenders[name] = (users, user_factors, predicted)
+    rows = compare_recommenders(heldout_plays=pd.read_parquet(wmf.heldout_plays), track_ids=track_ids,
+                                recommenders=recommenders, k=settings.evaluation.k, seed=settings.evaluation.seed)
+    return rows, old.wmf_version
+
+
+def decide(rows: list[RankingRow], promotion: PromotionSettings) -> tuple[bool, float, float, str]:
+    """(promote?, challenger score, champion score, reason) under the promotion rule."""
+    by_name = {r.name: r for r in rows}
+    new, old = getattr(by_name[CHALLENGER_ROW], promotion.metric), getattr(by_name[CHAMPION_ROW], promotion.metric)
+    gain = new - old
+    if not np.isfinite(gain):
+        return False, new, old, f"{promotion.metric} is undefined on these held-out tracks; the champion stays"
+    if gain >= promotion.margin:
+        return True, new, old, (f"challenger {promotion.metric} {new:.4f} vs champion {old:.4f}: gain {gain:+.4f} "
+                                f">= margin {promotion.margin:.4f}, promoted")
+    return False, new, old, (f"challenger {promotion.metric} {new:.4f} vs champion {old:.4f}: gain {gain:+.4f} "
+                             f"< margin {promotion.margin:.4f}, the champion stays")
+
+
+@task(cache_policy=NO_CACHE)
+def report_outcome(outcome: RetrainOutcome) -> None:
+    """The decision as a Prefect markdown artifact (and one log line)."""
+    lines = [f"# retrain-on-new-listening: {outcome.status}", "", outcome.message, ""]
+    if outcome.new_batches:
+        lines += [f"new batches: {', '.join(outcome.new_batches)}", ""]
+    if outcome.rows:
+        lines += ["| ranking | mAP@k | AUC | NDCG@k | users |", "|---|---|---|---|---|"]
+        lines += [f"| {r.name} | {r.map_at_k:.4f} | {r.auc:.3f} | {r.ndcg_at_k:.4f} | {r.n_users} |" for r in outcome.rows]
+    create_markdown_artifact("\n".join(lines), key="retrain-on-new-listening", description="retraining decision")
+    log.info("retrain: %s: %s", outcome.status, outcome.message)
+
+
+@flow(name="retrain-on-new-listening")
+def retrain_on_new_listening(data_dir: Path, tracking: TrackingSettings, promotion: PromotionSettings | None = None,
+                             finetune: TrainSettings | None = None) -> RetrainOutcome:
+    """Ingest new inbox files, update WMF, fine-tune the champion CNN, register it, promote it if better."""
+    settings = load_pipeline_settings(data_dir, tracking)
+    promotion = promotion or settings.retrain.promotion
+    finetune = finetune or settings.retrain.finetune
+    layout = Layout(settings.data_dir)
+    repair_recommender_aliases(tracking)
+    old = champion(tracking, LATENT_FACTOR_CNN)
+    if old is None:
+        raise DatasetError(f"{LATENT_FACTOR_CNN} has no champion in {tracking.tracking_uri}: run the pipeline first")
+
+    covered = covered_batches(tracking)
+    fresh = new_sources(inbox_sources(layout.inbox()), covered=covered, listening_dir=layout.listening())
+    if not fresh:
+        outcome = RetrainOutcome("nothing-new", f"no new listening files in {layout.inbox()}; nothing to do",
+                                 champion_version=str(old.version))
+        report_outcome(outcome)
+        return outcome
+
+    ingest = ingest_listening(fresh, layout.listening(), layout.quarantine("listening"))
+    empty = [b.batch for b in ingest.batches if b.valid == 0]
+    usable = [s for s in fresh if s.batch not in empty]
+    if not usable:
+        outcome = RetrainOutcome(
+            "no-valid-rows", f"the new batches {', '.join(empty)} hold no valid rows (see "
+            f"{layout.quarantine('listening')}); no retraining, the champion stays", new_batches=tuple(empty),
+            champion_version=str(old.version))
+        report_outcome(outcome)
+        return outcome
+    if empty:
+        log.warning("retrain: batches %s hold no valid rows and are left out", empty)
+
+    tracks = pd.read_parquet(layout.tracks(settings.dataset), columns=["track_id", "split"])
+    heldout = list(tracks.loc[tracks["split"] == "test", "track_id"])
+    previous = [b for b in covered if b in ingested_batches(layout.listening()) and b not in {s.batch for s in usable}]
+    wmf = factorize(settings.data_dir, usable, heldout, settings.wmf, tracking, k=settings.evaluation.k,
+                    ingested=previous)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = download_recommender(tracking, cnn_version=old.version, into=Path(tmp))
+        challenger = train_recommender_flow(settings.data_dir, settings.dataset, settings.features.feature_set,
+                                            settings.features.mel, wmf, settings.recommender, settings.evaluation,
+                                            tracking, init_checkpoint=start.checkpoint, finetune=finetune)
+    rows, champion_wmf = evaluate_against_champion(settings, wmf=wmf, challenger_checkpoint=Path(challenger.checkpoint),
+                                                   champion_cnn_version=old.version)
+    promote, new_score, old_score, reason = decide(rows, promotion)
+    new_batches = tuple(s.batch for s in usable)
+    decision = {"mirflow.decision": "promoted" if promote else "kept-champion", "mirflow.reason": reason,
+                "mirflow.metric": promotion.metric, "mirflow.margin": promotion.margin,
+                "mirflow.challenger_score": f"{new_score:.6f}", "mirflow.champion_score": f"{old_score:.6f}",
+                "mirflow.compared_with": f"{LATENT_FACTOR_CNN} v{old.version} + {WMF} v{champion_wmf}",
+                "mirflow.new_batches": ",".join(new_batches)}
+    with tracked_run(tracking, "retrain", run_name="retrain-on-new-listening",
+                     params={**promotion.flat("promotion."), **finetune.flat("finetune."),
+                             "new_batches": ",".join(new_batches), "champion_version": str(old.version)},
+                     tags={"mirflow.recommender_run_id": challenger.run_id, **decision}):
+        mlflow.log_metrics(rows_as_metrics(rows, k=settings.evaluation.k))
+        # Every artifact exists before any alias moves; the CNN's champion alias moves last.
+        wmf_version = register(tracking, WMF, wmf.model_uri, run_id=wmf.run_id,
+                               tags={"mirflow.dataset": settings.dataset, "mirflow.batches": ",".join(wmf.batches)})
+        cnn_version = register(tracking, LATENT_FACTOR_CNN, challenger.model_uri, run_id=challenger.run_id,
+                               tags={"mirflow.dataset": settings.dataset, "mirflow.batches": ",".join(wmf.batches),
+                                     WMF_VERSION_TAG: str(wmf_version.version), **decision})
+        if promote:
+            promote_recommender(tracking, cnn_version=cnn_version.version, wmf_version=wmf_version.version)
+    outcome = RetrainOutcome("promoted" if promote else "kept-champion", reason, new_batches=new_batches,
+                             metric=promotion.metric, challenger_score=new_score, champion_score=old_score,
+                             challenger_version=str(cnn_version.version),
+                             champion_version=str(cnn_version.version if promote else old.version), rows=tuple(rows))
+    report_outcome(outcome)
+    return outcome

@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA_DIR ?= data
 DEMO_ARGS ?=
+SERVE_ARGS ?=
 
 export DO_NOT_TRACK := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -13,7 +14,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 60
 export PREFECT_LOGGING_LEVEL ?= WARNING
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test setup serve bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,10 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/mirflow demo --data-dir $(DATA_DIR) $(DEMO_ARGS)
+
+# The service: Prefect server + worker, MLflow server, Dask cluster, deployments (Ctrl-C stops it all).
+serve: $(STAMP)
+	$(VENV)/bin/mirflow up --data-dir $(DATA_DIR) $(SERVE_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from infra.cluster import dask_client, map_batches, spectrogram_device
 from infra.layout import Layout
+from infra.service import TRANSIENT_IO_RETRIES
 from infra.settings import ClusterSettings, FeatureSettings, SourceSettings, TrackingSettings
 from infra.tracking import file_sha1, tracked_run
 from tasks.datasets import tracks_from_source
@@ -25,7 +26,7 @@ from tasks.shards import MANIFEST, read_manifest, write_table_atomic
 log = logging.getLogger("mirflow")
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, **TRANSIENT_IO_RETRIES)
 def update_tracks_table(tracks_path: Path, feature_dir: Path) -> Path:
     tracks = pd.read_parquet(tracks_path)
     annotated = annotate_tracks(tracks, read_manifest(feature_dir).to_pandas())
@@ -71,7 +72,7 @@ def report_feature_run(summary: FeatureSummary, dataset: str) -> None:
     log.info("features: %s", ", ".join(f"{k} {v}" for k, v in row.items()))
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, **TRANSIENT_IO_RETRIES)
 def ingest_catalogue(source: SourceSettings, tracks_path: Path) -> Path:
     """Read a catalogue through its adapter and write ``tracks/<dataset>.parquet``."""
     tracks = tracks_from_source(source)

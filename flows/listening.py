@@ -29,11 +29,12 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from infra.layout import Layout
+from infra.service import TRANSIENT_IO_RETRIES
 from infra.progress import ProgressReporter
 from infra.settings import TrackingSettings, WMFSettings
 from infra.tracking import tracked_run
 from tasks.errors import DatasetError
-from tasks.events import IngestReport, ListeningSource, batch_record, ingest_sources
+from tasks.events import IngestReport, ListeningSource, batch_record, ingest_sources, ingested_batches
 from tasks.listening import (
     PlayMatrix,
     cold_start_split,
@@ -74,7 +75,7 @@ class WMFOutput:
     rows: tuple[RankingRow, ...] = ()  # the evaluation table
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, **TRANSIENT_IO_RETRIES)
 def ingest_listening(sources: list[ListeningSource], listening_dir: Path, quarantine_path: Path) -> IngestReport:
     report = ingest_sources(sources, listening_dir=listening_dir, quarantine_path=quarantine_path)
     totals = report.totals()
@@ -96,6 +97,14 @@ def _previous_state(out: Path) -> dict | None:
         return json.loads((out / "state.json").read_text())
     except (OSError, ValueError):
         return None
+
+
+def factorized_batches(data_dir: Path) -> list[str]:
+    """Batches of the factorization on disk (``models/wmf/state.json``) that are still ingested, in its order."""
+    layout = Layout(Path(data_dir))
+    state = _previous_state(layout.wmf()) or {}
+    ingested = set(ingested_batches(layout.listening()))
+    return [b for b in state.get("batches", {}) if b in ingested]
 
 
 def _write_state(out: Path, state: dict) -> None:

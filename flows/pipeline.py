@@ -21,6 +21,7 @@ from flows.training import train_recommender_flow, train_tagger_flow
 from flows.world import synthetic_world
 from infra.cluster import dask_client, spectrogram_device
 from infra.layout import Layout
+from infra.service import TRANSIENT_IO_RETRIES
 from infra.settings import ClusterSettings, PipelineSettings
 from infra.tracking import tracked_run
 from tasks.datasets import mtat_tracks, read_mtat_annotations
@@ -30,7 +31,7 @@ from tasks.report import PipelineSummary, summary_text, write_report
 from tasks.shards import write_table_atomic
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, **TRANSIENT_IO_RETRIES)
 def ingest_mtat(annotations: Path, audio_root: Path, n_tags: int, tracks_path: Path) -> Path:
     tracks = mtat_tracks(read_mtat_annotations(annotations), audio_root=audio_root, n_tags=n_tags)
     return write_table_atomic(pa.Table.from_pandas(tracks, preserve_index=False), tracks_path)
@@ -99,7 +100,7 @@ def pipeline(settings: PipelineSettings) -> PipelineSummary:
     return summary
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, **TRANSIENT_IO_RETRIES)
 def save_pipeline_settings(settings: PipelineSettings, path: Path) -> Path:
     """What ``retrain-on-new-listening`` starts from: the settings the registered models were trained with."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,36 +1,52 @@
-"""Registration of what a pipeline run trained: the tagger, the WMF factors and the latent-factor CNN."""
+"""Registration of trained models: the tagger, and the recommender (WMF factors + latent-factor CNN)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
+from mlflow.entities.model_registry import ModelVersion
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flows.listening import WMFOutput
 from flows.training import RecommenderOutput, TaggerOutput
 from infra.registry import LATENT_FACTOR_CNN, TAGGER, WMF, WMF_VERSION_TAG, register
+from infra.service import TRANSIENT_IO_RETRIES
 from infra.settings import TrackingSettings
 
 log = logging.getLogger("mirflow")
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def register_recommender(tracking: TrackingSettings, *, wmf: WMFOutput, recommender: RecommenderOutput,
+                         dataset: str, tags: Mapping[str, str] | None = None) -> tuple[ModelVersion, ModelVersion]:
+    """New versions of the WMF factors, then of the CNN that names them; returns (wmf, cnn).
+
+    The WMF version is registered first, so the CNN's ``mirflow.wmf_version`` tag always
+    names a version that exists. Factors that were reused, not refitted, are found by
+    their source and get no second version.
+    """
+    common = {"mirflow.dataset": dataset, "mirflow.batches": ",".join(wmf.batches)}
+    wmf_version = register(tracking, WMF, wmf.model_uri, run_id=wmf.run_id, tags=common)
+    cnn_version = register(tracking, LATENT_FACTOR_CNN, recommender.model_uri, run_id=recommender.run_id,
+                           tags={**common, WMF_VERSION_TAG: str(wmf_version.version), **(tags or {})})
+    return wmf_version, cnn_version
+
+
+def register_tagger(tracking: TrackingSettings, tagger: TaggerOutput, *, dataset: str) -> ModelVersion:
+    return register(tracking, TAGGER, tagger.model_uri, run_id=tagger.run_id,
+                    tags={"mirflow.dataset": dataset, "test_roc_auc": f"{tagger.roc_auc:.4f}"})
+
+
+@task(cache_policy=NO_CACHE, **TRANSIENT_IO_RETRIES)
 def register_pipeline_models(tracking: TrackingSettings, *, tagger: TaggerOutput, wmf: WMFOutput,
                              recommender: RecommenderOutput, dataset: str) -> dict[str, str]:
     """New versions (alias ``challenger``; ``champion`` for a first version); returns ``{model: version}``.
 
-    The WMF factors are registered before the CNN that names them, so the CNN's tag
-    always points at a version that exists. A retried registration finds a version it
-    already made by its source and does not make another one.
+    A retried registration finds the versions it already made by their source.
     """
-    tags = {"mirflow.dataset": dataset}
-    tagger_version = register(tracking, TAGGER, tagger.model_uri, run_id=tagger.run_id,
-                              tags={**tags, "test_roc_auc": f"{tagger.roc_auc:.4f}"})
-    wmf_version = register(tracking, WMF, wmf.model_uri, run_id=wmf.run_id,
-                           tags={**tags, "mirflow.batches": ",".join(wmf.batches)})
-    cnn_version = register(tracking, LATENT_FACTOR_CNN, recommender.model_uri, run_id=recommender.run_id,
-                           tags={**tags, WMF_VERSION_TAG: str(wmf_version.version), "mirflow.batches": ",".join(wmf.batches)})
+    tagger_version = register_tagger(tracking, tagger, dataset=dataset)
+    wmf_version, cnn_version = register_recommender(tracking, wmf=wmf, recommender=recommender, dataset=dataset)
     versions = {TAGGER: str(tagger_version.version), WMF: str(wmf_version.version),
                 LATENT_FACTOR_CNN: str(cnn_version.version)}
     log.info("registry: %s", ", ".join(f"{name} v{v}" for name, v in versions.items()))

@@ -29,17 +29,16 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.listening import WMFOutput, factorize, ingest_listening
+from flows.registry import register_recommender
 from flows.training import train_recommender_flow
 from infra.layout import Layout
 from infra.registry import (
     LATENT_FACTOR_CNN,
     WMF,
-    WMF_VERSION_TAG,
     champion,
     client_for,
     download_recommender,
     promote_recommender,
-    register,
     repair_recommender_aliases,
 )
 from infra.settings import PipelineSettings, PromotionSettings, TrackingSettings, TrainSettings
@@ -62,7 +61,7 @@ CHAMPION_ROW = "champion"
 class RetrainOutcome:
     """What a retraining run did and why."""
 
-    status: str  # "nothing-new", "no-valid-rows", "promoted" or "kept-champion"
+    status: str  # "no-champion", "nothing-new", "no-valid-rows", "promoted" or "kept-champion"
     message: str
     new_batches: tuple[str, ...] = ()
     metric: str = ""
@@ -173,17 +172,28 @@ def report_outcome(outcome: RetrainOutcome) -> None:
 
 
 @flow(name="retrain-on-new-listening")
-def retrain_on_new_listening(data_dir: Path, tracking: TrackingSettings, promotion: PromotionSettings | None = None,
-                             finetune: TrainSettings | None = None) -> RetrainOutcome:
-    """Ingest new inbox files, update WMF, fine-tune the champion CNN, register it, promote it if better."""
+def retrain_on_new_listening(data_dir: Path, tracking: TrackingSettings, metric: str | None = None,
+                             margin: float | None = None, max_epochs: int | None = None) -> RetrainOutcome:
+    """Ingest new inbox files, update WMF, fine-tune the champion CNN, register it, promote it if better.
+
+    ``metric``, ``margin`` and ``max_epochs`` override the promotion rule and the
+    fine-tuning length of the pipeline settings the champion was trained with.
+    """
+    if not Layout(Path(data_dir)).pipeline_settings().exists() or champion(tracking, LATENT_FACTOR_CNN) is None:
+        outcome = RetrainOutcome("no-champion", f"no registered recommender to retrain under {data_dir} "
+                                 f"({tracking.tracking_uri}): run the pipeline first (`make demo`, `mirflow pipeline` "
+                                 "or the 'mirflow/pipeline' deployment)")
+        report_outcome(outcome)
+        return outcome
     settings = load_pipeline_settings(data_dir, tracking)
-    promotion = promotion or settings.retrain.promotion
-    finetune = finetune or settings.retrain.finetune
+    overrides = {key: value for key, value in {"metric": metric, "margin": margin}.items() if value is not None}
+    promotion = PromotionSettings.model_validate({**settings.retrain.promotion.model_dump(), **overrides})
+    finetune = settings.retrain.finetune
+    if max_epochs is not None:
+        finetune = TrainSettings.model_validate({**finetune.model_dump(), "max_epochs": max_epochs})
     layout = Layout(settings.data_dir)
     repair_recommender_aliases(tracking)
     old = champion(tracking, LATENT_FACTOR_CNN)
-    if old is None:
-        raise DatasetError(f"{LATENT_FACTOR_CNN} has no champion in {tracking.tracking_uri}: run the pipeline first")
 
     covered = covered_batches(tracking)
     fresh = new_sources(inbox_sources(layout.inbox()), covered=covered, listening_dir=layout.listening())
@@ -194,7 +204,8 @@ def retrain_on_new_listening(data_dir: Path, tracking: TrackingSettings, promoti
         return outcome
 
     ingest = ingest_listening(fresh, layout.listening(), layout.quarantine("listening"))
-    empty = [b.batch for b in ingest.batches if b.valid == 0]
+    # From the batch records, not this run's report: a batch ingested by an interrupted run is skipped now.
+    empty = [b for b in ingest.batch_ids if batch_record(layout.listening(), b)["valid"] == 0]
     usable = [s for s in fresh if s.batch not in empty]
     if not usable:
         outcome = RetrainOutcome(
@@ -221,7 +232,7 @@ def retrain_on_new_listening(data_dir: Path, tracking: TrackingSettings, promoti
     promote, new_score, old_score, reason = decide(rows, promotion)
     new_batches = tuple(s.batch for s in usable)
     decision = {"mirflow.decision": "promoted" if promote else "kept-champion", "mirflow.reason": reason,
-                "mirflow.metric": promotion.metric, "mirflow.margin": promotion.margin,
+                "mirflow.metric": promotion.metric, "mirflow.margin": str(promotion.margin),
                 "mirflow.challenger_score": f"{new_score:.6f}", "mirflow.champion_score": f"{old_score:.6f}",
                 "mirflow.compared_with": f"{LATENT_FACTOR_CNN} v{old.version} + {WMF} v{champion_wmf}",
                 "mirflow.new_batches": ",".join(new_batches)}
@@ -231,11 +242,8 @@ def retrain_on_new_listening(data_dir: Path, tracking: TrackingSettings, promoti
                      tags={"mirflow.recommender_run_id": challenger.run_id, **decision}):
         mlflow.log_metrics(rows_as_metrics(rows, k=settings.evaluation.k))
         # Every artifact exists before any alias moves; the CNN's champion alias moves last.
-        wmf_version = register(tracking, WMF, wmf.model_uri, run_id=wmf.run_id,
-                               tags={"mirflow.dataset": settings.dataset, "mirflow.batches": ",".join(wmf.batches)})
-        cnn_version = register(tracking, LATENT_FACTOR_CNN, challenger.model_uri, run_id=challenger.run_id,
-                               tags={"mirflow.dataset": settings.dataset, "mirflow.batches": ",".join(wmf.batches),
-                                     WMF_VERSION_TAG: str(wmf_version.version), **decision})
+        wmf_version, cnn_version = register_recommender(tracking, wmf=wmf, recommender=challenger,
+                                                        dataset=settings.dataset, tags=decision)
         if promote:
             promote_recommender(tracking, cnn_version=cnn_version.version, wmf_version=wmf_version.version)
     outcome = RetrainOutcome("promoted" if promote else "kept-champion", reason, new_batches=new_batches,

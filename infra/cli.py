@@ -4,6 +4,8 @@
     mirflow pipeline --dataset mtat …  the same pipeline on MTAT-layout data and Taste Profile triplets
     mirflow features --adapter …       log-mel features of a catalogue into Parquet shards
     mirflow wmf --listening FILE …     ingest listening data, factorize it (WMF) and evaluate
+    mirflow retrain                    retrain the recommender on new listening files, promote if better
+    mirflow up                         run it as a service (make serve): Prefect, MLflow, Dask, deployments
     mirflow world                      only write the synthetic world
 """
 
@@ -66,7 +68,7 @@ def _launch(epochs: int | None, **fields) -> None:
 
     settings = _settings(**fields, tracking=tracking_for(fields["data_dir"]))
     if epochs is not None:
-        settings = _cap_epochs(settings, epochs)
+        settings = settings.with_max_epochs(epochs)
     _run(settings)
 
 
@@ -157,16 +159,13 @@ def features(
     _setup(verbose)
     from pydantic import ValidationError
 
-    from infra.settings import ClusterSettings, FeatureSettings, SourceSettings
+    from infra.settings import ClusterSettings, SourceSettings, feature_settings_from_options
     from infra.tracking import tracking_for
 
     try:
-        sizes = [int(w) for w in windows.split(",") if w.strip()]
-        settings = FeatureSettings(
-            mel={"sample_rate": sample_rate, "n_fft": sizes[0], "hop_length": hop if hop_policy == "fixed" else sizes[0] // 2,
-                 "n_mels": n_mels},
-            extra_windows=tuple(sizes[1:]), hop_policy=hop_policy, pyramid=pyramid, pyramid_levels=pyramid_levels,
-            audio_shards=audio_shards)
+        settings = feature_settings_from_options(windows=windows, hop=hop, hop_policy=hop_policy, sample_rate=sample_rate,
+                                                 n_mels=n_mels, pyramid=pyramid, pyramid_levels=pyramid_levels,
+                                                 audio_shards=audio_shards)
         catalogue = SourceSettings(adapter=adapter, path=source.resolve(), audio_root=audio_root, split=split,
                                    split_dir=split_dir)
         cluster_settings = ClusterSettings(kind=cluster, n_workers=workers, address=address)
@@ -254,8 +253,10 @@ def wmf(
 @app.command()
 def retrain(
     data_dir: DataDir = Path("data"),
-    metric: Annotated[str, typer.Option(help="promotion metric: map_at_k | auc | ndcg_at_k | precision_at_k")] = "map_at_k",
-    margin: Annotated[float | None, typer.Option(help="absolute gain on the metric the challenger needs")] = None,
+    metric: Annotated[str | None, typer.Option(help="promotion metric: map_at_k | auc | ndcg_at_k | precision_at_k "
+                                                    "(default: the pipeline's, map_at_k)")] = None,
+    margin: Annotated[float | None, typer.Option(help="absolute gain on the metric the challenger needs "
+                                                      "(default: the pipeline's, 0)")] = None,
     epochs: Annotated[int | None, typer.Option(help="cap on fine-tuning epochs")] = None,
     verbose: bool = False,
 ) -> None:
@@ -263,28 +264,85 @@ def retrain(
     _setup(verbose)
     from pydantic import ValidationError
 
-    from infra.settings import PromotionSettings
+    from flows.retrain import retrain_on_new_listening
     from infra.tracking import tracking_for
+    from tasks.errors import MirflowError
 
     try:
-        promotion = PromotionSettings(metric=metric, **({"margin": margin} if margin is not None else {}))
+        outcome = retrain_on_new_listening(data_dir.resolve(), tracking_for(data_dir), metric=metric, margin=margin,
+                                           max_epochs=epochs)
     except ValidationError as err:
         console.print(f"[red]mirflow: invalid settings[/red]\n{err}")
         raise typer.Exit(2) from None
-    from flows.retrain import load_pipeline_settings, retrain_on_new_listening
-    from tasks.errors import MirflowError
-
-    tracking = tracking_for(data_dir)
-    try:
-        finetune = None
-        if epochs is not None:
-            base = load_pipeline_settings(data_dir, tracking).retrain.finetune
-            finetune = base.model_copy(update={"max_epochs": epochs})
-        outcome = retrain_on_new_listening(data_dir.resolve(), tracking, promotion, finetune)
     except MirflowError as err:
         console.print(f"[red]mirflow: {err}[/red]")
         raise typer.Exit(1) from None
     console.print(f"retrain: {outcome.status}: {outcome.message}", highlight=False)
+    if outcome.status == "no-champion":
+        raise typer.Exit(1)
+
+
+@app.command()
+def up(
+    data_dir: DataDir = Path("data"),
+    prefect_port: Annotated[int, typer.Option(help="Prefect server and UI")] = 4200,
+    mlflow_port: Annotated[int, typer.Option(help="MLflow tracking server and UI")] = 5000,
+    dask_port: Annotated[int, typer.Option(help="Dask scheduler")] = 8786,
+    dashboard_port: Annotated[int, typer.Option(help="Dask dashboard")] = 8787,
+    workers: Workers = None,
+    work_pool: Annotated[str, typer.Option(help="Prefect work pool the deployments run on")] = "mirflow",
+    concurrency: Annotated[int, typer.Option(help="deployment runs at a time (they share the storage root)")] = 1,
+    paused_schedules: Annotated[bool, typer.Option(help="register the schedules paused")] = False,
+    verbose: bool = False,
+) -> None:
+    """Run mirflow as a service (what `make serve` does): Prefect server and worker, MLflow server, Dask cluster.
+
+    Binds 127.0.0.1 only, registers the deployments of prefect.yaml, prints the URLs and
+    runs until Ctrl-C, which stops everything it started.
+    """
+    _setup(verbose)
+    import signal
+
+    from infra.cluster import usable_cores
+    from infra.stack import Ports, Stack, StackError
+
+    stack = Stack(data_dir=data_dir, ports=Ports(prefect=prefect_port, mlflow=mlflow_port, dask=dask_port,
+                                                dashboard=dashboard_port),
+                  n_workers=workers or usable_cores(), work_pool=work_pool, concurrency=concurrency,
+                  paused_schedules=paused_schedules)
+    stopping = []
+
+    def request_stop(signum, frame) -> None:
+        stopping.append(signum)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    logger = logging.getLogger("mirflow")
+    try:
+        try:
+            info = stack.start(on_step=logger.info)
+        except StackError as err:
+            console.print(f"[red]mirflow: {err}[/red]", highlight=False)
+            raise typer.Exit(1) from None
+        if stopping:
+            return
+        console.print("\n[bold]mirflow is serving[/bold] (Ctrl-C stops everything)", highlight=False)
+        for line in info.lines():
+            console.print(f"  {line}", highlight=False)
+        console.print(f"\n  export PREFECT_API_URL={info.prefect_api}\n"
+                      "  prefect deployment run 'mirflow/pipeline' --param epochs=5\n"
+                      f"  new listening files go to {stack.data_dir / 'inbox' / 'listening'}; "
+                      "'mirflow/retrain-on-new-listening' runs every hour", highlight=False)
+        died = stack.watch(lambda: bool(stopping))
+        if died is not None:
+            console.print(f"[red]mirflow: {died} stopped unexpectedly (log: {stack.logs / (died + '.log')}); "
+                          "stopping the service[/red]", highlight=False)
+            raise typer.Exit(1)
+    finally:
+        if stack.owned:  # a second `mirflow up` that found one running touches nothing of it
+            console.print("stopping the service ...", highlight=False)
+            stack.stop()
+            console.print("stopped", highlight=False)
 
 
 @app.command()
@@ -319,15 +377,6 @@ def _settings(**kwargs):
     except ValidationError as err:
         console.print(f"[red]mirflow: invalid settings[/red]\n{err}")
         raise typer.Exit(2) from None
-
-
-def _cap_epochs(settings, epochs: int):
-    tagger_train = settings.tagger.train.model_copy(update={"max_epochs": epochs})
-    recommender_train = settings.recommender.train.model_copy(update={"max_epochs": epochs})
-    return settings.model_copy(update={
-        "tagger": settings.tagger.model_copy(update={"train": tagger_train}),
-        "recommender": settings.recommender.model_copy(update={"train": recommender_train}),
-    })
 
 
 if __name__ == "__main__":

@@ -110,10 +110,11 @@ def register(tracking: TrackingSettings, name: str, model_uri: str, *, tags: Map
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, tags={"mirflow.family": name})
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
     for existing in client.search_model_versions(f"name='{name}'"):
-        if existing.source == model_uri:  # reused factors: the same model, not a new version
-            return existing
-    created = client.create_model_version(name, source=model_uri, run_id=run_id,
+        if existing.source == model_uri or (model_id and getattr(existing, "model_id", None) == model_id):
+            return existing  # reused factors, or a retried registration: the same model, not a new version
+    created = client.create_model_version(name, source=model_uri, run_id=run_id, model_id=model_id,
                                           tags={k: str(v) for k, v in (tags or {}).items()})
     client.set_registered_model_alias(name, CHALLENGER, created.version)
     if champion(tracking, name) is None:

@@ -247,8 +247,9 @@ class EvalSettings(_Settings):
 
 
 class TrackingSettings(_Settings):
-    tracking_uri: str = Field(..., description="e.g. sqlite:////abs/path/mlflow.db")
-    artifact_root: str = Field(..., description="where runs' artifacts are stored")
+    tracking_uri: str = Field(..., description="e.g. sqlite:////abs/path/mlflow.db or http://127.0.0.1:5000")
+    artifact_root: str | None = Field(..., description="where runs' artifacts are stored; None: the tracking "
+                                                       "server's own artifact store")
     experiment_prefix: str = "mirflow"
 
 
@@ -297,3 +298,30 @@ class PipelineSettings(_Settings):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    def with_max_epochs(self, epochs: int) -> "PipelineSettings":
+        """The same settings with every model's training capped at ``epochs``."""
+        def capped(train: TrainSettings) -> TrainSettings:
+            return train.model_copy(update={"max_epochs": epochs})
+
+        return self.model_copy(update={
+            "tagger": self.tagger.model_copy(update={"train": capped(self.tagger.train)}),
+            "recommender": self.recommender.model_copy(update={"train": capped(self.recommender.train)}),
+            "retrain": self.retrain.model_copy(update={"finetune": capped(self.retrain.finetune)}),
+        })
+
+
+def feature_settings_from_options(*, windows: str, hop: int, hop_policy: str, sample_rate: int, n_mels: int,
+                                  pyramid: str, pyramid_levels: int, audio_shards: bool) -> FeatureSettings:
+    """Feature settings from command-line style options (``windows="1024,2048"``); the first window is the finest.
+
+    Raises ``ValueError`` (pydantic's ``ValidationError`` included) for a bad value.
+    """
+    sizes = [int(w) for w in windows.split(",") if w.strip()]
+    if not sizes:
+        raise ValueError(f"windows={windows!r}: give at least one FFT window, e.g. 1024,2048,4096,8192")
+    return FeatureSettings(
+        mel={"sample_rate": sample_rate, "n_fft": sizes[0], "hop_length": hop if hop_policy == "fixed" else sizes[0] // 2,
+             "n_mels": n_mels},
+        extra_windows=tuple(sizes[1:]), hop_policy=hop_policy, pyramid=pyramid, pyramid_levels=pyramid_levels,
+        audio_shards=audio_shards)

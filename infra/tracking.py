@@ -41,6 +41,8 @@ def experiment_id(settings: TrackingSettings, family: str) -> str:
     existing = client.get_experiment_by_name(name)
     if existing is not None:
         return existing.experiment_id
+    if settings.artifact_root is None:
+        return client.create_experiment(name)
     return client.create_experiment(name, artifact_location=f"{settings.artifact_root}/{name}")
 
 
@@ -96,7 +98,7 @@ def tracked_run(
         run_tags["mlflow.source.git.commit"] = commit
     if flow_run := prefect_flow_run_id():
         run_tags["prefect.flow_run_id"] = flow_run
-    run_tags.update(tags or {})
+    run_tags.update({key: str(value) for key, value in (tags or {}).items()})
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=run_tags) as run:
         mlflow.log_params(_params(params))
         yield run

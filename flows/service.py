@@ -1,0 +1,124 @@
+"""Deployment entry points: what ``prefect deployment run 'mirflow/<name>'`` runs (see prefect.yaml).
+
+Each takes plain parameters (what ``--param key=value`` can give), reads the service
+environment once (:mod:`infra.service`: storage root, MLflow server, Dask scheduler
+address), builds the same settings objects the CLI builds, and calls the same flow.
+They all carry the flow name ``mirflow``; the deployment name says which job it is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from prefect import flow
+
+from flows.features import catalogue_features
+from flows.listening import WMFOutput, factorize, factorized_batches
+from flows.pipeline import pipeline
+from flows.registry import register_recommender, register_tagger
+from flows.retrain import RetrainOutcome, load_pipeline_settings, retrain_on_new_listening
+from flows.training import train_recommender_flow, train_tagger_flow
+from infra.layout import Layout
+from infra.service import ServiceEnvironment, service_environment
+from infra.settings import (
+    PipelineSettings,
+    SourceSettings,
+    WMFSettings,
+    feature_settings_from_options,
+)
+from tasks.events import ListeningSource
+from tasks.report import PipelineSummary
+
+
+def _pipeline_settings(env: ServiceEnvironment, dataset: str, epochs: int | None) -> PipelineSettings:
+    """The last pipeline run's settings under this storage root (or the defaults), for single-step jobs."""
+    path = Layout(env.data_dir).pipeline_settings()
+    if path.exists():
+        settings = load_pipeline_settings(env.data_dir, env.tracking)
+        if settings.dataset != dataset:
+            settings = settings.model_copy(update={"dataset": dataset})
+    else:
+        settings = PipelineSettings(data_dir=env.data_dir, dataset=dataset, tracking=env.tracking)
+    settings = settings.model_copy(update={"cluster": env.cluster()})
+    return settings.with_max_epochs(epochs) if epochs is not None else settings
+
+
+@flow(name="mirflow", flow_run_name="pipeline-{dataset}")
+def pipeline_job(dataset: str = "synthetic", annotations: str | None = None, audio_root: str | None = None,
+                 triplets: list[str] | None = None, epochs: int | None = None, tracks: int = 1200, users: int = 3000,
+                 clip_seconds: float = 15.0, seed: int = 0, initial_batches: int | None = None) -> PipelineSummary:
+    """The whole pipeline (the synthetic world by default, or MTAT-layout audio with Taste Profile triplets)."""
+    env = service_environment()
+    settings = PipelineSettings(
+        data_dir=env.data_dir, dataset=dataset, annotations=annotations, audio_root=audio_root,
+        triplets=tuple(Path(t) for t in triplets or ()), initial_batches=initial_batches,
+        world={"n_tracks": tracks, "n_users": users, "clip_seconds": clip_seconds, "seed": seed},
+        cluster=env.cluster(), tracking=env.tracking)
+    return pipeline(settings.with_max_epochs(epochs) if epochs is not None else settings)
+
+
+@flow(name="mirflow", flow_run_name="features-{dataset}")
+def features_job(adapter: str, source: str, dataset: str, audio_root: str | None = None, split: str | None = None,
+                 split_dir: str | None = None, windows: str = "1024,2048,4096,8192", hop: int = 512,
+                 hop_policy: str = "fixed", sample_rate: int = 16000, n_mels: int = 128, pyramid: str = "none",
+                 pyramid_levels: int = 4, audio_shards: bool = False):
+    """Feature shards of any catalogue (adapters mtat, gtzan, manifest), on the service's Dask cluster."""
+    env = service_environment()
+    features = feature_settings_from_options(windows=windows, hop=hop, hop_policy=hop_policy, sample_rate=sample_rate,
+                                             n_mels=n_mels, pyramid=pyramid, pyramid_levels=pyramid_levels,
+                                             audio_shards=audio_shards)
+    catalogue = SourceSettings(adapter=adapter, path=Path(source).resolve(), audio_root=audio_root, split=split,
+                               split_dir=split_dir)
+    return catalogue_features(env.data_dir, dataset, catalogue, features, env.cluster(), env.tracking)
+
+
+@flow(name="mirflow", flow_run_name="wmf")
+def wmf_job(listening: list[str], listening_format: str = "auto", heldout_items: list[str] | None = None,
+            factors: int = 16, regularization: float = 5.0, iterations: int = 15, early_stopping: int = 0,
+            k: int = 500) -> WMFOutput:
+    """Ingest listening files and factorize them (in-matrix, or cold start with ``heldout_items``)."""
+    env = service_environment()
+    settings = WMFSettings(factors=factors, regularization=regularization, iterations=iterations,
+                           early_stopping_patience=early_stopping)
+    sources = [ListeningSource(Path(p).resolve(), format=listening_format).resolved() for p in listening]
+    return factorize(env.data_dir, sources, heldout_items, settings, env.tracking, k=k)
+
+
+@flow(name="mirflow", flow_run_name="train-tagger-{dataset}")
+def train_tagger_job(dataset: str = "synthetic", epochs: int | None = None):
+    """Train the tagger on the dataset's feature shards and register it (alias ``challenger``)."""
+    env = service_environment()
+    settings = _pipeline_settings(env, dataset, epochs)
+    out = train_tagger_flow(settings.data_dir, dataset, settings.features.feature_set, settings.features.mel,
+                            settings.tagger, settings.tracking)
+    register_tagger(settings.tracking, out, dataset=dataset)
+    return out
+
+
+@flow(name="mirflow", flow_run_name="train-recommender-{dataset}")
+def train_recommender_job(dataset: str = "synthetic", epochs: int | None = None):
+    """Train the latent-factor CNN on the current WMF factors (reused, not refitted) and register both."""
+    env = service_environment()
+    settings = _pipeline_settings(env, dataset, epochs)
+    tracks = pd.read_parquet(Layout(settings.data_dir).tracks(dataset), columns=["track_id", "split"])
+    heldout = list(tracks.loc[tracks["split"] == "test", "track_id"])
+    # The factorization on disk covers these batches: asking for them again reuses its factors.
+    wmf = factorize(settings.data_dir, [], heldout, settings.wmf, settings.tracking, k=settings.evaluation.k,
+                    ingested=factorized_batches(settings.data_dir))
+    recommender = train_recommender_flow(settings.data_dir, dataset, settings.features.feature_set,
+                                         settings.features.mel, wmf, settings.recommender, settings.evaluation,
+                                         settings.tracking)
+    register_recommender(settings.tracking, wmf=wmf, recommender=recommender, dataset=dataset)
+    return recommender
+
+
+@flow(name="mirflow", flow_run_name="retrain-on-new-listening")
+def retrain_job(metric: str | None = None, margin: float | None = None, epochs: int | None = None) -> RetrainOutcome:
+    """Retrain the recommender on new files in ``<data>/inbox/listening``; promote it only if it is better.
+
+    ``metric`` (map_at_k, auc, ndcg_at_k, precision_at_k) and ``margin`` override the
+    promotion rule of the pipeline's settings; ``epochs`` caps the fine-tuning.
+    """
+    env = service_environment()
+    return retrain_on_new_listening(env.data_dir, env.tracking, metric=metric, margin=margin, max_epochs=epochs)

@@ -1,0 +1,75 @@
+"""The environment of a long-running mirflow service, read once per deployment run.
+
+``make serve`` (``mirflow up``) starts the worker that runs deployments with these
+variables set; an operator who runs their own worker sets them the same way:
+
+    MIRFLOW_DATA_DIR      the storage root (default: ./data)
+    MIRFLOW_TRACKING_URI  the MLflow tracking server, e.g. http://127.0.0.1:5000
+                          (default: the sqlite store under the storage root)
+    MIRFLOW_DASK_ADDRESS  the Dask scheduler every deployment run uses, e.g.
+                          tcp://127.0.0.1:8786 (default: a LocalCluster per run)
+
+Nothing reads these at import time: :func:`service_environment` is called at the
+start of each deployment run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from infra.settings import ClusterSettings, TrackingSettings
+from infra.tracking import tracking_for
+
+DATA_DIR = "MIRFLOW_DATA_DIR"
+TRACKING_URI = "MIRFLOW_TRACKING_URI"
+DASK_ADDRESS = "MIRFLOW_DASK_ADDRESS"
+
+
+@dataclass(frozen=True)
+class ServiceEnvironment:
+    data_dir: Path
+    tracking: TrackingSettings
+    dask_address: str | None
+
+    def cluster(self) -> ClusterSettings:
+        """The running cluster by address, or a LocalCluster for this run when none is configured."""
+        if self.dask_address:
+            return ClusterSettings(kind="address", address=self.dask_address)
+        return ClusterSettings()
+
+
+def service_environment(environ: Mapping[str, str] | None = None) -> ServiceEnvironment:
+    environ = os.environ if environ is None else environ
+    data_dir = Path(environ.get(DATA_DIR) or "data").expanduser().resolve()
+    uri = environ.get(TRACKING_URI)
+    # A tracking server chooses where artifacts go (its --artifacts-destination); sqlite keeps them beside the store.
+    tracking = TrackingSettings(tracking_uri=uri, artifact_root=None) if uri else tracking_for(data_dir)
+    return ServiceEnvironment(data_dir=data_dir, tracking=tracking, dask_address=environ.get(DASK_ADDRESS) or None)
+
+
+# Errors of the file system or the network that a second try may not meet; a missing
+# file or a refused permission will be the same next time.
+_PERMANENT_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)
+
+
+def is_transient(error: BaseException | None) -> bool:
+    """True for I/O errors worth retrying (a flaky disk or network), False for the rest."""
+    return isinstance(error, OSError) and not isinstance(error, _PERMANENT_OS_ERRORS)
+
+
+def retry_on_transient_io(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry a task only when it failed with a transient I/O error."""
+    error = state.data if isinstance(state.data, BaseException) else None
+    if error is None:
+        try:
+            state.result(raise_on_failure=True)
+        except BaseException as exc:  # the task's own exception, re-raised by Prefect
+            error = exc
+    return is_transient(error)
+
+
+#: Keyword arguments of ``@task`` for steps that read or write shared storage.
+TRANSIENT_IO_RETRIES = {"retries": 2, "retry_delay_seconds": [1, 5], "retry_condition_fn": retry_on_transient_io}

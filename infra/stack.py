@@ -1,0 +1,344 @@
+"""``make serve`` (``mirflow up``): mirflow as a long-running service on this machine.
+
+It starts, each bound to 127.0.0.1 and each as the operator of a real deployment
+would start it:
+
+    Prefect server      ``prefect server start``           (its database under <data>/service/prefect)
+    MLflow server       ``mlflow server``                  (sqlite <data>/mlflow.db, artifacts <data>/mlartifacts)
+    Dask scheduler      ``dask scheduler``                 (dashboard on its own port)
+    Dask workers        ``dask worker --nworkers N``       (one single-threaded worker per core)
+    work pool + worker  a ``process`` work pool and ``prefect worker start`` with the service environment
+                        (infra/service.py) pointing every deployment run at the servers above
+
+then registers the deployments of ``prefect.yaml`` and prints the URLs. Ctrl-C (or
+SIGTERM) stops everything it started, newest first, each process group whole (a
+server's own children included), so nothing is left behind. One service per storage
+root: a lock file says whether one is running, and a second ``make serve`` says so and
+exits.
+
+Each child is started in a session of its own, so the terminal's Ctrl-C reaches only
+this process, which then stops the children in order rather than all at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("mirflow")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+#: Every process of one service carries this variable, so its processes can be found (and none forgotten).
+SERVICE_ID = "MIRFLOW_SERVICE_ID"
+_BIN = Path(sys.executable).parent
+
+
+class StackError(RuntimeError):
+    """The service could not start (a port in use, a server that did not come up, another service running)."""
+
+
+@dataclass(frozen=True)
+class Ports:
+    prefect: int = 4200
+    mlflow: int = 5000
+    dask: int = 8786
+    dashboard: int = 8787
+
+    def check(self) -> None:
+        values = list(asdict(self).values())
+        if len(set(values)) != len(values):
+            raise StackError(f"the service ports must differ, got {asdict(self)}")
+        for name, port in asdict(self).items():
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    raise StackError(f"port {port} ({name}) on 127.0.0.1 is in use: stop what holds it, or pass "
+                                     f"--{name}-port") from None
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    """What a running service wrote about itself (``<data>/service/serve.json``)."""
+
+    pid: int
+    data_dir: str
+    prefect_ui: str
+    prefect_api: str
+    mlflow_ui: str
+    dask_scheduler: str
+    dask_dashboard: str
+    work_pool: str
+    logs: str
+
+    def lines(self) -> list[str]:
+        return [f"Prefect UI        {self.prefect_ui}",
+                f"MLflow UI         {self.mlflow_ui}",
+                f"Dask dashboard    {self.dask_dashboard}",
+                f"Dask scheduler    {self.dask_scheduler}",
+                f"logs              {self.logs}"]
+
+
+@dataclass
+class _Child:
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+
+
+@dataclass
+class Stack:
+    """The processes of one service; :meth:`start` brings them up, :meth:`stop` takes them down."""
+
+    data_dir: Path
+    ports: Ports = field(default_factory=Ports)
+    n_workers: int = 1
+    work_pool: str = "mirflow"
+    concurrency: int = 1
+    paused_schedules: bool = False
+    children: list[_Child] = field(default_factory=list)
+    service_id: str = ""
+    _lock: object = None
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir).resolve()
+        self.service_id = os.environ.get(SERVICE_ID) or uuid.uuid4().hex
+        self.folder = self.data_dir / "service"
+        self.logs = self.folder / "logs"
+
+    # ----------------------------------------------------------------- environment
+
+    @property
+    def info(self) -> ServiceInfo:
+        p = self.ports
+        return ServiceInfo(pid=os.getpid(), data_dir=str(self.data_dir), prefect_ui=f"http://127.0.0.1:{p.prefect}",
+                           prefect_api=f"http://127.0.0.1:{p.prefect}/api", mlflow_ui=f"http://127.0.0.1:{p.mlflow}",
+                           dask_scheduler=f"tcp://127.0.0.1:{p.dask}",
+                           dask_dashboard=f"http://127.0.0.1:{p.dashboard}/status", work_pool=self.work_pool,
+                           logs=str(self.logs))
+
+    def environ(self) -> dict[str, str]:
+        """The children's environment: quiet, offline, pointed at this service."""
+        from infra.cli import QUIET_OFFLINE
+        from infra.service import DASK_ADDRESS, DATA_DIR, TRACKING_URI
+
+        info = self.info
+        return {**QUIET_OFFLINE, **os.environ, SERVICE_ID: self.service_id,
+                "PREFECT_HOME": str(self.folder / "prefect"), "PREFECT_API_URL": info.prefect_api,
+                "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "INFO"),
+                DATA_DIR: str(self.data_dir), TRACKING_URI: info.mlflow_ui, DASK_ADDRESS: info.dask_scheduler,
+                "MIRFLOW_PROJECT_ROOT": str(PROJECT_ROOT), "MIRFLOW_WORK_POOL": self.work_pool}
+
+    # ----------------------------------------------------------------- lifecycle
+
+    @property
+    def owned(self) -> bool:
+        """Whether this stack holds the storage root's service lock (and so may stop what is there)."""
+        return self._lock is not None
+
+    def acquire(self) -> None:
+        """Take the storage root's service lock, or raise with what is running there."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        handle = open(self.folder / "serve.lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise StackError(running_message(self.data_dir)) from None
+        self._lock = handle
+
+    def start(self, on_step: Callable[[str], None] = log.info) -> ServiceInfo:
+        """Start every server, register the deployments, start the worker; returns the URLs."""
+        from distributed import Client
+
+        from infra.cluster import WORKER_MALLOC_ENVIRON, _worker_environ
+
+        self.acquire()
+        self.ports.check()
+        self.logs.mkdir(parents=True, exist_ok=True)
+        info = self.info
+        on_step(f"starting the Prefect server on {info.prefect_ui}")
+        self._spawn("prefect-server", [_BIN / "prefect", "server", "start", "--host", "127.0.0.1",
+                                       "--port", str(self.ports.prefect)])
+        on_step(f"starting the MLflow server on {info.mlflow_ui}")
+        self._spawn("mlflow-server", [_BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.ports.mlflow),
+                                      "--backend-store-uri", f"sqlite:///{self.data_dir / 'mlflow.db'}",
+                                      "--artifacts-destination", str(self.data_dir / "mlartifacts"),
+                                      "--workers", "1"])
+        on_step(f"starting the Dask scheduler on {info.dask_scheduler} and {self.n_workers} workers")
+        self._spawn("dask-scheduler", [_BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", str(self.ports.dask),
+                                       "--dashboard-address", f"127.0.0.1:{self.ports.dashboard}"])
+        # The workers get the malloc settings and thread pins of infra.cluster's LocalCluster.
+        spawn_environ = {**_worker_environ(), **WORKER_MALLOC_ENVIRON}
+        self._spawn("dask-workers", [_BIN / "dask", "worker", info.dask_scheduler, "--nworkers", str(self.n_workers),
+                                     "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"],
+                    extra_env={"DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON": repr(spawn_environ)})
+        self._wait_http("prefect-server", f"{info.prefect_api}/health")
+        self._wait_http("mlflow-server", f"{info.mlflow_ui}/health")
+        self._wait_http("dask-scheduler", f"http://127.0.0.1:{self.ports.dashboard}/health")
+        with Client(info.dask_scheduler, timeout=60) as client:
+            client.wait_for_workers(self.n_workers, timeout=120)
+        on_step(f"work pool {self.work_pool!r} and the deployments of prefect.yaml")
+        self._work_pool()
+        self._run_cli("deploy", [_BIN / "prefect", "--no-prompt", "deploy", "--all"])
+        if self.paused_schedules:
+            self._pause_schedules()
+        self._spawn("prefect-worker", [_BIN / "prefect", "worker", "start", "--pool", self.work_pool, "--type", "process"],
+                    extra_env={"PREFECT_WORKER_QUERY_SECONDS": "2"})
+        (self.folder / "serve.json").write_text(json.dumps(asdict(info), indent=1))
+        return info
+
+    def watch(self, stop_requested: Callable[[], bool]) -> str | None:
+        """Block until asked to stop (returns None) or a child dies (returns its name)."""
+        while not stop_requested():
+            for child in self.children:
+                if child.process.poll() is not None:
+                    return child.name
+            time.sleep(0.5)
+        return None
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop every child, newest first: SIGTERM to its process group, SIGKILL if it lingers."""
+        for child in reversed(self.children):
+            _stop_group(child.process, timeout=timeout)
+        self.children.clear()
+        # Anything that left its group (a daemonized grandchild) still carries the service id.
+        for pid in service_processes(self.service_id, exclude=os.getpid()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        (self.folder / "serve.json").unlink(missing_ok=True)
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    # ----------------------------------------------------------------- helpers
+
+    def _spawn(self, name: str, argv: list, extra_env: Mapping[str, str] | None = None) -> _Child:
+        log_path = self.logs / f"{name}.log"
+        out = open(log_path, "ab")
+        process = subprocess.Popen([str(a) for a in argv], cwd=PROJECT_ROOT, env={**self.environ(), **(extra_env or {})},
+                                   stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+        out.close()
+        child = _Child(name, process, log_path)
+        self.children.append(child)
+        return child
+
+    def _run_cli(self, name: str, argv: list, timeout: float = 300) -> None:
+        log_path = self.logs / f"{name}.log"
+        with open(log_path, "ab") as out:
+            done = subprocess.run([str(a) for a in argv], cwd=PROJECT_ROOT, env=self.environ(), stdout=out,
+                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=timeout)
+        if done.returncode != 0:
+            raise StackError(f"{' '.join(map(str, argv[1:]))} failed (exit {done.returncode}):\n{_tail(log_path)}")
+
+    def _wait_http(self, name: str, url: str, timeout: float = 180) -> None:
+        child = next(c for c in self.children if c.name == name)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if child.process.poll() is not None:
+                raise StackError(f"{name} exited with code {child.process.returncode}:\n{_tail(child.log_path)}")
+            if http_ok(url):
+                return
+            time.sleep(0.5)
+        raise StackError(f"{name} did not answer {url} within {timeout:.0f} s:\n{_tail(child.log_path)}")
+
+    def _prefect_client(self):
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        return temporary_settings({PREFECT_API_URL: self.info.prefect_api}), get_client
+
+    def _work_pool(self) -> None:
+        from prefect.client.schemas.actions import WorkPoolCreate
+        from prefect.workers.process import ProcessWorker
+
+        settings, get_client = self._prefect_client()
+        with settings, get_client(sync_client=True) as client:
+            # Runs share the storage root and the cores: `concurrency` at a time (1 by default).
+            client.create_work_pool(WorkPoolCreate(name=self.work_pool, type="process",
+                                                   base_job_template=ProcessWorker.get_default_base_job_template(),
+                                                   concurrency_limit=self.concurrency), overwrite=True)
+
+    def _pause_schedules(self) -> None:
+        settings, get_client = self._prefect_client()
+        with settings, get_client(sync_client=True) as client:
+            for deployment in client.read_deployments():
+                for schedule in client.read_deployment_schedules(deployment.id):
+                    client.update_deployment_schedule(deployment.id, schedule.id, active=False)
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return 200 <= response.status < 400
+    except OSError:
+        return False
+
+
+def running_message(data_dir: Path) -> str:
+    info_path = Path(data_dir) / "service" / "serve.json"
+    try:
+        info = ServiceInfo(**json.loads(info_path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return f"a mirflow service is already running (or starting) for {data_dir}"
+    return "\n".join([f"a mirflow service is already running for {data_dir} (pid {info.pid}):", *info.lines()])
+
+
+def service_processes(service_id: str, *, exclude: int | None = None) -> list[int]:
+    """Pids of live processes whose environment carries ``MIRFLOW_SERVICE_ID=service_id`` (Linux /proc)."""
+    marker = f"{SERVICE_ID}={service_id}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == exclude:
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                stat = (entry / "stat").read_text()
+                if stat.rsplit(")", 1)[1].split()[0] != "Z":  # a zombie is gone, only not yet reaped
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _stop_group(process: subprocess.Popen, *, timeout: float) -> None:
+    if process.poll() is not None:
+        _kill_group(process.pid, signal.SIGKILL)  # the leader is gone; its group may not be
+        return
+    _kill_group(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log.warning("pid %d did not stop within %.0f s of SIGTERM: killing it", process.pid, timeout)
+    _kill_group(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _kill_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

@@ -216,7 +216,7 @@ class Stack:
             _stop_group(child.process, timeout=timeout)
         self.children.clear()
         # Anything that left its group (a daemonized grandchild) still carries the service id.
-        for pid in service_processes(self.service_id, exclude=os.getpid()):
+        for pid in service_processes(self.service_id, exclude=_ancestors()):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -300,12 +300,24 @@ def running_message(data_dir: Path) -> str:
     return "\n".join([f"a mirflow service is already running for {data_dir} (pid {info.pid}):", *info.lines()])
 
 
-def service_processes(service_id: str, *, exclude: int | None = None) -> list[int]:
+def _ancestors() -> set[int]:
+    """This process and its parents (they may carry the service id too: it can be given to ``make serve``)."""
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            pid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
+def service_processes(service_id: str, *, exclude: set[int] = frozenset()) -> list[int]:
     """Pids of live processes whose environment carries ``MIRFLOW_SERVICE_ID=service_id`` (Linux /proc)."""
     marker = f"{SERVICE_ID}={service_id}".encode()
     found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == exclude:
+        if not entry.name.isdigit() or int(entry.name) in exclude:
             continue
         try:
             if marker in (entry / "environ").read_bytes().split(b"\0"):

@@ -151,7 +151,7 @@ def decide(rows: list[RankingRow], promotion: PromotionSettings) -> tuple[bool, 
     gain = new - old
     if not np.isfinite(gain):
         return False, new, old, f"{promotion.metric} is undefined on these held-out tracks; the champion stays"
-    if gain >= promotion.margin:
+    if gain >= promotion.margin - 1e-9:  # a margin written in decimals, not float noise, decides
         return True, new, old, (f"challenger {promotion.metric} {new:.4f} vs champion {old:.4f}: gain {gain:+.4f} "
                                 f">= margin {promotion.margin:.4f}, promoted")
     return False, new, old, (f"challenger {promotion.metric} {new:.4f} vs champion {old:.4f}: gain {gain:+.4f} "

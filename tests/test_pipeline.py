@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 
 import mlflow
+import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
@@ -38,6 +40,7 @@ def run(tmp_path_factory, prefect_server):
     settings = PipelineSettings(
         data_dir=data_dir,
         world=WorldSettings(n_tracks=192, n_users=400, clip_seconds=6.0, seed=SEED),
+        initial_batches=2,  # the third listening batch is new data for the retraining tests
         cluster=ClusterSettings(kind="local", n_workers=2),
         tagger=TaggerSettings(train=TrainSettings(max_epochs=12, patience=12, crops_per_clip=4, seed=SEED)),
         recommender=LatentFactorSettings(train=TrainSettings(max_epochs=12, patience=12, crops_per_clip=4, seed=SEED)),
@@ -107,3 +110,86 @@ def test_learning_happened(run):
     assert rows["CNN-predicted factors"].auc > rows["random"].auc + 0.1
     assert rows["WMF factors (upper bound)"].auc > rows["CNN-predicted factors"].auc
     assert rows["WMF factors (upper bound)"].map_at_k > rows["popularity"].map_at_k > rows["random"].map_at_k
+
+
+# ---------------------------------------------------------------- registry and retraining
+
+
+def test_every_family_is_registered_with_a_champion_that_predicts(run):
+    from infra.registry import CHAMPION, LATENT_FACTOR_CNN, TAGGER, WMF, client_for
+    from tasks.audio import decode
+    from tasks.listening import load_factors
+
+    settings, _ = run
+    client = client_for(settings.tracking)
+    for name in (TAGGER, WMF, LATENT_FACTOR_CNN):
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+        assert str(champion.version) == "1" and client.get_model_version_by_alias(name, "challenger").version == 1
+    assert client.get_model_version_by_alias(LATENT_FACTOR_CNN, CHAMPION).tags["mirflow.wmf_version"] == "1"
+
+    tracks = pq.read_table(Layout(settings.data_dir).tracks("synthetic")).to_pandas()
+    waveform = decode(tracks["source_path"].iloc[0], sample_rate=16000)[None, :]
+    tags = mlflow.pyfunc.load_model(f"models:/{TAGGER}@{CHAMPION}").predict(waveform)
+    assert tags.shape[0] == 1 and tags.shape[1] >= 5 and tags.values.min() > 0 and tags.values.max() < 1
+    factors = mlflow.pyfunc.load_model(f"models:/{LATENT_FACTOR_CNN}@{CHAMPION}").predict(waveform)
+    assert factors.shape == (1, settings.wmf.factors) and np.isfinite(factors).all()
+    wmf = mlflow.pyfunc.load_model(f"models:/{WMF}@{CHAMPION}")
+    users, user_factors = load_factors(Layout(settings.data_dir).wmf() / "user_factors.parquet")
+    items, item_factors = load_factors(Layout(settings.data_dir).wmf() / "item_factors.parquet")
+    pairs = pd.DataFrame({"user_id": [users[0], users[1], "nobody"], "item_id": [items[0], items[2], items[0]]})
+    scores = wmf.predict(pairs)["score"].to_numpy()
+    np.testing.assert_allclose(scores[:2], [user_factors[0] @ item_factors[0], user_factors[1] @ item_factors[2]],
+                               rtol=1e-5)
+    assert np.isnan(scores[2])  # an unknown user has no score
+    with pytest.raises(Exception, match="user_id"):
+        wmf.predict(pd.DataFrame({"user": ["x"]}))
+
+
+def test_an_interrupted_retrain_resumes_without_redoing_ingestion_or_wmf(run):
+    """A run killed after ingestion and the WMF update is run again: both are found done, only fine-tuning reruns."""
+    from flows.listening import factorize
+    from flows.retrain import retrain_on_new_listening
+    from infra.registry import CHAMPION, LATENT_FACTOR_CNN, WMF, client_for
+    from tasks.events import ListeningSource
+
+    settings, _ = run
+    layout = Layout(settings.data_dir)
+    inbox = layout.inbox()
+    inbox.mkdir(parents=True, exist_ok=True)
+    batch = layout.world() / "taste_profile" / "train_triplets.batch-002.txt"
+    (inbox / batch.name).write_bytes(batch.read_bytes())
+    # What the killed run had finished: the new batch ingested and the factors updated.
+    tracks = pq.read_table(layout.tracks("synthetic")).to_pandas()
+    heldout = list(tracks.loc[tracks["split"] == "test", "track_id"])
+    before = factorize(settings.data_dir, [ListeningSource(inbox / batch.name)], heldout, settings.wmf,
+                       settings.tracking, k=settings.evaluation.k,
+                       ingested=["train_triplets.batch-000", "train_triplets.batch-001"])
+    assert before.mode == "incremental"
+    client = MlflowClient(settings.tracking.tracking_uri)
+    wmf_runs = len(client.search_runs([client.get_experiment_by_name("mirflow-wmf").experiment_id]))
+
+    outcome = retrain_on_new_listening(settings.data_dir, settings.tracking, max_epochs=3)
+    assert outcome.status in ("promoted", "kept-champion") and outcome.new_batches == ("train_triplets.batch-002",)
+    assert len(client.search_runs([client.get_experiment_by_name("mirflow-wmf").experiment_id])) == wmf_runs
+    registry = client_for(settings.tracking)
+    new = registry.get_model_version(LATENT_FACTOR_CNN, outcome.challenger_version)
+    assert new.tags["mirflow.decision"] == outcome.status
+    assert new.tags["mirflow.wmf_version"] == str(registry.get_model_version_by_alias(WMF, "challenger").version)
+    assert {r.name for r in outcome.rows} == {"random", "popularity", "champion", "challenger"}
+    retrain_runs = client.search_runs([client.get_experiment_by_name("mirflow-retrain").experiment_id])
+    assert retrain_runs[0].data.tags["mirflow.decision"] == outcome.status
+    assert str(registry.get_model_version_by_alias(LATENT_FACTOR_CNN, CHAMPION).version) == outcome.champion_version
+
+
+def test_a_promotion_cut_between_its_two_alias_moves_is_repaired(run):
+    from flows.retrain import retrain_on_new_listening
+    from infra.registry import CHAMPION, LATENT_FACTOR_CNN, WMF, client_for
+
+    settings, _ = run
+    registry = client_for(settings.tracking)
+    named = registry.get_model_version_by_alias(LATENT_FACTOR_CNN, CHAMPION).tags["mirflow.wmf_version"]
+    other = "2" if named == "1" else "1"
+    registry.set_registered_model_alias(WMF, CHAMPION, other)  # as if killed after the WMF alias moved
+    outcome = retrain_on_new_listening(settings.data_dir, settings.tracking)
+    assert outcome.status == "nothing-new"
+    assert str(registry.get_model_version_by_alias(WMF, CHAMPION).version) == named

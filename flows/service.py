@@ -4,35 +4,35 @@ Each takes plain parameters (what ``--param key=value`` can give), reads the ser
 environment once (:mod:`infra.service`: storage root, MLflow server, Dask scheduler
 address), builds the same settings objects the CLI builds, and calls the same flow.
 They all carry the flow name ``mirflow``; the deployment name says which job it is.
+
+Every deployment run starts a fresh Python process that imports this module, so each
+job imports only the flows it runs (the features job needs neither Lightning nor the
+registry): the imports are a fixed cost of every run.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 from prefect import flow
 
-from flows.features import catalogue_features
-from flows.listening import WMFOutput, factorize, factorized_batches
-from flows.pipeline import pipeline
-from flows.registry import register_recommender, register_tagger
-from flows.retrain import RetrainOutcome, load_pipeline_settings, retrain_on_new_listening
-from flows.training import train_recommender_flow, train_tagger_flow
 from infra.layout import Layout
 from infra.service import ServiceEnvironment, service_environment
-from infra.settings import (
-    PipelineSettings,
-    SourceSettings,
-    WMFSettings,
-    feature_settings_from_options,
-)
-from tasks.events import ListeningSource
-from tasks.report import PipelineSummary
+from infra.settings import PipelineSettings, SourceSettings, WMFSettings, feature_settings_from_options
+
+if TYPE_CHECKING:
+    from flows.listening import WMFOutput
+    from flows.retrain import RetrainOutcome
+    from flows.training import RecommenderOutput, TaggerOutput
+    from tasks.features import FeatureSummary
+    from tasks.report import PipelineSummary
 
 
 def _pipeline_settings(env: ServiceEnvironment, dataset: str, epochs: int | None) -> PipelineSettings:
     """The last pipeline run's settings under this storage root (or the defaults), for single-step jobs."""
+    from flows.retrain import load_pipeline_settings
+
     path = Layout(env.data_dir).pipeline_settings()
     if path.exists():
         settings = load_pipeline_settings(env.data_dir, env.tracking)
@@ -49,6 +49,8 @@ def pipeline_job(dataset: str = "synthetic", annotations: str | None = None, aud
                  triplets: list[str] | None = None, epochs: int | None = None, tracks: int = 1200, users: int = 3000,
                  clip_seconds: float = 15.0, seed: int = 0, initial_batches: int | None = None) -> PipelineSummary:
     """The whole pipeline (the synthetic world by default, or MTAT-layout audio with Taste Profile triplets)."""
+    from flows.pipeline import pipeline
+
     env = service_environment()
     settings = PipelineSettings(
         data_dir=env.data_dir, dataset=dataset, annotations=annotations, audio_root=audio_root,
@@ -62,8 +64,10 @@ def pipeline_job(dataset: str = "synthetic", annotations: str | None = None, aud
 def features_job(adapter: str, source: str, dataset: str, audio_root: str | None = None, split: str | None = None,
                  split_dir: str | None = None, windows: str = "1024,2048,4096,8192", hop: int = 512,
                  hop_policy: str = "fixed", sample_rate: int = 16000, n_mels: int = 128, pyramid: str = "none",
-                 pyramid_levels: int = 4, audio_shards: bool = False):
+                 pyramid_levels: int = 4, audio_shards: bool = False) -> FeatureSummary:
     """Feature shards of any catalogue (adapters mtat, gtzan, manifest), on the service's Dask cluster."""
+    from flows.features import catalogue_features
+
     env = service_environment()
     features = feature_settings_from_options(windows=windows, hop=hop, hop_policy=hop_policy, sample_rate=sample_rate,
                                              n_mels=n_mels, pyramid=pyramid, pyramid_levels=pyramid_levels,
@@ -78,6 +82,9 @@ def wmf_job(listening: list[str], listening_format: str = "auto", heldout_items:
             factors: int = 16, regularization: float = 5.0, iterations: int = 15, early_stopping: int = 0,
             k: int = 500) -> WMFOutput:
     """Ingest listening files and factorize them (in-matrix, or cold start with ``heldout_items``)."""
+    from flows.listening import factorize
+    from tasks.events import ListeningSource
+
     env = service_environment()
     settings = WMFSettings(factors=factors, regularization=regularization, iterations=iterations,
                            early_stopping_patience=early_stopping)
@@ -86,8 +93,11 @@ def wmf_job(listening: list[str], listening_format: str = "auto", heldout_items:
 
 
 @flow(name="mirflow", flow_run_name="train-tagger-{dataset}")
-def train_tagger_job(dataset: str = "synthetic", epochs: int | None = None):
+def train_tagger_job(dataset: str = "synthetic", epochs: int | None = None) -> TaggerOutput:
     """Train the tagger on the dataset's feature shards and register it (alias ``challenger``)."""
+    from flows.registry import register_tagger
+    from flows.training import train_tagger_flow
+
     env = service_environment()
     settings = _pipeline_settings(env, dataset, epochs)
     out = train_tagger_flow(settings.data_dir, dataset, settings.features.feature_set, settings.features.mel,
@@ -97,8 +107,14 @@ def train_tagger_job(dataset: str = "synthetic", epochs: int | None = None):
 
 
 @flow(name="mirflow", flow_run_name="train-recommender-{dataset}")
-def train_recommender_job(dataset: str = "synthetic", epochs: int | None = None):
+def train_recommender_job(dataset: str = "synthetic", epochs: int | None = None) -> RecommenderOutput:
     """Train the latent-factor CNN on the current WMF factors (reused, not refitted) and register both."""
+    import pandas as pd
+
+    from flows.listening import factorize, factorized_batches
+    from flows.registry import register_recommender
+    from flows.training import train_recommender_flow
+
     env = service_environment()
     settings = _pipeline_settings(env, dataset, epochs)
     tracks = pd.read_parquet(Layout(settings.data_dir).tracks(dataset), columns=["track_id", "split"])
@@ -120,5 +136,7 @@ def retrain_job(metric: str | None = None, margin: float | None = None, epochs: 
     ``metric`` (map_at_k, auc, ndcg_at_k, precision_at_k) and ``margin`` override the
     promotion rule of the pipeline's settings; ``epochs`` caps the fine-tuning.
     """
+    from flows.retrain import retrain_on_new_listening
+
     env = service_environment()
     return retrain_on_new_listening(env.data_dir, env.tracking, metric=metric, margin=margin, max_epochs=epochs)

@@ -116,13 +116,17 @@ def service(tmp_path_factory):
             os.kill(pid, signal.SIGKILL)
 
 
+def _registry(service: Service) -> MlflowClient:
+    # Both URIs explicit: other tests in this process may have set a global registry URI.
+    return MlflowClient(tracking_uri=service.urls["MLflow UI"], registry_uri=service.urls["MLflow UI"])
+
+
 def _versions(service: Service, name: str) -> list:
-    return sorted(MlflowClient(service.urls["MLflow UI"]).search_model_versions(f"name='{name}'"),
-                  key=lambda mv: int(mv.version))
+    return sorted(_registry(service).search_model_versions(f"name='{name}'"), key=lambda mv: int(mv.version))
 
 
 def _champion(service: Service, name: str) -> str:
-    return str(MlflowClient(service.urls["MLflow UI"]).get_model_version_by_alias(name, CHAMPION).version)
+    return str(_registry(service).get_model_version_by_alias(name, CHAMPION).version)
 
 
 def _latest_decision(service: Service) -> str:
@@ -169,6 +173,7 @@ def test_the_registered_tagger_scores_audio_as_the_shards_do(service):
     from tasks.shards import read_features
 
     mlflow.set_tracking_uri(service.urls["MLflow UI"])
+    mlflow.set_registry_uri(service.urls["MLflow UI"])
     model = mlflow.pyfunc.load_model(f"models:/{TAGGER}@{CHAMPION}")
     layout = Layout(service.data_dir)
     tracks = pq.read_table(layout.tracks("synthetic")).to_pandas()

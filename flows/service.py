@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from prefect import flow
 
 from infra.layout import Layout
-from infra.service import ServiceEnvironment, service_environment
+from infra.service import ServiceEnvironment, service_environment, subflow_heartbeats_off
 from infra.settings import PipelineSettings, SourceSettings, WMFSettings, feature_settings_from_options
 
 if TYPE_CHECKING:
@@ -57,7 +57,8 @@ def pipeline_job(dataset: str = "synthetic", annotations: str | None = None, aud
         triplets=tuple(Path(t) for t in triplets or ()), initial_batches=initial_batches,
         world={"n_tracks": tracks, "n_users": users, "clip_seconds": clip_seconds, "seed": seed},
         cluster=env.cluster(), tracking=env.tracking)
-    return pipeline(settings.with_max_epochs(epochs) if epochs is not None else settings)
+    with subflow_heartbeats_off():
+        return pipeline(settings.with_max_epochs(epochs) if epochs is not None else settings)
 
 
 @flow(name="mirflow", flow_run_name="features-{dataset}")
@@ -74,7 +75,8 @@ def features_job(adapter: str, source: str, dataset: str, audio_root: str | None
                                              audio_shards=audio_shards)
     catalogue = SourceSettings(adapter=adapter, path=Path(source).resolve(), audio_root=audio_root, split=split,
                                split_dir=split_dir)
-    return catalogue_features(env.data_dir, dataset, catalogue, features, env.cluster(), env.tracking)
+    with subflow_heartbeats_off():
+        return catalogue_features(env.data_dir, dataset, catalogue, features, env.cluster(), env.tracking)
 
 
 @flow(name="mirflow", flow_run_name="wmf")
@@ -89,7 +91,8 @@ def wmf_job(listening: list[str], listening_format: str = "auto", heldout_items:
     settings = WMFSettings(factors=factors, regularization=regularization, iterations=iterations,
                            early_stopping_patience=early_stopping)
     sources = [ListeningSource(Path(p).resolve(), format=listening_format).resolved() for p in listening]
-    return factorize(env.data_dir, sources, heldout_items, settings, env.tracking, k=k)
+    with subflow_heartbeats_off():
+        return factorize(env.data_dir, sources, heldout_items, settings, env.tracking, k=k)
 
 
 @flow(name="mirflow", flow_run_name="train-tagger-{dataset}")
@@ -100,8 +103,9 @@ def train_tagger_job(dataset: str = "synthetic", epochs: int | None = None) -> T
 
     env = service_environment()
     settings = _pipeline_settings(env, dataset, epochs)
-    out = train_tagger_flow(settings.data_dir, dataset, settings.features.feature_set, settings.features.mel,
-                            settings.tagger, settings.tracking)
+    with subflow_heartbeats_off():
+        out = train_tagger_flow(settings.data_dir, dataset, settings.features.feature_set, settings.features.mel,
+                                settings.tagger, settings.tracking)
     register_tagger(settings.tracking, out, dataset=dataset)
     return out
 
@@ -120,11 +124,12 @@ def train_recommender_job(dataset: str = "synthetic", epochs: int | None = None)
     tracks = pd.read_parquet(Layout(settings.data_dir).tracks(dataset), columns=["track_id", "split"])
     heldout = list(tracks.loc[tracks["split"] == "test", "track_id"])
     # The factorization on disk covers these batches: asking for them again reuses its factors.
-    wmf = factorize(settings.data_dir, [], heldout, settings.wmf, settings.tracking, k=settings.evaluation.k,
-                    ingested=factorized_batches(settings.data_dir))
-    recommender = train_recommender_flow(settings.data_dir, dataset, settings.features.feature_set,
-                                         settings.features.mel, wmf, settings.recommender, settings.evaluation,
-                                         settings.tracking)
+    with subflow_heartbeats_off():
+        wmf = factorize(settings.data_dir, [], heldout, settings.wmf, settings.tracking, k=settings.evaluation.k,
+                        ingested=factorized_batches(settings.data_dir))
+        recommender = train_recommender_flow(settings.data_dir, dataset, settings.features.feature_set,
+                                             settings.features.mel, wmf, settings.recommender, settings.evaluation,
+                                             settings.tracking)
     register_recommender(settings.tracking, wmf=wmf, recommender=recommender, dataset=dataset)
     return recommender
 
@@ -139,4 +144,6 @@ def retrain_job(metric: str | None = None, margin: float | None = None, epochs: 
     from flows.retrain import retrain_on_new_listening
 
     env = service_environment()
-    return retrain_on_new_listening(env.data_dir, env.tracking, metric=metric, margin=margin, max_epochs=epochs)
+    with subflow_heartbeats_off():
+        return retrain_on_new_listening(env.data_dir, env.tracking, metric=metric, margin=margin,
+                                        max_epochs=epochs)

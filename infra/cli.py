@@ -95,6 +95,9 @@ def demo(
     clip_seconds: Annotated[float, typer.Option(help="length of each synthetic clip")] = 15.0,
     epochs: Annotated[int | None, typer.Option(help="cap on training epochs of each model")] = None,
     seed: int = 0,
+    initial_batches: Annotated[int | None, typer.Option(
+        help="use only the first N of the world's 3 listening batches; copy a later one into "
+             "<data-dir>/inbox/listening to try `mirflow retrain`")] = None,
     workers: Workers = None,
     cluster: Cluster = "local",
     address: Address = None,
@@ -104,7 +107,7 @@ def demo(
     _setup(verbose)
     from tasks.synth import STYLES
 
-    _launch(epochs, data_dir=data_dir, dataset="synthetic",
+    _launch(epochs, data_dir=data_dir, dataset="synthetic", initial_batches=initial_batches,
             world={"n_tracks": tracks, "n_users": users, "clip_seconds": clip_seconds, "seed": seed},
             cluster={"kind": cluster, "n_workers": workers, "address": address},
             evaluation={"map_tags": STYLES})

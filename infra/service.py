@@ -16,7 +16,8 @@ start of each deployment run.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,3 +74,18 @@ def retry_on_transient_io(task, task_run, state) -> bool:
 
 #: Keyword arguments of ``@task`` for steps that read or write shared storage.
 TRANSIENT_IO_RETRIES = {"retries": 2, "retry_delay_seconds": [1, 5], "retry_condition_fn": retry_on_transient_io}
+
+
+@contextmanager
+def subflow_heartbeats_off() -> Iterator[None]:
+    """Flows started inside run without Prefect heartbeats; the run that enters this keeps its own.
+
+    A flow run's heartbeat thread sleeps in one-second steps and the run waits for it to
+    notice the end: up to a second per flow run, for every subflow. Heartbeats let Prefect
+    mark a run Crashed when its process dies; subflows live in their parent's process, so
+    the parent's heartbeat already tells that.
+    """
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield

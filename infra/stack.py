@@ -109,6 +109,7 @@ class Stack:
     work_pool: str = "mirflow"
     concurrency: int = 1
     paused_schedules: bool = False
+    poll_seconds: float = 0.5  # how often the worker asks for runs: what a run waits before it starts
     children: list[_Child] = field(default_factory=list)
     service_id: str = ""
     _lock: object = None
@@ -197,7 +198,7 @@ class Stack:
         if self.paused_schedules:
             self._pause_schedules()
         self._spawn("prefect-worker", [_BIN / "prefect", "worker", "start", "--pool", self.work_pool, "--type", "process"],
-                    extra_env={"PREFECT_WORKER_QUERY_SECONDS": "2"})
+                    extra_env={"PREFECT_WORKER_QUERY_SECONDS": str(self.poll_seconds)})
         (self.folder / "serve.json").write_text(json.dumps(asdict(info), indent=1))
         return info
 

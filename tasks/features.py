@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from infra.settings import FeatureSettings
 from tasks.audio import decode
@@ -35,8 +34,6 @@ from tasks.shards import (
     write_feature_shard,
     write_manifest,
 )
-from tasks.pyramids import min_frames
-from tasks.spectrogram import feature_columns, feature_columns_batch, n_frames
 
 
 @dataclass(frozen=True)
@@ -192,6 +189,12 @@ def _spectrograms(waveforms: list[np.ndarray], *, settings: FeatureSettings,
     cache) and holds one clip's float32 columns at a time. Both give the same
     values (tests/test_pyramids.py).
     """
+    # torch is imported where spectrograms are computed (the workers), not where a run is
+    # planned: the process of every deployment run would otherwise pay for it.
+    import torch
+
+    from tasks.spectrogram import feature_columns, feature_columns_batch
+
     # float16 on the device: half the transfer from a GPU, and torch converts faster than numpy.
     if device is not None and torch.device(device).type == "cuda":
         for columns in feature_columns_batch(waveforms, settings=settings, device=device):
@@ -203,6 +206,9 @@ def _spectrograms(waveforms: list[np.ndarray], *, settings: FeatureSettings,
 
 def _check_long_enough(path: str, n_samples: int, settings: FeatureSettings) -> None:
     """A clip must give the pyramid's top level at least two frames."""
+    from tasks.pyramids import min_frames
+    from tasks.spectrogram import n_frames
+
     if settings.pyramid == "none":
         return
     hop = settings.resolutions()[0].hop_length

@@ -88,7 +88,7 @@ def pipeline(settings: PipelineSettings) -> PipelineSummary:
             tagger_roc_auc=tagger.roc_auc, tagger_pr_auc=tagger.pr_auc, tagger_pr_auc_chance=tagger.pr_auc_chance,
             k=recommender.k, ranking=recommender.rows, n_tracks=features.n_tracks,
             n_quarantined=features.n_quarantined, n_users=wmf.n_users, n_heldout_items=wmf.n_heldout,
-            tracking_uri=settings.tracking.tracking_uri, report_path=report_path,
+            tracking_uri=settings.tracking.tracking_uri, report_path=report_path, registered=versions,
         )
         write_report(report_path, summary, per_tag=tagger.per_tag, settings=settings.flat())
         mlflow.log_artifact(str(report_path))

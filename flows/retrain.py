@@ -38,6 +38,7 @@ from infra.registry import (
     champion,
     client_for,
     download_recommender,
+    Recommender,
     promote_recommender,
     repair_recommender_aliases,
 )
@@ -117,8 +118,8 @@ def new_sources(sources: list[ListeningSource], *, covered: list[str], listening
 
 @task(cache_policy=NO_CACHE)
 def evaluate_against_champion(settings: PipelineSettings, *, wmf: WMFOutput, challenger_checkpoint: Path,
-                              champion_cnn_version: str) -> tuple[list[RankingRow], str]:
-    """Champion and challenger on the same held-out tracks and users; returns the table and the champion's WMF version."""
+                              old: Recommender) -> list[RankingRow]:
+    """Champion and challenger on the same held-out tracks and users, with the champion's windowing for both."""
     layout = Layout(settings.data_dir)
     feature_dir = layout.features(settings.dataset, settings.features.feature_set)
     heldout_ids, _ = load_factors(Path(wmf.heldout_item_factors))
@@ -128,20 +129,15 @@ def evaluate_against_champion(settings: PipelineSettings, *, wmf: WMFOutput, cha
         raise DatasetError("no held-out track has features: nothing to compare the recommenders on")
     mels = read_features(feature_dir, column=settings.features.mel.column, track_ids=list(track_ids))
     clips = [mels[t] for t in track_ids]
-    with tempfile.TemporaryDirectory() as tmp:
-        old = download_recommender(settings.tracking, cnn_version=champion_cnn_version, into=Path(tmp))
-        recommenders = {}
-        for name, checkpoint, config, user_factors_path in (
-            (CHAMPION_ROW, old.checkpoint, old.config, old.user_factors),
-            (CHALLENGER_ROW, challenger_checkpoint, old.config, Path(wmf.user_factors)),
-        ):
-            module = LatentFactorModule.load_from_checkpoint(checkpoint, weights_only=True, map_location="cpu")
-            predicted = predict_latent_factors(module, clips, crop=config["crop_frames"], hop=config["hop_frames"])
-            users, user_factors = load_factors(user_factors_path)
-            recommenders[name] = (users, user_factors, predicted)
-    rows = compare_recommenders(heldout_plays=pd.read_parquet(wmf.heldout_plays), track_ids=track_ids,
+    recommenders = {}
+    for name, checkpoint, user_factors_path in ((CHAMPION_ROW, old.checkpoint, old.user_factors),
+                                                (CHALLENGER_ROW, challenger_checkpoint, Path(wmf.user_factors))):
+        module = LatentFactorModule.load_from_checkpoint(checkpoint, weights_only=True, map_location="cpu")
+        predicted = predict_latent_factors(module, clips, crop=old.config["crop_frames"], hop=old.config["hop_frames"])
+        users, user_factors = load_factors(user_factors_path)
+        recommenders[name] = (users, user_factors, predicted)
+    return compare_recommenders(heldout_plays=pd.read_parquet(wmf.heldout_plays), track_ids=track_ids,
                                 recommenders=recommenders, k=settings.evaluation.k, seed=settings.evaluation.seed)
-    return rows, old.wmf_version
 
 
 def decide(rows: list[RankingRow], promotion: PromotionSettings) -> tuple[bool, float, float, str]:
@@ -223,12 +219,13 @@ def retrain_on_new_listening(data_dir: Path, tracking: TrackingSettings, metric:
     wmf = factorize(settings.data_dir, usable, heldout, settings.wmf, tracking, k=settings.evaluation.k,
                     ingested=previous)
     with tempfile.TemporaryDirectory() as tmp:
-        start = download_recommender(tracking, cnn_version=old.version, into=Path(tmp))
+        current = download_recommender(tracking, cnn_version=str(old.version), into=Path(tmp))
         challenger = train_recommender_flow(settings.data_dir, settings.dataset, settings.features.feature_set,
                                             settings.features.mel, wmf, settings.recommender, settings.evaluation,
-                                            tracking, init_checkpoint=start.checkpoint, finetune=finetune)
-    rows, champion_wmf = evaluate_against_champion(settings, wmf=wmf, challenger_checkpoint=Path(challenger.checkpoint),
-                                                   champion_cnn_version=old.version)
+                                            tracking, init_checkpoint=current.checkpoint, finetune=finetune)
+        rows = evaluate_against_champion(settings, wmf=wmf, challenger_checkpoint=Path(challenger.checkpoint),
+                                         old=current)
+    champion_wmf = current.wmf_version
     promote, new_score, old_score, reason = decide(rows, promotion)
     new_batches = tuple(s.batch for s in usable)
     decision = {"mirflow.decision": "promoted" if promote else "kept-champion", "mirflow.reason": reason,

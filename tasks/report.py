@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -38,6 +38,7 @@ class PipelineSummary:
     n_heldout_items: int
     tracking_uri: str
     report_path: Path
+    registered: Mapping[str, str] = field(default_factory=dict)  # model name -> the version this run registered
 
 
 def metric_slug(name: str) -> str:
@@ -60,6 +61,9 @@ def summary_text(summary: PipelineSummary) -> str:
     for row in summary.ranking:
         lines.append(f"  {row.name:<36}{row.map_at_k:<10.4f}{row.auc:<8.3f}"
                      + (f"{row.precision_at_k:<10.4f}" if precision else "") + f"{row.ndcg_at_k:.4f}")
+    if summary.registered:
+        lines.append("registered: " + ", ".join(f"{name} v{version}" for name, version in summary.registered.items())
+                     + "   (aliases champion/challenger; `make serve` runs it as a service)")
     lines.append(f"MLflow: mlflow ui --backend-store-uri {summary.tracking_uri}   report: {summary.report_path}")
     return "\n".join(lines)
 

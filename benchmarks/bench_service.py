@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -46,16 +45,6 @@ import pandas as pd  # noqa: E402
 from bench_features import FEATURES, N_MELS, SAMPLE_RATE, ensure_clips, librosa_loop, one_core, progress  # noqa: E402
 
 
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 # ----------------------------------------------------------------------------- features
 
 
@@ -63,7 +52,7 @@ class Service:
     """A started stack (the code of `make serve`) and a Prefect client pointed at it."""
 
     def __init__(self, data_dir: Path, n_workers: int) -> None:
-        from infra.stack import Ports, Stack
+        from infra.stack import Ports, Stack, free_ports
 
         prefect, mlflow_port, dask, dashboard = free_ports(4)
         self.stack = Stack(data_dir=data_dir, ports=Ports(prefect=prefect, mlflow=mlflow_port, dask=dask,

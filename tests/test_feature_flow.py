@@ -91,6 +91,30 @@ def _artifacts(keys: list[str]):
         return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
 
 
+def kill_mid_run(feature_dir, pid: int, *, after_shards: int = 4, timeout: float = 120) -> tuple[threading.Thread, list]:
+    """A started thread that SIGKILLs ``pid`` once ``after_shards`` shards exist; the list gets the count it saw."""
+    seen: list[int] = []
+
+    def kill() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and len(list(feature_dir.glob("part-*.parquet"))) < after_shards:
+            time.sleep(0.05)
+        seen.append(len(list(feature_dir.glob("part-*.parquet"))))
+        os.kill(pid, signal.SIGKILL)
+
+    thread = threading.Thread(target=kill)
+    thread.start()
+    return thread, seen
+
+
+def assert_every_track_once(feature_dir, tracks: pd.DataFrame) -> None:
+    manifest = read_manifest(feature_dir).to_pandas()
+    assert sorted(manifest["track_id"]) == sorted(tracks["track_id"])
+    shard_ids = [t for p in feature_dir.glob("part-*.parquet") for t in pq.read_table(p, columns=["track_id"]).column(0).to_pylist()]
+    assert sorted(shard_ids) == sorted(tracks["track_id"])  # every track once, in complete shards
+    assert not list(feature_dir.glob(".*.tmp"))
+
+
 def test_a_killed_worker_costs_nothing_but_time(tmp_path):
     tracks = _catalogue(tmp_path / "audio", 96, seconds=3.0)
     _write_tracks(tmp_path, tracks)
@@ -99,17 +123,7 @@ def test_a_killed_worker_costs_nothing_but_time(tmp_path):
     with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster, \
             Client(cluster) as client:
         pids = list(client.run(os.getpid).values())
-        shards_at_kill = []
-
-        def kill_one_worker_mid_run() -> None:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and len(list(feature_dir.glob("part-*.parquet"))) < 4:
-                time.sleep(0.05)
-            shards_at_kill.append(len(list(feature_dir.glob("part-*.parquet"))))
-            os.kill(pids[0], signal.SIGKILL)
-
-        killer = threading.Thread(target=kill_one_worker_mid_run)
-        killer.start()
+        killer, shards_at_kill = kill_mid_run(feature_dir, pids[0], timeout=60)
         summary = extract_features(tmp_path, "tones", settings,
                                    ClusterSettings(kind="address", address=cluster.scheduler_address),
                                    tracking_for(tmp_path))
@@ -117,11 +131,7 @@ def test_a_killed_worker_costs_nothing_but_time(tmp_path):
         assert pids[0] not in client.run(os.getpid).values()  # the nanny started a new worker
     assert 4 <= shards_at_kill[0] < 48  # the kill came mid-run
     assert summary.n_tracks == 96 and summary.n_quarantined == 0
-    manifest = read_manifest(feature_dir).to_pandas()
-    assert sorted(manifest["track_id"]) == sorted(tracks["track_id"])
-    shard_ids = [t for p in feature_dir.glob("part-*.parquet") for t in pq.read_table(p, columns=["track_id"]).column(0).to_pylist()]
-    assert sorted(shard_ids) == sorted(tracks["track_id"])  # every track once, in complete shards
-    assert not list(feature_dir.glob(".*.tmp"))
+    assert_every_track_once(feature_dir, tracks)
 
 
 @pytest.mark.realdata

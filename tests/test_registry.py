@@ -23,7 +23,7 @@ from infra.registry import (
 )
 from infra.service import is_transient, service_environment
 from infra.settings import PromotionSettings
-from infra.stack import Ports, Stack, StackError
+from infra.stack import Ports, Stack, StackError, free_ports
 from infra.tracking import tracking_for
 from tasks.events import ingest_sources
 from tasks.recommend import compare_recommenders
@@ -197,11 +197,7 @@ def test_one_service_per_storage_root_and_free_ports(tmp_path):
     finally:
         first.stop()
     Stack(data_dir=tmp_path).acquire()  # released: the next one may start
-    free = []
-    for _ in range(3):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            free.append(s.getsockname()[1])
+    free = free_ports(3)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

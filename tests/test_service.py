@@ -12,10 +12,8 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import uuid
@@ -31,23 +29,13 @@ from mlflow.tracking import MlflowClient
 
 from infra.layout import Layout
 from infra.registry import CHAMPION, LATENT_FACTOR_CNN, TAGGER, WMF
-from infra.stack import SERVICE_ID, service_processes
-from tests.test_feature_flow import _catalogue, _write_tracks
+from infra.stack import SERVICE_ID, free_ports, service_processes
+from tests.test_feature_flow import _catalogue, _write_tracks, assert_every_track_once, kill_mid_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 WORLD = {"tracks": 128, "users": 400, "clip_seconds": 5.0, "epochs": 4, "initial_batches": 2}
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 class Service:
@@ -262,7 +250,6 @@ def test_features_on_a_cli_started_cluster_survive_a_killed_worker(tmp_path):
     from flows.features import extract_features
     from infra.settings import ClusterSettings, FeatureSettings, MelSettings
     from infra.tracking import tracking_for
-    from tasks.shards import read_manifest
 
     tracks = _catalogue(tmp_path / "audio", 96, seconds=3.0)
     _write_tracks(tmp_path, tracks)
@@ -281,17 +268,7 @@ def test_features_on_a_cli_started_cluster_survive_a_killed_worker(tmp_path):
         with Client(address, timeout=60) as client:
             client.wait_for_workers(2, timeout=120)
             pids = list(client.run(os.getpid).values())
-            shards_at_kill = []
-
-            def kill_one_worker_mid_run() -> None:
-                deadline = time.monotonic() + 120
-                while time.monotonic() < deadline and len(list(feature_dir.glob("part-*.parquet"))) < 4:
-                    time.sleep(0.05)
-                shards_at_kill.append(len(list(feature_dir.glob("part-*.parquet"))))
-                os.kill(pids[0], signal.SIGKILL)
-
-            killer = threading.Thread(target=kill_one_worker_mid_run)
-            killer.start()
+            killer, shards_at_kill = kill_mid_run(feature_dir, pids[0])
             with prefect_test_harness(server_startup_timeout=60):
                 summary = extract_features(tmp_path, "tones", settings, ClusterSettings(kind="address", address=address),
                                            tracking_for(tmp_path))
@@ -303,8 +280,4 @@ def test_features_on_a_cli_started_cluster_survive_a_killed_worker(tmp_path):
             process.wait(timeout=60)
     assert 4 <= shards_at_kill[0] < 48  # the kill came mid-run
     assert summary.n_tracks == 96 and summary.n_quarantined == 0
-    manifest = read_manifest(feature_dir).to_pandas()
-    assert sorted(manifest["track_id"]) == sorted(tracks["track_id"])
-    shard_ids = [t for p in feature_dir.glob("part-*.parquet")
-                 for t in pq.read_table(p, columns=["track_id"]).column(0).to_pylist()]
-    assert sorted(shard_ids) == sorted(tracks["track_id"])  # every track exactly once
+    assert_every_track_once(feature_dir, tracks)  # every track exactly once

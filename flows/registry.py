@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 
 from mlflow.entities.model_registry import ModelVersion
@@ -14,8 +13,6 @@ from flows.training import RecommenderOutput, TaggerOutput
 from infra.registry import LATENT_FACTOR_CNN, TAGGER, WMF, WMF_VERSION_TAG, register
 from infra.service import TRANSIENT_IO_RETRIES
 from infra.settings import TrackingSettings
-
-log = logging.getLogger("mirflow")
 
 
 def register_recommender(tracking: TrackingSettings, *, wmf: WMFOutput, recommender: RecommenderOutput,
@@ -49,5 +46,4 @@ def register_pipeline_models(tracking: TrackingSettings, *, tagger: TaggerOutput
     wmf_version, cnn_version = register_recommender(tracking, wmf=wmf, recommender=recommender, dataset=dataset)
     versions = {TAGGER: str(tagger_version.version), WMF: str(wmf_version.version),
                 LATENT_FACTOR_CNN: str(cnn_version.version)}
-    log.info("registry: %s", ", ".join(f"{name} v{v}" for name, v in versions.items()))
     return versions

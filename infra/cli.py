@@ -37,7 +37,8 @@ QUIET_OFFLINE = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 # Libraries whose INFO lines drown the pipeline's own progress.
-CHATTY_LOGGERS = ("distributed", "lightning.pytorch", "lightning.fabric", "mlflow.store.db.utils", "alembic")
+CHATTY_LOGGERS = ("distributed", "lightning.pytorch", "lightning.fabric", "mlflow.store.db.utils", "alembic",
+                  "mlflow.pyfunc", "mlflow.models")
 
 
 def _setup(verbose: bool) -> None:

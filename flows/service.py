@@ -13,7 +13,7 @@ registry): the imports are a fixed cost of every run.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from prefect import flow
 
@@ -135,7 +135,8 @@ def train_recommender_job(dataset: str = "synthetic", epochs: int | None = None)
 
 
 @flow(name="mirflow", flow_run_name="retrain-on-new-listening")
-def retrain_job(metric: str | None = None, margin: float | None = None, epochs: int | None = None) -> RetrainOutcome:
+def retrain_job(metric: Literal["map_at_k", "auc", "ndcg_at_k", "precision_at_k"] | None = None,
+                margin: float | None = None, epochs: int | None = None) -> RetrainOutcome:
     """Retrain the recommender on new files in ``<data>/inbox/listening``; promote it only if it is better.
 
     ``metric`` (map_at_k, auc, ndcg_at_k, precision_at_k) and ``margin`` override the

@@ -268,6 +268,15 @@ def retrain(
     _setup(verbose)
     from pydantic import ValidationError
 
+    from infra.settings import PromotionSettings, TrainSettings
+
+    try:  # before any flow starts: a bad value is a usage error, not a failed run
+        PromotionSettings(**{k: v for k, v in {"metric": metric, "margin": margin}.items() if v is not None})
+        if epochs is not None:
+            TrainSettings(max_epochs=epochs)
+    except ValidationError as err:
+        console.print(f"[red]mirflow: invalid settings[/red]\n{err}")
+        raise typer.Exit(2) from None
     from flows.retrain import retrain_on_new_listening
     from infra.tracking import tracking_for
     from tasks.errors import MirflowError
@@ -275,9 +284,6 @@ def retrain(
     try:
         outcome = retrain_on_new_listening(data_dir.resolve(), tracking_for(data_dir), metric=metric, margin=margin,
                                            max_epochs=epochs)
-    except ValidationError as err:
-        console.print(f"[red]mirflow: invalid settings[/red]\n{err}")
-        raise typer.Exit(2) from None
     except MirflowError as err:
         console.print(f"[red]mirflow: {err}[/red]")
         raise typer.Exit(1) from None

@@ -20,6 +20,21 @@ def test_bad_settings_end_with_a_message_not_a_traceback(tmp_path):
     assert result.exit_code == 2 and "needs an address" in result.output
 
 
+def test_retrain_rejects_bad_settings_before_anything_runs(tmp_path):
+    result = CliRunner().invoke(app, ["retrain", "--metric", "accuracy", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "map_at_k" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["retrain", "--epochs", "0", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "max_epochs" in result.output
+    assert not list(tmp_path.iterdir())  # nothing was written
+
+
+@pytest.mark.integration
+def test_retrain_without_a_pipeline_run_says_what_to_do(tmp_path):
+    with prefect_test_harness(server_startup_timeout=60):
+        result = CliRunner().invoke(app, ["retrain", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 1 and "run the pipeline first" in result.output
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_pipeline_command_on_external_data_quarantines_a_corrupt_clip(tmp_path):

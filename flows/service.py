@@ -65,14 +65,14 @@ def pipeline_job(dataset: str = "synthetic", annotations: str | None = None, aud
 def features_job(adapter: str, source: str, dataset: str, audio_root: str | None = None, split: str | None = None,
                  split_dir: str | None = None, windows: str = "1024,2048,4096,8192", hop: int = 512,
                  hop_policy: str = "fixed", sample_rate: int = 16000, n_mels: int = 128, pyramid: str = "none",
-                 pyramid_levels: int = 4, audio_shards: bool = False) -> FeatureSummary:
+                 pyramid_levels: int = 4, audio_shards: bool = False, files_per_task: int = 32) -> FeatureSummary:
     """Feature shards of any catalogue (adapters mtat, gtzan, manifest), on the service's Dask cluster."""
     from flows.features import catalogue_features
 
     env = service_environment()
     features = feature_settings_from_options(windows=windows, hop=hop, hop_policy=hop_policy, sample_rate=sample_rate,
                                              n_mels=n_mels, pyramid=pyramid, pyramid_levels=pyramid_levels,
-                                             audio_shards=audio_shards)
+                                             audio_shards=audio_shards, files_per_task=files_per_task)
     catalogue = SourceSettings(adapter=adapter, path=Path(source).resolve(), audio_root=audio_root, split=split,
                                split_dir=split_dir)
     with subflow_heartbeats_off():

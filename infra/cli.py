@@ -153,6 +153,7 @@ def features(
     pyramid: Annotated[str, typer.Option(help="none | gaussian | laplacian | both")] = "none",
     pyramid_levels: int = 4,
     audio_shards: Annotated[bool, typer.Option(help="also keep int16 PCM shards for raw-audio models")] = False,
+    files_per_task: Annotated[int, typer.Option(help="files decoded per Dask task (and per shard)")] = 32,
     data_dir: DataDir = Path("data"),
     workers: Workers = None,
     cluster: Cluster = "local",
@@ -169,7 +170,7 @@ def features(
     try:
         settings = feature_settings_from_options(windows=windows, hop=hop, hop_policy=hop_policy, sample_rate=sample_rate,
                                                  n_mels=n_mels, pyramid=pyramid, pyramid_levels=pyramid_levels,
-                                                 audio_shards=audio_shards)
+                                                 audio_shards=audio_shards, files_per_task=files_per_task)
         catalogue = SourceSettings(adapter=adapter, path=source.resolve(), audio_root=audio_root, split=split,
                                    split_dir=split_dir)
         cluster_settings = ClusterSettings(kind=cluster, n_workers=workers, address=address)

@@ -312,7 +312,8 @@ class PipelineSettings(_Settings):
 
 
 def feature_settings_from_options(*, windows: str, hop: int, hop_policy: str, sample_rate: int, n_mels: int,
-                                  pyramid: str, pyramid_levels: int, audio_shards: bool) -> FeatureSettings:
+                                  pyramid: str, pyramid_levels: int, audio_shards: bool,
+                                  files_per_task: int = 32) -> FeatureSettings:
     """Feature settings from command-line style options (``windows="1024,2048"``); the first window is the finest.
 
     Raises ``ValueError`` (pydantic's ``ValidationError`` included) for a bad value.
@@ -324,4 +325,4 @@ def feature_settings_from_options(*, windows: str, hop: int, hop_policy: str, sa
         mel={"sample_rate": sample_rate, "n_fft": sizes[0], "hop_length": hop if hop_policy == "fixed" else sizes[0] // 2,
              "n_mels": n_mels},
         extra_windows=tuple(sizes[1:]), hop_policy=hop_policy, pyramid=pyramid, pyramid_levels=pyramid_levels,
-        audio_shards=audio_shards)
+        audio_shards=audio_shards, files_per_task=files_per_task)

@@ -30,7 +30,7 @@ from mlflow.tracking import MlflowClient
 from infra.layout import Layout
 from infra.registry import CHAMPION, LATENT_FACTOR_CNN, TAGGER, WMF
 from infra.stack import SERVICE_ID, free_ports, service_processes
-from tests.test_feature_flow import _catalogue, _write_tracks, assert_every_track_once, kill_mid_run
+from tests.test_feature_flow import _catalogue, assert_every_track_once, kill_mid_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,7 +218,8 @@ def test_a_batch_of_random_plays_is_registered_but_not_promoted(service):
     versions = _versions(service, LATENT_FACTOR_CNN)
     assert [int(mv.version) for mv in versions] == [1, 2, 3]
     assert versions[-1].tags["mirflow.decision"] == "kept-champion"
-    assert float(versions[-1].tags["mirflow.challenger_score"]) < float(versions[-1].tags["mirflow.champion_score"])
+    assert float(versions[-1].tags["mirflow.challenger_score"]) < float(versions[-1].tags["mirflow.champion_score"]), \
+        versions[-1].tags["mirflow.reason"]
     assert _champion(service, LATENT_FACTOR_CNN) == "2"
     assert "champion stays" in _latest_decision(service)
 
@@ -245,16 +246,19 @@ def test_sigint_stops_every_process_of_the_service(service):
 
 
 def test_features_on_a_cli_started_cluster_survive_a_killed_worker(tmp_path):
+    """`mirflow features --cluster address` on a scheduler and two workers started by Dask's CLI; one is SIGKILLed."""
     from prefect.testing.utilities import prefect_test_harness
+    from typer.testing import CliRunner
 
-    from flows.features import extract_features
-    from infra.settings import ClusterSettings, FeatureSettings, MelSettings
-    from infra.tracking import tracking_for
+    from infra.cli import app
+    from infra.settings import feature_settings_from_options
 
     tracks = _catalogue(tmp_path / "audio", 96, seconds=3.0)
-    _write_tracks(tmp_path, tracks)
-    settings = FeatureSettings(mel=MelSettings(n_mels=32), extra_windows=(2048,), files_per_task=2)
-    feature_dir = Layout(tmp_path).features("tones", settings.feature_set)
+    manifest = tmp_path / "catalogue.csv"
+    tracks.rename(columns={"source_path": "path"})[["track_id", "path"]].to_csv(manifest, index=False)
+    options = {"windows": "1024,2048", "hop": 512, "hop_policy": "fixed", "sample_rate": 16000, "n_mels": 32,
+               "pyramid": "none", "pyramid_levels": 4, "audio_shards": False, "files_per_task": 2}
+    feature_dir = Layout(tmp_path / "data").features("tones", feature_settings_from_options(**options).feature_set)
     port, dashboard = free_ports(2)
     address = f"tcp://127.0.0.1:{port}"
     env = {**os.environ, "DASK_LOGGING__DISTRIBUTED": "warning"}
@@ -270,14 +274,17 @@ def test_features_on_a_cli_started_cluster_survive_a_killed_worker(tmp_path):
             pids = list(client.run(os.getpid).values())
             killer, shards_at_kill = kill_mid_run(feature_dir, pids[0])
             with prefect_test_harness(server_startup_timeout=60):
-                summary = extract_features(tmp_path, "tones", settings, ClusterSettings(kind="address", address=address),
-                                           tracking_for(tmp_path))
+                result = CliRunner().invoke(app, [
+                    "features", "--adapter", "manifest", "--source", str(manifest), "--dataset", "tones",
+                    "--data-dir", str(tmp_path / "data"), "--cluster", "address", "--address", address,
+                    "--windows", options["windows"], "--n-mels", "32", "--files-per-task", "2"])
             killer.join()
             assert pids[0] not in client.run(os.getpid).values()
     finally:
         for process in (workers, scheduler):
             os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=60)
+    assert result.exit_code == 0, result.output
+    assert "96 tracks (96 extracted, 0 already present, 0 quarantined)" in result.output
     assert 4 <= shards_at_kill[0] < 48  # the kill came mid-run
-    assert summary.n_tracks == 96 and summary.n_quarantined == 0
     assert_every_track_once(feature_dir, tracks)  # every track exactly once

@@ -11,7 +11,7 @@ import pytest
 
 from infra.settings import FeatureSettings, MelSettings
 from tasks.errors import DatasetError
-from tasks.features import FeatureBatch, extract_shard, finish_features, plan_feature_batches
+from tasks.features import extract_shard, finish_features, plan_feature_batches
 from tasks.shards import (
     append_quarantine,
     features_to_table,

@@ -32,8 +32,11 @@ from flows.listening import WMFOutput, factorize, ingest_listening
 from flows.registry import register_recommender
 from flows.training import train_recommender_flow
 from infra.layout import Layout
+from infra.service import try_lock
 from infra.registry import (
+    DECISION_TAG,
     LATENT_FACTOR_CNN,
+    PROMOTED,
     WMF,
     champion,
     client_for,
@@ -62,7 +65,7 @@ CHAMPION_ROW = "champion"
 class RetrainOutcome:
     """What a retraining run did and why."""
 
-    status: str  # "no-champion", "nothing-new", "no-valid-rows", "promoted" or "kept-champion"
+    status: str  # "busy", "no-champion", "nothing-new", "no-valid-rows", "promoted" or "kept-champion"
     message: str
     new_batches: tuple[str, ...] = ()
     metric: str = ""
@@ -141,17 +144,17 @@ def evaluate_against_champion(settings: PipelineSettings, *, wmf: WMFOutput, cha
 
 
 def decide(rows: list[RankingRow], promotion: PromotionSettings) -> tuple[bool, float, float, str]:
-    """(promote?, challenger score, champion score, reason) under the promotion rule."""
+    """(promote?, challenger score, champion score, reason): promoted when better, by at least the margin."""
     by_name = {r.name: r for r in rows}
     new, old = getattr(by_name[CHALLENGER_ROW], promotion.metric), getattr(by_name[CHAMPION_ROW], promotion.metric)
     gain = new - old
     if not np.isfinite(gain):
         return False, new, old, f"{promotion.metric} is undefined on these held-out tracks; the champion stays"
-    if gain >= promotion.margin - 1e-9:  # a margin written in decimals, not float noise, decides
-        return True, new, old, (f"challenger {promotion.metric} {new:.4f} vs champion {old:.4f}: gain {gain:+.4f} "
-                                f">= margin {promotion.margin:.4f}, promoted")
-    return False, new, old, (f"challenger {promotion.metric} {new:.4f} vs champion {old:.4f}: gain {gain:+.4f} "
-                             f"< margin {promotion.margin:.4f}, the champion stays")
+    scores = f"challenger {promotion.metric} {new:.4f} vs champion {old:.4f}: gain {gain:+.4f}"
+    # 1e-9: a margin written in decimals, not float noise, decides.
+    if gain > 0 and gain >= promotion.margin - 1e-9:
+        return True, new, old, f"{scores} > 0 and >= margin {promotion.margin:.4f}, promoted"
+    return False, new, old, f"{scores}, not above 0 and the margin {promotion.margin:.4f}: the champion stays"
 
 
 @task(cache_policy=NO_CACHE)
@@ -173,9 +176,23 @@ def retrain_on_new_listening(data_dir: Path, tracking: TrackingSettings, metric:
     """Ingest new inbox files, update WMF, fine-tune the champion CNN, register it, promote it if better.
 
     ``metric``, ``margin`` and ``max_epochs`` override the promotion rule and the
-    fine-tuning length of the pipeline settings the champion was trained with.
+    fine-tuning length of the pipeline settings the champion was trained with. One
+    retraining runs at a time per storage root: a second one finds the lock and ends
+    at once with the status ``busy``.
     """
-    if not Layout(Path(data_dir)).pipeline_settings().exists() or champion(tracking, LATENT_FACTOR_CNN) is None:
+    lock = try_lock(Layout(Path(data_dir)).retrain_lock())
+    if lock is None:
+        outcome = RetrainOutcome("busy", f"another retrain-on-new-listening is running on {data_dir}; "
+                                 "this run does nothing (the next one will see the same inbox)")
+        report_outcome(outcome)
+        return outcome
+    with lock:
+        return _retrain(Path(data_dir), tracking, metric=metric, margin=margin, max_epochs=max_epochs)
+
+
+def _retrain(data_dir: Path, tracking: TrackingSettings, *, metric: str | None, margin: float | None,
+             max_epochs: int | None) -> RetrainOutcome:
+    if not Layout(data_dir).pipeline_settings().exists() or champion(tracking, LATENT_FACTOR_CNN) is None:
         outcome = RetrainOutcome("no-champion", f"no registered recommender to retrain under {data_dir} "
                                  f"({tracking.tracking_uri}): run the pipeline first (`make demo`, `mirflow pipeline` "
                                  "or the 'mirflow/pipeline' deployment)")
@@ -227,8 +244,12 @@ def retrain_on_new_listening(data_dir: Path, tracking: TrackingSettings, metric:
                                          old=current)
     champion_wmf = current.wmf_version
     promote, new_score, old_score, reason = decide(rows, promotion)
+    now = champion(tracking, LATENT_FACTOR_CNN)
+    if promote and (now is None or str(now.version) != str(old.version)):  # moved by hand during this run
+        promote, reason = False, (f"{reason}; but the champion is no longer v{old.version}, the version compared "
+                                  "with: not promoted")
     new_batches = tuple(s.batch for s in usable)
-    decision = {"mirflow.decision": "promoted" if promote else "kept-champion", "mirflow.reason": reason,
+    decision = {DECISION_TAG: PROMOTED if promote else "kept-champion", "mirflow.reason": reason,
                 "mirflow.metric": promotion.metric, "mirflow.margin": str(promotion.margin),
                 "mirflow.challenger_score": f"{new_score:.6f}", "mirflow.champion_score": f"{old_score:.6f}",
                 "mirflow.compared_with": f"{LATENT_FACTOR_CNN} v{old.version} + {WMF} v{champion_wmf}",
@@ -243,6 +264,8 @@ def retrain_on_new_listening(data_dir: Path, tracking: TrackingSettings, metric:
                                                         dataset=settings.dataset, tags=decision)
         if promote:
             promote_recommender(tracking, cnn_version=cnn_version.version, wmf_version=wmf_version.version)
+            log.info("registry: %s v%s and %s v%s are the champions", LATENT_FACTOR_CNN, cnn_version.version, WMF,
+                     wmf_version.version)
     outcome = RetrainOutcome("promoted" if promote else "kept-champion", reason, new_batches=new_batches,
                              metric=promotion.metric, challenger_score=new_score, champion_score=old_score,
                              challenger_version=str(cnn_version.version),

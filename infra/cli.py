@@ -278,6 +278,8 @@ def retrain(
     except ValidationError as err:
         console.print(f"[red]mirflow: invalid settings[/red]\n{err}")
         raise typer.Exit(2) from None
+    from mlflow.exceptions import MlflowException
+
     from flows.retrain import retrain_on_new_listening
     from infra.tracking import tracking_for
     from tasks.errors import MirflowError
@@ -285,11 +287,11 @@ def retrain(
     try:
         outcome = retrain_on_new_listening(data_dir.resolve(), tracking_for(data_dir), metric=metric, margin=margin,
                                            max_epochs=epochs)
-    except MirflowError as err:
+    except (MirflowError, MlflowException) as err:
         console.print(f"[red]mirflow: {err}[/red]")
         raise typer.Exit(1) from None
     console.print(f"retrain: {outcome.status}: {outcome.message}", highlight=False)
-    if outcome.status == "no-champion":
+    if outcome.status in ("no-champion", "busy"):
         raise typer.Exit(1)
 
 
@@ -317,17 +319,17 @@ def up(
     from infra.cluster import usable_cores
     from infra.stack import Ports, Stack, StackError
 
+    stopping: list[int] = []
     stack = Stack(data_dir=data_dir, ports=Ports(prefect=prefect_port, mlflow=mlflow_port, dask=dask_port,
                                                 dashboard=dashboard_port),
                   n_workers=workers or usable_cores(), work_pool=work_pool, concurrency=concurrency,
-                  paused_schedules=paused_schedules)
-    stopping = []
+                  paused_schedules=paused_schedules, stop_requested=lambda: bool(stopping))
 
     def request_stop(signum, frame) -> None:
         stopping.append(signum)
 
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # Ctrl-C, kill, a closed terminal
+        signal.signal(signum, request_stop)
     logger = logging.getLogger("mirflow")
     try:
         try:
@@ -343,7 +345,8 @@ def up(
         console.print(f"\n  export PREFECT_API_URL={info.prefect_api}\n"
                       "  prefect deployment run 'mirflow/pipeline' --param epochs=5\n"
                       f"  new listening files go to {stack.data_dir / 'inbox' / 'listening'}; "
-                      "'mirflow/retrain-on-new-listening' runs every hour", highlight=False)
+                      "'mirflow/retrain-on-new-listening' runs "
+                      + ("when asked (its schedule is paused)" if paused_schedules else "every hour"), highlight=False)
         died = stack.watch(lambda: bool(stopping))
         if died is not None:
             console.print(f"[red]mirflow: {died} stopped unexpectedly (log: {stack.logs / (died + '.log')}); "

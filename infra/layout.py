@@ -41,6 +41,10 @@ class Layout:
         """Where new listening files land for ``retrain-on-new-listening``."""
         return self.root / "inbox" / "listening"
 
+    def retrain_lock(self) -> Path:
+        """Held while a retraining runs: one at a time per storage root."""
+        return self.root / "models" / ".retrain.lock"
+
     def pipeline_settings(self) -> Path:
         """The settings of the last finished pipeline run (what retraining starts from)."""
         return self.root / "models" / "pipeline-settings.json"

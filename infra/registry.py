@@ -5,7 +5,9 @@
     mirflow-wmf                 (user_id, item_id) -> x_uᵀ y_i
 
 A new version gets the alias ``challenger``; the first version of a model also gets
-``champion``. Later promotions are decided by ``retrain-on-new-listening``.
+``champion``. Later promotions of the recommender are decided by
+``retrain-on-new-listening``; the tagger's champion moves only by hand
+(``MlflowClient().set_registered_model_alias``), as no job compares taggers yet.
 
 The recommender is a pair: a latent-factor CNN and the WMF factors whose item
 factors it learned to predict (their user factors rank its predictions). Each CNN
@@ -13,7 +15,8 @@ version carries the WMF version it belongs to as the tag ``mirflow.wmf_version``
 its ``champion`` alias is the commit point of a promotion: the WMF alias moves first,
 the CNN alias last. Whoever reads the recommender reads the CNN champion and the WMF
 version it names, so a promotion interrupted between the two moves is never seen
-half-done, and :func:`repair_recommender_aliases` puts the WMF alias back in step.
+half-done, and :func:`repair_recommender_aliases` finishes it or puts the WMF alias
+back in step.
 """
 
 from __future__ import annotations
@@ -124,11 +127,18 @@ def register(tracking: TrackingSettings, name: str, model_uri: str, *, tags: Map
 
 
 def champion(tracking: TrackingSettings, name: str) -> ModelVersion | None:
-    """The version behind the ``champion`` alias, or None (no such model or alias)."""
+    """The version behind the ``champion`` alias, or None when there is no such model or alias.
+
+    Any other error (a server that does not answer) is raised: "no champion" must not be
+    mistaken for "could not ask".
+    """
     try:
         return client_for(tracking).get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
+    except MlflowException as err:
+        missing_alias = err.error_code == "INVALID_PARAMETER_VALUE" and "alias" in str(err)
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST" or missing_alias:
+            return None
+        raise
 
 
 def tag_version(tracking: TrackingSettings, name: str, version: str, tags: Mapping[str, object]) -> None:
@@ -144,11 +154,28 @@ def promote_recommender(tracking: TrackingSettings, *, cnn_version: str, wmf_ver
     client.set_registered_model_alias(LATENT_FACTOR_CNN, CHAMPION, str(cnn_version))
 
 
-def repair_recommender_aliases(tracking: TrackingSettings) -> str | None:
-    """Point the WMF champion at the version the CNN champion names (after an interrupted promotion).
+DECISION_TAG = "mirflow.decision"
+PROMOTED = "promoted"
 
-    Returns the WMF version it moved the alias to, or None if nothing needed doing.
+
+def repair_recommender_aliases(tracking: TrackingSettings) -> str | None:
+    """Finish a promotion that was cut short, and keep the WMF champion in step with the CNN champion.
+
+    A retraining run registers its challenger with its decision as a tag, then moves the
+    aliases. If it was stopped in between, the newest CNN version says ``promoted`` but is
+    not champion: the promotion is completed here. Then the WMF champion is pointed at the
+    version the CNN champion names. Returns the WMF version the alias was moved to, or
+    None if nothing needed doing.
     """
+    client = client_for(tracking)
+    versions = client.search_model_versions(f"name='{LATENT_FACTOR_CNN}'")
+    newest = max(versions, key=lambda mv: int(mv.version), default=None)
+    current = champion(tracking, LATENT_FACTOR_CNN)
+    if (newest is not None and newest.tags.get(DECISION_TAG) == PROMOTED and WMF_VERSION_TAG in newest.tags
+            and (current is None or int(current.version) < int(newest.version))):
+        log.warning("registry: %s version %s was promoted but its alias never moved: finishing the promotion",
+                    LATENT_FACTOR_CNN, newest.version)
+        promote_recommender(tracking, cnn_version=str(newest.version), wmf_version=newest.tags[WMF_VERSION_TAG])
     cnn = champion(tracking, LATENT_FACTOR_CNN)
     if cnn is None or WMF_VERSION_TAG not in cnn.tags:
         return None

@@ -6,6 +6,10 @@ variables set; an operator who runs their own worker sets them the same way:
     MIRFLOW_DATA_DIR      the storage root (default: ./data)
     MIRFLOW_TRACKING_URI  the MLflow tracking server, e.g. http://127.0.0.1:5000
                           (default: the sqlite store under the storage root)
+    MIRFLOW_ARTIFACT_ROOT where new experiments keep their artifacts (default with a
+                          server: wherever the server says; `make serve` sets
+                          file://<data>/mlartifacts, so that the CLI's sqlite store and
+                          the server share one store)
     MIRFLOW_DASK_ADDRESS  the Dask scheduler every deployment run uses, e.g.
                           tcp://127.0.0.1:8786 (default: a LocalCluster per run)
 
@@ -15,6 +19,7 @@ start of each deployment run.
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -26,6 +31,7 @@ from infra.tracking import tracking_for
 
 DATA_DIR = "MIRFLOW_DATA_DIR"
 TRACKING_URI = "MIRFLOW_TRACKING_URI"
+ARTIFACT_ROOT = "MIRFLOW_ARTIFACT_ROOT"
 DASK_ADDRESS = "MIRFLOW_DASK_ADDRESS"
 
 
@@ -46,8 +52,9 @@ def service_environment(environ: Mapping[str, str] | None = None) -> ServiceEnvi
     environ = os.environ if environ is None else environ
     data_dir = Path(environ.get(DATA_DIR) or "data").expanduser().resolve()
     uri = environ.get(TRACKING_URI)
-    # A tracking server chooses where artifacts go (its --artifacts-destination); sqlite keeps them beside the store.
-    tracking = TrackingSettings(tracking_uri=uri, artifact_root=None) if uri else tracking_for(data_dir)
+    # A remote tracking server chooses where artifacts go (its --artifacts-destination) unless told.
+    tracking = (TrackingSettings(tracking_uri=uri, artifact_root=environ.get(ARTIFACT_ROOT) or None) if uri
+                else tracking_for(data_dir))
     return ServiceEnvironment(data_dir=data_dir, tracking=tracking, dask_address=environ.get(DASK_ADDRESS) or None)
 
 
@@ -89,3 +96,15 @@ def subflow_heartbeats_off() -> Iterator[None]:
 
     with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
+
+
+def try_lock(path: Path):
+    """An open file holding an exclusive lock on ``path`` (released when closed), or None if another process holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle

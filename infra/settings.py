@@ -257,11 +257,13 @@ class PromotionSettings(_Settings):
     """When a retrained recommender replaces the champion (DESIGN.md §8).
 
     Challenger and champion are scored on the same held-out tracks and users; the
-    ``champion`` alias moves when ``challenger - champion >= margin`` on ``metric``.
+    ``champion`` alias moves when the challenger is better on ``metric`` by at least
+    ``margin`` (``gain > 0`` and ``gain >= margin``).
     """
 
     metric: Literal["map_at_k", "auc", "ndcg_at_k", "precision_at_k"] = "map_at_k"
-    margin: float = Field(0.0, description="absolute gain the challenger needs on the metric (may be negative)")
+    margin: float = Field(0.0, ge=0.0, description="absolute gain the challenger needs on the metric, besides being "
+                                                     "better")
 
 
 class RetrainSettings(_Settings):

@@ -22,7 +22,6 @@ this process, which then stops the children in order rather than all at once.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -83,6 +82,7 @@ class ServiceInfo:
     dask_dashboard: str
     work_pool: str
     logs: str
+    service_id: str = ""
 
     def lines(self) -> list[str]:
         return [f"Prefect UI        {self.prefect_ui}",
@@ -110,6 +110,7 @@ class Stack:
     concurrency: int = 1
     paused_schedules: bool = False
     poll_seconds: float = 0.5  # how often the worker asks for runs: what a run waits before it starts
+    stop_requested: Callable[[], bool] = lambda: False  # checked while starting: Ctrl-C need not wait for it
     children: list[_Child] = field(default_factory=list)
     service_id: str = ""
     _lock: object = None
@@ -129,18 +130,20 @@ class Stack:
                            prefect_api=f"http://127.0.0.1:{p.prefect}/api", mlflow_ui=f"http://127.0.0.1:{p.mlflow}",
                            dask_scheduler=f"tcp://127.0.0.1:{p.dask}",
                            dask_dashboard=f"http://127.0.0.1:{p.dashboard}/status", work_pool=self.work_pool,
-                           logs=str(self.logs))
+                           logs=str(self.logs), service_id=self.service_id)
 
     def environ(self) -> dict[str, str]:
         """The children's environment: quiet, offline, pointed at this service."""
         from infra.cli import QUIET_OFFLINE
-        from infra.service import DASK_ADDRESS, DATA_DIR, TRACKING_URI
+        from infra.service import ARTIFACT_ROOT, DASK_ADDRESS, DATA_DIR, TRACKING_URI
 
         info = self.info
         return {**QUIET_OFFLINE, **os.environ, SERVICE_ID: self.service_id,
                 "PREFECT_HOME": str(self.folder / "prefect"), "PREFECT_API_URL": info.prefect_api,
                 "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "INFO"),
                 DATA_DIR: str(self.data_dir), TRACKING_URI: info.mlflow_ui, DASK_ADDRESS: info.dask_scheduler,
+                # Runs through the server and `mirflow` commands on the sqlite store then share experiments.
+                ARTIFACT_ROOT: (self.data_dir / "mlartifacts").as_uri(),
                 "MIRFLOW_PROJECT_ROOT": str(PROJECT_ROOT), "MIRFLOW_WORK_POOL": self.work_pool}
 
     # ----------------------------------------------------------------- lifecycle
@@ -152,25 +155,38 @@ class Stack:
 
     def acquire(self) -> None:
         """Take the storage root's service lock, or raise with what is running there."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        handle = open(self.folder / "serve.lock", "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise StackError(running_message(self.data_dir)) from None
+        from infra.service import try_lock
+
+        handle = try_lock(self.folder / "serve.lock")
+        if handle is None:
+            raise StackError(running_message(self.data_dir))
         self._lock = handle
 
     def start(self, on_step: Callable[[str], None] = log.info) -> ServiceInfo:
-        """Start every server, register the deployments, start the worker; returns the URLs."""
-        from distributed import Client
+        """Start every server, register the deployments, start the worker; returns the URLs.
 
+        On any failure (or a stop request) everything started so far is stopped and a
+        :class:`StackError` says what went wrong, with the tail of the failing log.
+        """
+        self.acquire()
+        try:
+            return self._start(on_step)
+        except BaseException as err:
+            self.stop()
+            if isinstance(err, StackError):
+                raise
+            if isinstance(err, Exception):
+                raise StackError(f"the service did not start: {type(err).__name__}: {err}") from err
+            raise
+
+    def _start(self, on_step: Callable[[str], None]) -> ServiceInfo:
         from infra.cluster import WORKER_MALLOC_ENVIRON, _worker_environ
 
-        self.acquire()
+        self._stop_leftovers()
         self.ports.check()
         self.logs.mkdir(parents=True, exist_ok=True)
         info = self.info
+        (self.folder / "serve.json").write_text(json.dumps(asdict(info), indent=1))  # the id, before any child
         on_step(f"starting the Prefect server on {info.prefect_ui}")
         self._spawn("prefect-server", [_BIN / "prefect", "server", "start", "--host", "127.0.0.1",
                                        "--port", str(self.ports.prefect)])
@@ -190,8 +206,7 @@ class Stack:
         self._wait_http("prefect-server", f"{info.prefect_api}/health")
         self._wait_http("mlflow-server", f"{info.mlflow_ui}/health")
         self._wait_http("dask-scheduler", f"http://127.0.0.1:{self.ports.dashboard}/health")
-        with Client(info.dask_scheduler, timeout=60) as client:
-            client.wait_for_workers(self.n_workers, timeout=120)
+        self._wait_for_workers(info.dask_scheduler)
         on_step(f"work pool {self.work_pool!r} and the deployments of prefect.yaml")
         self._work_pool()
         self._run_cli("deploy", [_BIN / "prefect", "--no-prompt", "deploy", "--all"])
@@ -199,7 +214,7 @@ class Stack:
             self._pause_schedules()
         self._spawn("prefect-worker", [_BIN / "prefect", "worker", "start", "--pool", self.work_pool, "--type", "process"],
                     extra_env={"PREFECT_WORKER_QUERY_SECONDS": str(self.poll_seconds)})
-        (self.folder / "serve.json").write_text(json.dumps(asdict(info), indent=1))
+        self._check_stop()
         return info
 
     def watch(self, stop_requested: Callable[[], bool]) -> str | None:
@@ -218,10 +233,7 @@ class Stack:
         self.children.clear()
         # Anything that left its group (a daemonized grandchild) still carries the service id.
         for pid in service_processes(self.service_id, exclude=_ancestors()):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _kill(pid, signal.SIGKILL)
         (self.folder / "serve.json").unlink(missing_ok=True)
         if self._lock is not None:
             self._lock.close()
@@ -229,22 +241,50 @@ class Stack:
 
     # ----------------------------------------------------------------- helpers
 
+    def _check_stop(self) -> None:
+        if self.stop_requested():
+            raise StackError("stopped while starting")
+
+    def _stop_leftovers(self) -> None:
+        """Kill what a previous service of this storage root left (it was killed itself, so it could not)."""
+        try:
+            previous = json.loads((self.folder / "serve.json").read_text()).get("service_id")
+        except (OSError, ValueError):
+            return
+        leftovers = service_processes(previous, exclude=_ancestors()) if previous else []
+        if leftovers:
+            log.warning("stopping %d processes left by a previous service of %s", len(leftovers), self.data_dir)
+            for pid in leftovers:
+                _kill(pid, signal.SIGKILL)
+
     def _spawn(self, name: str, argv: list, extra_env: Mapping[str, str] | None = None) -> _Child:
+        self._check_stop()
         log_path = self.logs / f"{name}.log"
-        out = open(log_path, "ab")
-        process = subprocess.Popen([str(a) for a in argv], cwd=PROJECT_ROOT, env={**self.environ(), **(extra_env or {})},
-                                   stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
-        out.close()
+        with open(log_path, "ab") as out:
+            try:
+                # Each child in a session of its own (Ctrl-C reaches only us, and we stop them in order),
+                # and told to end if we die without stopping it (SIGKILL, a crash).
+                process = subprocess.Popen([str(a) for a in argv], cwd=PROJECT_ROOT,
+                                           env={**self.environ(), **(extra_env or {})}, stdout=out,
+                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                           preexec_fn=_end_with_parent_hook())
+            except OSError as err:
+                raise StackError(f"could not start {name} ({argv[0]}): {err}") from err
         child = _Child(name, process, log_path)
         self.children.append(child)
         return child
 
     def _run_cli(self, name: str, argv: list, timeout: float = 300) -> None:
+        self._check_stop()
         log_path = self.logs / f"{name}.log"
         with open(log_path, "ab") as out:
-            done = subprocess.run([str(a) for a in argv], cwd=PROJECT_ROOT, env=self.environ(), stdout=out,
-                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=timeout)
+            try:
+                done = subprocess.run([str(a) for a in argv], cwd=PROJECT_ROOT, env=self.environ(), stdout=out,
+                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=timeout,
+                                      start_new_session=True)
+            except subprocess.TimeoutExpired:
+                raise StackError(f"{' '.join(map(str, argv[1:]))} took more than {timeout:.0f} s:\n"
+                                 f"{_tail(log_path)}") from None
         if done.returncode != 0:
             raise StackError(f"{' '.join(map(str, argv[1:]))} failed (exit {done.returncode}):\n{_tail(log_path)}")
 
@@ -252,12 +292,25 @@ class Stack:
         child = next(c for c in self.children if c.name == name)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            self._check_stop()
             if child.process.poll() is not None:
                 raise StackError(f"{name} exited with code {child.process.returncode}:\n{_tail(child.log_path)}")
             if http_ok(url):
                 return
             time.sleep(0.5)
         raise StackError(f"{name} did not answer {url} within {timeout:.0f} s:\n{_tail(child.log_path)}")
+
+    def _wait_for_workers(self, address: str, timeout: float = 120) -> None:
+        from distributed import Client
+
+        child = next(c for c in self.children if c.name == "dask-workers")
+        deadline = time.monotonic() + timeout
+        with Client(address, timeout=30) as client:
+            while len(client.scheduler_info(n_workers=-1)["workers"]) < self.n_workers:
+                self._check_stop()
+                if child.process.poll() is not None or time.monotonic() > deadline:
+                    raise StackError(f"the Dask workers did not all join the scheduler:\n{_tail(child.log_path)}")
+                time.sleep(0.5)
 
     def _prefect_client(self):
         from prefect.client.orchestration import get_client
@@ -353,6 +406,27 @@ def _stop_group(process: subprocess.Popen, *, timeout: float) -> None:
         log.warning("pid %d did not stop within %.0f s of SIGTERM: killing it", process.pid, timeout)
     _kill_group(process.pid, signal.SIGKILL)
     process.wait()
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _end_with_parent_hook() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the child get SIGTERM when this process dies (Linux ``PR_SET_PDEATHSIG``).
+
+    ``prctl`` is looked up here, in the parent: the hook itself runs between fork and exec,
+    where importing or loading a library could deadlock.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return lambda: prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def _kill_group(pgid: int, sig: int) -> None:

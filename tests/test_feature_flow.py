@@ -6,6 +6,8 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -91,20 +93,31 @@ def _artifacts(keys: list[str]):
         return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
 
 
-def kill_mid_run(feature_dir, pid: int, *, after_shards: int = 4, timeout: float = 120) -> tuple[threading.Thread, list]:
-    """A started thread that SIGKILLs ``pid`` once ``after_shards`` shards exist; the list gets the count it saw."""
+@contextmanager
+def kill_mid_run(feature_dir, pid: int, *, after_shards: int = 4, timeout: float = 120) -> Iterator[list[int]]:
+    """While inside, a thread SIGKILLs ``pid`` once ``after_shards`` shards exist; the list gets the count it saw.
+
+    Nothing is killed when the shards do not appear in time or the block ends first.
+    """
     seen: list[int] = []
+    done = threading.Event()
 
     def kill() -> None:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and len(list(feature_dir.glob("part-*.parquet"))) < after_shards:
+        while len(list(feature_dir.glob("part-*.parquet"))) < after_shards:
+            if done.is_set() or time.monotonic() > deadline:
+                return
             time.sleep(0.05)
         seen.append(len(list(feature_dir.glob("part-*.parquet"))))
         os.kill(pid, signal.SIGKILL)
 
     thread = threading.Thread(target=kill)
     thread.start()
-    return thread, seen
+    try:
+        yield seen
+    finally:
+        done.set()
+        thread.join()
 
 
 def assert_every_track_once(feature_dir, tracks: pd.DataFrame) -> None:
@@ -123,11 +136,11 @@ def test_a_killed_worker_costs_nothing_but_time(tmp_path):
     with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster, \
             Client(cluster) as client:
         pids = list(client.run(os.getpid).values())
-        killer, shards_at_kill = kill_mid_run(feature_dir, pids[0], timeout=60)
-        summary = extract_features(tmp_path, "tones", settings,
-                                   ClusterSettings(kind="address", address=cluster.scheduler_address),
-                                   tracking_for(tmp_path))
-        killer.join()
+        with kill_mid_run(feature_dir, pids[0], timeout=60) as shards_at_kill:
+            summary = extract_features(tmp_path, "tones", settings,
+                                       ClusterSettings(kind="address", address=cluster.scheduler_address),
+                                       tracking_for(tmp_path))
+        assert shards_at_kill, "the worker was never killed"
         assert pids[0] not in client.run(os.getpid).values()  # the nanny started a new worker
     assert 4 <= shards_at_kill[0] < 48  # the kill came mid-run
     assert summary.n_tracks == 96 and summary.n_quarantined == 0

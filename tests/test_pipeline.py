@@ -165,12 +165,15 @@ def test_an_interrupted_retrain_resumes_without_redoing_ingestion_or_wmf(run):
                        settings.tracking, k=settings.evaluation.k,
                        ingested=["train_triplets.batch-000", "train_triplets.batch-001"])
     assert before.mode == "incremental"
+    marker = layout.listening() / "events" / "batch=train_triplets.batch-002" / "_source.json"
+    ingested_at = marker.stat().st_mtime_ns
     client = MlflowClient(settings.tracking.tracking_uri)
     wmf_runs = len(client.search_runs([client.get_experiment_by_name("mirflow-wmf").experiment_id]))
 
     outcome = retrain_on_new_listening(settings.data_dir, settings.tracking, max_epochs=3)
     assert outcome.status in ("promoted", "kept-champion") and outcome.new_batches == ("train_triplets.batch-002",)
     assert len(client.search_runs([client.get_experiment_by_name("mirflow-wmf").experiment_id])) == wmf_runs
+    assert marker.stat().st_mtime_ns == ingested_at  # not ingested again
     registry = client_for(settings.tracking)
     new = registry.get_model_version(LATENT_FACTOR_CNN, outcome.challenger_version)
     assert new.tags["mirflow.decision"] == outcome.status

@@ -78,18 +78,31 @@ def test_the_cnn_alias_is_the_commit_point_of_a_promotion(tracking):
     assert repair_recommender_aliases(tracking) is None
 
 
+def test_a_promotion_registered_but_never_applied_is_finished(tracking):
+    for tag in ("a", "b"):
+        wmf = register(tracking, WMF, _logged_model(tracking, f"wmf-{tag}"))
+        register(tracking, LATENT_FACTOR_CNN, _logged_model(tracking, f"cnn-{tag}"),
+                 tags={WMF_VERSION_TAG: str(wmf.version), **({"mirflow.decision": "promoted"} if tag == "b" else {})})
+    # Killed after registering v2 as promoted, before any alias moved: v1 is still champion of both.
+    assert str(champion(tracking, LATENT_FACTOR_CNN).version) == "1"
+    repair_recommender_aliases(tracking)
+    assert str(champion(tracking, LATENT_FACTOR_CNN).version) == "2" and str(champion(tracking, WMF).version) == "2"
+
+
 def _rows(new: float, old: float) -> list[RankingRow]:
     return [RankingRow("random", 0.1, 0.5), RankingRow(CHAMPION_ROW, old, 0.7), RankingRow(CHALLENGER_ROW, new, 0.8)]
 
 
 @pytest.mark.parametrize(("new", "old", "margin", "promoted"), [
-    (0.30, 0.20, 0.0, True), (0.20, 0.20, 0.0, True), (0.19, 0.20, 0.0, False),
-    (0.30, 0.20, 0.2, False), (0.30, 0.20, 0.1, True), (0.19, 0.20, -0.05, True),
+    (0.30, 0.20, 0.0, True), (0.20, 0.20, 0.0, False), (0.19, 0.20, 0.0, False),
+    (0.30, 0.20, 0.2, False), (0.30, 0.20, 0.1, True), (0.201, 0.20, 0.0, True),
 ])
-def test_promotion_needs_the_margin_on_the_metric(new, old, margin, promoted):
+def test_promotion_needs_a_better_challenger_by_the_margin(new, old, margin, promoted):
     promote, challenger, champion_score, reason = decide(_rows(new, old), PromotionSettings(margin=margin))
     assert (promote, challenger, champion_score) == (promoted, new, old)
     assert ("promoted" if promoted else "champion stays") in reason and f"{margin:.4f}" in reason
+    with pytest.raises(ValueError):
+        PromotionSettings(margin=-0.01)
 
 
 def test_promotion_on_another_metric_and_an_undefined_one():
@@ -130,14 +143,20 @@ def test_the_inbox_yields_only_what_the_last_recommender_did_not_cover(tmp_path)
     assert inbox_sources(tmp_path / "missing") == []
 
 
-def test_retraining_before_any_pipeline_run_is_a_quick_no_op(tmp_path):
+def test_retraining_before_any_pipeline_run_or_beside_another_does_nothing(tmp_path):
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.retrain import retrain_on_new_listening
+    from infra.layout import Layout
+    from infra.service import try_lock
 
     with prefect_test_harness(server_startup_timeout=60):
         outcome = retrain_on_new_listening(tmp_path, tracking_for(tmp_path))
-    assert outcome.status == "no-champion" and "run the pipeline first" in outcome.message
+        assert outcome.status == "no-champion" and "run the pipeline first" in outcome.message
+        with try_lock(Layout(tmp_path).retrain_lock()):  # another retraining holds the storage root
+            outcome = retrain_on_new_listening(tmp_path, tracking_for(tmp_path))
+        assert outcome.status == "busy" and "another retrain-on-new-listening" in outcome.message
+    assert champion(tracking_for(tmp_path), LATENT_FACTOR_CNN) is None
 
 
 def test_only_transient_io_errors_are_retried():
@@ -186,6 +205,9 @@ def test_the_service_environment_is_read_when_asked(tmp_path):
     assert env.cluster().kind == "address" and env.cluster().address == "tcp://127.0.0.1:8786"
     local = service_environment({"MIRFLOW_DATA_DIR": str(tmp_path)})
     assert local.tracking.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}" and local.cluster().kind == "local"
+    shared = service_environment({"MIRFLOW_TRACKING_URI": "http://127.0.0.1:5000",
+                                  "MIRFLOW_ARTIFACT_ROOT": (tmp_path / "mlartifacts").as_uri()})
+    assert shared.tracking.artifact_root == (tmp_path / "mlartifacts").as_uri()
 
 
 def test_one_service_per_storage_root_and_free_ports(tmp_path):

@@ -164,35 +164,22 @@ def bench_features(args: argparse.Namespace) -> None:
 
 def champion_scores(data_dirs: dict[str, Path], *, heldout_from: Path, k: int) -> dict[str, float]:
     """mAP@k of each data folder's champion recommender on the same held-out plays and users."""
-    import numpy as np
-
+    from flows.retrain import score_recommenders
     from infra.registry import LATENT_FACTOR_CNN, champion, download_recommender
     from infra.settings import PipelineSettings
     from infra.tracking import tracking_for
-    from lightning_modules.latent_factors import LatentFactorModule
-    from lightning_modules.served import predict_latent_factors
-    from tasks.listening import load_factors
-    from tasks.recommend import compare_recommenders
-    from tasks.shards import read_features
 
     settings = PipelineSettings.model_validate_json((heldout_from / "models" / "pipeline-settings.json").read_text())
-    heldout_ids, _ = load_factors(heldout_from / "models" / "wmf" / "heldout_item_factors.parquet")
-    feature_dir = heldout_from / "features" / settings.dataset / settings.features.feature_set
-    mels = read_features(feature_dir, column=settings.features.mel.column, track_ids=list(heldout_ids))
-    track_ids = np.asarray([t for t in heldout_ids if t in mels], dtype=str)
-    recommenders = {}
-    for name, data_dir in data_dirs.items():
-        tracking = tracking_for(data_dir)
-        with tempfile.TemporaryDirectory() as tmp:
-            model = download_recommender(tracking, cnn_version=str(champion(tracking, LATENT_FACTOR_CNN).version),
-                                         into=Path(tmp))
-            module = LatentFactorModule.load_from_checkpoint(model.checkpoint, weights_only=True, map_location="cpu")
-            predicted = predict_latent_factors(module, [mels[t] for t in track_ids], crop=model.config["crop_frames"],
-                                               hop=model.config["hop_frames"])
-            users, user_factors = load_factors(model.user_factors)
-        recommenders[name] = (users, user_factors, predicted)
-    rows = compare_recommenders(heldout_plays=pd.read_parquet(heldout_from / "models" / "wmf" / "heldout_plays.parquet"),
-                                track_ids=track_ids, recommenders=recommenders, k=k, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        models = {name: download_recommender(tracking_for(data_dir), into=Path(tmp) / name,
+                                             cnn_version=str(champion(tracking_for(data_dir), LATENT_FACTOR_CNN).version))
+                  for name, data_dir in data_dirs.items()}
+        config = next(iter(models.values())).config
+        rows = score_recommenders(
+            feature_dir=heldout_from / "features" / settings.dataset / settings.features.feature_set,
+            column=settings.features.mel.column, heldout_plays=heldout_from / "models" / "wmf" / "heldout_plays.parquet",
+            recommenders={name: (model.checkpoint, model.user_factors) for name, model in models.items()},
+            crop=config["crop_frames"], hop=config["hop_frames"], k=k, seed=0)
     return {r.name: r.map_at_k for r in rows}
 
 

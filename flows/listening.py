@@ -47,7 +47,7 @@ from tasks.listening import (
 from tasks.metrics import ranking_metrics
 from tasks.recommend import cold_start_rows, in_matrix_rows, rows_as_metrics, sample_users
 from tasks.report import RankingRow
-from tasks.shards import write_table_atomic
+from tasks.shards import write_table_atomic, write_text_atomic
 from tasks.wmf import WMFModel, fit_wmf, fold_in_items, warm_start, wmf_objective
 
 log = logging.getLogger("mirflow")
@@ -108,9 +108,7 @@ def factorized_batches(data_dir: Path) -> list[str]:
 
 
 def _write_state(out: Path, state: dict) -> None:
-    tmp = out / ".state.json.tmp"
-    tmp.write_text(json.dumps(state, indent=1))
-    tmp.replace(out / "state.json")
+    write_text_atomic(out / "state.json", json.dumps(state, indent=1))
 
 
 def _fit(train: PlayMatrix, wmf: WMFSettings, *, k: int, label: str, init: WMFModel | None = None,

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
-import pandas as pd
 import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -24,11 +23,11 @@ from infra.layout import Layout
 from infra.service import TRANSIENT_IO_RETRIES
 from infra.settings import ClusterSettings, PipelineSettings
 from infra.tracking import tracked_run
-from tasks.datasets import mtat_tracks, read_mtat_annotations
+from tasks.datasets import heldout_track_ids, mtat_tracks, read_mtat_annotations
 from tasks.errors import ParameterError
 from tasks.recommend import rows_as_metrics
 from tasks.report import PipelineSummary, summary_text, write_report
-from tasks.shards import write_table_atomic
+from tasks.shards import write_table_atomic, write_text_atomic
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT_IO_RETRIES)
@@ -70,9 +69,8 @@ def pipeline(settings: PipelineSettings) -> PipelineSummary:
     feature_set = settings.features.feature_set
     tagger = train_tagger_flow(settings.data_dir, dataset, feature_set, settings.features.mel, settings.tagger,
                                settings.tracking)
-    tracks = pd.read_parquet(tracks_path, columns=["track_id", "split"])
-    heldout = list(tracks.loc[tracks["split"] == "test", "track_id"])
-    wmf = factorize(settings.data_dir, list(triplets), heldout, settings.wmf, settings.tracking, k=settings.evaluation.k)
+    wmf = factorize(settings.data_dir, list(triplets), heldout_track_ids(tracks_path), settings.wmf, settings.tracking,
+                    k=settings.evaluation.k)
     recommender = train_recommender_flow(settings.data_dir, dataset, feature_set, settings.features.mel, wmf,
                                          settings.recommender, settings.evaluation, settings.tracking)
     versions = {}
@@ -103,8 +101,4 @@ def pipeline(settings: PipelineSettings) -> PipelineSummary:
 @task(cache_policy=NO_CACHE, **TRANSIENT_IO_RETRIES)
 def save_pipeline_settings(settings: PipelineSettings, path: Path) -> Path:
     """What ``retrain-on-new-listening`` starts from: the settings the registered models were trained with."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(settings.model_dump_json(indent=1))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, settings.model_dump_json(indent=1))

@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.listening import WMFOutput
 from flows.training import RecommenderOutput, TaggerOutput
-from infra.registry import LATENT_FACTOR_CNN, TAGGER, WMF, WMF_VERSION_TAG, register
+from infra.registry import BATCHES_TAG, LATENT_FACTOR_CNN, TAGGER, WMF, WMF_VERSION_TAG, register
 from infra.service import TRANSIENT_IO_RETRIES
 from infra.settings import TrackingSettings
 
@@ -23,7 +23,7 @@ def register_recommender(tracking: TrackingSettings, *, wmf: WMFOutput, recommen
     names a version that exists. Factors that were reused, not refitted, are found by
     their source and get no second version.
     """
-    common = {"mirflow.dataset": dataset, "mirflow.batches": ",".join(wmf.batches)}
+    common = {"mirflow.dataset": dataset, BATCHES_TAG: ",".join(wmf.batches)}
     wmf_version = register(tracking, WMF, wmf.model_uri, run_id=wmf.run_id, tags=common)
     cnn_version = register(tracking, LATENT_FACTOR_CNN, recommender.model_uri, run_id=recommender.run_id,
                            tags={**common, WMF_VERSION_TAG: str(wmf_version.version), **(tags or {})})

@@ -32,19 +32,20 @@ from flows.listening import WMFOutput, factorize, ingest_listening
 from flows.registry import register_recommender
 from flows.training import train_recommender_flow
 from infra.layout import Layout
-from infra.service import try_lock
 from infra.registry import (
+    BATCHES_TAG,
     DECISION_TAG,
     LATENT_FACTOR_CNN,
     PROMOTED,
     WMF,
-    champion,
-    client_for,
-    download_recommender,
     Recommender,
+    champion,
+    download_recommender,
+    newest_version,
     promote_recommender,
     repair_recommender_aliases,
 )
+from infra.service import try_lock
 from infra.settings import PipelineSettings, PromotionSettings, TrackingSettings, TrainSettings
 from infra.tracking import tracked_run
 from lightning_modules.latent_factors import LatentFactorModule
@@ -54,7 +55,8 @@ from tasks.events import ListeningSource, batch_record, ingested_batches
 from tasks.listening import load_factors
 from tasks.recommend import compare_recommenders, rows_as_metrics
 from tasks.report import RankingRow
-from tasks.shards import content_sha1, read_features
+from tasks.datasets import heldout_track_ids
+from tasks.shards import content_sha1, read_features, read_manifest
 
 log = logging.getLogger("mirflow")
 CHALLENGER_ROW = "challenger"
@@ -96,11 +98,8 @@ def inbox_sources(inbox: Path) -> list[ListeningSource]:
 
 def covered_batches(tracking: TrackingSettings) -> list[str]:
     """Batches the newest registered recommender (champion or not) was trained on."""
-    versions = client_for(tracking).search_model_versions(f"name='{LATENT_FACTOR_CNN}'")
-    if not versions:
-        return []
-    newest = max(versions, key=lambda mv: int(mv.version))
-    return [b for b in newest.tags.get("mirflow.batches", "").split(",") if b]
+    newest = newest_version(tracking, LATENT_FACTOR_CNN)
+    return [b for b in newest.tags.get(BATCHES_TAG, "").split(",") if b] if newest is not None else []
 
 
 def new_sources(sources: list[ListeningSource], *, covered: list[str], listening_dir: Path) -> list[ListeningSource]:
@@ -119,28 +118,40 @@ def new_sources(sources: list[ListeningSource], *, covered: list[str], listening
     return out
 
 
+def score_recommenders(*, feature_dir: Path, column: str, heldout_plays: Path, recommenders: dict[str, tuple],
+                       crop: int, hop: int, k: int, seed: int) -> list[RankingRow]:
+    """Cold-start table of CNN recommenders on the held-out tracks with features, for the users they all know.
+
+    ``recommenders``: name -> (CNN checkpoint, the WMF user factors it ranks with). Every
+    CNN sees the same windows (``crop``, ``hop``); the held-out tracks and the relevance
+    judgements are those of ``heldout_plays`` (long form ``user, item, plays``).
+    """
+    plays = pd.read_parquet(heldout_plays)
+    present = set(read_manifest(feature_dir).column("track_id").to_pylist())
+    track_ids = np.asarray(sorted(set(plays["item"].astype(str)) & present), dtype=str)
+    if len(track_ids) == 0:
+        raise DatasetError("no held-out track has features: nothing to compare the recommenders on")
+    mels = read_features(feature_dir, column=column, track_ids=list(track_ids))
+    clips = [mels[t] for t in track_ids]
+    scored = {}
+    for name, (checkpoint, user_factors_path) in recommenders.items():
+        module = LatentFactorModule.load_from_checkpoint(checkpoint, weights_only=True, map_location="cpu")
+        users, user_factors = load_factors(Path(user_factors_path))
+        scored[name] = (users, user_factors, predict_latent_factors(module, clips, crop=crop, hop=hop))
+    return compare_recommenders(heldout_plays=plays, track_ids=track_ids, recommenders=scored, k=k, seed=seed)
+
+
 @task(cache_policy=NO_CACHE)
 def evaluate_against_champion(settings: PipelineSettings, *, wmf: WMFOutput, challenger_checkpoint: Path,
                               old: Recommender) -> list[RankingRow]:
     """Champion and challenger on the same held-out tracks and users, with the champion's windowing for both."""
-    layout = Layout(settings.data_dir)
-    feature_dir = layout.features(settings.dataset, settings.features.feature_set)
-    heldout_ids, _ = load_factors(Path(wmf.heldout_item_factors))
-    present = set(pd.read_parquet(feature_dir / "_manifest.parquet", columns=["track_id"])["track_id"].astype(str))
-    track_ids = np.asarray([t for t in heldout_ids if t in present], dtype=str)
-    if len(track_ids) == 0:
-        raise DatasetError("no held-out track has features: nothing to compare the recommenders on")
-    mels = read_features(feature_dir, column=settings.features.mel.column, track_ids=list(track_ids))
-    clips = [mels[t] for t in track_ids]
-    recommenders = {}
-    for name, checkpoint, user_factors_path in ((CHAMPION_ROW, old.checkpoint, old.user_factors),
-                                                (CHALLENGER_ROW, challenger_checkpoint, Path(wmf.user_factors))):
-        module = LatentFactorModule.load_from_checkpoint(checkpoint, weights_only=True, map_location="cpu")
-        predicted = predict_latent_factors(module, clips, crop=old.config["crop_frames"], hop=old.config["hop_frames"])
-        users, user_factors = load_factors(user_factors_path)
-        recommenders[name] = (users, user_factors, predicted)
-    return compare_recommenders(heldout_plays=pd.read_parquet(wmf.heldout_plays), track_ids=track_ids,
-                                recommenders=recommenders, k=settings.evaluation.k, seed=settings.evaluation.seed)
+    feature_dir = Layout(settings.data_dir).features(settings.dataset, settings.features.feature_set)
+    return score_recommenders(
+        feature_dir=feature_dir, column=settings.features.mel.column, heldout_plays=Path(wmf.heldout_plays),
+        recommenders={CHAMPION_ROW: (old.checkpoint, old.user_factors),
+                      CHALLENGER_ROW: (challenger_checkpoint, Path(wmf.user_factors))},
+        crop=old.config["crop_frames"], hop=old.config["hop_frames"], k=settings.evaluation.k,
+        seed=settings.evaluation.seed)
 
 
 def decide(rows: list[RankingRow], promotion: PromotionSettings) -> tuple[bool, float, float, str]:
@@ -230,8 +241,7 @@ def _retrain(data_dir: Path, tracking: TrackingSettings, *, metric: str | None, 
     if empty:
         log.warning("retrain: batches %s hold no valid rows and are left out", empty)
 
-    tracks = pd.read_parquet(layout.tracks(settings.dataset), columns=["track_id", "split"])
-    heldout = list(tracks.loc[tracks["split"] == "test", "track_id"])
+    heldout = heldout_track_ids(layout.tracks(settings.dataset))
     previous = [b for b in covered if b in ingested_batches(layout.listening()) and b not in {s.batch for s in usable}]
     wmf = factorize(settings.data_dir, usable, heldout, settings.wmf, tracking, k=settings.evaluation.k,
                     ingested=previous)

@@ -113,16 +113,14 @@ def train_tagger_job(dataset: str = "synthetic", epochs: int | None = None) -> T
 @flow(name="mirflow", flow_run_name="train-recommender-{dataset}")
 def train_recommender_job(dataset: str = "synthetic", epochs: int | None = None) -> RecommenderOutput:
     """Train the latent-factor CNN on the current WMF factors (reused, not refitted) and register both."""
-    import pandas as pd
-
     from flows.listening import factorize, factorized_batches
     from flows.registry import register_recommender
     from flows.training import train_recommender_flow
+    from tasks.datasets import heldout_track_ids
 
     env = service_environment()
     settings = _pipeline_settings(env, dataset, epochs)
-    tracks = pd.read_parquet(Layout(settings.data_dir).tracks(dataset), columns=["track_id", "split"])
-    heldout = list(tracks.loc[tracks["split"] == "test", "track_id"])
+    heldout = heldout_track_ids(Layout(settings.data_dir).tracks(dataset))
     # The factorization on disk covers these batches: asking for them again reuses its factors.
     with subflow_heartbeats_off():
         wmf = factorize(settings.data_dir, [], heldout, settings.wmf, settings.tracking, k=settings.evaluation.k,

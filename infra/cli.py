@@ -347,7 +347,7 @@ def up(
                       f"  new listening files go to {stack.data_dir / 'inbox' / 'listening'}; "
                       "'mirflow/retrain-on-new-listening' runs "
                       + ("when asked (its schedule is paused)" if paused_schedules else "every hour"), highlight=False)
-        died = stack.watch(lambda: bool(stopping))
+        died = stack.watch()
         if died is not None:
             console.print(f"[red]mirflow: {died} stopped unexpectedly (log: {stack.logs / (died + '.log')}); "
                           "stopping the service[/red]", highlight=False)

@@ -48,6 +48,7 @@ WMF = "mirflow-wmf"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 WMF_VERSION_TAG = "mirflow.wmf_version"
+BATCHES_TAG = "mirflow.batches"  # the listening batches a version was trained on
 
 _PROJECT = Path(__file__).resolve().parents[1]
 _MODEL_CODE = _PROJECT / "lightning_modules" / "mlflow_models"
@@ -141,6 +142,12 @@ def champion(tracking: TrackingSettings, name: str) -> ModelVersion | None:
         raise
 
 
+def newest_version(tracking: TrackingSettings, name: str) -> ModelVersion | None:
+    """The highest-numbered version of ``name`` (champion or not), or None."""
+    versions = client_for(tracking).search_model_versions(f"name='{name}'")
+    return max(versions, key=lambda mv: int(mv.version), default=None)
+
+
 def tag_version(tracking: TrackingSettings, name: str, version: str, tags: Mapping[str, object]) -> None:
     client = client_for(tracking)
     for key, value in tags.items():
@@ -167,9 +174,7 @@ def repair_recommender_aliases(tracking: TrackingSettings) -> str | None:
     version the CNN champion names. Returns the WMF version the alias was moved to, or
     None if nothing needed doing.
     """
-    client = client_for(tracking)
-    versions = client.search_model_versions(f"name='{LATENT_FACTOR_CNN}'")
-    newest = max(versions, key=lambda mv: int(mv.version), default=None)
+    newest = newest_version(tracking, LATENT_FACTOR_CNN)
     current = champion(tracking, LATENT_FACTOR_CNN)
     if (newest is not None and newest.tags.get(DECISION_TAG) == PROMOTED and WMF_VERSION_TAG in newest.tags
             and (current is None or int(current.version) < int(newest.version))):

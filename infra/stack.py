@@ -32,7 +32,8 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -217,9 +218,9 @@ class Stack:
         self._check_stop()
         return info
 
-    def watch(self, stop_requested: Callable[[], bool]) -> str | None:
+    def watch(self) -> str | None:
         """Block until asked to stop (returns None) or a child dies (returns its name)."""
-        while not stop_requested():
+        while not self.stop_requested():
             for child in self.children:
                 if child.process.poll() is not None:
                     return child.name
@@ -312,26 +313,27 @@ class Stack:
                     raise StackError(f"the Dask workers did not all join the scheduler:\n{_tail(child.log_path)}")
                 time.sleep(0.5)
 
-    def _prefect_client(self):
+    @contextmanager
+    def _prefect_client(self) -> Iterator:
+        """A synchronous Prefect client of this service's server."""
         from prefect.client.orchestration import get_client
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
-        return temporary_settings({PREFECT_API_URL: self.info.prefect_api}), get_client
+        with temporary_settings({PREFECT_API_URL: self.info.prefect_api}), get_client(sync_client=True) as client:
+            yield client
 
     def _work_pool(self) -> None:
         from prefect.client.schemas.actions import WorkPoolCreate
         from prefect.workers.process import ProcessWorker
 
-        settings, get_client = self._prefect_client()
-        with settings, get_client(sync_client=True) as client:
+        with self._prefect_client() as client:
             # Runs share the storage root and the cores: `concurrency` at a time (1 by default).
             client.create_work_pool(WorkPoolCreate(name=self.work_pool, type="process",
                                                    base_job_template=ProcessWorker.get_default_base_job_template(),
                                                    concurrency_limit=self.concurrency), overwrite=True)
 
     def _pause_schedules(self) -> None:
-        settings, get_client = self._prefect_client()
-        with settings, get_client(sync_client=True) as client:
+        with self._prefect_client() as client:
             for deployment in client.read_deployments():
                 for schedule in client.read_deployment_schedules(deployment.id):
                     client.update_deployment_schedule(deployment.id, schedule.id, active=False)

@@ -378,6 +378,12 @@ def _examples(values: Iterable, n: int = 5) -> list:
     return values[:n] + ([f"... {len(values) - n} more"] if len(values) > n else [])
 
 
+def heldout_track_ids(tracks_path: Path) -> list[str]:
+    """Tracks of the test split: held out of the factorization in the cold-start protocol, in table order."""
+    tracks = pd.read_parquet(tracks_path, columns=["track_id", "split"])
+    return list(tracks.loc[tracks["split"] == "test", "track_id"])
+
+
 def tag_vocabulary(tracks: pd.DataFrame, *, n: int) -> list[str]:
     """The ``n`` most frequent tags of a tracks table, ties broken by name (as :func:`top_tags`)."""
     counts = Counter(tag for tags in tracks["tags"] for tag in tags)

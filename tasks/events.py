@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 
 from infra.progress import ProgressReporter
 from tasks.errors import DatasetError, ParameterError
-from tasks.shards import append_quarantine, content_sha1, write_table_atomic
+from tasks.shards import append_quarantine, content_sha1, write_table_atomic, write_text_atomic
 
 log = logging.getLogger("mirflow")
 
@@ -560,17 +560,11 @@ def ingest_source(source: ListeningSource, *, listening_dir: Path, users: IdMap,
     records = bad.records()
     append_quarantine(quarantine_path, records)
     report.seconds = time.perf_counter() - start
-    _write_text_atomic(marker, json.dumps({**asdict(report), "sha1": sha1, "format": source.format}, indent=1))
+    write_text_atomic(marker, json.dumps({**asdict(report), "sha1": sha1, "format": source.format}, indent=1))
     if records:
         log.warning("listening %s: %d malformed rows quarantined in %s (first: %s)", path.name, len(records),
                     quarantine_path, records[0]["reason"])
     return report
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def ingest_sources(sources: Sequence[ListeningSource | str | Path], *, listening_dir: Path,

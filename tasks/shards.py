@@ -102,6 +102,20 @@ def write_table_atomic(table: pa.Table, path: Path, *, compression: str = "zstd"
     return path
 
 
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` via a temporary file and an atomic rename (markers, state, settings)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
 def tensor_field(name: str, *, dtype: str, inner_shape: Sequence[int]) -> pa.Field:
     """A column of arrays stored as raw little-endian bytes, one value per row.
 

@@ -58,7 +58,7 @@ class RecommenderOutput:
     checkpoint: str
 
 
-def _mlflow_logger(tracking: TrackingSettings, family: str, run_id: str) -> MLFlowLogger:
+def mlflow_logger(tracking: TrackingSettings, family: str, run_id: str) -> MLFlowLogger:
     experiment = mlflow.get_experiment(experiment_id(tracking, family))
     return MLFlowLogger(experiment_name=experiment.name, tracking_uri=tracking.tracking_uri, run_id=run_id)
 
@@ -84,7 +84,7 @@ def train_tagger_flow(data_dir: Path, dataset: str, feature_set: str, mel: MelSe
     with tracked_run(tracking, "tagger", run_name=f"tagger-{dataset}", params=params, tags=provenance) as run:
         result = train_tagger(feature_dir=feature_dir, tracks=tracks, tags=tags,
                               settings=tagger, mel=mel, checkpoint_dir=layout.checkpoints("tagger") / run.info.run_id,
-                              logger=_mlflow_logger(tracking, "tagger", run.info.run_id))
+                              logger=mlflow_logger(tracking, "tagger", run.info.run_id))
         module = result.module
         mlflow.log_metric("epochs", result.epochs)
         mlflow.log_artifact(str(result.checkpoint), artifact_path="checkpoints")
@@ -135,7 +135,7 @@ def train_recommender_flow(data_dir: Path, dataset: str, feature_set: str, mel: 
         result = train_latent_factor_cnn(feature_dir=feature_dir, track_ids=track_ids,
                                          item_factors=factors, settings=recommender, mel=mel,
                                          checkpoint_dir=layout.checkpoints("latent_factors") / run.info.run_id,
-                                         logger=_mlflow_logger(tracking, "latent-factors", run.info.run_id),
+                                         logger=mlflow_logger(tracking, "latent-factors", run.info.run_id),
                                          init_checkpoint=init_checkpoint, train=finetune)
         test_ids = np.asarray(result.test_track_ids, dtype=str)
         relevant = play_matrix_for(pd.read_parquet(wmf.heldout_plays), users=users, items=test_ids)

@@ -240,6 +240,140 @@ class LatentFactorSettings(_Settings):
                                          crops_per_clip=8)
 
 
+class KMeansSettings(_Settings):
+    """Spherical K-means feature learning per timescale (Dieleman & Schrauwen, ISMIR 2013; DESIGN.md §3 I).
+
+    (?) marks choices the paper leaves open: ``context`` (4 frames), ``epsilon``,
+    ``activation`` (linear: the paper's encoding is the dot products themselves) and
+    ``pooling`` (max over the whole clip).
+    """
+
+    k: int = Field(200, description="means per timescale (the paper: 200-500)")
+    context: int = Field(4, description="consecutive frames per window (?4)")
+    epsilon: float = Field(0.01, ge=0.0, description="whitening regularizer, relative to the mean variance (?)")
+    sample_windows: int = Field(50_000, ge=100, description="windows sampled from the training split, per timescale, "
+                                                            "to fit the whitening and the means")
+    iterations: int = Field(10, ge=1, description="passes of mini-batch K-means over the sample")
+    batch_size: int = Field(1000, ge=1, description="windows per mini-batch update")
+    activation: Literal["linear", "relu", "threshold"] = Field("linear", description="on the dot products (?linear)")
+    threshold: float = Field(0.0, description="for activation=threshold: max(0, f - threshold)")
+    pooling: Literal["max", "mean", "max+mean"] = Field("max", description="over the whole clip (?max)")
+    codebook: Literal["kmeans", "random"] = Field("kmeans", description="random: random unit means under the same "
+                                                                         "whitening (the control, nothing learned)")
+    timescales: tuple[str, ...] = Field((), description="feature columns to learn on; () = every column")
+    tracks_per_task: int = Field(64, ge=1, description="clips encoded per Dask task (and per shard)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where K-means and the encoding compute")
+    seed: int = 0
+
+    @field_validator("k")
+    @classmethod
+    def _two_means(cls, value: int) -> int:
+        if value < 2:
+            raise ValueError(f"k={value}: K-means needs at least 2 means")
+        return value
+
+    @field_validator("context")
+    @classmethod
+    def _one_frame(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"context={value}: a window needs at least 1 frame")
+        return value
+
+    @property
+    def settings_hash(self) -> str:
+        """Hash of what changes the features (not where or in what batches they are computed)."""
+        payload = json.dumps(self.model_dump(mode="json", exclude={"tracks_per_task", "device"}), sort_keys=True)
+        return hashlib.sha1(payload.encode()).hexdigest()[:12]
+
+
+def kmeans_feature_set(features: FeatureSettings, kmeans: KMeansSettings) -> str:
+    """Folder name of K-means features: ``kmeans-<hash of the log-mel set and the K-means settings>``."""
+    return "kmeans-" + hashlib.sha1(f"{features.feature_set}/{kmeans.settings_hash}".encode()).hexdigest()[:12]
+
+
+class MLPSettings(_Settings):
+    """The MLP tagger on pooled K-means features: rectified-linear hidden layers, dropout, BCE on logits."""
+
+    n_tags: int = Field(50, ge=1, description="top-N tags by count")
+    hidden: int = Field(1000, ge=1, description="units per hidden layer")
+    layers: int = Field(1, ge=1, le=4, description="hidden layers")
+    dropout: float = Field(0.5, ge=0.0, lt=1.0)
+    train: TrainSettings = TrainSettings(max_epochs=200, patience=20, batch_size=64, learning_rate=1e-3,
+                                         weight_decay=1e-5)
+
+
+TIMESCALE_GROUPS = ("multiresolution", "gaussian", "laplacian")
+
+
+class StudySettings(_Settings):
+    """A tagging study (DESIGN.md §8): configurations that differ only in their timescales and codebook.
+
+    Every configuration trains the same MLP on the same split with the same seed.
+    ``single_timescales`` adds one configuration per timescale; ``groups`` adds one per
+    group of timescales (the four resolutions, the Gaussian levels, the Laplacian
+    levels); each configuration runs once per codebook in ``codebooks``. For each
+    group in ``importance`` every timescale is left out once (K-means codebook), which
+    measures what it adds per tag.
+    """
+
+    preset: str = Field(..., description="name of the preset the settings came from")
+    features: FeatureSettings
+    kmeans: KMeansSettings = KMeansSettings()
+    mlp: MLPSettings = MLPSettings()
+    single_timescales: bool = True
+    groups: tuple[Literal["multiresolution", "gaussian", "laplacian"], ...] = TIMESCALE_GROUPS
+    codebooks: tuple[Literal["kmeans", "random"], ...] = ("kmeans", "random")
+    importance: tuple[Literal["multiresolution", "gaussian", "laplacian"], ...] = ("multiresolution", "laplacian")
+
+    @model_validator(mode="after")
+    def _check(self) -> "StudySettings":
+        groups = self.timescale_groups()
+        for group in (*self.groups, *self.importance):
+            if not groups.get(group):
+                raise ValueError(f"group {group!r} needs feature columns the feature settings do not make "
+                                 f"(pyramid={self.features.pyramid!r}, windows={self.features.windows})")
+        unknown = [t for t in self.kmeans.timescales if t not in self.features.columns]
+        if unknown:
+            raise ValueError(f"timescale(s) {unknown} are not made by the feature settings (columns "
+                             f"{self.features.columns})")
+        if not self.codebooks:
+            raise ValueError("a study needs at least one codebook kind (kmeans, random)")
+        return self
+
+    def timescale_groups(self) -> dict[str, tuple[str, ...]]:
+        """The columns of each group (empty when the feature settings do not make them)."""
+        base = self.features.mel.column
+        columns = self.features.columns
+        return {
+            "multiresolution": tuple(r.column for r in self.features.resolutions()) if len(self.features.windows) > 1
+            else (),
+            "gaussian": tuple(c for c in columns if c == base or c.startswith(f"{base}_g"))
+            if any(c.startswith(f"{base}_g") for c in columns) else (),
+            "laplacian": tuple(c for c in columns if c.startswith(f"{base}_l")),
+        }
+
+    @property
+    def single_timescale_columns(self) -> tuple[str, ...]:
+        """The timescales that get a configuration of their own (``kmeans.timescales``, or every column)."""
+        if not self.single_timescales:
+            return ()
+        return tuple(self.kmeans.timescales) or tuple(self.features.columns)
+
+    @property
+    def timescales(self) -> tuple[str, ...]:
+        """Every timescale some configuration uses, in feature-column order."""
+        groups = self.timescale_groups()
+        used = set(self.single_timescale_columns)
+        for group in (*self.groups, *self.importance):
+            used |= set(groups[group])
+        return tuple(c for c in self.features.columns if c in used)
+
+    @property
+    def settings_hash(self) -> str:
+        payload = json.dumps(self.model_dump(mode="json", exclude={"preset"}), sort_keys=True)
+        return hashlib.sha1(payload.encode()).hexdigest()[:12]
+
+
 class EvalSettings(_Settings):
     k: int = Field(500, ge=1, description="cut-off of mAP@k")
     map_tags: tuple[str, ...] = Field((), description="tags that colour the t-SNE maps (default: the 8 most frequent)")

@@ -102,3 +102,59 @@ def tracked_run(
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=run_tags) as run:
         mlflow.log_params(_params(params))
         yield run
+
+
+@contextmanager
+def parent_run(
+    settings: TrackingSettings,
+    family: str,
+    *,
+    key: str,
+    run_name: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str] | None = None,
+) -> Iterator[tuple[mlflow.ActiveRun, bool]]:
+    """The parent run of a study: the newest run of the family's experiment tagged ``mirflow.study_key=key``
+    is resumed (its finished children are reused), else a new one is started.
+
+    Yields ``(run, resumed)``.
+    """
+    exp_id = experiment_id(settings, family)
+    client = MlflowClient(settings.tracking_uri)
+    found = client.search_runs([exp_id], filter_string=f"tags.`mirflow.study_key` = '{key}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    if found:
+        with mlflow.start_run(run_id=found[0].info.run_id) as run:
+            if flow_run := prefect_flow_run_id():
+                mlflow.set_tag("prefect.flow_run_id", flow_run)
+            yield run, True
+        return
+    with tracked_run(settings, family, run_name=run_name, params=params,
+                     tags={**(tags or {}), "mirflow.study_key": key}) as run:
+        yield run, False
+
+
+def finished_children(settings: TrackingSettings, parent_run_id: str) -> dict[str, Any]:
+    """``{mirflow.config_key: run}`` of the parent's nested runs that finished (the newest of each key)."""
+    client = MlflowClient(settings.tracking_uri)
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and "
+                                            "attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time ASC"], max_results=10_000)
+    return {run.data.tags["mirflow.config_key"]: run for run in runs if "mirflow.config_key" in run.data.tags}
+
+
+@contextmanager
+def child_run(*, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> Iterator[mlflow.ActiveRun]:
+    """A nested run under the active (parent) run, in its experiment, with params and tags."""
+    parent = mlflow.active_run()
+    if parent is None:
+        raise RuntimeError("child_run needs an active parent run")
+    run_tags = {"mirflow.family": parent.data.tags.get("mirflow.family", ""), **{k: str(v) for k, v in tags.items()}}
+    if commit := git_commit():
+        run_tags["mlflow.source.git.commit"] = commit
+    with mlflow.start_run(run_name=run_name, nested=True, experiment_id=parent.info.experiment_id,
+                          tags=run_tags) as run:
+        mlflow.log_params(_params(params))
+        yield run

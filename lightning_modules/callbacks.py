@@ -16,8 +16,9 @@ class ThroughputLog(L.Callback):
     The line is what shows progress where there is no terminal for a progress bar.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, quiet: bool = False) -> None:
         self.name = name
+        self.quiet = quiet  # many short fits (a study's MLPs): their callers report each fit instead
         self._start = 0.0
         self._crops = 0
 
@@ -32,6 +33,6 @@ class ThroughputLog(L.Callback):
         pl_module.log("train/crops_per_s", rate)
         shown = {k: f"{float(v):.4f}" for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
         # On a terminal the progress bar already shows this; elsewhere the line is the progress.
-        level = logging.DEBUG if trainer.progress_bar_callback is not None else logging.INFO
+        level = logging.DEBUG if trainer.progress_bar_callback is not None or self.quiet else logging.INFO
         log.log(level, "%s epoch %d/%d: %s, %.0f crops/s", self.name, trainer.current_epoch + 1, trainer.max_epochs,
                  " ".join(f"{k} {v}" for k, v in sorted(shown.items())), rate)

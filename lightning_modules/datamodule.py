@@ -18,7 +18,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from tasks.errors import DatasetError
 from tasks.shards import read_features
@@ -160,3 +160,46 @@ class FeatureDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
+
+
+class VectorDataModule(L.LightningDataModule):
+    """One feature vector and one target vector per clip (pooled K-means features, embeddings).
+
+    Parameters
+    ----------
+    features : dict[str, np.ndarray]
+        ``{split: [shape=(n_clips, n_inputs)]}`` for ``train``, ``valid`` and ``test``.
+    targets : dict[str, np.ndarray]
+        ``{split: [shape=(n_clips, n_outputs)]}``, rows aligned with ``features``.
+    """
+
+    def __init__(self, *, features: dict[str, np.ndarray], targets: dict[str, np.ndarray], batch_size: int,
+                 num_workers: int = 0) -> None:
+        super().__init__()
+        for split in ("train", "valid", "test"):
+            if split not in features or len(features[split]) == 0:
+                raise DatasetError(f"the {split!r} split has no clips with features and targets")
+            if len(features[split]) != len(targets[split]):
+                raise DatasetError(f"{split}: {len(features[split])} feature rows but {len(targets[split])} targets")
+        self.features = {s: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for s, v in features.items()}
+        self.targets = {s: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for s, v in targets.items()}
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.mean = self.features["train"].mean(dim=0).numpy()
+        self.std = self.features["train"].std(dim=0).numpy() + 1e-5
+
+    def _loader(self, split: str, *, shuffle: bool) -> DataLoader:
+        dataset = TensorDataset(self.features[split], self.targets[split])
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          drop_last=shuffle and len(dataset) > self.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("valid", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

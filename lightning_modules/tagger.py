@@ -12,7 +12,46 @@ from lightning_modules.datamodule import clip_means, standardize, stat_buffer
 from tasks.metrics import tag_metrics
 
 
-class TaggerModule(L.LightningModule):
+class TagPredictionModule(L.LightningModule):
+    """What every tagger shares: per-clip scores collected in evaluation, and their metrics.
+
+    Subclasses append ``(clip probabilities, clip labels)`` to ``_scores`` and ``_truth``
+    in their evaluation steps; each epoch end logs ``<split>/roc_auc``, ``<split>/pr_auc``
+    (macro over tags) and ``<split>/pr_auc_chance``, and the test epoch keeps the
+    per-tag table. The hyperparameters must hold ``tags``, ``learning_rate`` and ``weight_decay``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._scores: list[torch.Tensor] = []
+        self._truth: list[torch.Tensor] = []
+        self.test_scores: np.ndarray | None = None
+        self.test_truth: np.ndarray | None = None
+        self.test_table = None
+
+    def _epoch_metrics(self, split: str) -> None:
+        scores = torch.cat(self._scores).numpy()
+        truth = torch.cat(self._truth).numpy()
+        self._scores.clear()
+        self._truth.clear()
+        summary, table = tag_metrics(truth, scores, tags=self.hparams.tags)
+        self.log(f"{split}/roc_auc", summary["roc_auc_macro"], prog_bar=True)
+        self.log(f"{split}/pr_auc", summary["pr_auc_macro"], prog_bar=split == "val")
+        self.log(f"{split}/pr_auc_chance", summary["pr_auc_chance"])
+        if split == "test":
+            self.test_scores, self.test_truth, self.test_table = scores, truth, table
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_metrics("test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+
+
+class TaggerModule(TagPredictionModule):
     """Trains a :class:`SpectrogramConvNet2014` with binary cross-entropy on logits.
 
     Validation and test average the sigmoid outputs of all windows of a clip and
@@ -30,11 +69,6 @@ class TaggerModule(L.LightningModule):
         self.register_buffer("feature_mean", stat_buffer(feature_mean, n_mels, 0.0))
         self.register_buffer("feature_std", stat_buffer(feature_std, n_mels, 1.0))
         self.loss = nn.BCEWithLogitsLoss()
-        self._scores: list[torch.Tensor] = []
-        self._truth: list[torch.Tensor] = []
-        self.test_scores: np.ndarray | None = None
-        self.test_truth: np.ndarray | None = None
-        self.test_table = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Raw log-mel crops ``[shape=(batch, n_mels, n_frames)]`` -> logits ``[shape=(batch, n_tags)]``."""
@@ -59,24 +93,3 @@ class TaggerModule(L.LightningModule):
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, "test")
-
-    def _epoch_metrics(self, split: str) -> None:
-        scores = torch.cat(self._scores).numpy()
-        truth = torch.cat(self._truth).numpy()
-        self._scores.clear()
-        self._truth.clear()
-        summary, table = tag_metrics(truth, scores, tags=self.hparams.tags)
-        self.log(f"{split}/roc_auc", summary["roc_auc_macro"], prog_bar=True)
-        self.log(f"{split}/pr_auc", summary["pr_auc_macro"], prog_bar=split == "val")
-        self.log(f"{split}/pr_auc_chance", summary["pr_auc_chance"])
-        if split == "test":
-            self.test_scores, self.test_truth, self.test_table = scores, truth, table
-
-    def on_validation_epoch_end(self) -> None:
-        self._epoch_metrics("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._epoch_metrics("test")
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)

@@ -14,10 +14,11 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
 from infra.progress import interactive
-from infra.settings import LatentFactorSettings, MelSettings, TaggerSettings, TrainSettings
+from infra.settings import LatentFactorSettings, MelSettings, MLPSettings, TaggerSettings, TrainSettings
 from lightning_modules.callbacks import ThroughputLog
-from lightning_modules.datamodule import FeatureDataModule
+from lightning_modules.datamodule import FeatureDataModule, VectorDataModule
 from lightning_modules.latent_factors import LatentFactorModule
+from lightning_modules.mlp import MLPTaggerModule
 from lightning_modules.tagger import TaggerModule
 from tasks.errors import ParameterError
 
@@ -36,17 +37,18 @@ def frames(seconds: float, mel: MelSettings) -> int:
 
 
 def build_trainer(train: TrainSettings, *, name: str, monitor: str, mode: str, checkpoint_dir: Path,
-                  logger: Logger | bool) -> tuple[L.Trainer, ModelCheckpoint]:
+                  logger: Logger | bool, quiet: bool = False,
+                  log_every_n_steps: int = 5) -> tuple[L.Trainer, ModelCheckpoint]:
     checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename=f"{name}-best", monitor=monitor, mode=mode, save_top_k=1)
     trainer = L.Trainer(
         max_epochs=train.max_epochs,
         accelerator=train.accelerator,
         devices=train.devices,
         logger=logger,
-        callbacks=[checkpoint, EarlyStopping(monitor=monitor, mode=mode, patience=train.patience), ThroughputLog(name)],
-        enable_progress_bar=interactive(),
+        callbacks=[checkpoint, EarlyStopping(monitor=monitor, mode=mode, patience=train.patience), ThroughputLog(name, quiet=quiet)],
+        enable_progress_bar=interactive() and not quiet,
         enable_model_summary=False,
-        log_every_n_steps=5,
+        log_every_n_steps=log_every_n_steps,
         num_sanity_val_steps=0,
     )
     return trainer, checkpoint
@@ -139,3 +141,28 @@ def train_latent_factor_cnn(*, feature_dir: Path, track_ids: dict[str, list[str]
     predicted = np.concatenate([p.numpy() for p in trainer.predict(best, datamodule=datamodule)])
     return LatentFactorResult(best, Path(checkpoint.best_model_path), metrics, trainer.current_epoch,
                               test_track_ids=list(track_ids["test"]), predicted_factors=predicted)
+
+
+def train_mlp_tagger(*, features: dict[str, np.ndarray], targets: dict[str, np.ndarray], tags: list[str],
+                     settings: MLPSettings, checkpoint_dir: Path, logger: Logger | bool = False,
+                     quiet: bool = False) -> TrainResult:
+    """Train the MLP tagger on one feature vector per clip; early stopping on validation ROC-AUC; test.
+
+    ``features`` and ``targets`` map each split (``train``, ``valid``, ``test``) to aligned
+    ``(n_clips, n_inputs)`` and ``(n_clips, n_tags)`` arrays.
+    """
+    L.seed_everything(settings.train.seed, workers=True)
+    datamodule = VectorDataModule(features=features, targets=targets, batch_size=settings.train.batch_size,
+                                  num_workers=settings.train.num_workers)
+    model = MLPTaggerModule(
+        n_inputs=features["train"].shape[1], tags=list(tags), hidden=settings.hidden, layers=settings.layers,
+        dropout=settings.dropout, learning_rate=settings.train.learning_rate,
+        weight_decay=settings.train.weight_decay, feature_mean=datamodule.mean.tolist(),
+        feature_std=datamodule.std.tolist(),
+    )
+    trainer, checkpoint = build_trainer(settings.train, name="mlp_tagger", monitor="val/roc_auc", mode="max",
+                                        checkpoint_dir=checkpoint_dir, logger=logger, quiet=quiet, log_every_n_steps=1)
+    trainer.fit(model, datamodule=datamodule)
+    best = MLPTaggerModule.load_from_checkpoint(checkpoint.best_model_path, weights_only=True)
+    metrics = trainer.test(best, datamodule=datamodule, verbose=False)[0]
+    return TrainResult(best, Path(checkpoint.best_model_path), metrics, trainer.current_epoch)

@@ -115,7 +115,8 @@ def plot_factor_scatter(true: np.ndarray, predicted: np.ndarray, *, path: Path, 
     return Path(path)
 
 
-def plot_first_layer_filters(weights: np.ndarray, *, path: Path, max_filters: int = 32) -> Path:
+def plot_first_layer_filters(weights: np.ndarray, *, path: Path, max_filters: int = 32,
+                             title: str = "first-layer filters (mel band × time)") -> Path:
     """First-layer filters of a spectrogram convnet, one panel each.
 
     ``weights [shape=(n_filters, n_mels, length)]``: each panel shows mel band
@@ -132,7 +133,7 @@ def plot_first_layer_filters(weights: np.ndarray, *, path: Path, max_filters: in
             limit = np.abs(w).max() or 1.0
             ax.imshow(w, origin="lower", aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit)
             ax.set_title(str(i), fontsize=7)
-    fig.suptitle("first-layer filters (mel band × time)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -165,3 +166,55 @@ def dominant_labels(tag_lists: Sequence[Sequence[str]], *, candidates: Sequence[
         present = sorted((rank[t], t) for t in tags if t in rank)
         out.append(present[0][1] if present else "other")
     return out
+
+
+def plot_study_bars(table, *, path: Path, title: str) -> Path:
+    """Test ROC-AUC of each configuration of a study, K-means beside the random-codebook control.
+
+    ``table`` is :func:`tasks.studies.study_table`'s frame.
+    """
+    labels = list(table["configuration"])
+    y = np.arange(len(labels))
+    fig, ax = plt.subplots(figsize=(8, 0.42 * len(labels) + 1.4))
+    height = 0.38
+    for offset, (column, label, colour) in enumerate((("K-means ROC-AUC", "K-means", "tab:blue"),
+                                                       ("random ROC-AUC", "random means (control)", "tab:gray"))):
+        if column in table and table[column].notna().any():
+            values = table[column].to_numpy(dtype=float)
+            ax.barh(y + (offset - 0.5) * height, values, height=height, color=colour, label=label)
+            for yi, v in zip(y + (offset - 0.5) * height, values):
+                if np.isfinite(v):
+                    ax.text(v, yi, f" {v:.3f}", va="center", fontsize=7)
+    finite = table[[c for c in ("K-means ROC-AUC", "random ROC-AUC") if c in table]].to_numpy(dtype=float)
+    low = np.nanmin(finite) if np.isfinite(finite).any() else 0.5
+    ax.set(yticks=y, yticklabels=labels, xlabel="test ROC-AUC (macro over tags)", title=title,
+           xlim=(max(0.0, low - 0.05), 1.0))
+    ax.invert_yaxis()
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_importance_heatmap(importance, *, group: str, path: Path) -> Path:
+    """Tags (grouped by type) x left-out timescales: the ROC-AUC each timescale adds to the multiscale model.
+
+    ``importance`` is :func:`tasks.studies.timescale_importance`'s frame (one group is drawn).
+    """
+    part = importance[importance["group"] == group]
+    order = part.drop_duplicates("tag").sort_values(["type", "tag"])
+    timescales = list(dict.fromkeys(part["timescale"]))
+    grid = part.pivot_table(index="tag", columns="timescale", values="drop").reindex(index=order["tag"],
+                                                                                   columns=timescales)
+    limit = float(np.nanmax(np.abs(grid.to_numpy()))) if grid.size else 1.0
+    fig, ax = plt.subplots(figsize=(1.1 * len(timescales) + 3.5, 0.28 * len(grid) + 1.6))
+    image = ax.imshow(grid.to_numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+    ax.set_xticks(range(len(timescales)), timescales, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(grid)), [f"{tag} ({kind})" for tag, kind in zip(order["tag"], order["type"])], fontsize=7)
+    ax.set_title(f"{group}: ROC-AUC lost when a timescale is left out")
+    fig.colorbar(image, ax=ax, label="ROC-AUC drop (red: the timescale helped)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

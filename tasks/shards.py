@@ -141,7 +141,7 @@ def feature_schema(columns: Sequence[str], n_mels: int) -> pa.Schema:
     )
 
 
-def _tensor_bytes(arrays: Sequence[np.ndarray], dtype: str) -> pa.LargeBinaryArray:
+def tensor_bytes(arrays: Sequence[np.ndarray], dtype: str) -> pa.LargeBinaryArray:
     """One ``large_binary`` value per array: its C-order bytes in ``dtype`` (little-endian)."""
     target = np.dtype(dtype).newbyteorder("<")
     flat = [np.ascontiguousarray(a, dtype=target).reshape(-1) for a in arrays]
@@ -179,7 +179,7 @@ def features_to_table(
         pa.array([r[0] for r in rows], pa.string()),
         pa.array([r[1] for r in rows], pa.string()),
         pa.array([r[2][columns[0]].shape[0] for r in rows], pa.int32()),
-        *(_tensor_bytes([r[2][column] for r in rows], "float16") for column in columns),
+        *(tensor_bytes([r[2][column] for r in rows], "float16") for column in columns),
         *(pa.array([r[3][name] for r in rows], type) for name, type in SOURCE_FIELDS),
     ]
     return pa.Table.from_arrays(arrays, schema=feature_schema(columns, n_mels))
@@ -191,7 +191,7 @@ def audio_to_table(rows: Sequence[tuple[str, np.ndarray]], *, sample_rate: int) 
     schema = pa.schema([pa.field("track_id", pa.string()), pa.field("sample_rate", pa.int32()),
                         tensor_field("pcm", dtype="int16", inner_shape=())])
     return pa.Table.from_arrays([pa.array([t for t, _ in rows], pa.string()),
-                                 pa.array([sample_rate] * len(rows), pa.int32()), _tensor_bytes(pcm, "int16")],
+                                 pa.array([sample_rate] * len(rows), pa.int32()), tensor_bytes(pcm, "int16")],
                                 schema=schema)
 
 

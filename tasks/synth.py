@@ -2,16 +2,21 @@
 
 Six latent styles decide each track's tags (instruments, tempo, mode, loudness);
 the audio is rendered from those tags by additive synthesis, so everything a tag
-says can be heard in a log-mel spectrogram. Listeners have tastes over the styles
-(plus a mild tempo preference) and a popularity effect; play counts follow from
-taste. The world is written as:
+says can be heard in a log-mel spectrogram. Two tags, drawn independently of the
+style, live only at long timescales: ``crescendo`` (the level rises by 20 dB over
+the whole clip) and ``breaks`` (the band drops out every other two bars, leaving
+the lead line). Every tag has a type and the timescale it lives at
+(:data:`TAG_TYPES`, :func:`tag_timescales`), written to ``tags.parquet``.
+Listeners have tastes over the styles (plus a mild tempo preference) and a
+popularity effect; play counts follow from taste. The world is written as:
 
 - ``mtat/annotations_final.csv`` and ``mtat/audio/<folder>/<name>.mp3``, exactly
   the MagnaTagATune layout (tab-separated, every field double-quoted);
 - ``taste_profile/train_triplets.batch-NNN.txt``, Taste Profile triplets
   ``user<TAB>song<TAB>plays`` in time-ordered batches. In the synthetic world the
   song id *is* the MTAT clip id (as a string), so audio and plays join directly;
-- ``truth.parquet`` (style, true tags, popularity per clip) and ``world.json``
+- ``truth.parquet`` (style, true tags, popularity per clip), ``tags.parquet``
+  (each tag's type and timescale in seconds) and ``world.json``
   (the settings plus ``"complete": true``, written last).
 
 All functions are pure and seeded; :func:`render_clips` is the unit an
@@ -39,10 +44,25 @@ from tasks.errors import ParameterError
 
 STYLES: tuple[str, ...] = ("classical", "rock", "techno", "ambient", "pop", "jazz")
 INSTRUMENTS: tuple[str, ...] = ("piano", "strings", "flute", "guitar", "drums", "bass", "synth", "vocal")
-TAGS: tuple[str, ...] = STYLES + INSTRUMENTS + ("fast", "slow", "major", "minor", "loud", "quiet")
+LONG_TAGS: tuple[str, ...] = ("crescendo", "breaks")
+TAGS: tuple[str, ...] = STYLES + INSTRUMENTS + ("fast", "slow", "major", "minor", "loud", "quiet") + LONG_TAGS
+
+#: What kind of musical property each tag is; the per-timescale analysis groups tags by it.
+TAG_TYPES: dict[str, str] = {
+    **{s: "style" for s in STYLES},
+    **{i: "instrument/timbre" for i in INSTRUMENTS},
+    "fast": "tempo/rhythm", "slow": "tempo/rhythm",
+    "major": "mode", "minor": "mode",
+    "loud": "dynamics", "quiet": "dynamics",
+    "crescendo": "build-up", "breaks": "sections",
+}
+#: Chance of each long-timescale tag, independent of the style (so no short-timescale cue predicts it).
+LONG_TAG_P = {"crescendo": 0.35, "breaks": 0.35}
+_BREAK_BARS = 2  # bars of full band, then bars of the lead alone, alternating
+_CRESCENDO_DB = 20.0
 
 #: Bumped whenever the generator's output changes, so old worlds are regenerated.
-SYNTH_VERSION = 1
+SYNTH_VERSION = 2
 
 _PITCHED = tuple(i for i in INSTRUMENTS if i != "drums")
 _FOLDERS = "0123456789abcdef"
@@ -129,6 +149,7 @@ def plan_world(settings: WorldSettings) -> list[TrackPlan]:
     seeds = rng.integers(0, 2**62, size=n)
     rank = rng.permutation(n) + 1
     popularity = rank.astype(np.float64) ** -settings.popularity_exponent
+    long_tags = rng.random((n, len(LONG_TAGS))) < np.array([LONG_TAG_P[t] for t in LONG_TAGS])  # drawn last: older draws stay
 
     seconds = int(round(settings.clip_seconds))
     plans = []
@@ -136,6 +157,7 @@ def plan_world(settings: WorldSettings) -> list[TrackPlan]:
         name = STYLES[style[i]]
         true = {name, "fast" if fast[i] else "slow", "major" if major[i] else "minor", "loud" if loud[i] else "quiet"}
         true.update(inst for inst, on in zip(INSTRUMENTS, has[i]) if on)
+        true.update(tag for tag, on in zip(LONG_TAGS, long_tags[i]) if on)
         true_tags = tuple(t for t in TAGS if t in true)
         annotated = tuple(t for j, t in enumerate(TAGS) if t in true and not dropped[i, j])
         clip_id = 2 + 4 * i
@@ -330,6 +352,8 @@ def render_clip(track: TrackPlan, *, sample_rate: int, seconds: float) -> np.nda
     random tonic), at a tempo drawn from its tempo tag (fast: 130-170 bpm, slow:
     60-85 bpm), played by the instruments among its tags, each with its own timbre;
     mixed, lightly noised and scaled to the loudness tag (peak ~0.9 or ~0.15).
+    ``breaks`` mutes the band (all but the melody line) every other two bars;
+    ``crescendo`` raises the level by 20 dB from the first sample to the last.
 
     Parameters
     ----------
@@ -379,7 +403,9 @@ def render_clip(track: TrackPlan, *, sample_rate: int, seconds: float) -> np.nda
         return roots[bars] + 2 * which  # degrees of root, third, fifth(, seventh)
 
     n_tones = 4 if seventh else 3
-    mix = np.zeros(n, dtype=np.float32)
+    # The lead line (the melody) and the band are mixed apart, so that a break can mute the band alone.
+    lead = np.zeros(n, dtype=np.float32)
+    band = np.zeros(n, dtype=np.float32)
 
     # Melody: a random walk on the scale, landing on chord tones on strong beats.
     mel_step = 0.5 if fast else 1.0
@@ -397,10 +423,11 @@ def render_clip(track: TrackPlan, *, sample_rate: int, seconds: float) -> np.nda
         if inst not in tags:
             continue
         voices: list[_Voice] = []
+        leads: list[_Voice] = []
         if inst == "vocal":
-            voices.append(melody)
+            leads.append(melody)
         elif inst == "flute":
-            voices.append(_Voice(melody.onsets, melody.midi + 12.0, melody.velocity))
+            leads.append(_Voice(melody.onsets, melody.midi + 12.0, melody.velocity))
         elif inst == "strings":
             on = grid(4.0)
             chord = np.stack([pitch(chord_tone(bar_of(on), np.full(on.size, j))) for j in range(n_tones)], axis=1)
@@ -410,7 +437,7 @@ def render_clip(track: TrackPlan, *, sample_rate: int, seconds: float) -> np.nda
             which = np.arange(on.size) % n_tones
             voices.append(_Voice(on, pitch(chord_tone(bar_of(on), which)) + 12.0, rng.uniform(0.6, 1.0, on.size).astype(np.float32)))
             if not lead_sung:
-                voices.append(_Voice(melody.onsets, melody.midi + 12.0, melody.velocity * 0.8))
+                leads.append(_Voice(melody.onsets, melody.midi + 12.0, melody.velocity * 0.8))
         elif inst == "guitar":
             on = grid(0.5)
             which = np.array([0, 2, 1, 2])[np.arange(on.size) % 4] if not seventh else np.arange(on.size) % 4
@@ -423,8 +450,9 @@ def render_clip(track: TrackPlan, *, sample_rate: int, seconds: float) -> np.nda
             on = grid(0.25 if fast else 0.5)
             which = np.arange(on.size) % n_tones
             voices.append(_Voice(on, pitch(chord_tone(bar_of(on), which)) + 12.0, np.full(on.size, 0.8, np.float32)))
-        for voice in voices:
-            mix += _GAIN[inst] * _render_voice(voice, inst, n=n, sample_rate=sample_rate, rng=rng)
+        for voice in voices + leads:  # the order the generator always used: the random streams stay put
+            target = lead if any(voice is v for v in leads) else band
+            target += _GAIN[inst] * _render_voice(voice, inst, n=n, sample_rate=sample_rate, rng=rng)
 
     if "drums" in tags:
         kit = _drum_kit(sample_rate, rng)
@@ -434,15 +462,44 @@ def render_clip(track: TrackPlan, *, sample_rate: int, seconds: float) -> np.nda
             on = np.round(hits * beat).astype(np.int64)
             on = np.sort(on[on < n])
             gains = _GAIN["drums"] * rng.uniform(0.8, 1.0, on.size).astype(np.float32)
-            _place(mix, kit[drum], on, gains)
+            _place(band, kit[drum], on, gains)
 
+    mix = lead + (band * _break_gain(n, bar=4 * beat, sample_rate=sample_rate) if "breaks" in tags else band)
     loud = "loud" in tags
     if loud:
         mix = np.tanh(2.0 * mix / (np.abs(mix).max() + 1e-9))  # denser, compressed master
+    if "crescendo" in tags:  # after the compressor, which would flatten it
+        mix = mix * 10.0 ** (_CRESCENDO_DB / 20.0 * (np.arange(n, dtype=np.float32) / n - 1.0))
     peak = np.abs(mix).max() + 1e-9
     target = rng.uniform(0.85, 0.92) if loud else rng.uniform(0.13, 0.17)
     mix = mix * (target / peak) + target * 0.004 * rng.standard_normal(n, dtype=np.float32)
     return np.clip(mix, -1.0, 1.0).astype(np.float32)
+
+
+def _break_gain(n: int, *, bar: float, sample_rate: int) -> np.ndarray:
+    """Gain of the band under ``breaks``: 1 for two bars, 0.05 for the next two, and so on.
+
+    Changes take 20 ms ramps (no clicks, so the break is heard as arrangement, not as a pop).
+    """
+    section = np.floor(np.arange(n) / (_BREAK_BARS * bar)).astype(np.int64)
+    gain = np.where(section % 2 == 0, 1.0, 0.05).astype(np.float32)
+    ramp = max(1, int(0.02 * sample_rate))
+    kernel = np.full(ramp, 1.0 / ramp, dtype=np.float32)
+    return np.convolve(gain, kernel, mode="same").astype(np.float32)
+
+
+def tag_timescales(settings: WorldSettings) -> dict[str, float]:
+    """The timescale (seconds) at which each tag can be heard, for a world's settings.
+
+    Timbre and level show in one frame (50 ms); tempo in a beat (0.5 s); mode in a
+    bar of chords (2 s); a style in a few bars of its instruments and rhythm (4 s);
+    ``breaks`` in a full cycle of band and break (four bars at the median tempo,
+    about 9 s); ``crescendo`` only over the whole clip.
+    """
+    median_bar = 4 * 60.0 / 110.0
+    by_type = {"instrument/timbre": 0.05, "dynamics": 0.05, "tempo/rhythm": 0.5, "mode": 2.0, "style": 4.0,
+               "sections": 2 * _BREAK_BARS * median_bar, "build-up": float(settings.clip_seconds)}
+    return {tag: round(by_type[TAG_TYPES[tag]], 2) for tag in TAGS}
 
 
 def render_clips(tracks: Sequence[TrackPlan], *, root: Path, settings: WorldSettings) -> int:
@@ -597,11 +654,13 @@ def _settings_record(settings: WorldSettings) -> dict:
 
 
 def write_truth(tracks: Sequence[TrackPlan], *, root: Path, settings: WorldSettings) -> None:
-    """Write ``truth.parquet`` and then ``world.json`` with ``"complete": true``.
+    """Write ``truth.parquet``, ``tags.parquet`` and then ``world.json`` with ``"complete": true``.
 
     Call last: ``world.json`` is the marker that the whole world is on disk.
     ``truth.parquet`` columns: ``clip_id`` int64, ``mp3_path``, ``style`` string,
     ``true_tags`` and ``annotated_tags`` list<string>, ``popularity`` float64.
+    ``tags.parquet`` columns: ``tag``, ``type`` (:data:`TAG_TYPES`) and
+    ``timescale_s`` float64 (:func:`tag_timescales`).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -618,6 +677,12 @@ def write_truth(tracks: Sequence[TrackPlan], *, root: Path, settings: WorldSetti
     tmp = root / f".truth.parquet.{os.getpid()}.tmp"
     pq.write_table(table, tmp)
     os.replace(tmp, root / "truth.parquet")
+    timescales = tag_timescales(settings)
+    tags = pa.table({"tag": pa.array(TAGS, pa.string()), "type": pa.array([TAG_TYPES[t] for t in TAGS], pa.string()),
+                     "timescale_s": pa.array([timescales[t] for t in TAGS], pa.float64())})
+    tmp = root / f".tags.parquet.{os.getpid()}.tmp"
+    pq.write_table(tags, tmp)
+    os.replace(tmp, root / "tags.parquet")
     _atomic_write_text(root / "world.json", json.dumps({**_settings_record(settings), "complete": True}, indent=2, sort_keys=True) + "\n")
 
 
@@ -650,7 +715,7 @@ def begin_world(root: Path, settings: WorldSettings) -> bool:
     same = isinstance(record, dict) and {k: v for k, v in record.items() if k != "complete"} == _settings_record(settings)
     removed = False
     if not same:
-        for name in ("mtat", "taste_profile", "truth.parquet", "world.json"):
+        for name in ("mtat", "taste_profile", "truth.parquet", "tags.parquet", "world.json"):
             target = root / name
             if target.is_dir():
                 shutil.rmtree(target)

@@ -1,0 +1,90 @@
+"""Flow: log-mel shards -> spherical K-means codebooks -> pooled multiscale features, fanned out over Dask."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from prefect import flow
+
+from infra.cluster import dask_client, map_batches, spectrogram_device
+from infra.layout import Layout
+from infra.settings import ClusterSettings, FeatureSettings, KMeansSettings, TrackingSettings, kmeans_feature_set
+from infra.tracking import file_sha1, tracked_run
+from tasks.kmeans import Codebook
+from tasks.kmeans_features import (
+    KMeansSummary,
+    codebook_path,
+    encode_batch,
+    finish_kmeans_features,
+    fit_timescale_codebook,
+    plan_kmeans_features,
+)
+from tasks.report import plot_first_layer_filters
+from tasks.shards import MANIFEST, append_quarantine
+
+log = logging.getLogger("mirflow")
+
+
+@flow(name="kmeans-features")
+def kmeans_features(data_dir: Path, dataset: str, features: FeatureSettings, kmeans: KMeansSettings,
+                    cluster: ClusterSettings, tracking: TrackingSettings) -> KMeansSummary:
+    """Fit a codebook per timescale on the training split, then encode every clip; re-runs do only new clips.
+
+    The log-mel features of ``features`` must exist (the features flow). Settings that
+    cannot work (a timescale the shards lack, a context longer than the clips) fail
+    here, before any worker starts.
+    """
+    layout = Layout(Path(data_dir))
+    base_dir = layout.features(dataset, features.feature_set)
+    kmeans_dir = layout.features(dataset, kmeans_feature_set(features, kmeans))
+    tracks = pd.read_parquet(layout.tracks(dataset), columns=["track_id", "split"])
+    plan = plan_kmeans_features(tracks, base_dir=base_dir, kmeans_dir=kmeans_dir, features=features, kmeans=kmeans)
+    params = {**kmeans.flat("kmeans."), **cluster.flat("cluster."), "dataset": dataset,
+              "feature_set": features.feature_set, "kmeans_feature_set": kmeans_dir.name}
+    with tracked_run(tracking, "kmeans-features", run_name=f"kmeans-features-{dataset}", params=params,
+                     tags={"mirflow.features_manifest_sha1": file_sha1(base_dir / MANIFEST) or "none"}):
+        start = time.perf_counter()
+        with dask_client(cluster) as client:
+            device = "cpu" if kmeans.device == "cpu" else (spectrogram_device(client, cluster) or "cpu")
+            fits = map_batches(client, fit_timescale_codebook, list(plan.to_fit), description="K-means codebooks",
+                               unit="timescales", base_dir=base_dir, kmeans_dir=kmeans_dir,
+                               fit_track_ids=plan.fit_track_ids, kmeans=kmeans, n_mels=features.mel.n_mels,
+                               device=device)
+            results = map_batches(client, encode_batch, plan.batches, description="K-means encoding", unit="clips",
+                                  size=lambda batch: len(batch.track_ids), base_dir=base_dir, kmeans_dir=kmeans_dir,
+                                  timescales=plan.timescales, kmeans=kmeans)
+        summary = finish_kmeans_features(plan, results, kmeans_dir=kmeans_dir, kmeans=kmeans,
+                                         wall_seconds=time.perf_counter() - start)
+        append_quarantine(layout.quarantine(dataset), list(plan.quarantined))
+        for fit in fits:
+            log.info("codebook %s: %s windows, mean cosine %s, %s re-seeded, %.1f s", fit["column"],
+                     fit["sample_windows"], fit.get("mean_cosine", "-"), fit.get("reseeded", "-"), fit["seconds"])
+            if "mean_cosine" in fit:
+                mlflow.log_metric(f"codebook/{fit['column']}/mean_cosine", fit["mean_cosine"])
+        mlflow.log_metrics({"tracks": summary.n_tracks, "encoded": summary.n_encoded, "skipped": summary.n_skipped,
+                            "quarantined": summary.n_quarantined, "clips_per_s": summary.clips_per_s,
+                            "codebooks_fitted": len(fits)})
+        mlflow.log_artifacts(str(kmeans_dir / "codebooks"), artifact_path="codebooks")
+        log_codebook_filters(kmeans_dir, plan.timescales)
+        log.info("K-means features: %d clips (%d encoded, %d already present, %d quarantined), %.1f clips/s -> %s",
+                 summary.n_tracks, summary.n_encoded, summary.n_skipped, summary.n_quarantined, summary.clips_per_s,
+                 kmeans_dir)
+    return summary
+
+
+def log_codebook_filters(kmeans_dir: Path, timescales: tuple[str, ...]) -> None:
+    """The learned filters (means mapped back through the whitening) of each timescale, as images in MLflow."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for column in timescales:
+            codebook = Codebook.load(codebook_path(kmeans_dir, column))
+            weight, _ = codebook.linear_map()  # (context * n_mels, k): the filter applied to raw windows
+            filters = weight.T.reshape(codebook.k, codebook.context, codebook.n_mels).transpose(1, 2).numpy()
+            plot_first_layer_filters(filters, path=Path(tmp) / f"filters_{column}.png",
+                                     title=f"{codebook.kind} codebook of {column}: filters on raw windows "
+                                           "(mel band × frame)")
+        mlflow.log_artifacts(tmp, artifact_path="plots")

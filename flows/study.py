@@ -1,0 +1,209 @@
+"""Flow: a study, one MLflow parent run with a nested child run per configuration (DESIGN.md §8).
+
+    tracks ──► log-mel + pyramids (Dask) ──► K-means codebooks + pooled features (Dask), one set per codebook kind
+                                                     │
+              every configuration (timescales × codebook, leave-one-out) ──► MLP tagger ──► child run
+                                                     │
+              paper-shaped table, bar chart, timescale importance heatmap, report ──► parent run
+
+A re-run with the same settings resumes the same parent run and reuses its finished children.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from prefect import flow, get_run_logger
+
+from flows.features import extract_features
+from flows.kmeans_features import kmeans_features
+from flows.pipeline import ingest_mtat
+from flows.training import mlflow_logger
+from flows.world import synthetic_world
+from infra.cluster import dask_client, spectrogram_device
+from infra.layout import Layout
+from infra.settings import ClusterSettings, StudySettings, TrackingSettings, WorldSettings
+from infra.tracking import child_run, finished_children, parent_run
+from lightning_modules.train import multi_hot, train_mlp_tagger
+from tasks.datasets import tag_vocabulary
+from tasks.errors import DatasetError
+from tasks.kmeans_features import read_kmeans_features
+from tasks.report import metric_slug, plot_importance_heatmap, plot_study_bars
+from tasks.shards import read_manifest, write_text_atomic
+from tasks.studies import (
+    Configuration,
+    configurations,
+    format_importance,
+    format_table,
+    importance_by_type,
+    study_table,
+    timescale_importance,
+)
+
+log = logging.getLogger("mirflow")
+PER_TAG = "per_tag_test_metrics.json"
+
+
+@dataclass(frozen=True)
+class StudyOutput:
+    table: str  # the paper-shaped table, as printed
+    importance: str  # mean ROC-AUC drop per tag type and left-out timescale, as printed
+    parent_run_id: str
+    report_path: str
+    n_runs: int  # configurations trained in this run
+    n_reused: int  # finished children of an earlier run, reused
+    seconds: float
+
+
+@flow(name="study-tagging")
+def tagging_study(data_dir: Path, dataset: str, study: StudySettings, cluster: ClusterSettings,
+                  tracking: TrackingSettings, world: WorldSettings | None = None) -> StudyOutput:
+    """Run every configuration of a tagging study on one split and seed; tabulate and analyse them."""
+    start = time.perf_counter()
+    layout = Layout(Path(data_dir))
+    configs = configurations(study)
+    with dask_client(cluster) as client:
+        device = spectrogram_device(client, cluster)
+        shared = ClusterSettings(kind="address", address=client.scheduler.address,
+                                 spectrogram_device="cuda" if device == "cuda" else "cpu")
+        if dataset == "synthetic":
+            root = synthetic_world(layout.world(), world or WorldSettings(), shared)
+            ingest_mtat(root / "mtat" / "annotations_final.csv", root / "mtat" / "audio", study.mlp.n_tags,
+                        layout.tracks(dataset))
+        elif not layout.tracks(dataset).exists():
+            raise DatasetError(f"no catalogue {dataset!r} under {layout.root}: run `mirflow features` for it first")
+        extract_features(data_dir, dataset, study.features, shared, tracking)
+        kmeans_dirs = {}
+        for codebook in study.codebooks:
+            settings = study.kmeans.model_copy(update={"codebook": codebook, "timescales": study.timescales})
+            kmeans_dirs[codebook] = Path(kmeans_features(data_dir, dataset, study.features, settings, shared,
+                                                         tracking).feature_dir)
+
+    tracks = _tracks_with(layout, dataset, kmeans_dirs.values())
+    tags = tag_vocabulary(tracks, n=study.mlp.n_tags)
+    split_ids = {split: list(group["track_id"]) for split, group in tracks.groupby("split")}
+    targets_of = multi_hot(tracks, tags)
+    targets = {split: np.stack([targets_of[t] for t in ids]) for split, ids in split_ids.items()}
+    vectors = {codebook: {column: {split: read_kmeans_features(path, timescales=[column], track_ids=ids)
+                                   for split, ids in split_ids.items()}
+                          for column in study.timescales}
+               for codebook, path in kmeans_dirs.items()}
+
+    key = f"{study.settings_hash}-{dataset}"
+    params = {**study.flat(), "dataset": dataset, "tags": ",".join(tags), "n_tracks": len(tracks),
+              **{f"n_{split}": len(ids) for split, ids in split_ids.items()},
+              **{f"kmeans_feature_set.{c}": p.name for c, p in kmeans_dirs.items()}}
+    with parent_run(tracking, "study", key=key, run_name=f"study-{study.preset}-{dataset}", params=params,
+                    tags={"mirflow.preset": study.preset, "mirflow.dataset": dataset}) as (parent, resumed):
+        reuse = finished_children(tracking, parent.info.run_id) if resumed else {}
+        results, per_tag = [], {}
+        for i, config in enumerate(configs, start=1):
+            features = {split: np.concatenate([vectors[config.codebook][c][split] for c in config.timescales], axis=1)
+                        for split in split_ids}
+            row, table, reused = run_configuration(config, study=study, features=features, targets=targets,
+                                                   tags=tags, reuse=reuse, tracking=tracking,
+                                                   checkpoint_dir=layout.checkpoints("study") / parent.info.run_id)
+            results.append(row)
+            per_tag[config.name] = table
+            log.info("study %s %d/%d %s: test ROC-AUC %.4f, PR-AUC %.4f (%s)", study.preset, i, len(configs),
+                     config.name, row["roc_auc"], row["pr_auc"], "reused" if reused else f"{row['seconds']:.0f} s")
+        table = study_table(results)
+        importance = timescale_importance(
+            {g: per_tag[f"{g} · kmeans"] for g in study.importance},
+            {(c.base, c.left_out): per_tag[c.name] for c in configs if c.group == "without"},
+            tag_types=_tag_types(layout, dataset))
+        n_reused = sum(1 for r in results if r["reused"])
+        seconds = time.perf_counter() - start
+        report = _log_study(table, importance, results, study=study, dataset=dataset, layout=layout,
+                            run_id=parent.info.run_id, seconds=seconds, n_reused=n_reused)
+        text = format_table(table)
+        get_run_logger().info("study %s on %s\n%s", study.preset, dataset, text)
+    return StudyOutput(table=text, importance=format_importance(importance), parent_run_id=parent.info.run_id,
+                       report_path=str(report), n_runs=len(results) - n_reused, n_reused=n_reused, seconds=seconds)
+
+
+def run_configuration(config: Configuration, *, study: StudySettings, features: dict[str, np.ndarray],
+                      targets: dict[str, np.ndarray], tags: list[str], reuse: dict, tracking: TrackingSettings,
+                      checkpoint_dir: Path) -> tuple[dict, pd.DataFrame, bool]:
+    """Train and test one configuration in a child run, or reuse the finished child of an earlier run."""
+    key = config.key(study)
+    row = {"name": config.name, "group": config.group, "base": config.base, "codebook": config.codebook,
+           "timescales": config.timescales, "left_out": config.left_out, "n_inputs": features["train"].shape[1]}
+    if key in reuse:
+        run = reuse[key]
+        table = mlflow.load_table(PER_TAG, run_ids=[run.info.run_id])
+        return {**row, "roc_auc": run.data.metrics["test/roc_auc"], "pr_auc": run.data.metrics["test/pr_auc"],
+                "seconds": 0.0, "reused": True, "run_id": run.info.run_id}, table, True
+    start = time.perf_counter()
+    params = {"configuration": config.name, "group": config.group, "codebook": config.codebook,
+              "timescales": ",".join(config.timescales), "left_out": config.left_out or "",
+              "n_inputs": row["n_inputs"], **study.mlp.flat("mlp.")}
+    tags_ = {"mirflow.config_key": key, "mirflow.configuration": config.name, "mirflow.codebook": config.codebook,
+             "mirflow.group": config.group}
+    with child_run(run_name=config.name, params=params, tags=tags_) as run:
+        result = train_mlp_tagger(features=features, targets=targets, tags=tags, settings=study.mlp,
+                                  checkpoint_dir=checkpoint_dir / key,
+                                  logger=mlflow_logger(tracking, "study", run.info.run_id), quiet=True)
+        table = result.module.test_table
+        mlflow.log_table(table, PER_TAG)
+        mlflow.log_metrics({"epochs": result.epochs, "n_inputs": row["n_inputs"]})
+    return {**row, "roc_auc": float(result.metrics["test/roc_auc"]), "pr_auc": float(result.metrics["test/pr_auc"]),
+            "seconds": time.perf_counter() - start, "reused": False, "run_id": run.info.run_id}, table, False
+
+
+def _tracks_with(layout: Layout, dataset: str, feature_dirs) -> pd.DataFrame:
+    """Tracks with a split, tags and K-means features in every one of ``feature_dirs``."""
+    tracks = pd.read_parquet(layout.tracks(dataset), columns=["track_id", "split", "tags"])
+    for path in feature_dirs:
+        tracks = tracks[tracks["track_id"].isin(set(read_manifest(path).column("track_id").to_pylist()))]
+    return tracks.reset_index(drop=True)
+
+
+def _tag_types(layout: Layout, dataset: str) -> dict[str, str]:
+    """The synthetic world's tag types (its ``tags.parquet``); other catalogues have none."""
+    path = layout.world() / "tags.parquet"
+    if dataset != "synthetic" or not path.exists():
+        return {}
+    frame = pd.read_parquet(path)
+    return dict(zip(frame["tag"], frame["type"]))
+
+
+def _log_study(table: pd.DataFrame, importance: pd.DataFrame, results: list[dict], *, study: StudySettings,
+               dataset: str, layout: Layout, run_id: str, seconds: float, n_reused: int) -> Path:
+    """Table, plots, importance and the markdown report into the parent run; returns the report's path."""
+    mlflow.log_table(table, "study_table.json")
+    mlflow.log_table(pd.DataFrame([{k: (",".join(v) if isinstance(v, tuple) else v) for k, v in r.items()}
+                                   for r in results]), "study_runs.json")
+    metrics = {}
+    for row in table.to_dict("records"):
+        for codebook, column in (("kmeans", "K-means ROC-AUC"), ("random", "random ROC-AUC")):
+            if np.isfinite(row[column]):
+                metrics[f"{metric_slug(row['configuration'])}/{codebook}_roc_auc"] = float(row[column])
+    mlflow.log_metrics({**metrics, "study_seconds": seconds, "children_reused": n_reused})
+    with tempfile.TemporaryDirectory() as tmp:
+        plot_study_bars(table, path=Path(tmp) / "study_roc_auc.png",
+                        title=f"{study.preset} on {dataset}: K-means features against random means")
+        if not importance.empty:
+            mlflow.log_table(importance, "timescale_importance.json")
+            for group in importance["group"].unique():
+                plot_importance_heatmap(importance, group=group, path=Path(tmp) / f"timescale_importance_{group}.png")
+        mlflow.log_artifacts(tmp, artifact_path="plots")
+    report = layout.reports() / f"study-{study.preset}-{run_id}.md"
+    by_type = importance_by_type(importance)
+    write_text_atomic(report, "\n".join([
+        f"# Study {study.preset} on {dataset}", "",
+        f"MLflow parent run `{run_id}`, {len(results)} configurations ({n_reused} reused), {seconds:.0f} s.", "",
+        "## Test ROC-AUC and PR-AUC (macro over tags)", "", "```", format_table(table), "```", "",
+        "## ROC-AUC lost when one timescale is left out, mean per tag type", "",
+        "```", by_type.to_string(float_format=lambda v: f"{v:+.4f}") if not by_type.empty else "(none)", "```", "",
+        "Per tag: `timescale_importance.json` and the heatmaps under `plots/` in the parent run.", "",
+        "## Settings", "", "```json", study.model_dump_json(indent=1), "```", ""]))
+    mlflow.log_artifact(str(report))
+    return report

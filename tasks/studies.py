@@ -1,0 +1,201 @@
+"""Studies: presets as data, the configurations they expand to, and the tables they end in (DESIGN.md §8).
+
+A preset is a plain dict of settings (:data:`PRESETS`, or a JSON file of the same
+shape) validated into :class:`~infra.settings.StudySettings`. A later study adds a
+preset, not a code path. :func:`configurations` expands the settings into the runs
+of the study. :func:`study_table` and :func:`timescale_importance` shape their
+results like the paper's tables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import ValidationError
+
+from infra.settings import StudySettings
+from tasks.errors import ParameterError
+
+_PAPER_FEATURES = {
+    # Hamel et al. 2012 via Dieleman & Schrauwen 2013: windows 1024..8192 at half-window hops,
+    # so each resolution also spans a longer time; pyramids of the finest one, as many levels.
+    "mel": {"sample_rate": 16000, "n_fft": 1024, "hop_length": 512, "n_mels": 128},
+    "extra_windows": [2048, 4096, 8192], "hop_policy": "half", "pyramid": "both", "pyramid_levels": 4,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ISMIR 2013, "Multiscale approaches to music audio feature learning": every timescale alone,
+    # the four resolutions, the Gaussian and the Laplacian pyramid; K-means against random means.
+    "ismir2013": {
+        "features": _PAPER_FEATURES,
+        "kmeans": {"k": 200, "context": 4, "epsilon": 0.01, "sample_windows": 50_000, "iterations": 10,
+                   "batch_size": 1000, "activation": "linear", "pooling": "max"},
+        "mlp": {"n_tags": 50, "hidden": 1000, "layers": 1, "dropout": 0.5,
+                "train": {"max_epochs": 200, "patience": 20, "batch_size": 64, "learning_rate": 1e-3,
+                          "weight_decay": 1e-5}},
+        "single_timescales": True,
+        "groups": ["multiresolution", "gaussian", "laplacian"],
+        "codebooks": ["kmeans", "random"],
+        "importance": ["multiresolution", "laplacian"],
+    },
+    # The same study in miniature, for tests and a first look (seconds, not minutes).
+    "smoke": {
+        "features": {"mel": {"sample_rate": 16000, "n_fft": 1024, "hop_length": 512, "n_mels": 32},
+                     "extra_windows": [2048], "hop_policy": "half", "pyramid": "both", "pyramid_levels": 3},
+        "kmeans": {"k": 16, "context": 3, "sample_windows": 3000, "iterations": 5, "batch_size": 256,
+                   "tracks_per_task": 32},
+        "mlp": {"hidden": 64, "train": {"max_epochs": 30, "patience": 8, "batch_size": 32}},
+        "groups": ["multiresolution", "laplacian"],
+        "importance": ["laplacian"],
+    },
+}
+
+
+def load_preset(name_or_path: str, *, overrides: Mapping[str, Any] | None = None) -> StudySettings:
+    """A preset by name (:data:`PRESETS`) or from a JSON file, with ``overrides`` merged in (nested dicts merge).
+
+    Raises ``ParameterError`` naming the preset and the bad value.
+    """
+    if name_or_path in PRESETS:
+        name, preset = name_or_path, PRESETS[name_or_path]
+    elif Path(name_or_path).suffix == ".json" and Path(name_or_path).is_file():
+        name = Path(name_or_path).stem
+        try:
+            preset = json.loads(Path(name_or_path).read_text())
+        except ValueError as err:
+            raise ParameterError(f"preset file {name_or_path} is not valid JSON: {err}") from err
+    else:
+        raise ParameterError(f"unknown preset {name_or_path!r}: use one of {sorted(PRESETS)} or a .json file")
+    merged = _merge(preset, overrides or {})
+    try:
+        return StudySettings(preset=name, **{k: v for k, v in merged.items() if k != "preset"})
+    except ValidationError as err:
+        raise ParameterError(f"preset {name!r}: invalid settings\n{err}") from err
+
+
+def _merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) else value
+    return out
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One run of a study: an MLP on the pooled features of ``timescales`` from one codebook kind."""
+
+    name: str
+    group: str  # "single", a timescale group, or "without" (a group with one timescale left out)
+    timescales: tuple[str, ...]
+    codebook: str
+    base: str  # the group of a "without" configuration; else the name without the codebook
+    left_out: str | None = None
+
+    def key(self, study: StudySettings) -> str:
+        """Identifies this configuration of these settings across re-runs (finished children are reused)."""
+        payload = json.dumps([study.settings_hash, self.name, self.timescales, self.codebook])
+        return hashlib.sha1(payload.encode()).hexdigest()[:16]
+
+
+def configurations(study: StudySettings) -> list[Configuration]:
+    """Every run of the study, in the order of the table: single timescales, groups, then leave-one-out."""
+    groups = study.timescale_groups()
+    out = []
+    for codebook in study.codebooks:
+        for column in study.single_timescale_columns:
+            out.append(Configuration(f"{column} · {codebook}", "single", (column,), codebook, column))
+        for group in study.groups:
+            out.append(Configuration(f"{group} · {codebook}", group, groups[group], codebook, group))
+    if "kmeans" in study.codebooks:
+        for group in study.importance:
+            if group not in study.groups:
+                out.append(Configuration(f"{group} · kmeans", group, groups[group], "kmeans", group))
+            for column in groups[group]:
+                kept = tuple(c for c in groups[group] if c != column)
+                if kept:
+                    out.append(Configuration(f"{group} without {column} · kmeans", "without", kept, "kmeans", group,
+                                             left_out=column))
+    return out
+
+
+def study_table(results: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """The paper-shaped table: one row per configuration, K-means and control side by side.
+
+    ``results`` rows need ``name, group, base, codebook, timescales, n_inputs, roc_auc, pr_auc``;
+    leave-one-out rows (group ``without``) are left to :func:`timescale_importance`.
+    """
+    frame = pd.DataFrame([r for r in results if r["group"] != "without"])
+    if frame.empty:
+        raise ParameterError("no results to tabulate")
+    rows = []
+    for base, part in frame.groupby("base", sort=False):
+        row: dict[str, Any] = {"configuration": base, "group": part["group"].iloc[0],
+                               "timescales": len(part["timescales"].iloc[0])}
+        for codebook, label in (("kmeans", "K-means"), ("random", "random")):
+            match = part[part["codebook"] == codebook]
+            row[f"{label} inputs"] = int(match["n_inputs"].iloc[0]) if len(match) else np.nan
+            row[f"{label} ROC-AUC"] = float(match["roc_auc"].iloc[0]) if len(match) else np.nan
+            row[f"{label} PR-AUC"] = float(match["pr_auc"].iloc[0]) if len(match) else np.nan
+        row["gain ROC-AUC"] = row["K-means ROC-AUC"] - row["random ROC-AUC"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """The study table as fixed-width text, for the terminal and the report."""
+    columns = ["configuration", "timescales", "K-means ROC-AUC", "K-means PR-AUC", "random ROC-AUC",
+               "random PR-AUC", "gain ROC-AUC"]
+    shown = table[[c for c in columns if c in table.columns]]
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-")
+
+
+def timescale_importance(full: Mapping[str, pd.DataFrame], without: Mapping[tuple[str, str], pd.DataFrame],
+                         tag_types: Mapping[str, str]) -> pd.DataFrame:
+    """Per-tag ROC-AUC drop when one timescale is left out of a multiscale model.
+
+    Parameters
+    ----------
+    full : ``{group: per-tag table of the model on all the group's timescales}``
+    without : ``{(group, left-out timescale): per-tag table of the model without it}``
+        Per-tag tables have columns ``tag`` and ``roc_auc`` (as :func:`tasks.metrics.tag_metrics`).
+    tag_types : ``{tag: type}``; tags without one are typed ``other``
+
+    Returns
+    -------
+    pd.DataFrame with columns ``group, timescale, tag, type, roc_auc_full, roc_auc_without, drop``;
+    ``drop > 0`` means the timescale helped that tag.
+    """
+    rows = []
+    for (group, timescale), table in without.items():
+        base = full[group].set_index("tag")["roc_auc"]
+        left = table.set_index("tag")["roc_auc"]
+        for tag in base.index:
+            if tag in left.index and np.isfinite(base[tag]) and np.isfinite(left[tag]):
+                rows.append({"group": group, "timescale": timescale, "tag": tag,
+                             "type": tag_types.get(tag, "other"), "roc_auc_full": float(base[tag]),
+                             "roc_auc_without": float(left[tag]), "drop": float(base[tag] - left[tag])})
+    return pd.DataFrame(rows, columns=["group", "timescale", "tag", "type", "roc_auc_full", "roc_auc_without",
+                                       "drop"])
+
+
+def importance_by_type(importance: pd.DataFrame) -> pd.DataFrame:
+    """Mean ROC-AUC drop per (group, tag type) and left-out timescale: rows types, columns timescales."""
+    if importance.empty:
+        return pd.DataFrame()
+    pivot = importance.pivot_table(index=["group", "type"], columns="timescale", values="drop", aggfunc="mean",
+                                   sort=False)
+    return pivot
+
+
+def format_importance(importance: pd.DataFrame) -> str:
+    by_type = importance_by_type(importance)
+    if by_type.empty:
+        return "(no leave-one-out runs)"
+    return by_type.to_string(float_format=lambda v: f"{v:+.4f}", na_rep="-")

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 from prefect import flow
 
@@ -78,13 +79,14 @@ def kmeans_features(data_dir: Path, dataset: str, features: FeatureSettings, kme
 
 
 def log_codebook_filters(kmeans_dir: Path, timescales: tuple[str, ...]) -> None:
-    """The learned filters (means mapped back through the whitening) of each timescale, as images in MLflow."""
+    """Each timescale's means mapped back through the inverse whitening: the window each mean stands for."""
     with tempfile.TemporaryDirectory() as tmp:
         for column in timescales:
             codebook = Codebook.load(codebook_path(kmeans_dir, column))
-            weight, _ = codebook.linear_map()  # (context * n_mels, k): the filter applied to raw windows
-            filters = weight.T.reshape(codebook.k, codebook.context, codebook.n_mels).transpose(1, 2).numpy()
-            plot_first_layer_filters(filters, path=Path(tmp) / f"filters_{column}.png",
-                                     title=f"{codebook.kind} codebook of {column}: filters on raw windows "
+            # Whitening scales principal axes; its inverse maps a unit mean back to spectrogram values.
+            unwhitened = codebook.means @ np.linalg.pinv(codebook.whitening.matrix).T
+            windows = unwhitened.reshape(codebook.k, codebook.context, codebook.n_mels).transpose(0, 2, 1)
+            plot_first_layer_filters(windows, path=Path(tmp) / f"means_{column}.png",
+                                     title=f"{codebook.kind} codebook of {column}: means, un-whitened "
                                            "(mel band × frame)")
         mlflow.log_artifacts(tmp, artifact_path="plots")

@@ -24,6 +24,7 @@ from infra.settings import PipelineSettings, SourceSettings, WMFSettings, featur
 if TYPE_CHECKING:
     from flows.listening import WMFOutput
     from flows.retrain import RetrainOutcome
+    from flows.study import StudyOutput
     from flows.training import RecommenderOutput, TaggerOutput
     from tasks.features import FeatureSummary
     from tasks.report import PipelineSummary
@@ -146,3 +147,24 @@ def retrain_job(metric: Literal["map_at_k", "auc", "ndcg_at_k", "precision_at_k"
     with subflow_heartbeats_off():
         return retrain_on_new_listening(env.data_dir, env.tracking, metric=metric, margin=margin,
                                         max_epochs=epochs)
+
+
+@flow(name="mirflow", flow_run_name="study-tagging-{preset}-{dataset}")
+def study_tagging_job(preset: str = "ismir2013", dataset: str = "synthetic", k: int | None = None,
+                      epochs: int | None = None, tracks: int = 1200, users: int = 3000, clip_seconds: float = 15.0,
+                      seed: int = 0) -> StudyOutput:
+    """A tagging study (``ismir2013``: multiscale K-means features, MLP per configuration) under one parent run."""
+    from flows.study import tagging_study
+    from infra.settings import WorldSettings
+    from tasks.studies import load_preset
+
+    env = service_environment()
+    overrides: dict = {}
+    if k is not None:
+        overrides["kmeans"] = {"k": k}
+    if epochs is not None:
+        overrides["mlp"] = {"train": {"max_epochs": epochs}}
+    study = load_preset(preset, overrides=overrides)
+    world = WorldSettings(n_tracks=tracks, n_users=users, clip_seconds=clip_seconds, seed=seed)
+    with subflow_heartbeats_off():
+        return tagging_study(env.data_dir, dataset, study, env.cluster(), env.tracking, world=world)

@@ -118,7 +118,7 @@ def tagging_study(data_dir: Path, dataset: str, study: StudySettings, cluster: C
         importance = timescale_importance(
             {g: per_tag[f"{g} · kmeans"] for g in study.importance},
             {(c.base, c.left_out): per_tag[c.name] for c in configs if c.group == "without"},
-            tag_types=_tag_types(layout, dataset))
+            *_tag_types(layout, dataset))
         n_reused = sum(1 for r in results if r["reused"])
         seconds = time.perf_counter() - start
         report = _log_study(table, importance, results, study=study, dataset=dataset, layout=layout,
@@ -138,7 +138,10 @@ def run_configuration(config: Configuration, *, study: StudySettings, features: 
            "timescales": config.timescales, "left_out": config.left_out, "n_inputs": features["train"].shape[1]}
     if key in reuse:
         run = reuse[key]
-        table = mlflow.load_table(PER_TAG, run_ids=[run.info.run_id])
+        with tempfile.TemporaryDirectory() as tmp:
+            path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=PER_TAG, dst_path=tmp,
+                                                       tracking_uri=tracking.tracking_uri)
+            table = pd.read_json(path, orient="split")
         return {**row, "roc_auc": run.data.metrics["test/roc_auc"], "pr_auc": run.data.metrics["test/pr_auc"],
                 "seconds": 0.0, "reused": True, "run_id": run.info.run_id}, table, True
     start = time.perf_counter()
@@ -166,13 +169,13 @@ def _tracks_with(layout: Layout, dataset: str, feature_dirs) -> pd.DataFrame:
     return tracks.reset_index(drop=True)
 
 
-def _tag_types(layout: Layout, dataset: str) -> dict[str, str]:
-    """The synthetic world's tag types (its ``tags.parquet``); other catalogues have none."""
+def _tag_types(layout: Layout, dataset: str) -> tuple[dict[str, str], dict[str, float]]:
+    """The synthetic world's tag types and timescales (its ``tags.parquet``); other catalogues have none."""
     path = layout.world() / "tags.parquet"
     if dataset != "synthetic" or not path.exists():
-        return {}
+        return {}, {}
     frame = pd.read_parquet(path)
-    return dict(zip(frame["tag"], frame["type"]))
+    return dict(zip(frame["tag"], frame["type"])), dict(zip(frame["tag"], frame["timescale_s"]))
 
 
 def _log_study(table: pd.DataFrame, importance: pd.DataFrame, results: list[dict], *, study: StudySettings,

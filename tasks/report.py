@@ -198,12 +198,12 @@ def plot_study_bars(table, *, path: Path, title: str) -> Path:
 
 
 def plot_importance_heatmap(importance, *, group: str, path: Path) -> Path:
-    """Tags (grouped by type) x left-out timescales: the ROC-AUC each timescale adds to the multiscale model.
+    """Tags (by timescale, then type) x left-out timescales: the ROC-AUC each timescale adds to the multiscale model.
 
     ``importance`` is :func:`tasks.studies.timescale_importance`'s frame (one group is drawn).
     """
     part = importance[importance["group"] == group]
-    order = part.drop_duplicates("tag").sort_values(["type", "tag"])
+    order = part.drop_duplicates("tag").sort_values(["tag_timescale_s", "type", "tag"], na_position="last")
     timescales = list(dict.fromkeys(part["timescale"]))
     grid = part.pivot_table(index="tag", columns="timescale", values="drop").reindex(index=order["tag"],
                                                                                    columns=timescales)

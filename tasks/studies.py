@@ -157,7 +157,8 @@ def format_table(table: pd.DataFrame) -> str:
 
 
 def timescale_importance(full: Mapping[str, pd.DataFrame], without: Mapping[tuple[str, str], pd.DataFrame],
-                         tag_types: Mapping[str, str]) -> pd.DataFrame:
+                         tag_types: Mapping[str, str],
+                         tag_timescales: Mapping[str, float] | None = None) -> pd.DataFrame:
     """Per-tag ROC-AUC drop when one timescale is left out of a multiscale model.
 
     Parameters
@@ -166,12 +167,14 @@ def timescale_importance(full: Mapping[str, pd.DataFrame], without: Mapping[tupl
     without : ``{(group, left-out timescale): per-tag table of the model without it}``
         Per-tag tables have columns ``tag`` and ``roc_auc`` (as :func:`tasks.metrics.tag_metrics`).
     tag_types : ``{tag: type}``; tags without one are typed ``other``
+    tag_timescales : ``{tag: seconds}`` the tag lives at, when known (NaN otherwise)
 
     Returns
     -------
-    pd.DataFrame with columns ``group, timescale, tag, type, roc_auc_full, roc_auc_without, drop``;
-    ``drop > 0`` means the timescale helped that tag.
+    pd.DataFrame with columns ``group, timescale, tag, type, tag_timescale_s, roc_auc_full,
+    roc_auc_without, drop``; ``drop > 0`` means the timescale helped that tag.
     """
+    tag_timescales = tag_timescales or {}
     rows = []
     for (group, timescale), table in without.items():
         base = full[group].set_index("tag")["roc_auc"]
@@ -179,19 +182,24 @@ def timescale_importance(full: Mapping[str, pd.DataFrame], without: Mapping[tupl
         for tag in base.index:
             if tag in left.index and np.isfinite(base[tag]) and np.isfinite(left[tag]):
                 rows.append({"group": group, "timescale": timescale, "tag": tag,
-                             "type": tag_types.get(tag, "other"), "roc_auc_full": float(base[tag]),
+                             "type": tag_types.get(tag, "other"),
+                             "tag_timescale_s": float(tag_timescales.get(tag, np.nan)), "roc_auc_full": float(base[tag]),
                              "roc_auc_without": float(left[tag]), "drop": float(base[tag] - left[tag])})
-    return pd.DataFrame(rows, columns=["group", "timescale", "tag", "type", "roc_auc_full", "roc_auc_without",
-                                       "drop"])
+    return pd.DataFrame(rows, columns=["group", "timescale", "tag", "type", "tag_timescale_s", "roc_auc_full",
+                                       "roc_auc_without", "drop"])
 
 
 def importance_by_type(importance: pd.DataFrame) -> pd.DataFrame:
-    """Mean ROC-AUC drop per (group, tag type) and left-out timescale: rows types, columns timescales."""
+    """Mean ROC-AUC drop per (group, tag type) and left-out timescale: rows types, columns timescales.
+
+    Types are ordered by the median timescale of their tags (shortest first) where known.
+    """
     if importance.empty:
         return pd.DataFrame()
-    pivot = importance.pivot_table(index=["group", "type"], columns="timescale", values="drop", aggfunc="mean",
-                                   sort=False)
-    return pivot
+    order = importance.groupby("type")["tag_timescale_s"].median().sort_values(na_position="last", kind="stable")
+    ranked = importance.assign(_rank=importance["type"].map({t: i for i, t in enumerate(order.index)}))
+    ranked = ranked.sort_values(["_rank"], kind="stable")
+    return ranked.pivot_table(index=["group", "type"], columns="timescale", values="drop", aggfunc="mean", sort=False)
 
 
 def format_importance(importance: pd.DataFrame) -> str:

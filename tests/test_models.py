@@ -9,9 +9,11 @@ import torch
 
 from lightning_modules.datamodule import ClipWindowsDataset, clip_means, collate_windows
 from lightning_modules.latent_factors import LatentFactorModule
+from lightning_modules.mlp import MLPTaggerModule
 from lightning_modules.tagger import TaggerModule
 
 N_MELS, CROP = 16, 94
+N_INPUTS = 40  # pooled K-means features of the MLP tagger
 # The steps are called directly, outside a Trainer, so their self.log calls have nowhere to go.
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 
@@ -25,17 +27,31 @@ def _latent() -> LatentFactorModule:
                               learning_rate=3e-3, target_scale=2.0)
 
 
+def _mlp_tagger() -> MLPTaggerModule:
+    return MLPTaggerModule(n_inputs=N_INPUTS, tags=["a", "b", "c"], hidden=32, dropout=0.0, learning_rate=3e-3)
+
+
+def _crops(n: int, g: torch.Generator) -> torch.Tensor:
+    return torch.randn(n, N_MELS, CROP, generator=g)
+
+
+def _vectors(n: int, g: torch.Generator) -> torch.Tensor:
+    return torch.randn(n, N_INPUTS, generator=g)
+
+
+# family: (module factory, inputs(n, generator), targets(generator) for 8 examples)
 FAMILIES = {
-    "tagger": (_tagger, lambda g: (torch.rand(8, 3, generator=g) > 0.5).float()),
-    "latent_factors": (_latent, lambda g: torch.randn(8, 5, generator=g)),
+    "tagger": (_tagger, _crops, lambda g: (torch.rand(8, 3, generator=g) > 0.5).float()),
+    "latent_factors": (_latent, _crops, lambda g: torch.randn(8, 5, generator=g)),
+    "mlp_tagger": (_mlp_tagger, _vectors, lambda g: (torch.rand(8, 3, generator=g) > 0.5).float()),
 }
 
 
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request):
-    make, targets = FAMILIES[request.param]
+    make, inputs, targets = FAMILIES[request.param]
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(8, N_MELS, CROP, generator=g)
+    x = inputs(8, g)
     return request.param, make, x, targets(g)
 
 
@@ -86,10 +102,10 @@ def test_clip_windows_average_back_to_one_prediction_per_clip():
 
 
 class _RandomCrops(L.LightningDataModule):
-    def __init__(self, targets):
+    def __init__(self, inputs, targets):
         super().__init__()
         g = torch.Generator().manual_seed(0)
-        self.data = torch.utils.data.TensorDataset(torch.randn(16, N_MELS, CROP, generator=g), targets(g)[:1].repeat(16, 1))
+        self.data = torch.utils.data.TensorDataset(inputs(16, g), targets(g)[:1].repeat(16, 1))
 
     def train_dataloader(self):
         return torch.utils.data.DataLoader(self.data, batch_size=4)
@@ -118,7 +134,7 @@ def test_trains_under_ddp_with_two_cpu_processes(family, tmp_path, monkeypatch):
         trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
         try:
-            trainer.fit(module, datamodule=_RandomCrops(FAMILIES[name][1]))
+            trainer.fit(module, datamodule=_RandomCrops(*FAMILIES[name][1:]))
             break
         except ProcessExitedException:
             if attempt == 1:
@@ -126,3 +142,22 @@ def test_trains_under_ddp_with_two_cpu_processes(family, tmp_path, monkeypatch):
     # ddp_spawn hands rank 0's trained weights back to this process.
     assert trainer.world_size == 2
     assert any(not torch.equal(b, p) for b, p in zip(before, module.parameters()))
+
+
+def test_mlp_tagger_learns_separable_tags_and_reports_per_tag_metrics(tmp_path):
+    from infra.settings import MLPSettings, TrainSettings
+    from lightning_modules.train import train_mlp_tagger
+
+    rng = np.random.default_rng(0)
+    weights = rng.standard_normal((N_INPUTS, 3))
+    splits = {}
+    for split, n in (("train", 600), ("valid", 100), ("test", 100)):
+        x = rng.standard_normal((n, N_INPUTS)).astype(np.float32) * 5.0 + 3.0  # unstandardized on purpose
+        splits[split] = (x, ((x - 3.0) @ weights > 0).astype(np.float32))
+    settings = MLPSettings(hidden=32, dropout=0.2, train=TrainSettings(max_epochs=30, patience=30, batch_size=32, seed=0))
+    result = train_mlp_tagger(features={s: v[0] for s, v in splits.items()}, targets={s: v[1] for s, v in splits.items()},
+                              tags=["a", "b", "c"], settings=settings, checkpoint_dir=tmp_path, quiet=True)
+    assert result.metrics["test/roc_auc"] > 0.9 and result.metrics["test/pr_auc"] > 0.8
+    assert list(result.module.test_table.columns) == ["tag", "positives", "roc_auc", "pr_auc"]
+    assert sorted(result.module.test_table["tag"]) == ["a", "b", "c"]
+    assert result.checkpoint.exists()

@@ -181,3 +181,39 @@ def test_a_world_of_other_settings_is_replaced_not_reused(tmp_path: Path, settin
     assert not old_clip.exists() and not synth.world_is_complete(tmp_path, tiny)
     # Same settings again: an interrupted world resumes and nothing is removed.
     assert synth.begin_world(tmp_path, other) is False
+
+
+def test_every_tag_has_a_type_and_a_timescale(world: Path, settings: WorldSettings) -> None:
+    tags = pq.read_table(world / "tags.parquet").to_pandas()
+    assert list(tags["tag"]) == list(synth.TAGS)
+    assert dict(zip(tags["tag"], tags["type"])) == synth.TAG_TYPES
+    assert dict(zip(tags["tag"], tags["timescale_s"])) == synth.tag_timescales(settings)
+    scale = synth.tag_timescales(WorldSettings(clip_seconds=15.0))
+    assert scale["crescendo"] == 15.0 > scale["breaks"] > scale["major"] > scale["fast"] > scale["piano"]
+
+
+def test_long_timescale_tags_are_drawn_apart_from_the_style() -> None:
+    plans = synth.plan_world(WorldSettings(n_tracks=3000, seed=1))
+    for tag in synth.LONG_TAGS:
+        share = {style: np.mean([tag in p.true_tags for p in plans if p.style == style]) for style in synth.STYLES}
+        assert all(abs(s - synth.LONG_TAG_P[tag]) < 0.08 for s in share.values()), (tag, share)
+
+
+def _rms_per_second(y: np.ndarray) -> np.ndarray:
+    return np.sqrt((y[: len(y) // SR * SR].reshape(-1, SR) ** 2).mean(axis=1))
+
+
+def test_crescendo_rises_over_the_clip_and_breaks_drop_the_band() -> None:
+    seconds = 12.0
+    plain = synth.render_clip(_track("drums", "bass", "slow", "minor", style="rock"), sample_rate=SR, seconds=seconds)
+    rising = synth.render_clip(_track("drums", "bass", "slow", "minor", "crescendo", style="rock"), sample_rate=SR,
+                               seconds=seconds)
+    breaks = synth.render_clip(_track("drums", "bass", "slow", "minor", "breaks", style="rock"), sample_rate=SR,
+                               seconds=seconds)
+    level = {name: _rms_per_second(y) for name, y in {"plain": plain, "rising": rising, "breaks": breaks}.items()}
+    # The same notes: without the long-timescale tags the level is steady ...
+    assert level["plain"].max() / level["plain"].min() < 2.0
+    # ... a crescendo ends ~20 dB above where it starts ...
+    assert level["rising"][-2:].mean() / level["rising"][:2].mean() > 5.0
+    # ... and with breaks (no lead instrument here) whole seconds fall close to silence between full ones.
+    assert level["breaks"].min() / level["breaks"].max() < 0.15

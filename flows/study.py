@@ -34,7 +34,7 @@ from infra.tracking import child_run, finished_children, parent_run
 from lightning_modules.train import multi_hot, train_mlp_tagger
 from tasks.datasets import tag_vocabulary
 from tasks.errors import DatasetError
-from tasks.kmeans_features import read_kmeans_features
+from tasks.kmeans_features import check_context, read_kmeans_features
 from tasks.report import metric_slug, plot_importance_heatmap, plot_study_bars
 from tasks.shards import read_manifest, write_text_atomic
 from tasks.studies import (
@@ -69,6 +69,9 @@ def tagging_study(data_dir: Path, dataset: str, study: StudySettings, cluster: C
     start = time.perf_counter()
     layout = Layout(Path(data_dir))
     configs = configurations(study)
+    if dataset == "synthetic":  # the clips' length is known before anything is rendered: check the context now
+        check_context(study.features, study.kmeans, seconds=(world or WorldSettings()).clip_seconds,
+                      timescales=study.timescales, what="the synthetic clips")
     with dask_client(cluster) as client:
         device = spectrogram_device(client, cluster)
         shared = ClusterSettings(kind="address", address=client.scheduler.address,

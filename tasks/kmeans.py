@@ -20,6 +20,7 @@ cost and learns nothing.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -148,9 +149,9 @@ def fit_whitening(windows: torch.Tensor | np.ndarray, *, epsilon: float) -> Whit
 @dataclass
 class KMeansFit:
     means: np.ndarray  # [shape=(k, d), float32], unit norm
-    mean_cosine: float  # mean over the data of the cosine to the assigned mean
+    mean_cosine: float  # mean over the data of the cosine to the nearest final mean
     reseeded: int  # empty clusters re-seeded from random samples, over all iterations
-    history: list[float] = field(default_factory=list)  # mean_cosine after each iteration
+    history: list[float] = field(default_factory=list)  # per pass: mean cosine of its assignments as they were made
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -187,7 +188,7 @@ def spherical_kmeans(
     batch_size : int >= 1, vectors per update
     seed : int, decides the initial means and the order of the vectors
     device : the torch device that computes (``cuda`` on a GPU)
-    on_iteration : called with (iteration, mean cosine) after each pass
+    on_iteration : called with (iteration, mean cosine of the pass's assignments) after each pass
 
     Returns
     -------
@@ -206,14 +207,18 @@ def spherical_kmeans(
     generator = torch.Generator(device="cpu").manual_seed(seed)
     means = _spherical_kmeans_plus_plus(x, k=k, generator=generator)
     counts = torch.zeros(k, device=device)
+    norms = x.norm(dim=1).clamp_min(1e-12)
     reseeded = 0
     history: list[float] = []
     for iteration in range(iterations):
         used = torch.zeros(k, dtype=torch.bool, device=device)
         order = torch.randperm(n, generator=generator).to(device)
+        cosine_sum = 0.0
         for start in range(0, n, batch_size):
-            batch = x[order[start : start + batch_size]]
-            assigned = (batch @ means.T).argmax(dim=1)
+            rows = order[start : start + batch_size]
+            batch = x[rows]
+            best, assigned = (batch @ means.T).max(dim=1)
+            cosine_sum += float((best / norms[rows]).sum())
             batch_counts = torch.bincount(assigned, minlength=k).float()
             sums = torch.zeros_like(means).index_add_(0, assigned, batch)
             counts += batch_counts
@@ -226,10 +231,12 @@ def spherical_kmeans(
             means[empty] = _unit(x[picks].clone())
             counts[empty] = 0.0
             reseeded += int(empty.numel())
-        history.append(_mean_cosine(x, means, batch_size=max(batch_size, 4096)))
+        # The pass's own assignments (each against the means of its moment): free, and exact enough to follow.
+        history.append(cosine_sum / n)
         if on_iteration is not None:
             on_iteration(iteration + 1, history[-1])
-    return KMeansFit(means=means.cpu().numpy(), mean_cosine=history[-1], reseeded=reseeded, history=history)
+    final = _mean_cosine(x, means, batch_size=max(batch_size, 4096))
+    return KMeansFit(means=means.cpu().numpy(), mean_cosine=final, reseeded=reseeded, history=history)
 
 
 def _spherical_kmeans_plus_plus(x: torch.Tensor, *, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -292,9 +299,13 @@ class Codebook:
 
     def linear_map(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(weight [shape=(d, k)], bias [shape=(k,)])`` with ``encoding = window @ weight - bias``."""
+        return self._linear_map
+
+    @functools.cached_property
+    def _linear_map(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # Computed once per codebook: the (d, d) x (d, k) product costs as much as encoding a whole clip.
         weight = torch.from_numpy(self.whitening.matrix.T @ self.means.T)
-        bias = torch.from_numpy(self.whitening.mean) @ weight
-        return weight, bias
+        return weight, torch.from_numpy(self.whitening.mean) @ weight
 
     def save(self, path: Path) -> Path:
         """Write ``path`` (``.npz``): arrays and a JSON header, readable with ``allow_pickle=False``."""

@@ -145,15 +145,21 @@ def plan_kmeans_features(tracks: pd.DataFrame, *, base_dir: Path, kmeans_dir: Pa
                       done_records=tuple(done.values()), quarantined=tuple(quarantined), n_skipped=len(done))
 
 
+def check_context(features: FeatureSettings, kmeans: KMeansSettings, *, seconds: float,
+                  timescales: tuple[str, ...], what: str = "the median clip") -> None:
+    """A context longer than a typical clip of ``seconds`` at some timescale is a bad setting: raise, saying where."""
+    frames = timescale_frames(features, n_samples=round(seconds * features.mel.sample_rate))
+    for t in timescales:
+        if frames[t] < kmeans.context:
+            raise ParameterError(f"context={kmeans.context} frames is longer than {what} ({seconds:.1f} s) at "
+                                 f"timescale {t} ({frames[t]} frames): lower the context or drop that timescale")
+
+
 def _too_short(base: pd.DataFrame, *, features: FeatureSettings, kmeans: KMeansSettings,
                timescales: tuple[str, ...]) -> tuple[set[str], list[dict]]:
+    check_context(features, kmeans, seconds=float(np.median(base["duration_s"].to_numpy())), timescales=timescales)
     frames = {track_id: timescale_frames(features, n_samples=round(float(duration) * features.mel.sample_rate))
               for track_id, duration in zip(base.index, base["duration_s"])}
-    median_clip = base.index[np.argsort(base["duration_s"].to_numpy())[len(base) // 2]]
-    for t in timescales:
-        if frames[median_clip][t] < kmeans.context:
-            raise ParameterError(f"context={kmeans.context} frames is longer than the median clip at timescale {t} "
-                                 f"({frames[median_clip][t]} frames): lower the context or drop that timescale")
     short, records = set(), []
     for track_id, counts in frames.items():
         too_short = [t for t in timescales if counts[t] < kmeans.context]

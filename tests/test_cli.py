@@ -105,3 +105,28 @@ def test_wmf_command_ingests_quarantines_and_updates(tmp_path):
     assert len(quarantine) == 3 and quarantine["reason"].str.contains("expected 3 tab-separated fields").all()
     bad = CliRunner().invoke(app, [*base, "--listening", str(first), "--format", "xml"])
     assert bad.exit_code == 2 and "format" in bad.output
+
+
+def test_study_rejects_bad_settings_before_anything_runs(tmp_path):
+    for argv, message in ((["--k", "1"], "at least 2 means"), (["--preset", "ismir1999"], "unknown preset"),
+                          (["--clip-seconds", "1"], "clip_seconds")):
+        result = CliRunner().invoke(app, ["study", "tagging", *argv, "--data-dir", str(tmp_path)])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output
+    assert not list(tmp_path.iterdir())  # nothing was written
+
+
+@pytest.mark.integration
+def test_study_with_a_context_longer_than_the_clips_stops_before_any_work(tmp_path):
+    preset = tmp_path / "long-context.json"
+    from tasks.studies import PRESETS
+    import json
+
+    preset.write_text(json.dumps({**PRESETS["smoke"], "kmeans": {**PRESETS["smoke"]["kmeans"], "context": 400}}))
+    data_dir = tmp_path / "data"
+    with prefect_test_harness(server_startup_timeout=60):
+        result = CliRunner().invoke(app, ["study", "tagging", "--preset", str(preset), "--clip-seconds", "6",
+                                          "--data-dir", str(data_dir)])
+    assert result.exit_code == 1, result.output
+    assert "context=400 frames is longer than the synthetic clips" in result.output
+    assert not (data_dir / "raw").exists() and not (data_dir / "features").exists()

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pandas as pd
 from prefect import flow
 
@@ -23,6 +22,8 @@ from tasks.kmeans_features import (
     encode_batch,
     finish_kmeans_features,
     fit_timescale_codebook,
+    kmeans_device,
+    plan_encoding,
     plan_kmeans_features,
 )
 from tasks.report import plot_first_layer_filters
@@ -51,22 +52,26 @@ def kmeans_features(data_dir: Path, dataset: str, features: FeatureSettings, kme
                      tags={"mirflow.features_manifest_sha1": file_sha1(base_dir / MANIFEST) or "none"}):
         start = time.perf_counter()
         with dask_client(cluster) as client:
-            device = "cpu" if kmeans.device == "cpu" else (spectrogram_device(client, cluster) or "cpu")
+            device = kmeans_device(kmeans, spectrogram_device(client, cluster))
             fits = map_batches(client, fit_timescale_codebook, list(plan.to_fit), description="K-means codebooks",
                                unit="timescales", base_dir=base_dir, kmeans_dir=kmeans_dir,
                                fit_track_ids=plan.fit_track_ids, kmeans=kmeans, n_mels=features.mel.n_mels,
                                device=device)
-            results = map_batches(client, encode_batch, plan.batches, description="K-means encoding", unit="clips",
+            encode = plan_encoding(plan, base_dir=base_dir, kmeans_dir=kmeans_dir, kmeans=kmeans)
+            results = map_batches(client, encode_batch, encode.batches, description="K-means encoding", unit="clips",
                                   size=lambda batch: len(batch.track_ids), base_dir=base_dir, kmeans_dir=kmeans_dir,
-                                  timescales=plan.timescales, kmeans=kmeans)
-        summary = finish_kmeans_features(plan, results, kmeans_dir=kmeans_dir, kmeans=kmeans,
-                                         wall_seconds=time.perf_counter() - start)
-        append_quarantine(layout.quarantine(dataset), list(plan.quarantined))
+                                  timescales=plan.timescales, kmeans=kmeans, encoding_hash=encode.encoding_hash,
+                                  device=device)
+        summary, quarantined = finish_kmeans_features(plan, encode, results, kmeans_dir=kmeans_dir, kmeans=kmeans,
+                                                      wall_seconds=time.perf_counter() - start)
+        append_quarantine(layout.quarantine(dataset), quarantined)
         for fit in fits:
-            log.info("codebook %s: %s windows, mean cosine %s, %s re-seeded, %.1f s", fit["column"],
-                     fit["sample_windows"], fit.get("mean_cosine", "-"), fit.get("reseeded", "-"), fit["seconds"])
+            log.info("codebook %s: %s windows of %d clips, mean cosine %s, %s re-seeded, %.1f s", fit["column"],
+                     fit["sample_windows"], fit["fit_clips"], fit.get("mean_cosine", "-"), fit.get("reseeded", "-"),
+                     fit["seconds"])
             if "mean_cosine" in fit:
                 mlflow.log_metric(f"codebook/{fit['column']}/mean_cosine", fit["mean_cosine"])
+        mlflow.set_tag("mirflow.encoding_hash", encode.encoding_hash)
         mlflow.log_metrics({"tracks": summary.n_tracks, "encoded": summary.n_encoded, "skipped": summary.n_skipped,
                             "quarantined": summary.n_quarantined, "clips_per_s": summary.clips_per_s,
                             "codebooks_fitted": len(fits)})
@@ -83,10 +88,7 @@ def log_codebook_filters(kmeans_dir: Path, timescales: tuple[str, ...]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for column in timescales:
             codebook = Codebook.load(codebook_path(kmeans_dir, column))
-            # Whitening scales principal axes; its inverse maps a unit mean back to spectrogram values.
-            unwhitened = codebook.means @ np.linalg.pinv(codebook.whitening.matrix).T
-            windows = unwhitened.reshape(codebook.k, codebook.context, codebook.n_mels).transpose(0, 2, 1)
-            plot_first_layer_filters(windows, path=Path(tmp) / f"means_{column}.png",
+            plot_first_layer_filters(codebook.unwhitened_means(), path=Path(tmp) / f"means_{column}.png",
                                      title=f"{codebook.kind} codebook of {column}: means, un-whitened "
                                            "(mel band × frame)")
         mlflow.log_artifacts(tmp, artifact_path="plots")

@@ -156,15 +156,10 @@ def study_tagging_job(preset: str = "ismir2013", dataset: str = "synthetic", k: 
     """A tagging study (``ismir2013``: multiscale K-means features, MLP per configuration) under one parent run."""
     from flows.study import tagging_study
     from infra.settings import WorldSettings
-    from tasks.studies import load_preset
+    from tasks.studies import load_preset, preset_overrides
 
     env = service_environment()
-    overrides: dict = {}
-    if k is not None:
-        overrides["kmeans"] = {"k": k}
-    if epochs is not None:
-        overrides["mlp"] = {"train": {"max_epochs": epochs}}
-    study = load_preset(preset, overrides=overrides)
+    study = load_preset(preset, overrides=preset_overrides(k=k, epochs=epochs))
     world = WorldSettings(n_tracks=tracks, n_users=users, clip_seconds=clip_seconds, seed=seed)
     with subflow_heartbeats_off():
         return tagging_study(env.data_dir, dataset, study, env.cluster(), env.tracking, world=world)

@@ -30,21 +30,23 @@ from flows.world import synthetic_world
 from infra.cluster import dask_client, spectrogram_device
 from infra.layout import Layout
 from infra.settings import ClusterSettings, StudySettings, TrackingSettings, WorldSettings
-from infra.tracking import child_run, finished_children, parent_run
-from lightning_modules.train import multi_hot, train_mlp_tagger
-from tasks.datasets import tag_vocabulary
+from infra.tracking import child_run, finished_children, log_table_replacing, parent_run
+from lightning_modules.train import train_mlp_tagger
 from tasks.errors import DatasetError
-from tasks.kmeans_features import check_context, read_kmeans_features
+from tasks.kmeans_features import check_context
 from tasks.report import metric_slug, plot_importance_heatmap, plot_study_bars
-from tasks.shards import read_manifest, write_text_atomic
+from tasks.shards import write_text_atomic
 from tasks.studies import (
     Configuration,
+    StudyData,
     configurations,
     format_importance,
     format_table,
     importance_by_type,
+    load_study_data,
     study_table,
     timescale_importance,
+    world_tag_types,
 )
 
 log = logging.getLogger("mirflow")
@@ -89,29 +91,21 @@ def tagging_study(data_dir: Path, dataset: str, study: StudySettings, cluster: C
             kmeans_dirs[codebook] = Path(kmeans_features(data_dir, dataset, study.features, settings, shared,
                                                          tracking).feature_dir)
 
-    tracks = _tracks_with(layout, dataset, kmeans_dirs.values())
-    tags = tag_vocabulary(tracks, n=study.mlp.n_tags)
-    split_ids = {split: list(group["track_id"]) for split, group in tracks.groupby("split")}
-    targets_of = multi_hot(tracks, tags)
-    targets = {split: np.stack([targets_of[t] for t in ids]) for split, ids in split_ids.items()}
-    vectors = {codebook: {column: {split: read_kmeans_features(path, timescales=[column], track_ids=ids)
-                                   for split, ids in split_ids.items()}
-                          for column in study.timescales}
-               for codebook, path in kmeans_dirs.items()}
+    tracks = pd.read_parquet(layout.tracks(dataset), columns=["track_id", "split", "tags"])
+    data = load_study_data(tracks, kmeans_dirs, timescales=study.timescales, n_tags=study.mlp.n_tags)
+    tag_types, tag_timescales = world_tag_types(layout.world()) if dataset == "synthetic" else ({}, {})
 
-    key = f"{study.settings_hash}-{dataset}"
-    params = {**study.flat(), "dataset": dataset, "tags": ",".join(tags), "n_tracks": len(tracks),
-              **{f"n_{split}": len(ids) for split, ids in split_ids.items()},
+    # One parent per settings and data: a re-run on the same data resumes it, other data starts another.
+    key = f"{study.settings_hash}-{dataset}-{data.fingerprint}"
+    params = {**study.flat(), "dataset": dataset, "tags": ",".join(data.tags), "data_fingerprint": data.fingerprint,
+              **{f"n_{split}": len(ids) for split, ids in data.split_ids.items()},
               **{f"kmeans_feature_set.{c}": p.name for c, p in kmeans_dirs.items()}}
     with parent_run(tracking, "study", key=key, run_name=f"study-{study.preset}-{dataset}", params=params,
                     tags={"mirflow.preset": study.preset, "mirflow.dataset": dataset}) as (parent, resumed):
         reuse = finished_children(tracking, parent.info.run_id) if resumed else {}
         results, per_tag = [], {}
         for i, config in enumerate(configs, start=1):
-            features = {split: np.concatenate([vectors[config.codebook][c][split] for c in config.timescales], axis=1)
-                        for split in split_ids}
-            row, table, reused = run_configuration(config, study=study, features=features, targets=targets,
-                                                   tags=tags, reuse=reuse, tracking=tracking,
+            row, table, reused = run_configuration(config, study=study, data=data, reuse=reuse, tracking=tracking,
                                                    checkpoint_dir=layout.checkpoints("study") / parent.info.run_id)
             results.append(row)
             per_tag[config.name] = table
@@ -121,7 +115,7 @@ def tagging_study(data_dir: Path, dataset: str, study: StudySettings, cluster: C
         importance = timescale_importance(
             {g: per_tag[f"{g} · kmeans"] for g in study.importance},
             {(c.base, c.left_out): per_tag[c.name] for c in configs if c.group == "without"},
-            *_tag_types(layout, dataset))
+            tag_types=tag_types, tag_timescales=tag_timescales)
         n_reused = sum(1 for r in results if r["reused"])
         seconds = time.perf_counter() - start
         report = _log_study(table, importance, results, study=study, dataset=dataset, layout=layout,
@@ -132,11 +126,11 @@ def tagging_study(data_dir: Path, dataset: str, study: StudySettings, cluster: C
                        report_path=str(report), n_runs=len(results) - n_reused, n_reused=n_reused, seconds=seconds)
 
 
-def run_configuration(config: Configuration, *, study: StudySettings, features: dict[str, np.ndarray],
-                      targets: dict[str, np.ndarray], tags: list[str], reuse: dict, tracking: TrackingSettings,
-                      checkpoint_dir: Path) -> tuple[dict, pd.DataFrame, bool]:
-    """Train and test one configuration in a child run, or reuse the finished child of an earlier run."""
-    key = config.key(study)
+def run_configuration(config: Configuration, *, study: StudySettings, data: StudyData, reuse: dict,
+                      tracking: TrackingSettings, checkpoint_dir: Path) -> tuple[dict, pd.DataFrame, bool]:
+    """Train and test one configuration in a child run, or reuse the completed child of an earlier run."""
+    key = config.key(study, data.fingerprint)
+    features = data.inputs(config)
     row = {"name": config.name, "group": config.group, "base": config.base, "codebook": config.codebook,
            "timescales": config.timescales, "left_out": config.left_out, "n_inputs": features["train"].shape[1]}
     if key in reuse:
@@ -154,7 +148,7 @@ def run_configuration(config: Configuration, *, study: StudySettings, features: 
     tags_ = {"mirflow.config_key": key, "mirflow.configuration": config.name, "mirflow.codebook": config.codebook,
              "mirflow.group": config.group}
     with child_run(run_name=config.name, params=params, tags=tags_) as run:
-        result = train_mlp_tagger(features=features, targets=targets, tags=tags, settings=study.mlp,
+        result = train_mlp_tagger(features=features, targets=data.targets, tags=data.tags, settings=study.mlp,
                                   checkpoint_dir=checkpoint_dir / key,
                                   logger=mlflow_logger(tracking, "study", run.info.run_id), quiet=True)
         table = result.module.test_table
@@ -164,29 +158,12 @@ def run_configuration(config: Configuration, *, study: StudySettings, features: 
             "seconds": time.perf_counter() - start, "reused": False, "run_id": run.info.run_id}, table, False
 
 
-def _tracks_with(layout: Layout, dataset: str, feature_dirs) -> pd.DataFrame:
-    """Tracks with a split, tags and K-means features in every one of ``feature_dirs``."""
-    tracks = pd.read_parquet(layout.tracks(dataset), columns=["track_id", "split", "tags"])
-    for path in feature_dirs:
-        tracks = tracks[tracks["track_id"].isin(set(read_manifest(path).column("track_id").to_pylist()))]
-    return tracks.reset_index(drop=True)
-
-
-def _tag_types(layout: Layout, dataset: str) -> tuple[dict[str, str], dict[str, float]]:
-    """The synthetic world's tag types and timescales (its ``tags.parquet``); other catalogues have none."""
-    path = layout.world() / "tags.parquet"
-    if dataset != "synthetic" or not path.exists():
-        return {}, {}
-    frame = pd.read_parquet(path)
-    return dict(zip(frame["tag"], frame["type"])), dict(zip(frame["tag"], frame["timescale_s"]))
-
-
 def _log_study(table: pd.DataFrame, importance: pd.DataFrame, results: list[dict], *, study: StudySettings,
                dataset: str, layout: Layout, run_id: str, seconds: float, n_reused: int) -> Path:
     """Table, plots, importance and the markdown report into the parent run; returns the report's path."""
-    mlflow.log_table(table, "study_table.json")
-    mlflow.log_table(pd.DataFrame([{k: (",".join(v) if isinstance(v, tuple) else v) for k, v in r.items()}
-                                   for r in results]), "study_runs.json")
+    log_table_replacing(table, "study_table.json")
+    log_table_replacing(pd.DataFrame([{k: (",".join(v) if isinstance(v, tuple) else v) for k, v in r.items()}
+                                      for r in results]), "study_runs.json")
     metrics = {}
     for row in table.to_dict("records"):
         for codebook, column in (("kmeans", "K-means ROC-AUC"), ("random", "random ROC-AUC")):
@@ -197,7 +174,7 @@ def _log_study(table: pd.DataFrame, importance: pd.DataFrame, results: list[dict
         plot_study_bars(table, path=Path(tmp) / "study_roc_auc.png",
                         title=f"{study.preset} on {dataset}: K-means features against random means")
         if not importance.empty:
-            mlflow.log_table(importance, "timescale_importance.json")
+            log_table_replacing(importance, "timescale_importance.json")
             for group in importance["group"].unique():
                 plot_importance_heatmap(importance, group=group, path=Path(tmp) / f"timescale_importance_{group}.png")
         mlflow.log_artifacts(tmp, artifact_path="plots")

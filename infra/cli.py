@@ -62,6 +62,9 @@ DataDir = Annotated[Path, typer.Option(help="storage root: world, shards, listen
 Workers = Annotated[int | None, typer.Option(help="Dask workers (default: one per core)")]
 Cluster = Annotated[str, typer.Option(help="local | address | cuda")]
 Address = Annotated[str | None, typer.Option(help="scheduler address for --cluster address")]
+Tracks = Annotated[int, typer.Option(help="clips in the synthetic world")]
+Users = Annotated[int, typer.Option(help="listeners in the synthetic world")]
+ClipSeconds = Annotated[float, typer.Option(help="length of each synthetic clip")]
 
 
 def _launch(epochs: int | None, **fields) -> None:
@@ -92,9 +95,9 @@ def _run(settings) -> None:
 @app.command()
 def demo(
     data_dir: DataDir = Path("data"),
-    tracks: Annotated[int, typer.Option(help="clips in the synthetic world")] = 1200,
-    users: Annotated[int, typer.Option(help="listeners in the synthetic world")] = 3000,
-    clip_seconds: Annotated[float, typer.Option(help="length of each synthetic clip")] = 15.0,
+    tracks: Tracks = 1200,
+    users: Users = 3000,
+    clip_seconds: ClipSeconds = 15.0,
     epochs: Annotated[int | None, typer.Option(help="cap on training epochs of each model")] = None,
     seed: int = 0,
     initial_batches: Annotated[int | None, typer.Option(
@@ -371,9 +374,9 @@ def study_tagging(
     dataset: Annotated[str, typer.Option(help="synthetic (built if absent), or a catalogue made by "
                                               "`mirflow features`")] = "synthetic",
     data_dir: DataDir = Path("data"),
-    tracks: Annotated[int, typer.Option(help="synthetic world: clips")] = 1200,
-    users: Annotated[int, typer.Option(help="synthetic world: listeners")] = 3000,
-    clip_seconds: Annotated[float, typer.Option(help="synthetic world: seconds per clip")] = 15.0,
+    tracks: Tracks = 1200,
+    users: Users = 3000,
+    clip_seconds: ClipSeconds = 15.0,
     seed: Annotated[int, typer.Option(help="synthetic world's seed")] = 0,
     epochs: Annotated[int | None, typer.Option(help="cap on each MLP's training epochs")] = None,
     workers: Workers = None,
@@ -388,15 +391,10 @@ def study_tagging(
     from infra.settings import ClusterSettings, WorldSettings
     from infra.tracking import tracking_for
     from tasks.errors import MirflowError, ParameterError
-    from tasks.studies import load_preset
+    from tasks.studies import load_preset, preset_overrides
 
-    overrides: dict = {}
-    if k is not None:
-        overrides["kmeans"] = {"k": k}
-    if epochs is not None:
-        overrides["mlp"] = {"train": {"max_epochs": epochs}}
     try:
-        study = load_preset(preset, overrides=overrides)
+        study = load_preset(preset, overrides=preset_overrides(k=k, epochs=epochs))
         world_settings = WorldSettings(n_tracks=tracks, n_users=users, clip_seconds=clip_seconds, seed=seed)
         cluster_settings = ClusterSettings(kind=cluster, n_workers=workers, address=address)
     except (ParameterError, ValidationError) as err:

@@ -338,6 +338,9 @@ class StudySettings(_Settings):
                              f"{self.features.columns})")
         if not self.codebooks:
             raise ValueError("a study needs at least one codebook kind (kmeans, random)")
+        if self.importance and "kmeans" not in self.codebooks:
+            raise ValueError("the timescale importance analysis uses the K-means codebook: add 'kmeans' to "
+                             "codebooks or set importance to []")
         return self
 
     def timescale_groups(self) -> dict[str, tuple[str, ...]]:

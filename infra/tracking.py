@@ -134,20 +134,46 @@ def parent_run(
         yield run, False
 
 
+COMPLETE_TAG = "mirflow.complete"
+
+
 def finished_children(settings: TrackingSettings, parent_run_id: str) -> dict[str, Any]:
-    """``{mirflow.config_key: run}`` of the parent's nested runs that finished (the newest of each key)."""
+    """``{mirflow.config_key: run}`` of the parent's nested runs that completed (the newest of each key).
+
+    Complete means :func:`child_run`'s block ended without an error: a run that a
+    logger marked FINISHED but that was killed before its last artifact is not reused.
+    """
     client = MlflowClient(settings.tracking_uri)
     parent = client.get_run(parent_run_id)
     runs = client.search_runs([parent.info.experiment_id],
                               filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and "
-                                            "attributes.status = 'FINISHED'",
+                                            f"tags.`{COMPLETE_TAG}` = 'true'",
                               order_by=["attributes.start_time ASC"], max_results=10_000)
     return {run.data.tags["mirflow.config_key"]: run for run in runs if "mirflow.config_key" in run.data.tags}
 
 
+def log_table_replacing(frame, artifact_file: str) -> None:
+    """``mlflow.log_table`` into the active run, replacing (not appending to) a table logged there before.
+
+    A resumed study logs its tables again; ``log_table`` alone would double their rows.
+    """
+    import tempfile
+
+    run = mlflow.active_run()
+    existing = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, str(Path(artifact_file).parent)
+                                                              if "/" in artifact_file else None)}
+    if artifact_file not in existing:
+        mlflow.log_table(frame, artifact_file)
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # the same JSON layout log_table writes
+        path = Path(tmp) / Path(artifact_file).name
+        path.write_text(frame.to_json(orient="split", index=False))
+        mlflow.log_artifact(str(path), artifact_path=str(Path(artifact_file).parent) if "/" in artifact_file else None)
+
+
 @contextmanager
 def child_run(*, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> Iterator[mlflow.ActiveRun]:
-    """A nested run under the active (parent) run, in its experiment, with params and tags."""
+    """A nested run under the active (parent) run, in its experiment, with params and tags; tagged complete last."""
     parent = mlflow.active_run()
     if parent is None:
         raise RuntimeError("child_run needs an active parent run")
@@ -158,3 +184,4 @@ def child_run(*, run_name: str, params: Mapping[str, Any], tags: Mapping[str, st
                           tags=run_tags) as run:
         mlflow.log_params(_params(params))
         yield run
+        mlflow.set_tag(COMPLETE_TAG, "true")

@@ -185,7 +185,9 @@ class VectorDataModule(L.LightningDataModule):
         self.targets = {s: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for s, v in targets.items()}
         self.batch_size, self.num_workers = batch_size, num_workers
         self.mean = self.features["train"].mean(dim=0).numpy()
-        self.std = self.features["train"].std(dim=0).numpy() + 1e-5
+        std = self.features["train"].std(dim=0).numpy()
+        # A dimension constant over the training clips (e.g. a unit no clip activates) stays unscaled.
+        self.std = np.where(std < 1e-6, 1.0, std).astype(np.float32)
 
     def _loader(self, split: str, *, shuffle: bool) -> DataLoader:
         dataset = TensorDataset(self.features[split], self.targets[split])

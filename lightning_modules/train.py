@@ -20,6 +20,7 @@ from lightning_modules.datamodule import FeatureDataModule, VectorDataModule
 from lightning_modules.latent_factors import LatentFactorModule
 from lightning_modules.mlp import MLPTaggerModule
 from lightning_modules.tagger import TaggerModule
+from tasks.datasets import multi_hot
 from tasks.errors import ParameterError
 
 
@@ -63,16 +64,6 @@ def _datamodule(feature_dir: Path, mel: MelSettings, train: TrainSettings, track
     )
     datamodule.setup()
     return datamodule
-
-
-def multi_hot(tracks: pd.DataFrame, tags: list[str]) -> dict[str, np.ndarray]:
-    position = {tag: j for j, tag in enumerate(tags)}
-    out = {}
-    for track_id, track_tags in zip(tracks["track_id"], tracks["tags"]):
-        vector = np.zeros(len(tags), dtype=np.float32)
-        vector[[position[t] for t in track_tags if t in position]] = 1.0
-        out[track_id] = vector
-    return out
 
 
 def train_tagger(*, feature_dir: Path, tracks: pd.DataFrame, tags: list[str], settings: TaggerSettings,

@@ -390,6 +390,17 @@ def tag_vocabulary(tracks: pd.DataFrame, *, n: int) -> list[str]:
     return [tag for tag, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:n]]
 
 
+def multi_hot(tracks: pd.DataFrame, tags: Sequence[str]) -> dict[str, np.ndarray]:
+    """``{track_id: [shape=(len(tags),), float32]}``, 1 where the track carries the tag (others ignored)."""
+    position = {tag: j for j, tag in enumerate(tags)}
+    out = {}
+    for track_id, track_tags in zip(tracks["track_id"], tracks["tags"]):
+        vector = np.zeros(len(position), dtype=np.float32)
+        vector[[position[t] for t in track_tags if t in position]] = 1.0
+        out[track_id] = vector
+    return out
+
+
 def tracks_from_source(source: SourceSettings) -> pd.DataFrame:
     """The tracks table of a catalogue, through the adapter ``source.adapter`` names."""
     if source.adapter == "mtat":

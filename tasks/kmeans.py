@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,12 +172,13 @@ def spherical_kmeans(
     """Spherical K-means with mini-batch updates.
 
     Means are unit vectors. A vector is assigned to the mean with the largest dot
-    product (one-of-K). Each mini-batch moves every mean it used to the running sum
-    of all vectors ever assigned to it, then back onto the unit sphere: with ``n_j``
-    vectors seen so far, ``m_j <- normalize(m_j * (n_j - b_j) + sum of the b_j new
-    vectors)``, a per-cluster learning rate of ``1 / n_j`` as in mini-batch K-means.
-    A cluster that receives no vector during a whole pass is re-seeded with a random
-    data vector and its count reset. The initial means are chosen k-means++ style
+    product (one-of-K). Each cluster keeps the running average ``c_j`` of every vector
+    ever assigned to it, and its mean is that average renormalized: a mini-batch that
+    assigns ``b_j`` vectors to cluster ``j`` (``n_j`` so far, these included) does
+    ``c_j <- c_j + (sum of the b_j vectors - b_j * c_j) / n_j`` and ``m_j <- c_j / |c_j|``,
+    a per-cluster learning rate of ``1 / n_j`` as in mini-batch K-means, whatever the
+    norm of the data. A cluster that receives no vector during a whole pass is
+    re-seeded with a random data vector and its count reset. The initial means are chosen k-means++ style
     (each next one far, in cosine, from those already picked) on a sample of the data.
 
     Parameters
@@ -206,6 +208,7 @@ def spherical_kmeans(
         raise ParameterError(f"iterations={iterations} and batch_size={batch_size} must be >= 1")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     means = _spherical_kmeans_plus_plus(x, k=k, generator=generator)
+    centres = means.clone()  # running averages of the assigned vectors (replaced by the first batch's average)
     counts = torch.zeros(k, device=device)
     norms = x.norm(dim=1).clamp_min(1e-12)
     reseeded = 0
@@ -223,11 +226,14 @@ def spherical_kmeans(
             sums = torch.zeros_like(means).index_add_(0, assigned, batch)
             counts += batch_counts
             hit = batch_counts > 0
-            means[hit] = _unit(means[hit] * (counts[hit] - batch_counts[hit]).unsqueeze(1) + sums[hit])
+            step = (sums[hit] - batch_counts[hit].unsqueeze(1) * centres[hit]) / counts[hit].unsqueeze(1)
+            centres[hit] += step
+            means[hit] = _unit(centres[hit])
             used |= hit
         empty = torch.nonzero(~used).flatten()
         if empty.numel():
             picks = torch.randint(0, n, (empty.numel(),), generator=generator).to(device)
+            centres[empty] = x[picks]
             means[empty] = _unit(x[picks].clone())
             counts[empty] = 0.0
             reseeded += int(empty.numel())
@@ -326,13 +332,23 @@ class Codebook:
             with np.load(Path(path), allow_pickle=False) as npz:
                 header = json.loads(str(npz["header"]))
                 means, mean, matrix = npz["means"], npz["whitening_mean"], npz["whitening_matrix"]
-        except (OSError, KeyError, ValueError) as err:
+            if not isinstance(header, dict) or header.get("format") != "mirflow-codebook-1":
+                raise ValueError("unknown codebook format")
+            return cls(means=means.astype(np.float32), whitening=Whitening(mean=mean, matrix=matrix),
+                       context=int(header["context"]), n_mels=int(header["n_mels"]), kind=str(header["kind"]),
+                       info=header.get("info", {}))
+        except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as err:
             raise DatasetError(f"{path} is not a mirflow codebook: {err}") from err
-        if header.get("format") != "mirflow-codebook-1":
-            raise DatasetError(f"{path}: unknown codebook format {header.get('format')!r}")
-        return cls(means=means.astype(np.float32), whitening=Whitening(mean=mean, matrix=matrix),
-                   context=int(header["context"]), n_mels=int(header["n_mels"]), kind=str(header["kind"]),
-                   info=header.get("info", {}))
+
+    def unwhitened_means(self) -> np.ndarray:
+        """Each mean mapped back through the inverse whitening: the window shape it stands for.
+
+        Returns
+        -------
+        np.ndarray [shape=(k, n_mels, context)], band by frame, for plotting.
+        """
+        windows = self.means @ np.linalg.pinv(self.whitening.matrix).T
+        return windows.reshape(self.k, self.context, self.n_mels).transpose(0, 2, 1)
 
 
 def random_codebook(whitening: Whitening, *, k: int, context: int, n_mels: int, seed: int,
@@ -372,7 +388,7 @@ def fit_codebook(windows: np.ndarray, *, k: int, context: int, n_mels: int, epsi
 
 
 def encode_windows(spectrogram: torch.Tensor | np.ndarray, codebook: Codebook, *, activation: str = "linear",
-                   threshold: float = 0.0) -> torch.Tensor:
+                   threshold: float = 0.0, device: str | torch.device = "cpu") -> torch.Tensor:
     """The encoding of every window of a clip: a convolution over time with ``k`` filters.
 
     Parameters
@@ -382,20 +398,21 @@ def encode_windows(spectrogram: torch.Tensor | np.ndarray, codebook: Codebook, *
     activation : ``linear`` (the dot products as they are), ``relu`` (``max(0, f)``) or
         ``threshold`` (``max(0, f - threshold)``, Coates & Ng's soft threshold)
     threshold : float, for ``threshold``
+    device : where the convolution runs (``cuda`` on a GPU); the result stays there
 
     Returns
     -------
     torch.Tensor [shape=(n_frames - context + 1, k), dtype=float32]
         Row ``t``: the dot products of the whitened window starting at frame ``t`` with every mean.
     """
-    x = torch.as_tensor(spectrogram).float()
+    x = torch.as_tensor(spectrogram).to(device).float()
     if x.ndim != 2 or x.shape[1] != codebook.n_mels:
         raise ParameterError(f"spectrogram of shape {tuple(x.shape)} does not match the codebook's "
                              f"{codebook.n_mels} bands")
     if x.shape[0] < codebook.context:
         raise ParameterError(f"a clip of {x.shape[0]} frames is shorter than the codebook's context "
                              f"({codebook.context} frames)")
-    weight, bias = codebook.linear_map()
+    weight, bias = (t.to(device) for t in codebook.linear_map())
     # (d, k) -> conv1d filters (k, n_mels, context): value [j, band, frame] = weight[frame * n_mels + band, j]
     filters = weight.T.reshape(codebook.k, codebook.context, codebook.n_mels).transpose(1, 2).contiguous()
     encoded = torch.nn.functional.conv1d(x.T.unsqueeze(0), filters)[0].T - bias
@@ -426,10 +443,10 @@ def pooled_size(k: int, pooling: str) -> int:
 
 
 def encode_clip(spectrogram: torch.Tensor | np.ndarray, codebook: Codebook, *, activation: str, threshold: float,
-                pooling: str) -> np.ndarray:
+                pooling: str, device: str | torch.device = "cpu") -> np.ndarray:
     """One clip, one timescale -> its pooled feature vector ``[shape=(pooled_size,), float32]``."""
-    encoded = encode_windows(spectrogram, codebook, activation=activation, threshold=threshold)
-    return pool(encoded, pooling=pooling).numpy()
+    encoded = encode_windows(spectrogram, codebook, activation=activation, threshold=threshold, device=device)
+    return pool(encoded, pooling=pooling).cpu().numpy()
 
 
 def concatenate_timescales(vectors: Sequence[np.ndarray]) -> np.ndarray:

@@ -34,6 +34,7 @@ from tasks.errors import DatasetError, ParameterError
 from tasks.features import peak_rss_mb
 from tasks.kmeans import Codebook, encode_clip, fit_codebook, pooled_size, sample_windows
 from tasks.shards import (
+    content_sha1,
     tensor_bytes,
     read_features,
     read_manifest,
@@ -56,12 +57,20 @@ class EncodeBatch:
 
 @dataclass(frozen=True)
 class KMeansPlan:
+    """The checked settings and the codebook work; :func:`plan_encoding` adds the clips once codebooks exist."""
+
     timescales: tuple[str, ...]
-    to_fit: tuple[str, ...]  # timescales without a codebook on disk
+    to_fit: tuple[str, ...]  # timescales whose codebook is missing or was fitted on clips no longer fit for it
     fit_track_ids: tuple[str, ...]  # training clips the codebooks are fitted on
+    usable_track_ids: tuple[str, ...]  # clips long enough at every timescale
+    quarantined: tuple[dict, ...]  # clips too short for the context at some timescale
+
+
+@dataclass(frozen=True)
+class EncodePlan:
+    encoding_hash: str  # the K-means settings and the codebooks' content: what a manifest record must match
     batches: tuple[EncodeBatch, ...]
     done_records: tuple[dict, ...]
-    quarantined: tuple[dict, ...]  # clips too short for the context at some timescale
     n_skipped: int
 
 
@@ -69,6 +78,7 @@ class KMeansPlan:
 class EncodeResult:
     shard: str | None
     records: list[dict] = field(default_factory=list)
+    quarantined: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
 
@@ -91,6 +101,17 @@ def timescale_frames(features: FeatureSettings, *, n_samples: int) -> dict[str, 
     return frames
 
 
+def kmeans_device(kmeans: KMeansSettings, cluster_device: str | None) -> str:
+    """Where K-means and the encoding run: ``cuda`` when asked (or ``auto``) and the workers have a GPU.
+
+    ``cluster_device`` is what the cluster's workers offer (``cuda`` or None).
+    """
+    if kmeans.device == "cuda" and cluster_device != "cuda":
+        raise ParameterError("kmeans device 'cuda' was asked for, but the cluster's workers have no GPU: "
+                             "use --cluster cuda on a GPU machine, or device auto/cpu")
+    return "cuda" if kmeans.device != "cpu" and cluster_device == "cuda" else "cpu"
+
+
 def check_timescales(base_dir: Path, timescales: tuple[str, ...]) -> None:
     """Every timescale must be a column of the log-mel shards (a clear error, before any work)."""
     shards = sorted(Path(base_dir).glob("part-*.parquet"))
@@ -105,18 +126,21 @@ def check_timescales(base_dir: Path, timescales: tuple[str, ...]) -> None:
 
 def plan_kmeans_features(tracks: pd.DataFrame, *, base_dir: Path, kmeans_dir: Path, features: FeatureSettings,
                          kmeans: KMeansSettings) -> KMeansPlan:
-    """What a K-means feature run must do; raises ``ParameterError`` for settings that cannot work.
+    """Check the settings against the shards and decide which codebooks to fit; raises before any work.
 
     ``tracks`` needs ``track_id`` and ``split`` (the codebooks are fitted on ``train``).
     Clips too short for ``kmeans.context`` frames at some timescale become quarantine
     records; when that is the median clip, the context is the problem and this raises.
+    A codebook on disk is kept (new clips are encoded with it) as long as every clip it
+    was fitted on is still in the train split with the same content; otherwise it is
+    fitted again, so that a changed split never lets test clips into a codebook.
     """
     timescales = tuple(kmeans.timescales) or tuple(features.columns)
     unknown = [t for t in timescales if t not in features.columns]
     if unknown:
         raise ParameterError(f"timescale(s) {unknown} are not made by the feature settings (columns {features.columns})")
     check_timescales(base_dir, timescales)
-    base = read_manifest(base_dir).to_pandas().set_index("track_id")
+    base = _base_manifest(base_dir)
     tracks = tracks[tracks["track_id"].isin(base.index)]
     if tracks.empty:
         raise DatasetError(f"none of the tracks has log-mel features in {base_dir}")
@@ -129,20 +153,57 @@ def plan_kmeans_features(tracks: pd.DataFrame, *, base_dir: Path, kmeans_dir: Pa
     rng = np.random.default_rng(kmeans.seed)
     n_fit = min(len(train), max(2, -(-kmeans.sample_windows // WINDOWS_PER_FIT_TRACK)))
     fit_ids = tuple(sorted(rng.choice(train, size=n_fit, replace=False).tolist()))
-    to_fit = tuple(t for t in timescales if not codebook_path(kmeans_dir, t).exists())
+    train_content = {t: base.loc[t, "content_sha1"] for t in train}
+    to_fit = tuple(t for t in timescales if not _codebook_still_valid(codebook_path(kmeans_dir, t), train_content))
+    return KMeansPlan(timescales=timescales, to_fit=to_fit, fit_track_ids=fit_ids,
+                      usable_track_ids=tuple(usable["track_id"].astype(str)), quarantined=tuple(quarantined))
 
-    done = _done_records(kmeans_dir, base, kmeans)
-    todo = usable[~usable["track_id"].isin(done)].copy()
-    todo["base_shard"] = base.loc[todo["track_id"], "shard"].to_numpy()
-    todo = todo.sort_values(["base_shard", "track_id"])  # a batch reads few log-mel shards
+
+def _base_manifest(base_dir: Path) -> pd.DataFrame:
+    base = read_manifest(base_dir).to_pandas().set_index("track_id")
+    if base["duration_s"].isna().any() or base["content_sha1"].isna().any():
+        raise DatasetError(f"the manifest of {base_dir} lacks durations or content hashes (an older release "
+                           "wrote it): run the feature flow again, it fills them in without recomputing features")
+    return base
+
+
+def _codebook_still_valid(path: Path, train_content: dict[str, str]) -> bool:
+    """A codebook may be reused when the clips it was fitted on are all still training clips, unchanged."""
+    if not path.exists():
+        return False
+    try:
+        fitted_on = Codebook.load(path).info.get("fit_tracks")
+    except DatasetError:
+        return False
+    if not isinstance(fitted_on, dict):
+        return False
+    return all(train_content.get(track_id) == sha1 for track_id, sha1 in fitted_on.items())
+
+
+def plan_encoding(plan: KMeansPlan, *, base_dir: Path, kmeans_dir: Path, kmeans: KMeansSettings) -> EncodePlan:
+    """The clips to encode: every usable clip not already encoded from the same log-mel features by the same codebooks.
+
+    Call once every codebook of ``plan.timescales`` is on disk: their content is part
+    of what a clip's record must match, so refitting a codebook re-encodes every clip.
+    """
+    digest = hashlib.sha1(kmeans.settings_hash.encode())
+    for column in plan.timescales:
+        digest.update(content_sha1(codebook_path(kmeans_dir, column)).encode())
+    encoding_hash = digest.hexdigest()[:12]
+    base = _base_manifest(base_dir)
+    done = _done_records(kmeans_dir, base, encoding_hash)
+    usable = pd.DataFrame({"track_id": [t for t in plan.usable_track_ids if t not in done]})
+    usable["base_shard"] = base.loc[usable["track_id"], "shard"].to_numpy()
+    todo = usable.sort_values(["base_shard", "track_id"])  # a batch reads few log-mel shards
     batches = []
     size = kmeans.tracks_per_task
     for start in range(0, len(todo), size):
         ids = tuple(todo["track_id"].iloc[start : start + size].astype(str))
-        digest = hashlib.sha1(("\n".join(ids) + kmeans.settings_hash).encode()).hexdigest()[:16]
-        batches.append(EncodeBatch(shard=f"part-{digest}.parquet", track_ids=ids))
-    return KMeansPlan(timescales=timescales, to_fit=to_fit, fit_track_ids=fit_ids, batches=tuple(batches),
-                      done_records=tuple(done.values()), quarantined=tuple(quarantined), n_skipped=len(done))
+        name = hashlib.sha1(("\n".join(ids) + encoding_hash).encode()).hexdigest()[:16]
+        batches.append(EncodeBatch(shard=f"part-{name}.parquet", track_ids=ids))
+    return EncodePlan(encoding_hash=encoding_hash, batches=tuple(batches),
+                      done_records=tuple(r for t, r in done.items() if t in set(plan.usable_track_ids)),
+                      n_skipped=len(set(done) & set(plan.usable_track_ids)))
 
 
 def check_context(features: FeatureSettings, kmeans: KMeansSettings, *, seconds: float,
@@ -170,18 +231,23 @@ def _too_short(base: pd.DataFrame, *, features: FeatureSettings, kmeans: KMeansS
     return short, records
 
 
-def _done_records(kmeans_dir: Path, base: pd.DataFrame, kmeans: KMeansSettings) -> dict[str, dict]:
-    """Clips already encoded with these settings from the same log-mel features (manifest, or shards after a kill)."""
+def _done_records(kmeans_dir: Path, base: pd.DataFrame, encoding_hash: str) -> dict[str, dict]:
+    """Clips already encoded by these codebooks from the same log-mel features (manifest, or shards after a kill)."""
     kmeans_dir = Path(kmeans_dir)
     manifest = read_manifest(kmeans_dir).to_pylist()
     known = {r["track_id"]: r for r in manifest
-             if r["settings_hash"] == kmeans.settings_hash and (kmeans_dir / r["shard"]).exists()}
-    for record in shard_records(kmeans_dir, skip={r["shard"] for r in manifest}):
+             if r["settings_hash"] == encoding_hash and (kmeans_dir / r["shard"]).exists()}
+    skip = {r["shard"] for r in manifest}
+    for shard in kmeans_dir.glob("part-*.parquet"):  # written before an interruption: only if by these codebooks
+        if shard.name not in skip and (pq.read_schema(shard).metadata or {}).get(b"encoding_hash") != \
+                encoding_hash.encode():
+            skip.add(shard.name)
+    for record in shard_records(kmeans_dir, skip=skip):
         known.setdefault(record["track_id"], record)
     done = {}
     for track_id, record in known.items():
         if track_id in base.index and record["content_sha1"] == base.loc[track_id, "content_sha1"]:
-            done[track_id] = {**_manifest_record(base, track_id, record["shard"]), "settings_hash": kmeans.settings_hash}
+            done[track_id] = {**_manifest_record(base, track_id, record["shard"]), "settings_hash": encoding_hash}
     return done
 
 
@@ -200,6 +266,7 @@ def fit_timescale_codebook(column: str, *, base_dir: Path, kmeans_dir: Path, fit
 
     start = time.perf_counter()
     torch.manual_seed(kmeans.seed)
+    content = read_manifest(base_dir).to_pandas().set_index("track_id")["content_sha1"]
     spectrograms = read_features(base_dir, column=column, track_ids=fit_track_ids)
     windows = sample_windows([spectrograms[t] for t in fit_track_ids], context=kmeans.context,
                              n_windows=kmeans.sample_windows, seed=kmeans.seed)
@@ -208,37 +275,56 @@ def fit_timescale_codebook(column: str, *, base_dir: Path, kmeans_dir: Path, fit
     codebook = fit_codebook(windows, k=kmeans.k, context=kmeans.context, n_mels=n_mels, epsilon=kmeans.epsilon,
                             iterations=kmeans.iterations, batch_size=kmeans.batch_size, seed=seed,
                             kind=kmeans.codebook, device=device,
-                            info={"column": column, "fit_tracks": len(fit_track_ids)})
+                            info={"column": column,
+                                  # What the codebook saw: a later run refits it if any of these leaves the train split.
+                                  "fit_tracks": {t: str(content[t]) for t in fit_track_ids}})
     path = codebook.save(codebook_path(kmeans_dir, column))
-    return {"column": column, "path": str(path), "seconds": time.perf_counter() - start, **codebook.info}
+    summary = {k: v for k, v in codebook.info.items() if k != "fit_tracks"}
+    return {"column": column, "path": str(path), "seconds": time.perf_counter() - start,
+            "fit_clips": len(fit_track_ids), **summary}
 
 
 def encode_batch(batch: EncodeBatch, *, base_dir: Path, kmeans_dir: Path, timescales: tuple[str, ...],
-                 kmeans: KMeansSettings) -> EncodeResult:
-    """Encode and pool every timescale of a batch of clips; write one shard (atomically)."""
+                 kmeans: KMeansSettings, encoding_hash: str, device: str = "cpu") -> EncodeResult:
+    """Encode and pool every timescale of a batch of clips; write one shard (atomically).
+
+    A clip that cannot be encoded (shorter than the context at some timescale, though
+    its duration said otherwise) becomes a quarantine record; the others go on.
+    """
     start = time.perf_counter()
     base = read_manifest(base_dir).to_pandas().set_index("track_id")
-    vectors: dict[str, list[np.ndarray]] = {}
+    vectors: dict[str, dict[str, np.ndarray]] = {t: {} for t in batch.track_ids}
+    quarantined = []
     for column in timescales:
         codebook = Codebook.load(codebook_path(kmeans_dir, column))
         spectrograms = read_features(base_dir, column=column, track_ids=batch.track_ids)
-        vectors[column] = [encode_clip(spectrograms[t], codebook, activation=kmeans.activation,
-                                       threshold=kmeans.threshold, pooling=kmeans.pooling) for t in batch.track_ids]
+        for track_id in list(vectors):
+            try:
+                vectors[track_id][column] = encode_clip(spectrograms[track_id], codebook, activation=kmeans.activation,
+                                                        threshold=kmeans.threshold, pooling=kmeans.pooling,
+                                                        device=device)
+            except ParameterError as err:
+                quarantined.append({"path": str(base.loc[track_id, "source_path"]), "stage": "kmeans",
+                                    "reason": f"{column}: {err}", "track_id": track_id})
+                del vectors[track_id]
+    ids = list(vectors)
+    records = [{**_manifest_record(base, t, batch.shard), "settings_hash": encoding_hash} for t in ids]
+    if not ids:
+        return EncodeResult(shard=None, quarantined=quarantined, seconds=time.perf_counter() - start,
+                            peak_rss_mb=peak_rss_mb())
     width = pooled_size(kmeans.k, kmeans.pooling)
     schema = pa.schema([pa.field("track_id", pa.string()), pa.field("content_sha1", pa.string()),
                         pa.field("n_frames", pa.int32()),
                         *(tensor_field(column, dtype="float32", inner_shape=()) for column in timescales)],
-                       metadata={b"vector_size": str(width).encode()})
+                       metadata={b"vector_size": str(width).encode(), b"encoding_hash": encoding_hash.encode()})
     table = pa.Table.from_arrays(
-        [pa.array(batch.track_ids, pa.string()),
-         pa.array([base.loc[t, "content_sha1"] for t in batch.track_ids], pa.string()),
-         pa.array([int(base.loc[t, "n_frames"]) for t in batch.track_ids], pa.int32()),
-         *(tensor_bytes(vectors[column], "float32") for column in timescales)], schema=schema)
+        [pa.array(ids, pa.string()),
+         pa.array([base.loc[t, "content_sha1"] for t in ids], pa.string()),
+         pa.array([int(base.loc[t, "n_frames"]) for t in ids], pa.int32()),
+         *(tensor_bytes([vectors[t][column] for t in ids], "float32") for column in timescales)], schema=schema)
     write_feature_shard(table, Path(kmeans_dir) / batch.shard)
-    records = [{**_manifest_record(base, t, batch.shard), "settings_hash": kmeans.settings_hash}
-               for t in batch.track_ids]
-    return EncodeResult(shard=batch.shard, records=records, seconds=time.perf_counter() - start,
-                        peak_rss_mb=peak_rss_mb())
+    return EncodeResult(shard=batch.shard, records=records, quarantined=quarantined,
+                        seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb())
 
 
 @dataclass(frozen=True)
@@ -253,18 +339,23 @@ class KMeansSummary:
     vector_size: int  # per timescale
 
 
-def finish_kmeans_features(plan: KMeansPlan, results: list[EncodeResult], *, kmeans_dir: Path, kmeans: KMeansSettings,
-                           wall_seconds: float) -> KMeansSummary:
-    """Write the manifest and remove shards no longer referenced (call when no batch is still writing)."""
-    records = list(plan.done_records) + [r for result in results for r in result.records]
+def finish_kmeans_features(plan: KMeansPlan, encode: EncodePlan, results: list[EncodeResult], *, kmeans_dir: Path,
+                           kmeans: KMeansSettings, wall_seconds: float) -> tuple[KMeansSummary, list[dict]]:
+    """Write the manifest and remove shards no longer referenced (call when no batch is still writing).
+
+    Returns the summary and every quarantine record of the run (planning and encoding).
+    """
+    records = list(encode.done_records) + [r for result in results for r in result.records]
     write_manifest(kmeans_dir, records)
     remove_unreferenced(kmeans_dir, keep={r["shard"] for r in records})
+    quarantined = list(plan.quarantined) + [q for result in results for q in result.quarantined]
     n_encoded = sum(len(r.records) for r in results)
-    return KMeansSummary(feature_dir=str(kmeans_dir), timescales=plan.timescales,
-                         n_tracks=len({r["track_id"] for r in records}), n_encoded=n_encoded,
-                         n_skipped=plan.n_skipped, n_quarantined=len(plan.quarantined),
-                         clips_per_s=n_encoded / wall_seconds if wall_seconds > 0 else 0.0,
-                         vector_size=pooled_size(kmeans.k, kmeans.pooling))
+    summary = KMeansSummary(feature_dir=str(kmeans_dir), timescales=plan.timescales,
+                            n_tracks=len({r["track_id"] for r in records}), n_encoded=n_encoded,
+                            n_skipped=encode.n_skipped, n_quarantined=len(quarantined),
+                            clips_per_s=n_encoded / wall_seconds if wall_seconds > 0 else 0.0,
+                            vector_size=pooled_size(kmeans.k, kmeans.pooling))
+    return summary, quarantined
 
 
 def read_kmeans_features(kmeans_dir: Path, *, timescales: tuple[str, ...] | list[str],

@@ -21,7 +21,7 @@ import pandas as pd
 from pydantic import ValidationError
 
 from infra.settings import StudySettings
-from tasks.errors import ParameterError
+from tasks.errors import DatasetError, ParameterError
 
 _PAPER_FEATURES = {
     # Hamel et al. 2012 via Dieleman & Schrauwen 2013: windows 1024..8192 at half-window hops,
@@ -80,11 +80,84 @@ def load_preset(name_or_path: str, *, overrides: Mapping[str, Any] | None = None
         raise ParameterError(f"preset {name!r}: invalid settings\n{err}") from err
 
 
+def preset_overrides(*, k: int | None = None, epochs: int | None = None) -> dict[str, Any]:
+    """The overrides the command line and the deployment offer: K, and a cap on the MLPs' epochs."""
+    overrides: dict[str, Any] = {}
+    if k is not None:
+        overrides["kmeans"] = {"k": k}
+    if epochs is not None:
+        overrides["mlp"] = {"train": {"max_epochs": epochs}}
+    return overrides
+
+
 def _merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
         out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) else value
     return out
+
+
+@dataclass(frozen=True)
+class StudyData:
+    """What every configuration of a tagging study trains on: one split, one tag vocabulary, one seed."""
+
+    tags: list[str]
+    split_ids: dict[str, list[str]]  # train / valid / test
+    targets: dict[str, np.ndarray]  # split -> multi-hot [shape=(n_clips, n_tags)]
+    vectors: dict[str, dict[str, dict[str, np.ndarray]]]  # codebook -> timescale -> split -> [shape=(n, width)]
+    fingerprint: str  # of the clips, their splits, tags and content, and of the encodings
+
+    def inputs(self, config: "Configuration") -> dict[str, np.ndarray]:
+        """The configuration's input per split: its timescales' vectors side by side."""
+        by_timescale = self.vectors[config.codebook]
+        return {split: np.concatenate([by_timescale[t][split] for t in config.timescales], axis=1)
+                for split in self.split_ids}
+
+
+def load_study_data(tracks: pd.DataFrame, kmeans_dirs: Mapping[str, Path], *, timescales: Sequence[str],
+                    n_tags: int) -> StudyData:
+    """Read the K-means features of every clip that has them in every codebook kind.
+
+    ``tracks`` needs ``track_id``, ``split`` and ``tags``. Raises ``DatasetError`` when a
+    split is empty (the study compares test scores: it needs train, valid and test).
+    """
+    from tasks.datasets import multi_hot, tag_vocabulary
+    from tasks.kmeans_features import read_kmeans_features
+    from tasks.shards import read_manifest
+
+    encodings = []
+    for codebook, path in sorted(kmeans_dirs.items()):
+        manifest = read_manifest(path).to_pandas()
+        tracks = tracks[tracks["track_id"].isin(set(manifest["track_id"]))]
+        encodings.append(f"{codebook}:{','.join(sorted(set(manifest['settings_hash'])))}")
+    tracks = tracks.sort_values("track_id").reset_index(drop=True)
+    split_ids = {split: list(tracks.loc[tracks["split"] == split, "track_id"]) for split in ("train", "valid", "test")}
+    empty = [split for split, ids in split_ids.items() if not ids]
+    if empty:
+        raise DatasetError(f"the study needs clips in train, valid and test; none with features in {empty}")
+    tags = tag_vocabulary(tracks, n=n_tags)
+    targets_of = multi_hot(tracks, tags)
+    targets = {split: np.stack([targets_of[t] for t in ids]) for split, ids in split_ids.items()}
+    vectors = {codebook: {column: {split: read_kmeans_features(path, timescales=[column], track_ids=ids)
+                                   for split, ids in split_ids.items()}
+                          for column in timescales}
+               for codebook, path in kmeans_dirs.items()}
+    # Same clips, splits, tags and encodings (the codebooks' content included) = same fingerprint.
+    digest = hashlib.sha1("\n".join(encodings).encode())
+    for row in tracks[["track_id", "split"]].itertuples(index=False):
+        digest.update(f"{row.track_id}\t{row.split}\n".encode())
+    digest.update(json.dumps([tags, [t.tolist() for t in targets.values()]]).encode())
+    return StudyData(tags=tags, split_ids=split_ids, targets=targets, vectors=vectors,
+                     fingerprint=digest.hexdigest()[:16])
+
+
+def world_tag_types(world_root: Path) -> tuple[dict[str, str], dict[str, float]]:
+    """The synthetic world's tag types and timescales (its ``tags.parquet``); empty when it has none."""
+    path = Path(world_root) / "tags.parquet"
+    if not path.exists():
+        return {}, {}
+    frame = pd.read_parquet(path)
+    return dict(zip(frame["tag"], frame["type"])), dict(zip(frame["tag"], frame["timescale_s"]))
 
 
 @dataclass(frozen=True)
@@ -98,9 +171,9 @@ class Configuration:
     base: str  # the group of a "without" configuration; else the name without the codebook
     left_out: str | None = None
 
-    def key(self, study: StudySettings) -> str:
-        """Identifies this configuration of these settings across re-runs (finished children are reused)."""
-        payload = json.dumps([study.settings_hash, self.name, self.timescales, self.codebook])
+    def key(self, study: StudySettings, data_fingerprint: str) -> str:
+        """Identifies this configuration of these settings on this data across re-runs (finished children are reused)."""
+        payload = json.dumps([study.settings_hash, data_fingerprint, self.name, self.timescales, self.codebook])
         return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
 

@@ -149,8 +149,10 @@ def test_codebook_round_trips_without_pickle(tmp_path) -> None:
     np.testing.assert_array_equal(loaded.whitening.matrix, codebook.whitening.matrix)
     assert (loaded.context, loaded.n_mels, loaded.kind, loaded.info) == (3, 6, "kmeans", codebook.info)
     (tmp_path / "junk.npz").write_bytes(b"not a zip file")
-    with pytest.raises(DatasetError, match="not a mirflow codebook"):
-        Codebook.load(tmp_path / "junk.npz")
+    (tmp_path / "cut.npz").write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    for bad in ("junk.npz", "cut.npz"):
+        with pytest.raises(DatasetError, match="not a mirflow codebook"):
+            Codebook.load(tmp_path / bad)
 
 
 def test_random_codebook_is_the_same_shape_and_unit_norm() -> None:
@@ -167,3 +169,12 @@ def test_spherical_kmeans_on_cuda_matches_cpu() -> None:
     cpu = spherical_kmeans(x, k=12, iterations=5, batch_size=256, seed=0)
     assert _worst_angle_deg(gpu.means, centres) < 2.0
     np.testing.assert_allclose(gpu.means, cpu.means, atol=1e-3)
+
+
+def test_planted_clusters_are_found_whatever_the_norm_of_the_data() -> None:
+    # Whitened windows have norms of about sqrt(d), and unequal ones: the update must not care.
+    centres, x = _planted(seed=5)
+    scales = np.random.default_rng(5).uniform(5.0, 40.0, size=(len(x), 1)).astype(np.float32)
+    fit = spherical_kmeans(x * scales, k=len(centres), iterations=5, batch_size=256, seed=0)
+    assert _worst_angle_deg(fit.means, centres) < 2.0
+    np.testing.assert_allclose(np.linalg.norm(fit.means, axis=1), 1.0, atol=1e-5)

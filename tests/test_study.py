@@ -21,8 +21,8 @@ from infra.layout import Layout
 from infra.settings import ClusterSettings, KMeansSettings, WorldSettings, kmeans_feature_set
 from infra.tracking import tracking_for
 from tasks.errors import ParameterError
-from tasks.kmeans_features import check_timescales, codebook_path
-from tasks.studies import configurations, load_preset, study_table
+from tasks.kmeans_features import check_timescales, codebook_path, plan_kmeans_features
+from tasks.studies import configurations, load_preset, load_study_data, study_table
 
 pytestmark = pytest.mark.integration
 SEED = int(os.environ.get("MIRFLOW_TEST_SEED", "0"))
@@ -121,6 +121,36 @@ def test_rerun_reuses_features_and_finished_children(study_run):
     assert again.parent_run_id == out.parent_run_id
     assert (again.n_runs, again.n_reused) == (0, len(configurations(study)))
     assert again.table == out.table
+    # The resumed parent's tables are replaced, not appended to.
+    client = MlflowClient(tracking_for(data_dir).tracking_uri)
+    table = pd.read_json(client.download_artifacts(out.parent_run_id, "study_table.json", str(data_dir / "dl-3")),
+                         orient="split")
+    assert len(table) == len({c.base for c in configurations(study) if c.group != "without"})
+
+
+def test_other_data_never_reuses_codebooks_or_children(study_run):
+    data_dir, study, _, _ = study_run
+    layout = Layout(data_dir)
+    tracks = pd.read_parquet(layout.tracks("synthetic"), columns=["track_id", "split", "tags"])
+    settings = study.kmeans.model_copy(update={"codebook": "kmeans", "timescales": study.timescales})
+    kmeans_dir = layout.features("synthetic", kmeans_feature_set(study.features, settings))
+    base_dir = layout.features("synthetic", study.features.feature_set)
+    plan = plan_kmeans_features(tracks, base_dir=base_dir, kmeans_dir=kmeans_dir, features=study.features,
+                                kmeans=settings)
+    assert plan.to_fit == ()  # same split: every codebook is kept
+    # A clip a codebook was fitted on moves to the test split: every codebook is fitted again.
+    moved = tracks.copy()
+    moved.loc[moved["track_id"] == plan.fit_track_ids[0], "split"] = "test"
+    replan = plan_kmeans_features(moved, base_dir=base_dir, kmeans_dir=kmeans_dir, features=study.features,
+                                  kmeans=settings)
+    assert replan.to_fit == plan.timescales
+    # ... and the study's data fingerprint (part of every reuse key) changes with the split.
+    dirs = {"kmeans": kmeans_dir}
+    same = load_study_data(tracks, dirs, timescales=study.timescales, n_tags=study.mlp.n_tags)
+    other = load_study_data(moved, dirs, timescales=study.timescales, n_tags=study.mlp.n_tags)
+    assert same.fingerprint != other.fingerprint
+    assert same.fingerprint == load_study_data(tracks, dirs, timescales=study.timescales,
+                                               n_tags=study.mlp.n_tags).fingerprint
 
 
 def test_bad_settings_fail_before_any_work(study_run, tmp_path):
@@ -141,3 +171,24 @@ def test_bad_settings_fail_before_any_work(study_run, tmp_path):
         check_timescales(base_dir, ("mel_4096",))
     with pytest.raises(ParameterError, match="no results"):
         study_table([])
+    with pytest.raises(ParameterError, match="importance analysis uses the K-means codebook"):
+        load_preset("smoke", overrides={"codebooks": ["random"]})
+
+
+def test_a_clip_that_cannot_be_encoded_is_quarantined_and_the_batch_goes_on(study_run, tmp_path):
+    from tasks.kmeans import fit_whitening, random_codebook
+    from tasks.kmeans_features import EncodeBatch, encode_batch
+
+    data_dir, study, _, _ = study_run
+    base_dir = Layout(data_dir).features("synthetic", study.features.feature_set)
+    n_mels, context = study.features.mel.n_mels, 60  # longer than mel_1024_l2 (47 frames of a 6 s clip)
+    whitening = fit_whitening(np.random.default_rng(0).standard_normal((50, context * n_mels)), epsilon=1.0)
+    random_codebook(whitening, k=4, context=context, n_mels=n_mels, seed=0).save(
+        codebook_path(tmp_path, "mel_1024_l2"))
+    ids = tuple(pq.read_table(base_dir / "_manifest.parquet").column("track_id").to_pylist()[:2])
+    result = encode_batch(EncodeBatch(shard="part-x.parquet", track_ids=ids), base_dir=base_dir, kmeans_dir=tmp_path,
+                          timescales=("mel_1024_l2",), kmeans=KMeansSettings(k=4, context=context),
+                          encoding_hash="test")
+    assert result.shard is None and not result.records
+    assert [(q["track_id"], q["stage"]) for q in result.quarantined] == [(t, "kmeans") for t in ids]
+    assert "shorter than the codebook's context" in result.quarantined[0]["reason"]

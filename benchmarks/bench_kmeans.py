@@ -42,7 +42,13 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from infra.cluster import _local_cluster, map_batches, usable_cores  # noqa: E402
-from infra.settings import ClusterSettings, FeatureSettings, KMeansSettings, MelSettings, WorldSettings  # noqa: E402
+from infra.settings import (  # noqa: E402
+    ClusterSettings,
+    FeatureSettings,
+    KMeansSettings,
+    MelSettings,
+    WorldSettings,
+)
 from tasks.kmeans import (  # noqa: E402
     encode_windows,
     fit_codebook,

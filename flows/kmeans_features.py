@@ -13,7 +13,13 @@ from prefect import flow
 
 from infra.cluster import dask_client, map_batches, spectrogram_device
 from infra.layout import Layout
-from infra.settings import ClusterSettings, FeatureSettings, KMeansSettings, TrackingSettings, kmeans_feature_set
+from infra.settings import (
+    ClusterSettings,
+    FeatureSettings,
+    KMeansSettings,
+    TrackingSettings,
+    kmeans_feature_set,
+)
 from infra.tracking import file_sha1, tracked_run
 from tasks.kmeans import Codebook
 from tasks.kmeans_features import (

@@ -29,7 +29,12 @@ from flows.training import mlflow_logger
 from flows.world import synthetic_world
 from infra.cluster import dask_client, spectrogram_device
 from infra.layout import Layout
-from infra.settings import ClusterSettings, StudySettings, TrackingSettings, WorldSettings
+from infra.settings import (
+    ClusterSettings,
+    StudySettings,
+    TrackingSettings,
+    WorldSettings,
+)
 from infra.tracking import child_run, finished_children, log_table_replacing, parent_run
 from lightning_modules.train import train_mlp_tagger
 from tasks.errors import DatasetError

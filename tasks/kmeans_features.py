@@ -32,14 +32,20 @@ import pyarrow.parquet as pq
 from infra.settings import FeatureSettings, KMeansSettings
 from tasks.errors import DatasetError, ParameterError
 from tasks.features import peak_rss_mb
-from tasks.kmeans import Codebook, encode_clip, fit_codebook, pooled_size, sample_windows
+from tasks.kmeans import (
+    Codebook,
+    encode_clip,
+    fit_codebook,
+    pooled_size,
+    sample_windows,
+)
 from tasks.shards import (
     content_sha1,
-    tensor_bytes,
     read_features,
     read_manifest,
     remove_unreferenced,
     shard_records,
+    tensor_bytes,
     tensor_field,
     write_feature_shard,
     write_manifest,

@@ -18,7 +18,12 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.kmeans_features import kmeans_features
 from flows.study import tagging_study
 from infra.layout import Layout
-from infra.settings import ClusterSettings, KMeansSettings, WorldSettings, kmeans_feature_set
+from infra.settings import (
+    ClusterSettings,
+    KMeansSettings,
+    WorldSettings,
+    kmeans_feature_set,
+)
 from infra.tracking import tracking_for
 from tasks.errors import ParameterError
 from tasks.kmeans_features import check_timescales, codebook_path, plan_kmeans_features

@@ -81,8 +81,10 @@ def kmeans_features(data_dir: Path, dataset: str, features: FeatureSettings, kme
         mlflow.log_metrics({"tracks": summary.n_tracks, "encoded": summary.n_encoded, "skipped": summary.n_skipped,
                             "quarantined": summary.n_quarantined, "clips_per_s": summary.clips_per_s,
                             "codebooks_fitted": len(fits)})
-        mlflow.log_artifacts(str(kmeans_dir / "codebooks"), artifact_path="codebooks")
-        log_codebook_filters(kmeans_dir, plan.timescales)
+        fitted = tuple(fit["column"] for fit in fits)  # a re-run that kept its codebooks logs nothing again
+        for column in fitted:
+            mlflow.log_artifact(str(codebook_path(kmeans_dir, column)), artifact_path="codebooks")
+        log_codebook_filters(kmeans_dir, fitted)
         log.info("K-means features: %d clips (%d encoded, %d already present, %d quarantined), %.1f clips/s -> %s",
                  summary.n_tracks, summary.n_encoded, summary.n_skipped, summary.n_quarantined, summary.clips_per_s,
                  kmeans_dir)
@@ -91,6 +93,8 @@ def kmeans_features(data_dir: Path, dataset: str, features: FeatureSettings, kme
 
 def log_codebook_filters(kmeans_dir: Path, timescales: tuple[str, ...]) -> None:
     """Each timescale's means mapped back through the inverse whitening: the window each mean stands for."""
+    if not timescales:
+        return
     with tempfile.TemporaryDirectory() as tmp:
         for column in timescales:
             codebook = Codebook.load(codebook_path(kmeans_dir, column))

@@ -34,10 +34,6 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.output(self.hidden(x))
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The last hidden layer's activations ``[shape=(batch, hidden)]`` (features for transfer)."""
-        return self.hidden(x)
-
 
 class MLPTaggerModule(TagPredictionModule):
     """Multi-label tagging from one feature vector per clip; reports per-tag and macro ROC-AUC / PR-AUC."""

@@ -24,7 +24,7 @@ import functools
 import json
 import math
 import zipfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,7 +167,6 @@ def spherical_kmeans(
     batch_size: int = 1000,
     seed: int = 0,
     device: str | torch.device = "cpu",
-    on_iteration: Callable[[int, float], None] | None = None,
 ) -> KMeansFit:
     """Spherical K-means with mini-batch updates.
 
@@ -190,7 +189,6 @@ def spherical_kmeans(
     batch_size : int >= 1, vectors per update
     seed : int, decides the initial means and the order of the vectors
     device : the torch device that computes (``cuda`` on a GPU)
-    on_iteration : called with (iteration, mean cosine of the pass's assignments) after each pass
 
     Returns
     -------
@@ -213,7 +211,7 @@ def spherical_kmeans(
     norms = x.norm(dim=1).clamp_min(1e-12)
     reseeded = 0
     history: list[float] = []
-    for iteration in range(iterations):
+    for _ in range(iterations):
         used = torch.zeros(k, dtype=torch.bool, device=device)
         order = torch.randperm(n, generator=generator).to(device)
         cosine_sum = 0.0
@@ -239,8 +237,6 @@ def spherical_kmeans(
             reseeded += int(empty.numel())
         # The pass's own assignments (each against the means of its moment): free, and exact enough to follow.
         history.append(cosine_sum / n)
-        if on_iteration is not None:
-            on_iteration(iteration + 1, history[-1])
     final = _mean_cosine(x, means, batch_size=max(batch_size, 4096))
     return KMeansFit(means=means.cpu().numpy(), mean_cosine=final, reseeded=reseeded, history=history)
 
@@ -447,10 +443,3 @@ def encode_clip(spectrogram: torch.Tensor | np.ndarray, codebook: Codebook, *, a
     """One clip, one timescale -> its pooled feature vector ``[shape=(pooled_size,), float32]``."""
     encoded = encode_windows(spectrogram, codebook, activation=activation, threshold=threshold, device=device)
     return pool(encoded, pooling=pooling).cpu().numpy()
-
-
-def concatenate_timescales(vectors: Sequence[np.ndarray]) -> np.ndarray:
-    """The multiscale feature vector: one pooled vector per timescale, laid end to end."""
-    if not vectors:
-        raise ParameterError("no timescale to concatenate")
-    return np.concatenate([np.asarray(v, dtype=np.float32) for v in vectors])

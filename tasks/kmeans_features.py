@@ -207,9 +207,10 @@ def plan_encoding(plan: KMeansPlan, *, base_dir: Path, kmeans_dir: Path, kmeans:
         ids = tuple(todo["track_id"].iloc[start : start + size].astype(str))
         name = hashlib.sha1(("\n".join(ids) + encoding_hash).encode()).hexdigest()[:16]
         batches.append(EncodeBatch(shard=f"part-{name}.parquet", track_ids=ids))
-    return EncodePlan(encoding_hash=encoding_hash, batches=tuple(batches),
-                      done_records=tuple(r for t, r in done.items() if t in set(plan.usable_track_ids)),
-                      n_skipped=len(set(done) & set(plan.usable_track_ids)))
+    usable_ids = set(plan.usable_track_ids)
+    kept = [record for track_id, record in done.items() if track_id in usable_ids]
+    return EncodePlan(encoding_hash=encoding_hash, batches=tuple(batches), done_records=tuple(kept),
+                      n_skipped=len(kept))
 
 
 def check_context(features: FeatureSettings, kmeans: KMeansSettings, *, seconds: float,
@@ -225,11 +226,12 @@ def check_context(features: FeatureSettings, kmeans: KMeansSettings, *, seconds:
 def _too_short(base: pd.DataFrame, *, features: FeatureSettings, kmeans: KMeansSettings,
                timescales: tuple[str, ...]) -> tuple[set[str], list[dict]]:
     check_context(features, kmeans, seconds=float(np.median(base["duration_s"].to_numpy())), timescales=timescales)
-    frames = {track_id: timescale_frames(features, n_samples=round(float(duration) * features.mel.sample_rate))
-              for track_id, duration in zip(base.index, base["duration_s"])}
+    # A catalogue has few distinct lengths (MTAT: nearly all 29.1 s): compute the frames once per length.
+    samples = (base["duration_s"].to_numpy(dtype=np.float64) * features.mel.sample_rate).round().astype(np.int64)
+    frames_of = {n: timescale_frames(features, n_samples=int(n)) for n in np.unique(samples)}
     short, records = set(), []
-    for track_id, counts in frames.items():
-        too_short = [t for t in timescales if counts[t] < kmeans.context]
+    for track_id, n in zip(base.index, samples):
+        too_short = [t for t in timescales if frames_of[n][t] < kmeans.context]
         if too_short:
             short.add(track_id)
             records.append({"path": str(base.loc[track_id, "source_path"]), "stage": "kmeans", "track_id": track_id,
@@ -241,13 +243,12 @@ def _done_records(kmeans_dir: Path, base: pd.DataFrame, encoding_hash: str) -> d
     """Clips already encoded by these codebooks from the same log-mel features (manifest, or shards after a kill)."""
     kmeans_dir = Path(kmeans_dir)
     manifest = read_manifest(kmeans_dir).to_pylist()
-    known = {r["track_id"]: r for r in manifest
-             if r["settings_hash"] == encoding_hash and (kmeans_dir / r["shard"]).exists()}
+    on_disk = {path.name for path in kmeans_dir.glob("part-*.parquet")}
+    known = {r["track_id"]: r for r in manifest if r["settings_hash"] == encoding_hash and r["shard"] in on_disk}
     skip = {r["shard"] for r in manifest}
-    for shard in kmeans_dir.glob("part-*.parquet"):  # written before an interruption: only if by these codebooks
-        if shard.name not in skip and (pq.read_schema(shard).metadata or {}).get(b"encoding_hash") != \
-                encoding_hash.encode():
-            skip.add(shard.name)
+    for name in on_disk - skip:  # written before an interruption: only if by these codebooks
+        if (pq.read_schema(kmeans_dir / name).metadata or {}).get(b"encoding_hash") != encoding_hash.encode():
+            skip.add(name)
     for record in shard_records(kmeans_dir, skip=skip):
         known.setdefault(record["track_id"], record)
     done = {}

@@ -138,10 +138,15 @@ def load_study_data(tracks: pd.DataFrame, kmeans_dirs: Mapping[str, Path], *, ti
     tags = tag_vocabulary(tracks, n=n_tags)
     targets_of = multi_hot(tracks, tags)
     targets = {split: np.stack([targets_of[t] for t in ids]) for split, ids in split_ids.items()}
-    vectors = {codebook: {column: {split: read_kmeans_features(path, timescales=[column], track_ids=ids)
-                                   for split, ids in split_ids.items()}
-                          for column in timescales}
-               for codebook, path in kmeans_dirs.items()}
+    # One read per codebook and timescale (all clips, in split order), then cut into the splits.
+    ordered = [t for ids in split_ids.values() for t in ids]
+    bounds = np.cumsum([0, *(len(ids) for ids in split_ids.values())])
+    vectors = {}
+    for codebook, path in kmeans_dirs.items():
+        vectors[codebook] = {}
+        for column in timescales:
+            matrix = read_kmeans_features(path, timescales=[column], track_ids=ordered)
+            vectors[codebook][column] = {split: matrix[lo:hi] for split, lo, hi in zip(split_ids, bounds, bounds[1:])}
     # Same clips, splits, tags and encodings (the codebooks' content included) = same fingerprint.
     digest = hashlib.sha1("\n".join(encodings).encode())
     for row in tracks[["track_id", "split"]].itertuples(index=False):

@@ -77,3 +77,111 @@ class LatentFactorCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [shape=(batch, n_mels, n_frames)]`` -> factors ``[shape=(batch, n_factors)]``."""
         return self.head(self.features(x))
+
+
+FIRST_LAYER_NONLINEARITIES = ("relu", "log1p_square", "log1p_abs")
+FEATURE_POOLINGS = ("none", "l2", "max")
+
+
+class FirstLayerNonlinearity(nn.Module):
+    """What follows the strided first convolution of a raw-audio model (Dieleman & Schrauwen 2014).
+
+    ``relu``: ``max(0, x)``; ``log1p_square``: ``log(1 + C x²)`` (a log energy, like a
+    log-spectrogram's); ``log1p_abs``: ``log(1 + C |x|)``.
+    """
+
+    def __init__(self, kind: str = "relu", *, c: float = 10.0) -> None:
+        super().__init__()
+        if kind not in FIRST_LAYER_NONLINEARITIES:
+            raise ValueError(f"first-layer nonlinearity {kind!r}: expected one of {FIRST_LAYER_NONLINEARITIES}")
+        self.kind, self.c = kind, c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "relu":
+            return torch.relu(x)
+        if self.kind == "log1p_square":
+            return torch.log1p(self.c * x.square())
+        return torch.log1p(self.c * x.abs())
+
+
+class FeaturePooling(nn.Module):
+    """Pooling across groups of ``size`` consecutive filters (channels), at every time step.
+
+    ``(B, C, T) -> (B, C // size, T)``: ``l2`` is the root of the group's sum of squares,
+    ``max`` its largest value. A group of filters that are shifted copies of one another
+    then gives a response that does not depend on the phase of the input.
+    """
+
+    def __init__(self, kind: str, *, size: int) -> None:
+        super().__init__()
+        if kind not in ("l2", "max"):
+            raise ValueError(f"feature pooling {kind!r}: expected 'l2' or 'max'")
+        if size < 2:
+            raise ValueError(f"feature pooling size {size} must be >= 2")
+        self.kind, self.size = kind, size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, steps = x.shape
+        if channels % self.size:
+            raise ValueError(f"{channels} filters do not split into groups of {self.size}")
+        groups = x.reshape(batch, channels // self.size, self.size, steps)
+        if self.kind == "max":
+            return groups.amax(dim=2)
+        return groups.square().sum(dim=2).clamp_min(1e-12).sqrt()
+
+
+class RawAudioConvNet2014(nn.Module):
+    """The raw-audio convnet of Dieleman & Schrauwen (ICASSP 2014).
+
+    A strided 1-D convolution over the waveform (``n_filters`` filters of
+    ``filter_length`` samples, stride ``stride``) takes the place of the spectrogram;
+    a nonlinearity and optional feature pooling follow; then the same stack as
+    :class:`SpectrogramConvNet2014`, with the (pooled) filters as its channels.
+
+    Parameters
+    ----------
+    n_samples : int > 0
+        Samples per input crop (3 s at 16 kHz: 48,000).
+    n_outputs : int > 0
+        Tags to predict.
+    filter_length, stride : int > 0
+        L and S of the first layer (the paper: 1024/1024 ... 256/256).
+    n_filters : int > 0
+        First-layer filters (128, as many as the spectrogram model's mel bands (?)).
+    batch_norm : bool
+        Normalize the first layer's output per filter (not in the paper; see ``__init__``).
+    """
+
+    def __init__(self, *, n_samples: int, n_outputs: int, filter_length: int = 256, stride: int = 256,
+                 n_filters: int = 128, nonlinearity: str = "relu", log_c: float = 10.0,
+                 feature_pooling: str = "none", pool_size: int = 2, batch_norm: bool = True, channels: int = 32,
+                 conv_length: int = 8, pool: int = 4, hidden: int = 100) -> None:
+        super().__init__()
+        if feature_pooling not in FEATURE_POOLINGS:
+            raise ValueError(f"feature pooling {feature_pooling!r}: expected one of {FEATURE_POOLINGS}")
+        if n_samples < filter_length:
+            raise ValueError(f"a crop of {n_samples} samples is shorter than one filter ({filter_length})")
+        self.first = nn.Conv1d(1, n_filters, filter_length, stride=stride, bias=False)
+        layers: list[nn.Module] = [FirstLayerNonlinearity(nonlinearity, c=log_c)]
+        bands = n_filters
+        if feature_pooling != "none":
+            layers.append(FeaturePooling(feature_pooling, size=pool_size))
+            bands = n_filters // pool_size
+        self.front = nn.Sequential(*layers)
+        # Batch normalization over the learned "bands" stands in for the per-band standardization
+        # the spectrogram models get from their training statistics. An addition to the paper
+        # (which predates batch normalization): ``batch_norm=False`` is the paper's model.
+        self.norm = nn.BatchNorm1d(bands) if batch_norm else nn.Identity()
+        n_steps = 1 + (n_samples - filter_length) // stride
+        self.stack = SpectrogramConvNet2014(n_mels=bands, n_frames=n_steps, n_outputs=n_outputs, channels=channels,
+                                            conv_length=conv_length, pool=pool, hidden=hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Waveforms ``[shape=(batch, n_samples)]`` (or ``(batch, 1, n_samples)``) -> logits ``(batch, n_outputs)``."""
+        if x.ndim == 2:
+            x = x.unsqueeze(1)
+        return self.stack(self.norm(self.front(self.first(x))))
+
+    def first_layer_filters(self) -> torch.Tensor:
+        """The learned first-layer filters ``[shape=(n_filters, filter_length)]``."""
+        return self.first.weight.detach()[:, 0, :]

@@ -94,50 +94,23 @@ def clip_means(values: torch.Tensor, clip_index: torch.Tensor, n_clips: int) -> 
     return sums / counts[:, None]
 
 
-class FeatureDataModule(L.LightningDataModule):
-    """Crops of log-mel features with one target vector per track.
+class ClipDataModule(L.LightningDataModule):
+    """Clips with one target vector each: random crops to train, every window of a clip to evaluate.
 
-    Parameters
-    ----------
-    feature_dir : Path
-        Folder of the shards and their manifest.
-    column : str
-        Feature column, e.g. ``mel_1024``.
-    track_ids : dict[str, list[str]]
-        Track ids per split (``train``, ``valid``, ``test``).
-    targets : dict[str, np.ndarray]
-        Target vector of every track id (multi-hot tags or latent factors).
-    crop_frames, eval_hop_frames : int > 0
-        Training crop length and the hop between evaluation windows, in frames.
+    Subclasses fill ``self._clips`` (``{split: [tensor [shape=(channels, length)]]}``) in
+    :meth:`setup`; crops and windows are cut along the last axis.
     """
 
-    def __init__(self, *, feature_dir: Path, column: str, track_ids: dict[str, list[str]], targets: dict[str, np.ndarray],
-                 crop_frames: int, eval_hop_frames: int, batch_size: int, crops_per_clip: int, num_workers: int = 0) -> None:
+    def __init__(self, *, track_ids: dict[str, list[str]], targets: dict[str, np.ndarray], crop: int, hop: int,
+                 batch_size: int, crops_per_clip: int, num_workers: int = 0) -> None:
         super().__init__()
         for split in ("train", "valid", "test"):
             if not track_ids.get(split):
                 raise DatasetError(f"the {split!r} split has no tracks with features and targets")
-        self.feature_dir, self.column, self.track_ids, self.targets = Path(feature_dir), column, track_ids, targets
-        self.crop, self.hop = crop_frames, eval_hop_frames
+        self.track_ids, self.targets = track_ids, targets
+        self.crop, self.hop = crop, hop
         self.batch_size, self.crops_per_clip, self.num_workers = batch_size, crops_per_clip, num_workers
-        self.mean: np.ndarray | None = None
-        self.std: np.ndarray | None = None
         self._clips: dict[str, list[torch.Tensor]] = {}
-
-    def setup(self, stage: str | None = None) -> None:
-        if self._clips:
-            return
-        wanted = [t for ids in self.track_ids.values() for t in ids]
-        features = read_features(self.feature_dir, column=self.column, track_ids=wanted)
-        train = np.concatenate([features[t] for t in self.track_ids["train"]]).astype(np.float32)
-        self.mean, self.std = train.mean(axis=0), train.std(axis=0) + 1e-5
-        for split, ids in self.track_ids.items():
-            self._clips[split] = [self._prepare(features[t]) for t in ids]
-
-    def _prepare(self, mel: np.ndarray) -> torch.Tensor:
-        """Transpose to (n_mels, n_frames); pad clips shorter than a crop with the band means."""
-        x = pad_to_crop(mel.T, crop=self.crop, fill=self.mean)
-        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float16))
 
     def _targets(self, split: str) -> torch.Tensor:
         return torch.from_numpy(np.stack([self.targets[t] for t in self.track_ids[split]]).astype(np.float32))
@@ -160,6 +133,47 @@ class FeatureDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
+
+
+class FeatureDataModule(ClipDataModule):
+    """Crops of log-mel features with one target vector per track.
+
+    Parameters
+    ----------
+    feature_dir : Path
+        Folder of the shards and their manifest.
+    column : str
+        Feature column, e.g. ``mel_1024``.
+    track_ids : dict[str, list[str]]
+        Track ids per split (``train``, ``valid``, ``test``).
+    targets : dict[str, np.ndarray]
+        Target vector of every track id (multi-hot tags or latent factors).
+    crop_frames, eval_hop_frames : int > 0
+        Training crop length and the hop between evaluation windows, in frames.
+    """
+
+    def __init__(self, *, feature_dir: Path, column: str, track_ids: dict[str, list[str]], targets: dict[str, np.ndarray],
+                 crop_frames: int, eval_hop_frames: int, batch_size: int, crops_per_clip: int, num_workers: int = 0) -> None:
+        super().__init__(track_ids=track_ids, targets=targets, crop=crop_frames, hop=eval_hop_frames,
+                         batch_size=batch_size, crops_per_clip=crops_per_clip, num_workers=num_workers)
+        self.feature_dir, self.column = Path(feature_dir), column
+        self.mean: np.ndarray | None = None
+        self.std: np.ndarray | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._clips:
+            return
+        wanted = [t for ids in self.track_ids.values() for t in ids]
+        features = read_features(self.feature_dir, column=self.column, track_ids=wanted)
+        train = np.concatenate([features[t] for t in self.track_ids["train"]]).astype(np.float32)
+        self.mean, self.std = train.mean(axis=0), train.std(axis=0) + 1e-5
+        for split, ids in self.track_ids.items():
+            self._clips[split] = [self._prepare(features[t]) for t in ids]
+
+    def _prepare(self, mel: np.ndarray) -> torch.Tensor:
+        """Transpose to (n_mels, n_frames); pad clips shorter than a crop with the band means."""
+        x = pad_to_crop(mel.T, crop=self.crop, fill=self.mean)
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float16))
 
 
 class VectorDataModule(L.LightningDataModule):

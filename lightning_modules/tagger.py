@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_modules.architectures import SpectrogramConvNet2014
+from lightning_modules.architectures import RawAudioConvNet2014, SpectrogramConvNet2014
+from lightning_modules.audio_datamodule import PCM_SCALE
 from lightning_modules.datamodule import clip_means, standardize, stat_buffer
 from tasks.metrics import tag_metrics
 
@@ -51,7 +52,34 @@ class TagPredictionModule(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
 
 
-class TaggerModule(TagPredictionModule):
+class WindowedTagger(TagPredictionModule):
+    """Trains on crops; evaluates every window of a clip and averages their sigmoid outputs per clip.
+
+    Subclasses set ``self.net``-based :meth:`forward` and ``self.loss``.
+    """
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = self.loss(self(x), y)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x))
+        return loss
+
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], split: str) -> None:
+        windows, clip_index, y = batch
+        logits = self(windows)
+        loss = self.loss(logits, y[clip_index])
+        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
+        self._scores.append(clip_means(torch.sigmoid(logits.float()), clip_index, len(y)).cpu())
+        self._truth.append(y.cpu())
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+
+class TaggerModule(WindowedTagger):
     """Trains a :class:`SpectrogramConvNet2014` with binary cross-entropy on logits.
 
     Validation and test average the sigmoid outputs of all windows of a clip and
@@ -74,22 +102,22 @@ class TaggerModule(TagPredictionModule):
         """Raw log-mel crops ``[shape=(batch, n_mels, n_frames)]`` -> logits ``[shape=(batch, n_tags)]``."""
         return self.net(standardize(x, self.feature_mean, self.feature_std))
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = self.loss(self(x), y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x))
-        return loss
 
-    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], split: str) -> None:
-        windows, clip_index, y = batch
-        logits = self(windows)
-        loss = self.loss(logits, y[clip_index])
-        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
-        self._scores.append(clip_means(torch.sigmoid(logits.float()), clip_index, len(y)).cpu())
-        self._truth.append(y.cpu())
+class RawAudioTaggerModule(WindowedTagger):
+    """Trains a :class:`RawAudioConvNet2014` on int16-valued waveform crops (scaled to [-1, 1) here)."""
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+    def __init__(self, *, crop_samples: int, tags: list[str], filter_length: int = 256, stride: int = 256,
+                 n_filters: int = 128, nonlinearity: str = "relu", log_c: float = 10.0, feature_pooling: str = "none",
+                 pool_size: int = 2, batch_norm: bool = True, channels: int = 32, conv_length: int = 8,
+                 pool: int = 4, hidden: int = 100, learning_rate: float = 1e-3, weight_decay: float = 0.0) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.net = RawAudioConvNet2014(n_samples=crop_samples, n_outputs=len(tags), filter_length=filter_length,
+                                       stride=stride, n_filters=n_filters, nonlinearity=nonlinearity, log_c=log_c,
+                                       feature_pooling=feature_pooling, pool_size=pool_size, batch_norm=batch_norm,
+                                       channels=channels, conv_length=conv_length, pool=pool, hidden=hidden)
+        self.loss = nn.BCEWithLogitsLoss()
 
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Crops of int16 PCM values ``[shape=(batch, 1, n_samples)]`` -> logits ``[shape=(batch, n_tags)]``."""
+        return self.net(x.float() * PCM_SCALE)

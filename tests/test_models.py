@@ -10,10 +10,11 @@ import torch
 from lightning_modules.datamodule import ClipWindowsDataset, clip_means, collate_windows
 from lightning_modules.latent_factors import LatentFactorModule
 from lightning_modules.mlp import MLPTaggerModule
-from lightning_modules.tagger import TaggerModule
+from lightning_modules.tagger import RawAudioTaggerModule, TaggerModule
 
 N_MELS, CROP = 16, 94
 N_INPUTS = 40  # pooled K-means features of the MLP tagger
+N_SAMPLES = 4096  # raw-audio crops: 64 steps of a 64-sample stride
 # The steps are called directly, outside a Trainer, so their self.log calls have nowhere to go.
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 
@@ -31,6 +32,15 @@ def _mlp_tagger() -> MLPTaggerModule:
     return MLPTaggerModule(n_inputs=N_INPUTS, tags=["a", "b", "c"], hidden=32, dropout=0.0, learning_rate=3e-3)
 
 
+def _raw_tagger() -> RawAudioTaggerModule:
+    return RawAudioTaggerModule(crop_samples=N_SAMPLES, tags=["a", "b", "c"], filter_length=64, stride=64,
+                                n_filters=16, learning_rate=3e-3)
+
+
+def _waveforms(n: int, g: torch.Generator) -> torch.Tensor:
+    return (torch.randn(n, 1, N_SAMPLES, generator=g) * 3000.0).round()  # int16-valued PCM
+
+
 def _crops(n: int, g: torch.Generator) -> torch.Tensor:
     return torch.randn(n, N_MELS, CROP, generator=g)
 
@@ -44,6 +54,7 @@ FAMILIES = {
     "tagger": (_tagger, _crops, lambda g: (torch.rand(8, 3, generator=g) > 0.5).float()),
     "latent_factors": (_latent, _crops, lambda g: torch.randn(8, 5, generator=g)),
     "mlp_tagger": (_mlp_tagger, _vectors, lambda g: (torch.rand(8, 3, generator=g) > 0.5).float()),
+    "raw_audio_tagger": (_raw_tagger, _waveforms, lambda g: (torch.rand(8, 3, generator=g) > 0.5).float()),
 }
 
 

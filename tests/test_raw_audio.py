@@ -1,0 +1,78 @@
+"""The raw-audio convnet's parts, against hand computations, and the DataModule over PCM shards."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_modules.architectures import FeaturePooling, FirstLayerNonlinearity, RawAudioConvNet2014
+from lightning_modules.audio_datamodule import AudioDataModule
+from tasks.errors import DatasetError
+from tasks.shards import audio_to_table, write_feature_shard
+
+
+def test_output_shape_and_gradients_reach_the_first_layer() -> None:
+    net = RawAudioConvNet2014(n_samples=8192, n_outputs=5, filter_length=128, stride=64, n_filters=32,
+                              nonlinearity="log1p_square", feature_pooling="l2", pool_size=4)
+    x = torch.randn(3, 8192, requires_grad=True)
+    out = net(x)
+    assert out.shape == (3, 5)
+    out.sum().backward()
+    assert net.first.weight.grad is not None and net.first.weight.grad.abs().sum() > 0
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert net.first_layer_filters().shape == (32, 128)
+    assert net.norm.num_features == 8  # 32 filters pooled in groups of 4
+
+
+def test_first_layer_steps_are_filter_length_and_stride() -> None:
+    net = RawAudioConvNet2014(n_samples=16000, n_outputs=2, filter_length=512, stride=256, n_filters=8)
+    steps = net.front(net.first(torch.zeros(1, 1, 16000))).shape[-1]
+    assert steps == 1 + (16000 - 512) // 256
+
+
+def test_l2_and_max_feature_pooling_against_a_hand_computation() -> None:
+    x = torch.tensor([[[3.0, 0.0], [4.0, 1.0], [1.0, 2.0], [2.0, 2.0]]])  # (batch 1, 4 filters, 2 steps)
+    l2 = FeaturePooling("l2", size=2)(x)
+    torch.testing.assert_close(l2, torch.tensor([[[5.0, 1.0], [np.sqrt(5.0), np.sqrt(8.0)]]], dtype=torch.float32))
+    torch.testing.assert_close(FeaturePooling("max", size=2)(x), torch.tensor([[[4.0, 1.0], [2.0, 2.0]]]))
+    with pytest.raises(ValueError, match="groups of 3"):
+        FeaturePooling("l2", size=3)(x)
+
+
+def test_first_layer_nonlinearities() -> None:
+    x = torch.tensor([-2.0, 0.0, 0.5])
+    torch.testing.assert_close(FirstLayerNonlinearity("relu")(x), torch.tensor([0.0, 0.0, 0.5]))
+    torch.testing.assert_close(FirstLayerNonlinearity("log1p_square", c=10.0)(x), torch.log1p(10.0 * x**2))
+    torch.testing.assert_close(FirstLayerNonlinearity("log1p_abs", c=10.0)(x), torch.log1p(10.0 * x.abs()))
+    with pytest.raises(ValueError, match="expected one of"):
+        FirstLayerNonlinearity("tanh")
+    with pytest.raises(ValueError, match="shorter than one filter"):
+        RawAudioConvNet2014(n_samples=100, n_outputs=2, filter_length=256)
+
+
+def _pcm_shards(tmp_path, lengths: dict[str, int]):
+    rows = [(t, np.sin(np.arange(n) / 10.0).astype(np.float32) * 0.5) for t, n in lengths.items()]
+    write_feature_shard(audio_to_table(rows, sample_rate=16000), tmp_path / "part-0.parquet")
+    return tmp_path
+
+
+def test_audio_datamodule_crops_windows_and_pads(tmp_path) -> None:
+    lengths = {"a": 20000, "b": 9000, "c": 12000, "d": 30000}
+    audio_dir = _pcm_shards(tmp_path, lengths)
+    targets = {t: np.array([i % 2], dtype=np.float32) for i, t in enumerate(lengths)}
+    module = AudioDataModule(audio_dir=audio_dir, track_ids={"train": ["a", "b"], "valid": ["c"], "test": ["d"]},
+                             targets=targets, crop_samples=10000, eval_hop_samples=5000, batch_size=2,
+                             crops_per_clip=3)
+    module.setup()
+    x, y = next(iter(module.train_dataloader()))
+    assert x.shape == (2, 1, 10000) and x.dtype == torch.float32 and y.shape == (2, 1)
+    assert float(x.abs().max()) <= 32768.0 and float(x.abs().max()) > 1000.0  # int16-valued, not rescaled
+    assert module._clips["train"][1].shape == (1, 10000)  # 9,000 samples padded to one crop
+    windows, clip_index, clip_targets = next(iter(module.test_dataloader()))
+    assert windows.shape == (1 + (30000 - 10000) // 5000, 1, 10000) and set(clip_index.tolist()) == {0}
+    missing = AudioDataModule(audio_dir=audio_dir, track_ids={"train": ["a", "zz"], "valid": ["c"], "test": ["d"]},
+                              targets=targets, crop_samples=10000, eval_hop_samples=5000, batch_size=2,
+                              crops_per_clip=1)
+    with pytest.raises(DatasetError, match="no raw-audio shard"):
+        missing.setup()

@@ -218,3 +218,57 @@ def plot_importance_heatmap(importance, *, group: str, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_filter_spectra(filters: np.ndarray, *, sample_rate: int, path: Path, title: str) -> Path:
+    """Magnitude spectra of raw-audio first-layer filters, sorted by dominant frequency (image: filter x Hz)."""
+    from tasks.filters import filter_spectra
+
+    frequencies, magnitudes = filter_spectra(filters, sample_rate=sample_rate)
+    order = np.argsort(np.argmax(magnitudes, axis=1), kind="stable")
+    db = 20 * np.log10(magnitudes[order] / (magnitudes.max(axis=1, keepdims=True)[order] + 1e-12) + 1e-6)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    image = ax.imshow(db, aspect="auto", origin="lower", cmap="magma", vmin=-40, vmax=0,
+                      extent=(0, frequencies[-1], 0, len(filters)))
+    ax.set(xlabel="frequency (Hz)", ylabel="filter (sorted by dominant frequency)", title=title)
+    fig.colorbar(image, ax=ax, label="magnitude (dB below each filter's peak)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_dominant_frequencies(filters: np.ndarray, *, sample_rate: int, path: Path, title: str) -> Path:
+    """Each filter's dominant frequency, sorted, against the mel scale and a linear scale over the same range."""
+    from tasks.filters import dominant_frequencies, mel_likeness, mel_reference
+
+    dominant = np.sort(dominant_frequencies(filters, sample_rate=sample_rate))
+    fmax = sample_rate / 2
+    score = mel_likeness(dominant, fmax=fmax)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.plot(dominant, ".", label="learned filters (sorted)")
+    ax.plot(mel_reference(len(dominant), fmax=fmax), label=f"mel scale (RMS {score['mel']:.0f} mel)")
+    ax.plot(np.linspace(0, fmax, len(dominant)), "--", label=f"linear (RMS {score['linear']:.0f} mel)")
+    ax.set(xlabel="filter rank", ylabel="dominant frequency (Hz)", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_pooled_filters(filters: np.ndarray, *, pool_size: int, path: Path, title: str, max_groups: int = 8) -> Path:
+    """The filters of each feature-pooling group side by side (the paper finds shifted copies of one another)."""
+    n_groups = min(max_groups, len(filters) // pool_size)
+    fig, axes = plt.subplots(n_groups, 1, figsize=(8, 1.1 * n_groups + 0.6), squeeze=False)
+    for g, ax in enumerate(axes[:, 0]):
+        for j in range(pool_size):
+            ax.plot(filters[g * pool_size + j], lw=0.8, label=f"filter {g * pool_size + j}")
+        ax.set(yticks=[], xticks=[] if g < n_groups - 1 else ax.get_xticks())
+        ax.set_ylabel(f"group {g}", fontsize=7)
+    axes[-1, 0].set_xlabel("tap (sample)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

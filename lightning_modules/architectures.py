@@ -185,3 +185,53 @@ class RawAudioConvNet2014(nn.Module):
     def first_layer_filters(self) -> torch.Tensor:
         """The learned first-layer filters ``[shape=(n_filters, filter_length)]``."""
         return self.first.weight.detach()[:, 0, :]
+
+
+class _ResidualBlock2d(nn.Module):
+    """3x3 conv, BN, ReLU, 3x3 conv, BN, plus a (projected) shortcut, then ReLU; both convs' first strides ``stride``."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, stride: int = 2) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1), nn.BatchNorm2d(out_channels), nn.ReLU(),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels),
+        )
+        self.shortcut = nn.Identity() if stride == 1 and in_channels == out_channels else nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1), nn.BatchNorm2d(out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+class ShortChunkResNet(nn.Module):
+    """The short-chunk CNN with residual blocks (Won, Ferraro, Bogdanov & Serra, 2020), a modern baseline.
+
+    The published settings: 128 mel bands of a 512-point STFT at hop 256 (16 kHz), crops of
+    59,049 samples (about 3.7 s, 231 frames); a batch-normalized input; seven residual
+    blocks of 2-D 3x3 convolutions, each halving both axes, with 128, 128, 256, 256, 256,
+    256 and 512 channels (``channels`` = 128 scales them); a global max over what is left of
+    time and frequency; a dense layer of as many units with batch normalization, ReLU and
+    dropout 0.5; one logit per tag.
+
+    Input ``[shape=(batch, n_mels, n_frames)]`` -> logits ``[shape=(batch, n_outputs)]``.
+    """
+
+    def __init__(self, *, n_mels: int, n_frames: int, n_outputs: int, channels: int = 128,
+                 dropout: float = 0.5) -> None:
+        super().__init__()
+        widths = [channels, channels, 2 * channels, 2 * channels, 2 * channels, 2 * channels, 4 * channels]
+        if min(n_mels, n_frames) < 2 ** len(widths) // 2:
+            raise ValueError(f"a crop of {n_mels} bands x {n_frames} frames is too small for {len(widths)} "
+                             f"stride-2 blocks (needs at least {2 ** len(widths) // 2} of each)")
+        blocks: list[nn.Module] = [nn.BatchNorm2d(1)]
+        width = 1
+        for out in widths:
+            blocks.append(_ResidualBlock2d(width, out, stride=2))
+            width = out
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Dropout(dropout),
+                                  nn.Linear(width, n_outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feature_map = self.features(x.unsqueeze(1))  # (batch, width, bands', frames')
+        return self.head(feature_map.amax(dim=(2, 3)))

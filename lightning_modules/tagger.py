@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_modules.architectures import RawAudioConvNet2014, SpectrogramConvNet2014
+from lightning_modules.architectures import RawAudioConvNet2014, ShortChunkResNet, SpectrogramConvNet2014
 from lightning_modules.audio_datamodule import PCM_SCALE
 from lightning_modules.datamodule import clip_means, standardize, stat_buffer
 from tasks.metrics import tag_metrics
@@ -80,7 +80,10 @@ class WindowedTagger(TagPredictionModule):
 
 
 class TaggerModule(WindowedTagger):
-    """Trains a :class:`SpectrogramConvNet2014` with binary cross-entropy on logits.
+    """Trains a spectrogram tagger with binary cross-entropy on logits.
+
+    ``architecture``: ``convnet2014`` (:class:`SpectrogramConvNet2014`, the default) or
+    ``short-chunk-resnet`` (:class:`ShortChunkResNet`, the modern baseline).
 
     Validation and test average the sigmoid outputs of all windows of a clip and
     report per-tag ROC-AUC and PR-AUC, macro-averaged (``val/roc_auc``, ``test/pr_auc``).
@@ -88,12 +91,19 @@ class TaggerModule(WindowedTagger):
 
     def __init__(self, *, n_mels: int, crop_frames: int, tags: list[str], channels: int = 32, conv_length: int = 8,
                  pool: int = 4, hidden: int = 100, learning_rate: float = 1e-3, weight_decay: float = 0.0,
-                 feature_mean: list[float] | None = None, feature_std: list[float] | None = None) -> None:
+                 feature_mean: list[float] | None = None, feature_std: list[float] | None = None,
+                 architecture: str = "convnet2014", resnet_channels: int = 128) -> None:
         super().__init__()
         # The normalization statistics are buffers and hparams: a checkpoint needs nothing else at inference.
         self.save_hyperparameters(logger=False)
-        self.net = SpectrogramConvNet2014(n_mels=n_mels, n_frames=crop_frames, n_outputs=len(tags), channels=channels,
-                                          conv_length=conv_length, pool=pool, hidden=hidden)
+        if architecture == "convnet2014":
+            self.net = SpectrogramConvNet2014(n_mels=n_mels, n_frames=crop_frames, n_outputs=len(tags),
+                                              channels=channels, conv_length=conv_length, pool=pool, hidden=hidden)
+        elif architecture == "short-chunk-resnet":
+            self.net = ShortChunkResNet(n_mels=n_mels, n_frames=crop_frames, n_outputs=len(tags),
+                                        channels=resnet_channels)
+        else:
+            raise ValueError(f"architecture {architecture!r}: expected 'convnet2014' or 'short-chunk-resnet'")
         self.register_buffer("feature_mean", stat_buffer(feature_mean, n_mels, 0.0))
         self.register_buffer("feature_std", stat_buffer(feature_std, n_mels, 1.0))
         self.loss = nn.BCEWithLogitsLoss()

@@ -32,6 +32,15 @@ def _mlp_tagger() -> MLPTaggerModule:
     return MLPTaggerModule(n_inputs=N_INPUTS, tags=["a", "b", "c"], hidden=32, dropout=0.0, learning_rate=3e-3)
 
 
+def _short_chunk_resnet() -> TaggerModule:
+    return TaggerModule(n_mels=N_MELS * 4, crop_frames=CROP, tags=["a", "b", "c"], architecture="short-chunk-resnet",
+                        resnet_channels=8, learning_rate=3e-3)
+
+
+def _wide_crops(n: int, g: torch.Generator) -> torch.Tensor:
+    return torch.randn(n, N_MELS * 4, CROP, generator=g)  # seven stride-2 blocks need >= 64 bands
+
+
 def _raw_tagger() -> RawAudioTaggerModule:
     return RawAudioTaggerModule(crop_samples=N_SAMPLES, tags=["a", "b", "c"], filter_length=64, stride=64,
                                 n_filters=16, learning_rate=3e-3)
@@ -55,6 +64,7 @@ FAMILIES = {
     "latent_factors": (_latent, _crops, lambda g: torch.randn(8, 5, generator=g)),
     "mlp_tagger": (_mlp_tagger, _vectors, lambda g: (torch.rand(8, 3, generator=g) > 0.5).float()),
     "raw_audio_tagger": (_raw_tagger, _waveforms, lambda g: (torch.rand(8, 3, generator=g) > 0.5).float()),
+    "short_chunk_resnet": (_short_chunk_resnet, _wide_crops, lambda g: (torch.rand(8, 3, generator=g) > 0.5).float()),
 }
 
 

@@ -76,3 +76,14 @@ def test_audio_datamodule_crops_windows_and_pads(tmp_path) -> None:
                               crops_per_clip=1)
     with pytest.raises(DatasetError, match="no raw-audio shard"):
         missing.setup()
+
+
+def test_short_chunk_resnet_at_its_published_size() -> None:
+    from lightning_modules.architectures import ShortChunkResNet
+
+    net = ShortChunkResNet(n_mels=128, n_frames=231, n_outputs=50).eval()  # 59,049 samples at hop 256
+    assert net(torch.randn(2, 128, 231)).shape == (2, 50)
+    widths = [m.body[0].out_channels for m in net.features if hasattr(m, "body")]
+    assert widths == [128, 128, 256, 256, 256, 256, 512]
+    with pytest.raises(ValueError, match="too small"):
+        ShortChunkResNet(n_mels=32, n_frames=231, n_outputs=50)

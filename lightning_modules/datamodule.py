@@ -41,7 +41,11 @@ class RandomCropDataset(Dataset):
 
 
 class ClipWindowsDataset(Dataset):
-    """Every window of a clip at a fixed hop: ``(windows [n_windows, n_mels, crop], target)``."""
+    """Every window of a clip at a fixed hop: ``(windows [n_windows, n_mels, crop], target, clip position)``.
+
+    The clip's position in the split travels with it, so that evaluation gathered from
+    several ranks (whose samplers pad with repeated clips) can count every clip once.
+    """
 
     def __init__(self, clips: list[torch.Tensor], targets: torch.Tensor, *, crop: int, hop: int) -> None:
         self.clips, self.targets, self.crop, self.hop = clips, targets, crop, hop
@@ -49,8 +53,8 @@ class ClipWindowsDataset(Dataset):
     def __len__(self) -> int:
         return len(self.clips)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return clip_windows(self.clips[index], crop=self.crop, hop=self.hop), self.targets[index]
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return clip_windows(self.clips[index], crop=self.crop, hop=self.hop), self.targets[index], index
 
 
 def clip_windows(clip: torch.Tensor, *, crop: int, hop: int) -> torch.Tensor:
@@ -66,11 +70,12 @@ def pad_to_crop(clip: np.ndarray, *, crop: int, fill: np.ndarray) -> np.ndarray:
     return np.concatenate([clip, pad], axis=1)
 
 
-def collate_windows(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stack all windows of a batch of clips, with the clip index of each window."""
-    windows = torch.cat([w for w, _ in batch])
-    clip_index = torch.cat([torch.full((len(w),), i, dtype=torch.long) for i, (w, _) in enumerate(batch)])
-    return windows, clip_index, torch.stack([t for _, t in batch])
+def collate_windows(batch: list[tuple[torch.Tensor, torch.Tensor, int]]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack all windows of a batch of clips: ``(windows, clip index of each window, targets, clip positions)``."""
+    windows = torch.cat([w for w, _, _ in batch])
+    clip_index = torch.cat([torch.full((len(w),), i, dtype=torch.long) for i, (w, _, _) in enumerate(batch)])
+    return windows, clip_index, torch.stack([t for _, t, _ in batch]), torch.tensor([p for _, _, p in batch])
 
 
 def stat_buffer(values: list[float] | None, n: int, default: float) -> torch.Tensor:
@@ -204,7 +209,10 @@ class VectorDataModule(L.LightningDataModule):
         self.std = np.where(std < 1e-6, 1.0, std).astype(np.float32)
 
     def _loader(self, split: str, *, shuffle: bool) -> DataLoader:
-        dataset = TensorDataset(self.features[split], self.targets[split])
+        tensors = (self.features[split], self.targets[split])
+        if not shuffle:  # evaluation: each row's position, so that gathered ranks count every clip once
+            tensors += (torch.arange(len(self.features[split])),)
+        dataset = TensorDataset(*tensors)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
                           drop_last=shuffle and len(dataset) > self.batch_size)
 

@@ -45,7 +45,7 @@ class LatentFactorModule(L.LightningModule):
         return clip_means(self(windows).float(), clip_index, n_clips)
 
     def _eval_step(self, batch, split: str) -> None:
-        windows, clip_index, y = batch
+        windows, clip_index, y, _ = batch
         predictions = self._clip_predictions(windows, clip_index, len(y))
         self.log(f"{split}/mse", self.loss(predictions, y / self.hparams.target_scale), on_step=False, on_epoch=True,
                  prog_bar=split == "val", batch_size=len(y))
@@ -57,7 +57,7 @@ class LatentFactorModule(L.LightningModule):
         self._eval_step(batch, "test")
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
-        windows, clip_index, y = batch
+        windows, clip_index, y, _ = batch
         return self._clip_predictions(windows, clip_index, len(y)) * self.hparams.target_scale
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -58,12 +58,11 @@ class MLPTaggerModule(TagPredictionModule):
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x))
         return loss
 
-    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> None:
-        x, y = batch
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], split: str) -> None:
+        x, y, positions = batch
         logits = self(x)
-        self.log(f"{split}/loss", self.loss(logits, y), on_step=False, on_epoch=True, batch_size=len(y))
-        self._scores.append(torch.sigmoid(logits.float()).cpu())
-        self._truth.append(y.cpu())
+        self.log(f"{split}/loss", self.loss(logits, y), on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
+        self._collect(torch.sigmoid(logits.float()), y, positions)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, "val")

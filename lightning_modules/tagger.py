@@ -26,17 +26,38 @@ class TagPredictionModule(L.LightningModule):
         super().__init__()
         self._scores: list[torch.Tensor] = []
         self._truth: list[torch.Tensor] = []
+        self._positions: list[torch.Tensor] = []
         self.test_scores: np.ndarray | None = None
         self.test_truth: np.ndarray | None = None
         self.test_table = None
 
-    def _epoch_metrics(self, split: str) -> None:
-        scores = torch.cat(self._scores).numpy()
-        truth = torch.cat(self._truth).numpy()
+    def _collect(self, scores: torch.Tensor, truth: torch.Tensor, positions: torch.Tensor) -> None:
+        self._scores.append(scores.detach().float())
+        self._truth.append(truth.detach().float())
+        self._positions.append(positions.detach().long())
+
+    def _gathered(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every clip's scores and labels once, in split order, whatever the number of ranks.
+
+        Under DDP each rank saw a share of the clips (padded with repeats to equal
+        shares); they are gathered, de-duplicated by clip position and sorted, so the
+        metrics equal those of one device.
+        """
+        scores, truth, positions = torch.cat(self._scores), torch.cat(self._truth), torch.cat(self._positions)
         self._scores.clear()
         self._truth.clear()
+        self._positions.clear()
+        if self.trainer is not None and self.trainer.world_size > 1:
+            scores, truth, positions = (self.all_gather(t).flatten(0, 1) for t in (scores, truth, positions))
+        positions = positions.cpu().numpy()
+        _, first = np.unique(positions, return_index=True)  # sorted positions, each once
+        return scores.cpu().numpy()[first], truth.cpu().numpy()[first]
+
+    def _epoch_metrics(self, split: str) -> None:
+        scores, truth = self._gathered()
         summary, table = tag_metrics(truth, scores, tags=self.hparams.tags)
-        self.log(f"{split}/roc_auc", summary["roc_auc_macro"], prog_bar=True)
+        # Every rank computed the same numbers from the same gathered clips: no reduction needed.
+        self.log(f"{split}/roc_auc", summary["roc_auc_macro"], prog_bar=True, rank_zero_only=False)
         self.log(f"{split}/pr_auc", summary["pr_auc_macro"], prog_bar=split == "val")
         self.log(f"{split}/pr_auc_chance", summary["pr_auc_chance"])
         if split == "test":
@@ -64,13 +85,12 @@ class WindowedTagger(TagPredictionModule):
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x))
         return loss
 
-    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], split: str) -> None:
-        windows, clip_index, y = batch
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], split: str) -> None:
+        windows, clip_index, y, positions = batch
         logits = self(windows)
         loss = self.loss(logits, y[clip_index])
-        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
-        self._scores.append(clip_means(torch.sigmoid(logits.float()), clip_index, len(y)).cpu())
-        self._truth.append(y.cpu())
+        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
+        self._collect(clip_means(torch.sigmoid(logits.float()), clip_index, len(y)), y, positions)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, "val")

@@ -115,7 +115,8 @@ def test_checkpoint_round_trip_with_weights_only(family, tmp_path):
 def test_clip_windows_average_back_to_one_prediction_per_clip():
     clips = [torch.randn(N_MELS, 200).half(), torch.randn(N_MELS, 100).half()]
     dataset = ClipWindowsDataset(clips, torch.zeros(2, 3), crop=CROP, hop=47)
-    windows, clip_index, targets = collate_windows([dataset[0], dataset[1]])
+    windows, clip_index, targets, positions = collate_windows([dataset[0], dataset[1]])
+    assert positions.tolist() == [0, 1]
     assert windows.shape[1:] == (N_MELS, CROP)
     assert clip_index.tolist().count(0) == 1 + (200 - CROP) // 47 and clip_index.tolist().count(1) == 1
     means = clip_means(torch.arange(len(windows), dtype=torch.float32)[:, None], clip_index, 2)
@@ -182,3 +183,34 @@ def test_mlp_tagger_learns_separable_tags_and_reports_per_tag_metrics(tmp_path):
     assert list(result.module.test_table.columns) == ["tag", "positives", "roc_auc", "pr_auc"]
     assert sorted(result.module.test_table["tag"]) == ["a", "b", "c"]
     assert result.checkpoint.exists()
+
+
+class _FixedClips(L.LightningDataModule):
+    """Seven clips (an odd number: two ranks' samplers pad with a repeat) of fixed features and tags."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        clips = [torch.randn(N_MELS, CROP + 40 * i, generator=g).half() for i in range(7)]
+        targets = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1], [1, 0, 0], [0, 1, 1], [1, 1, 1]],
+                               dtype=torch.float32)
+        self.dataset = ClipWindowsDataset(clips, targets, crop=CROP, hop=40)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(self.dataset, batch_size=2, collate_fn=collate_windows)
+
+
+@pytest.mark.slow
+def test_evaluation_under_ddp_counts_every_clip_once_and_equals_one_device(tmp_path, monkeypatch):
+    L.seed_everything(0)
+    module = _tagger().eval()
+    one = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=tmp_path).validate(module, datamodule=_FixedClips(),
+                                                                                    verbose=False)[0]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    two = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=tmp_path).validate(module, datamodule=_FixedClips(),
+                                                                                    verbose=False)[0]
+    assert two["val/roc_auc"] == pytest.approx(one["val/roc_auc"], abs=1e-6)
+    assert two["val/pr_auc"] == pytest.approx(one["val/pr_auc"], abs=1e-6)

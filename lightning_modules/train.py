@@ -16,10 +16,11 @@ from lightning.pytorch.loggers import Logger
 from infra.progress import interactive
 from infra.settings import LatentFactorSettings, MelSettings, MLPSettings, TaggerSettings, TrainSettings
 from lightning_modules.callbacks import ThroughputLog
+from lightning_modules.audio_datamodule import AudioDataModule
 from lightning_modules.datamodule import FeatureDataModule, VectorDataModule
 from lightning_modules.latent_factors import LatentFactorModule
 from lightning_modules.mlp import MLPTaggerModule
-from lightning_modules.tagger import TaggerModule
+from lightning_modules.tagger import RawAudioTaggerModule, TaggerModule
 from tasks.datasets import multi_hot
 from tasks.errors import ParameterError
 
@@ -155,5 +156,30 @@ def train_mlp_tagger(*, features: dict[str, np.ndarray], targets: dict[str, np.n
                                         checkpoint_dir=checkpoint_dir, logger=logger, quiet=quiet, log_every_n_steps=1)
     trainer.fit(model, datamodule=datamodule)
     best = MLPTaggerModule.load_from_checkpoint(checkpoint.best_model_path, weights_only=True)
+    metrics = trainer.test(best, datamodule=datamodule, verbose=False)[0]
+    return TrainResult(best, Path(checkpoint.best_model_path), metrics, trainer.current_epoch)
+
+
+def train_raw_tagger(*, audio_dir: Path, tracks: pd.DataFrame, tags: list[str], train: TrainSettings,
+                     sample_rate: int, model: dict, checkpoint_dir: Path, logger: Logger | bool = False) -> TrainResult:
+    """Train the raw-audio convnet on the PCM shards' train split; test on the test split.
+
+    ``model`` holds :class:`~lightning_modules.tagger.RawAudioTaggerModule`'s architecture
+    arguments (``filter_length``, ``stride``, ``nonlinearity``, ``feature_pooling``, ...).
+    """
+    L.seed_everything(train.seed, workers=True)
+    track_ids = {split: list(group["track_id"]) for split, group in tracks.groupby("split")}
+    crop = max(1, round(train.crop_seconds * sample_rate))
+    datamodule = AudioDataModule(audio_dir=audio_dir, track_ids=track_ids, targets=multi_hot(tracks, tags),
+                                 crop_samples=crop, eval_hop_samples=max(1, round(train.eval_hop_seconds * sample_rate)),
+                                 batch_size=train.batch_size, crops_per_clip=train.crops_per_clip,
+                                 num_workers=train.num_workers)
+    datamodule.setup()
+    module = RawAudioTaggerModule(crop_samples=crop, tags=list(tags), learning_rate=train.learning_rate,
+                                  weight_decay=train.weight_decay, **model)
+    trainer, checkpoint = build_trainer(train, name="raw_tagger", monitor="val/roc_auc", mode="max",
+                                        checkpoint_dir=checkpoint_dir, logger=logger)
+    trainer.fit(module, datamodule=datamodule)
+    best = RawAudioTaggerModule.load_from_checkpoint(checkpoint.best_model_path, weights_only=True)
     metrics = trainer.test(best, datamodule=datamodule, verbose=False)[0]
     return TrainResult(best, Path(checkpoint.best_model_path), metrics, trainer.current_epoch)

@@ -7,7 +7,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_modules.architectures import RawAudioConvNet2014, ShortChunkResNet, SpectrogramConvNet2014
+from lightning_modules.architectures import (
+    RawAudioConvNet2014,
+    ShortChunkResNet,
+    SpectrogramConvNet2014,
+)
 from lightning_modules.audio_datamodule import PCM_SCALE
 from lightning_modules.datamodule import clip_means, standardize, stat_buffer
 from tasks.metrics import tag_metrics
@@ -138,7 +142,7 @@ class RawAudioTaggerModule(WindowedTagger):
 
     def __init__(self, *, crop_samples: int, tags: list[str], filter_length: int = 256, stride: int = 256,
                  n_filters: int = 128, nonlinearity: str = "relu", log_c: float = 10.0, feature_pooling: str = "none",
-                 pool_size: int = 2, batch_norm: bool = True, channels: int = 32, conv_length: int = 8,
+                 pool_size: int = 2, batch_norm: bool = False, channels: int = 32, conv_length: int = 8,
                  pool: int = 4, hidden: int = 100, learning_rate: float = 1e-3, weight_decay: float = 0.0) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)

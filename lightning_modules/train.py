@@ -14,9 +14,15 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
 from infra.progress import interactive
-from infra.settings import LatentFactorSettings, MelSettings, MLPSettings, TaggerSettings, TrainSettings
-from lightning_modules.callbacks import ThroughputLog
+from infra.settings import (
+    LatentFactorSettings,
+    MelSettings,
+    MLPSettings,
+    TaggerSettings,
+    TrainSettings,
+)
 from lightning_modules.audio_datamodule import AudioDataModule
+from lightning_modules.callbacks import ThroughputLog
 from lightning_modules.datamodule import FeatureDataModule, VectorDataModule
 from lightning_modules.latent_factors import LatentFactorModule
 from lightning_modules.mlp import MLPTaggerModule

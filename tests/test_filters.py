@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from tasks.errors import ParameterError
-from tasks.filters import dominant_frequencies, filter_spectra, mel_likeness, mel_reference
+from tasks.filters import (
+    dominant_frequencies,
+    filter_spectra,
+    mel_likeness,
+    mel_reference,
+)
 
 SR = 16000
 
@@ -43,7 +48,11 @@ def test_bad_arguments() -> None:
 
 
 def test_filter_plots_are_written(tmp_path) -> None:
-    from tasks.report import plot_dominant_frequencies, plot_filter_spectra, plot_pooled_filters
+    from tasks.report import (
+        plot_dominant_frequencies,
+        plot_filter_spectra,
+        plot_pooled_filters,
+    )
 
     bank = _tones(mel_reference(16, fmin=80.0, fmax=7000.0), length=256)
     for plot in (plot_filter_spectra(bank, sample_rate=SR, path=tmp_path / "s.png", title="t"),

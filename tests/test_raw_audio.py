@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_modules.architectures import FeaturePooling, FirstLayerNonlinearity, RawAudioConvNet2014
+from lightning_modules.architectures import (
+    FeaturePooling,
+    FirstLayerNonlinearity,
+    RawAudioConvNet2014,
+)
 from lightning_modules.audio_datamodule import AudioDataModule
 from tasks.errors import DatasetError
 from tasks.shards import audio_to_table, write_feature_shard
@@ -14,7 +18,7 @@ from tasks.shards import audio_to_table, write_feature_shard
 
 def test_output_shape_and_gradients_reach_the_first_layer() -> None:
     net = RawAudioConvNet2014(n_samples=8192, n_outputs=5, filter_length=128, stride=64, n_filters=32,
-                              nonlinearity="log1p_square", feature_pooling="l2", pool_size=4)
+                              nonlinearity="log1p_square", feature_pooling="l2", pool_size=4, batch_norm=True)
     x = torch.randn(3, 8192, requires_grad=True)
     out = net(x)
     assert out.shape == (3, 5)

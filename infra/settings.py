@@ -214,6 +214,9 @@ class TrainSettings(_Settings):
     # One device: evaluation gathers per-clip predictions in one process. Multi-GPU
     # DDP training is a Lightning setting away but needs rank-aware evaluation first.
     devices: int = Field(1, ge=1)
+    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = Field(
+        "32-true", description="bf16-mixed on a GPU (Lightning's precision plugin)")
+    compile: bool = Field(False, description="torch.compile the network (in place: checkpoints keep their keys)")
     num_workers: int = Field(0, ge=0)
     seed: int = 0
 

@@ -52,6 +52,7 @@ def build_trainer(train: TrainSettings, *, name: str, monitor: str, mode: str, c
         max_epochs=train.max_epochs,
         accelerator=train.accelerator,
         devices=train.devices,
+        precision=train.precision,
         logger=logger,
         callbacks=[checkpoint, EarlyStopping(monitor=monitor, mode=mode, patience=train.patience), ThroughputLog(name, quiet=quiet)],
         enable_progress_bar=interactive() and not quiet,
@@ -60,6 +61,13 @@ def build_trainer(train: TrainSettings, *, name: str, monitor: str, mode: str, c
         num_sanity_val_steps=0,
     )
     return trainer, checkpoint
+
+
+def compiled(module: L.LightningModule, train: TrainSettings) -> L.LightningModule:
+    """The module with its network compiled in place when ``train.compile`` (state-dict keys unchanged)."""
+    if train.compile:
+        module.net.compile()
+    return module
 
 
 def _datamodule(feature_dir: Path, mel: MelSettings, train: TrainSettings, track_ids: dict[str, list[str]],
@@ -87,7 +95,7 @@ def train_tagger(*, feature_dir: Path, tracks: pd.DataFrame, tags: list[str], se
     )
     trainer, checkpoint = build_trainer(settings.train, name="tagger", monitor="val/roc_auc", mode="max",
                                         checkpoint_dir=checkpoint_dir, logger=logger)
-    trainer.fit(model, datamodule=datamodule)
+    trainer.fit(compiled(model, settings.train), datamodule=datamodule)
     best = TaggerModule.load_from_checkpoint(checkpoint.best_model_path, weights_only=True)
     metrics = trainer.test(best, datamodule=datamodule, verbose=False)[0]
     return TrainResult(best, Path(checkpoint.best_model_path), metrics, trainer.current_epoch)
@@ -133,7 +141,7 @@ def train_latent_factor_cnn(*, feature_dir: Path, track_ids: dict[str, list[str]
         )
     trainer, checkpoint = build_trainer(train, name="latent_factors", monitor="val/mse", mode="min",
                                         checkpoint_dir=checkpoint_dir, logger=logger)
-    trainer.fit(model, datamodule=datamodule)
+    trainer.fit(compiled(model, train), datamodule=datamodule)
     best = LatentFactorModule.load_from_checkpoint(checkpoint.best_model_path, weights_only=True)
     metrics = trainer.test(best, datamodule=datamodule, verbose=False)[0]
     predicted = np.concatenate([p.numpy() for p in trainer.predict(best, datamodule=datamodule)])
@@ -160,7 +168,7 @@ def train_mlp_tagger(*, features: dict[str, np.ndarray], targets: dict[str, np.n
     )
     trainer, checkpoint = build_trainer(settings.train, name="mlp_tagger", monitor="val/roc_auc", mode="max",
                                         checkpoint_dir=checkpoint_dir, logger=logger, quiet=quiet, log_every_n_steps=1)
-    trainer.fit(model, datamodule=datamodule)
+    trainer.fit(compiled(model, settings.train), datamodule=datamodule)
     best = MLPTaggerModule.load_from_checkpoint(checkpoint.best_model_path, weights_only=True)
     metrics = trainer.test(best, datamodule=datamodule, verbose=False)[0]
     return TrainResult(best, Path(checkpoint.best_model_path), metrics, trainer.current_epoch)
@@ -185,7 +193,7 @@ def train_raw_tagger(*, audio_dir: Path, tracks: pd.DataFrame, tags: list[str], 
                                   weight_decay=train.weight_decay, **model)
     trainer, checkpoint = build_trainer(train, name="raw_tagger", monitor="val/roc_auc", mode="max",
                                         checkpoint_dir=checkpoint_dir, logger=logger)
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(compiled(module, train), datamodule=datamodule)
     best = RawAudioTaggerModule.load_from_checkpoint(checkpoint.best_model_path, weights_only=True)
     metrics = trainer.test(best, datamodule=datamodule, verbose=False)[0]
     return TrainResult(best, Path(checkpoint.best_model_path), metrics, trainer.current_epoch)

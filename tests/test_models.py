@@ -214,3 +214,24 @@ def test_evaluation_under_ddp_counts_every_clip_once_and_equals_one_device(tmp_p
                                                                                     verbose=False)[0]
     assert two["val/roc_auc"] == pytest.approx(one["val/roc_auc"], abs=1e-6)
     assert two["val/pr_auc"] == pytest.approx(one["val/pr_auc"], abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [{"precision": "bf16-mixed"}, {"compile": True}], ids=["bf16-mixed", "compile"])
+def test_mixed_precision_and_compile_train_and_checkpoint(options, tmp_path):
+    from infra.settings import MLPSettings, TrainSettings
+    from lightning_modules.train import train_mlp_tagger
+
+    rng = np.random.default_rng(0)
+    weights = rng.standard_normal((N_INPUTS, 3))
+    splits = {}
+    for split, n in (("train", 600), ("valid", 100), ("test", 100)):
+        x = rng.standard_normal((n, N_INPUTS)).astype(np.float32)
+        splits[split] = (x, (x @ weights > 0).astype(np.float32))
+    settings = MLPSettings(hidden=32, dropout=0.0, train=TrainSettings(max_epochs=12, patience=12, batch_size=32,
+                                                                       seed=0, **options))
+    result = train_mlp_tagger(features={s: v[0] for s, v in splits.items()}, targets={s: v[1] for s, v in splits.items()},
+                              tags=["a", "b", "c"], settings=settings, checkpoint_dir=tmp_path, quiet=True)
+    assert result.metrics["test/roc_auc"] > 0.75  # it trained
+    state = torch.load(result.checkpoint, weights_only=True)["state_dict"]
+    assert not any("_orig_mod" in key for key in state)  # compiled in place: loadable by the plain module

@@ -217,6 +217,8 @@ class TrainSettings(_Settings):
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = Field(
         "32-true", description="bf16-mixed on a GPU (Lightning's precision plugin)")
     compile: bool = Field(False, description="torch.compile the network (in place: checkpoints keep their keys)")
+    resident_data: Literal["off", "auto", "cpu", "cuda"] = Field(
+        "off", description="keep the training split on a device and cut crops by gather (auto: the GPU if any)")
     num_workers: int = Field(0, ge=0)
     seed: int = 0
 

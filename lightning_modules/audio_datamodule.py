@@ -35,9 +35,10 @@ class AudioDataModule(ClipDataModule):
 
     def __init__(self, *, audio_dir: Path, track_ids: dict[str, list[str]], targets: dict[str, np.ndarray],
                  crop_samples: int, eval_hop_samples: int, batch_size: int, crops_per_clip: int,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, resident: str | None = None, seed: int = 0) -> None:
         super().__init__(track_ids=track_ids, targets=targets, crop=crop_samples, hop=eval_hop_samples,
-                         batch_size=batch_size, crops_per_clip=crops_per_clip, num_workers=num_workers)
+                         batch_size=batch_size, crops_per_clip=crops_per_clip, num_workers=num_workers,
+                         resident=resident, seed=seed)
         self.audio_dir = Path(audio_dir)
 
     def setup(self, stage: str | None = None) -> None:

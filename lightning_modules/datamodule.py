@@ -18,7 +18,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from tasks.errors import DatasetError
 from tasks.shards import read_features
@@ -99,6 +99,46 @@ def clip_means(values: torch.Tensor, clip_index: torch.Tensor, n_clips: int) -> 
     return sums / counts[:, None]
 
 
+class ResidentCrops(IterableDataset):
+    """Random crops cut by gather from one padded tensor of every clip, on its device; yields whole batches.
+
+    For small models the loader, not the model, is the limit (DESIGN.md §7): with the
+    split resident (on the GPU, or in this process's memory) a batch of crops is one
+    indexing operation instead of ``batch_size`` Python calls and a copy. An epoch has
+    as many crops as :class:`RandomCropDataset` (``crops_per_clip`` per clip), each clip
+    drawn ``crops_per_clip`` times in a shuffled order, with a uniform start in the clip.
+    """
+
+    def __init__(self, clips: list[torch.Tensor], targets: torch.Tensor, *, crop: int, crops_per_clip: int,
+                 batch_size: int, device: str | torch.device = "cpu", seed: int = 0) -> None:
+        lengths = torch.tensor([c.shape[-1] for c in clips])
+        if int(lengths.min()) < crop:
+            raise DatasetError(f"a clip of {int(lengths.min())} steps is shorter than a crop of {crop}")
+        padded = torch.zeros(len(clips), clips[0].shape[0], int(lengths.max()), dtype=clips[0].dtype)
+        for i, clip in enumerate(clips):
+            padded[i, :, : clip.shape[-1]] = clip
+        self.device = torch.device(device)
+        self.clips, self.lengths = padded.to(self.device), lengths.to(self.device)
+        self.targets = targets.to(self.device)
+        self.crop, self.crops_per_clip, self.batch_size = crop, crops_per_clip, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.steps = torch.arange(crop, device=self.device)
+
+    def __len__(self) -> int:
+        return -(-len(self.clips) * self.crops_per_clip // self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.clips) * self.crops_per_clip, generator=self.generator) % len(self.clips)
+        order = order.to(self.device)
+        for start in range(0, len(order), self.batch_size):
+            clip = order[start : start + self.batch_size]
+            room = (self.lengths[clip] - self.crop + 1).cpu()
+            offset = (torch.rand(len(clip), generator=self.generator) * room).long().to(self.device)
+            where = offset[:, None] + self.steps[None, :]  # (batch, crop) positions in each clip
+            crops = self.clips[clip[:, None], :, where]  # (batch, crop, channels)
+            yield crops.permute(0, 2, 1).float(), self.targets[clip]
+
+
 class ClipDataModule(L.LightningDataModule):
     """Clips with one target vector each: random crops to train, every window of a clip to evaluate.
 
@@ -107,7 +147,8 @@ class ClipDataModule(L.LightningDataModule):
     """
 
     def __init__(self, *, track_ids: dict[str, list[str]], targets: dict[str, np.ndarray], crop: int, hop: int,
-                 batch_size: int, crops_per_clip: int, num_workers: int = 0) -> None:
+                 batch_size: int, crops_per_clip: int, num_workers: int = 0,
+                 resident: str | None = None, seed: int = 0) -> None:
         super().__init__()
         for split in ("train", "valid", "test"):
             if not track_ids.get(split):
@@ -115,12 +156,18 @@ class ClipDataModule(L.LightningDataModule):
         self.track_ids, self.targets = track_ids, targets
         self.crop, self.hop = crop, hop
         self.batch_size, self.crops_per_clip, self.num_workers = batch_size, crops_per_clip, num_workers
+        self.resident, self.seed = resident, seed  # resident: the device the training split lives on, or None
         self._clips: dict[str, list[torch.Tensor]] = {}
 
     def _targets(self, split: str) -> torch.Tensor:
         return torch.from_numpy(np.stack([self.targets[t] for t in self.track_ids[split]]).astype(np.float32))
 
     def train_dataloader(self) -> DataLoader:
+        if self.resident is not None:  # batches are made where the data lives: no workers, no collation
+            crops = ResidentCrops(self._clips["train"], self._targets("train"), crop=self.crop,
+                                  crops_per_clip=self.crops_per_clip, batch_size=self.batch_size,
+                                  device=self.resident, seed=self.seed)
+            return DataLoader(crops, batch_size=None)
         dataset = RandomCropDataset(self._clips["train"], self._targets("train"), crop=self.crop, crops_per_clip=self.crops_per_clip)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, drop_last=len(dataset) > self.batch_size,
                           num_workers=self.num_workers)
@@ -158,9 +205,11 @@ class FeatureDataModule(ClipDataModule):
     """
 
     def __init__(self, *, feature_dir: Path, column: str, track_ids: dict[str, list[str]], targets: dict[str, np.ndarray],
-                 crop_frames: int, eval_hop_frames: int, batch_size: int, crops_per_clip: int, num_workers: int = 0) -> None:
+                 crop_frames: int, eval_hop_frames: int, batch_size: int, crops_per_clip: int, num_workers: int = 0,
+                 resident: str | None = None, seed: int = 0) -> None:
         super().__init__(track_ids=track_ids, targets=targets, crop=crop_frames, hop=eval_hop_frames,
-                         batch_size=batch_size, crops_per_clip=crops_per_clip, num_workers=num_workers)
+                         batch_size=batch_size, crops_per_clip=crops_per_clip, num_workers=num_workers,
+                         resident=resident, seed=seed)
         self.feature_dir, self.column = Path(feature_dir), column
         self.mean: np.ndarray | None = None
         self.std: np.ndarray | None = None

@@ -70,12 +70,24 @@ def compiled(module: L.LightningModule, train: TrainSettings) -> L.LightningModu
     return module
 
 
+def resident_device(train: TrainSettings) -> str | None:
+    """Where the training split lives for ``resident_data`` (None: in a DataLoader, as usual)."""
+    if train.resident_data == "off":
+        return None
+    if train.resident_data == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return train.resident_data
+
+
 def _datamodule(feature_dir: Path, mel: MelSettings, train: TrainSettings, track_ids: dict[str, list[str]],
                 targets: dict[str, np.ndarray]) -> FeatureDataModule:
     datamodule = FeatureDataModule(
         feature_dir=feature_dir, column=mel.column, track_ids=track_ids, targets=targets,
         crop_frames=frames(train.crop_seconds, mel), eval_hop_frames=frames(train.eval_hop_seconds, mel),
         batch_size=train.batch_size, crops_per_clip=train.crops_per_clip, num_workers=train.num_workers,
+        resident=resident_device(train), seed=train.seed,
     )
     datamodule.setup()
     return datamodule
@@ -187,7 +199,7 @@ def train_raw_tagger(*, audio_dir: Path, tracks: pd.DataFrame, tags: list[str], 
     datamodule = AudioDataModule(audio_dir=audio_dir, track_ids=track_ids, targets=multi_hot(tracks, tags),
                                  crop_samples=crop, eval_hop_samples=max(1, round(train.eval_hop_seconds * sample_rate)),
                                  batch_size=train.batch_size, crops_per_clip=train.crops_per_clip,
-                                 num_workers=train.num_workers)
+                                 num_workers=train.num_workers, resident=resident_device(train), seed=train.seed)
     datamodule.setup()
     module = RawAudioTaggerModule(crop_samples=crop, tags=list(tags), learning_rate=train.learning_rate,
                                   weight_decay=train.weight_decay, **model)

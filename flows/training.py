@@ -22,7 +22,7 @@ from infra.settings import (
     TrackingSettings,
     TrainSettings,
 )
-from infra.tracking import experiment_id, file_sha1, tracked_run
+from infra.tracking import experiment_id, file_sha1, run_key, tracked_run
 from lightning_modules.train import train_latent_factor_cnn, train_tagger
 from tasks.listening import load_factors, play_matrix_for
 from tasks.datasets import tag_vocabulary
@@ -81,7 +81,9 @@ def train_tagger_flow(data_dir: Path, dataset: str, feature_set: str, mel: MelSe
               "tags": ",".join(tags), "n_tracks": len(tracks)}
     feature_dir = layout.features(dataset, feature_set)
     provenance = {"mirflow.features_manifest_sha1": file_sha1(feature_dir / MANIFEST) or "none"}
-    with tracked_run(tracking, "tagger", run_name=f"tagger-{dataset}", params=params, tags=provenance) as run:
+    # A killed training run is continued on the next call with the same inputs (same run, its last.ckpt).
+    with tracked_run(tracking, "tagger", run_name=f"tagger-{dataset}", params=params, tags=provenance,
+                     resume_key=run_key("tagger", params, provenance)) as run:
         result = train_tagger(feature_dir=feature_dir, tracks=tracks, tags=tags,
                               settings=tagger, mel=mel, checkpoint_dir=layout.checkpoints("tagger") / run.info.run_id,
                               logger=mlflow_logger(tracking, "tagger", run.info.run_id))
@@ -92,11 +94,11 @@ def train_tagger_flow(data_dir: Path, dataset: str, feature_set: str, mel: MelSe
             table_path = Path(tmp) / "per_tag_test_metrics.csv"
             module.test_table.to_csv(table_path, index=False)
             mlflow.log_artifact(str(table_path))
-            plots = [
-                plot_roc_curves(module.test_truth, module.test_scores, tags=tags, path=Path(tmp) / "roc_curves.png"),
-                plot_first_layer_filters(module.net.features[0].weight.detach().cpu().numpy(),
-                                         path=Path(tmp) / "first_layer_filters.png"),
-            ]
+            plots = [plot_roc_curves(module.test_truth, module.test_scores, tags=tags,
+                                     path=Path(tmp) / "roc_curves.png")]
+            if tagger.model == "convnet2014":  # its first layer's filters span mel bands x time
+                plots.append(plot_first_layer_filters(module.net.features[0].weight.detach().cpu().numpy(),
+                                                      path=Path(tmp) / "first_layer_filters.png"))
             for plot in plots:
                 mlflow.log_artifact(str(plot), artifact_path="plots")
         model_uri = log_audio_model("tagger", result.checkpoint, tracks=tracks, mel=mel, train=tagger.train,
@@ -131,7 +133,7 @@ def train_recommender_flow(data_dir: Path, dataset: str, feature_set: str, mel: 
     provenance = {"mirflow.features_manifest_sha1": file_sha1(feature_dir / MANIFEST) or "none",
                   "mirflow.item_factors_sha1": file_sha1(Path(wmf.item_factors)) or "none"}
     with tracked_run(tracking, "latent-factors", run_name=f"latent-factor-cnn-{dataset}", params=params,
-                     tags=provenance) as run:
+                     tags=provenance, resume_key=run_key("latent-factors", params, provenance)) as run:
         result = train_latent_factor_cnn(feature_dir=feature_dir, track_ids=track_ids,
                                          item_factors=factors, settings=recommender, mel=mel,
                                          checkpoint_dir=layout.checkpoints("latent_factors") / run.info.run_id,

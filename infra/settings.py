@@ -211,26 +211,36 @@ class TrainSettings(_Settings):
     weight_decay: float = Field(0.0, ge=0.0)
     patience: int = Field(5, ge=1, description="early stopping on the validation metric")
     accelerator: str = "auto"
-    # One device: evaluation gathers per-clip predictions in one process. Multi-GPU
-    # DDP training is a Lightning setting away but needs rank-aware evaluation first.
-    devices: int = Field(1, ge=1)
+    devices: int = Field(1, ge=1, description="processes (GPUs, or CPU processes over gloo) training under DDP; "
+                                              "evaluation is gathered across them, each clip counted once")
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = Field(
         "32-true", description="bf16-mixed on a GPU (Lightning's precision plugin)")
     compile: bool = Field(False, description="torch.compile the network (in place: checkpoints keep their keys)")
     resident_data: Literal["off", "auto", "cpu", "cuda"] = Field(
         "off", description="keep the training split on a device and cut crops by gather (auto: the GPU if any)")
     num_workers: int = Field(0, ge=0)
+    checkpoint_every_n_steps: int = Field(50, ge=1, description="how often a run saves last.ckpt (a killed run "
+                                                                 "resumes from it, mid-epoch)")
     seed: int = 0
 
 
 class TaggerSettings(_Settings):
-    """The 2014 spectrogram convnet (Dieleman & Schrauwen, ICASSP 2014)."""
+    """The spectrogram tagger: the 2014 convnet (Dieleman & Schrauwen, ICASSP 2014) or the short-chunk ResNet.
+
+    ``short-chunk-resnet`` (Won et al. 2020) wants 128 mel bands of a 512-point STFT at
+    hop 256 and 3.69 s crops (its published settings); it ignores the convnet's fields.
+    """
 
     n_tags: int = Field(50, ge=1, description="top-N tags by count")
+    model: Literal["convnet2014", "short-chunk-resnet"] = "convnet2014"
     conv_channels: int = 32
     conv_length: int = 8
     pool: int = 4
+    pool_ceil: bool = Field(False, description="keep a partial last pooling window (Theano's ignore_border=False): "
+                                               "lets coarse hops (e.g. 1024 at 16 kHz, 46 frames in 3 s) through "
+                                               "two conv+pool stages")
     hidden: int = 100
+    resnet_channels: int = Field(128, ge=8, description="short-chunk ResNet: width of its first blocks")
     train: TrainSettings = TrainSettings(max_epochs=100, patience=10, crops_per_clip=8)
 
 

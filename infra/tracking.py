@@ -7,6 +7,8 @@ code and the orchestration that made it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import subprocess
 from collections.abc import Iterator, Mapping
@@ -82,6 +84,10 @@ def _params(params: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+COMPLETE_TAG = "mirflow.complete"  # set last, when a run's block ended without an error
+RUN_KEY_TAG = "mirflow.run_key"
+
+
 @contextmanager
 def tracked_run(
     settings: TrackingSettings,
@@ -90,18 +96,52 @@ def tracked_run(
     run_name: str,
     params: Mapping[str, Any],
     tags: Mapping[str, str] | None = None,
+    resume_key: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """Start an MLflow run in the family's experiment with params and provenance tags."""
+    """Start an MLflow run in the family's experiment with params and provenance tags.
+
+    With ``resume_key``, the newest run of that key that did not complete (killed, or
+    ended by an error) is continued instead: same run id, so same checkpoint folder,
+    and a training run resumes from its ``last.ckpt``. The run is tagged complete last.
+    """
     exp_id = experiment_id(settings, family)
+    if resume_key is not None:
+        unfinished = _unfinished(settings, exp_id, f"tags.`{RUN_KEY_TAG}` = '{resume_key}'")
+        if unfinished is not None:
+            with mlflow.start_run(run_id=unfinished) as run:
+                log.info("resuming MLflow run %s (%s, not completed before)", unfinished, run_name)
+                if flow_run := prefect_flow_run_id():
+                    mlflow.set_tag("prefect.flow_run_id", flow_run)
+                yield run
+                mlflow.set_tag(COMPLETE_TAG, "true")
+            return
     run_tags = {"mirflow.family": family}
     if commit := git_commit():
         run_tags["mlflow.source.git.commit"] = commit
     if flow_run := prefect_flow_run_id():
         run_tags["prefect.flow_run_id"] = flow_run
+    if resume_key is not None:
+        run_tags[RUN_KEY_TAG] = resume_key
     run_tags.update({key: str(value) for key, value in (tags or {}).items()})
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=run_tags) as run:
         mlflow.log_params(_params(params))
         yield run
+        mlflow.set_tag(COMPLETE_TAG, "true")
+
+
+def _unfinished(settings: TrackingSettings, experiment: str, filter_string: str) -> str | None:
+    """The newest run matching ``filter_string`` that was never tagged complete, if any."""
+    client = MlflowClient(settings.tracking_uri)
+    runs = client.search_runs([experiment], filter_string=filter_string, order_by=["attributes.start_time DESC"],
+                              max_results=1)
+    if runs and runs[0].data.tags.get(COMPLETE_TAG) != "true":
+        return runs[0].info.run_id
+    return None
+
+
+def run_key(*parts: Any) -> str:
+    """A stable key of what a run computes (settings, data fingerprints): re-runs of it share the key."""
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @contextmanager
@@ -134,7 +174,6 @@ def parent_run(
         yield run, False
 
 
-COMPLETE_TAG = "mirflow.complete"
 
 
 def finished_children(settings: TrackingSettings, parent_run_id: str) -> dict[str, Any]:
@@ -172,11 +211,27 @@ def log_table_replacing(frame, artifact_file: str) -> None:
 
 
 @contextmanager
-def child_run(*, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> Iterator[mlflow.ActiveRun]:
-    """A nested run under the active (parent) run, in its experiment, with params and tags; tagged complete last."""
+def child_run(*, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str],
+              settings: TrackingSettings | None = None) -> Iterator[mlflow.ActiveRun]:
+    """A nested run under the active (parent) run, in its experiment, with params and tags; tagged complete last.
+
+    With ``settings`` and a ``mirflow.config_key`` tag, a child of that key that did not
+    complete (a killed study) is continued instead of started anew.
+    """
     parent = mlflow.active_run()
     if parent is None:
         raise RuntimeError("child_run needs an active parent run")
+    key = tags.get("mirflow.config_key")
+    if settings is not None and key is not None:
+        unfinished = _unfinished(settings, parent.info.experiment_id,
+                                 f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and "
+                                 f"tags.`mirflow.config_key` = '{key}'")
+        if unfinished is not None:
+            with mlflow.start_run(run_id=unfinished, nested=True) as run:
+                log.info("resuming child run %s (%s)", unfinished, run_name)
+                yield run
+                mlflow.set_tag(COMPLETE_TAG, "true")
+            return
     run_tags = {"mirflow.family": parent.data.tags.get("mirflow.family", ""), **{k: str(v) for k, v in tags.items()}}
     if commit := git_commit():
         run_tags["mlflow.source.git.commit"] = commit

@@ -25,14 +25,17 @@ class SpectrogramConvNet2014(nn.Module):
         Frames per input crop; fixes the size of the flattened feature map.
     n_outputs : int > 0
         Tags to predict.
+    pool_ceil : bool
+        Keep a partial last pooling window (``ceil_mode``), as Theano's ``ignore_border=False``
+        did: 3 s at a hop of 1024 samples (46 frames) then still leaves one step.
     """
 
     def __init__(self, *, n_mels: int, n_frames: int, n_outputs: int, channels: int = 32,
-                 conv_length: int = 8, pool: int = 4, hidden: int = 100) -> None:
+                 conv_length: int = 8, pool: int = 4, hidden: int = 100, pool_ceil: bool = False) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv1d(n_mels, channels, conv_length), nn.ReLU(), nn.MaxPool1d(pool),
-            nn.Conv1d(channels, channels, conv_length), nn.ReLU(), nn.MaxPool1d(pool),
+            nn.Conv1d(n_mels, channels, conv_length), nn.ReLU(), nn.MaxPool1d(pool, ceil_mode=pool_ceil),
+            nn.Conv1d(channels, channels, conv_length), nn.ReLU(), nn.MaxPool1d(pool, ceil_mode=pool_ceil),
             nn.Flatten(),
         )
         with torch.no_grad():
@@ -155,7 +158,7 @@ class RawAudioConvNet2014(nn.Module):
     def __init__(self, *, n_samples: int, n_outputs: int, filter_length: int = 256, stride: int = 256,
                  n_filters: int = 128, nonlinearity: str = "relu", log_c: float = 10.0,
                  feature_pooling: str = "none", pool_size: int = 2, batch_norm: bool = False, channels: int = 32,
-                 conv_length: int = 8, pool: int = 4, hidden: int = 100) -> None:
+                 conv_length: int = 8, pool: int = 4, hidden: int = 100, pool_ceil: bool = False) -> None:
         super().__init__()
         if feature_pooling not in FEATURE_POOLINGS:
             raise ValueError(f"feature pooling {feature_pooling!r}: expected one of {FEATURE_POOLINGS}")
@@ -174,7 +177,7 @@ class RawAudioConvNet2014(nn.Module):
         self.norm = nn.BatchNorm1d(bands) if batch_norm else nn.Identity()
         n_steps = 1 + (n_samples - filter_length) // stride
         self.stack = SpectrogramConvNet2014(n_mels=bands, n_frames=n_steps, n_outputs=n_outputs, channels=channels,
-                                            conv_length=conv_length, pool=pool, hidden=hidden)
+                                            conv_length=conv_length, pool=pool, hidden=hidden, pool_ceil=pool_ceil)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Waveforms ``[shape=(batch, n_samples)]`` (or ``(batch, 1, n_samples)``) -> logits ``(batch, n_outputs)``."""

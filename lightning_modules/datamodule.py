@@ -124,12 +124,22 @@ class ResidentCrops(IterableDataset):
         self.generator = torch.Generator().manual_seed(seed)
         self.steps = torch.arange(crop, device=self.device)
 
+    @staticmethod
+    def _rank() -> tuple[int, int]:
+        """``(rank, world size)``: under DDP every rank draws the same order and keeps its own share of it."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
     def __len__(self) -> int:
-        return -(-len(self.clips) * self.crops_per_clip // self.batch_size)
+        rank, world = self._rank()
+        share = len(range(rank, len(self.clips) * self.crops_per_clip, world))
+        return -(-share // self.batch_size)
 
     def __iter__(self):
         order = torch.randperm(len(self.clips) * self.crops_per_clip, generator=self.generator) % len(self.clips)
-        order = order.to(self.device)
+        rank, world = self._rank()
+        order = order[rank::world].to(self.device)
         for start in range(0, len(order), self.batch_size):
             clip = order[start : start + self.batch_size]
             room = (self.lengths[clip] - self.crop + 1).cpu()
@@ -164,9 +174,12 @@ class ClipDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if self.resident is not None:  # batches are made where the data lives: no workers, no collation
+            device = self.resident
+            if device == "cuda" and self.trainer is not None:  # under DDP: this rank's GPU
+                device = self.trainer.strategy.root_device
             crops = ResidentCrops(self._clips["train"], self._targets("train"), crop=self.crop,
                                   crops_per_clip=self.crops_per_clip, batch_size=self.batch_size,
-                                  device=self.resident, seed=self.seed)
+                                  device=device, seed=self.seed)
             return DataLoader(crops, batch_size=None)
         dataset = RandomCropDataset(self._clips["train"], self._targets("train"), crop=self.crop, crops_per_clip=self.crops_per_clip)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, drop_last=len(dataset) > self.batch_size,

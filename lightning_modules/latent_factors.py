@@ -38,7 +38,8 @@ class LatentFactorModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = self.loss(self(x), y / self.hparams.target_scale)
-        self.log("train/mse", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x))
+        self.log("train/mse", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x),
+                 sync_dist=True)
         return loss
 
     def _clip_predictions(self, windows: torch.Tensor, clip_index: torch.Tensor, n_clips: int) -> torch.Tensor:

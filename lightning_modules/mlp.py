@@ -55,7 +55,8 @@ class MLPTaggerModule(TagPredictionModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = self.loss(self(x), y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x))
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x),
+                 sync_dist=True)
         return loss
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], split: str) -> None:

@@ -86,7 +86,8 @@ class WindowedTagger(TagPredictionModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = self.loss(self(x), y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x))
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x),
+                 sync_dist=True)
         return loss
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], split: str) -> None:
@@ -116,13 +117,14 @@ class TaggerModule(WindowedTagger):
     def __init__(self, *, n_mels: int, crop_frames: int, tags: list[str], channels: int = 32, conv_length: int = 8,
                  pool: int = 4, hidden: int = 100, learning_rate: float = 1e-3, weight_decay: float = 0.0,
                  feature_mean: list[float] | None = None, feature_std: list[float] | None = None,
-                 architecture: str = "convnet2014", resnet_channels: int = 128) -> None:
+                 architecture: str = "convnet2014", resnet_channels: int = 128, pool_ceil: bool = False) -> None:
         super().__init__()
         # The normalization statistics are buffers and hparams: a checkpoint needs nothing else at inference.
         self.save_hyperparameters(logger=False)
         if architecture == "convnet2014":
             self.net = SpectrogramConvNet2014(n_mels=n_mels, n_frames=crop_frames, n_outputs=len(tags),
-                                              channels=channels, conv_length=conv_length, pool=pool, hidden=hidden)
+                                              channels=channels, conv_length=conv_length, pool=pool, hidden=hidden,
+                                              pool_ceil=pool_ceil)
         elif architecture == "short-chunk-resnet":
             self.net = ShortChunkResNet(n_mels=n_mels, n_frames=crop_frames, n_outputs=len(tags),
                                         channels=resnet_channels)
@@ -143,13 +145,15 @@ class RawAudioTaggerModule(WindowedTagger):
     def __init__(self, *, crop_samples: int, tags: list[str], filter_length: int = 256, stride: int = 256,
                  n_filters: int = 128, nonlinearity: str = "relu", log_c: float = 10.0, feature_pooling: str = "none",
                  pool_size: int = 2, batch_norm: bool = False, channels: int = 32, conv_length: int = 8,
-                 pool: int = 4, hidden: int = 100, learning_rate: float = 1e-3, weight_decay: float = 0.0) -> None:
+                 pool: int = 4, hidden: int = 100, pool_ceil: bool = False, learning_rate: float = 1e-3,
+                 weight_decay: float = 0.0) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.net = RawAudioConvNet2014(n_samples=crop_samples, n_outputs=len(tags), filter_length=filter_length,
                                        stride=stride, n_filters=n_filters, nonlinearity=nonlinearity, log_c=log_c,
                                        feature_pooling=feature_pooling, pool_size=pool_size, batch_norm=batch_norm,
-                                       channels=channels, conv_length=conv_length, pool=pool, hidden=hidden)
+                                       channels=channels, conv_length=conv_length, pool=pool, hidden=hidden,
+                                       pool_ceil=pool_ceil)
         self.loss = nn.BCEWithLogitsLoss()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

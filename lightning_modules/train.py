@@ -4,12 +4,14 @@ data -> model -> callbacks -> logger -> trainer -> fit -> test.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pandas as pd
+import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
@@ -22,13 +24,15 @@ from infra.settings import (
     TrainSettings,
 )
 from lightning_modules.audio_datamodule import AudioDataModule
-from lightning_modules.callbacks import ThroughputLog
+from lightning_modules.callbacks import Snapshot, ThroughputLog
 from lightning_modules.datamodule import FeatureDataModule, VectorDataModule
 from lightning_modules.latent_factors import LatentFactorModule
 from lightning_modules.mlp import MLPTaggerModule
 from lightning_modules.tagger import RawAudioTaggerModule, TaggerModule
 from tasks.datasets import multi_hot
 from tasks.errors import ParameterError
+
+log = logging.getLogger("mirflow")
 
 
 @dataclass
@@ -44,23 +48,58 @@ def frames(seconds: float, mel: MelSettings) -> int:
     return max(1, round(seconds * mel.sample_rate / mel.hop_length))
 
 
+LAST_CHECKPOINT = "last.ckpt"
+
+
 def build_trainer(train: TrainSettings, *, name: str, monitor: str, mode: str, checkpoint_dir: Path,
                   logger: Logger | bool, quiet: bool = False,
                   log_every_n_steps: int = 5) -> tuple[L.Trainer, ModelCheckpoint]:
-    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename=f"{name}-best", monitor=monitor, mode=mode, save_top_k=1)
+    """The trainer of every family: best checkpoint on ``monitor``, early stopping, a resumable ``last.ckpt``.
+
+    With ``train.devices > 1`` it trains under DDP in spawned processes (``ddp_spawn``:
+    a flow cannot be re-executed per rank as the script launcher of ``ddp`` would);
+    the gloo backend on CPUs, NCCL on GPUs. Lightning logs from rank 0 only.
+    """
+    best = ModelCheckpoint(dirpath=checkpoint_dir, filename=f"{name}-best", monitor=monitor, mode=mode, save_top_k=1)
     trainer = L.Trainer(
         max_epochs=train.max_epochs,
         accelerator=train.accelerator,
         devices=train.devices,
+        strategy="ddp_spawn" if train.devices > 1 else "auto",
         precision=train.precision,
         logger=logger,
-        callbacks=[checkpoint, EarlyStopping(monitor=monitor, mode=mode, patience=train.patience), ThroughputLog(name, quiet=quiet)],
+        callbacks=[best, EarlyStopping(monitor=monitor, mode=mode, patience=train.patience),
+                   ThroughputLog(name, quiet=quiet),
+                   Snapshot(Path(checkpoint_dir) / LAST_CHECKPOINT, every_n_steps=train.checkpoint_every_n_steps)],
         enable_progress_bar=interactive() and not quiet,
         enable_model_summary=False,
         log_every_n_steps=log_every_n_steps,
         num_sanity_val_steps=0,
     )
-    return trainer, checkpoint
+    return trainer, best
+
+
+def fit_and_test(trainer: L.Trainer, best: ModelCheckpoint, module: L.LightningModule, datamodule: L.LightningDataModule,
+                 *, train: TrainSettings, checkpoint_dir: Path) -> tuple[L.LightningModule, dict[str, float], int]:
+    """Fit (resuming from ``checkpoint_dir/last.ckpt`` when a killed run left one), reload the best, test it.
+
+    The test runs in this process on one device whatever ``train.devices``: its per-clip
+    scores and per-tag tables stay on the returned module (spawned ranks cannot hand them back).
+    Returns ``(best module, test metrics, epochs trained)``.
+    """
+    last = Path(checkpoint_dir) / LAST_CHECKPOINT
+    if last.exists():
+        log.info("resuming from %s", last)
+    trainer.fit(compiled(module, train), datamodule=datamodule, ckpt_path=last if last.exists() else None,
+                weights_only=True)
+    reloaded = type(module).load_from_checkpoint(best.best_model_path, weights_only=True, map_location="cpu")
+    tester = trainer
+    if train.devices > 1:
+        tester = L.Trainer(accelerator=train.accelerator, devices=1, precision=train.precision, logger=trainer.logger,
+                           enable_progress_bar=False, enable_model_summary=False)
+    metrics = tester.test(reloaded, datamodule=datamodule, verbose=False)[0]
+    epochs = int(torch.load(last, weights_only=True, map_location="cpu")["epoch"])  # as far as any rank went
+    return reloaded, metrics, epochs
 
 
 def compiled(module: L.LightningModule, train: TrainSettings) -> L.LightningModule:
@@ -94,23 +133,24 @@ def _datamodule(feature_dir: Path, mel: MelSettings, train: TrainSettings, track
 
 
 def train_tagger(*, feature_dir: Path, tracks: pd.DataFrame, tags: list[str], settings: TaggerSettings,
-                 mel: MelSettings, checkpoint_dir: Path, logger: Logger | bool = False) -> TrainResult:
-    """Train the 2014 spectrogram convnet on the tracks' train split; test on their test split."""
+                 mel: MelSettings, checkpoint_dir: Path, logger: Logger | bool = False,
+                 quiet: bool = False) -> TrainResult:
+    """Train the spectrogram tagger (``settings.model``) on the tracks' train split; test on their test split."""
     L.seed_everything(settings.train.seed, workers=True)
     track_ids = {split: list(group["track_id"]) for split, group in tracks.groupby("split")}
     datamodule = _datamodule(feature_dir, mel, settings.train, track_ids, multi_hot(tracks, tags))
     model = TaggerModule(
         n_mels=mel.n_mels, crop_frames=datamodule.crop, tags=list(tags), channels=settings.conv_channels,
-        conv_length=settings.conv_length, pool=settings.pool, hidden=settings.hidden,
+        conv_length=settings.conv_length, pool=settings.pool, hidden=settings.hidden, pool_ceil=settings.pool_ceil,
+        architecture=settings.model, resnet_channels=settings.resnet_channels,
         learning_rate=settings.train.learning_rate, weight_decay=settings.train.weight_decay,
         feature_mean=datamodule.mean.tolist(), feature_std=datamodule.std.tolist(),
     )
     trainer, checkpoint = build_trainer(settings.train, name="tagger", monitor="val/roc_auc", mode="max",
-                                        checkpoint_dir=checkpoint_dir, logger=logger)
-    trainer.fit(compiled(model, settings.train), datamodule=datamodule)
-    best = TaggerModule.load_from_checkpoint(checkpoint.best_model_path, weights_only=True)
-    metrics = trainer.test(best, datamodule=datamodule, verbose=False)[0]
-    return TrainResult(best, Path(checkpoint.best_model_path), metrics, trainer.current_epoch)
+                                        checkpoint_dir=checkpoint_dir, logger=logger, quiet=quiet)
+    best, metrics, epochs = fit_and_test(trainer, checkpoint, model, datamodule, train=settings.train,
+                                 checkpoint_dir=checkpoint_dir)
+    return TrainResult(best, Path(checkpoint.best_model_path), metrics, epochs)
 
 
 @dataclass
@@ -153,11 +193,11 @@ def train_latent_factor_cnn(*, feature_dir: Path, track_ids: dict[str, list[str]
         )
     trainer, checkpoint = build_trainer(train, name="latent_factors", monitor="val/mse", mode="min",
                                         checkpoint_dir=checkpoint_dir, logger=logger)
-    trainer.fit(compiled(model, train), datamodule=datamodule)
-    best = LatentFactorModule.load_from_checkpoint(checkpoint.best_model_path, weights_only=True)
-    metrics = trainer.test(best, datamodule=datamodule, verbose=False)[0]
-    predicted = np.concatenate([p.numpy() for p in trainer.predict(best, datamodule=datamodule)])
-    return LatentFactorResult(best, Path(checkpoint.best_model_path), metrics, trainer.current_epoch,
+    best, metrics, epochs = fit_and_test(trainer, checkpoint, model, datamodule, train=train, checkpoint_dir=checkpoint_dir)
+    predictor = L.Trainer(accelerator=train.accelerator, devices=1, logger=False, enable_progress_bar=False,
+                          enable_model_summary=False)
+    predicted = np.concatenate([p.numpy() for p in predictor.predict(best, datamodule=datamodule)])
+    return LatentFactorResult(best, Path(checkpoint.best_model_path), metrics, epochs,
                               test_track_ids=list(track_ids["test"]), predicted_factors=predicted)
 
 
@@ -180,14 +220,14 @@ def train_mlp_tagger(*, features: dict[str, np.ndarray], targets: dict[str, np.n
     )
     trainer, checkpoint = build_trainer(settings.train, name="mlp_tagger", monitor="val/roc_auc", mode="max",
                                         checkpoint_dir=checkpoint_dir, logger=logger, quiet=quiet, log_every_n_steps=1)
-    trainer.fit(compiled(model, settings.train), datamodule=datamodule)
-    best = MLPTaggerModule.load_from_checkpoint(checkpoint.best_model_path, weights_only=True)
-    metrics = trainer.test(best, datamodule=datamodule, verbose=False)[0]
-    return TrainResult(best, Path(checkpoint.best_model_path), metrics, trainer.current_epoch)
+    best, metrics, epochs = fit_and_test(trainer, checkpoint, model, datamodule, train=settings.train,
+                                 checkpoint_dir=checkpoint_dir)
+    return TrainResult(best, Path(checkpoint.best_model_path), metrics, epochs)
 
 
 def train_raw_tagger(*, audio_dir: Path, tracks: pd.DataFrame, tags: list[str], train: TrainSettings,
-                     sample_rate: int, model: dict, checkpoint_dir: Path, logger: Logger | bool = False) -> TrainResult:
+                     sample_rate: int, model: dict, checkpoint_dir: Path, logger: Logger | bool = False,
+                     quiet: bool = False) -> TrainResult:
     """Train the raw-audio convnet on the PCM shards' train split; test on the test split.
 
     ``model`` holds :class:`~lightning_modules.tagger.RawAudioTaggerModule`'s architecture
@@ -204,8 +244,6 @@ def train_raw_tagger(*, audio_dir: Path, tracks: pd.DataFrame, tags: list[str], 
     module = RawAudioTaggerModule(crop_samples=crop, tags=list(tags), learning_rate=train.learning_rate,
                                   weight_decay=train.weight_decay, **model)
     trainer, checkpoint = build_trainer(train, name="raw_tagger", monitor="val/roc_auc", mode="max",
-                                        checkpoint_dir=checkpoint_dir, logger=logger)
-    trainer.fit(compiled(module, train), datamodule=datamodule)
-    best = RawAudioTaggerModule.load_from_checkpoint(checkpoint.best_model_path, weights_only=True)
-    metrics = trainer.test(best, datamodule=datamodule, verbose=False)[0]
-    return TrainResult(best, Path(checkpoint.best_model_path), metrics, trainer.current_epoch)
+                                        checkpoint_dir=checkpoint_dir, logger=logger, quiet=quiet)
+    best, metrics, epochs = fit_and_test(trainer, checkpoint, module, datamodule, train=train, checkpoint_dir=checkpoint_dir)
+    return TrainResult(best, Path(checkpoint.best_model_path), metrics, epochs)

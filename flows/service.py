@@ -153,13 +153,14 @@ def retrain_job(metric: Literal["map_at_k", "auc", "ndcg_at_k", "precision_at_k"
 def study_tagging_job(preset: str = "ismir2013", dataset: str = "synthetic", k: int | None = None,
                       epochs: int | None = None, tracks: int = 1200, users: int = 3000, clip_seconds: float = 15.0,
                       seed: int = 0) -> StudyOutput:
-    """A tagging study (``ismir2013``: multiscale K-means features, MLP per configuration) under one parent run."""
+    """A tagging study under one parent run: ``ismir2013`` (multiscale K-means features, MLP per configuration),
+    ``icassp2014`` (raw audio against spectrograms) or ``modern`` (the short-chunk ResNet)."""
     from flows.study import tagging_study
     from infra.settings import WorldSettings
-    from tasks.studies import load_preset, preset_overrides
+    from tasks.studies import load_preset, preset_kind, preset_overrides
 
     env = service_environment()
-    study = load_preset(preset, overrides=preset_overrides(k=k, epochs=epochs))
+    study = load_preset(preset, overrides=preset_overrides(kind=preset_kind(preset), k=k, epochs=epochs))
     world = WorldSettings(n_tracks=tracks, n_users=users, clip_seconds=clip_seconds, seed=seed)
     with subflow_heartbeats_off():
         return tagging_study(env.data_dir, dataset, study, env.cluster(), env.tracking, world=world)

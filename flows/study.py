@@ -31,6 +31,7 @@ from infra.cluster import dask_client, spectrogram_device
 from infra.layout import Layout
 from infra.settings import (
     ClusterSettings,
+    EndToEndStudySettings,
     StudySettings,
     TrackingSettings,
     WorldSettings,
@@ -70,9 +71,17 @@ class StudyOutput:
 
 
 @flow(name="study-tagging")
-def tagging_study(data_dir: Path, dataset: str, study: StudySettings, cluster: ClusterSettings,
-                  tracking: TrackingSettings, world: WorldSettings | None = None) -> StudyOutput:
-    """Run every configuration of a tagging study on one split and seed; tabulate and analyse them."""
+def tagging_study(data_dir: Path, dataset: str, study: StudySettings | EndToEndStudySettings,
+                  cluster: ClusterSettings, tracking: TrackingSettings,
+                  world: WorldSettings | None = None) -> StudyOutput:
+    """Run every configuration of a tagging study on one split and seed; tabulate and analyse them.
+
+    An end-to-end preset (``icassp2014``, ``modern``) runs :func:`flows.end_to_end.end_to_end_study`.
+    """
+    if isinstance(study, EndToEndStudySettings):
+        from flows.end_to_end import end_to_end_study
+
+        return end_to_end_study(data_dir, dataset, study, cluster, tracking, world=world)
     start = time.perf_counter()
     layout = Layout(Path(data_dir))
     configs = configurations(study)

@@ -65,15 +65,29 @@ Address = Annotated[str | None, typer.Option(help="scheduler address for --clust
 Tracks = Annotated[int, typer.Option(help="clips in the synthetic world")]
 Users = Annotated[int, typer.Option(help="listeners in the synthetic world")]
 ClipSeconds = Annotated[float, typer.Option(help="length of each synthetic clip")]
+Devices = Annotated[int, typer.Option(help="train each model under DDP on N devices (GPUs, or CPU processes)")]
+Precision = Annotated[str, typer.Option(help="32-true | bf16-mixed (on a GPU) | 16-mixed")]
+Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile each network")]
+Model = Annotated[str, typer.Option(help="tagger: convnet2014 (Dieleman & Schrauwen 2014) | short-chunk-resnet "
+                                         "(Won et al. 2020)")]
 
 
-def _launch(epochs: int | None, **fields) -> None:
-    """Build the settings (tracking under the data folder), cap epochs if asked, run the pipeline."""
+def _launch(epochs: int | None, *, devices: int = 1, precision: str = "32-true", compile_: bool = False,
+            model: str = "convnet2014", **fields) -> None:
+    """Build the settings (tracking under the data folder) with the training options asked for; run the pipeline."""
+    from pydantic import ValidationError
+
     from infra.tracking import tracking_for
 
-    settings = _settings(**fields, tracking=tracking_for(fields["data_dir"]))
+    settings = _settings(**fields, tagger={"model": model}, tracking=tracking_for(fields["data_dir"]))
+    training = {"devices": devices, "precision": precision, "compile": compile_}
     if epochs is not None:
-        settings = settings.with_max_epochs(epochs)
+        training["max_epochs"] = epochs
+    try:
+        settings = settings.with_training(**training)
+    except ValidationError as err:
+        console.print(f"[red]mirflow: invalid settings[/red]\n{err}")
+        raise typer.Exit(2) from None
     _run(settings)
 
 
@@ -103,6 +117,10 @@ def demo(
     initial_batches: Annotated[int | None, typer.Option(
         help="use only the first N of the world's 3 listening batches; copy a later one into "
              "<data-dir>/inbox/listening to try `mirflow retrain`")] = None,
+    model: Model = "convnet2014",
+    devices: Devices = 1,
+    precision: Precision = "32-true",
+    compile_: Compile = False,
     workers: Workers = None,
     cluster: Cluster = "local",
     address: Address = None,
@@ -112,7 +130,7 @@ def demo(
     _setup(verbose)
     from tasks.synth import STYLES
 
-    _launch(epochs, data_dir=data_dir, dataset="synthetic", initial_batches=initial_batches,
+    _launch(epochs, model=model, devices=devices, precision=precision, compile_=compile_, data_dir=data_dir, dataset="synthetic", initial_batches=initial_batches,
             world={"n_tracks": tracks, "n_users": users, "clip_seconds": clip_seconds, "seed": seed},
             cluster={"kind": cluster, "n_workers": workers, "address": address},
             evaluation={"map_tags": STYLES})
@@ -129,6 +147,10 @@ def pipeline(
     dataset: Annotated[str, typer.Option(help="name of the dataset under the storage root")] = "mtat",
     data_dir: DataDir = Path("data"),
     epochs: Annotated[int | None, typer.Option(help="cap on training epochs of each model")] = None,
+    model: Model = "convnet2014",
+    devices: Devices = 1,
+    precision: Precision = "32-true",
+    compile_: Compile = False,
     workers: Workers = None,
     cluster: Cluster = "local",
     address: Address = None,
@@ -136,7 +158,7 @@ def pipeline(
 ) -> None:
     """Run the whole pipeline on MTAT-layout audio and annotations with Taste Profile listening data."""
     _setup(verbose)
-    _launch(epochs, data_dir=data_dir, dataset=dataset, annotations=annotations.resolve(),
+    _launch(epochs, model=model, devices=devices, precision=precision, compile_=compile_, data_dir=data_dir, dataset=dataset, annotations=annotations.resolve(),
             audio_root=audio_root.resolve(), triplets=tuple(p.resolve() for p in triplets),
             cluster={"kind": cluster, "n_workers": workers, "address": address})
 
@@ -369,7 +391,8 @@ app.add_typer(study_app, name="study")
 
 @study_app.command("tagging")
 def study_tagging(
-    preset: Annotated[str, typer.Option(help="ismir2013 | smoke, or a JSON file of the same shape")] = "ismir2013",
+    preset: Annotated[str, typer.Option(help="ismir2013 | icassp2014 | modern | smoke | icassp2014-smoke, or a "
+                                             "JSON file of the same shape")] = "ismir2013",
     k: Annotated[int | None, typer.Option(help="K-means means per timescale (default: the preset's)")] = None,
     dataset: Annotated[str, typer.Option(help="synthetic (built if absent), or a catalogue made by "
                                               "`mirflow features`")] = "synthetic",
@@ -378,23 +401,29 @@ def study_tagging(
     users: Users = 3000,
     clip_seconds: ClipSeconds = 15.0,
     seed: Annotated[int, typer.Option(help="synthetic world's seed")] = 0,
-    epochs: Annotated[int | None, typer.Option(help="cap on each MLP's training epochs")] = None,
+    epochs: Annotated[int | None, typer.Option(help="cap on each model's training epochs")] = None,
+    devices: Devices = 1,
+    precision: Precision = "32-true",
+    compile_: Compile = False,
     workers: Workers = None,
     cluster: Cluster = "local",
     address: Address = None,
     verbose: bool = False,
 ) -> None:
-    """Multiscale feature learning (ISMIR 2013): K-means features per timescale, MLP per configuration."""
+    """A tagging study under one MLflow parent run: multiscale K-means features (ismir2013), or raw audio
+    against spectrograms (icassp2014), or the short-chunk ResNet beside the 2014 convnet (modern)."""
     _setup(verbose)
     from pydantic import ValidationError
 
     from infra.settings import ClusterSettings, WorldSettings
     from infra.tracking import tracking_for
     from tasks.errors import MirflowError, ParameterError
-    from tasks.studies import load_preset, preset_overrides
+    from tasks.studies import load_preset, preset_kind, preset_overrides
 
     try:
-        study = load_preset(preset, overrides=preset_overrides(k=k, epochs=epochs))
+        training = {"devices": devices, "precision": precision, "compile": compile_}
+        study = load_preset(preset, overrides=preset_overrides(kind=preset_kind(preset), k=k, epochs=epochs,
+                                                               train=training))
         world_settings = WorldSettings(n_tracks=tracks, n_users=users, clip_seconds=clip_seconds, seed=seed)
         cluster_settings = ClusterSettings(kind=cluster, n_workers=workers, address=address)
     except (ParameterError, ValidationError) as err:
@@ -412,8 +441,9 @@ def study_tagging(
                   f"({out.n_reused} reused) in {out.seconds:.0f} s; test ROC-AUC and PR-AUC, macro over tags\n",
                   highlight=False)
     console.print(out.table, highlight=False, soft_wrap=True)
-    console.print("\nROC-AUC lost when one timescale is left out (mean per tag type):\n", highlight=False)
-    console.print(out.importance, highlight=False, soft_wrap=True)
+    if out.importance:
+        console.print("\nROC-AUC lost when one timescale is left out (mean per tag type):\n", highlight=False)
+        console.print(out.importance, highlight=False, soft_wrap=True)
     console.print(f"\nMLflow parent run {out.parent_run_id} (experiment mirflow-study); report: {out.report_path}\n"
                   f"  mlflow ui --backend-store-uri {tracking_for(data_dir).tracking_uri}", highlight=False)
 

@@ -392,6 +392,66 @@ class StudySettings(_Settings):
         return hashlib.sha1(payload.encode()).hexdigest()[:12]
 
 
+FilterShape = tuple[int, int]  # (filter length, stride) in samples = (window, hop) of the spectrogram counterpart
+
+
+class EndToEndStudySettings(_Settings):
+    """An end-to-end study (Dieleman & Schrauwen, ICASSP 2014; DESIGN.md §3 III): raw audio beside spectrograms.
+
+    For every ``(length, stride)`` in ``filters``: the 2014 convnet on a log-mel spectrogram
+    of ``n_mels`` bands with window = length and hop = stride, and the same stack behind a
+    strided first convolution over the waveform (``raw``). At ``variants_at`` the raw model
+    is also trained with each first-layer nonlinearity and each feature pooling. ``modern``
+    adds the short-chunk ResNet (Won et al. 2020) on its own spectrogram (``resnet_window``
+    / ``resnet_hop``) beside the 2014 convnet on the same input. One split, one seed.
+    """
+
+    preset: str = Field(..., description="name of the preset the settings came from")
+    sample_rate: int = Field(16000, ge=4000, le=96000)
+    n_mels: int = Field(128, ge=8, le=512)
+    n_tags: int = Field(50, ge=1)
+    tagger: TaggerSettings = TaggerSettings(pool_ceil=True)
+    n_filters: int = Field(128, ge=2, description="raw first-layer filters (as many as the spectrogram's bands)")
+    log_c: float = Field(10.0, gt=0.0, description="C of the log(1 + C x²) and log(1 + C |x|) nonlinearities")
+    filters: tuple[FilterShape, ...] = ((1024, 1024), (1024, 512), (512, 512), (512, 256), (256, 256))
+    inputs: tuple[Literal["spectrogram", "raw"], ...] = ("spectrogram", "raw")
+    variants_at: FilterShape = (256, 256)
+    nonlinearities: tuple[Literal["relu", "log1p_square", "log1p_abs"], ...] = ("relu", "log1p_square", "log1p_abs")
+    feature_pooling: tuple[tuple[Literal["l2", "max"], int], ...] = (("l2", 2), ("l2", 4), ("max", 2), ("max", 4))
+    modern: bool = False
+    resnet: TaggerSettings = TaggerSettings(model="short-chunk-resnet",
+                                            train=TrainSettings(crop_seconds=3.69, max_epochs=100, patience=10))
+    resnet_window: int = 512
+    resnet_hop: int = 256
+
+    @model_validator(mode="after")
+    def _check(self) -> "EndToEndStudySettings":
+        for length, stride in (*self.filters, self.variants_at):
+            if not 0 < stride <= length:
+                raise ValueError(f"filter ({length}, {stride}): need 0 < stride <= length")
+        variants = self.nonlinearities or self.feature_pooling
+        if variants and "raw" not in self.inputs:
+            raise ValueError("nonlinearity and feature-pooling rows are raw-audio models: add 'raw' to inputs "
+                             "or set nonlinearities and feature_pooling to []")
+        for kind, size in self.feature_pooling:
+            if size < 2 or self.n_filters % size:
+                raise ValueError(f"feature pooling ({kind}, {size}): the size must be >= 2 and divide "
+                                 f"n_filters={self.n_filters}")
+        if not (self.filters or self.modern):
+            raise ValueError("an end-to-end study needs filters or modern")
+        return self
+
+    def spectrogram(self, length: int, stride: int) -> FeatureSettings:
+        """The spectrogram counterpart of a raw first layer: window ``length``, hop ``stride``, one column."""
+        return FeatureSettings(mel=MelSettings(sample_rate=self.sample_rate, n_fft=length, hop_length=stride,
+                                               n_mels=self.n_mels), extra_windows=())
+
+    @property
+    def settings_hash(self) -> str:
+        payload = json.dumps(self.model_dump(mode="json", exclude={"preset"}), sort_keys=True)
+        return hashlib.sha1(payload.encode()).hexdigest()[:12]
+
+
 class EvalSettings(_Settings):
     k: int = Field(500, ge=1, description="cut-off of mAP@k")
     map_tags: tuple[str, ...] = Field((), description="tags that colour the t-SNE maps (default: the 8 most frequent)")
@@ -455,13 +515,20 @@ class PipelineSettings(_Settings):
 
     def with_max_epochs(self, epochs: int) -> "PipelineSettings":
         """The same settings with every model's training capped at ``epochs``."""
-        def capped(train: TrainSettings) -> TrainSettings:
-            return train.model_copy(update={"max_epochs": epochs})
+        return self.with_training(max_epochs=epochs)
+
+    def with_training(self, **options: Any) -> "PipelineSettings":
+        """The same settings with ``options`` (e.g. ``devices``, ``precision``, ``compile``) in every model's training.
+
+        Validated like any settings: a bad value raises pydantic's ``ValidationError``.
+        """
+        def updated(train: TrainSettings) -> TrainSettings:
+            return TrainSettings.model_validate({**train.model_dump(), **options})
 
         return self.model_copy(update={
-            "tagger": self.tagger.model_copy(update={"train": capped(self.tagger.train)}),
-            "recommender": self.recommender.model_copy(update={"train": capped(self.recommender.train)}),
-            "retrain": self.retrain.model_copy(update={"finetune": capped(self.retrain.finetune)}),
+            "tagger": self.tagger.model_copy(update={"train": updated(self.tagger.train)}),
+            "recommender": self.recommender.model_copy(update={"train": updated(self.recommender.train)}),
+            "retrain": self.retrain.model_copy(update={"finetune": updated(self.retrain.finetune)}),
         })
 
 

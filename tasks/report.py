@@ -197,6 +197,33 @@ def plot_study_bars(table, *, path: Path, title: str) -> Path:
     return Path(path)
 
 
+def plot_end_to_end_bars(results, *, path: Path, title: str) -> Path:
+    """Test ROC-AUC of every model of an end-to-end study, coloured by input (spectrogram, raw audio, modern).
+
+    ``results`` has one row per model with ``name``, ``model`` and ``roc_auc``.
+    """
+    colours = {"spectrogram": "tab:blue", "raw": "tab:orange", "short-chunk-resnet": "tab:green"}
+    labels = {"spectrogram": "log-mel spectrogram", "raw": "raw audio", "short-chunk-resnet": "short-chunk ResNet"}
+    values = results["roc_auc"].to_numpy(dtype=float)
+    y = np.arange(len(results))
+    fig, ax = plt.subplots(figsize=(8, 0.36 * len(results) + 1.4))
+    for model, colour in colours.items():
+        mask = (results["model"] == model).to_numpy()
+        if mask.any():
+            ax.barh(y[mask], values[mask], color=colour, label=labels[model])
+    for yi, v in zip(y, values):
+        ax.text(v, yi, f" {v:.3f}", va="center", fontsize=7)
+    low = np.nanmin(values) if np.isfinite(values).any() else 0.5
+    ax.set(yticks=y, yticklabels=list(results["name"]), xlabel="test ROC-AUC (macro over tags)", title=title,
+           xlim=(max(0.0, low - 0.05), 1.0))
+    ax.invert_yaxis()
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_importance_heatmap(importance, *, group: str, path: Path) -> Path:
     """Tags (by timescale, then type) x left-out timescales: the ROC-AUC each timescale adds to the multiscale model.
 

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from pydantic import ValidationError
 
-from infra.settings import StudySettings
+from infra.settings import EndToEndStudySettings, StudySettings
 from tasks.errors import DatasetError, ParameterError
 
 _PAPER_FEATURES = {
@@ -45,6 +45,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         "codebooks": ["kmeans", "random"],
         "importance": ["multiresolution", "laplacian"],
     },
+    # ICASSP 2014, "End-to-end learning for music audio": raw audio against spectrograms at five
+    # filter lengths/strides, then the first-layer nonlinearity and feature pooling of the raw model.
+    # The variants sit at 256/256 (the best raw row of the paper's first table).
+    "icassp2014": {
+        "kind": "end-to-end",
+        "tagger": {"pool_ceil": True, "train": {"max_epochs": 100, "patience": 10, "crops_per_clip": 8,
+                                                "batch_size": 64, "learning_rate": 1e-3}},
+    },
+    # The short-chunk CNN with residual blocks (Won et al. 2020) beside the 2014 convnet on the same
+    # 128-band, 512/256 log-mel: how far a 2020 model moves the 2014 one.
+    "modern": {
+        "kind": "end-to-end", "filters": [[512, 256]], "inputs": ["spectrogram"], "nonlinearities": [],
+        "feature_pooling": [], "modern": True,
+    },
     # The same study in miniature, for tests and a first look (seconds, not minutes).
     "smoke": {
         "features": {"mel": {"sample_rate": 16000, "n_fft": 1024, "hop_length": 512, "n_mels": 32},
@@ -55,38 +69,72 @@ PRESETS: dict[str, dict[str, Any]] = {
         "groups": ["multiresolution", "laplacian"],
         "importance": ["laplacian"],
     },
+    # The end-to-end study in miniature: every table, small filters and few epochs.
+    "icassp2014-smoke": {
+        "kind": "end-to-end", "n_mels": 64, "n_filters": 32,
+        "filters": [[512, 512], [256, 256]], "variants_at": [256, 256],
+        "feature_pooling": [["l2", 2], ["max", 2]], "modern": True,
+        "tagger": {"pool_ceil": True, "hidden": 32,
+                   "train": {"max_epochs": 2, "patience": 2, "crops_per_clip": 2, "batch_size": 32}},
+        "resnet": {"model": "short-chunk-resnet", "resnet_channels": 8,
+                   "train": {"crop_seconds": 2.0, "max_epochs": 1, "patience": 1, "crops_per_clip": 1,
+                             "batch_size": 16}},
+        "resnet_window": 256, "resnet_hop": 128,
+    },
 }
+KINDS = ("multiscale", "end-to-end")
 
 
-def load_preset(name_or_path: str, *, overrides: Mapping[str, Any] | None = None) -> StudySettings:
+def load_preset(name_or_path: str, *, overrides: Mapping[str, Any] | None = None
+                ) -> StudySettings | EndToEndStudySettings:
     """A preset by name (:data:`PRESETS`) or from a JSON file, with ``overrides`` merged in (nested dicts merge).
 
-    Raises ``ParameterError`` naming the preset and the bad value.
+    The preset's ``kind`` (``multiscale``, the default, or ``end-to-end``) picks the
+    settings class. Raises ``ParameterError`` naming the preset and the bad value.
     """
-    if name_or_path in PRESETS:
-        name, preset = name_or_path, PRESETS[name_or_path]
-    elif Path(name_or_path).suffix == ".json" and Path(name_or_path).is_file():
-        name = Path(name_or_path).stem
-        try:
-            preset = json.loads(Path(name_or_path).read_text())
-        except ValueError as err:
-            raise ParameterError(f"preset file {name_or_path} is not valid JSON: {err}") from err
-    else:
-        raise ParameterError(f"unknown preset {name_or_path!r}: use one of {sorted(PRESETS)} or a .json file")
+    name, preset = _preset(name_or_path)
     merged = _merge(preset, overrides or {})
+    kind = merged.pop("kind", "multiscale")
+    if kind not in KINDS:
+        raise ParameterError(f"preset {name!r}: kind {kind!r} is not one of {KINDS}")
+    cls = StudySettings if kind == "multiscale" else EndToEndStudySettings
     try:
-        return StudySettings(preset=name, **{k: v for k, v in merged.items() if k != "preset"})
+        return cls(preset=name, **{k: v for k, v in merged.items() if k != "preset"})
     except ValidationError as err:
         raise ParameterError(f"preset {name!r}: invalid settings\n{err}") from err
 
 
-def preset_overrides(*, k: int | None = None, epochs: int | None = None) -> dict[str, Any]:
-    """The overrides the command line and the deployment offer: K, and a cap on the MLPs' epochs."""
+def preset_kind(name_or_path: str) -> str:
+    return _preset(name_or_path)[1].get("kind", "multiscale")
+
+
+def _preset(name_or_path: str) -> tuple[str, dict[str, Any]]:
+    if name_or_path in PRESETS:
+        return name_or_path, PRESETS[name_or_path]
+    if Path(name_or_path).suffix == ".json" and Path(name_or_path).is_file():
+        try:
+            return Path(name_or_path).stem, json.loads(Path(name_or_path).read_text())
+        except ValueError as err:
+            raise ParameterError(f"preset file {name_or_path} is not valid JSON: {err}") from err
+    raise ParameterError(f"unknown preset {name_or_path!r}: use one of {sorted(PRESETS)} or a .json file")
+
+
+def preset_overrides(*, kind: str = "multiscale", k: int | None = None, epochs: int | None = None,
+                     train: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The overrides the command line and the deployment offer: K, a cap on epochs, training options
+    (``devices``, ``precision``, ``compile``) for every model the study trains."""
+    train = dict(train or {})
+    if epochs is not None:
+        train["max_epochs"] = epochs
     overrides: dict[str, Any] = {}
     if k is not None:
+        if kind != "multiscale":
+            raise ParameterError("--k sets the K-means codebooks of a multiscale study; this preset has none")
         overrides["kmeans"] = {"k": k}
-    if epochs is not None:
-        overrides["mlp"] = {"train": {"max_epochs": epochs}}
+    if train:
+        families = ("mlp",) if kind == "multiscale" else ("tagger", "resnet")
+        for family in families:
+            overrides[family] = {"train": train}
     return overrides
 
 
@@ -285,3 +333,125 @@ def format_importance(importance: pd.DataFrame) -> str:
     if by_type.empty:
         return "(no leave-one-out runs)"
     return by_type.to_string(float_format=lambda v: f"{v:+.4f}", na_rep="-")
+
+
+# --- End-to-end studies (ICASSP 2014) -------------------------------------------------------------
+
+END_TO_END_TABLES = {
+    "length_stride": "filter length / stride: spectrogram against raw audio",
+    "nonlinearity": "first-layer nonlinearity (raw audio)",
+    "feature_pooling": "feature pooling over groups of first-layer filters (raw audio)",
+    "modern": "a modern baseline on the same data",
+}
+_POOLING_NAMES = {"l2": "L2", "max": "max"}
+_NONLINEARITY_NAMES = {"relu": "ReLU", "log1p_square": "log(1 + C x²)", "log1p_abs": "log(1 + C |x|)"}
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """One model of an end-to-end study; one run can fill cells of several tables."""
+
+    name: str
+    model: str  # spectrogram | raw | short-chunk-resnet
+    length: int  # raw filter length = spectrogram window
+    stride: int  # raw stride = spectrogram hop
+    nonlinearity: str = "relu"
+    feature_pooling: str = "none"
+    pool_size: int = 1
+
+    def key(self, study: EndToEndStudySettings, data_fingerprint: str) -> str:
+        payload = json.dumps([study.settings_hash, data_fingerprint, self.model, self.length, self.stride,
+                              self.nonlinearity, self.feature_pooling, self.pool_size])
+        return hashlib.sha1(payload.encode()).hexdigest()[:16]
+
+
+def end_to_end_runs(study: EndToEndStudySettings) -> list[ModelRun]:
+    """Every distinct model of the study, in table order (a model shared by tables appears once)."""
+    runs: dict[tuple, ModelRun] = {}
+
+    def add(model: str, length: int, stride: int, nonlinearity: str = "relu", pooling: str = "none",
+            size: int = 1) -> None:
+        key = (model, length, stride, nonlinearity, pooling, size)
+        if key in runs:
+            return
+        name = f"{model} {length}/{stride}"
+        if model == "raw" and nonlinearity != "relu":
+            name += f" {nonlinearity}"
+        if pooling != "none":
+            name += f" {pooling}×{size}"
+        runs[key] = ModelRun(name, model, length, stride, nonlinearity, pooling, size)
+
+    for length, stride in study.filters:
+        for model in study.inputs:
+            add(model, length, stride)
+    for nonlinearity in study.nonlinearities:
+        add("raw", *study.variants_at, nonlinearity=nonlinearity)
+    if study.feature_pooling:
+        add("raw", *study.variants_at)
+    for kind, size in study.feature_pooling:
+        add("raw", *study.variants_at, pooling=kind, size=size)
+    if study.modern:
+        add("spectrogram", study.resnet_window, study.resnet_hop)
+        add("short-chunk-resnet", study.resnet_window, study.resnet_hop)
+    return list(runs.values())
+
+
+def end_to_end_tables(study: EndToEndStudySettings, results: Sequence[Mapping[str, Any]]) -> dict[str, pd.DataFrame]:
+    """The paper's tables from the runs' results (rows need the :class:`ModelRun` fields, ``roc_auc``, ``pr_auc``).
+
+    Returns ``{table: frame}`` for the tables the study has (see :data:`END_TO_END_TABLES`).
+    """
+    frame = pd.DataFrame(list(results))
+    if frame.empty:
+        raise ParameterError("no results to tabulate")
+
+    def cell(**match: Any) -> tuple[float, float]:
+        rows = frame
+        for column, value in match.items():
+            rows = rows[rows[column] == value]
+        if rows.empty:
+            return np.nan, np.nan
+        return float(rows["roc_auc"].iloc[0]), float(rows["pr_auc"].iloc[0])
+
+    plain = {"nonlinearity": "relu", "feature_pooling": "none"}
+    tables: dict[str, pd.DataFrame] = {}
+    if study.filters:
+        rows = []
+        for length, stride in study.filters:
+            row: dict[str, Any] = {"filter length": length, "stride": stride}
+            for model, label in (("spectrogram", "spectrogram"), ("raw", "raw audio")):
+                if model in study.inputs:
+                    row[f"{label} ROC-AUC"], row[f"{label} PR-AUC"] = cell(model=model, length=length, stride=stride,
+                                                                           **plain)
+            rows.append(row)
+        tables["length_stride"] = pd.DataFrame(rows)
+    length, stride = study.variants_at
+    at = {"model": "raw", "length": length, "stride": stride}
+    if study.nonlinearities:
+        tables["nonlinearity"] = pd.DataFrame([
+            {"nonlinearity": _NONLINEARITY_NAMES[n], "filter length": length, "stride": stride,
+             **dict(zip(("ROC-AUC", "PR-AUC"), cell(**at, nonlinearity=n, feature_pooling="none")))}
+            for n in study.nonlinearities])
+    if study.feature_pooling:
+        options = [("none", 1), *study.feature_pooling]
+        tables["feature_pooling"] = pd.DataFrame([
+            {"feature pooling": "none" if kind == "none" else f"{_POOLING_NAMES[kind]} over {size}",
+             "filter length": length, "stride": stride,
+             **dict(zip(("ROC-AUC", "PR-AUC"), cell(**at, nonlinearity="relu", feature_pooling=kind, pool_size=size)))}
+            for kind, size in options])
+    if study.modern:
+        window, hop = study.resnet_window, study.resnet_hop
+        tables["modern"] = pd.DataFrame([
+            {"model": label, "input": f"log-mel {study.n_mels} bands, {window}/{hop}",
+             **dict(zip(("ROC-AUC", "PR-AUC"), cell(model=model, length=window, stride=hop, **plain)))}
+            for model, label in (("spectrogram", "convnet 2014"), ("short-chunk-resnet", "short-chunk ResNet 2020"))])
+    return tables
+
+
+def format_end_to_end(tables: Mapping[str, pd.DataFrame]) -> str:
+    """The tables as fixed-width text under their titles."""
+    parts = []
+    for name, table in tables.items():
+        parts += [f"{END_TO_END_TABLES[name]}:", table.to_string(index=False, float_format=lambda v: f"{v:.4f}",
+                                                                 na_rep="-"), ""]
+    return "\n".join(parts).rstrip()

@@ -29,15 +29,39 @@ from flows.training import mlflow_logger
 from flows.world import synthetic_world
 from infra.cluster import dask_client, spectrogram_device
 from infra.layout import Layout
-from infra.settings import ClusterSettings, EndToEndStudySettings, FeatureSettings, TrackingSettings, WorldSettings
-from infra.tracking import child_run, finished_children, log_table_replacing, parent_run, run_key
+from infra.settings import (
+    ClusterSettings,
+    EndToEndStudySettings,
+    FeatureSettings,
+    TrackingSettings,
+    WorldSettings,
+)
+from infra.tracking import (
+    child_run,
+    finished_children,
+    log_table_replacing,
+    parent_run,
+    run_key,
+)
 from lightning_modules.train import train_raw_tagger, train_tagger
 from tasks.datasets import tag_vocabulary
 from tasks.errors import DatasetError
 from tasks.filters import dominant_frequencies, mel_likeness
-from tasks.report import metric_slug, plot_dominant_frequencies, plot_end_to_end_bars, plot_filter_spectra, plot_pooled_filters
+from tasks.report import (
+    metric_slug,
+    plot_dominant_frequencies,
+    plot_end_to_end_bars,
+    plot_filter_spectra,
+    plot_pooled_filters,
+)
 from tasks.shards import MANIFEST, read_manifest, write_text_atomic
-from tasks.studies import END_TO_END_TABLES, ModelRun, end_to_end_runs, end_to_end_tables, format_end_to_end
+from tasks.studies import (
+    END_TO_END_TABLES,
+    ModelRun,
+    end_to_end_runs,
+    end_to_end_tables,
+    format_end_to_end,
+)
 
 log = logging.getLogger("mirflow")
 PER_TAG = "per_tag_test_metrics.json"
@@ -84,7 +108,7 @@ def end_to_end_study(data_dir: Path, dataset: str, study: EndToEndStudySettings,
     # The clips every model can use: in every feature set (the PCM shards follow the first one's).
     tracks = pd.read_parquet(layout.tracks(dataset), columns=["track_id", "split", "tags"])
     manifests = {shape: layout.features(dataset, s.feature_set) / MANIFEST for shape, s in sets.items()}
-    for shape, settings in sets.items():
+    for settings in sets.values():
         present = set(read_manifest(layout.features(dataset, settings.feature_set)).column("track_id").to_pylist())
         tracks = tracks[tracks["track_id"].isin(present)]
     tracks = tracks.sort_values("track_id").reset_index(drop=True)
@@ -159,7 +183,7 @@ def run_model(model: ModelRun, *, study: EndToEndStudySettings, tracks: pd.DataF
             result = train_tagger(feature_dir=layout.features(dataset, feature_set.feature_set), tracks=tracks,
                                   tags=tags, settings=tagger, mel=feature_set.mel, checkpoint_dir=checkpoint_dir / key,
                                   logger=logger, quiet=True)
-        mlflow.log_table(result.module.test_table, PER_TAG)
+        log_table_replacing(result.module.test_table, PER_TAG)  # a continued child logs it again
         mlflow.log_metric("epochs", result.epochs)
     return {**row, "roc_auc": float(result.metrics["test/roc_auc"]), "pr_auc": float(result.metrics["test/pr_auc"]),
             "seconds": time.perf_counter() - start, "reused": False, "run_id": run.info.run_id}
@@ -199,11 +223,11 @@ def _log_end_to_end(tables: dict[str, pd.DataFrame], results: list[dict], *, stu
                      table.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"), "```", ""]
     write_text_atomic(report, "\n".join([
         f"# Study {study.preset} on {dataset}", "",
-        f"MLflow parent run `{run_id}`, {len(results)} models ({n_reused} reused), {seconds:.0f} s. "
-        "Test ROC-AUC and PR-AUC, macro over tags; each clip's prediction averages its windows.", "",
+        (f"MLflow parent run `{run_id}`, {len(results)} models ({n_reused} reused), {seconds:.0f} s. "
+         "Test ROC-AUC and PR-AUC, macro over tags; each clip's prediction averages its windows."), "",
         *sections,
-        "The raw models' first-layer filters (spectra, dominant frequencies against the mel scale, pooled groups) "
-        "are under `plots/` in each child run.", "",
+        ("The raw models' first-layer filters (spectra, dominant frequencies against the mel scale, pooled groups) "
+         "are under `plots/` in each child run."), "",
         "## Settings", "", "```json", study.model_dump_json(indent=1), "```", ""]))
     mlflow.log_artifact(str(report))
     return report

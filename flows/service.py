@@ -18,8 +18,17 @@ from typing import TYPE_CHECKING, Literal
 from prefect import flow
 
 from infra.layout import Layout
-from infra.service import ServiceEnvironment, service_environment, subflow_heartbeats_off
-from infra.settings import PipelineSettings, SourceSettings, WMFSettings, feature_settings_from_options
+from infra.service import (
+    ServiceEnvironment,
+    service_environment,
+    subflow_heartbeats_off,
+)
+from infra.settings import (
+    PipelineSettings,
+    SourceSettings,
+    WMFSettings,
+    feature_settings_from_options,
+)
 
 if TYPE_CHECKING:
     from flows.listening import WMFOutput

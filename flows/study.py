@@ -161,12 +161,12 @@ def run_configuration(config: Configuration, *, study: StudySettings, data: Stud
               "n_inputs": row["n_inputs"], **study.mlp.flat("mlp.")}
     tags_ = {"mirflow.config_key": key, "mirflow.configuration": config.name, "mirflow.codebook": config.codebook,
              "mirflow.group": config.group}
-    with child_run(run_name=config.name, params=params, tags=tags_) as run:
+    with child_run(run_name=config.name, params=params, tags=tags_, settings=tracking) as run:
         result = train_mlp_tagger(features=features, targets=data.targets, tags=data.tags, settings=study.mlp,
                                   checkpoint_dir=checkpoint_dir / key,
                                   logger=mlflow_logger(tracking, "study", run.info.run_id), quiet=True)
         table = result.module.test_table
-        mlflow.log_table(table, PER_TAG)
+        log_table_replacing(table, PER_TAG)  # a continued child logs it again
         mlflow.log_metrics({"epochs": result.epochs, "n_inputs": row["n_inputs"]})
     return {**row, "roc_auc": float(result.metrics["test/roc_auc"]), "pr_auc": float(result.metrics["test/pr_auc"]),
             "seconds": time.perf_counter() - start, "reused": False, "run_id": run.info.run_id}, table, False

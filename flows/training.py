@@ -12,8 +12,14 @@ import pandas as pd
 from lightning.pytorch.loggers import MLFlowLogger
 from prefect import flow
 
+from flows.listening import WMFOutput
 from infra.layout import Layout
-from infra.registry import factors_schema, log_served_model, tag_scores_schema, waveform_signature
+from infra.registry import (
+    factors_schema,
+    log_served_model,
+    tag_scores_schema,
+    waveform_signature,
+)
 from infra.settings import (
     EvalSettings,
     LatentFactorSettings,
@@ -24,8 +30,8 @@ from infra.settings import (
 )
 from infra.tracking import experiment_id, file_sha1, run_key, tracked_run
 from lightning_modules.train import train_latent_factor_cnn, train_tagger
-from tasks.listening import load_factors, play_matrix_for
 from tasks.datasets import tag_vocabulary
+from tasks.listening import load_factors, play_matrix_for
 from tasks.recommend import cold_start_rows, cold_start_track_splits, rows_as_metrics
 from tasks.report import (
     RankingRow,
@@ -36,7 +42,6 @@ from tasks.report import (
     plot_tsne,
 )
 from tasks.shards import MANIFEST, read_manifest
-from flows.listening import WMFOutput
 
 
 @dataclass(frozen=True)

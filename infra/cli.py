@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -190,7 +190,11 @@ def features(
     _setup(verbose)
     from pydantic import ValidationError
 
-    from infra.settings import ClusterSettings, SourceSettings, feature_settings_from_options
+    from infra.settings import (
+        ClusterSettings,
+        SourceSettings,
+        feature_settings_from_options,
+    )
     from infra.tracking import tracking_for
 
     try:

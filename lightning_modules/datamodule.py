@@ -134,7 +134,7 @@ class ResidentCrops(IterableDataset):
     def __len__(self) -> int:
         rank, world = self._rank()
         share = len(range(rank, len(self.clips) * self.crops_per_clip, world))
-        return -(-share // self.batch_size)
+        return (share + self.batch_size - 1) // self.batch_size
 
     def __iter__(self):
         order = torch.randperm(len(self.clips) * self.crops_per_clip, generator=self.generator) % len(self.clips)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,6 +31,8 @@ class LatentFactorModule(L.LightningModule):
         self.register_buffer("feature_mean", stat_buffer(feature_mean, n_mels, 0.0))
         self.register_buffer("feature_std", stat_buffer(feature_std, n_mels, 1.0))
         self.loss = nn.MSELoss()
+        self._errors: list[torch.Tensor] = []  # per-clip squared errors of an evaluation epoch
+        self._positions: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Raw log-mel crops ``[shape=(batch, n_mels, n_frames)]`` -> scaled factors ``[shape=(batch, n_factors)]``."""
@@ -46,16 +49,34 @@ class LatentFactorModule(L.LightningModule):
         return clip_means(self(windows).float(), clip_index, n_clips)
 
     def _eval_step(self, batch, split: str) -> None:
-        windows, clip_index, y, _ = batch
+        windows, clip_index, y, positions = batch
         predictions = self._clip_predictions(windows, clip_index, len(y))
-        self.log(f"{split}/mse", self.loss(predictions, y / self.hparams.target_scale), on_step=False, on_epoch=True,
-                 prog_bar=split == "val", batch_size=len(y))
+        self._errors.append((predictions - y / self.hparams.target_scale).pow(2).mean(dim=1).detach())
+        self._positions.append(positions.detach().long())
+
+    def _epoch_mse(self, split: str) -> None:
+        """Mean over clips of each clip's squared error, every clip once whatever the number of ranks."""
+        errors, positions = torch.cat(self._errors), torch.cat(self._positions)
+        self._errors.clear()
+        self._positions.clear()
+        if self.trainer is not None and self.trainer.world_size > 1:
+            errors, positions = (self.all_gather(t).flatten(0, 1) for t in (errors, positions))
+        _, first = np.unique(positions.cpu().numpy(), return_index=True)
+        # Every rank computed the same value from the same gathered clips: no reduction needed.
+        self.log(f"{split}/mse", float(errors.cpu().numpy()[first].mean()), prog_bar=split == "val",
+                 rank_zero_only=False)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, "val")
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_mse("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_mse("test")
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         windows, clip_index, y, _ = batch

@@ -100,7 +100,7 @@ def test_overfits_one_batch(family):
 
 
 def test_checkpoint_round_trip_with_weights_only(family, tmp_path):
-    name, make, x, y = family
+    name, make, x, _ = family
     module = make().eval()
     trainer = L.Trainer(max_epochs=0, logger=False, enable_progress_bar=False, enable_checkpointing=False,
                         enable_model_summary=False)
@@ -186,14 +186,16 @@ def test_mlp_tagger_learns_separable_tags_and_reports_per_tag_metrics(tmp_path):
 
 
 class _FixedClips(L.LightningDataModule):
-    """Seven clips (an odd number: two ranks' samplers pad with a repeat) of fixed features and tags."""
+    """Seven clips (an odd number: two ranks' samplers pad with a repeat) of fixed features and targets."""
 
-    def __init__(self):
+    def __init__(self, n_targets: int = 3):
         super().__init__()
         g = torch.Generator().manual_seed(1)
         clips = [torch.randn(N_MELS, CROP + 40 * i, generator=g).half() for i in range(7)]
         targets = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1], [1, 0, 0], [0, 1, 1], [1, 1, 1]],
                                dtype=torch.float32)
+        if n_targets != 3:  # real-valued factors
+            targets = torch.randn(7, n_targets, generator=g)
         self.dataset = ClipWindowsDataset(clips, targets, crop=CROP, hop=40)
 
     def val_dataloader(self):
@@ -201,19 +203,22 @@ class _FixedClips(L.LightningDataModule):
 
 
 @pytest.mark.slow
-def test_evaluation_under_ddp_counts_every_clip_once_and_equals_one_device(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("make", "n_targets", "metrics"), [(_tagger, 3, ("val/roc_auc", "val/pr_auc")),
+                                                            (_latent, 5, ("val/mse",))], ids=["tagger", "latent"])
+def test_evaluation_under_ddp_counts_every_clip_once_and_equals_one_device(make, n_targets, metrics, tmp_path,
+                                                                          monkeypatch):
     L.seed_everything(0)
-    module = _tagger().eval()
+    module = make().eval()
     one = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                    enable_model_summary=False, default_root_dir=tmp_path).validate(module, datamodule=_FixedClips(),
-                                                                                    verbose=False)[0]
+                    enable_model_summary=False, default_root_dir=tmp_path).validate(
+                        module, datamodule=_FixedClips(n_targets), verbose=False)[0]
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     two = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
-                    enable_model_summary=False, default_root_dir=tmp_path).validate(module, datamodule=_FixedClips(),
-                                                                                    verbose=False)[0]
-    assert two["val/roc_auc"] == pytest.approx(one["val/roc_auc"], abs=1e-6)
-    assert two["val/pr_auc"] == pytest.approx(one["val/pr_auc"], abs=1e-6)
+                    enable_model_summary=False, default_root_dir=tmp_path).validate(
+                        module, datamodule=_FixedClips(n_targets), verbose=False)[0]
+    for metric in metrics:
+        assert two[metric] == pytest.approx(one[metric], abs=1e-6)
 
 
 @pytest.mark.slow

@@ -75,6 +75,7 @@ def test_audio_datamodule_crops_windows_and_pads(tmp_path) -> None:
     assert module._clips["train"][1].shape == (1, 10000)  # 9,000 samples padded to one crop
     windows, clip_index, clip_targets, positions = next(iter(module.test_dataloader()))
     assert windows.shape == (1 + (30000 - 10000) // 5000, 1, 10000) and set(clip_index.tolist()) == {0}
+    assert clip_targets.shape == (1, 1) and positions.tolist() == [0]  # one clip: the first of its split
     missing = AudioDataModule(audio_dir=audio_dir, track_ids={"train": ["a", "zz"], "valid": ["c"], "test": ["d"]},
                               targets=targets, crop_samples=10000, eval_hop_samples=5000, batch_size=2,
                               crops_per_clip=1)

@@ -105,7 +105,7 @@ def test_a_run_killed_mid_epoch_resumes_from_its_last_snapshot_to_the_same_steps
     snapshot = torch.load(tmp_path / "killed" / "last.ckpt", weights_only=True)
     assert snapshot["global_step"] == 12  # the newest snapshot (every 4 steps), mid-epoch
     assert snapshot["epoch"] == 1
-    restarted, (module, metrics, epochs) = _fit(tmp_path / "killed")
+    restarted, (_, metrics, epochs) = _fit(tmp_path / "killed")
     assert restarted.global_step == whole.global_step
     assert epochs == 3 and 0.0 <= metrics["test/roc_auc"] <= 1.0
 
@@ -114,9 +114,9 @@ def test_tracked_run_with_a_key_continues_the_run_that_did_not_complete(tmp_path
     from infra.tracking import tracked_run
 
     tracking = _tracking(tmp_path)
-    with pytest.raises(RuntimeError):
-        with tracked_run(tracking, "tagger", run_name="t", params={"a": 1}, resume_key="k1") as first:
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), tracked_run(tracking, "tagger", run_name="t", params={"a": 1},
+                                                  resume_key="k1") as first:
+        raise RuntimeError("killed")
     with tracked_run(tracking, "tagger", run_name="t", params={"a": 1}, resume_key="k1") as second:
         pass
     assert second.info.run_id == first.info.run_id

@@ -46,7 +46,7 @@ from infra.tracking import (
 from lightning_modules.train import train_raw_tagger, train_tagger
 from tasks.datasets import tag_vocabulary
 from tasks.errors import DatasetError
-from tasks.filters import dominant_frequencies, mel_likeness
+from tasks.filters import dominant_frequencies, group_similarity, mel_likeness
 from tasks.report import (
     metric_slug,
     plot_dominant_frequencies,
@@ -192,7 +192,11 @@ def run_model(model: ModelRun, *, study: EndToEndStudySettings, tracks: pd.DataF
 def _log_filters(filters: np.ndarray, model: ModelRun, *, sample_rate: int) -> None:
     """The raw model's first layer: spectra, dominant frequencies against the mel scale, pooled groups."""
     score = mel_likeness(np.sort(dominant_frequencies(filters, sample_rate=sample_rate)), fmax=sample_rate / 2)
-    mlflow.log_metrics({"filters/mel_rms_mel": score["mel"], "filters/linear_rms_mel": score["linear"]})
+    metrics = {"filters/mel_rms_mel": score["mel"], "filters/linear_rms_mel": score["linear"]}
+    if model.feature_pooling != "none":
+        alike = group_similarity(filters, pool_size=model.pool_size, sample_rate=sample_rate)
+        metrics |= {"filters/group_cosine_within": alike["within"], "filters/group_cosine_across": alike["across"]}
+    mlflow.log_metrics(metrics)
     with tempfile.TemporaryDirectory() as tmp:
         plot_filter_spectra(filters, sample_rate=sample_rate, path=Path(tmp) / "filter_spectra.png",
                             title=f"{model.name}: first-layer filter spectra")

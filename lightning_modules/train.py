@@ -114,8 +114,6 @@ def resident_device(train: TrainSettings) -> str | None:
     if train.resident_data == "off":
         return None
     if train.resident_data == "auto":
-        import torch
-
         return "cuda" if torch.cuda.is_available() else "cpu"
     return train.resident_data
 

@@ -71,3 +71,22 @@ def mel_likeness(dominant: np.ndarray, *, fmax: float) -> dict[str, float]:
     linear = np.linspace(0.0, fmax, len(ordered))
     return {"mel": float(np.sqrt(np.mean((to_mel(ordered) - to_mel(mel_scale)) ** 2))),
             "linear": float(np.sqrt(np.mean((to_mel(ordered) - to_mel(linear)) ** 2)))}
+
+
+def group_similarity(filters: np.ndarray, *, pool_size: int, sample_rate: int) -> dict[str, float]:
+    """How alike the filters of a feature-pooling group are, against filters of different groups.
+
+    The cosine of two filters' magnitude spectra ignores their phase: filters that are
+    shifted copies of one another (what the paper finds in a group) score near 1.
+    Returns the mean cosine over pairs in the same group (``within``) and over pairs
+    in different groups (``across``).
+    """
+    if pool_size < 2 or len(filters) % pool_size:
+        raise ParameterError(f"pool_size={pool_size} must be >= 2 and divide the {len(filters)} filters")
+    _, magnitudes = filter_spectra(filters, sample_rate=sample_rate)
+    unit = magnitudes / np.maximum(np.linalg.norm(magnitudes, axis=1, keepdims=True), 1e-12)
+    cosine = unit @ unit.T
+    group = np.arange(len(filters)) // pool_size
+    same = group[:, None] == group[None, :]
+    off_diagonal = ~np.eye(len(filters), dtype=bool)
+    return {"within": float(cosine[same & off_diagonal].mean()), "across": float(cosine[~same].mean())}

@@ -287,11 +287,11 @@ def plot_dominant_frequencies(filters: np.ndarray, *, sample_rate: int, path: Pa
 def plot_pooled_filters(filters: np.ndarray, *, pool_size: int, path: Path, title: str, max_groups: int = 8) -> Path:
     """The filters of each feature-pooling group side by side (the paper finds shifted copies of one another)."""
     n_groups = min(max_groups, len(filters) // pool_size)
-    fig, axes = plt.subplots(n_groups, 1, figsize=(8, 1.1 * n_groups + 0.6), squeeze=False)
+    fig, axes = plt.subplots(n_groups, 1, figsize=(8, 1.1 * n_groups + 0.6), squeeze=False, sharex=True)
     for g, ax in enumerate(axes[:, 0]):
         for j in range(pool_size):
             ax.plot(filters[g * pool_size + j], lw=0.8, label=f"filter {g * pool_size + j}")
-        ax.set(yticks=[], xticks=[] if g < n_groups - 1 else ax.get_xticks())
+        ax.set(yticks=[], xlim=(0, filters.shape[1] - 1))
         ax.set_ylabel(f"group {g}", fontsize=7)
     axes[-1, 0].set_xlabel("tap (sample)")
     fig.suptitle(title)

@@ -111,7 +111,9 @@ def test_raw_children_log_the_filter_analysis(study_run):
     for child in raw:
         plots = {a.path for a in client.list_artifacts(child.info.run_id, "plots")}
         assert {"plots/filter_spectra.png", "plots/dominant_frequencies.png"} <= plots
-        assert ("plots/pooled_filters.png" in plots) == (child.data.params["feature_pooling"] != "none")
+        pooled = child.data.params["feature_pooling"] != "none"
+        assert ("plots/pooled_filters.png" in plots) == pooled
+        assert ("filters/group_cosine_within" in child.data.metrics) == pooled
         assert child.data.metrics["filters/mel_rms_mel"] > 0.0
 
 

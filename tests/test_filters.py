@@ -59,3 +59,15 @@ def test_filter_plots_are_written(tmp_path) -> None:
                  plot_dominant_frequencies(bank, sample_rate=SR, path=tmp_path / "d.png", title="t"),
                  plot_pooled_filters(bank, pool_size=2, path=tmp_path / "p.png", title="t")):
         assert plot.stat().st_size > 5000
+
+
+def test_group_similarity_tells_shifted_copies_from_other_filters() -> None:
+    from tasks.filters import group_similarity
+
+    t = np.arange(256)
+    filters = np.stack([np.sin(2 * np.pi * f * t / 16000 + phase) * np.hanning(256)
+                        for f in (500, 1500, 3000, 6000) for phase in (0.0, 1.0)])  # groups of 2: one tone, two phases
+    alike = group_similarity(filters, pool_size=2, sample_rate=16000)
+    assert alike["within"] > 0.99 and alike["across"] < 0.2
+    with pytest.raises(ParameterError):
+        group_similarity(filters, pool_size=3, sample_rate=16000)

@@ -126,3 +126,31 @@ def test_tracked_run_with_a_key_continues_the_run_that_did_not_complete(tmp_path
     with tracked_run(tracking, "tagger", run_name="t", params={"a": 2}, resume_key="k2") as other:
         pass
     assert other.info.run_id not in (first.info.run_id, third.info.run_id)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", [{"resident_data": "cuda"}, {"resident_data": "off", "compile": True}],
+                         ids=["resident-cuda", "loader-compiled"])
+def test_raw_tagger_trains_on_a_gpu_in_bf16(tmp_path, options):
+    import pandas as pd
+
+    from lightning_modules.train import train_raw_tagger
+    from tasks.shards import audio_to_table, write_feature_shard
+
+    rng = np.random.default_rng(0)
+    ids = [f"t{i}" for i in range(48)]
+    tone = [i % 2 == 0 for i in range(48)]
+    t = np.arange(16000) / 16000.0
+    rows = [(track, (0.5 * np.sin(2 * np.pi * 440 * t) if on else 0.3 * rng.standard_normal(16000)).astype(np.float32))
+            for track, on in zip(ids, tone)]
+    write_feature_shard(audio_to_table(rows, sample_rate=16000), tmp_path / "audio" / "part-0.parquet")
+    tracks = pd.DataFrame({"track_id": ids, "split": ["train"] * 32 + ["valid"] * 8 + ["test"] * 8,
+                           "tags": [["tone"] if on else ["noise"] for on in tone]})
+    train = TrainSettings(crop_seconds=0.5, eval_hop_seconds=0.25, batch_size=16, crops_per_clip=4, max_epochs=4,
+                          patience=4, accelerator="gpu", precision="bf16-mixed", seed=0, **options)
+    result = train_raw_tagger(audio_dir=tmp_path / "audio", tracks=tracks, tags=["noise", "tone"], train=train,
+                              sample_rate=16000, model={"filter_length": 256, "stride": 128, "n_filters": 32},
+                              checkpoint_dir=tmp_path / "ckpt", quiet=True)
+    assert result.metrics["test/roc_auc"] > 0.9
+    state = torch.load(result.checkpoint, weights_only=True)["state_dict"]
+    assert not any("_orig_mod" in key for key in state)

@@ -3,7 +3,10 @@
 For each family the same training step (forward, loss, backward, Adam step) runs on
 batches from
 
-``in-memory``  a tensor of ready-made crops, sliced per batch: the model's own speed, the baseline;
+``in-memory``  ready-made batches of crops, fed again and again: the model's own speed, the baseline;
+``copied``     the same batches, each copied to fresh memory first: what any loader that makes a
+               new batch pays at least (on a CPU, allocating and touching a new batch costs
+               measurably against a small model);
 ``loader``     the family's DataModule as training uses it (``resident_data=off``): random
                crops drawn per item by a ``DataLoader`` from the clips in memory;
 ``resident``   the DataModule with ``resident_data`` on this device: the whole split in one
@@ -125,6 +128,12 @@ def timed_steps(module: torch.nn.Module, batches: Iterable, *, n: int, device: t
     return crops / (time.perf_counter() - start)
 
 
+def epochs(loader) -> Iterable:
+    """The loader's batches, epoch after epoch (a small split has fewer batches than the steps timed)."""
+    while True:
+        yield from loader
+
+
 def in_memory(batches: Iterable, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``n + 1`` batches drawn once and kept: the baseline feeds these, sliced from memory, again."""
     kept = []
@@ -132,7 +141,7 @@ def in_memory(batches: Iterable, n: int) -> list[tuple[torch.Tensor, torch.Tenso
         kept.append((x.clone(), y.clone()))
         if len(kept) == n + 1:
             return kept
-    raise SystemExit(f"the loader gave only {len(kept)} batches; ask for fewer with --batches")
+    raise AssertionError("unreachable: epochs() never ends")
 
 
 def main() -> None:
@@ -150,7 +159,8 @@ def main() -> None:
     makers = families(args.batch_size)
     print(f"training crops/s on {device} ({torch.get_num_threads()} threads), batch {args.batch_size}, "
           f"{args.batches} steps, {args.precision}{', compiled' if args.compile else ''}, median of {args.repeats}")
-    print(f"{'family':20s} {'in-memory':>10s} {'loader':>10s} {'ratio':>6s} {'resident':>10s} {'ratio':>6s}")
+    print(f"{'family':20s} {'in-memory':>10s} {'copied':>10s} {'ratio':>6s} {'loader':>10s} {'ratio':>6s} "
+          f"{'resident':>10s} {'ratio':>6s}")
     for name in args.families:
         module, loader = makers[name]()
         module = module.to(device).train()
@@ -159,20 +169,23 @@ def main() -> None:
         step = lambda x, y, m=module: m.loss(m(x), y)  # noqa: E731
         if isinstance(module, LatentFactorModule):
             step = lambda x, y, m=module: m.loss(m(x), y / m.hparams.target_scale)  # noqa: E731
-        baseline = in_memory(loader(None), args.batches)
-        rates = {"in-memory": [], "loader": [], "resident": []}
+        baseline = in_memory(epochs(loader(None)), args.batches)
+        rates = {"in-memory": [], "copied": [], "loader": [], "resident": []}
         for _ in range(args.repeats):
             rates["in-memory"].append(timed_steps(module, iter(baseline), n=args.batches, device=device,
                                                   precision=args.precision, step=step))
-            rates["loader"].append(timed_steps(module, loader(None), n=args.batches, device=device,
+            rates["copied"].append(timed_steps(module, ((x.clone(), y.clone()) for x, y in baseline), n=args.batches,
+                                               device=device, precision=args.precision, step=step))
+            rates["loader"].append(timed_steps(module, epochs(loader(None)), n=args.batches, device=device,
                                                precision=args.precision, step=step))
             resident = loader(args.device)
             if resident is not None:
-                rates["resident"].append(timed_steps(module, resident, n=args.batches, device=device,
+                rates["resident"].append(timed_steps(module, epochs(resident), n=args.batches, device=device,
                                                      precision=args.precision, step=step))
         med = {k: statistics.median(v) if v else float("nan") for k, v in rates.items()}
-        print(f"{name:20s} {med['in-memory']:10.0f} {med['loader']:10.0f} {med['loader'] / med['in-memory']:6.2f} "
-              f"{med['resident']:10.0f} {med['resident'] / med['in-memory']:6.2f}", flush=True)
+        base = med["in-memory"]
+        print(f"{name:20s} {base:10.0f} " + " ".join(f"{med[k]:10.0f} {med[k] / base:6.2f}"
+                                                      for k in ("copied", "loader", "resident")), flush=True)
 
 
 if __name__ == "__main__":

@@ -114,9 +114,10 @@ class ResidentCrops(IterableDataset):
         lengths = torch.tensor([c.shape[-1] for c in clips])
         if int(lengths.min()) < crop:
             raise DatasetError(f"a clip of {int(lengths.min())} steps is shorter than a crop of {crop}")
-        padded = torch.zeros(len(clips), clips[0].shape[0], int(lengths.max()), dtype=clips[0].dtype)
+        # Time-major (clip, step, channel): a crop is a run of whole rows, so the gather reads contiguous memory.
+        padded = torch.zeros(len(clips), int(lengths.max()), clips[0].shape[0], dtype=clips[0].dtype)
         for i, clip in enumerate(clips):
-            padded[i, :, : clip.shape[-1]] = clip
+            padded[i, : clip.shape[-1]] = clip.T
         self.device = torch.device(device)
         self.clips, self.lengths = padded.to(self.device), lengths.to(self.device)
         self.targets = targets.to(self.device)
@@ -143,10 +144,13 @@ class ResidentCrops(IterableDataset):
         for start in range(0, len(order), self.batch_size):
             clip = order[start : start + self.batch_size]
             room = (self.lengths[clip] - self.crop + 1).cpu()
-            offset = (torch.rand(len(clip), generator=self.generator) * room).long().to(self.device)
-            where = offset[:, None] + self.steps[None, :]  # (batch, crop) positions in each clip
-            crops = self.clips[clip[:, None], :, where]  # (batch, crop, channels)
-            yield crops.permute(0, 2, 1).float(), self.targets[clip]
+            offset = (torch.rand(len(clip), generator=self.generator) * room).long()
+            if self.device.type == "cpu":  # each crop is one run of whole rows: copy the runs, build no index
+                crops = torch.stack([self.clips[c, o : o + self.crop] for c, o in zip(clip.tolist(), offset.tolist())])
+            else:  # one gather kernel, whatever the batch size
+                where = offset.to(self.device)[:, None] + self.steps[None, :]  # (batch, crop) positions in each clip
+                crops = self.clips[clip[:, None], where]  # (batch, crop, channels)
+            yield crops.float().transpose(1, 2).contiguous(), self.targets[clip]
 
 
 class ClipDataModule(L.LightningDataModule):

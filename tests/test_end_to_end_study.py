@@ -136,7 +136,8 @@ def test_rerun_reuses_children_and_a_killed_child_continues_in_its_own_run(study
 def test_the_raw_model_learns_the_synthetic_tags(tmp_path, prefect_server):
     """Learning happened: the raw 256/256 model, trained through the study, far above chance (0.5).
 
-    World seeds 0, 1 and 2 gave test ROC-AUC 0.{SEEDS}; set MIRFLOW_TEST_SEED to repeat one.
+    World (and training) seeds 0, 1 and 2 gave test ROC-AUC 0.829, 0.817 and 0.794 (400 clips of
+    8 s, 8 epochs, 2 cores, about 45 s each); set MIRFLOW_TEST_SEED to repeat one.
     """
     import os
 

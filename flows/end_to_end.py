@@ -24,10 +24,8 @@ import pandas as pd
 from prefect import flow, get_run_logger
 
 from flows.features import extract_features
-from flows.pipeline import ingest_mtat
+from flows.study import StudyOutput, study_cluster
 from flows.training import mlflow_logger
-from flows.world import synthetic_world
-from infra.cluster import dask_client, spectrogram_device
 from infra.layout import Layout
 from infra.settings import (
     ClusterSettings,
@@ -84,24 +82,13 @@ def feature_sets(study: EndToEndStudySettings) -> dict[tuple[int, int], FeatureS
 
 @flow(name="study-end-to-end")
 def end_to_end_study(data_dir: Path, dataset: str, study: EndToEndStudySettings, cluster: ClusterSettings,
-                     tracking: TrackingSettings, world: WorldSettings | None = None):
+                     tracking: TrackingSettings, world: WorldSettings | None = None) -> StudyOutput:
     """Train every model of an end-to-end study on one split and seed; tabulate them like the paper."""
-    from flows.study import StudyOutput
-
     start = time.perf_counter()
     layout = Layout(Path(data_dir))
     runs = end_to_end_runs(study)
     sets = feature_sets(study)
-    with dask_client(cluster) as client:
-        device = spectrogram_device(client, cluster)
-        shared = ClusterSettings(kind="address", address=client.scheduler.address,
-                                 spectrogram_device="cuda" if device == "cuda" else "cpu")
-        if dataset == "synthetic":
-            root = synthetic_world(layout.world(), world or WorldSettings(), shared)
-            ingest_mtat(root / "mtat" / "annotations_final.csv", root / "mtat" / "audio", study.n_tags,
-                        layout.tracks(dataset))
-        elif not layout.tracks(dataset).exists():
-            raise DatasetError(f"no catalogue {dataset!r} under {layout.root}: run `mirflow features` for it first")
+    with study_cluster(layout, dataset, cluster, world=world, n_tags=study.n_tags) as shared:
         for settings in sets.values():
             extract_features(data_dir, dataset, settings, shared, tracking)
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,16 +90,7 @@ def tagging_study(data_dir: Path, dataset: str, study: StudySettings | EndToEndS
     if dataset == "synthetic":  # the clips' length is known before anything is rendered: check the context now
         check_context(study.features, study.kmeans, seconds=(world or WorldSettings()).clip_seconds,
                       timescales=study.timescales, what="the synthetic clips")
-    with dask_client(cluster) as client:
-        device = spectrogram_device(client, cluster)
-        shared = ClusterSettings(kind="address", address=client.scheduler.address,
-                                 spectrogram_device="cuda" if device == "cuda" else "cpu")
-        if dataset == "synthetic":
-            root = synthetic_world(layout.world(), world or WorldSettings(), shared)
-            ingest_mtat(root / "mtat" / "annotations_final.csv", root / "mtat" / "audio", study.mlp.n_tags,
-                        layout.tracks(dataset))
-        elif not layout.tracks(dataset).exists():
-            raise DatasetError(f"no catalogue {dataset!r} under {layout.root}: run `mirflow features` for it first")
+    with study_cluster(layout, dataset, cluster, world=world, n_tags=study.mlp.n_tags) as shared:
         extract_features(data_dir, dataset, study.features, shared, tracking)
         kmeans_dirs = {}
         for codebook in study.codebooks:
@@ -138,6 +131,24 @@ def tagging_study(data_dir: Path, dataset: str, study: StudySettings | EndToEndS
         get_run_logger().info("study %s on %s\n%s", study.preset, dataset, text)
     return StudyOutput(table=text, importance=format_importance(importance), parent_run_id=parent.info.run_id,
                        report_path=str(report), n_runs=len(results) - n_reused, n_reused=n_reused, seconds=seconds)
+
+
+@contextmanager
+def study_cluster(layout: Layout, dataset: str, cluster: ClusterSettings, *, world: WorldSettings | None,
+                  n_tags: int) -> Iterator[ClusterSettings]:
+    """One Dask cluster for a study's feature steps, with the catalogue ready: the synthetic world built and
+    ingested (top ``n_tags`` tags), or another dataset's catalogue checked. Yields the settings that reach it."""
+    with dask_client(cluster) as client:
+        device = spectrogram_device(client, cluster)
+        shared = ClusterSettings(kind="address", address=client.scheduler.address,
+                                 spectrogram_device="cuda" if device == "cuda" else "cpu")
+        if dataset == "synthetic":
+            root = synthetic_world(layout.world(), world or WorldSettings(), shared)
+            ingest_mtat(root / "mtat" / "annotations_final.csv", root / "mtat" / "audio", n_tags,
+                        layout.tracks(dataset))
+        elif not layout.tracks(dataset).exists():
+            raise DatasetError(f"no catalogue {dataset!r} under {layout.root}: run `mirflow features` for it first")
+        yield shared
 
 
 def run_configuration(config: Configuration, *, study: StudySettings, data: StudyData, reuse: dict,

@@ -52,13 +52,6 @@ class MLPTaggerModule(TagPredictionModule):
         """Raw pooled features ``[shape=(batch, n_inputs)]`` -> logits ``[shape=(batch, n_tags)]``."""
         return self.net((x.float() - self.feature_mean) / self.feature_std)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = self.loss(self(x), y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x),
-                 sync_dist=True)
-        return loss
-
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], split: str) -> None:
         x, y, positions = batch
         logits = self(x)

@@ -23,7 +23,9 @@ class TagPredictionModule(L.LightningModule):
     Subclasses append ``(clip probabilities, clip labels)`` to ``_scores`` and ``_truth``
     in their evaluation steps; each epoch end logs ``<split>/roc_auc``, ``<split>/pr_auc``
     (macro over tags) and ``<split>/pr_auc_chance``, and the test epoch keeps the
-    per-tag table. The hyperparameters must hold ``tags``, ``learning_rate`` and ``weight_decay``.
+    per-tag table. Training is binary cross-entropy on logits (``self.loss``) over
+    ``(inputs, targets)`` batches. The hyperparameters must hold ``tags``,
+    ``learning_rate`` and ``weight_decay``.
     """
 
     def __init__(self) -> None:
@@ -73,6 +75,13 @@ class TagPredictionModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._epoch_metrics("test")
 
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = self.loss(self(x), y)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x),
+                 sync_dist=True)
+        return loss
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
 
@@ -82,13 +91,6 @@ class WindowedTagger(TagPredictionModule):
 
     Subclasses set ``self.net``-based :meth:`forward` and ``self.loss``.
     """
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = self.loss(self(x), y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x),
-                 sync_dist=True)
-        return loss
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], split: str) -> None:
         windows, clip_index, y, positions = batch

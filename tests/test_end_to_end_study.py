@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from mlflow.tracking import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.end_to_end import feature_sets
 from flows.study import tagging_study
@@ -55,12 +54,6 @@ def test_bad_end_to_end_settings_are_refused_by_name():
     study = load_preset("icassp2014", overrides=preset_overrides(kind="end-to-end", epochs=3,
                                                                  train={"precision": "bf16-mixed"}))
     assert study.tagger.train.max_epochs == 3 and study.resnet.train.precision == "bf16-mixed"
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
 
 
 @pytest.fixture(scope="module")

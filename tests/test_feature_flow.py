@@ -17,7 +17,6 @@ import pytest
 import soundfile as sf
 from distributed import Client, LocalCluster
 from mlflow.tracking import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.features import extract_features
 from infra.layout import Layout
@@ -25,13 +24,7 @@ from infra.settings import ClusterSettings, FeatureSettings, MelSettings
 from infra.tracking import tracking_for
 from tasks.shards import read_audio, read_features, read_manifest
 
-pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_server")]  # every test here runs flows
 
 
 def _catalogue(folder, n: int, *, start: int = 0, seconds: float = 2.0) -> pd.DataFrame:

@@ -7,7 +7,6 @@ import json
 import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.listening import factorize
 from infra.layout import Layout
@@ -15,16 +14,10 @@ from infra.settings import WMFSettings
 from infra.tracking import tracking_for
 from tasks.events import read_id_map
 from tasks.listening import load_factors
-from tasks.synth_listening import ListeningWorld, iter_rows, item_keys, user_keys
+from tasks.synth_listening import ListeningWorld, item_keys, iter_rows, user_keys
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_server")]  # every test here runs flows
 WMF = WMFSettings(factors=16, regularization=5.0, iterations=10, eval_max_users=0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
 
 
 def _batches(folder, n_batches: int = 3):

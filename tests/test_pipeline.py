@@ -16,22 +16,22 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.features import extract_features
 from flows.pipeline import pipeline
 from infra.layout import Layout
-from infra.settings import ClusterSettings, LatentFactorSettings, PipelineSettings, TaggerSettings, TrainSettings, WorldSettings
+from infra.settings import (
+    ClusterSettings,
+    LatentFactorSettings,
+    PipelineSettings,
+    TaggerSettings,
+    TrainSettings,
+    WorldSettings,
+)
 from infra.tracking import tracking_for
 
 pytestmark = pytest.mark.integration
 SEED = int(os.environ.get("MIRFLOW_TEST_SEED", "0"))
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.kmeans_features import kmeans_features
 from flows.study import tagging_study
@@ -32,12 +31,6 @@ from tasks.studies import configurations, load_preset, load_study_data, study_ta
 pytestmark = pytest.mark.integration
 SEED = int(os.environ.get("MIRFLOW_TEST_SEED", "0"))
 WORLD = WorldSettings(n_tracks=160, n_users=200, clip_seconds=6.0, seed=SEED)
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,7 @@ from infra.settings import (
 )
 from infra.tracking import (
     child_run,
+    file_sha1,
     finished_children,
     log_table_replacing,
     parent_run,
@@ -103,8 +104,10 @@ def end_to_end_study(data_dir: Path, dataset: str, study: EndToEndStudySettings,
         if not (tracks["split"] == split).any():
             raise DatasetError(f"the study needs clips in train, valid and test; none with features in {split!r}")
     tags = tag_vocabulary(tracks, n=study.n_tags)
-    fingerprint = run_key([f"{s.feature_set}:{_sha1(manifests[shape])}" for shape, s in sets.items()],
-                          tracks[["track_id", "split"]].values.tolist(), tags)
+    # Same clips, splits, labels and feature content = same fingerprint (finished children are reused).
+    fingerprint = run_key([f"{s.feature_set}:{file_sha1(manifests[shape]) or 'none'}" for shape, s in sets.items()],
+                          [(t, split, "|".join(sorted(labels))) for t, split, labels in tracks.itertuples(index=False)],
+                          tags)
 
     key = f"{study.settings_hash}-{dataset}-{fingerprint}"
     params = {**study.flat(), "dataset": dataset, "tags": ",".join(tags), "data_fingerprint": fingerprint,
@@ -130,12 +133,6 @@ def end_to_end_study(data_dir: Path, dataset: str, study: EndToEndStudySettings,
         get_run_logger().info("study %s on %s\n%s", study.preset, dataset, text)
     return StudyOutput(table=text, importance="", parent_run_id=parent.info.run_id, report_path=str(report),
                        n_runs=len(results) - n_reused, n_reused=n_reused, seconds=seconds)
-
-
-def _sha1(path: Path) -> str:
-    from infra.tracking import file_sha1
-
-    return file_sha1(path) or "none"
 
 
 def run_model(model: ModelRun, *, study: EndToEndStudySettings, tracks: pd.DataFrame, tags: list[str], layout: Layout,

@@ -111,6 +111,8 @@ def timed_steps(module: torch.nn.Module, batches: Iterable, *, n: int, device: t
     crops, start, done = 0, 0.0, -1  # the first step (warm-up, compile) is not timed
     for x, y in batches:
         if done == 0:
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # the warm-up step ends before the clock starts
             start = time.perf_counter()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -134,11 +136,11 @@ def epochs(loader) -> Iterable:
         yield from loader
 
 
-def in_memory(batches: Iterable, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``n + 1`` batches drawn once and kept: the baseline feeds these, sliced from memory, again."""
+def in_memory(batches: Iterable, n: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n + 1`` batches drawn once and kept on ``device``: the baseline feeds these again."""
     kept = []
     for x, y in batches:
-        kept.append((x.clone(), y.clone()))
+        kept.append((x.to(device, copy=True), y.to(device, copy=True)))
         if len(kept) == n + 1:
             return kept
     raise AssertionError("unreachable: epochs() never ends")
@@ -169,7 +171,7 @@ def main() -> None:
         step = lambda x, y, m=module: m.loss(m(x), y)  # noqa: E731
         if isinstance(module, LatentFactorModule):
             step = lambda x, y, m=module: m.loss(m(x), y / m.hparams.target_scale)  # noqa: E731
-        baseline = in_memory(epochs(loader(None)), args.batches)
+        baseline = in_memory(epochs(loader(None)), args.batches, device)
         rates = {"in-memory": [], "copied": [], "loader": [], "resident": []}
         for _ in range(args.repeats):
             rates["in-memory"].append(timed_steps(module, iter(baseline), n=args.batches, device=device,

@@ -67,17 +67,18 @@ PER_TAG = "per_tag_test_metrics.json"
 
 
 def feature_sets(study: EndToEndStudySettings) -> dict[tuple[int, int], FeatureSettings]:
-    """The spectrogram each (length, stride) needs; the first also writes the PCM shards of the raw models.
+    """The log-mel feature set of each spectrogram model's (window, hop); one of them also writes the PCM shards
+    of the raw models (the first; a raw-only study extracts its first raw shape's for that).
 
-    Only one feature set may write them (each keeps ``audio/<dataset>/`` to its own shards).
+    Only one feature set may write them: each keeps ``audio/<dataset>/`` to its own shards.
     """
-    shapes = list(dict.fromkeys([*study.filters, *([(study.resnet_window, study.resnet_hop)] if study.modern else [])]))
-    if "raw" in study.inputs and study.variants_at not in shapes:
-        shapes.append(study.variants_at)
-    sets = {shape: study.spectrogram(*shape) for shape in shapes}
-    if "raw" in study.inputs:
-        first = shapes[0]
-        sets[first] = sets[first].model_copy(update={"audio_shards": True})
+    runs = end_to_end_runs(study)
+    sets = {shape: study.spectrogram(*shape)
+            for shape in dict.fromkeys((r.length, r.stride) for r in runs if r.model != "raw")}
+    raw = [(r.length, r.stride) for r in runs if r.model == "raw"]
+    if raw:
+        carrier = next(iter(sets), raw[0])
+        sets[carrier] = study.spectrogram(*carrier).model_copy(update={"audio_shards": True})
     return sets
 
 
@@ -159,7 +160,8 @@ def run_model(model: ModelRun, *, study: EndToEndStudySettings, tracks: pd.DataF
                 sample_rate=study.sample_rate, checkpoint_dir=checkpoint_dir / key, logger=logger, quiet=True,
                 model={"filter_length": model.length, "stride": model.stride, "n_filters": study.n_filters,
                        "nonlinearity": model.nonlinearity, "log_c": study.log_c,
-                       "feature_pooling": model.feature_pooling, "pool_size": max(model.pool_size, 2),
+                       "feature_pooling": model.feature_pooling,
+                       **({"pool_size": model.pool_size} if model.feature_pooling != "none" else {}),
                        "channels": tagger.conv_channels, "conv_length": tagger.conv_length, "pool": tagger.pool,
                        "hidden": tagger.hidden, "pool_ceil": tagger.pool_ceil})
             _log_filters(result.module.net.first_layer_filters().cpu().numpy(), model, sample_rate=study.sample_rate)

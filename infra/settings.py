@@ -392,6 +392,16 @@ class StudySettings(_Settings):
         return hashlib.sha1(payload.encode()).hexdigest()[:12]
 
 
+def _steps_after_stack(steps: int, tagger: TaggerSettings) -> int:
+    """Time steps the 2014 stack (two conv + max-pool stages) leaves of ``steps`` input steps."""
+    for _ in range(2):
+        steps -= tagger.conv_length - 1
+        if steps < 1:
+            return 0
+        steps = -(-steps // tagger.pool) if tagger.pool_ceil else steps // tagger.pool
+    return steps
+
+
 FilterShape = tuple[int, int]  # (filter length, stride) in samples = (window, hop) of the spectrogram counterpart
 
 
@@ -426,9 +436,16 @@ class EndToEndStudySettings(_Settings):
 
     @model_validator(mode="after")
     def _check(self) -> "EndToEndStudySettings":
+        """Everything a model of the study would trip on later, refused now, before any audio is read."""
+        if self.tagger.model != "convnet2014" or self.resnet.model != "short-chunk-resnet":
+            raise ValueError(f"tagger.model must be 'convnet2014' and resnet.model 'short-chunk-resnet', got "
+                             f"{self.tagger.model!r} and {self.resnet.model!r}")
         for length, stride in (*self.filters, self.variants_at):
             if not 0 < stride <= length:
-                raise ValueError(f"filter ({length}, {stride}): need 0 < stride <= length")
+                raise ValueError(f"filter ({length}, {stride}): need 0 < stride <= length (a hop past the window "
+                                 "would skip samples)")
+        if not (self.filters and self.inputs) and not self.modern:
+            raise ValueError("an end-to-end study needs filters and inputs, or modern")
         variants = self.nonlinearities or self.feature_pooling
         if variants and "raw" not in self.inputs:
             raise ValueError("nonlinearity and feature-pooling rows are raw-audio models: add 'raw' to inputs "
@@ -437,8 +454,20 @@ class EndToEndStudySettings(_Settings):
             if size < 2 or self.n_filters % size:
                 raise ValueError(f"feature pooling ({kind}, {size}): the size must be >= 2 and divide "
                                  f"n_filters={self.n_filters}")
-        if not (self.filters or self.modern):
-            raise ValueError("an end-to-end study needs filters or modern")
+        crop = self.tagger.train.crop_seconds * self.sample_rate
+        for length, stride in (*self.filters, *([self.variants_at] if variants else [])):
+            self.spectrogram(length, stride)  # window, hop and bands valid for a log-mel (raises ValueError)
+            steps = min(1 + int((crop - length) // stride), max(1, round(crop / stride)))  # raw, spectrogram
+            if _steps_after_stack(steps, self.tagger) < 1:
+                raise ValueError(f"filter ({length}, {stride}): a {self.tagger.train.crop_seconds} s crop has "
+                                 f"{steps} steps, too few for two conv({self.tagger.conv_length}) + "
+                                 f"pool({self.tagger.pool}) stages (pool_ceil={self.tagger.pool_ceil})")
+        if self.modern:
+            self.spectrogram(self.resnet_window, self.resnet_hop)
+            frames = round(self.resnet.train.crop_seconds * self.sample_rate / self.resnet_hop)
+            if min(self.n_mels, frames) < 64:
+                raise ValueError(f"the short-chunk ResNet needs >= 64 mel bands and frames per crop (seven "
+                                 f"stride-2 blocks), got {self.n_mels} bands and {frames} frames")
         return self
 
     def spectrogram(self, length: int, stride: int) -> FeatureSettings:

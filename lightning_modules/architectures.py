@@ -150,7 +150,7 @@ class RawAudioConvNet2014(nn.Module):
     filter_length, stride : int > 0
         L and S of the first layer (the paper: 1024/1024 ... 256/256).
     n_filters : int > 0
-        First-layer filters (128, as many as the spectrogram model's mel bands (?)).
+        First-layer filters (128 in the paper, as many as the spectrogram model's mel bands).
     batch_norm : bool
         Normalize the first layer's output per filter (not in the paper; off by default).
     """

@@ -31,21 +31,25 @@ class AudioDataModule(ClipDataModule):
     track_ids, targets : as for :class:`~lightning_modules.datamodule.FeatureDataModule`
     crop_samples, eval_hop_samples : int > 0
         Training crop length and the hop between evaluation windows, in samples.
+    sample_rate : int, optional
+        The rate the model expects; a clip stored at another rate is a ``DatasetError``.
     """
 
     def __init__(self, *, audio_dir: Path, track_ids: dict[str, list[str]], targets: dict[str, np.ndarray],
                  crop_samples: int, eval_hop_samples: int, batch_size: int, crops_per_clip: int,
-                 num_workers: int = 0, resident: str | None = None, seed: int = 0) -> None:
+                 num_workers: int = 0, resident: str | None = None, seed: int = 0,
+                 sample_rate: int | None = None) -> None:
         super().__init__(track_ids=track_ids, targets=targets, crop=crop_samples, hop=eval_hop_samples,
                          batch_size=batch_size, crops_per_clip=crops_per_clip, num_workers=num_workers,
                          resident=resident, seed=seed)
         self.audio_dir = Path(audio_dir)
+        self.sample_rate = sample_rate  # when given, every clip must be stored at this rate
 
     def setup(self, stage: str | None = None) -> None:
         if self._clips:
             return
         wanted = [t for ids in self.track_ids.values() for t in ids]
-        pcm = read_audio(self.audio_dir, track_ids=wanted)
+        pcm = read_audio(self.audio_dir, track_ids=wanted, sample_rate=self.sample_rate)
         missing = sorted(set(wanted) - set(pcm))
         if missing:
             raise DatasetError(f"{len(missing)} tracks have no raw-audio shard in {self.audio_dir}, e.g. "

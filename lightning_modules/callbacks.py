@@ -41,17 +41,23 @@ class ThroughputLog(L.Callback):
                  " ".join(f"{k} {v}" for k, v in sorted(shown.items())), rate)
 
 
+FINISHED = "mirflow_finished"  # in a snapshot: training had ended (max epochs or early stopping)
+
+
 class Snapshot(L.Callback):
     """Writes ``path`` (``last.ckpt``) every ``every_n_steps`` optimizer steps and when training ends.
 
-    A killed run restarts from it, mid-epoch included: Lightning restores the loops'
-    progress with the weights and optimizer. Each write goes to a temporary file renamed
-    over the last one, so a kill during the write leaves the previous snapshot intact.
-    Every rank calls :meth:`~lightning.Trainer.save_checkpoint` (it is collective); rank 0 writes.
+    A killed run restarts from it: Lightning restores the weights, the optimizer and the
+    loops' progress, mid-epoch included (the rest of that epoch draws fresh crops: the
+    loaders do not resume mid-epoch). The snapshot written when training ends carries
+    :data:`FINISHED`, so a re-run tests the best checkpoint instead of training on.
+    Each write goes to a temporary file renamed over the last one. Every rank calls
+    :meth:`~lightning.Trainer.save_checkpoint` (it is collective); rank 0 writes.
     """
 
     def __init__(self, path: Path, *, every_n_steps: int) -> None:
         self.path, self.every_n_steps = Path(path), every_n_steps
+        self._finished = False
 
     def _save(self, trainer: L.Trainer) -> None:
         partial = self.path.with_name(self.path.name + ".partial")
@@ -59,9 +65,25 @@ class Snapshot(L.Callback):
         if trainer.is_global_zero:
             os.replace(partial, self.path)
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[FINISHED] = self._finished
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if trainer.global_step % self.every_n_steps == 0:
             self._save(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._save(trainer)  # a re-run of a finished run then resumes at its end, not epochs back
+        self._finished = True
+        self._save(trainer)
+
+
+class CompileNetwork(L.Callback):
+    """``torch.compile`` of ``pl_module.net`` in place, in every process that trains it.
+
+    Under ``ddp_spawn`` each rank gets a pickled copy of the module, and pickling drops a
+    compiled module's compiled call: compiling at ``setup`` happens in the rank itself.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            pl_module.net.compile()

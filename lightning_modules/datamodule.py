@@ -119,7 +119,7 @@ class ResidentCrops(IterableDataset):
         for i, clip in enumerate(clips):
             padded[i, : clip.shape[-1]] = clip.T
         self.device = torch.device(device)
-        self.clips, self.lengths = padded.to(self.device), lengths.to(self.device)
+        self.clips, self.lengths = padded.to(self.device), lengths  # lengths stay on the CPU: offsets are drawn there
         self.targets = targets.to(self.device)
         self.crop, self.crops_per_clip, self.batch_size = crop, crops_per_clip, batch_size
         self.generator = torch.Generator().manual_seed(seed)
@@ -132,19 +132,27 @@ class ResidentCrops(IterableDataset):
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
 
+    def _share(self) -> int:
+        """Crops per rank and epoch: equal on every rank (a remainder of fewer than ``world`` crops is dropped),
+        so that every rank takes the same number of steps."""
+        _, world = self._rank()
+        return len(self.clips) * self.crops_per_clip // world
+
     def __len__(self) -> int:
-        rank, world = self._rank()
-        share = len(range(rank, len(self.clips) * self.crops_per_clip, world))
-        return (share + self.batch_size - 1) // self.batch_size
+        return (self._share() + self.batch_size - 1) // self.batch_size
 
     def __iter__(self):
+        # The whole epoch's draws first, the same on every rank (same seed, same calls); then this rank's share.
         order = torch.randperm(len(self.clips) * self.crops_per_clip, generator=self.generator) % len(self.clips)
+        starts = torch.rand(len(order), generator=self.generator)
         rank, world = self._rank()
-        order = order[rank::world].to(self.device)
-        for start in range(0, len(order), self.batch_size):
+        share = self._share()
+        order, starts = order[rank::world][:share], starts[rank::world][:share]
+        for start in range(0, share, self.batch_size):
             clip = order[start : start + self.batch_size]
-            room = (self.lengths[clip] - self.crop + 1).cpu()
-            offset = (torch.rand(len(clip), generator=self.generator) * room).long()
+            room = self.lengths[clip] - self.crop + 1
+            offset = (starts[start : start + self.batch_size] * room).long()
+            clip = clip.to(self.device)
             if self.device.type == "cpu":  # each crop is one run of whole rows: copy the runs, build no index
                 crops = torch.stack([self.clips[c, o : o + self.crop] for c, o in zip(clip.tolist(), offset.tolist())])
             else:  # one gather kernel, whatever the batch size

@@ -20,7 +20,7 @@ from tasks.metrics import tag_metrics
 class TagPredictionModule(L.LightningModule):
     """What every tagger shares: per-clip scores collected in evaluation, and their metrics.
 
-    Subclasses append ``(clip probabilities, clip labels)`` to ``_scores`` and ``_truth``
+    Subclasses pass ``(clip probabilities, clip labels, clip positions)`` to :meth:`_collect`
     in their evaluation steps; each epoch end logs ``<split>/roc_auc``, ``<split>/pr_auc``
     (macro over tags) and ``<split>/pr_auc_chance``, and the test epoch keeps the
     per-tag table. Training is binary cross-entropy on logits (``self.loss``) over

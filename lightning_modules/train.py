@@ -24,7 +24,12 @@ from infra.settings import (
     TrainSettings,
 )
 from lightning_modules.audio_datamodule import AudioDataModule
-from lightning_modules.callbacks import Snapshot, ThroughputLog
+from lightning_modules.callbacks import (
+    FINISHED,
+    CompileNetwork,
+    Snapshot,
+    ThroughputLog,
+)
 from lightning_modules.datamodule import FeatureDataModule, VectorDataModule
 from lightning_modules.latent_factors import LatentFactorModule
 from lightning_modules.mlp import MLPTaggerModule
@@ -70,7 +75,8 @@ def build_trainer(train: TrainSettings, *, name: str, monitor: str, mode: str, c
         logger=logger,
         callbacks=[best, EarlyStopping(monitor=monitor, mode=mode, patience=train.patience),
                    ThroughputLog(name, quiet=quiet),
-                   Snapshot(Path(checkpoint_dir) / LAST_CHECKPOINT, every_n_steps=train.checkpoint_every_n_steps)],
+                   Snapshot(Path(checkpoint_dir) / LAST_CHECKPOINT, every_n_steps=train.checkpoint_every_n_steps),
+                   *([CompileNetwork()] if train.compile else [])],
         enable_progress_bar=interactive() and not quiet,
         enable_model_summary=False,
         log_every_n_steps=log_every_n_steps,
@@ -80,33 +86,35 @@ def build_trainer(train: TrainSettings, *, name: str, monitor: str, mode: str, c
 
 
 def fit_and_test(trainer: L.Trainer, best: ModelCheckpoint, module: L.LightningModule, datamodule: L.LightningDataModule,
-                 *, train: TrainSettings, checkpoint_dir: Path) -> tuple[L.LightningModule, dict[str, float], int]:
-    """Fit (resuming from ``checkpoint_dir/last.ckpt`` when a killed run left one), reload the best, test it.
+                 *, train: TrainSettings, checkpoint_dir: Path) -> TrainResult:
+    """Fit, reload the best checkpoint, test it.
 
-    The test runs in this process on one device whatever ``train.devices``: its per-clip
-    scores and per-tag tables stay on the returned module (spawned ranks cannot hand them back).
-    Returns ``(best module, test metrics, epochs trained)``.
+    A killed run left ``checkpoint_dir/last.ckpt``: fitting resumes from it, or, when that
+    snapshot says training had finished, is skipped (the best checkpoint it names is
+    tested). The test runs in this process on one device whatever ``train.devices``: its
+    per-clip scores and per-tag tables stay on the returned module (spawned ranks cannot
+    hand them back).
     """
     last = Path(checkpoint_dir) / LAST_CHECKPOINT
-    if last.exists():
-        log.info("resuming from %s", last)
-    trainer.fit(compiled(module, train), datamodule=datamodule, ckpt_path=last if last.exists() else None,
-                weights_only=True)
-    reloaded = type(module).load_from_checkpoint(best.best_model_path, weights_only=True, map_location="cpu")
+    snapshot = torch.load(last, weights_only=True, map_location="cpu") if last.exists() else None
+    if snapshot is not None and snapshot.get(FINISHED):
+        log.info("training had finished (%s): testing its best checkpoint", last)
+        best_path = Path(next(state["best_model_path"] for key, state in snapshot["callbacks"].items()
+                              if key.startswith("ModelCheckpoint")))
+    else:
+        if snapshot is not None:
+            log.info("resuming from %s (epoch %d, step %d)", last, snapshot["epoch"], snapshot["global_step"])
+        trainer.fit(module, datamodule=datamodule, ckpt_path=last if snapshot is not None else None,
+                    weights_only=True)
+        best_path = Path(best.best_model_path)
+    reloaded = type(module).load_from_checkpoint(best_path, weights_only=True, map_location="cpu")
     tester = trainer
     if train.devices > 1:
         tester = L.Trainer(accelerator=train.accelerator, devices=1, precision=train.precision, logger=trainer.logger,
                            enable_progress_bar=False, enable_model_summary=False)
     metrics = tester.test(reloaded, datamodule=datamodule, verbose=False)[0]
     epochs = int(torch.load(last, weights_only=True, map_location="cpu")["epoch"])  # as far as any rank went
-    return reloaded, metrics, epochs
-
-
-def compiled(module: L.LightningModule, train: TrainSettings) -> L.LightningModule:
-    """The module with its network compiled in place when ``train.compile`` (state-dict keys unchanged)."""
-    if train.compile:
-        module.net.compile()
-    return module
+    return TrainResult(reloaded, best_path, metrics, epochs)
 
 
 def resident_device(train: TrainSettings) -> str | None:
@@ -146,9 +154,8 @@ def train_tagger(*, feature_dir: Path, tracks: pd.DataFrame, tags: list[str], se
     )
     trainer, checkpoint = build_trainer(settings.train, name="tagger", monitor="val/roc_auc", mode="max",
                                         checkpoint_dir=checkpoint_dir, logger=logger, quiet=quiet)
-    best, metrics, epochs = fit_and_test(trainer, checkpoint, model, datamodule, train=settings.train,
-                                 checkpoint_dir=checkpoint_dir)
-    return TrainResult(best, Path(checkpoint.best_model_path), metrics, epochs)
+    return fit_and_test(trainer, checkpoint, model, datamodule, train=settings.train,
+                        checkpoint_dir=checkpoint_dir)
 
 
 @dataclass
@@ -191,11 +198,11 @@ def train_latent_factor_cnn(*, feature_dir: Path, track_ids: dict[str, list[str]
         )
     trainer, checkpoint = build_trainer(train, name="latent_factors", monitor="val/mse", mode="min",
                                         checkpoint_dir=checkpoint_dir, logger=logger)
-    best, metrics, epochs = fit_and_test(trainer, checkpoint, model, datamodule, train=train, checkpoint_dir=checkpoint_dir)
-    predictor = L.Trainer(accelerator=train.accelerator, devices=1, logger=False, enable_progress_bar=False,
-                          enable_model_summary=False)
-    predicted = np.concatenate([p.numpy() for p in predictor.predict(best, datamodule=datamodule)])
-    return LatentFactorResult(best, Path(checkpoint.best_model_path), metrics, epochs,
+    fitted = fit_and_test(trainer, checkpoint, model, datamodule, train=train, checkpoint_dir=checkpoint_dir)
+    predictor = L.Trainer(accelerator=train.accelerator, devices=1, precision=train.precision, logger=False,
+                          enable_progress_bar=False, enable_model_summary=False)
+    predicted = np.concatenate([p.numpy() for p in predictor.predict(fitted.module, datamodule=datamodule)])
+    return LatentFactorResult(fitted.module, fitted.checkpoint, fitted.metrics, fitted.epochs,
                               test_track_ids=list(track_ids["test"]), predicted_factors=predicted)
 
 
@@ -218,9 +225,8 @@ def train_mlp_tagger(*, features: dict[str, np.ndarray], targets: dict[str, np.n
     )
     trainer, checkpoint = build_trainer(settings.train, name="mlp_tagger", monitor="val/roc_auc", mode="max",
                                         checkpoint_dir=checkpoint_dir, logger=logger, quiet=quiet, log_every_n_steps=1)
-    best, metrics, epochs = fit_and_test(trainer, checkpoint, model, datamodule, train=settings.train,
-                                 checkpoint_dir=checkpoint_dir)
-    return TrainResult(best, Path(checkpoint.best_model_path), metrics, epochs)
+    return fit_and_test(trainer, checkpoint, model, datamodule, train=settings.train,
+                        checkpoint_dir=checkpoint_dir)
 
 
 def train_raw_tagger(*, audio_dir: Path, tracks: pd.DataFrame, tags: list[str], train: TrainSettings,
@@ -237,11 +243,11 @@ def train_raw_tagger(*, audio_dir: Path, tracks: pd.DataFrame, tags: list[str], 
     datamodule = AudioDataModule(audio_dir=audio_dir, track_ids=track_ids, targets=multi_hot(tracks, tags),
                                  crop_samples=crop, eval_hop_samples=max(1, round(train.eval_hop_seconds * sample_rate)),
                                  batch_size=train.batch_size, crops_per_clip=train.crops_per_clip,
-                                 num_workers=train.num_workers, resident=resident_device(train), seed=train.seed)
+                                 num_workers=train.num_workers, resident=resident_device(train), seed=train.seed,
+                                 sample_rate=sample_rate)
     datamodule.setup()
     module = RawAudioTaggerModule(crop_samples=crop, tags=list(tags), learning_rate=train.learning_rate,
                                   weight_decay=train.weight_decay, **model)
     trainer, checkpoint = build_trainer(train, name="raw_tagger", monitor="val/roc_auc", mode="max",
                                         checkpoint_dir=checkpoint_dir, logger=logger, quiet=quiet)
-    best, metrics, epochs = fit_and_test(trainer, checkpoint, module, datamodule, train=train, checkpoint_dir=checkpoint_dir)
-    return TrainResult(best, Path(checkpoint.best_model_path), metrics, epochs)
+    return fit_and_test(trainer, checkpoint, module, datamodule, train=train, checkpoint_dir=checkpoint_dir)

@@ -210,14 +210,23 @@ def _tensors(table: pa.Table, column: str) -> list[np.ndarray]:
             .reshape(-1, *inner) for start, stop in zip(offsets[:-1], offsets[1:])]
 
 
-def read_audio(audio_dir: Path, *, track_ids: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-    """``{track_id: int16 PCM}`` from the raw-audio shards (all tracks when ``track_ids`` is None)."""
+def read_audio(audio_dir: Path, *, track_ids: Iterable[str] | None = None,
+               sample_rate: int | None = None) -> dict[str, np.ndarray]:
+    """``{track_id: int16 PCM}`` from the raw-audio shards (all tracks when ``track_ids`` is None).
+
+    With ``sample_rate``, a wanted track stored at another rate is a ``DatasetError``
+    (a model must not train on audio at a rate it was not built for).
+    """
     wanted = None if track_ids is None else set(track_ids)
     out = {}
     for shard in sorted(Path(audio_dir).glob("part-*.parquet")):
-        table = pq.read_table(shard, columns=["track_id", "pcm"])
-        for track_id, pcm in zip(table.column("track_id").to_pylist(), _tensors(table, "pcm")):
+        table = pq.read_table(shard, columns=["track_id", "sample_rate", "pcm"])
+        rates = table.column("sample_rate").to_pylist()
+        for track_id, rate, pcm in zip(table.column("track_id").to_pylist(), rates, _tensors(table, "pcm")):
             if wanted is None or track_id in wanted:
+                if sample_rate is not None and rate != sample_rate:
+                    raise DatasetError(f"{shard}: track {track_id!r} is stored at {rate} Hz, not {sample_rate} Hz: "
+                                       "write the PCM shards again at that rate (the feature flow with audio shards)")
                 out[track_id] = pcm
     return out
 

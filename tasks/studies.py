@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from infra.settings import EndToEndStudySettings, StudySettings
 from tasks.errors import DatasetError, ParameterError
@@ -93,11 +93,16 @@ def load_preset(name_or_path: str, *, overrides: Mapping[str, Any] | None = None
     settings class. Raises ``ParameterError`` naming the preset and the bad value.
     """
     name, preset = _preset(name_or_path)
-    merged = _merge(preset, overrides or {})
-    kind = merged.pop("kind", "multiscale")
+    kind = preset.get("kind", "multiscale")
     if kind not in KINDS:
         raise ParameterError(f"preset {name!r}: kind {kind!r} is not one of {KINDS}")
     cls = StudySettings if kind == "multiscale" else EndToEndStudySettings
+    # The preset and the overrides merge into each nested field's default, so that a partial
+    # override (e.g. only ``train.devices``) keeps the rest of that field's defaults.
+    defaults = {field: info.default.model_dump() for field, info in cls.model_fields.items()
+                if isinstance(info.default, BaseModel)}
+    merged = _merge(_merge(defaults, preset), overrides or {})
+    merged.pop("kind", None)
     try:
         return cls(preset=name, **{k: v for k, v in merged.items() if k != "preset"})
     except ValidationError as err:

@@ -81,6 +81,11 @@ def test_audio_datamodule_crops_windows_and_pads(tmp_path) -> None:
                               crops_per_clip=1)
     with pytest.raises(DatasetError, match="no raw-audio shard"):
         missing.setup()
+    other_rate = AudioDataModule(audio_dir=audio_dir, track_ids={"train": ["a"], "valid": ["c"], "test": ["d"]},
+                                 targets=targets, crop_samples=10000, eval_hop_samples=5000, batch_size=2,
+                                 crops_per_clip=1, sample_rate=22050)
+    with pytest.raises(DatasetError, match="not 22050 Hz"):
+        other_rate.setup()
 
 
 def test_short_chunk_resnet_at_its_published_size() -> None:
@@ -113,6 +118,25 @@ def test_resident_crops_are_slices_of_their_clips() -> None:
     assert seen.tolist() == [4.0, 4.0, 4.0]  # every clip crops_per_clip times
     with pytest.raises(DatasetError, match="shorter than a crop"):
         ResidentCrops(clips, targets, crop=60, crops_per_clip=1, batch_size=2)
+
+
+def test_resident_crops_split_an_epoch_evenly_between_ranks(monkeypatch) -> None:
+    from lightning_modules.datamodule import ResidentCrops
+
+    g = torch.Generator().manual_seed(0)
+    clips = [torch.randn(2, 60, generator=g) for _ in range(11)]  # 11 clips x 3 crops = 33: odd on purpose
+    targets = torch.arange(11, dtype=torch.float32)[:, None]
+    drawn = {}
+    for rank, world in ((0, 1), (0, 2), (1, 2)):
+        monkeypatch.setattr(ResidentCrops, "_rank", staticmethod(lambda rank=rank, world=world: (rank, world)))
+        crops = ResidentCrops(clips, targets, crop=20, crops_per_clip=3, batch_size=4, seed=5)
+        epochs = [[(x, y) for x, y in crops] for _ in range(2)]
+        assert [len(e) for e in epochs] == [len(crops)] * 2
+        drawn[rank, world] = [torch.cat([y for _, y in e]).flatten().tolist() for e in epochs]
+    assert len(crops) == 4  # 16 crops on each of 2 ranks (the 33rd dropped): the same number of steps
+    for epoch in range(2):  # every rank drew the one-process epoch and took alternate crops of it, epoch after epoch
+        whole = drawn[0, 1][epoch]
+        assert drawn[0, 2][epoch] == whole[0::2][:16] and drawn[1, 2][epoch] == whole[1::2][:16]
 
 
 @pytest.mark.parametrize("resident", ["off", "cpu"])

@@ -105,9 +105,18 @@ def test_a_run_killed_mid_epoch_resumes_from_its_last_snapshot_to_the_same_steps
     snapshot = torch.load(tmp_path / "killed" / "last.ckpt", weights_only=True)
     assert snapshot["global_step"] == 12  # the newest snapshot (every 4 steps), mid-epoch
     assert snapshot["epoch"] == 1
-    restarted, (_, metrics, epochs) = _fit(tmp_path / "killed")
+    restarted, result = _fit(tmp_path / "killed")
     assert restarted.global_step == whole.global_step
-    assert epochs == 3 and 0.0 <= metrics["test/roc_auc"] <= 1.0
+    assert result.epochs == 3 and 0.0 <= result.metrics["test/roc_auc"] <= 1.0
+
+
+def test_a_run_that_finished_training_is_tested_again_not_trained_further(tmp_path):
+    """Killed after training (early stopping included) but before its run completed: the re-run only tests."""
+    first, result = _fit(tmp_path / "run")
+    again, repeated = _fit(tmp_path / "run")
+    assert again.global_step == 0  # fit was skipped
+    assert repeated.checkpoint == result.checkpoint and repeated.epochs == result.epochs
+    assert repeated.metrics["test/roc_auc"] == pytest.approx(result.metrics["test/roc_auc"])
 
 
 def test_tracked_run_with_a_key_continues_the_run_that_did_not_complete(tmp_path):

@@ -56,6 +56,18 @@ def test_bad_end_to_end_settings_are_refused_by_name():
     assert study.tagger.train.max_epochs == 3 and study.resnet.train.precision == "bf16-mixed"
 
 
+def test_a_partial_override_keeps_the_preset_and_field_defaults():
+    """The CLI always passes its training options: they must not rebuild the models' settings from scratch."""
+    plain = load_preset("modern")
+    study = load_preset("modern", overrides=preset_overrides(
+        kind="end-to-end", train={"devices": 1, "precision": "32-true", "compile": False}))
+    assert study.resnet.model == "short-chunk-resnet" and study.resnet.train.crop_seconds == pytest.approx(3.69)
+    assert study.tagger.pool_ceil and study.tagger.train.crops_per_clip == 8
+    assert study.model_dump() == plain.model_dump()  # those options are the defaults: nothing changed
+    paper = load_preset("icassp2014", overrides=preset_overrides(kind="end-to-end", epochs=30))
+    assert paper.tagger.train.patience == 10 and paper.tagger.train.max_epochs == 30
+
+
 @pytest.fixture(scope="module")
 def study_run(tmp_path_factory, prefect_server):
     data_dir = tmp_path_factory.mktemp("e2e")

@@ -212,17 +212,17 @@ def log_table_replacing(frame, artifact_file: str) -> None:
 
 @contextmanager
 def child_run(*, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str],
-              settings: TrackingSettings | None = None) -> Iterator[mlflow.ActiveRun]:
+              settings: TrackingSettings) -> Iterator[mlflow.ActiveRun]:
     """A nested run under the active (parent) run, in its experiment, with params and tags; tagged complete last.
 
-    With ``settings`` and a ``mirflow.config_key`` tag, a child of that key that did not
-    complete (a killed study) is continued instead of started anew.
+    With a ``mirflow.config_key`` tag, a child of that key that did not complete (a
+    killed study) is continued instead of started anew.
     """
     parent = mlflow.active_run()
     if parent is None:
         raise RuntimeError("child_run needs an active parent run")
     key = tags.get("mirflow.config_key")
-    if settings is not None and key is not None:
+    if key is not None:
         unfinished = _unfinished(settings, parent.info.experiment_id,
                                  f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and "
                                  f"tags.`mirflow.config_key` = '{key}'")

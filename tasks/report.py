@@ -84,6 +84,23 @@ def write_report(path: Path, summary: PipelineSummary, *, per_tag: str, settings
     return path
 
 
+def _save(fig, path: Path) -> Path:
+    """Lay out, write (110 dpi) and close a figure; its path."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def _roc_auc_axis(ax, *, labels: list[str], scores: np.ndarray, title: str) -> None:
+    """The y axis of a study's horizontal ROC-AUC bars: one label per bar, top first, x from just below the lowest."""
+    low = np.nanmin(scores) if np.isfinite(scores).any() else 0.5
+    ax.set(yticks=np.arange(len(labels)), yticklabels=labels, xlabel="test ROC-AUC (macro over tags)", title=title,
+           xlim=(max(0.0, low - 0.05), 1.0))
+    ax.invert_yaxis()
+    ax.legend(fontsize=8, loc="lower right")
+
+
 def plot_roc_curves(y_true: np.ndarray, y_score: np.ndarray, *, tags: Sequence[str], path: Path) -> Path:
     """One ROC curve per tag (tags with both classes present), with the chance diagonal."""
     fig, ax = plt.subplots(figsize=(7, 6))
@@ -95,10 +112,7 @@ def plot_roc_curves(y_true: np.ndarray, y_score: np.ndarray, *, tags: Sequence[s
     ax.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="chance")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="Tagger ROC curves, test split")
     ax.legend(fontsize=6, ncol=2, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_factor_scatter(true: np.ndarray, predicted: np.ndarray, *, path: Path, dims: int = 4) -> Path:
@@ -109,10 +123,7 @@ def plot_factor_scatter(true: np.ndarray, predicted: np.ndarray, *, path: Path, 
         ax.scatter(true[:, d], predicted[:, d], s=4, alpha=0.5)
         r = np.corrcoef(true[:, d], predicted[:, d])[0, 1] if len(true) > 1 else float("nan")
         ax.set(title=f"factor {d}: r = {r:.2f}", xlabel="WMF", ylabel="CNN")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_first_layer_filters(weights: np.ndarray, *, path: Path, max_filters: int = 32,
@@ -134,10 +145,7 @@ def plot_first_layer_filters(weights: np.ndarray, *, path: Path, max_filters: in
             ax.imshow(w, origin="lower", aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit)
             ax.set_title(str(i), fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_tsne(points: np.ndarray, labels: Sequence[str], *, path: Path, title: str, seed: int = 0) -> Path:
@@ -152,10 +160,7 @@ def plot_tsne(points: np.ndarray, labels: Sequence[str], *, path: Path, title: s
         ax.scatter(xy[mask, 0], xy[mask, 1], s=10, alpha=0.7, label=label)
     ax.set(title=title, xticks=[], yticks=[])
     ax.legend(fontsize=7, markerscale=1.5, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def dominant_labels(tag_lists: Sequence[Sequence[str]], *, candidates: Sequence[str]) -> list[str]:
@@ -185,16 +190,9 @@ def plot_study_bars(table, *, path: Path, title: str) -> Path:
             for yi, v in zip(y + (offset - 0.5) * height, values):
                 if np.isfinite(v):
                     ax.text(v, yi, f" {v:.3f}", va="center", fontsize=7)
-    finite = table[[c for c in ("K-means ROC-AUC", "random ROC-AUC") if c in table]].to_numpy(dtype=float)
-    low = np.nanmin(finite) if np.isfinite(finite).any() else 0.5
-    ax.set(yticks=y, yticklabels=labels, xlabel="test ROC-AUC (macro over tags)", title=title,
-           xlim=(max(0.0, low - 0.05), 1.0))
-    ax.invert_yaxis()
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    scores = table[[c for c in ("K-means ROC-AUC", "random ROC-AUC") if c in table]].to_numpy(dtype=float)
+    _roc_auc_axis(ax, labels=labels, scores=scores, title=title)
+    return _save(fig, path)
 
 
 def plot_end_to_end_bars(results, *, path: Path, title: str) -> Path:
@@ -213,15 +211,8 @@ def plot_end_to_end_bars(results, *, path: Path, title: str) -> Path:
             ax.barh(y[mask], values[mask], color=colour, label=labels[model])
     for yi, v in zip(y, values):
         ax.text(v, yi, f" {v:.3f}", va="center", fontsize=7)
-    low = np.nanmin(values) if np.isfinite(values).any() else 0.5
-    ax.set(yticks=y, yticklabels=list(results["name"]), xlabel="test ROC-AUC (macro over tags)", title=title,
-           xlim=(max(0.0, low - 0.05), 1.0))
-    ax.invert_yaxis()
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    _roc_auc_axis(ax, labels=list(results["name"]), scores=values, title=title)
+    return _save(fig, path)
 
 
 def plot_importance_heatmap(importance, *, group: str, path: Path) -> Path:
@@ -241,10 +232,7 @@ def plot_importance_heatmap(importance, *, group: str, path: Path) -> Path:
     ax.set_yticks(range(len(grid)), [f"{tag} ({kind})" for tag, kind in zip(order["tag"], order["type"])], fontsize=7)
     ax.set_title(f"{group}: ROC-AUC lost when a timescale is left out")
     fig.colorbar(image, ax=ax, label="ROC-AUC drop (red: the timescale helped)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_filter_spectra(filters: np.ndarray, *, sample_rate: int, path: Path, title: str) -> Path:
@@ -259,10 +247,7 @@ def plot_filter_spectra(filters: np.ndarray, *, sample_rate: int, path: Path, ti
                       extent=(0, frequencies[-1], 0, len(filters)))
     ax.set(xlabel="frequency (Hz)", ylabel="filter (sorted by dominant frequency)", title=title)
     fig.colorbar(image, ax=ax, label="magnitude (dB below each filter's peak)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_dominant_frequencies(filters: np.ndarray, *, sample_rate: int, path: Path, title: str) -> Path:
@@ -278,10 +263,7 @@ def plot_dominant_frequencies(filters: np.ndarray, *, sample_rate: int, path: Pa
     ax.plot(np.linspace(0, fmax, len(dominant)), "--", label=f"linear (RMS {score['linear']:.0f} mel)")
     ax.set(xlabel="filter rank", ylabel="dominant frequency (Hz)", title=title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_pooled_filters(filters: np.ndarray, *, pool_size: int, path: Path, title: str, max_groups: int = 8) -> Path:
@@ -295,7 +277,4 @@ def plot_pooled_filters(filters: np.ndarray, *, pool_size: int, path: Path, titl
         ax.set_ylabel(f"group {g}", fontsize=7)
     axes[-1, 0].set_xlabel("tap (sample)")
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)

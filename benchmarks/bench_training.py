@@ -109,7 +109,7 @@ def timed_steps(module: torch.nn.Module, batches: Iterable, *, n: int, device: t
     optimizer = torch.optim.Adam(module.parameters(), lr=1e-4)
     dtype = torch.bfloat16 if precision == "bf16-mixed" else None
     crops, start, done = 0, 0.0, -1  # the first step (warm-up, compile) is not timed
-    for x, y in batches:
+    for x, y, *_ in batches:
         if done == 0:
             if device.type == "cuda":
                 torch.cuda.synchronize()  # the warm-up step ends before the clock starts
@@ -139,7 +139,7 @@ def epochs(loader) -> Iterable:
 def in_memory(batches: Iterable, n: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``n + 1`` batches drawn once and kept on ``device``: the baseline feeds these again."""
     kept = []
-    for x, y in batches:
+    for x, y, *_ in batches:
         kept.append((x.to(device, copy=True), y.to(device, copy=True)))
         if len(kept) == n + 1:
             return kept
@@ -176,7 +176,7 @@ def main() -> None:
         for _ in range(args.repeats):
             rates["in-memory"].append(timed_steps(module, iter(baseline), n=args.batches, device=device,
                                                   precision=args.precision, step=step))
-            rates["copied"].append(timed_steps(module, ((x.clone(), y.clone()) for x, y in baseline), n=args.batches,
+            rates["copied"].append(timed_steps(module, ((x.clone(), y.clone()) for x, y, *_ in baseline), n=args.batches,
                                                device=device, precision=args.precision, step=step))
             rates["loader"].append(timed_steps(module, epochs(loader(None)), n=args.batches, device=device,
                                                precision=args.precision, step=step))

@@ -25,7 +25,11 @@ from tasks.shards import read_features
 
 
 class RandomCropDataset(Dataset):
-    """``crops_per_clip`` random crops per clip and epoch: ``(mel [n_mels, crop], target)``."""
+    """``crops_per_clip`` random crops per clip and epoch: ``(mel [n_mels, crop], target, clip position)``.
+
+    The clip's position in the split lets an objective look up more than the target
+    (the WPE objective: the clip's listeners).
+    """
 
     def __init__(self, clips: list[torch.Tensor], targets: torch.Tensor, *, crop: int, crops_per_clip: int) -> None:
         self.clips, self.targets, self.crop, self.crops_per_clip = clips, targets, crop, crops_per_clip
@@ -33,11 +37,11 @@ class RandomCropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.clips) * self.crops_per_clip
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         i = index % len(self.clips)
         clip = self.clips[i]
         start = int(torch.randint(0, clip.shape[1] - self.crop + 1, ()).item())
-        return clip[:, start : start + self.crop].float(), self.targets[i]
+        return clip[:, start : start + self.crop].float(), self.targets[i], i
 
 
 class ClipWindowsDataset(Dataset):
@@ -100,7 +104,8 @@ def clip_means(values: torch.Tensor, clip_index: torch.Tensor, n_clips: int) -> 
 
 
 class ResidentCrops(IterableDataset):
-    """Random crops cut by gather from one padded tensor of every clip, on its device; yields whole batches.
+    """Random crops cut by gather from one padded tensor of every clip, on its device; yields whole batches
+    ``(crops, targets, clip positions)``.
 
     For small models the loader, not the model, is the limit (DESIGN.md §7): with the
     split resident (on the GPU, or in this process's memory) a batch of crops is one
@@ -158,7 +163,7 @@ class ResidentCrops(IterableDataset):
             else:  # one gather kernel, whatever the batch size
                 where = offset.to(self.device)[:, None] + self.steps[None, :]  # (batch, crop) positions in each clip
                 crops = self.clips[clip[:, None], where]  # (batch, crop, channels)
-            yield crops.float().transpose(1, 2).contiguous(), self.targets[clip]
+            yield crops.float().transpose(1, 2).contiguous(), self.targets[clip], clip
 
 
 class ClipDataModule(L.LightningDataModule):

@@ -75,8 +75,8 @@ class TagPredictionModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._epoch_metrics("test")
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        x, y = batch[0], batch[1]  # crops may come with their clips' positions: not needed here
         loss = self.loss(self(x), y)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x),
                  sync_dist=True)

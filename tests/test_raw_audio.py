@@ -69,8 +69,9 @@ def test_audio_datamodule_crops_windows_and_pads(tmp_path) -> None:
                              targets=targets, crop_samples=10000, eval_hop_samples=5000, batch_size=2,
                              crops_per_clip=3)
     module.setup()
-    x, y = next(iter(module.train_dataloader()))
+    x, y, clips = next(iter(module.train_dataloader()))
     assert x.shape == (2, 1, 10000) and x.dtype == torch.float32 and y.shape == (2, 1)
+    assert set(clips.tolist()) <= {0, 1}  # each crop's clip, by position in the train split
     assert float(x.abs().max()) <= 32768.0 and float(x.abs().max()) > 1000.0  # int16-valued, not rescaled
     assert module._clips["train"][1].shape == (1, 10000)  # 9,000 samples padded to one crop
     windows, clip_index, clip_targets, positions = next(iter(module.test_dataloader()))
@@ -108,10 +109,11 @@ def test_resident_crops_are_slices_of_their_clips() -> None:
     batches = list(crops)
     assert len(batches) == len(crops) == 3  # 12 crops in batches of 5
     seen = torch.zeros(3)
-    for x, y in batches:
+    for x, y, positions in batches:
         assert x.shape[1:] == (2, 20) and x.dtype == torch.float32
-        for crop, target in zip(x, y):
+        for crop, target, position in zip(x, y, positions):
             i = int(target.argmax())
+            assert int(position) == i
             seen[i] += 1
             start = int(crop[0, 0]) - 1000 * i
             torch.testing.assert_close(crop, clips[i][:, start : start + 20].float())
@@ -130,7 +132,7 @@ def test_resident_crops_split_an_epoch_evenly_between_ranks(monkeypatch) -> None
     for rank, world in ((0, 1), (0, 2), (1, 2)):
         monkeypatch.setattr(ResidentCrops, "_rank", staticmethod(lambda rank=rank, world=world: (rank, world)))
         crops = ResidentCrops(clips, targets, crop=20, crops_per_clip=3, batch_size=4, seed=5)
-        epochs = [[(x, y) for x, y in crops] for _ in range(2)]
+        epochs = [[(x, y) for x, y, _ in crops] for _ in range(2)]
         assert [len(e) for e in epochs] == [len(crops)] * 2
         drawn[rank, world] = [torch.cat([y for _, y in e]).flatten().tolist() for e in epochs]
     assert len(crops) == 4  # 16 crops on each of 2 ranks (the 33rd dropped): the same number of steps

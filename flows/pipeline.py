@@ -72,7 +72,8 @@ def pipeline(settings: PipelineSettings) -> PipelineSummary:
     wmf = factorize(settings.data_dir, list(triplets), heldout_track_ids(tracks_path), settings.wmf, settings.tracking,
                     k=settings.evaluation.k)
     recommender = train_recommender_flow(settings.data_dir, dataset, feature_set, settings.features.mel, wmf,
-                                         settings.recommender, settings.evaluation, settings.tracking)
+                                         settings.recommender, settings.evaluation, settings.tracking,
+                                         confidence=settings.wmf)
     versions = {}
     if settings.register_models:
         versions = register_pipeline_models(settings.tracking, tagger=tagger, wmf=wmf, recommender=recommender,

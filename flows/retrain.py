@@ -249,7 +249,8 @@ def _retrain(data_dir: Path, tracking: TrackingSettings, *, metric: str | None, 
         current = download_recommender(tracking, cnn_version=str(old.version), into=Path(tmp))
         challenger = train_recommender_flow(settings.data_dir, settings.dataset, settings.features.feature_set,
                                             settings.features.mel, wmf, settings.recommender, settings.evaluation,
-                                            tracking, init_checkpoint=current.checkpoint, finetune=finetune)
+                                            tracking, init_checkpoint=current.checkpoint, finetune=finetune,
+                                            confidence=settings.wmf)
         rows = evaluate_against_champion(settings, wmf=wmf, challenger_checkpoint=Path(challenger.checkpoint),
                                          old=current)
     champion_wmf = current.wmf_version

@@ -137,7 +137,7 @@ def train_recommender_job(dataset: str = "synthetic", epochs: int | None = None)
                         ingested=factorized_batches(settings.data_dir))
         recommender = train_recommender_flow(settings.data_dir, dataset, settings.features.feature_set,
                                              settings.features.mel, wmf, settings.recommender, settings.evaluation,
-                                             settings.tracking)
+                                             settings.tracking, confidence=settings.wmf)
     register_recommender(settings.tracking, wmf=wmf, recommender=recommender, dataset=dataset)
     return recommender
 

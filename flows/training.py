@@ -27,11 +27,17 @@ from infra.settings import (
     TaggerSettings,
     TrackingSettings,
     TrainSettings,
+    WMFSettings,
 )
 from infra.tracking import experiment_id, file_sha1, run_key, tracked_run
 from lightning_modules.train import train_latent_factor_cnn, train_tagger
 from tasks.datasets import tag_vocabulary
-from tasks.listening import load_factors, play_matrix_for
+from tasks.listening import (
+    load_factors,
+    load_play_matrix,
+    play_matrix_for,
+    plays_to_frame,
+)
 from tasks.recommend import cold_start_rows, cold_start_track_splits, rows_as_metrics
 from tasks.report import (
     RankingRow,
@@ -42,6 +48,7 @@ from tasks.report import (
     plot_tsne,
 )
 from tasks.shards import MANIFEST, read_manifest
+from tasks.wmf import confidence as wmf_confidence
 
 
 @dataclass(frozen=True)
@@ -118,10 +125,13 @@ def train_tagger_flow(data_dir: Path, dataset: str, feature_set: str, mel: MelSe
 def train_recommender_flow(data_dir: Path, dataset: str, feature_set: str, mel: MelSettings, wmf: WMFOutput,
                            recommender: LatentFactorSettings, evaluation: EvalSettings,
                            tracking: TrackingSettings, init_checkpoint: Path | None = None,
-                           finetune: TrainSettings | None = None) -> RecommenderOutput:
+                           finetune: TrainSettings | None = None, confidence: WMFSettings | None = None,
+                           ) -> RecommenderOutput:
     """Regress WMF item factors from audio, then rank held-out tracks for every user by the predictions.
 
     With ``init_checkpoint`` (a champion's weights) the CNN is fine-tuned under ``finetune``.
+    The ``wpe`` objective weighs the training tracks' plays (those the factorization saw) by
+    the confidence function of ``confidence`` (the WMF settings; their defaults when None).
     """
     layout = Layout(Path(data_dir))
     tracks = _tracks_with_features(data_dir, dataset, feature_set)
@@ -139,7 +149,12 @@ def train_recommender_flow(data_dir: Path, dataset: str, feature_set: str, mel: 
                   "mirflow.item_factors_sha1": file_sha1(Path(wmf.item_factors)) or "none"}
     with tracked_run(tracking, "latent-factors", run_name=f"latent-factor-cnn-{dataset}", params=params,
                      tags=provenance, resume_key=run_key("latent-factors", params, provenance)) as run:
-        result = train_latent_factor_cnn(feature_dir=feature_dir, track_ids=track_ids,
+        plays = {}
+        if recommender.objective == "wpe":
+            plays = {"user_factors": user_factors,
+                     "train_confidence": training_confidence(layout, wmf, users=users, tracks=track_ids["train"],
+                                                             settings=confidence or WMFSettings())}
+        result = train_latent_factor_cnn(feature_dir=feature_dir, track_ids=track_ids, **plays,
                                          item_factors=factors, settings=recommender, mel=mel,
                                          checkpoint_dir=layout.checkpoints("latent_factors") / run.info.run_id,
                                          logger=mlflow_logger(tracking, "latent-factors", run.info.run_id),
@@ -170,6 +185,14 @@ def train_recommender_flow(data_dir: Path, dataset: str, feature_set: str, mel: 
                                     outputs=factors_schema(result.predicted_factors.shape[1]))
     return RecommenderOutput(rows=rows, k=evaluation.k, run_id=run.info.run_id, model_uri=model_uri,
                              checkpoint=str(result.checkpoint))
+
+
+def training_confidence(layout: Layout, wmf: WMFOutput, *, users: np.ndarray, tracks: list[str],
+                        settings: WMFSettings):
+    """WMF confidence of every play of ``tracks`` in the factorized batches: ``(len(users), len(tracks))``, csr."""
+    matrix = load_play_matrix(layout.listening(), batches=list(wmf.batches))
+    plays = play_matrix_for(plays_to_frame(matrix), users=users, items=np.asarray(tracks, dtype=str))
+    return wmf_confidence(plays, settings=settings)
 
 
 def log_audio_model(code: str, checkpoint: Path, *, tracks: pd.DataFrame, mel: MelSettings, train: TrainSettings,

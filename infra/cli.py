@@ -68,18 +68,21 @@ ClipSeconds = Annotated[float, typer.Option(help="length of each synthetic clip"
 Devices = Annotated[int, typer.Option(help="train each model under DDP on N devices (GPUs, or CPU processes)")]
 Precision = Annotated[str, typer.Option(help="32-true | bf16-mixed (on a GPU) | 16-mixed")]
 Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile each network")]
+Objective = Annotated[str, typer.Option(help="latent-factor CNN: mse on the WMF factors | wpe, the weighted "
+                                             "prediction error of the plays (van den Oord et al. 2013)")]
 Model = Annotated[str, typer.Option(help="tagger: convnet2014 (Dieleman & Schrauwen 2014) | short-chunk-resnet "
                                          "(Won et al. 2020)")]
 
 
 def _launch(epochs: int | None, *, devices: int = 1, precision: str = "32-true", compile_: bool = False,
-            model: str = "convnet2014", **fields) -> None:
+            model: str = "convnet2014", objective: str = "mse", **fields) -> None:
     """Build the settings (tracking under the data folder) with the training options asked for; run the pipeline."""
     from pydantic import ValidationError
 
     from infra.tracking import tracking_for
 
-    settings = _settings(**fields, tagger={"model": model}, tracking=tracking_for(fields["data_dir"]))
+    settings = _settings(**fields, tagger={"model": model}, recommender={"objective": objective},
+                         tracking=tracking_for(fields["data_dir"]))
     training = {"devices": devices, "precision": precision, "compile": compile_}
     if epochs is not None:
         training["max_epochs"] = epochs
@@ -118,6 +121,7 @@ def demo(
         help="use only the first N of the world's 3 listening batches; copy a later one into "
              "<data-dir>/inbox/listening to try `mirflow retrain`")] = None,
     model: Model = "convnet2014",
+    objective: Objective = "mse",
     devices: Devices = 1,
     precision: Precision = "32-true",
     compile_: Compile = False,
@@ -130,7 +134,8 @@ def demo(
     _setup(verbose)
     from tasks.synth import STYLES
 
-    _launch(epochs, model=model, devices=devices, precision=precision, compile_=compile_, data_dir=data_dir, dataset="synthetic", initial_batches=initial_batches,
+    _launch(epochs, model=model, objective=objective, devices=devices, precision=precision, compile_=compile_,
+            data_dir=data_dir, dataset="synthetic", initial_batches=initial_batches,
             world={"n_tracks": tracks, "n_users": users, "clip_seconds": clip_seconds, "seed": seed},
             cluster={"kind": cluster, "n_workers": workers, "address": address},
             evaluation={"map_tags": STYLES})
@@ -148,6 +153,7 @@ def pipeline(
     data_dir: DataDir = Path("data"),
     epochs: Annotated[int | None, typer.Option(help="cap on training epochs of each model")] = None,
     model: Model = "convnet2014",
+    objective: Objective = "mse",
     devices: Devices = 1,
     precision: Precision = "32-true",
     compile_: Compile = False,
@@ -158,7 +164,8 @@ def pipeline(
 ) -> None:
     """Run the whole pipeline on MTAT-layout audio and annotations with Taste Profile listening data."""
     _setup(verbose)
-    _launch(epochs, model=model, devices=devices, precision=precision, compile_=compile_, data_dir=data_dir, dataset=dataset, annotations=annotations.resolve(),
+    _launch(epochs, model=model, objective=objective, devices=devices, precision=precision, compile_=compile_,
+            data_dir=data_dir, dataset=dataset, annotations=annotations.resolve(),
             audio_root=audio_root.resolve(), triplets=tuple(p.resolve() for p in triplets),
             cluster={"kind": cluster, "n_workers": workers, "address": address})
 

@@ -245,8 +245,13 @@ class TaggerSettings(_Settings):
 
 
 class LatentFactorSettings(_Settings):
-    """The latent-factor CNN (van den Oord, Dieleman & Schrauwen, NIPS 2013)."""
+    """The latent-factor CNN (van den Oord, Dieleman & Schrauwen, NIPS 2013).
 
+    ``objective``: ``mse`` on the WMF item factors, or ``wpe``, the weighted prediction
+    error of the training tracks' plays under the WMF confidences, the user factors fixed.
+    """
+
+    objective: Literal["mse", "wpe"] = "mse"
     channels: tuple[int, int, int] = (64, 64, 128)
     conv_length: int = 4
     hidden: int = 256

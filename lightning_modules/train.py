@@ -167,14 +167,20 @@ class LatentFactorResult(TrainResult):
 def train_latent_factor_cnn(*, feature_dir: Path, track_ids: dict[str, list[str]], item_factors: dict[str, np.ndarray],
                             settings: LatentFactorSettings, mel: MelSettings, checkpoint_dir: Path,
                             logger: Logger | bool = False, init_checkpoint: Path | None = None,
-                            train: TrainSettings | None = None) -> LatentFactorResult:
+                            train: TrainSettings | None = None, user_factors: np.ndarray | None = None,
+                            train_confidence=None) -> LatentFactorResult:
     """Regress item factors from audio; predict the factors of the test tracks (the cold-start items).
 
     ``item_factors`` must cover every track of every split; for held-out tracks these
     are the fold-in factors, used only to report ``test/mse``. With ``init_checkpoint``
     the network is fine-tuned from those weights (its architecture, input statistics
-    and target scale kept) under ``train`` (default ``settings.train``).
+    and target scale kept) under ``train`` (default ``settings.train``). The ``wpe``
+    objective needs ``user_factors (n_users, f)`` and ``train_confidence``, the WMF
+    confidence of every play of the train tracks, ``sp.csr_matrix (n_users, n_train)``
+    with columns in ``track_ids["train"]`` order.
     """
+    if settings.objective == "wpe" and (user_factors is None or train_confidence is None):
+        raise ParameterError("the wpe objective needs the user factors and the training tracks' plays")
     train = train or settings.train
     L.seed_everything(train.seed, workers=True)
     datamodule = _datamodule(feature_dir, mel, train, track_ids, item_factors)
@@ -182,7 +188,7 @@ def train_latent_factor_cnn(*, feature_dir: Path, track_ids: dict[str, list[str]
     if init_checkpoint is not None:
         model = LatentFactorModule.load_from_checkpoint(init_checkpoint, weights_only=True, map_location="cpu",
                                                         learning_rate=train.learning_rate,
-                                                        weight_decay=train.weight_decay)
+                                                        weight_decay=train.weight_decay, objective=settings.objective)
         if model.hparams.n_factors != train_targets.shape[1] or model.hparams.n_mels != mel.n_mels:
             raise ParameterError(
                 f"{init_checkpoint} predicts {model.hparams.n_factors} factors from {model.hparams.n_mels} mel bands; "
@@ -194,8 +200,10 @@ def train_latent_factor_cnn(*, feature_dir: Path, track_ids: dict[str, list[str]
             conv_length=settings.conv_length, hidden=settings.hidden, dropout=settings.dropout,
             learning_rate=train.learning_rate, weight_decay=train.weight_decay,
             target_scale=float(train_targets.std()), feature_mean=datamodule.mean.tolist(),
-            feature_std=datamodule.std.tolist(),
+            feature_std=datamodule.std.tolist(), objective=settings.objective,
         )
+    if settings.objective == "wpe":
+        model.use_plays(user_factors, train_confidence)
     trainer, checkpoint = build_trainer(train, name="latent_factors", monitor="val/mse", mode="min",
                                         checkpoint_dir=checkpoint_dir, logger=logger)
     fitted = fit_and_test(trainer, checkpoint, model, datamodule, train=train, checkpoint_dir=checkpoint_dir)

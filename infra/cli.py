@@ -6,6 +6,10 @@
     mirflow wmf --listening FILE …     ingest listening data, factorize it (WMF) and evaluate
     mirflow retrain                    retrain the recommender on new listening files, promote if better
     mirflow study tagging              a study (e.g. --preset ismir2013) under one MLflow parent run
+    mirflow study recommendation       the NIPS 2013 table (--preset nips2013) and nearest-neighbour queries
+    mirflow study transfer             pre-training on tags and listening, transfer to a target (--preset ismir2014)
+    mirflow embed --model …            embeddings of a catalogue by a pre-trained model, as Parquet
+    mirflow transfer --adapter …       a simple classifier per feature set on a labelled target catalogue
     mirflow up                         run it as a service (make serve): Prefect, MLflow, Dask, deployments
     mirflow world                      only write the synthetic world
 """
@@ -433,8 +437,10 @@ def study_tagging(
 
     try:
         training = {"devices": devices, "precision": precision, "compile": compile_}
-        study = load_preset(preset, overrides=preset_overrides(kind=preset_kind(preset), k=k, epochs=epochs,
-                                                               train=training))
+        kind = preset_kind(preset)
+        if kind in ("recommendation", "transfer"):
+            raise ParameterError(f"preset {preset!r} is a {kind} study: run `mirflow study {kind} --preset {preset}`")
+        study = load_preset(preset, overrides=preset_overrides(kind=kind, k=k, epochs=epochs, train=training))
         world_settings = WorldSettings(n_tracks=tracks, n_users=users, clip_seconds=clip_seconds, seed=seed)
         cluster_settings = ClusterSettings(kind=cluster, n_workers=workers, address=address)
     except (ParameterError, ValidationError) as err:
@@ -456,6 +462,83 @@ def study_tagging(
         console.print("\nROC-AUC lost when one timescale is left out (mean per tag type):\n", highlight=False)
         console.print(out.importance, highlight=False, soft_wrap=True)
     console.print(f"\nMLflow parent run {out.parent_run_id} (experiment mirflow-study); report: {out.report_path}\n"
+                  f"  mlflow ui --backend-store-uri {tracking_for(data_dir).tracking_uri}", highlight=False)
+
+
+def _study_settings(preset: str, kind: str, *, k: int | None, epochs: int | None, training: dict,
+                    extra: dict | None = None):
+    """A study's settings from its preset and the command line; ParameterError for a preset of another kind."""
+    from tasks.errors import ParameterError
+    from tasks.studies import _merge, load_preset, preset_kind, preset_overrides
+
+    found = preset_kind(preset)
+    if found != kind:
+        command = "tagging" if found in ("multiscale", "end-to-end") else found
+        raise ParameterError(f"preset {preset!r} is a {found} study: run `mirflow study {command} --preset {preset}`")
+    return load_preset(preset, overrides=_merge(preset_overrides(kind=kind, k=k, epochs=epochs, train=training),
+                                                extra or {}))
+
+
+@study_app.command("recommendation")
+def study_recommendation(
+    preset: Annotated[str, typer.Option(help="nips2013 | nips2013-smoke, or a JSON file of the same shape")]
+    = "nips2013",
+    query: Annotated[list[str], typer.Option(help="a held-out track to query (repeatable); default: a seeded "
+                                                  "draw of --queries tracks")] = [],  # noqa: B006
+    queries: Annotated[int | None, typer.Option(help="seeded query tracks (default: the preset's)")] = None,
+    k: Annotated[int | None, typer.Option(help="K-means means of the baselines' features")] = None,
+    dataset: Annotated[str, typer.Option(help="synthetic (built if absent), or a catalogue made by "
+                                              "`mirflow features` (with --triplets)")] = "synthetic",
+    triplets: Annotated[list[Path], typer.Option(exists=True, dir_okay=False, help="Taste Profile triplet files "
+                                                 "of a real catalogue, oldest first")] = [],  # noqa: B006
+    data_dir: DataDir = Path("data"),
+    tracks: Tracks = 1200,
+    users: Users = 3000,
+    clip_seconds: ClipSeconds = 15.0,
+    seed: Annotated[int, typer.Option(help="synthetic world's seed")] = 0,
+    epochs: Annotated[int | None, typer.Option(help="cap on each model's training epochs")] = None,
+    devices: Devices = 1,
+    precision: Precision = "32-true",
+    compile_: Compile = False,
+    workers: Workers = None,
+    cluster: Cluster = "local",
+    address: Address = None,
+    verbose: bool = False,
+) -> None:
+    """The recommendation study (NIPS 2013): cold start on held-out tracks for random, popularity (oracle),
+    linear regression, MLP, CNN-MSE, CNN-WPE and the WMF upper bound, with nearest-neighbour queries."""
+    _setup(verbose)
+    from pydantic import ValidationError
+
+    from infra.settings import ClusterSettings, WorldSettings
+    from infra.tracking import tracking_for
+    from tasks.errors import MirflowError, ParameterError
+
+    try:
+        extra = {**({"query_ids": list(query)} if query else {}), **({"queries": queries} if queries is not None else {})}
+        study = _study_settings(preset, "recommendation", k=k, epochs=epochs, extra=extra,
+                                training={"devices": devices, "precision": precision, "compile": compile_})
+        world_settings = WorldSettings(n_tracks=tracks, n_users=users, clip_seconds=clip_seconds, seed=seed)
+        cluster_settings = ClusterSettings(kind=cluster, n_workers=workers, address=address)
+    except (ParameterError, ValidationError) as err:
+        console.print(f"[red]mirflow: invalid settings[/red]\n{err}", highlight=False)
+        raise typer.Exit(2) from None
+    from flows.recommendation import recommendation_study
+
+    try:
+        out = recommendation_study(data_dir.resolve(), dataset, study, cluster_settings, tracking_for(data_dir),
+                                   world=world_settings, triplets=tuple(p.resolve() for p in triplets))
+    except MirflowError as err:
+        console.print(f"[red]mirflow: {err}[/red]", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"\n[bold]study {study.preset} on {dataset}[/bold]: {out.n_runs + out.n_reused} trained models "
+                  f"({out.n_reused} reused) in {out.seconds:.0f} s; cold start on the held-out tracks\n",
+                  highlight=False)
+    console.print(out.table, highlight=False, soft_wrap=True)
+    console.print("\nqueries: nearest held-out tracks by WMF factors and by predicted factors (cosine)\n",
+                  highlight=False)
+    console.print(out.queries, highlight=False, soft_wrap=True)
+    console.print(f"MLflow parent run {out.parent_run_id} (experiment mirflow-study); report: {out.report_path}\n"
                   f"  mlflow ui --backend-store-uri {tracking_for(data_dir).tracking_uri}", highlight=False)
 
 

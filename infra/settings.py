@@ -492,6 +492,131 @@ class EvalSettings(_Settings):
     seed: int = 0
 
 
+class RegressorSettings(_Settings):
+    """Linear regression (0 hidden layers) or an MLP from pooled K-means features to a vector (factors).
+
+    The baselines of the recommendation study (van den Oord et al., NIPS 2013) and the
+    source models of transfer learning (Dieleman et al., ISMIR 2014): rectified-linear
+    hidden layers with dropout, MSE on the targets scaled to unit deviation.
+    """
+
+    hidden: int = Field(1000, ge=1, description="units per hidden layer")
+    dropout: float = Field(0.25, ge=0.0, lt=1.0)
+    train: TrainSettings = TrainSettings(max_epochs=200, patience=20, batch_size=64, learning_rate=1e-3,
+                                         weight_decay=1e-5)
+
+
+def _default_timescales(features: FeatureSettings, kmeans: KMeansSettings) -> tuple[str, ...]:
+    timescales = tuple(kmeans.timescales) or (features.mel.column,)
+    unknown = [t for t in timescales if t not in features.columns]
+    if unknown:
+        raise ValueError(f"timescale(s) {unknown} are not made by the feature settings (columns {features.columns})")
+    return timescales
+
+
+class RecommendationStudySettings(_Settings):
+    """The recommendation study (van den Oord, Dieleman & Schrauwen, NIPS 2013; DESIGN.md §3 II).
+
+    Cold start on the tracks held out of the factorization: random, popularity (an
+    oracle: it uses the held-out plays), linear regression and an MLP on pooled
+    K-means features, the latent-factor CNN under each of ``objectives``, and the
+    WMF factors folded in from the held-out plays (the upper bound). ``queries``
+    seeded test tracks (or ``query_ids``) get their ``neighbours`` nearest tracks by
+    WMF factors and by the ``query_model`` CNN's predicted factors.
+    """
+
+    preset: str = Field(..., description="name of the preset the settings came from")
+    n_tags: int = Field(50, ge=1, description="top-N tags of the catalogue (shown beside the query neighbours)")
+    features: FeatureSettings = FeatureSettings()
+    kmeans: KMeansSettings = KMeansSettings()
+    regressor: RegressorSettings = RegressorSettings()
+    mlp_layers: int = Field(1, ge=1, le=4, description="hidden layers of the MLP baseline")
+    cnn: LatentFactorSettings = LatentFactorSettings()
+    objectives: tuple[Literal["mse", "wpe"], ...] = ("mse", "wpe")
+    wmf: WMFSettings = WMFSettings()
+    evaluation: EvalSettings = EvalSettings()
+    queries: int = Field(5, ge=0, description="seeded query tracks drawn from the held-out tracks")
+    query_ids: tuple[str, ...] = Field((), description="query these tracks instead of a seeded draw")
+    neighbours: int = Field(5, ge=1)
+    query_model: Literal["mse", "wpe"] = "wpe"
+
+    @model_validator(mode="after")
+    def _check(self) -> "RecommendationStudySettings":
+        _default_timescales(self.features, self.kmeans)
+        if self.query_model not in self.objectives:
+            raise ValueError(f"query_model {self.query_model!r} is not among the objectives {self.objectives}")
+        return self
+
+    @property
+    def timescales(self) -> tuple[str, ...]:
+        return _default_timescales(self.features, self.kmeans)
+
+    @property
+    def settings_hash(self) -> str:
+        """Of what the models learn from (the queries only read them: other queries reuse the same runs)."""
+        payload = json.dumps(self.model_dump(mode="json", exclude={"preset", "queries", "query_ids", "neighbours",
+                                                                   "query_model"}), sort_keys=True)
+        return hashlib.sha1(payload.encode()).hexdigest()[:12]
+
+
+class TransferSettings(_Settings):
+    """Transfer to a labelled target catalogue (Dieleman et al., ISMIR 2014): a simple classifier per feature set."""
+
+    classifier: Literal["logreg", "svm"] = "logreg"
+    cs: tuple[float, ...] = Field((1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0), min_length=1,
+                                  description="inverse regularization strengths tried")
+    cv: int | None = Field(None, ge=2, description="outer cross-validation folds; None: the target's own split")
+    inner_folds: int = Field(5, ge=2, description="with cv: folds that choose C inside each outer training part")
+    feature_sets: tuple[Literal["pretrained", "kmeans", "logmel-stats", "mfcc"], ...] = (
+        "pretrained", "kmeans", "logmel-stats", "mfcc")
+    seed: int = 0
+
+
+class TransferStudySettings(_Settings):
+    """Supervised pre-training on a source catalogue, transfer to a target (Dieleman et al., ISMIR 2014).
+
+    Source tasks: ``tags`` (the track × tag matrix factorized by WMF to ``tag_factors``
+    factors; the models predict each track's tag factors) and ``listening`` (the WMF
+    item factors of the plays). Each of ``models`` (``linear``, ``mlp-1``, ``mlp-2``:
+    0, 1 or 2 hidden layers) learns each task from pooled K-means features. Their
+    embeddings then feed :class:`TransferSettings` on the synthetic target catalogue of
+    ``target_tracks`` genre-labelled clips, beside the target's own feature sets.
+    """
+
+    preset: str = Field(..., description="name of the preset the settings came from")
+    n_tags: int = Field(50, ge=1)
+    features: FeatureSettings = FeatureSettings()
+    kmeans: KMeansSettings = KMeansSettings()
+    regressor: RegressorSettings = RegressorSettings()
+    sources: tuple[Literal["tags", "listening"], ...] = ("tags", "listening")
+    models: tuple[Literal["linear", "mlp-1", "mlp-2"], ...] = ("linear", "mlp-1", "mlp-2")
+    tag_factors: int = Field(16, ge=1, description="WMF factors of the track × tag matrix")
+    wmf: WMFSettings = WMFSettings()
+    evaluation: EvalSettings = EvalSettings()
+    transfer: TransferSettings = TransferSettings()
+    target_tracks: int = Field(240, ge=12, description="clips of the synthetic target catalogue")
+    target_seed: int = 1
+
+    @model_validator(mode="after")
+    def _check(self) -> "TransferStudySettings":
+        _default_timescales(self.features, self.kmeans)
+        if not self.sources or not self.models:
+            raise ValueError("a transfer study needs at least one source task and one model")
+        return self
+
+    @property
+    def timescales(self) -> tuple[str, ...]:
+        return _default_timescales(self.features, self.kmeans)
+
+    @property
+    def settings_hash(self) -> str:
+        payload = json.dumps(self.model_dump(mode="json", exclude={"preset"}), sort_keys=True)
+        return hashlib.sha1(payload.encode()).hexdigest()[:12]
+
+
+MODEL_LAYERS = {"linear": 0, "mlp-1": 1, "mlp-2": 2}
+
+
 class TrackingSettings(_Settings):
     tracking_uri: str = Field(..., description="e.g. sqlite:////abs/path/mlflow.db or http://127.0.0.1:5000")
     artifact_root: str | None = Field(..., description="where runs' artifacts are stored; None: the tracking "

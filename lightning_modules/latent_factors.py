@@ -53,7 +53,7 @@ class LatentFactorModule(L.LightningModule):
         if confidence.shape != (user_factors.shape[0], confidence.shape[1]):
             raise ValueError(f"confidence {confidence.shape} does not match {user_factors.shape[0]} users")
         self._plays = PlayColumns(confidence)
-        self._user_factors = torch.from_numpy(np.ascontiguousarray(user_factors, dtype=np.float32))
+        self._user_factors = torch.from_numpy(np.array(user_factors, dtype=np.float32))  # a copy: parquet arrays are read-only
         self._gram = self._user_factors.T @ self._user_factors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

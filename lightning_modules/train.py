@@ -20,6 +20,7 @@ from infra.settings import (
     LatentFactorSettings,
     MelSettings,
     MLPSettings,
+    RegressorSettings,
     TaggerSettings,
     TrainSettings,
 )
@@ -32,7 +33,7 @@ from lightning_modules.callbacks import (
 )
 from lightning_modules.datamodule import FeatureDataModule, VectorDataModule
 from lightning_modules.latent_factors import LatentFactorModule
-from lightning_modules.mlp import MLPTaggerModule
+from lightning_modules.mlp import FactorRegressorModule, MLPTaggerModule
 from lightning_modules.tagger import RawAudioTaggerModule, TaggerModule
 from tasks.datasets import multi_hot
 from tasks.errors import ParameterError
@@ -235,6 +236,38 @@ def train_mlp_tagger(*, features: dict[str, np.ndarray], targets: dict[str, np.n
                                         checkpoint_dir=checkpoint_dir, logger=logger, quiet=quiet, log_every_n_steps=1)
     return fit_and_test(trainer, checkpoint, model, datamodule, train=settings.train,
                         checkpoint_dir=checkpoint_dir)
+
+
+@dataclass
+class RegressorResult(TrainResult):
+    predicted: np.ndarray | None = None  # (n_test, n_outputs): the test split's predictions
+
+
+def train_factor_regressor(*, features: dict[str, np.ndarray], targets: dict[str, np.ndarray], layers: int,
+                           settings: RegressorSettings, checkpoint_dir: Path, logger: Logger | bool = False,
+                           quiet: bool = False) -> RegressorResult:
+    """Linear regression (``layers=0``) or an MLP from one feature vector per clip to its target vector.
+
+    ``features`` and ``targets`` map ``train``, ``valid`` and ``test`` to aligned arrays.
+    Early stopping on the validation MSE; returns the best model with its test predictions.
+    """
+    L.seed_everything(settings.train.seed, workers=True)
+    datamodule = VectorDataModule(features=features, targets=targets, batch_size=settings.train.batch_size,
+                                  num_workers=settings.train.num_workers)
+    scale = float(np.asarray(targets["train"]).std()) or 1.0
+    model = FactorRegressorModule(
+        n_inputs=features["train"].shape[1], n_outputs=targets["train"].shape[1], layers=layers,
+        hidden=settings.hidden, dropout=settings.dropout, learning_rate=settings.train.learning_rate,
+        weight_decay=settings.train.weight_decay, target_scale=scale, feature_mean=datamodule.mean.tolist(),
+        feature_std=datamodule.std.tolist(),
+    )
+    trainer, checkpoint = build_trainer(settings.train, name=f"regressor{layers}", monitor="val/mse", mode="min",
+                                        checkpoint_dir=checkpoint_dir, logger=logger, quiet=quiet, log_every_n_steps=1)
+    fitted = fit_and_test(trainer, checkpoint, model, datamodule, train=settings.train, checkpoint_dir=checkpoint_dir)
+    predictor = L.Trainer(accelerator=settings.train.accelerator, devices=1, logger=False, enable_progress_bar=False,
+                          enable_model_summary=False)
+    predicted = np.concatenate([p.numpy() for p in predictor.predict(fitted.module, datamodule=datamodule)])
+    return RegressorResult(fitted.module, fitted.checkpoint, fitted.metrics, fitted.epochs, predicted=predicted)
 
 
 def train_raw_tagger(*, audio_dir: Path, tracks: pd.DataFrame, tags: list[str], train: TrainSettings,

@@ -12,10 +12,13 @@ Both report mAP@k, AUC, precision@k and NDCG@k (:func:`tasks.metrics.ranking_met
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from tasks.errors import ParameterError
 from tasks.listening import play_matrix_for
 from tasks.metrics import random_factors, ranking_metrics
 from tasks.report import RankingRow, metric_slug
@@ -159,3 +162,68 @@ def compare_recommenders(
         rows = pd.Index(np.asarray(ids, dtype=str)).get_indexer(users)
         models[name] = (user_factors[rows], item_factors)
     return cold_start_rows(heldout_plays=relevant, models=models, k=k, seed=seed)
+
+
+ORACLE = "popularity (oracle)"
+
+
+def recommendation_table(rows: list[RankingRow], *, k: int) -> pd.DataFrame:
+    """The paper's table: one row per recommender, mAP@k, AUC and NDCG@k; popularity marked as the oracle it is."""
+    return pd.DataFrame([{"model": ORACLE if row.name == "popularity" else row.name, f"mAP@{k}": row.map_at_k,
+                          "AUC": row.auc, f"NDCG@{k}": row.ndcg_at_k, "users": row.n_users} for row in rows])
+
+
+def choose_queries(track_ids: Sequence[str], *, n: int, seed: int, asked: Sequence[str] = ()) -> list[str]:
+    """``asked`` (each must be one of ``track_ids``), or ``n`` of ``track_ids`` drawn with ``seed``."""
+    ids = [str(t) for t in track_ids]
+    if asked:
+        unknown = [q for q in asked if q not in set(ids)]
+        if unknown:
+            raise ParameterError(f"query track(s) {unknown} are not among the {len(ids)} held-out tracks that have "
+                                 f"both factor sets (e.g. {ids[:3]})")
+        return list(asked)
+    rng = np.random.default_rng(seed)
+    return [ids[i] for i in sorted(rng.choice(len(ids), size=min(n, len(ids)), replace=False))]
+
+
+def nearest_by_cosine(factors: np.ndarray, query: int, *, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the ``n`` nearest rows to row ``query`` by cosine (itself excluded), and their similarities."""
+    unit = factors / np.maximum(np.linalg.norm(factors, axis=1, keepdims=True), 1e-12)
+    similarity = unit @ unit[query]
+    similarity[query] = -np.inf
+    order = np.argsort(-similarity, kind="stable")[:n]
+    return order, similarity[order]
+
+
+def query_table(track_ids: Sequence[str], *, wmf_factors: np.ndarray, predicted: np.ndarray,
+                tags: Mapping[str, Sequence[str]], queries: Sequence[str], n: int) -> pd.DataFrame:
+    """The seed's query tables: for each query, its ``n`` nearest tracks by WMF factors and by predicted factors.
+
+    One row per query and rank: ``query``, ``query_tags``, ``rank``, ``wmf_track``,
+    ``wmf_tags``, ``wmf_cosine``, ``predicted_track``, ``predicted_tags``, ``predicted_cosine``.
+    Tags are joined with ``, ``.
+    """
+    ids = [str(t) for t in track_ids]
+    position = {t: i for i, t in enumerate(ids)}
+    rows = []
+    for query in queries:
+        by_wmf, wmf_sim = nearest_by_cosine(wmf_factors, position[query], n=n)
+        by_audio, audio_sim = nearest_by_cosine(predicted, position[query], n=n)
+        for rank in range(len(by_wmf)):
+            rows.append({"query": query, "query_tags": ", ".join(tags.get(query, ())), "rank": rank + 1,
+                         "wmf_track": ids[by_wmf[rank]], "wmf_tags": ", ".join(tags.get(ids[by_wmf[rank]], ())),
+                         "wmf_cosine": float(wmf_sim[rank]),
+                         "predicted_track": ids[by_audio[rank]],
+                         "predicted_tags": ", ".join(tags.get(ids[by_audio[rank]], ())),
+                         "predicted_cosine": float(audio_sim[rank])})
+    return pd.DataFrame(rows)
+
+
+def neighbour_tag_agreement(table: pd.DataFrame) -> dict[str, float]:
+    """Mean Jaccard overlap of a neighbour's tags with its query's, for the WMF and the predicted neighbours."""
+    def overlap(a: str, b: str) -> float:
+        x, y = {t for t in a.split(", ") if t}, {t for t in b.split(", ") if t}
+        return len(x & y) / len(x | y) if x | y else 0.0
+
+    return {side: float(np.mean([overlap(q, t) for q, t in zip(table["query_tags"], table[f"{side}_tags"])]))
+            if len(table) else float("nan") for side in ("wmf", "predicted")}

@@ -278,3 +278,20 @@ def plot_pooled_filters(filters: np.ndarray, *, pool_size: int, path: Path, titl
     axes[-1, 0].set_xlabel("tap (sample)")
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def plot_recommendation_bars(table, *, k: int, path: Path, title: str) -> Path:
+    """mAP@k and AUC of every row of the recommendation table side by side, top row first."""
+    names = list(table["model"])
+    y = np.arange(len(names))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.4 * len(names) + 1.6), sharey=True)
+    for ax, column, colour in ((axes[0], f"mAP@{k}", "tab:blue"), (axes[1], "AUC", "tab:orange")):
+        values = table[column].to_numpy(dtype=float)
+        ax.barh(y, values, color=colour)
+        for yi, v in zip(y, values):
+            ax.text(v, yi, f" {v:.3f}", va="center", fontsize=7)
+        ax.set(xlabel=column, xlim=(0.0, min(1.0, np.nanmax(values) * 1.25 + 1e-3)))
+    axes[0].set(yticks=y, yticklabels=names)
+    axes[0].invert_yaxis()
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)

@@ -20,7 +20,12 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ValidationError
 
-from infra.settings import EndToEndStudySettings, StudySettings
+from infra.settings import (
+    EndToEndStudySettings,
+    RecommendationStudySettings,
+    StudySettings,
+    TransferStudySettings,
+)
 from tasks.errors import DatasetError, ParameterError
 
 _PAPER_FEATURES = {
@@ -81,12 +86,53 @@ PRESETS: dict[str, dict[str, Any]] = {
                              "batch_size": 16}},
         "resnet_window": 256, "resnet_hop": 128,
     },
+    # NIPS 2013, "Deep content-based music recommendation": cold start on the held-out tracks; the
+    # paper's baselines (linear regression, MLP on bag-of-words audio features) beside the CNN trained
+    # with MSE and with WPE, between random/popularity and the WMF upper bound. The log-mel features
+    # are the pipeline's (a study after `mirflow demo` reuses them).
+    "nips2013": {
+        "kind": "recommendation",
+        "kmeans": {"k": 200, "context": 4, "sample_windows": 50_000, "iterations": 10, "pooling": "max+mean"},
+        "regressor": {"hidden": 500, "dropout": 0.25},
+        "evaluation": {"k": 500},
+    },
+    "nips2013-smoke": {
+        "kind": "recommendation",
+        "kmeans": {"k": 16, "context": 3, "sample_windows": 3000, "iterations": 5, "batch_size": 256,
+                   "pooling": "max+mean", "tracks_per_task": 32},
+        "regressor": {"hidden": 32, "train": {"max_epochs": 10, "patience": 3, "batch_size": 32}},
+        "cnn": {"channels": [16, 16, 32], "hidden": 32,
+                "train": {"max_epochs": 2, "patience": 2, "crops_per_clip": 2, "batch_size": 32}},
+        "wmf": {"iterations": 5},
+        "queries": 2,
+    },
+    # ISMIR 2014, "Transfer learning by supervised pre-training for audio-based music classification":
+    # linear regression and MLPs with 1 and 2 hidden layers learn tag factors and listening factors from
+    # multiscale K-means features (four resolutions); their embeddings transfer to a genre catalogue.
+    "ismir2014": {
+        "kind": "transfer",
+        "kmeans": {"k": 200, "context": 4, "sample_windows": 50_000, "iterations": 10,
+                   "timescales": ["mel_1024", "mel_2048", "mel_4096", "mel_8192"]},
+        "regressor": {"hidden": 500, "dropout": 0.25},
+    },
+    "ismir2014-smoke": {
+        "kind": "transfer",
+        "kmeans": {"k": 16, "context": 3, "sample_windows": 3000, "iterations": 5, "batch_size": 256,
+                   "tracks_per_task": 32, "timescales": ["mel_1024", "mel_4096"]},
+        "regressor": {"hidden": 32, "train": {"max_epochs": 15, "patience": 4, "batch_size": 32}},
+        "models": ["linear", "mlp-1"],
+        "wmf": {"iterations": 5},
+        "target_tracks": 60,
+        "transfer": {"cs": [0.01, 0.1, 1.0]},
+    },
 }
-KINDS = ("multiscale", "end-to-end")
+KINDS = ("multiscale", "end-to-end", "recommendation", "transfer")
+AnyStudySettings = StudySettings | EndToEndStudySettings | RecommendationStudySettings | TransferStudySettings
+FAMILIES = {"multiscale": ("mlp",), "end-to-end": ("tagger", "resnet"), "recommendation": ("regressor", "cnn"),
+            "transfer": ("regressor",)}  # the models whose training options the command line sets
 
 
-def load_preset(name_or_path: str, *, overrides: Mapping[str, Any] | None = None
-                ) -> StudySettings | EndToEndStudySettings:
+def load_preset(name_or_path: str, *, overrides: Mapping[str, Any] | None = None) -> AnyStudySettings:
     """A preset by name (:data:`PRESETS`) or from a JSON file, with ``overrides`` merged in (nested dicts merge).
 
     The preset's ``kind`` (``multiscale``, the default, or ``end-to-end``) picks the
@@ -96,7 +142,8 @@ def load_preset(name_or_path: str, *, overrides: Mapping[str, Any] | None = None
     kind = preset.get("kind", "multiscale")
     if kind not in KINDS:
         raise ParameterError(f"preset {name!r}: kind {kind!r} is not one of {KINDS}")
-    cls = StudySettings if kind == "multiscale" else EndToEndStudySettings
+    cls = {"multiscale": StudySettings, "end-to-end": EndToEndStudySettings,
+           "recommendation": RecommendationStudySettings, "transfer": TransferStudySettings}[kind]
     # The preset and the overrides merge into each nested field's default, so that a partial
     # override (e.g. only ``train.devices``) keeps the rest of that field's defaults.
     defaults = {field: info.default.model_dump() for field, info in cls.model_fields.items()
@@ -133,12 +180,11 @@ def preset_overrides(*, kind: str = "multiscale", k: int | None = None, epochs: 
         train["max_epochs"] = epochs
     overrides: dict[str, Any] = {}
     if k is not None:
-        if kind != "multiscale":
-            raise ParameterError("--k sets the K-means codebooks of a multiscale study; this preset has none")
+        if kind == "end-to-end":
+            raise ParameterError("--k sets the K-means codebooks of a study; this preset has none")
         overrides["kmeans"] = {"k": k}
     if train:
-        families = ("mlp",) if kind == "multiscale" else ("tagger", "resnet")
-        for family in families:
+        for family in FAMILIES[kind]:
             overrides[family] = {"train": train}
     return overrides
 

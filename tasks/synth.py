@@ -19,8 +19,16 @@ popularity effect; play counts follow from taste. The world is written as:
   (each tag's type and timescale in seconds) and ``world.json``
   (the settings plus ``"complete": true``, written last).
 
-All functions are pure and seeded; :func:`render_clips` is the unit an
-orchestrator maps over batches of :class:`TrackPlan`.
+A second, disjoint catalogue serves transfer learning (Dieleman et al., ISMIR
+2014): :func:`plan_target` draws a GTZAN-like genre collection from
+:data:`TARGET_GENRES`, balanced over genres, some of them shared with the source
+styles in name and recipe and some new, with their own instrument mixtures and
+their own sound (drum patterns, guitar and bass parts). :func:`render_target`
+writes it as ``<genre>/<genre>.000NN.wav``, the GTZAN layout, so the GTZAN adapter
+reads it unchanged; ``genres.parquet`` and ``target.json`` sit beside the folders.
+
+All functions are pure and seeded; :func:`render_clips` and :func:`render_target`
+are the units an orchestrator maps over batches of :class:`TrackPlan`.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -67,12 +76,12 @@ SYNTH_VERSION = 2
 _PITCHED = tuple(i for i in INSTRUMENTS if i != "drums")
 _FOLDERS = "0123456789abcdef"
 # Independent random streams, so that e.g. changing n_users leaves the catalogue alone.
-_PLAN_STREAM, _LISTEN_STREAM = 1, 2
+_PLAN_STREAM, _LISTEN_STREAM, _TARGET_STREAM = 1, 2, 3
 
 
 @dataclass(frozen=True)
 class _Style:
-    weight: float
+    weight: float  # share of the source catalogue; unused by the (balanced) target catalogue
     instruments: tuple[float, ...]  # probability of each of INSTRUMENTS
     p_fast: float
     p_major: float
@@ -87,6 +96,19 @@ _STYLE_TABLE: dict[str, _Style] = {
     "ambient": _Style(0.12, (0.35, 0.50, 0.20, 0.05, 0.04, 0.15, 0.85, 0.10), 0.05, 0.50, 0.06),
     "pop": _Style(0.25, (0.50, 0.20, 0.05, 0.40, 0.85, 0.80, 0.50, 0.90), 0.50, 0.80, 0.60),
     "jazz": _Style(0.12, (0.80, 0.10, 0.20, 0.30, 0.70, 0.90, 0.05, 0.35), 0.40, 0.40, 0.35),
+}
+
+#: Genres of the target (GTZAN-like) catalogue. The first three are source styles with
+#: the source's recipe and sound; the others are new: a recipe no source style has, and
+#: their own drum pattern and guitar or bass part in :func:`render_clip`.
+#                      piano strings flute guitar drums bass synth vocal
+TARGET_GENRES: dict[str, _Style] = {
+    "classical": _STYLE_TABLE["classical"],
+    "rock": _STYLE_TABLE["rock"],
+    "jazz": _STYLE_TABLE["jazz"],
+    "metal": _Style(1.0, (0.02, 0.03, 0.01, 0.98, 0.98, 0.92, 0.05, 0.55), 0.90, 0.10, 0.95),
+    "folk": _Style(1.0, (0.10, 0.15, 0.60, 0.95, 0.00, 0.20, 0.00, 0.85), 0.20, 0.80, 0.25),
+    "disco": _Style(1.0, (0.25, 0.75, 0.05, 0.30, 0.98, 0.95, 0.60, 0.85), 0.92, 0.85, 0.75),
 }
 
 
@@ -130,18 +152,8 @@ def plan_world(settings: WorldSettings) -> list[TrackPlan]:
     n = settings.n_tracks
     table = [_STYLE_TABLE[s] for s in STYLES]
     weights = np.array([s.weight for s in table])
-    inst_p = np.array([s.instruments for s in table])
     style = rng.choice(len(STYLES), size=n, p=weights / weights.sum())
-    has = rng.random((n, len(INSTRUMENTS))) < inst_p[style]
-    # Every clip needs a pitched instrument, or its mode tag could not be heard.
-    pitched_cols = [INSTRUMENTS.index(i) for i in _PITCHED]
-    extra_draw = rng.random(n)
-    for row in np.flatnonzero(~has[:, pitched_cols].any(axis=1)):
-        p = inst_p[style[row], pitched_cols]
-        has[row, pitched_cols[int(np.searchsorted(np.cumsum(p / p.sum()), extra_draw[row]))]] = True
-    fast = rng.random(n) < np.array([s.p_fast for s in table])[style]
-    major = rng.random(n) < np.array([s.p_major for s in table])[style]
-    loud = rng.random(n) < np.array([s.p_loud for s in table])[style]
+    has, fast, major, loud = _draw_sound(rng, style, table)
     dropped = rng.random((n, len(TAGS))) < settings.tag_dropout
     folders = rng.integers(0, len(_FOLDERS), size=n)
     albums = rng.integers(0, max(1, n // 40), size=n)
@@ -167,6 +179,39 @@ def plan_world(settings: WorldSettings) -> list[TrackPlan]:
         )
         plans.append(TrackPlan(clip_id, mp3_path, name, true_tags, annotated, int(seeds[i]), float(popularity[i])))
     return plans
+
+
+def _draw_sound(
+    rng: np.random.Generator, style: np.ndarray, table: Sequence[_Style]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Draw instruments, tempo, mode and loudness of each clip from its style's recipe.
+
+    Parameters
+    ----------
+    rng : np.random.Generator
+    style : np.ndarray [shape=(n,), dtype=int]
+        Index into ``table`` per clip.
+    table : sequence of _Style
+
+    Returns
+    -------
+    has : np.ndarray [shape=(n, len(INSTRUMENTS)), dtype=bool]
+        Always at least one pitched instrument per clip.
+    fast, major, loud : np.ndarray [shape=(n,), dtype=bool]
+    """
+    n = style.size
+    inst_p = np.array([s.instruments for s in table])
+    has = rng.random((n, len(INSTRUMENTS))) < inst_p[style]
+    # Every clip needs a pitched instrument, or its mode tag could not be heard.
+    pitched_cols = [INSTRUMENTS.index(i) for i in _PITCHED]
+    extra_draw = rng.random(n)
+    for row in np.flatnonzero(~has[:, pitched_cols].any(axis=1)):
+        p = inst_p[style[row], pitched_cols]
+        has[row, pitched_cols[int(np.searchsorted(np.cumsum(p / p.sum()), extra_draw[row]))]] = True
+    fast = rng.random(n) < np.array([s.p_fast for s in table])[style]
+    major = rng.random(n) < np.array([s.p_major for s in table])[style]
+    loud = rng.random(n) < np.array([s.p_loud for s in table])[style]
+    return has, fast, major, loud
 
 
 # ------------------------------------------------------------------------- render
@@ -314,7 +359,7 @@ def _render_voice(
 
 
 def _drum_kit(sample_rate: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """One-shot kick (sine sweep), snare (noise + body tone) and hi-hat (high noise)."""
+    """One-shot kick (sine sweep), snare (noise + body tone), closed and open hi-hat (high noise)."""
     t = np.arange(int(0.25 * sample_rate), dtype=np.float32) / sample_rate
     sweep = 45.0 + 110.0 * np.exp(-t / 0.03)
     kick = np.sin(2 * np.pi * np.cumsum(sweep) / sample_rate) * np.exp(-t / 0.09)
@@ -323,7 +368,10 @@ def _drum_kit(sample_rate: int, rng: np.random.Generator) -> dict[str, np.ndarra
     hiss = rng.standard_normal(t.size).astype(np.float32)
     hiss = np.diff(np.diff(hiss, prepend=0.0), prepend=0.0)  # two differences: mostly above ~5 kHz
     hat = 0.25 * hiss * np.exp(-t / 0.018)
-    return {"kick": kick.astype(np.float32), "snare": snare.astype(np.float32), "hat": hat.astype(np.float32)}
+    # The open hat reuses the hiss (no new draws, so the source styles' audio stays as it was).
+    open_hat = 0.2 * hiss * np.exp(-t / 0.1) * np.minimum((t[-1] - t) / 0.02, 1.0)
+    return {"kick": kick.astype(np.float32), "snare": snare.astype(np.float32), "hat": hat.astype(np.float32),
+            "open_hat": open_hat.astype(np.float32)}
 
 
 def _drum_pattern(style: str, *, fast: bool) -> dict[str, list[float]]:
@@ -333,8 +381,12 @@ def _drum_pattern(style: str, *, fast: bool) -> dict[str, list[float]]:
         return {"kick": [0, 1, 2, 3], "snare": [1, 3], "hat": [0.5, 1.5, 2.5, 3.5]}
     if style == "jazz":
         return {"kick": [0], "snare": [2.67], "hat": [0, 1, 1.67, 2, 3, 3.67]}  # swung ride
-    if style in ("ambient", "classical"):
+    if style in ("ambient", "classical", "folk"):
         return {"kick": [0, 2], "snare": [], "hat": [1, 3]}
+    if style == "metal":  # double kick: sixteenths (eighths when slow) under a backbeat and a quarter-note ride
+        return {"kick": [i / 4 for i in range(16)] if fast else eighths, "snare": [1, 3], "hat": [0, 1, 2, 3]}
+    if style == "disco":  # four on the floor, closed hats on the beat, open hats on the off-beats
+        return {"kick": [0, 1, 2, 3], "snare": [1, 3], "hat": [0, 1, 2, 3], "open_hat": [0.5, 1.5, 2.5, 3.5]}
     hats = [i / 4 for i in range(16)] if fast and style == "rock" else eighths
     return {"kick": [0, 2, 2.5], "snare": [1, 3], "hat": hats}
 
@@ -354,6 +406,10 @@ def render_clip(track: TrackPlan, *, sample_rate: int, seconds: float) -> np.nda
     mixed, lightly noised and scaled to the loudness tag (peak ~0.9 or ~0.15).
     ``breaks`` mutes the band (all but the melody line) every other two bars;
     ``crescendo`` raises the level by 20 dB from the first sample to the last.
+    The style (a source style or a genre of :data:`TARGET_GENRES`) also sets the
+    drum pattern, and for the new genres the guitar or bass part: metal chugs
+    overdriven power chords over a double kick, folk fingerpicks triplet
+    arpeggios, disco plays an octave bass over four-on-the-floor and open hats.
 
     Parameters
     ----------
@@ -370,9 +426,14 @@ def render_clip(track: TrackPlan, *, sample_rate: int, seconds: float) -> np.nda
         raise ParameterError(f"sample_rate={sample_rate} must be a positive number of Hz")
     if seconds <= 0:
         raise ParameterError(f"seconds={seconds} must be positive")
-    unknown = set(track.true_tags) - set(TAGS)
-    if unknown or track.style not in STYLES:
-        raise ParameterError(f"clip {track.clip_id}: unknown style/tags {sorted(unknown) or track.style!r}; expected names from TAGS")
+    if track.style not in STYLES and track.style not in TARGET_GENRES:
+        raise ParameterError(
+            f"clip {track.clip_id}: unknown style {track.style!r}; expected one of STYLES {STYLES} "
+            f"or TARGET_GENRES {tuple(TARGET_GENRES)}"
+        )
+    unknown = set(track.true_tags) - set(TAGS) - {track.style}
+    if unknown:
+        raise ParameterError(f"clip {track.clip_id}: unknown tags {sorted(unknown)}; expected names from TAGS or the style")
     rng = np.random.default_rng(track.seed)
     tags = set(track.true_tags)
     n = int(round(sample_rate * seconds))
@@ -438,10 +499,26 @@ def render_clip(track: TrackPlan, *, sample_rate: int, seconds: float) -> np.nda
             voices.append(_Voice(on, pitch(chord_tone(bar_of(on), which)) + 12.0, rng.uniform(0.6, 1.0, on.size).astype(np.float32)))
             if not lead_sung:
                 leads.append(_Voice(melody.onsets, melody.midi + 12.0, melody.velocity * 0.8))
+        elif inst == "guitar" and track.style == "metal":
+            # Palm-muted power chords (root and fifth, an octave down), chugged on sixteenths when fast.
+            on = grid(0.25 if fast else 0.5)
+            chord = np.stack([pitch(chord_tone(bar_of(on), np.full(on.size, j))) for j in (0, 2)], axis=1)
+            voices.append(_Voice(on, chord - 12.0, rng.uniform(0.8, 1.0, on.size).astype(np.float32)))
+        elif inst == "guitar" and track.style == "folk":
+            # Fingerpicked arpeggio in triplets (root, fifth, third, fifth, ...): a lilt no source style has.
+            on = grid(1.0 / 3.0)
+            which = np.array([0, 2, 1, 2, 1, 2])[np.arange(on.size) % 6]
+            voices.append(_Voice(on, pitch(chord_tone(bar_of(on), which)).astype(np.float64), rng.uniform(0.6, 0.9, on.size).astype(np.float32)))
         elif inst == "guitar":
             on = grid(0.5)
             which = np.array([0, 2, 1, 2])[np.arange(on.size) % 4] if not seventh else np.arange(on.size) % 4
             voices.append(_Voice(on, pitch(chord_tone(bar_of(on), which)).astype(np.float64), rng.uniform(0.7, 1.0, on.size).astype(np.float32)))
+        elif inst == "bass" and track.style == "disco":
+            # Octave bass: the chord root on eighths, jumping between two octaves.
+            on = grid(0.5)
+            octave = np.where(np.arange(on.size) % 2 == 1, 0.0, -12.0)
+            voices.append(_Voice(on, pitch(chord_tone(bar_of(on), np.zeros(on.size, dtype=np.int64))) + octave,
+                                 np.full(on.size, 0.9, np.float32)))
         elif inst == "bass":
             on = grid(1.0)
             which = np.where(np.arange(on.size) % 4 == 2, 2, 0)
@@ -450,9 +527,13 @@ def render_clip(track: TrackPlan, *, sample_rate: int, seconds: float) -> np.nda
             on = grid(0.25 if fast else 0.5)
             which = np.arange(on.size) % n_tones
             voices.append(_Voice(on, pitch(chord_tone(bar_of(on), which)) + 12.0, np.full(on.size, 0.8, np.float32)))
+        distorted = inst == "guitar" and track.style == "metal"
         for voice in voices + leads:  # the order the generator always used: the random streams stay put
             target = lead if any(voice is v for v in leads) else band
-            target += _GAIN[inst] * _render_voice(voice, inst, n=n, sample_rate=sample_rate, rng=rng)
+            y = _render_voice(voice, inst, n=n, sample_rate=sample_rate, rng=rng)
+            if distorted:  # overdrive: hard clipping fills the spectrum with odd harmonics
+                y = 0.6 * np.tanh(4.0 * y)
+            target += _GAIN[inst] * y
 
     if "drums" in tags:
         kit = _drum_kit(sample_rate, rng)
@@ -746,3 +827,200 @@ def generate_world(root: Path, settings: WorldSettings, *, on_progress: Callable
     write_annotations(tracks, root=root)
     write_listening(tracks, root=root, settings=settings)
     write_truth(tracks, root=root, settings=settings)
+
+
+# ------------------------------------------------------------- target catalogue
+
+#: Files of the target catalogue besides its genre folders.
+_TARGET_FILES = ("genres.parquet", "target.json")
+_GENRE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def plan_target(settings: WorldSettings, *, n_tracks: int, seed: int) -> list[TrackPlan]:
+    """Draw the target (GTZAN-like) catalogue: genre, tags and file name of every clip.
+
+    Genres are balanced: ``n_tracks`` slots are dealt round-robin over
+    :data:`TARGET_GENRES` and then shuffled, so every genre has at least
+    ``n_tracks // len(TARGET_GENRES)`` clips. Each clip's instruments, tempo, mode,
+    loudness and long-timescale tags are drawn from its genre's recipe, as
+    :func:`plan_world` does for the source styles, from a random stream of its own:
+    the source catalogue does not change with ``n_tracks`` or ``seed``, and no clip
+    of the target is a clip of the source.
+
+    Parameters
+    ----------
+    settings : WorldSettings
+        ``seed`` is used here (``sample_rate`` and ``clip_seconds`` by :func:`render_target`).
+    n_tracks : int >= len(TARGET_GENRES)
+    seed : int >= 0
+        Seed of this catalogue, next to ``settings.seed``.
+
+    Returns
+    -------
+    list of TrackPlan [length = n_tracks], ordered by ``clip_id``.
+        ``style`` is the genre; ``mp3_path`` holds the GTZAN path
+        ``<genre>/<genre>.000NN.wav`` (numbered per genre from 0); ``clip_id`` is
+        ``1, 3, 5, ...`` (odd, so never a source clip id); ``annotated_tags`` equal
+        ``true_tags``, the genre first; ``popularity`` is 1.0.
+    """
+    genres = tuple(TARGET_GENRES)
+    if n_tracks < len(genres):
+        raise ParameterError(f"n_tracks={n_tracks} is too few for {len(genres)} genres; pass at least {len(genres)}")
+    if seed < 0:
+        raise ParameterError(f"seed={seed} must be a non-negative integer")
+    rng = np.random.default_rng(np.random.SeedSequence([settings.seed, seed, _TARGET_STREAM]))
+    genre = rng.permutation(np.arange(n_tracks) % len(genres))
+    has, fast, major, loud = _draw_sound(rng, genre, [TARGET_GENRES[g] for g in genres])
+    long_tags = rng.random((n_tracks, len(LONG_TAGS))) < np.array([LONG_TAG_P[t] for t in LONG_TAGS])
+    seeds = rng.integers(0, 2**62, size=n_tracks)
+
+    numbered = dict.fromkeys(genres, 0)
+    plans = []
+    for i in range(n_tracks):
+        name = genres[genre[i]]
+        true = {"fast" if fast[i] else "slow", "major" if major[i] else "minor", "loud" if loud[i] else "quiet"}
+        true.update(inst for inst, on in zip(INSTRUMENTS, has[i]) if on)
+        true.update(tag for tag, on in zip(LONG_TAGS, long_tags[i]) if on)
+        tags = (name, *(t for t in TAGS if t in true))
+        path = f"{name}/{name}.{numbered[name]:05d}.wav"
+        numbered[name] += 1
+        plans.append(TrackPlan(2 * i + 1, path, name, tags, tags, int(seeds[i]), 1.0))
+    return plans
+
+
+def render_target(root: Path, tracks: Sequence[TrackPlan], *, settings: WorldSettings) -> int:
+    """Render and write the WAV of every target track whose file is not there yet.
+
+    Each file is written under a temporary name and moved into place, so a killed
+    worker never leaves a truncated WAV behind. This is the unit an orchestrator
+    maps over batches of tracks (bind ``root`` first, e.g. with :func:`functools.partial`).
+
+    Parameters
+    ----------
+    root : Path
+        Target root (the GTZAN folder); files go to ``root/<mp3_path>``.
+    tracks : sequence of TrackPlan
+        From :func:`plan_target`.
+    settings : WorldSettings
+        ``sample_rate`` and ``clip_seconds`` are used.
+
+    Returns
+    -------
+    int
+        Number of WAV files written (16-bit PCM, mono; existing ones are skipped).
+    """
+    written = 0
+    root = Path(root)
+    for track in tracks:
+        path = root / track.mp3_path
+        if path.exists():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        y = render_clip(track, sample_rate=settings.sample_rate, seconds=settings.clip_seconds)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        sf.write(tmp, y, settings.sample_rate, format="WAV", subtype="PCM_16")
+        os.replace(tmp, path)
+        written += 1
+    return written
+
+
+def _target_record(settings: WorldSettings, *, n_tracks: int, seed: int) -> dict:
+    """What decides the target's files: only the world settings it uses, not e.g. ``n_users``."""
+    return {
+        "world": {k: v for k, v in _settings_record(settings).items() if k in ("seed", "sample_rate", "clip_seconds", "synth_version")},
+        "genres": list(TARGET_GENRES),
+        "n_tracks": n_tracks,
+        "seed": seed,
+    }
+
+
+def _write_target_json(root: Path, record: dict, *, complete: bool) -> Path:
+    return _atomic_write_text(root / "target.json", json.dumps({**record, "complete": complete}, indent=2, sort_keys=True) + "\n")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def target_is_complete(root: Path, settings: WorldSettings, *, n_tracks: int, seed: int) -> bool:
+    """True when ``root/target.json`` says complete and was made with these settings (and this generator version)."""
+    record = _read_json(Path(root) / "target.json")
+    if record is None or record.pop("complete", False) is not True:
+        return False
+    return record == _target_record(settings, n_tracks=n_tracks, seed=seed)
+
+
+def begin_target(root: Path, settings: WorldSettings, *, n_tracks: int, seed: int) -> bool:
+    """Prepare ``root`` for rendering a target catalogue; returns True when old files were removed.
+
+    A catalogue left by other settings (or by an unknown run: no ``target.json``)
+    loses its genre folders, ``genres.parquet`` and ``target.json``, so that clips
+    drawn for other tags are never reused; other files under ``root`` are left alone.
+    Then ``target.json`` records the settings with ``"complete": false``, which
+    lets an interrupted run with the same settings resume its clips.
+    """
+    root = Path(root)
+    wanted = _target_record(settings, n_tracks=n_tracks, seed=seed)
+    old = _read_json(root / "target.json")
+    if old is not None and {k: v for k, v in old.items() if k != "complete"} == wanted:
+        return False
+    old_genres = old.get("genres") if old is not None else None
+    # Only plain folder names: a hand-edited target.json must not reach outside root.
+    named = [g for g in (old_genres if isinstance(old_genres, list) else []) if isinstance(g, str) and _GENRE_NAME.fullmatch(g)]
+    removed = False
+    for name in dict.fromkeys([*TARGET_GENRES, *named]):
+        if (root / name).is_dir():
+            shutil.rmtree(root / name)
+            removed = True
+    for name in _TARGET_FILES:
+        if (root / name).exists():
+            (root / name).unlink()
+            removed = True
+    root.mkdir(parents=True, exist_ok=True)
+    _write_target_json(root, wanted, complete=False)
+    return removed
+
+
+def write_target_truth(tracks: Sequence[TrackPlan], *, root: Path, settings: WorldSettings, n_tracks: int, seed: int) -> None:
+    """Write ``genres.parquet`` and then ``target.json`` with ``"complete": true``.
+
+    Call last: ``target.json`` saying complete is the marker that the whole target
+    catalogue is on disk. ``genres.parquet`` columns: ``track_id`` (``<genre>.000NN``,
+    as :func:`tasks.datasets.gtzan_tracks` names it), ``path`` (relative to
+    ``root``), ``genre``, ``style_is_new`` bool (the genre is not a source style)
+    and ``true_tags`` list<string>.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    table = pa.table(
+        {
+            "track_id": pa.array([Path(t.mp3_path).stem for t in tracks], pa.string()),
+            "path": pa.array([t.mp3_path for t in tracks], pa.string()),
+            "genre": pa.array([t.style for t in tracks], pa.string()),
+            "style_is_new": pa.array([t.style not in STYLES for t in tracks], pa.bool_()),
+            "true_tags": pa.array([list(t.true_tags) for t in tracks], pa.list_(pa.string())),
+        }
+    )
+    tmp = root / f".genres.parquet.{os.getpid()}.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, root / "genres.parquet")
+    _write_target_json(root, _target_record(settings, n_tracks=n_tracks, seed=seed), complete=True)
+
+
+def generate_target(root: Path, settings: WorldSettings, *, n_tracks: int, seed: int) -> None:
+    """Write the whole target catalogue serially (plan, audio, ``genres.parquet``, ``target.json``).
+
+    Does nothing when :func:`target_is_complete`; otherwise WAVs already present
+    (from an interrupted run with the same settings) are kept.
+    """
+    root = Path(root)
+    if target_is_complete(root, settings, n_tracks=n_tracks, seed=seed):
+        return
+    begin_target(root, settings, n_tracks=n_tracks, seed=seed)
+    tracks = plan_target(settings, n_tracks=n_tracks, seed=seed)
+    render_target(root, tracks, settings=settings)
+    write_target_truth(tracks, root=root, settings=settings, n_tracks=n_tracks, seed=seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -217,3 +218,196 @@ def test_crescendo_rises_over_the_clip_and_breaks_drop_the_band() -> None:
     assert level["rising"][-2:].mean() / level["rising"][:2].mean() > 5.0
     # ... and with breaks (no lead instrument here) whole seconds fall close to silence between full ones.
     assert level["breaks"].min() / level["breaks"].max() < 0.15
+
+
+# ------------------------------------------------------ target (GTZAN-like) catalogue
+
+NEW_GENRES = [g for g in synth.TARGET_GENRES if g not in synth.STYLES]
+N_TARGET = 60  # 10 per genre: a stratified 0.8/0.1/0.1 split puts each genre in every split
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory: pytest.TempPathFactory, settings: WorldSettings) -> Path:
+    root = tmp_path_factory.mktemp("world") / "gtzan"
+    synth.generate_target(root, settings, n_tracks=N_TARGET, seed=1)
+    return root
+
+
+def _genre_track(*tags: str, style: str, seed: int = 3) -> synth.TrackPlan:
+    true = (style, *(t for t in synth.TAGS if t in set(tags) and t != style))
+    return synth.TrackPlan(1, f"{style}/{style}.00000.wav", style, true, true, seed, 1.0)
+
+
+def test_target_genres_share_some_styles_and_add_new_ones() -> None:
+    shared = [g for g in synth.TARGET_GENRES if g in synth.STYLES]
+    assert len(synth.TARGET_GENRES) >= 5 and len(shared) >= 2 and len(NEW_GENRES) >= 2
+    for genre in shared:  # same name, same recipe
+        assert synth.TARGET_GENRES[genre] == synth._STYLE_TABLE[genre]
+    assert not set(NEW_GENRES) & set(synth.TAGS)
+
+
+def test_plan_target_is_deterministic_balanced_and_disjoint_from_the_source(settings: WorldSettings) -> None:
+    plans = synth.plan_target(settings, n_tracks=40, seed=1)
+    assert plans == synth.plan_target(settings, n_tracks=40, seed=1)
+    assert plans != synth.plan_target(settings, n_tracks=40, seed=2)
+    assert plans != synth.plan_target(settings.model_copy(update={"seed": 8}), n_tracks=40, seed=1)
+    # Its own random stream: the source world's size does not move the target.
+    assert plans == synth.plan_target(settings.model_copy(update={"n_tracks": 99, "n_users": 11}), n_tracks=40, seed=1)
+    counts = pd.Series([p.style for p in plans]).value_counts()
+    assert set(counts.index) == set(synth.TARGET_GENRES)
+    assert counts.min() >= 40 // len(synth.TARGET_GENRES) and counts.max() - counts.min() <= 1
+    source = synth.plan_world(settings)
+    assert not {p.clip_id for p in plans} & {p.clip_id for p in source}
+    assert not {p.seed for p in plans} & {p.seed for p in source}
+    for genre in synth.TARGET_GENRES:
+        paths = [p.mp3_path for p in plans if p.style == genre]
+        assert paths == [f"{genre}/{genre}.{k:05d}.wav" for k in range(len(paths))]
+    for p in plans:
+        assert p.true_tags == p.annotated_tags and p.true_tags[0] == p.style and p.popularity == 1.0
+        assert set(p.true_tags[1:]) <= set(synth.TAGS) - set(synth.STYLES)
+        assert ("fast" in p.true_tags) != ("slow" in p.true_tags)
+        assert set(p.true_tags) & (set(synth.INSTRUMENTS) - {"drums"})
+
+
+def test_plan_target_follows_each_genre_recipe() -> None:
+    settings = WorldSettings(seed=1)
+    plans = synth.plan_target(settings, n_tracks=1200, seed=0)
+
+    def share(genre: str, tag: str, of: list[synth.TrackPlan] = plans) -> float:
+        return float(np.mean([tag in p.true_tags for p in of if p.style == genre]))
+
+    assert share("folk", "drums") == 0.0 and share("folk", "guitar") > 0.85
+    assert share("metal", "minor") > 0.8 and share("metal", "loud") > 0.85 and share("metal", "guitar") > 0.9
+    assert share("disco", "fast") > 0.8 and share("disco", "major") > 0.75
+    # A shared genre is drawn like the source style of that name.
+    source = synth.plan_world(WorldSettings(n_tracks=3000, seed=1))
+    for tag in ("drums", "guitar", "fast", "loud"):
+        assert abs(share("rock", tag) - share("rock", tag, source)) < 0.1, tag
+
+
+def test_plan_target_rejects_bad_arguments(settings: WorldSettings) -> None:
+    with pytest.raises(ParameterError, match="n_tracks"):
+        synth.plan_target(settings, n_tracks=len(synth.TARGET_GENRES) - 1, seed=0)
+    with pytest.raises(ParameterError, match="seed"):
+        synth.plan_target(settings, n_tracks=12, seed=-1)
+    rock_tagged_metal = synth.TrackPlan(1, "rock/rock.00000.wav", "rock", ("rock", "metal", "guitar"), ("rock",), 3, 1.0)
+    with pytest.raises(ParameterError, match="unknown tags"):  # a genre name is a tag of its own clips only
+        synth.render_clip(rock_tagged_metal, sample_rate=SR, seconds=1.0)
+
+
+def test_render_target_writes_a_gtzan_folder(target: Path, settings: WorldSettings) -> None:
+    from tasks.datasets import gtzan_tracks
+
+    assert synth.target_is_complete(target, settings, n_tracks=N_TARGET, seed=1)
+    tracks = gtzan_tracks(target, split="random", seed=0)
+    assert len(tracks) == N_TARGET
+    tracks["genre"] = [tags[0] for tags in tracks["tags"]]
+    per_split = tracks.groupby(["genre", "split"]).size().unstack(fill_value=0)
+    assert set(per_split.index) == set(synth.TARGET_GENRES)
+    assert (per_split["train"] == 8).all() and (per_split["valid"] == 1).all() and (per_split["test"] == 1).all()
+    for path in tracks["source_path"][:3]:
+        info = sf.info(path)
+        assert info.format == "WAV" and info.subtype == "PCM_16" and info.samplerate == SR
+        y, _ = sf.read(path, dtype="float32")
+        assert y.ndim == 1 and y.size == int(SR * SECONDS) and np.abs(y).max() > 0.05
+    genres = pq.read_table(target / "genres.parquet").to_pandas()
+    assert sorted(genres["track_id"]) == sorted(tracks["track_id"])
+    assert (genres["style_is_new"] == ~genres["genre"].isin(synth.STYLES)).all() and genres["style_is_new"].any()
+    assert all(tags[0] == genre for tags, genre in zip(genres["true_tags"], genres["genre"]))
+    assert not list(target.rglob("*.tmp"))
+    plans = synth.plan_target(settings, n_tracks=N_TARGET, seed=1)
+    assert synth.render_target(target, plans[:3], settings=settings) == 0
+
+
+def test_target_resumes_and_is_replaced_when_settings_change(tmp_path: Path, settings: WorldSettings) -> None:
+    synth.generate_target(tmp_path, settings, n_tracks=6, seed=1)
+    assert synth.target_is_complete(tmp_path, settings, n_tracks=6, seed=1)
+    assert synth.target_is_complete(tmp_path, settings.model_copy(update={"n_users": 31}), n_tracks=6, seed=1)
+    assert not synth.target_is_complete(tmp_path, settings, n_tracks=6, seed=2)
+    assert not synth.target_is_complete(tmp_path, settings.model_copy(update={"sample_rate": 22050}), n_tracks=6, seed=1)
+    (tmp_path / "notes.txt").write_text("not ours")
+    old_clip = next(tmp_path.rglob("*.wav"))
+    assert synth.begin_target(tmp_path, settings, n_tracks=6, seed=2) is True
+    assert not old_clip.exists() and not (tmp_path / "genres.parquet").exists()
+    assert (tmp_path / "notes.txt").exists() and not synth.target_is_complete(tmp_path, settings, n_tracks=6, seed=2)
+    # Interrupted after one clip: the same settings resume it and render the rest.
+    plans = synth.plan_target(settings, n_tracks=6, seed=2)
+    assert synth.render_target(tmp_path, plans[:1], settings=settings) == 1
+    assert synth.begin_target(tmp_path, settings, n_tracks=6, seed=2) is False
+    assert synth.render_target(tmp_path, plans, settings=settings) == 5
+    synth.write_target_truth(plans, root=tmp_path, settings=settings, n_tracks=6, seed=2)
+    assert synth.target_is_complete(tmp_path, settings, n_tracks=6, seed=2)
+
+
+def _low_band_peaks(y: np.ndarray, *, cutoff: float = 120.0) -> int:
+    """Peaks of the 10 ms envelope below ``cutoff`` Hz above 30 % of its maximum: kick drum hits, roughly."""
+    spectrum = np.fft.rfft(y)
+    spectrum[np.fft.rfftfreq(y.size, 1 / SR) > cutoff] = 0
+    low = np.fft.irfft(spectrum, n=y.size)
+    hop = SR // 100
+    envelope = np.sqrt((low[: low.size // hop * hop].reshape(-1, hop) ** 2).mean(axis=1))
+    rising = np.diff(envelope) > 0
+    peaks = np.flatnonzero(rising[:-1] & ~rising[1:]) + 1
+    return int((envelope[peaks] > 0.3 * envelope.max()).sum())
+
+
+def _power_share_above(y: np.ndarray, hz: float) -> float:
+    power = np.abs(np.fft.rfft(y)) ** 2
+    return float(power[np.fft.rfftfreq(y.size, 1 / SR) > hz].sum() / power.sum())
+
+
+def _spectral_flatness(y: np.ndarray, *, n_fft: int = 1024) -> float:
+    """Median over frames of geometric / arithmetic mean power: 1 for noise, near 0 for a few harmonics."""
+    frames = y[: y.size // n_fft * n_fft].reshape(-1, n_fft) * np.hanning(n_fft)
+    power = np.abs(np.fft.rfft(frames, axis=1)) ** 2 + 1e-12
+    return float(np.median(np.exp(np.log(power).mean(axis=1)) / power.mean(axis=1)))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_new_genres_sound_different_from_shared_ones_with_the_same_tags(seed: int) -> None:
+    def render(*tags: str, style: str) -> np.ndarray:
+        return synth.render_clip(_genre_track(*tags, style=style, seed=seed), sample_rate=SR, seconds=SECONDS)
+
+    drums = ("drums", "fast", "minor", "loud")
+    # Metal's double kick plays sixteenths where rock's kick plays three hits a bar.
+    assert _low_band_peaks(render(*drums, style="metal")) > 3 * _low_band_peaks(render(*drums, style="rock"))
+    # Disco's open hats ring on the off-beats where techno's closed hats (same positions) are short ticks.
+    disco = ("drums", "fast", "major", "loud")
+    assert _power_share_above(render(*disco, style="disco"), 4000.0) > 1.5 * _power_share_above(render(*disco, style="techno"), 4000.0)
+    # Metal's overdriven guitar is far noisier in spectrum than rock's clean one.
+    guitar = ("guitar", "fast", "minor", "loud")
+    assert _spectral_flatness(render(*guitar, style="metal")) > 5 * _spectral_flatness(render(*guitar, style="rock"))
+
+
+# sha256 of render_clip's float32 bytes for plan_world(settings) clips, computed with the code
+# from before the target genres existed (x86-64, numpy float32): the source world must not change.
+SOURCE_CLIP_SHA256 = {
+    2: "b499fef5c885ace458fc03102c1293205d6f9d81393296b86408e5b2067e539e",  # pop, drums
+    6: "cf02a682c502d3aa9235f0d695ad5fb87eb9c3a40598287ac96f8f2d69233523",  # classical
+    10: "4f3d24961991f46da57a6dcd7f271161701d62e9ca41c477e202f20ae505fc2c",  # rock, drums
+    18: "d8bd48116770a795aa7accb164aaee6c524810a8d50fda3ca872bd7b377aa03a",  # techno, drums
+    26: "aa22fbf588b85c083b803440c46cb48a60f545d13743e754ce3f15a16d1f5923",  # jazz, drums
+}
+
+
+def test_source_world_audio_is_unchanged_by_the_target_genres(settings: WorldSettings) -> None:
+    plans = {p.clip_id: p for p in synth.plan_world(settings)}
+    for clip_id, digest in SOURCE_CLIP_SHA256.items():
+        y = synth.render_clip(plans[clip_id], sample_rate=SR, seconds=SECONDS)
+        assert hashlib.sha256(y.tobytes()).hexdigest() == digest, (clip_id, plans[clip_id].style)
+
+
+@pytest.mark.integration
+def test_synthetic_target_flow_renders_and_then_skips(prefect_server, tmp_path: Path, settings: WorldSettings) -> None:
+    from flows.world import synthetic_target
+    from infra.settings import ClusterSettings
+    from tasks.datasets import gtzan_tracks
+
+    root = tmp_path / "gtzan"
+    cluster = ClusterSettings(n_workers=2)
+    assert synthetic_target(root, settings, cluster, n_tracks=12, seed=3) == root
+    assert synth.target_is_complete(root, settings, n_tracks=12, seed=3)
+    assert len(gtzan_tracks(root, split="random")) == 12
+    written = {path: path.stat().st_mtime_ns for path in root.rglob("*")}
+    synthetic_target(root, settings, cluster, n_tracks=12, seed=3)  # complete: nothing is touched
+    assert {path: path.stat().st_mtime_ns for path in root.rglob("*")} == written

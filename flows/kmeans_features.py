@@ -25,9 +25,11 @@ from tasks.kmeans import Codebook
 from tasks.kmeans_features import (
     KMeansSummary,
     codebook_path,
+    codebooks_digest,
     encode_batch,
     finish_kmeans_features,
     fit_timescale_codebook,
+    install_codebooks,
     kmeans_device,
     plan_encoding,
     plan_kmeans_features,
@@ -40,18 +42,29 @@ log = logging.getLogger("mirflow")
 
 @flow(name="kmeans-features")
 def kmeans_features(data_dir: Path, dataset: str, features: FeatureSettings, kmeans: KMeansSettings,
-                    cluster: ClusterSettings, tracking: TrackingSettings) -> KMeansSummary:
+                    cluster: ClusterSettings, tracking: TrackingSettings,
+                    codebooks_from: Path | None = None) -> KMeansSummary:
     """Fit a codebook per timescale on the training split, then encode every clip; re-runs do only new clips.
 
     The log-mel features of ``features`` must exist (the features flow). Settings that
     cannot work (a timescale the shards lack, a context longer than the clips) fail
     here, before any worker starts.
+
+    ``codebooks_from`` (a folder of ``<timescale>.npz``, e.g. a pre-trained model's) encodes
+    the catalogue with those codebooks instead of fitting its own; the features go to a
+    folder named after them too.
     """
     layout = Layout(Path(data_dir))
     base_dir = layout.features(dataset, features.feature_set)
-    kmeans_dir = layout.features(dataset, kmeans_feature_set(features, kmeans))
+    name = kmeans_feature_set(features, kmeans)
+    if codebooks_from is not None:
+        timescales = tuple(kmeans.timescales) or tuple(features.columns)
+        name = f"{name}-cb{codebooks_digest(Path(codebooks_from), timescales)}"
+        install_codebooks(Path(codebooks_from), layout.features(dataset, name), timescales)
+    kmeans_dir = layout.features(dataset, name)
     tracks = pd.read_parquet(layout.tracks(dataset), columns=["track_id", "split"])
-    plan = plan_kmeans_features(tracks, base_dir=base_dir, kmeans_dir=kmeans_dir, features=features, kmeans=kmeans)
+    plan = plan_kmeans_features(tracks, base_dir=base_dir, kmeans_dir=kmeans_dir, features=features, kmeans=kmeans,
+                                frozen=codebooks_from is not None)
     params = {**kmeans.flat("kmeans."), **cluster.flat("cluster."), "dataset": dataset,
               "feature_set": features.feature_set, "kmeans_feature_set": kmeans_dir.name}
     with tracked_run(tracking, "kmeans-features", run_name=f"kmeans-features-{dataset}", params=params,

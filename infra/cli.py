@@ -542,6 +542,187 @@ def study_recommendation(
                   f"  mlflow ui --backend-store-uri {tracking_for(data_dir).tracking_uri}", highlight=False)
 
 
+@study_app.command("transfer")
+def study_transfer(
+    preset: Annotated[str, typer.Option(help="ismir2014 | ismir2014-smoke, or a JSON file of the same shape")]
+    = "ismir2014",
+    k: Annotated[int | None, typer.Option(help="K-means means per timescale")] = None,
+    cv: Annotated[int | None, typer.Option(help="score the target by k-fold cross-validation instead of its split")]
+    = None,
+    classifier: Annotated[str | None, typer.Option(help="logreg | svm (default: the preset's)")] = None,
+    dataset: Annotated[str, typer.Option(help="the source catalogue: synthetic (built if absent), or one made by "
+                                              "`mirflow features` (with --triplets)")] = "synthetic",
+    triplets: Annotated[list[Path], typer.Option(exists=True, dir_okay=False, help="Taste Profile triplet files "
+                                                 "of a real source catalogue")] = [],  # noqa: B006
+    data_dir: DataDir = Path("data"),
+    tracks: Tracks = 1200,
+    users: Users = 3000,
+    clip_seconds: ClipSeconds = 15.0,
+    seed: Annotated[int, typer.Option(help="synthetic world's seed")] = 0,
+    epochs: Annotated[int | None, typer.Option(help="cap on each source model's training epochs")] = None,
+    devices: Devices = 1,
+    precision: Precision = "32-true",
+    compile_: Compile = False,
+    workers: Workers = None,
+    cluster: Cluster = "local",
+    address: Address = None,
+    verbose: bool = False,
+) -> None:
+    """Supervised pre-training (ISMIR 2014): linear regression and MLPs learn tag factors and listening factors
+    from K-means features; their embeddings, and the target's own features, transfer to a genre catalogue."""
+    _setup(verbose)
+    from pydantic import ValidationError
+
+    from infra.settings import ClusterSettings, WorldSettings
+    from infra.tracking import tracking_for
+    from tasks.errors import MirflowError, ParameterError
+
+    try:
+        extra = {"transfer": {**({"cv": cv} if cv is not None else {}),
+                              **({"classifier": classifier} if classifier else {})}}
+        study = _study_settings(preset, "transfer", k=k, epochs=epochs, extra=extra,
+                                training={"devices": devices, "precision": precision, "compile": compile_})
+        world_settings = WorldSettings(n_tracks=tracks, n_users=users, clip_seconds=clip_seconds, seed=seed)
+        cluster_settings = ClusterSettings(kind=cluster, n_workers=workers, address=address)
+    except (ParameterError, ValidationError) as err:
+        console.print(f"[red]mirflow: invalid settings[/red]\n{err}", highlight=False)
+        raise typer.Exit(2) from None
+    from flows.transfer import transfer_study
+
+    try:
+        out = transfer_study(data_dir.resolve(), dataset, study, cluster_settings, tracking_for(data_dir),
+                             world=world_settings, triplets=tuple(p.resolve() for p in triplets))
+    except MirflowError as err:
+        console.print(f"[red]mirflow: {err}[/red]", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"\n[bold]study {study.preset} on {dataset}[/bold]: {out.n_runs + out.n_reused} source models "
+                  f"({out.n_reused} reused) in {out.seconds:.0f} s\n\nsource tasks (test split)\n", highlight=False)
+    console.print(out.source_table, highlight=False, soft_wrap=True)
+    console.print("\ntransfer to the synthetic genre catalogue\n", highlight=False)
+    console.print(out.transfer_table, highlight=False, soft_wrap=True)
+    console.print(f"\nMLflow parent run {out.parent_run_id} (experiment mirflow-study); report: {out.report_path}",
+                  highlight=False)
+
+
+ModelRef = Annotated[str, typer.Option("--model", help="a pre-trained source model: its run id, or "
+                                                       "models:/mirflow-pretrained-<task>-<model>@champion")]
+Adapter = Annotated[str | None, typer.Option(help="manifest | gtzan | mtat: read the catalogue from --source "
+                                                  "(default: the dataset's tracks table from an earlier run)")]
+Source = Annotated[Path | None, typer.Option(help="gtzan: the genre folders' root; manifest: the CSV/Parquet "
+                                                  "file; mtat: annotations_final.csv")]
+
+
+def _catalogue(adapter: str | None, source: Path | None, split: str | None, split_dir: Path | None,
+               seed: int = 0):
+    from infra.settings import SourceSettings
+
+    if adapter is None:
+        if source is not None:
+            raise ValueError("--source needs --adapter (manifest, gtzan or mtat)")
+        return None
+    if source is None:
+        raise ValueError(f"--adapter {adapter} needs --source")
+    return SourceSettings(adapter=adapter, path=source.resolve(), split=split, split_dir=split_dir, seed=seed)
+
+
+@app.command()
+def embed(
+    model: ModelRef,
+    dataset: Annotated[str, typer.Option(help="name of the catalogue under the storage root")],
+    adapter: Adapter = None,
+    source: Source = None,
+    split: Annotated[str | None, typer.Option(help="gtzan: filtered | random; mtat: folder | lists")] = None,
+    split_dir: Annotated[Path | None, typer.Option(help="folder of the split lists")] = None,
+    data_dir: DataDir = Path("data"),
+    workers: Workers = None,
+    cluster: Cluster = "local",
+    address: Address = None,
+    verbose: bool = False,
+) -> None:
+    """One embedding per track of a catalogue by a pre-trained model, as Parquet: the features it needs are
+    computed on the cluster, incrementally (a second run computes nothing again)."""
+    _setup(verbose)
+    from pydantic import ValidationError
+
+    from infra.settings import ClusterSettings
+    from infra.tracking import tracking_for
+    from tasks.errors import MirflowError
+
+    try:
+        catalogue = _catalogue(adapter, source, split, split_dir)
+        cluster_settings = ClusterSettings(kind=cluster, n_workers=workers, address=address)
+    except (ValidationError, ValueError) as err:
+        console.print(f"[red]mirflow: invalid settings[/red]\n{err}", highlight=False)
+        raise typer.Exit(2) from None
+    from flows.transfer import embed_catalogue
+
+    try:
+        out = embed_catalogue(data_dir.resolve(), dataset, model, cluster_settings, tracking_for(data_dir),
+                              source=catalogue)
+    except MirflowError as err:
+        console.print(f"[red]mirflow: {err}[/red]", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"embeddings of {out.n_tracks} tracks ({out.dims} dims, {out.n_quarantined} quarantined) in "
+                  f"{out.seconds:.0f} s, {out.clips_per_s:.1f} clips/s\n  {out.path}\n  model {out.model_uri}; "
+                  f"MLflow run {out.run_id} (experiment mirflow-embed)", highlight=False)
+
+
+@app.command("transfer")
+def transfer_command(
+    dataset: Annotated[str, typer.Option(help="name of the target catalogue under the storage root")],
+    adapter: Adapter = None,
+    source: Source = None,
+    model: Annotated[list[str], typer.Option("--model", help="pre-trained source model(s) for the 'pretrained' "
+                                                             "feature set (repeatable)")] = [],  # noqa: B006
+    feature_set: Annotated[list[str], typer.Option(help="pretrained | kmeans | logmel-stats | mfcc (repeatable; "
+                                                        "default: all, pretrained only with --model)")] = [],  # noqa: B006
+    cv: Annotated[int | None, typer.Option(help="k-fold cross-validation (C chosen by inner folds) instead of "
+                                                "the catalogue's split")] = None,
+    classifier: Annotated[str, typer.Option(help="logreg | svm")] = "logreg",
+    k: Annotated[int, typer.Option(help="means per timescale of the target's own K-means features")] = 200,
+    split: Annotated[str | None, typer.Option(help="gtzan: filtered | random; mtat: folder | lists")] = None,
+    split_dir: Annotated[Path | None, typer.Option(help="folder of the split lists")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the folds (and of a random GTZAN split)")] = 0,
+    data_dir: DataDir = Path("data"),
+    workers: Workers = None,
+    cluster: Cluster = "local",
+    address: Address = None,
+    verbose: bool = False,
+) -> None:
+    """Transfer to a labelled target: a logistic regression (or linear SVM) per feature set, its regularization
+    chosen on the validation split or by inner cross-validation; accuracy, or macro ROC-AUC for tags."""
+    _setup(verbose)
+    from pydantic import ValidationError
+
+    from infra.settings import ClusterSettings, FeatureSettings, KMeansSettings, TransferSettings
+    from infra.tracking import tracking_for
+    from tasks.errors import MirflowError
+
+    try:
+        sets = feature_set or [s for s in ("pretrained", "kmeans", "logmel-stats", "mfcc")
+                               if s != "pretrained" or model]
+        settings = TransferSettings(classifier=classifier, cv=cv, feature_sets=tuple(sets), seed=seed)
+        catalogue = _catalogue(adapter, source, split, split_dir, seed=seed)
+        cluster_settings = ClusterSettings(kind=cluster, n_workers=workers, address=address)
+        features = FeatureSettings()
+        kmeans = KMeansSettings(k=k, timescales=(features.mel.column,))
+    except (ValidationError, ValueError) as err:
+        console.print(f"[red]mirflow: invalid settings[/red]\n{err}", highlight=False)
+        raise typer.Exit(2) from None
+    from flows.transfer import transfer
+
+    try:
+        out = transfer(data_dir.resolve(), dataset, settings, features, kmeans, cluster_settings,
+                       tracking_for(data_dir), source=catalogue, models=tuple(model))
+    except MirflowError as err:
+        console.print(f"[red]mirflow: {err}[/red]", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"\ntransfer to {dataset}: {out.n_tracks} tracks ({out.n_dropped} left out), {out.metric}, "
+                  f"{out.seconds:.0f} s\n", highlight=False)
+    console.print(out.table, highlight=False, soft_wrap=True)
+    console.print(f"\nMLflow run {out.run_id} (experiment mirflow-transfer)", highlight=False)
+
+
 @app.command()
 def world(data_dir: DataDir = Path("data"), tracks: int = 1200, users: int = 3000, clip_seconds: float = 15.0,
           seed: int = 0, verbose: bool = False) -> None:

@@ -153,3 +153,26 @@ class WMFPyfunc(mlflow.pyfunc.PythonModel):
         scores = np.full(len(frame), np.nan)
         scores[known] = np.einsum("nf,nf->n", self.user_factors[u[known]], self.item_factors[i[known]])
         return pd.DataFrame({"score": scores})
+
+
+class PretrainedEmbeddingPyfunc(mlflow.pyfunc.PythonModel):
+    """Pooled K-means features ``(batch, n_inputs)`` -> embeddings ``(batch, n_hidden)``: a pre-trained source model.
+
+    The model's ``config.json`` holds the feature and K-means settings its inputs need and
+    its ``codebooks`` folder the codebooks: ``mirflow embed`` computes those inputs for a
+    new catalogue with the feature flows, then calls this (or the module directly).
+    """
+
+    def load_context(self, context) -> None:
+        from lightning_modules.mlp import FactorRegressorModule
+
+        self.module = FactorRegressorModule.load_from_checkpoint(context.artifacts["checkpoint"], weights_only=True,
+                                                                 map_location="cpu").eval()
+        self.config = json.loads(Path(context.artifacts["config"]).read_text())
+
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
+        x = np.asarray(model_input, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.module.hparams.n_inputs:
+            raise ParameterError(f"expected pooled K-means features shaped (batch, {self.module.hparams.n_inputs}), "
+                                 f"got {x.shape}")
+        return self.module.embed(torch.from_numpy(x)).numpy()

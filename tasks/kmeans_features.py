@@ -20,6 +20,8 @@ or changed; the codebooks, once fitted, are kept (new clips are encoded with the
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,7 +133,7 @@ def check_timescales(base_dir: Path, timescales: tuple[str, ...]) -> None:
 
 
 def plan_kmeans_features(tracks: pd.DataFrame, *, base_dir: Path, kmeans_dir: Path, features: FeatureSettings,
-                         kmeans: KMeansSettings) -> KMeansPlan:
+                         kmeans: KMeansSettings, frozen: bool = False) -> KMeansPlan:
     """Check the settings against the shards and decide which codebooks to fit; raises before any work.
 
     ``tracks`` needs ``track_id`` and ``split`` (the codebooks are fitted on ``train``).
@@ -140,6 +142,9 @@ def plan_kmeans_features(tracks: pd.DataFrame, *, base_dir: Path, kmeans_dir: Pa
     A codebook on disk is kept (new clips are encoded with it) as long as every clip it
     was fitted on is still in the train split with the same content; otherwise it is
     fitted again, so that a changed split never lets test clips into a codebook.
+
+    ``frozen``: the codebooks in ``kmeans_dir`` came from elsewhere (a pre-trained model's,
+    :func:`install_codebooks`): none is fitted, and the catalogue needs no training split.
     """
     timescales = tuple(kmeans.timescales) or tuple(features.columns)
     unknown = [t for t in timescales if t not in features.columns]
@@ -154,6 +159,12 @@ def plan_kmeans_features(tracks: pd.DataFrame, *, base_dir: Path, kmeans_dir: Pa
                                     timescales=timescales)
     usable = tracks[~tracks["track_id"].isin(short)]
     train = usable.loc[usable["split"] == "train", "track_id"].astype(str).tolist()
+    if frozen:
+        missing = [t for t in timescales if not codebook_path(kmeans_dir, t).exists()]
+        if missing:
+            raise ParameterError(f"no codebook for timescale(s) {missing} in {kmeans_dir / CODEBOOKS}")
+        return KMeansPlan(timescales=timescales, to_fit=(), fit_track_ids=(),
+                          usable_track_ids=tuple(usable["track_id"].astype(str)), quarantined=tuple(quarantined))
     if len(train) < 2:
         raise DatasetError(f"{len(train)} usable clips in the train split: the codebooks need a training sample")
     rng = np.random.default_rng(kmeans.seed)
@@ -163,6 +174,33 @@ def plan_kmeans_features(tracks: pd.DataFrame, *, base_dir: Path, kmeans_dir: Pa
     to_fit = tuple(t for t in timescales if not _codebook_still_valid(codebook_path(kmeans_dir, t), train_content))
     return KMeansPlan(timescales=timescales, to_fit=to_fit, fit_track_ids=fit_ids,
                       usable_track_ids=tuple(usable["track_id"].astype(str)), quarantined=tuple(quarantined))
+
+
+def codebooks_digest(codebooks: Path, timescales: tuple[str, ...]) -> str:
+    """Content hash of the codebooks of ``timescales`` in a folder of ``<column>.npz`` (names a frozen encoding)."""
+    digest = hashlib.sha1()
+    for column in timescales:
+        path = Path(codebooks) / f"{column}.npz"
+        if not path.exists():
+            raise ParameterError(f"no codebook for timescale {column!r} in {codebooks}")
+        digest.update(f"{column}:{content_sha1(path)}".encode())
+    return digest.hexdigest()[:12]
+
+
+def install_codebooks(codebooks: Path, kmeans_dir: Path, timescales: tuple[str, ...]) -> None:
+    """Copy the codebooks of ``timescales`` from a folder of ``<column>.npz`` into ``kmeans_dir`` (atomically).
+
+    Each is checked to load as a :class:`~tasks.kmeans.Codebook` (no pickle) before it is used.
+    """
+    for column in timescales:
+        source, target = Path(codebooks) / f"{column}.npz", codebook_path(kmeans_dir, column)
+        Codebook.load(source)  # raises DatasetError for a file that is no codebook
+        if target.exists() and content_sha1(target) == content_sha1(source):
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
 
 
 def _base_manifest(base_dir: Path) -> pd.DataFrame:

@@ -170,6 +170,7 @@ class EmbedOutput:
     n_tracks: int
     dims: int
     n_quarantined: int
+    n_computed: int  # log-mel extractions and K-means encodings this run did (0 when everything was there)
     seconds: float
     clips_per_s: float  # whole catalogue (features, encoding, network) over wall time
 
@@ -220,7 +221,7 @@ def embed_catalogue(data_dir: Path, dataset: str, model_ref: str, cluster: Clust
              embeddings.shape[1], model.name, path, len(track_ids) / seconds)
     return EmbedOutput(path=str(path), model_uri=model.model_uri, run_id=run.info.run_id, n_tracks=len(track_ids),
                        dims=int(embeddings.shape[1]), n_quarantined=features.n_quarantined + encoded.n_quarantined,
-                       seconds=seconds, clips_per_s=len(track_ids) / seconds)
+                       n_computed=features.n_extracted + encoded.n_encoded, seconds=seconds, clips_per_s=len(track_ids) / seconds)
 
 
 @torch.no_grad()
@@ -281,6 +282,9 @@ def transfer(data_dir: Path, dataset: str, settings: TransferSettings, features:
     ``pretrained`` feature set. The target is checked before any audio is read; tracks
     that fail to decode are quarantined by the feature flow and left out (counted).
     """
+    if "pretrained" in settings.feature_sets and not models:
+        raise ParameterError("the 'pretrained' feature set needs --model (a pre-trained source model); "
+                             "or leave it out of the feature sets")
     start = time.perf_counter()
     layout = Layout(Path(data_dir))
     if source is not None:
@@ -290,9 +294,6 @@ def transfer(data_dir: Path, dataset: str, settings: TransferSettings, features:
     tracks = pd.read_parquet(layout.tracks(dataset), columns=["track_id", "split", "tags"]).rename(
         columns={"tags": "labels"})
     check_target(tracks, cv=settings.cv)  # a bad target fails here, before any audio
-    if "pretrained" in settings.feature_sets and not models:
-        raise ParameterError("the 'pretrained' feature set needs --model (a pre-trained source model); "
-                             "or leave it out of the feature sets")
     sets = {name: None for name in settings.feature_sets if name != "pretrained"}
     timescales = tuple(kmeans.timescales) or (features.mel.column,)
     with dask_client(cluster) as client:
@@ -359,6 +360,11 @@ def _feature_vectors(layout: Layout, dataset: str, sets: dict[str, Path | None],
         meta = pq.read_schema(path).metadata or {}
         name = f"pretrained: {meta.get(b'mirflow.model', b'?').decode()}"
         out[name] = read_embeddings(path)
+    if len(out) > 1:  # ISMIR 2014 also combines the source tasks' features: every embedding side by side
+        parts = list(out.values())
+        common = set.intersection(*(set(p) for p in parts))
+        out[f"pretrained: all {len(parts)} (concatenated)"] = {t: np.concatenate([p[t] for p in parts])
+                                                               for t in sorted(common)}
     if "kmeans" in sets:
         kmeans_dir = sets["kmeans"]
         ids = read_manifest(kmeans_dir).column("track_id").to_pylist()

@@ -32,9 +32,11 @@ from infra.settings import (
 
 if TYPE_CHECKING:
     from flows.listening import WMFOutput
+    from flows.recommendation import RecommendationStudyOutput
     from flows.retrain import RetrainOutcome
     from flows.study import StudyOutput
     from flows.training import RecommenderOutput, TaggerOutput
+    from flows.transfer import EmbedOutput, TransferOutput, TransferStudyOutput
     from tasks.features import FeatureSummary
     from tasks.report import PipelineSummary
 
@@ -173,3 +175,71 @@ def study_tagging_job(preset: str = "ismir2013", dataset: str = "synthetic", k: 
     world = WorldSettings(n_tracks=tracks, n_users=users, clip_seconds=clip_seconds, seed=seed)
     with subflow_heartbeats_off():
         return tagging_study(env.data_dir, dataset, study, env.cluster(), env.tracking, world=world)
+
+
+@flow(name="mirflow", flow_run_name="study-recommendation-{preset}-{dataset}")
+def study_recommendation_job(preset: str = "nips2013", dataset: str = "synthetic", queries: list[str] | None = None,
+                             k: int | None = None, epochs: int | None = None, tracks: int = 1200, users: int = 3000,
+                             clip_seconds: float = 15.0, seed: int = 0) -> RecommendationStudyOutput:
+    """The NIPS 2013 table (cold start: random, popularity, linear regression, MLP, CNN-MSE, CNN-WPE, WMF upper
+    bound) and nearest-neighbour ``queries`` (held-out track ids; default a seeded draw), under one parent run."""
+    from flows.recommendation import recommendation_study
+    from infra.settings import WorldSettings
+    from tasks.studies import _merge, load_preset, preset_overrides
+
+    env = service_environment()
+    extra = {"query_ids": list(queries)} if queries else {}
+    study = load_preset(preset, overrides=_merge(preset_overrides(kind="recommendation", k=k, epochs=epochs), extra))
+    world = WorldSettings(n_tracks=tracks, n_users=users, clip_seconds=clip_seconds, seed=seed)
+    with subflow_heartbeats_off():
+        return recommendation_study(env.data_dir, dataset, study, env.cluster(), env.tracking, world=world)
+
+
+@flow(name="mirflow", flow_run_name="study-transfer-{preset}-{dataset}")
+def study_transfer_job(preset: str = "ismir2014", dataset: str = "synthetic", k: int | None = None,
+                       epochs: int | None = None, cv: int | None = None, tracks: int = 1200, users: int = 3000,
+                       clip_seconds: float = 15.0, seed: int = 0) -> TransferStudyOutput:
+    """ISMIR 2014: source models pre-trained on tags and listening data (registered), transferred to the synthetic
+    genre catalogue beside its own features; source and transfer tables under one parent run."""
+    from flows.transfer import transfer_study
+    from infra.settings import WorldSettings
+    from tasks.studies import _merge, load_preset, preset_overrides
+
+    env = service_environment()
+    extra = {"transfer": {"cv": cv}} if cv is not None else {}
+    study = load_preset(preset, overrides=_merge(preset_overrides(kind="transfer", k=k, epochs=epochs), extra))
+    world = WorldSettings(n_tracks=tracks, n_users=users, clip_seconds=clip_seconds, seed=seed)
+    with subflow_heartbeats_off():
+        return transfer_study(env.data_dir, dataset, study, env.cluster(), env.tracking, world=world)
+
+
+@flow(name="mirflow", flow_run_name="embed-{dataset}")
+def embed_job(model: str, dataset: str, adapter: Literal["manifest", "gtzan", "mtat"] | None = None,
+              source: str | None = None, split: str | None = None) -> EmbedOutput:
+    """Embeddings of a catalogue by a pre-trained model (run id or models:/name@alias), as Parquet."""
+    from flows.transfer import embed_catalogue
+
+    env = service_environment()
+    catalogue = None if adapter is None else SourceSettings(adapter=adapter, path=Path(source or ""), split=split)
+    with subflow_heartbeats_off():
+        return embed_catalogue(env.data_dir, dataset, model, env.cluster(), env.tracking, source=catalogue)
+
+
+@flow(name="mirflow", flow_run_name="transfer-{dataset}")
+def transfer_job(dataset: str, adapter: Literal["manifest", "gtzan", "mtat"] | None = None, source: str | None = None,
+                 models: list[str] | None = None, feature_sets: list[str] | None = None, cv: int | None = None,
+                 classifier: Literal["logreg", "svm"] = "logreg", k: int = 200, split: str | None = None,
+                 seed: int = 0) -> TransferOutput:
+    """A simple classifier per feature set on a labelled target catalogue (accuracy, or macro ROC-AUC for tags)."""
+    from flows.transfer import transfer
+    from infra.settings import FeatureSettings, KMeansSettings, TransferSettings
+
+    env = service_environment()
+    sets = feature_sets or [s for s in ("pretrained", "kmeans", "logmel-stats", "mfcc") if s != "pretrained" or models]
+    settings = TransferSettings(classifier=classifier, cv=cv, feature_sets=tuple(sets), seed=seed)
+    catalogue = None if adapter is None else SourceSettings(adapter=adapter, path=Path(source or ""), split=split,
+                                                            seed=seed)
+    features = FeatureSettings()
+    with subflow_heartbeats_off():
+        return transfer(env.data_dir, dataset, settings, features, KMeansSettings(k=k, timescales=(features.mel.column,)),
+                        env.cluster(), env.tracking, source=catalogue, models=tuple(models or ()))

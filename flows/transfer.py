@@ -68,7 +68,7 @@ from tasks.kmeans_features import codebook_path, read_kmeans_features
 from tasks.listening import load_factors, play_matrix_for
 from tasks.pretrain import factorize_tags, nmse, tag_task_scores
 from tasks.recommend import cold_start_track_splits, ranking_row
-from tasks.report import metric_slug
+from tasks.report import metric_slug, plot_transfer_bars
 from tasks.shards import MANIFEST, append_quarantine, read_features, read_manifest, write_text_atomic
 from tasks.transfer import (
     check_target,
@@ -346,6 +346,12 @@ def transfer(data_dir: Path, dataset: str, settings: TransferSettings, features:
                             "tracks": len(ids), "dropped": len(tracks) - len(ids), "seconds": seconds})
         for name, score in scores.items():
             log_table_replacing(score.per_class, f"per_class/{metric_slug(name)}.json")
+            if score.confusion is not None:
+                log_table_replacing(score.confusion.reset_index(), f"confusion/{metric_slug(name)}.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            plot_transfer_bars(rows, metric=next(iter(scores.values())).metric, path=Path(tmp) / "transfer.png",
+                               title=f"transfer to {dataset}: one classifier per feature set")
+            mlflow.log_artifacts(tmp, artifact_path="plots")
     get_run_logger().info("transfer on %s (%s)\n%s", dataset, next(iter(scores.values())).metric, text)
     return TransferOutput(table=text, rows=tuple(rows), run_id=run.info.run_id,
                           metric=next(iter(scores.values())).metric, n_tracks=len(ids),
@@ -500,7 +506,7 @@ def pretrain_model(task: str, model: str, *, study: TransferStudySettings, data:
     if key in reuse:
         run = reuse[key]
         m = run.data.metrics
-        return {**row, "nmse": m["test/nmse"], "auc": m["test/auc"], "map": m["test/map"], "seconds": 0.0,
+        return {**row, **{k: m.get(f"test/{k}", float("nan")) for k in ("nmse", "auc", "map")}, "seconds": 0.0,
                 "reused": True, "run_id": run.info.run_id, "model_uri": run.data.tags["mirflow.model_uri"]}
     start = time.perf_counter()
     part = data[task]
@@ -562,7 +568,7 @@ def _log_transfer_study(source: pd.DataFrame, out: TransferOutput, results: list
                         n_reused: int) -> Path:
     log_table_replacing(source, "table_source.json")
     log_table_replacing(pd.DataFrame(out.rows), "table_transfer.json")
-    log_table_replacing(pd.DataFrame([{k: v for k, v in r.items()} for r in results]), "study_runs.json")
+    log_table_replacing(pd.DataFrame(results), "study_runs.json")
     mlflow.set_tag("mirflow.transfer_run_id", out.run_id)
     mlflow.log_metrics({**{f"source/{r['task']}_{metric_slug(r['model'])}/{m}": r[m] for r in results
                            for m in ("nmse", "auc", "map") if np.isfinite(r[m])},

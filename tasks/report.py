@@ -295,3 +295,19 @@ def plot_recommendation_bars(table, *, k: int, path: Path, title: str) -> Path:
     axes[0].invert_yaxis()
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def plot_transfer_bars(rows, *, metric: str, path: Path, title: str) -> Path:
+    """One bar per feature set of a transfer table (``feature_set``, ``value``, ``std``), pre-trained ones orange."""
+    names = [r["feature_set"] for r in rows]
+    values = np.array([r["value"] for r in rows], dtype=float)
+    errors = np.array([r["std"] for r in rows], dtype=float)
+    y = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(rows) + 1.4))
+    colours = ["tab:orange" if n.startswith("pretrained") else "tab:blue" for n in names]
+    ax.barh(y, values, xerr=errors, color=colours, capsize=3)
+    for yi, v in zip(y, values):
+        ax.text(v, yi, f" {v:.3f}", va="bottom", fontsize=7)
+    ax.set(yticks=y, yticklabels=names, xlabel=metric, title=title, xlim=(0.0, 1.0))
+    ax.invert_yaxis()
+    return _save(fig, path)

@@ -135,8 +135,8 @@ FAMILIES = {"multiscale": ("mlp",), "end-to-end": ("tagger", "resnet"), "recomme
 def load_preset(name_or_path: str, *, overrides: Mapping[str, Any] | None = None) -> AnyStudySettings:
     """A preset by name (:data:`PRESETS`) or from a JSON file, with ``overrides`` merged in (nested dicts merge).
 
-    The preset's ``kind`` (``multiscale``, the default, or ``end-to-end``) picks the
-    settings class. Raises ``ParameterError`` naming the preset and the bad value.
+    The preset's ``kind`` (``multiscale``, the default, ``end-to-end``, ``recommendation``
+    or ``transfer``) picks the settings class. Raises ``ParameterError`` naming the preset and the bad value.
     """
     name, preset = _preset(name_or_path)
     kind = preset.get("kind", "multiscale")

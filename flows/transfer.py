@@ -39,7 +39,13 @@ from flows.training import mlflow_logger
 from flows.world import synthetic_target
 from infra.cluster import dask_client, spectrogram_device
 from infra.layout import Layout
-from infra.registry import CHAMPION, client_for, factors_schema, log_served_model, register
+from infra.registry import (
+    CHAMPION,
+    client_for,
+    factors_schema,
+    log_served_model,
+    register,
+)
 from infra.settings import (
     MODEL_LAYERS,
     ClusterSettings,
@@ -69,7 +75,13 @@ from tasks.listening import load_factors, play_matrix_for
 from tasks.pretrain import factorize_tags, nmse, tag_task_scores
 from tasks.recommend import cold_start_track_splits, ranking_row
 from tasks.report import metric_slug, plot_transfer_bars
-from tasks.shards import MANIFEST, append_quarantine, read_features, read_manifest, write_text_atomic
+from tasks.shards import (
+    MANIFEST,
+    append_quarantine,
+    read_features,
+    read_manifest,
+    write_text_atomic,
+)
 from tasks.transfer import (
     check_target,
     fit_transfer,

@@ -117,6 +117,8 @@ def recommendation_study(data_dir: Path, dataset: str, study: RecommendationStud
                     k=study.evaluation.k)
     feature_dir = layout.features(dataset, study.features.feature_set)
     data = load_recommenders(layout, dataset, wmf, feature_dir=feature_dir, kmeans_dir=kmeans_dir)
+    # The queries are checked now, not after every model has trained.
+    asked = choose_queries(data.track_ids["test"], n=study.queries, seed=study.evaluation.seed, asked=study.query_ids)
 
     models = [("linear regression", 0), (f"MLP ({study.mlp_layers} hidden)", study.mlp_layers),
               *((f"CNN ({objective.upper()})", objective) for objective in study.objectives)]
@@ -145,9 +147,7 @@ def recommendation_study(data_dir: Path, dataset: str, study: RecommendationStud
         table = recommendation_table(rows, k=study.evaluation.k)
         query_model = f"CNN ({study.query_model.upper()})"
         queries = query_table(test_ids, wmf_factors=true, predicted=predicted[query_model], tags=data.tags,
-                              queries=choose_queries(test_ids, n=study.queries, seed=study.evaluation.seed,
-                                                     asked=study.query_ids),
-                              n=study.neighbours)
+                              queries=asked, n=study.neighbours)
         n_reused = sum(1 for r in results if r["reused"])
         seconds = time.perf_counter() - start
         report = _log_recommendation(table, queries, results, rows, study=study, dataset=dataset, layout=layout,

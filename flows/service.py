@@ -177,50 +177,72 @@ def study_tagging_job(preset: str = "ismir2013", dataset: str = "synthetic", k: 
         return tagging_study(env.data_dir, dataset, study, env.cluster(), env.tracking, world=world)
 
 
+def _source(adapter: str | None, source: str | None, split: str | None, split_dir: str | None = None,
+            seed: int = 0) -> SourceSettings | None:
+    """A catalogue to (re)read, or None to use the dataset's tracks table from an earlier run."""
+    from tasks.errors import ParameterError
+
+    if adapter is None:
+        return None
+    if not source or not Path(source).is_absolute():
+        raise ParameterError(f"adapter {adapter!r} needs source: an absolute path on the workers' machines")
+    return SourceSettings(adapter=adapter, path=Path(source), split=split,
+                          split_dir=Path(split_dir) if split_dir else None, seed=seed)
+
+
 @flow(name="mirflow", flow_run_name="study-recommendation-{preset}-{dataset}")
 def study_recommendation_job(preset: str = "nips2013", dataset: str = "synthetic", queries: list[str] | None = None,
-                             k: int | None = None, epochs: int | None = None, tracks: int = 1200, users: int = 3000,
-                             clip_seconds: float = 15.0, seed: int = 0) -> RecommendationStudyOutput:
+                             triplets: list[str] | None = None, k: int | None = None, epochs: int | None = None,
+                             tracks: int = 1200, users: int = 3000, clip_seconds: float = 15.0,
+                             seed: int = 0) -> RecommendationStudyOutput:
     """The NIPS 2013 table (cold start: random, popularity, linear regression, MLP, CNN-MSE, CNN-WPE, WMF upper
-    bound) and nearest-neighbour ``queries`` (held-out track ids; default a seeded draw), under one parent run."""
+    bound) and nearest-neighbour ``queries`` (held-out track ids; default a seeded draw), under one parent run.
+    ``triplets``: the listening files of a catalogue other than the synthetic one."""
     from flows.recommendation import recommendation_study
     from infra.settings import WorldSettings
-    from tasks.studies import _merge, load_preset, preset_overrides
+    from tasks.studies import load_study, merge, preset_overrides
 
     env = service_environment()
     extra = {"query_ids": list(queries)} if queries else {}
-    study = load_preset(preset, overrides=_merge(preset_overrides(kind="recommendation", k=k, epochs=epochs), extra))
+    study = load_study(preset, "recommendation",
+                       overrides=merge(preset_overrides(kind="recommendation", k=k, epochs=epochs), extra))
     world = WorldSettings(n_tracks=tracks, n_users=users, clip_seconds=clip_seconds, seed=seed)
     with subflow_heartbeats_off():
-        return recommendation_study(env.data_dir, dataset, study, env.cluster(), env.tracking, world=world)
+        return recommendation_study(env.data_dir, dataset, study, env.cluster(), env.tracking, world=world,
+                                    triplets=tuple(Path(p) for p in triplets or ()))
 
 
 @flow(name="mirflow", flow_run_name="study-transfer-{preset}-{dataset}")
 def study_transfer_job(preset: str = "ismir2014", dataset: str = "synthetic", k: int | None = None,
-                       epochs: int | None = None, cv: int | None = None, tracks: int = 1200, users: int = 3000,
-                       clip_seconds: float = 15.0, seed: int = 0) -> TransferStudyOutput:
+                       epochs: int | None = None, cv: int | None = None,
+                       classifier: Literal["logreg", "svm"] | None = None, triplets: list[str] | None = None,
+                       tracks: int = 1200, users: int = 3000, clip_seconds: float = 15.0,
+                       seed: int = 0) -> TransferStudyOutput:
     """ISMIR 2014: source models pre-trained on tags and listening data (registered), transferred to the synthetic
     genre catalogue beside its own features; source and transfer tables under one parent run."""
     from flows.transfer import transfer_study
     from infra.settings import WorldSettings
-    from tasks.studies import _merge, load_preset, preset_overrides
+    from tasks.studies import load_study, merge, preset_overrides
 
     env = service_environment()
-    extra = {"transfer": {"cv": cv}} if cv is not None else {}
-    study = load_preset(preset, overrides=_merge(preset_overrides(kind="transfer", k=k, epochs=epochs), extra))
+    extra = {"transfer": {**({"cv": cv} if cv is not None else {}),
+                          **({"classifier": classifier} if classifier else {})}}
+    study = load_study(preset, "transfer", overrides=merge(preset_overrides(kind="transfer", k=k, epochs=epochs),
+                                                           extra))
     world = WorldSettings(n_tracks=tracks, n_users=users, clip_seconds=clip_seconds, seed=seed)
     with subflow_heartbeats_off():
-        return transfer_study(env.data_dir, dataset, study, env.cluster(), env.tracking, world=world)
+        return transfer_study(env.data_dir, dataset, study, env.cluster(), env.tracking, world=world,
+                              triplets=tuple(Path(p) for p in triplets or ()))
 
 
 @flow(name="mirflow", flow_run_name="embed-{dataset}")
 def embed_job(model: str, dataset: str, adapter: Literal["manifest", "gtzan", "mtat"] | None = None,
-              source: str | None = None, split: str | None = None) -> EmbedOutput:
+              source: str | None = None, split: str | None = None, split_dir: str | None = None) -> EmbedOutput:
     """Embeddings of a catalogue by a pre-trained model (run id or models:/name@alias), as Parquet."""
     from flows.transfer import embed_catalogue
 
     env = service_environment()
-    catalogue = None if adapter is None else SourceSettings(adapter=adapter, path=Path(source or ""), split=split)
+    catalogue = _source(adapter, source, split, split_dir)
     with subflow_heartbeats_off():
         return embed_catalogue(env.data_dir, dataset, model, env.cluster(), env.tracking, source=catalogue)
 
@@ -237,8 +259,7 @@ def transfer_job(dataset: str, adapter: Literal["manifest", "gtzan", "mtat"] | N
     env = service_environment()
     sets = feature_sets or [s for s in ("pretrained", "kmeans", "logmel-stats", "mfcc") if s != "pretrained" or models]
     settings = TransferSettings(classifier=classifier, cv=cv, feature_sets=tuple(sets), seed=seed)
-    catalogue = None if adapter is None else SourceSettings(adapter=adapter, path=Path(source or ""), split=split,
-                                                            seed=seed)
+    catalogue = _source(adapter, source, split, seed=seed)
     features = FeatureSettings()
     with subflow_heartbeats_off():
         return transfer(env.data_dir, dataset, settings, features, KMeansSettings(k=k, timescales=(features.mel.column,)),

@@ -40,8 +40,8 @@ from flows.world import synthetic_target
 from infra.cluster import dask_client, spectrogram_device
 from infra.layout import Layout
 from infra.registry import (
+    CHALLENGER,
     CHAMPION,
-    client_for,
     factors_schema,
     log_served_model,
     register,
@@ -70,6 +70,7 @@ from lightning_modules.mlp import FactorRegressorModule
 from lightning_modules.train import train_factor_regressor
 from tasks.datasets import heldout_track_ids, multi_hot, tag_vocabulary
 from tasks.errors import DatasetError, ParameterError
+from tasks.kmeans import pooled_size
 from tasks.kmeans_features import codebook_path, read_kmeans_features
 from tasks.listening import load_factors, play_matrix_for
 from tasks.pretrain import factorize_tags, nmse, tag_task_scores
@@ -84,6 +85,7 @@ from tasks.shards import (
 )
 from tasks.transfer import (
     check_target,
+    clean_labels,
     fit_transfer,
     format_transfer_table,
     log_mel_statistics,
@@ -119,8 +121,17 @@ class Pretrained:
         return f"{re.sub(r'[^a-z0-9]+', '-', self.name.lower()).strip('-')}-{self.run_id[:8]}"
 
     def module(self) -> FactorRegressorModule:
-        return FactorRegressorModule.load_from_checkpoint(self.checkpoint, weights_only=True,
-                                                          map_location="cpu").eval()
+        """The network, loaded with ``weights_only=True`` (nothing is unpickled)."""
+        try:
+            module = FactorRegressorModule.load_from_checkpoint(self.checkpoint, weights_only=True,
+                                                                map_location="cpu")
+        except Exception as err:  # a truncated or foreign file: torch raises several types
+            raise ParameterError(f"the checkpoint of {self.model_uri} could not be loaded ({err})") from None
+        n_inputs = len(self.timescales) * pooled_size(self.kmeans.k, self.kmeans.pooling)
+        if module.hparams.n_inputs != n_inputs:
+            raise ParameterError(f"{self.model_uri}: the network takes {module.hparams.n_inputs} inputs, but its "
+                                 f"K-means settings make {n_inputs}")
+        return module.eval()
 
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -151,24 +162,35 @@ def resolve_pretrained(ref: str, tracking: TrackingSettings, *, cache: Path) -> 
             shutil.rmtree(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+            try:
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+            except Exception as err:  # an artifact store that is gone or unreadable
+                raise ParameterError(f"--model {ref!r}: its files could not be downloaded ({err})") from None
             shutil.move(str(local), str(target))
     artifacts = target / "artifacts"
     config_path = artifacts / "config.json"
     if not config_path.exists():
         raise ParameterError(f"--model {ref!r} is not a pre-trained source model of mirflow (no config.json)")
-    config = json.loads(config_path.read_text())
-    if config.get("kind") != "pretrained-embedding":
-        raise ParameterError(f"--model {ref!r} is a {config.get('kind', 'different')} model, not a pre-trained "
-                             "source model: use `mirflow study transfer` to make one")
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as err:
+        raise ParameterError(f"--model {ref!r}: its config.json is not JSON ({err})") from None
+    if not isinstance(config, dict) or config.get("kind") != "pretrained-embedding":
+        kind = config.get("kind", "different") if isinstance(config, dict) else "different"
+        raise ParameterError(f"--model {ref!r} is a {kind} model, not a pre-trained source model: use "
+                             "`mirflow study transfer` to make one")
     checkpoint = next(artifacts.glob("*.ckpt"), None)
     if checkpoint is None:
         raise ParameterError(f"--model {ref!r}: its checkpoint is missing from {artifacts}")
-    return Pretrained(model_uri=uri, run_id=info.run_id, name=config["name"],
-                      features=FeatureSettings.model_validate(config["features"]),
-                      kmeans=KMeansSettings.model_validate(config["kmeans"]),
-                      timescales=tuple(config["timescales"]), checkpoint=checkpoint,
-                      codebooks=artifacts / "codebooks")
+    try:
+        return Pretrained(model_uri=uri, run_id=info.run_id, name=str(config["name"]),
+                          features=FeatureSettings.model_validate(config["features"]),
+                          kmeans=KMeansSettings.model_validate(config["kmeans"]),
+                          timescales=tuple(config["timescales"]), checkpoint=checkpoint,
+                          codebooks=artifacts / "codebooks")
+    except (KeyError, TypeError, ValueError) as err:  # pydantic's ValidationError is a ValueError
+        raise ParameterError(f"--model {ref!r}: its config.json does not describe a model this mirflow can "
+                             f"use ({type(err).__name__}: {err})") from None
 
 
 # ----------------------------------------------------------------------------- embed
@@ -297,6 +319,9 @@ def transfer(data_dir: Path, dataset: str, settings: TransferSettings, features:
     if "pretrained" in settings.feature_sets and not models:
         raise ParameterError("the 'pretrained' feature set needs --model (a pre-trained source model); "
                              "or leave it out of the feature sets")
+    if models and "pretrained" not in settings.feature_sets:
+        raise ParameterError(f"--model given but the feature sets {list(settings.feature_sets)} leave out "
+                             "'pretrained': add it, or drop --model")
     start = time.perf_counter()
     layout = Layout(Path(data_dir))
     if source is not None:
@@ -337,6 +362,7 @@ def transfer(data_dir: Path, dataset: str, settings: TransferSettings, features:
     check = check_target(kept, cv=settings.cv)  # again: failed decodes may have emptied a class or a split
     ids = list(check.track_ids)
     kept = kept.set_index("track_id").loc[ids].reset_index()
+    kept["labels"] = [list(clean_labels(raw, t)) for t, raw in zip(kept["track_id"], kept["labels"])]
     rows, scores = [], {}
     for name, table in vectors.items():
         x = np.stack([table[t] for t in ids])
@@ -377,6 +403,8 @@ def _feature_vectors(layout: Layout, dataset: str, sets: dict[str, Path | None],
     for path in embeddings:
         meta = pq.read_schema(path).metadata or {}
         name = f"pretrained: {meta.get(b'mirflow.model', b'?').decode()}"
+        if name in out:  # two runs of the same task and architecture: tell them apart by run
+            name = f"{name} ({meta.get(b'mirflow.model_run_id', b'?').decode()[:8]})"
         out[name] = read_embeddings(path)
     if len(out) > 1:  # ISMIR 2014 also combines the source tasks' features: every embedding side by side
         parts = list(out.values())
@@ -451,13 +479,13 @@ def transfer_study(data_dir: Path, dataset: str, study: TransferStudySettings, c
                      model, row["nmse"], row["auc"], row["map"], "reused" if row["reused"] else f"{row['seconds']:.0f} s")
     source_table = pd.DataFrame([{k: r[k] for k in ("task", "model", "nmse", "auc", "map")} for r in results])
     # Registered after the parent run closed (the registry calls need no active run).
+    # The registry's rule: the newest version is the challenger, the first one the champion until someone
+    # promotes another (a study on another world is not comparable by its numbers, so none is promoted here).
     versions = {}
     for row in results:
         version = register(tracking, f"{PRETRAINED}-{row['task']}-{row['model']}", row["model_uri"],
                            run_id=row["run_id"], tags={"mirflow.study": parent_id})
         versions[(row["task"], row["model"])] = version.version
-        client_for(tracking).set_registered_model_alias(f"{PRETRAINED}-{row['task']}-{row['model']}", CHAMPION,
-                                                        version.version)
     target = SourceSettings(adapter="gtzan", path=Path(target_root), split="random", seed=study.target_seed)
     out = transfer(data_dir, TARGET_DATASET, study.transfer, study.features, study.kmeans, cluster, tracking,
                    source=target, models=tuple(r["run_id"] for r in results))
@@ -490,7 +518,7 @@ def source_data(layout: Layout, dataset: str, study: TransferStudySettings, *, w
         truth = multi_hot(tracks, tags)
         data["tags"] = {"ids": ids, "targets": factors.track_factors, "factors": factors,
                         "truth": np.stack([truth[t] for t in ids["test"]])}
-        parts.append((tags, ids))
+        parts.append((tags, ids, [(t, sorted(v)) for t, v in zip(tracks["track_id"], tracks["tags"])]))
     if "listening" in study.sources:
         users, user_factors = load_factors(wmf.user_factors)
         items, item_factors = load_factors(wmf.item_factors)
@@ -587,7 +615,7 @@ def _log_transfer_study(source: pd.DataFrame, out: TransferOutput, results: list
                         **{f"transfer/{metric_slug(r['feature_set'])}": r["value"] for r in out.rows},
                         "study_seconds": seconds, "children_reused": n_reused})
     report = layout.reports() / f"study-{study.preset}-{run_id}.md"
-    registered = [f"- `models:/{PRETRAINED}-{task}-{model}@{CHAMPION}` (version {v})"
+    registered = [f"- `{PRETRAINED}-{task}-{model}` version {v} (alias `{CHALLENGER}`: the newest)"
                   for (task, model), v in versions.items()]
     write_text_atomic(report, "\n".join([
         f"# Study {study.preset} on {dataset}", "",

@@ -468,15 +468,10 @@ def study_tagging(
 def _study_settings(preset: str, kind: str, *, k: int | None, epochs: int | None, training: dict,
                     extra: dict | None = None):
     """A study's settings from its preset and the command line; ParameterError for a preset of another kind."""
-    from tasks.errors import ParameterError
-    from tasks.studies import _merge, load_preset, preset_kind, preset_overrides
+    from tasks.studies import load_study, merge, preset_overrides
 
-    found = preset_kind(preset)
-    if found != kind:
-        command = "tagging" if found in ("multiscale", "end-to-end") else found
-        raise ParameterError(f"preset {preset!r} is a {found} study: run `mirflow study {command} --preset {preset}`")
-    return load_preset(preset, overrides=_merge(preset_overrides(kind=kind, k=k, epochs=epochs, train=training),
-                                                extra or {}))
+    return load_study(preset, kind, overrides=merge(preset_overrides(kind=kind, k=k, epochs=epochs, train=training),
+                                                    extra or {}))
 
 
 @study_app.command("recommendation")
@@ -694,7 +689,12 @@ def transfer_command(
     _setup(verbose)
     from pydantic import ValidationError
 
-    from infra.settings import ClusterSettings, FeatureSettings, KMeansSettings, TransferSettings
+    from infra.settings import (
+        ClusterSettings,
+        FeatureSettings,
+        KMeansSettings,
+        TransferSettings,
+    )
     from infra.tracking import tracking_for
     from tasks.errors import MirflowError
 

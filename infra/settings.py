@@ -610,7 +610,9 @@ class TransferStudySettings(_Settings):
 
     @property
     def settings_hash(self) -> str:
-        payload = json.dumps(self.model_dump(mode="json", exclude={"preset"}), sort_keys=True)
+        """Of what the source models learn from: another classifier, protocol or target reuses the same runs."""
+        payload = json.dumps(self.model_dump(mode="json", exclude={"preset", "transfer", "target_tracks",
+                                                                   "target_seed"}), sort_keys=True)
         return hashlib.sha1(payload.encode()).hexdigest()[:12]
 
 

@@ -191,7 +191,7 @@ def nearest_by_cosine(factors: np.ndarray, query: int, *, n: int) -> tuple[np.nd
     unit = factors / np.maximum(np.linalg.norm(factors, axis=1, keepdims=True), 1e-12)
     similarity = unit @ unit[query]
     similarity[query] = -np.inf
-    order = np.argsort(-similarity, kind="stable")[:n]
+    order = np.argsort(-similarity, kind="stable")[:min(n, len(factors) - 1)]
     return order, similarity[order]
 
 
@@ -206,6 +206,8 @@ def query_table(track_ids: Sequence[str], *, wmf_factors: np.ndarray, predicted:
     ids = [str(t) for t in track_ids]
     position = {t: i for i, t in enumerate(ids)}
     rows = []
+    columns = ["query", "query_tags", "rank", "wmf_track", "wmf_tags", "wmf_cosine", "predicted_track",
+               "predicted_tags", "predicted_cosine"]
     for query in queries:
         by_wmf, wmf_sim = nearest_by_cosine(wmf_factors, position[query], n=n)
         by_audio, audio_sim = nearest_by_cosine(predicted, position[query], n=n)
@@ -216,7 +218,7 @@ def query_table(track_ids: Sequence[str], *, wmf_factors: np.ndarray, predicted:
                          "predicted_track": ids[by_audio[rank]],
                          "predicted_tags": ", ".join(tags.get(ids[by_audio[rank]], ())),
                          "predicted_cosine": float(audio_sim[rank])})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=columns)
 
 
 def neighbour_tag_agreement(table: pd.DataFrame) -> dict[str, float]:

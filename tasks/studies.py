@@ -148,7 +148,7 @@ def load_preset(name_or_path: str, *, overrides: Mapping[str, Any] | None = None
     # override (e.g. only ``train.devices``) keeps the rest of that field's defaults.
     defaults = {field: info.default.model_dump() for field, info in cls.model_fields.items()
                 if isinstance(info.default, BaseModel)}
-    merged = _merge(_merge(defaults, preset), overrides or {})
+    merged = merge(merge(defaults, preset), overrides or {})
     merged.pop("kind", None)
     try:
         return cls(preset=name, **{k: v for k, v in merged.items() if k != "preset"})
@@ -158,6 +158,15 @@ def load_preset(name_or_path: str, *, overrides: Mapping[str, Any] | None = None
 
 def preset_kind(name_or_path: str) -> str:
     return _preset(name_or_path)[1].get("kind", "multiscale")
+
+
+def load_study(preset: str, kind: str, *, overrides: Mapping[str, Any] | None = None) -> AnyStudySettings:
+    """:func:`load_preset` for a command that runs one kind of study: a preset of another kind is refused by name."""
+    found = preset_kind(preset)
+    if found != kind:
+        command = "tagging" if found in ("multiscale", "end-to-end") else found
+        raise ParameterError(f"preset {preset!r} is a {found} study: run `mirflow study {command} --preset {preset}`")
+    return load_preset(preset, overrides=overrides)
 
 
 def _preset(name_or_path: str) -> tuple[str, dict[str, Any]]:
@@ -189,10 +198,11 @@ def preset_overrides(*, kind: str = "multiscale", k: int | None = None, epochs: 
     return overrides
 
 
-def _merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+def merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` merged in; nested dicts merge key by key."""
     out = dict(base)
     for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) else value
+        out[key] = merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) else value
     return out
 
 

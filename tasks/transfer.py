@@ -291,7 +291,7 @@ def check_target(tracks: pd.DataFrame, *, cv: int | None) -> TargetCheck:
     kept: list[tuple[str, str, tuple[str, ...]]] = []
     n_other_split = 0
     for track_id, split, raw in zip(track_ids, tracks["split"].astype(str), tracks["labels"], strict=True):
-        labels = _label_tuple(raw, track_id)
+        labels = clean_labels(raw, track_id)
         if split not in SPLITS:
             n_other_split += 1
             dropped.append({"track_id": track_id, "reason": f"split {split!r} is not one of {list(SPLITS)}"})
@@ -353,7 +353,7 @@ def check_target(tracks: pd.DataFrame, *, cv: int | None) -> TargetCheck:
     )
 
 
-def _label_tuple(raw: object, track_id: str) -> tuple[str, ...]:
+def clean_labels(raw: object, track_id: str) -> tuple[str, ...]:
     """A track's labels as a tuple of distinct non-empty strings, in their order."""
     if raw is None or (isinstance(raw, float) and np.isnan(raw)):
         return ()

@@ -114,3 +114,17 @@ def test_a_rerun_with_other_queries_reuses_every_model(study_run):
                                  tracking_for(data_dir), world=WORLD)
     assert again.parent_run_id == out.parent_run_id and (again.n_runs, again.n_reused) == (0, 4)
     assert again.table == out.table and f"query {first}," in again.queries
+
+
+@pytest.mark.integration
+def test_an_unknown_query_is_refused_before_any_model_trains(study_run):
+    data_dir, study, cluster, out = study_run
+    with pytest.raises(ParameterError, match="'nope'"):
+        recommendation_study(data_dir, "synthetic", study.model_copy(update={"query_ids": ("nope",),
+                                                                             "regressor": study.regressor.model_copy(
+                                                                                 update={"hidden": 7})}),
+                             cluster, tracking_for(data_dir), world=WORLD)
+    client = MlflowClient(tracking_for(data_dir).tracking_uri)
+    parent = client.get_run(out.parent_run_id)
+    parents = client.search_runs([parent.info.experiment_id], filter_string="tags.`mirflow.preset` = 'nips2013-smoke'")
+    assert len(parents) == 1  # the other settings (hidden 7) would have started a second parent

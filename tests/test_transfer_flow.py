@@ -186,7 +186,13 @@ def test_the_cli_prints_the_bad_target_message_without_a_traceback(tmp_path, pre
     assert result.exit_code == 1 and "one class 'folk'" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(app, ["transfer", "--dataset", "cli-one", "--adapter", "manifest", "--source",
                                       str(manifest), "--feature-set", "pretrained", "--data-dir", str(tmp_path)])
-    assert result.exit_code == 1 and "--model" in result.output
+    assert result.exit_code == 1 and "needs --model" in result.output
+    result = CliRunner().invoke(app, ["transfer", "--dataset", "cli-one", "--adapter", "manifest", "--source",
+                                      str(manifest), "--feature-set", "mfcc", "--model", "0" * 32,
+                                      "--data-dir", str(tmp_path)])
+    assert result.exit_code == 1 and "leave out 'pretrained'" in result.output
+    result = CliRunner().invoke(app, ["study", "transfer", "--preset", "nips2013", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "mirflow study recommendation" in result.output
 
 
 # ------------------------------------------------------------------------------- the paper's claim, over seeds

@@ -18,10 +18,10 @@ from flows.listening import factorize
 from flows.registry import register_pipeline_models
 from flows.training import train_recommender_flow, train_tagger_flow
 from flows.world import synthetic_world
-from infra.cluster import dask_client, spectrogram_device
+from infra.cluster import dask_client, shared_settings
 from infra.layout import Layout
 from infra.service import TRANSIENT_IO_RETRIES
-from infra.settings import ClusterSettings, PipelineSettings
+from infra.settings import PipelineSettings
 from infra.tracking import tracked_run
 from tasks.datasets import heldout_track_ids, mtat_tracks, read_mtat_annotations
 from tasks.errors import ParameterError
@@ -56,9 +56,7 @@ def pipeline(settings: PipelineSettings) -> PipelineSummary:
     dataset = settings.dataset
     with dask_client(settings.cluster) as client:
         # One cluster for all fan-out steps: the sub-flows connect to it by address.
-        device = spectrogram_device(client, settings.cluster)
-        shared = ClusterSettings(kind="address", address=client.scheduler.address,
-                                 spectrogram_device="cuda" if device == "cuda" else "cpu")
+        shared = shared_settings(client, settings.cluster)
         if dataset == "synthetic":
             synthetic_world(layout.world(), settings.world, shared)
         annotations, audio_root, triplets = _sources(settings)

@@ -29,7 +29,7 @@ from flows.kmeans_features import kmeans_features
 from flows.pipeline import ingest_mtat
 from flows.training import mlflow_logger
 from flows.world import synthetic_world
-from infra.cluster import dask_client, spectrogram_device
+from infra.cluster import dask_client, shared_settings
 from infra.layout import Layout
 from infra.settings import (
     ClusterSettings,
@@ -139,9 +139,7 @@ def study_cluster(layout: Layout, dataset: str, cluster: ClusterSettings, *, wor
     """One Dask cluster for a study's feature steps, with the catalogue ready: the synthetic world built and
     ingested (top ``n_tags`` tags), or another dataset's catalogue checked. Yields the settings that reach it."""
     with dask_client(cluster) as client:
-        device = spectrogram_device(client, cluster)
-        shared = ClusterSettings(kind="address", address=client.scheduler.address,
-                                 spectrogram_device="cuda" if device == "cuda" else "cpu")
+        shared = shared_settings(client, cluster)
         if dataset == "synthetic":
             root = synthetic_world(layout.world(), world or WorldSettings(), shared)
             ingest_mtat(root / "mtat" / "annotations_final.csv", root / "mtat" / "audio", n_tags,

@@ -37,7 +37,7 @@ from flows.listening import factorize
 from flows.study import study_cluster
 from flows.training import mlflow_logger
 from flows.world import synthetic_target
-from infra.cluster import dask_client, spectrogram_device
+from infra.cluster import dask_client, shared_settings
 from infra.layout import Layout
 from infra.registry import (
     CHALLENGER,
@@ -196,6 +196,14 @@ def resolve_pretrained(ref: str, tracking: TrackingSettings, *, cache: Path) -> 
 # ----------------------------------------------------------------------------- embed
 
 
+def catalogue_ready(layout: Layout, dataset: str, source: SourceSettings | None) -> None:
+    """Read the catalogue through its adapter when ``source`` is given; else it must be there from an earlier run."""
+    if source is not None:
+        ingest_catalogue(source, layout.tracks(dataset))
+    elif not layout.tracks(dataset).exists():
+        raise DatasetError(f"no catalogue {dataset!r} under {layout.root}: pass --adapter and --source")
+
+
 @dataclass(frozen=True)
 class EmbedOutput:
     path: str  # the embeddings' Parquet file
@@ -223,15 +231,11 @@ def embed_catalogue(data_dir: Path, dataset: str, model_ref: str, cluster: Clust
     """
     start = time.perf_counter()
     layout = Layout(Path(data_dir))
-    if source is not None:
-        ingest_catalogue(source, layout.tracks(dataset))
-    elif not layout.tracks(dataset).exists():
-        raise DatasetError(f"no catalogue {dataset!r} under {layout.root}: pass --adapter and --source")
+    catalogue_ready(layout, dataset, source)
     model = resolve_pretrained(model_ref, tracking, cache=layout.root / "models" / "pretrained")
     kmeans = model.kmeans.model_copy(update={"timescales": model.timescales})
     with dask_client(cluster) as client:
-        shared = ClusterSettings(kind="address", address=client.scheduler.address,
-                                 spectrogram_device="cuda" if spectrogram_device(client, cluster) == "cuda" else "cpu")
+        shared = shared_settings(client, cluster)
         features = extract_features(data_dir, dataset, model.features, shared, tracking)
         encoded = kmeans_features(data_dir, dataset, model.features, kmeans, shared, tracking,
                                   codebooks_from=model.codebooks)
@@ -324,18 +328,14 @@ def transfer(data_dir: Path, dataset: str, settings: TransferSettings, features:
                              "'pretrained': add it, or drop --model")
     start = time.perf_counter()
     layout = Layout(Path(data_dir))
-    if source is not None:
-        ingest_catalogue(source, layout.tracks(dataset))
-    elif not layout.tracks(dataset).exists():
-        raise DatasetError(f"no catalogue {dataset!r} under {layout.root}: pass --adapter and --source")
+    catalogue_ready(layout, dataset, source)
     tracks = pd.read_parquet(layout.tracks(dataset), columns=["track_id", "split", "tags"]).rename(
         columns={"tags": "labels"})
     check_target(tracks, cv=settings.cv)  # a bad target fails here, before any audio
     sets = {name: None for name in settings.feature_sets if name != "pretrained"}
     timescales = tuple(kmeans.timescales) or (features.mel.column,)
     with dask_client(cluster) as client:
-        shared = ClusterSettings(kind="address", address=client.scheduler.address,
-                                 spectrogram_device="cuda" if spectrogram_device(client, cluster) == "cuda" else "cpu")
+        shared = shared_settings(client, cluster)
         if sets:
             extract_features(data_dir, dataset, features, shared, tracking)
         if "kmeans" in sets:
@@ -406,7 +406,7 @@ def _feature_vectors(layout: Layout, dataset: str, sets: dict[str, Path | None],
         if name in out:  # two runs of the same task and architecture: tell them apart by run
             name = f"{name} ({meta.get(b'mirflow.model_run_id', b'?').decode()[:8]})"
         out[name] = read_embeddings(path)
-    if len(out) > 1:  # ISMIR 2014 also combines the source tasks' features: every embedding side by side
+    if len(out) > 1:  # one more feature set: every embedding side by side (tags and listening together)
         parts = list(out.values())
         common = set.intersection(*(set(p) for p in parts))
         out[f"pretrained: all {len(parts)} (concatenated)"] = {t: np.concatenate([p[t] for p in parts])

@@ -101,6 +101,13 @@ def spectrogram_device(client: Client, settings: ClusterSettings) -> str | None:
     return "cuda" if answers and all(answers.values()) else None
 
 
+def shared_settings(client: Client, settings: ClusterSettings) -> ClusterSettings:
+    """Settings that reach ``client``'s running cluster by address (for sub-flows), with its spectrogram device."""
+    device = spectrogram_device(client, settings)
+    return ClusterSettings(kind="address", address=client.scheduler.address,
+                           spectrogram_device="cuda" if device == "cuda" else "cpu")
+
+
 @contextmanager
 def dask_client(settings: ClusterSettings) -> Iterator[Client]:
     """A connected client for the configured cluster, closed (and the cluster stopped) on exit."""

@@ -496,7 +496,7 @@ class RegressorSettings(_Settings):
     """Linear regression (0 hidden layers) or an MLP from pooled K-means features to a vector (factors).
 
     The baselines of the recommendation study (van den Oord et al., NIPS 2013) and the
-    source models of transfer learning (Dieleman et al., ISMIR 2014): rectified-linear
+    source models of transfer learning (van den Oord et al., ISMIR 2014): rectified-linear
     hidden layers with dropout, MSE on the targets scaled to unit deviation.
     """
 
@@ -560,7 +560,7 @@ class RecommendationStudySettings(_Settings):
 
 
 class TransferSettings(_Settings):
-    """Transfer to a labelled target catalogue (Dieleman et al., ISMIR 2014): a simple classifier per feature set."""
+    """Transfer to a labelled target catalogue (van den Oord et al., ISMIR 2014): a simple classifier per feature set."""
 
     classifier: Literal["logreg", "svm"] = "logreg"
     cs: tuple[float, ...] = Field((1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0), min_length=1,
@@ -573,7 +573,7 @@ class TransferSettings(_Settings):
 
 
 class TransferStudySettings(_Settings):
-    """Supervised pre-training on a source catalogue, transfer to a target (Dieleman et al., ISMIR 2014).
+    """Supervised pre-training on a source catalogue, transfer to a target (van den Oord et al., ISMIR 2014).
 
     Source tasks: ``tags`` (the track × tag matrix factorized by WMF to ``tag_factors``
     factors; the models predict each track's tag factors) and ``listening`` (the WMF

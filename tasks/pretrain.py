@@ -1,4 +1,4 @@
-"""Source tasks of supervised pre-training (Dieleman, Brakel & Schrauwen, ISMIR 2014; DESIGN.md §3 IV).
+"""Source tasks of supervised pre-training (van den Oord, Dieleman & Schrauwen, ISMIR 2014; DESIGN.md §3 IV).
 
 Two tasks on the source catalogue, both regressions of a low-dimensional target from
 audio features:

@@ -19,7 +19,7 @@ popularity effect; play counts follow from taste. The world is written as:
   (each tag's type and timescale in seconds) and ``world.json``
   (the settings plus ``"complete": true``, written last).
 
-A second, disjoint catalogue serves transfer learning (Dieleman et al., ISMIR
+A second, disjoint catalogue serves transfer learning (van den Oord et al., ISMIR
 2014): :func:`plan_target` draws a GTZAN-like genre collection from
 :data:`TARGET_GENRES`, balanced over genres, some of them shared with the source
 styles in name and recipe and some new, with their own instrument mixtures and
@@ -603,16 +603,22 @@ def render_clips(tracks: Sequence[TrackPlan], *, root: Path, settings: WorldSett
     int
         Number of MP3 files written (existing ones are skipped).
     """
+    return _write_clips(tracks, Path(root) / "mtat" / "audio", settings=settings, format="MP3",
+                        subtype="MPEG_LAYER_III")
+
+
+def _write_clips(tracks: Sequence[TrackPlan], folder: Path, *, settings: WorldSettings, format: str,
+                 subtype: str) -> int:
+    """Render each track to ``folder / track.mp3_path`` unless it is there: temporary name, then moved into place."""
     written = 0
-    audio_root = Path(root) / "mtat" / "audio"
     for track in tracks:
-        path = audio_root / track.mp3_path
+        path = folder / track.mp3_path
         if path.exists():
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         y = render_clip(track, sample_rate=settings.sample_rate, seconds=settings.clip_seconds)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        sf.write(tmp, y, settings.sample_rate, format="MP3", subtype="MPEG_LAYER_III")
+        sf.write(tmp, y, settings.sample_rate, format=format, subtype=subtype)
         os.replace(tmp, path)
         written += 1
     return written
@@ -909,19 +915,7 @@ def render_target(root: Path, tracks: Sequence[TrackPlan], *, settings: WorldSet
     int
         Number of WAV files written (16-bit PCM, mono; existing ones are skipped).
     """
-    written = 0
-    root = Path(root)
-    for track in tracks:
-        path = root / track.mp3_path
-        if path.exists():
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        y = render_clip(track, sample_rate=settings.sample_rate, seconds=settings.clip_seconds)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        sf.write(tmp, y, settings.sample_rate, format="WAV", subtype="PCM_16")
-        os.replace(tmp, path)
-        written += 1
-    return written
+    return _write_clips(tracks, Path(root), settings=settings, format="WAV", subtype="PCM_16")
 
 
 def _target_record(settings: WorldSettings, *, n_tracks: int, seed: int) -> dict:

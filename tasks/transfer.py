@@ -1,7 +1,7 @@
 """Transfer evaluation: a simple classifier on a target catalogue's features, and its score.
 
-Dieleman et al. (ISMIR 2014) judge a feature set (pre-trained embeddings, K-means
-features, log-mel statistics, MFCC statistics) by how well a linear classifier fitted
+van den Oord, Dieleman & Schrauwen (ISMIR 2014) judge a feature set (pre-trained embeddings,
+K-means features, log-mel statistics, MFCC statistics) by how well a linear classifier fitted
 on it classifies a target catalogue. This module holds the pieces, all pure functions:
 
 * :func:`log_mel_statistics` and :func:`mfcc_statistics`, the two baselines computed

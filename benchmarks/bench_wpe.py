@@ -9,6 +9,7 @@ ratio; a dense reference (every user of every track, O(users) per track) is time
 
     python benchmarks/bench_wpe.py                               # demo shape
     python benchmarks/bench_wpe.py --users 1000000 --density 0.0001 --repeats 5
+    python benchmarks/bench_wpe.py --users 1000000 --density 0.0001 --device cuda   # on a GPU
 """
 
 from __future__ import annotations
@@ -38,7 +39,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda: where the network and the objective run")
     args = parser.parse_args()
+    device = torch.device(args.device)
+
+    def sync() -> None:  # a GPU step is timed when it has finished, not when it was queued
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     rng = np.random.default_rng(0)
     plays = sp.random(args.users, args.tracks, density=args.density, random_state=0, format="csr",
                       data_rvs=lambda n: rng.integers(1, 30, n).astype(np.float64))
@@ -46,13 +54,13 @@ def main() -> None:
     confidence.data = 1.0 + np.log1p(confidence.data)
     user_factors = rng.standard_normal((args.users, args.factors)).astype(np.float32) * 0.1
     torch.manual_seed(0)
-    crops = torch.randn(args.batch_size, 128, 94)
+    crops = torch.randn(args.batch_size, 128, 94, device=device)
     tracks = torch.from_numpy(rng.integers(0, args.tracks, args.batch_size))
-    batch = (crops, torch.randn(args.batch_size, args.factors), tracks)
+    batch = (crops, torch.randn(args.batch_size, args.factors, device=device), tracks.to(device))
 
     def module(objective: str) -> tuple[LatentFactorModule, torch.optim.Optimizer]:
         torch.manual_seed(0)
-        m = LatentFactorModule(n_mels=128, n_factors=args.factors, objective=objective)
+        m = LatentFactorModule(n_mels=128, n_factors=args.factors, objective=objective).to(device)
         if objective == "wpe":
             m.use_plays(user_factors, confidence)
         m.log = lambda *a, **k: None  # outside a Trainer
@@ -60,12 +68,14 @@ def main() -> None:
 
     def step_time(m: LatentFactorModule, optimizer: torch.optim.Optimizer) -> float:
         m.training_step(batch, 0).backward()  # warm-up
+        sync()
         start = time.perf_counter()
         for _ in range(args.steps):
             loss = m.training_step(batch, 0)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        sync()
         return (time.perf_counter() - start) / args.steps
 
     models = {name: module(name) for name in ("mse", "wpe")}
@@ -76,25 +86,28 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
 
     # The objective alone, fast against dense (every user of the batch's tracks).
-    predicted = torch.randn(args.batch_size, args.factors, requires_grad=True)
-    x = torch.from_numpy(user_factors)
+    predicted = torch.randn(args.batch_size, args.factors, device=device, requires_grad=True)
+    x = torch.from_numpy(user_factors).to(device)
     gram = x.T @ x
     columns = models["wpe"][0]._plays
     dense_p = torch.from_numpy((plays[:, tracks.numpy()].toarray() > 0).astype(np.float32))
     dense_c = torch.from_numpy(np.where(dense_p.numpy() > 0, confidence[:, tracks.numpy()].toarray(), 1.0)
-                               .astype(np.float32))
+                               .astype(np.float32)).to(device)
+    dense_p = dense_p.to(device)
 
     def fast() -> None:
-        wpe_loss(predicted, x, gram, *columns.batch(tracks)).sum().backward()
+        wpe_loss(predicted, x, gram, *(t.to(device) for t in columns.batch(tracks))).sum().backward()
 
     def dense() -> None:
         (dense_c * (dense_p - x @ predicted.T) ** 2).sum().backward()
 
     def timed(run) -> float:
         run()
+        sync()
         start = time.perf_counter()
         for _ in range(args.steps):
             run()
+        sync()
         return (time.perf_counter() - start) / args.steps
 
     objective = {"fast": statistics.median(timed(fast) for _ in range(args.repeats)),
@@ -102,7 +115,7 @@ def main() -> None:
     nnz = int(sum(plays[:, t].nnz for t in tracks.tolist()))
     print(f"latent-factor CNN step, batch {args.batch_size} crops (128 x 94), {args.users} users, {args.tracks} "
           f"tracks, {plays.nnz} plays ({nnz} in the batch's columns), f={args.factors}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats} x {args.steps} steps")
+          f"{args.device} ({torch.get_num_threads()} threads), median of {args.repeats} x {args.steps} steps")
     print(f"  MSE step {med['mse'] * 1e3:8.2f} ms   WPE step {med['wpe'] * 1e3:8.2f} ms   "
           f"ratio WPE/MSE {med['wpe'] / med['mse']:.2f}")
     print(f"  objective + backward alone: listeners + Gram {objective['fast'] * 1e3:.3f} ms, dense over every "

@@ -1,0 +1,99 @@
+"""Uploads: limits from the header, sniffing by decoding, and a decoder that hangs or crashes in its own process."""
+
+from __future__ import annotations
+
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from infra.service import decoding
+from infra.service.decoding import decode_isolated
+from tasks.uploads import UploadError, UploadLimits, check_upload, decode_upload
+
+LIMITS = UploadLimits(max_bytes=2 * 2**20, max_seconds=60.0, min_seconds=1.0)
+
+
+def _wav(path: Path, seconds: float, rate: int = 22050, *, value: float | None = None, subtype="PCM_16") -> Path:
+    t = np.arange(int(seconds * rate)) / rate
+    y = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    if value is not None:
+        y[::100] = value
+    sf.write(path, y, rate, subtype=subtype)
+    return path
+
+
+def _bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_a_good_clip_is_decoded_at_the_model_rate(tmp_path):
+    y = decode_upload(_wav(tmp_path / "a.wav", 3.0), sample_rate=16000, limits=LIMITS)
+    assert y.dtype == np.float32 and len(y) == 48000
+
+
+@pytest.mark.parametrize("make, status, reason", [
+    (lambda d: _bytes(d / "empty.wav", b""), 422, "empty"),
+    (lambda d: _bytes(d / "notes.mp3", b"just some text\n" * 50), 415, "not an audio file"),
+    (lambda d: _wav(d / "short.wav", 0.1), 422, "shorter than"),
+    (lambda d: _wav(d / "nan.wav", 2.0, value=np.nan, subtype="FLOAT"), 422, "non-finite"),
+    (lambda d: _wav(d / "long.wav", 61.0, rate=8000), 413, "limit is 60 s"),
+    (lambda d: _bytes(d / "big.wav", b"\0" * (3 * 2**20)), 413, "limit is 2 MB"),
+])
+def test_bad_uploads_get_a_status_and_a_reason(tmp_path, make, status, reason):
+    path = make(tmp_path)
+    with pytest.raises(UploadError, match=reason) as err:
+        decode_upload(path, sample_rate=16000, limits=LIMITS)
+    assert err.value.status == status
+
+
+def test_a_zip_and_a_truncated_mp3_are_refused(tmp_path):
+    archive = tmp_path / "clip.wav"  # the name lies: the content decides
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("a.txt", "hello" * 100)
+    with pytest.raises(UploadError) as err:
+        check_upload(archive, LIMITS)
+    assert err.value.status == 415
+    mp3 = tmp_path / "full.mp3"
+    sf.write(mp3, np.zeros(16000 * 3, np.float32) + 0.1 * np.sin(np.arange(48000) / 5), 16000, format="MP3")
+    cut = tmp_path / "cut.mp3"
+    cut.write_bytes(mp3.read_bytes()[:200])
+    with pytest.raises(UploadError) as err:
+        decode_upload(cut, sample_rate=16000, limits=LIMITS)
+    assert err.value.status in (415, 422)
+
+
+def test_isolated_decoding_returns_the_same_waveform(tmp_path):
+    path = _wav(tmp_path / "a.wav", 2.0)
+    assert np.array_equal(decode_isolated(path, sample_rate=16000, limits=LIMITS),
+                          decode_upload(path, sample_rate=16000, limits=LIMITS))
+    with pytest.raises(UploadError, match="shorter than"):
+        decode_isolated(_wav(tmp_path / "s.wav", 0.2), sample_rate=16000, limits=LIMITS)
+
+
+def _hang(connection, *args) -> None:
+    time.sleep(60)
+
+
+def _crash(connection, *args) -> None:
+    import os
+
+    os._exit(3)
+
+
+def test_a_decoder_that_hangs_or_crashes_costs_one_request(tmp_path, monkeypatch):
+    path = _wav(tmp_path / "a.wav", 2.0)
+    monkeypatch.setattr(decoding, "_decode_into", _hang)
+    start = time.perf_counter()
+    with pytest.raises(UploadError, match="longer than 1 s"):
+        decode_isolated(path, sample_rate=16000, limits=LIMITS, timeout_s=1.0)
+    assert time.perf_counter() - start < 10
+    monkeypatch.setattr(decoding, "_decode_into", _crash)
+    with pytest.raises(UploadError, match="exit code 3"):
+        decode_isolated(path, sample_rate=16000, limits=LIMITS)
+    monkeypatch.undo()
+    assert len(decode_isolated(path, sample_rate=16000, limits=LIMITS)) == 32000  # the next one is served

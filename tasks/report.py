@@ -148,12 +148,17 @@ def plot_first_layer_filters(weights: np.ndarray, *, path: Path, max_filters: in
     return _save(fig, path)
 
 
-def plot_tsne(points: np.ndarray, labels: Sequence[str], *, path: Path, title: str, seed: int = 0) -> Path:
-    """A 2-D t-SNE map of ``points [shape=(n, d)]``, coloured by ``labels``."""
+def tsne_coordinates(points: np.ndarray, *, seed: int = 0) -> np.ndarray:
+    """2-D t-SNE of ``points [shape=(n, d)]`` (perplexity 30, or less for few points): ``[shape=(n, 2)]``."""
     from sklearn.manifold import TSNE
 
     perplexity = float(min(30, max(2, (len(points) - 1) // 3)))
-    xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(points)
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(points)
+
+
+def plot_tsne(points: np.ndarray, labels: Sequence[str], *, path: Path, title: str, seed: int = 0) -> Path:
+    """A 2-D t-SNE map of ``points [shape=(n, d)]``, coloured by ``labels``."""
+    xy = tsne_coordinates(points, seed=seed)
     fig, ax = plt.subplots(figsize=(7, 6))
     for label in sorted(set(labels)):
         mask = np.asarray(labels) == label

@@ -11,6 +11,7 @@
     mirflow embed --model …            embeddings of a catalogue by a pre-trained model, as Parquet
     mirflow transfer --adapter …       a simple classifier per feature set on a labelled target catalogue
     mirflow up                         run it as a service (make serve): Prefect, MLflow, Dask, deployments
+    mirflow serve                      the web demo and its API (127.0.0.1:8000): tags and recommendations from audio
     mirflow world                      only write the synthetic world
 """
 
@@ -721,6 +722,42 @@ def transfer_command(
                   f"{out.seconds:.0f} s\n", highlight=False)
     console.print(out.table, highlight=False, soft_wrap=True)
     console.print(f"\nMLflow run {out.run_id} (experiment mirflow-transfer)", highlight=False)
+
+
+@app.command()
+def serve(
+    data_dir: DataDir = Path("data"),
+    host: Annotated[str, typer.Option(help="address to bind; 0.0.0.0 exposes it to the network")] = "127.0.0.1",
+    port: int = 8000,
+    dataset: Annotated[str, typer.Option(help="the catalogue to serve (its pipeline run's models)")] = "synthetic",
+    max_upload_mb: Annotated[float, typer.Option(help="largest upload accepted")] = 20.0,
+    max_minutes: Annotated[float, typer.Option(help="longest clip accepted (checked from the header)")] = 10.0,
+    decode_timeout: Annotated[float, typer.Option(help="seconds a decoder may take before the upload is refused")]
+    = 30.0,
+    verbose: bool = False,
+) -> None:
+    """The web demo and its API: upload a track for its tags and cold-start recommendations, browse the catalogue
+    map (http://HOST:PORT/, API docs at /docs)."""
+    _setup(verbose)
+    from infra.tracking import tracking_for
+    from tasks.errors import MirflowError
+    from tasks.uploads import UploadLimits
+
+    try:
+        import uvicorn
+
+        from infra.service.app import create_app
+        from infra.service.catalogue import load_catalogue
+
+        catalogue = load_catalogue(data_dir.resolve(), tracking_for(data_dir), dataset=dataset)
+    except MirflowError as err:
+        console.print(f"[red]mirflow: {err}[/red]", highlight=False)
+        raise typer.Exit(1) from None
+    limits = UploadLimits(max_bytes=int(max_upload_mb * 2**20), max_seconds=max_minutes * 60.0)
+    console.print(f"serving {len(catalogue.track_ids)} tracks of {dataset} ({catalogue.source})\n"
+                  f"  http://{host}:{port}/   (API docs: http://{host}:{port}/docs)", highlight=False)
+    uvicorn.run(create_app(catalogue, limits=limits, decode_timeout_s=decode_timeout), host=host, port=port,
+                log_level="info" if verbose else "warning")
 
 
 @app.command()

@@ -130,3 +130,65 @@ def test_a_second_start_on_the_same_data_gives_the_same_answers(served):
     track = str(catalogue.track_ids[3])
     assert again.get(f"/api/tracks/{track}").json() == client.get(f"/api/tracks/{track}").json()
     assert again.get("/api/map").json() == client.get("/api/map").json()
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    """The app on a free 127.0.0.1 port, served by uvicorn in a thread."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    _, catalogue, _ = served
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(create_app(catalogue, limits=LIMITS), host="127.0.0.1", port=port, log_level="warning")
+    instance = uvicorn.Server(config)
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not instance.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    instance.should_exit = True
+    thread.join(10)
+
+
+@pytest.mark.integration
+@pytest.mark.browser
+def test_the_page_in_a_real_browser(server, served, tmp_path):
+    if _chromium() is None:
+        pytest.skip("no chromium on this machine (Debian: apt-get install chromium)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    _, catalogue, _ = served
+    clip = tmp_path / "upload.wav"
+    sf.write(clip, (0.3 * np.sin(np.arange(16000 * 4) * 2 * np.pi * 330 / 16000)).astype(np.float32), 16000)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(server)
+        page.wait_for_selector("#map circle")
+        assert page.locator("#map circle").count() == len(catalogue.track_ids)
+        page.set_input_files("#file", str(clip))
+        page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+        assert page.locator("#tags li").count() == 10
+        assert page.locator("#similar li").count() == 10 and page.locator("#similar audio").count() == 10
+        page.locator("#map circle").nth(5).click(force=True)  # the circle under the pointer may be a neighbour
+        page.wait_for_selector("#track:not([hidden])")
+        page.wait_for_function("document.querySelectorAll('#neighbours tbody tr').length === 5")
+        assert page.locator("#neighbours tbody tr").count() == 5
+        page.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
+        browser.close()
+    assert not errors, errors
+    assert (tmp_path / "serve.png").stat().st_size > 10_000

@@ -24,6 +24,7 @@ import numpy as np
 from fastapi import FastAPI, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from infra.service.catalogue import TRACK_ID, Catalogue
@@ -170,10 +171,11 @@ def create_app(catalogue: Catalogue, *, limits: UploadLimits = UploadLimits(), d
                  ".ogg": "audio/ogg"}.get(path.suffix.lower(), "application/octet-stream")
         return FileResponse(path, media_type=media)
 
-    if STATIC.is_dir():
-        @app.get("/")
-        def index() -> FileResponse:
-            return FileResponse(STATIC / "index.html", media_type="text/html")
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")  # the page's own assets: no CDN
+
+    @app.get("/")
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
 
     return app
 

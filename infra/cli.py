@@ -734,6 +734,7 @@ def serve(
     max_minutes: Annotated[float, typer.Option(help="longest clip accepted (checked from the header)")] = 10.0,
     decode_timeout: Annotated[float, typer.Option(help="seconds a decoder may take before the upload is refused")]
     = 30.0,
+    decoders: Annotated[int, typer.Option(help="decoding processes (uploads decoded at once)")] = 2,
     verbose: bool = False,
 ) -> None:
     """The web demo and its API: upload a track for its tags and cold-start recommendations, browse the catalogue
@@ -756,7 +757,8 @@ def serve(
     limits = UploadLimits(max_bytes=int(max_upload_mb * 2**20), max_seconds=max_minutes * 60.0)
     console.print(f"serving {len(catalogue.track_ids)} tracks of {dataset} ({catalogue.source})\n"
                   f"  http://{host}:{port}/   (API docs: http://{host}:{port}/docs)", highlight=False)
-    uvicorn.run(create_app(catalogue, limits=limits, decode_timeout_s=decode_timeout), host=host, port=port,
+    uvicorn.run(create_app(catalogue, limits=limits, decode_timeout_s=decode_timeout, decoders_size=decoders),
+                host=host, port=port,
                 log_level="info" if verbose else "warning")
 
 

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from infra.service import decoding
-from infra.service.decoding import decode_isolated
+from infra.service.decoding import DecoderPool
 from tasks.uploads import UploadError, UploadLimits, check_upload, decode_upload
 
 LIMITS = UploadLimits(max_bytes=2 * 2**20, max_seconds=60.0, min_seconds=1.0)
@@ -67,33 +66,41 @@ def test_a_zip_and_a_truncated_mp3_are_refused(tmp_path):
     assert err.value.status in (415, 422)
 
 
-def test_isolated_decoding_returns_the_same_waveform(tmp_path):
-    path = _wav(tmp_path / "a.wav", 2.0)
-    assert np.array_equal(decode_isolated(path, sample_rate=16000, limits=LIMITS),
-                          decode_upload(path, sample_rate=16000, limits=LIMITS))
-    with pytest.raises(UploadError, match="shorter than"):
-        decode_isolated(_wav(tmp_path / "s.wav", 0.2), sample_rate=16000, limits=LIMITS)
+def test_the_pool_returns_the_same_waveform_and_the_same_refusals(tmp_path):
+    pool = DecoderPool(1)
+    try:
+        path = _wav(tmp_path / "a.wav", 2.0)
+        for _ in range(2):  # the worker is reused
+            assert np.array_equal(pool.decode(path, sample_rate=16000, limits=LIMITS),
+                                  decode_upload(path, sample_rate=16000, limits=LIMITS))
+        with pytest.raises(UploadError, match="shorter than"):
+            pool.decode(_wav(tmp_path / "s.wav", 0.2), sample_rate=16000, limits=LIMITS)
+    finally:
+        pool.close()
 
 
-def _hang(connection, *args) -> None:
-    time.sleep(60)
-
-
-def _crash(connection, *args) -> None:
+def fragile_decoder(connection) -> None:
+    """The real worker loop, except that a file named hang* never returns and one named crash* kills it."""
     import os
 
-    os._exit(3)
+    while True:
+        path, sample_rate, limits = connection.recv()
+        if Path(path).name.startswith("hang"):
+            time.sleep(60)
+        if Path(path).name.startswith("crash"):
+            os._exit(3)
+        connection.send(("ok", decode_upload(Path(path), sample_rate=sample_rate, limits=limits)))
 
 
-def test_a_decoder_that_hangs_or_crashes_costs_one_request(tmp_path, monkeypatch):
-    path = _wav(tmp_path / "a.wav", 2.0)
-    monkeypatch.setattr(decoding, "_decode_into", _hang)
-    start = time.perf_counter()
-    with pytest.raises(UploadError, match="longer than 1 s"):
-        decode_isolated(path, sample_rate=16000, limits=LIMITS, timeout_s=1.0)
-    assert time.perf_counter() - start < 10
-    monkeypatch.setattr(decoding, "_decode_into", _crash)
-    with pytest.raises(UploadError, match="exit code 3"):
-        decode_isolated(path, sample_rate=16000, limits=LIMITS)
-    monkeypatch.undo()
-    assert len(decode_isolated(path, sample_rate=16000, limits=LIMITS)) == 32000  # the next one is served
+@pytest.mark.parametrize("name, reason", [("hang.wav", "longer than 2 s"), ("crash.wav", "exit code 3")])
+def test_a_decoder_that_hangs_or_crashes_costs_one_request(tmp_path, name, reason):
+    pool = DecoderPool(1, timeout_s=2.0, target=fragile_decoder)
+    try:
+        start = time.perf_counter()
+        with pytest.raises(UploadError, match=reason):
+            pool.decode(_wav(tmp_path / name, 2.0), sample_rate=16000, limits=LIMITS)
+        assert time.perf_counter() - start < 15
+        good = pool.decode(_wav(tmp_path / "good.wav", 2.0), sample_rate=16000, limits=LIMITS)
+        assert len(good) == 32000  # a fresh worker took the killed one's place
+    finally:
+        pool.close()

@@ -28,7 +28,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from infra.service.catalogue import TRACK_ID, Catalogue
-from infra.service.decoding import decode_isolated
+from infra.service.decoding import DecoderPool
 from lightning_modules.served import (
     mel_clips,
     predict_latent_factors,
@@ -71,9 +71,11 @@ def _summary(catalogue: Catalogue, row: int, **extra) -> dict:
 
 
 def create_app(catalogue: Catalogue, *, limits: UploadLimits = UploadLimits(), decode_timeout_s: float = 30.0,
-               k: int = 10) -> FastAPI:
+               decoders_size: int = 2) -> FastAPI:
     """The service over a loaded catalogue (:func:`infra.service.catalogue.load_catalogue`)."""
     app = FastAPI(title="mirflow", description="Tags and cold-start recommendations from audio (mirflow).")
+    decoders = DecoderPool(decoders_size, timeout_s=decode_timeout_s)
+    app.state.decoders = decoders
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -110,13 +112,9 @@ def create_app(catalogue: Catalogue, *, limits: UploadLimits = UploadLimits(), d
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "upload"  # never the client's file name
             copy_upload(file.file, path, limits.max_bytes)
-            y = decode_isolated(path, sample_rate=catalogue.cnn.mel.sample_rate, limits=limits,
-                                timeout_s=decode_timeout_s)
-            if catalogue.tagger.mel.sample_rate != catalogue.cnn.mel.sample_rate:
-                y_tagger = decode_isolated(path, sample_rate=catalogue.tagger.mel.sample_rate, limits=limits,
-                                           timeout_s=decode_timeout_s)
-            else:
-                y_tagger = y
+            y = decoders.decode(path, sample_rate=catalogue.cnn.mel.sample_rate, limits=limits)
+            y_tagger = y if catalogue.tagger.mel.sample_rate == catalogue.cnn.mel.sample_rate else decoders.decode(
+                path, sample_rate=catalogue.tagger.mel.sample_rate, limits=limits)
         tagger, cnn = catalogue.tagger, catalogue.cnn
         scores = predict_tag_scores(tagger.module, mel_clips(y_tagger[None], mel=tagger.mel), crop=tagger.crop,
                                     hop=tagger.hop)[0]

@@ -192,3 +192,23 @@ def test_the_page_in_a_real_browser(server, served, tmp_path):
         browser.close()
     assert not errors, errors
     assert (tmp_path / "serve.png").stat().st_size > 10_000
+
+
+@pytest.mark.integration
+def test_without_a_registry_the_latest_pipeline_run_is_served_and_said_so(served, caplog):
+    """Runs last in this module: it deletes the registered models."""
+    from mlflow.tracking import MlflowClient
+
+    from infra.registry import LATENT_FACTOR_CNN, TAGGER, WMF
+
+    data_dir, catalogue, client = served
+    registry = MlflowClient(tracking_for(data_dir).tracking_uri)
+    for name in (TAGGER, LATENT_FACTOR_CNN, WMF):
+        registry.delete_registered_model(name)
+    with caplog.at_level("WARNING", logger="mirflow"):
+        fallback = load_catalogue(data_dir, tracking_for(data_dir))
+    assert fallback.source.startswith("pipeline run") and "no champion models in the registry" in caplog.text
+    app = TestClient(create_app(fallback, limits=LIMITS))
+    assert app.get("/healthz").json()["models"].startswith("pipeline run")
+    track = str(catalogue.track_ids[7])
+    assert app.get(f"/api/tracks/{track}").json() == client.get(f"/api/tracks/{track}").json()

@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -129,19 +130,25 @@ def main() -> None:
             client.post(f"{url}/api/analyze", files={"file": payloads[0]}).raise_for_status()
         before = rss_mb(process)
 
+        local = threading.local()  # one client (one kept-alive connection) per client thread, as a real client
+
         def one(i: int) -> tuple[float, int]:
             name, data = payloads[i % len(payloads)]
+            if not hasattr(local, "client"):
+                local.client = httpx.Client(timeout=120)
             start = time.perf_counter()
             try:
-                with httpx.Client(timeout=120) as client:
-                    status = client.post(f"{url}/api/analyze", files={"file": (name, data)}).status_code
+                status = local.client.post(f"{url}/api/analyze", files={"file": (name, data)}).status_code
             except httpx.HTTPError:
                 status = -1
             return time.perf_counter() - start, status
 
         start = time.perf_counter()
-        with ThreadPoolExecutor(args.concurrency) as pool:
-            results = list(pool.map(one, range(args.requests), timeout=args.timeout))
+        half = args.requests // 2
+        with ThreadPoolExecutor(args.concurrency) as pool:  # two halves: the second shows whether memory still grows
+            results = list(pool.map(one, range(half), timeout=args.timeout))
+            middle = rss_mb(process)
+            results += list(pool.map(one, range(half, args.requests), timeout=args.timeout))
         wall = time.perf_counter() - start
         after = rss_mb(process)
     finally:
@@ -154,7 +161,8 @@ def main() -> None:
     print(f"\n{args.requests} analyze requests of 30 s MP3 clips, concurrency {args.concurrency}, "
           f"{os.cpu_count()} cores, {wall:.1f} s ({args.requests / wall:.2f} requests/s)")
     print(f"  latency p50 {p50:.3f} s, p95 {p95:.3f} s; errors {errors}")
-    print(f"  server memory {before:.0f} MiB before, {after:.0f} MiB after ({(after / before - 1) * 100:+.1f} %)")
+    print(f"  server memory {before:.0f} MiB before, {middle:.0f} MiB after half the requests, {after:.0f} MiB after "
+          f"all ({(after / before - 1) * 100:+.1f} % overall, {(after / middle - 1) * 100:+.1f} % in the second half)")
     print(f"  in-process bound (decode + log-mel + forwards + neighbours): {bound:.3f} s")
     print(f"  p50 / bound {p50 / bound:.2f}   (per request at concurrency {args.concurrency}: "
           f"{wall / args.requests:.3f} s of wall time, {wall / args.requests / bound:.2f} x the bound)")

@@ -54,9 +54,9 @@ class Service:
     def __init__(self, data_dir: Path, n_workers: int) -> None:
         from infra.stack import Ports, Stack, free_ports
 
-        prefect, mlflow_port, dask, dashboard = free_ports(4)
+        prefect, mlflow_port, dask, dashboard, web = free_ports(5)
         self.stack = Stack(data_dir=data_dir, ports=Ports(prefect=prefect, mlflow=mlflow_port, dask=dask,
-                                                          dashboard=dashboard),
+                                                          dashboard=dashboard, web=web),
                            n_workers=n_workers, paused_schedules=True)
 
     def __enter__(self) -> "Service":

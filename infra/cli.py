@@ -344,6 +344,7 @@ def up(
     mlflow_port: Annotated[int, typer.Option(help="MLflow tracking server and UI")] = 5000,
     dask_port: Annotated[int, typer.Option(help="Dask scheduler")] = 8786,
     dashboard_port: Annotated[int, typer.Option(help="Dask dashboard")] = 8787,
+    web_port: Annotated[int, typer.Option(help="the web demo (mirflow serve)")] = 8000,
     workers: Workers = None,
     work_pool: Annotated[str, typer.Option(help="Prefect work pool the deployments run on")] = "mirflow",
     concurrency: Annotated[int, typer.Option(help="deployment runs at a time (they share the storage root)")] = 1,
@@ -363,7 +364,7 @@ def up(
 
     stopping: list[int] = []
     stack = Stack(data_dir=data_dir, ports=Ports(prefect=prefect_port, mlflow=mlflow_port, dask=dask_port,
-                                                dashboard=dashboard_port),
+                                                dashboard=dashboard_port, web=web_port),
                   n_workers=workers or usable_cores(), work_pool=work_pool, concurrency=concurrency,
                   paused_schedules=paused_schedules, stop_requested=lambda: bool(stopping))
 
@@ -735,29 +736,37 @@ def serve(
     decode_timeout: Annotated[float, typer.Option(help="seconds a decoder may take before the upload is refused")]
     = 30.0,
     decoders: Annotated[int, typer.Option(help="decoding processes (uploads decoded at once)")] = 2,
+    wait: Annotated[bool, typer.Option(help="start without models (503 with the reason) and load them once a "
+                                            "pipeline run has made them")] = False,
     verbose: bool = False,
 ) -> None:
     """The web demo and its API: upload a track for its tags and cold-start recommendations, browse the catalogue
     map (http://HOST:PORT/, API docs at /docs)."""
     _setup(verbose)
+    import uvicorn
+
+    from infra.service.app import create_app
+    from infra.service.catalogue import load_catalogue
     from infra.tracking import tracking_for
     from tasks.errors import MirflowError
     from tasks.uploads import UploadLimits
 
+    def loader():
+        return load_catalogue(data_dir.resolve(), tracking_for(data_dir), dataset=dataset)
+
     try:
-        import uvicorn
-
-        from infra.service.app import create_app
-        from infra.service.catalogue import load_catalogue
-
-        catalogue = load_catalogue(data_dir.resolve(), tracking_for(data_dir), dataset=dataset)
+        catalogue = loader()
+        what = f"{len(catalogue.track_ids)} tracks of {dataset} ({catalogue.source})"
     except MirflowError as err:
-        console.print(f"[red]mirflow: {err}[/red]", highlight=False)
-        raise typer.Exit(1) from None
+        if not wait:
+            console.print(f"[red]mirflow: {err}[/red]", highlight=False)
+            raise typer.Exit(1) from None
+        catalogue, what = None, f"nothing yet ({err}); it loads the models once they exist"
     limits = UploadLimits(max_bytes=int(max_upload_mb * 2**20), max_seconds=max_minutes * 60.0)
-    console.print(f"serving {len(catalogue.track_ids)} tracks of {dataset} ({catalogue.source})\n"
-                  f"  http://{host}:{port}/   (API docs: http://{host}:{port}/docs)", highlight=False)
-    uvicorn.run(create_app(catalogue, limits=limits, decode_timeout_s=decode_timeout, decoders_size=decoders),
+    console.print(f"serving {what}\n  http://{host}:{port}/   (API docs: http://{host}:{port}/docs)",
+                  highlight=False)
+    uvicorn.run(create_app(catalogue, loader=loader, limits=limits, decode_timeout_s=decode_timeout,
+                           decoders_size=decoders),
                 host=host, port=port,
                 log_level="info" if verbose else "warning")
 

@@ -55,6 +55,7 @@ class Ports:
     mlflow: int = 5000
     dask: int = 8786
     dashboard: int = 8787
+    web: int = 8000
 
     def check(self) -> None:
         values = list(asdict(self).values())
@@ -84,10 +85,12 @@ class ServiceInfo:
     work_pool: str
     logs: str
     service_id: str = ""
+    web_demo: str = ""
 
     def lines(self) -> list[str]:
         return [f"Prefect UI        {self.prefect_ui}",
                 f"MLflow UI         {self.mlflow_ui}",
+                *([f"web demo          {self.web_demo}"] if self.web_demo else []),
                 f"Dask dashboard    {self.dask_dashboard}",
                 f"Dask scheduler    {self.dask_scheduler}",
                 f"logs              {self.logs}"]
@@ -131,7 +134,7 @@ class Stack:
                            prefect_api=f"http://127.0.0.1:{p.prefect}/api", mlflow_ui=f"http://127.0.0.1:{p.mlflow}",
                            dask_scheduler=f"tcp://127.0.0.1:{p.dask}",
                            dask_dashboard=f"http://127.0.0.1:{p.dashboard}/status", work_pool=self.work_pool,
-                           logs=str(self.logs), service_id=self.service_id)
+                           logs=str(self.logs), service_id=self.service_id, web_demo=f"http://127.0.0.1:{p.web}/")
 
     def environ(self) -> dict[str, str]:
         """The children's environment: quiet, offline, pointed at this service."""
@@ -215,6 +218,10 @@ class Stack:
             self._pause_schedules()
         self._spawn("prefect-worker", [_BIN / "prefect", "worker", "start", "--pool", self.work_pool, "--type", "process"],
                     extra_env={"PREFECT_WORKER_QUERY_SECONDS": str(self.poll_seconds)})
+        on_step(f"starting the web demo on {info.web_demo} (it serves the champions once a pipeline run made them)")
+        self._spawn("web-demo", [_BIN / "mirflow", "serve", "--data-dir", self.data_dir, "--port", str(self.ports.web),
+                                 "--wait"])
+        self._wait_http("web-demo", f"{info.web_demo}healthz")
         self._check_stop()
         return info
 

@@ -44,9 +44,9 @@ class Service:
     def __init__(self, data_dir: Path):
         self.data_dir = data_dir
         self.service_id = uuid.uuid4().hex
-        prefect, mlflow_port, dask, dashboard = free_ports(4)
+        prefect, mlflow_port, dask, dashboard, web = free_ports(5)
         args = (f"--prefect-port {prefect} --mlflow-port {mlflow_port} --dask-port {dask} "
-                f"--dashboard-port {dashboard} --workers 2 --paused-schedules")
+                f"--dashboard-port {dashboard} --web-port {web} --workers 2 --paused-schedules")
         self.env = {**os.environ, SERVICE_ID: self.service_id, "PREFECT_API_URL": f"http://127.0.0.1:{prefect}/api",
                     "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}"}
         self.log = data_dir / "make-serve.log"
@@ -61,8 +61,9 @@ class Service:
         while time.monotonic() < deadline:
             text = self.log.read_text(errors="replace")
             if "mirflow is serving" in text and "logs" in text.split("mirflow is serving")[1]:
-                for name in ("Prefect UI", "MLflow UI", "Dask dashboard"):
-                    self.urls[name] = re.search(rf"{name}\s+(\S+)", text).group(1)
+                printed = text.split("mirflow is serving")[1]  # the URL table, not the start-up lines
+                for name in ("Prefect UI", "MLflow UI", "Dask dashboard", "web demo"):
+                    self.urls[name] = re.search(rf"{name}\s+(\S+)", printed).group(1)
                 return
             if self.process.poll() is not None:
                 pytest.fail(f"make serve exited with {self.process.returncode}:\n{text[-3000:]}")
@@ -152,6 +153,23 @@ def test_the_pipeline_deployment_registers_a_champion_of_every_family(service):
     cnn = _versions(service, LATENT_FACTOR_CNN)[0]
     assert cnn.tags["mirflow.wmf_version"] == "1"
     assert cnn.tags["mirflow.batches"] == "train_triplets.batch-000,train_triplets.batch-001"
+
+
+def test_the_web_demo_waits_for_the_champions_then_serves_them(service):
+    """It came up before any model existed (503 with the reason); after the pipeline run it serves the champions."""
+    import json as json_module
+
+    url = service.urls["web demo"]
+    deadline = time.monotonic() + 60
+    while True:
+        with urllib.request.urlopen(f"{url}healthz", timeout=10) as response:
+            health = json_module.loads(response.read())
+        if health["status"] == "ok" or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert health["status"] == "ok" and health["tracks"] > 0 and "champions" in health["models"], health
+    with urllib.request.urlopen(f"{url}api/map", timeout=30) as response:
+        assert len(json_module.loads(response.read())["points"]) == health["tracks"]
 
 
 def test_the_registered_tagger_scores_audio_as_the_shards_do(service):

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +37,7 @@ from lightning_modules.served import (
     predict_latent_factors,
     predict_tag_scores,
 )
+from tasks.errors import MirflowError
 from tasks.recommend import nearest_by_cosine
 from tasks.uploads import UploadError, UploadLimits
 
@@ -70,9 +74,39 @@ def _summary(catalogue: Catalogue, row: int, **extra) -> dict:
     return {"track_id": track_id, "tags": catalogue.tags[row], "audio": f"/api/audio/{track_id}", **extra}
 
 
-def create_app(catalogue: Catalogue, *, limits: UploadLimits = UploadLimits(), decode_timeout_s: float = 30.0,
+class Served:
+    """The catalogue being served; with a ``loader`` and none yet, every request tries again (at most every
+    ``retry_s``) and is answered 503 with the reason until one loads (e.g. before the first pipeline run)."""
+
+    def __init__(self, catalogue: Catalogue | None, loader: Callable[[], Catalogue] | None = None,
+                 retry_s: float = 15.0) -> None:
+        if catalogue is None and loader is None:
+            raise ValueError("serve a catalogue, or give a loader")
+        self.catalogue, self.loader, self.retry_s = catalogue, loader, retry_s
+        self.reason, self._tried = "not loaded yet", -float("inf")
+        self._lock = threading.Lock()
+
+    def get(self) -> Catalogue:
+        if self.catalogue is None:
+            with self._lock:
+                if self.catalogue is None and time.monotonic() - self._tried >= self.retry_s:
+                    self._tried = time.monotonic()
+                    try:
+                        self.catalogue = self.loader()
+                        log.info("serve: loaded %d tracks (%s)", len(self.catalogue.track_ids), self.catalogue.source)
+                    except MirflowError as err:
+                        self.reason = str(err)
+            if self.catalogue is None:
+                raise ApiError(503, f"no models to serve yet: {self.reason}")
+        return self.catalogue
+
+
+def create_app(catalogue: Catalogue | None, *, loader: Callable[[], Catalogue] | None = None,
+               limits: UploadLimits = UploadLimits(), decode_timeout_s: float = 30.0,
                decoders_size: int = 2) -> FastAPI:
-    """The service over a loaded catalogue (:func:`infra.service.catalogue.load_catalogue`)."""
+    """The service over a loaded catalogue (:func:`infra.service.catalogue.load_catalogue`), or over what
+    ``loader`` loads once it can (503 with the reason until then)."""
+    served = Served(catalogue, loader)
     app = FastAPI(title="mirflow", description="Tags and cold-start recommendations from audio (mirflow).")
     decoders = DecoderPool(decoders_size, timeout_s=decode_timeout_s)
     app.state.decoders = decoders
@@ -103,11 +137,16 @@ def create_app(catalogue: Catalogue, *, limits: UploadLimits = UploadLimits(), d
 
     @app.get("/healthz")
     def healthz() -> dict:
+        try:
+            catalogue = served.get()
+        except ApiError as err:
+            return {"status": "waiting", "reason": err.reason}
         return {"status": "ok", "tracks": len(catalogue.track_ids), "users": len(catalogue.users),
                 "models": catalogue.source}
 
     @app.post("/api/analyze")
     def analyze(file: UploadFile, top: int = 10) -> dict:
+        catalogue = served.get()
         top = max(1, min(int(top), 100))
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "upload"  # never the client's file name
@@ -134,6 +173,7 @@ def create_app(catalogue: Catalogue, *, limits: UploadLimits = UploadLimits(), d
 
     @app.get("/api/tracks/{track_id}")
     def track(track_id: str, top: int = 5) -> dict:
+        catalogue = served.get()
         row = _track(catalogue, track_id)
         top = max(1, min(int(top), 50))
         return {**_summary(catalogue, row), "has_wmf_factors": bool(np.isfinite(catalogue.wmf[row]).all()),
@@ -142,6 +182,7 @@ def create_app(catalogue: Catalogue, *, limits: UploadLimits = UploadLimits(), d
 
     @app.get("/api/users/{user_id}/recommendations")
     def recommendations(user_id: str, top: int = 10) -> dict:
+        catalogue = served.get()
         if not TRACK_ID.match(user_id):
             raise ApiError(400, "a user id is letters, digits, '.', '_' or '-' (at most 128)")
         where = np.flatnonzero(catalogue.users == user_id)
@@ -156,11 +197,13 @@ def create_app(catalogue: Catalogue, *, limits: UploadLimits = UploadLimits(), d
 
     @app.get("/api/map")
     def catalogue_map() -> dict:
+        catalogue = served.get()
         return {"points": [{"track_id": str(t), "x": float(x), "y": float(y), "tags": tags}
                            for t, (x, y), tags in zip(catalogue.track_ids, catalogue.coordinates, catalogue.tags)]}
 
     @app.get("/api/audio/{track_id}")
     def audio(track_id: str) -> FileResponse:
+        catalogue = served.get()
         row = _track(catalogue, track_id)
         path = Path(catalogue.audio[str(catalogue.track_ids[row])])
         if not path.is_file():

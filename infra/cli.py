@@ -754,14 +754,19 @@ def serve(
     def loader():
         return load_catalogue(data_dir.resolve(), tracking_for(data_dir), dataset=dataset)
 
-    try:
-        catalogue = loader()
-        what = f"{len(catalogue.track_ids)} tracks of {dataset} ({catalogue.source})"
-    except MirflowError as err:
-        if not wait:
+    if wait:  # loaded in the background: the server answers (503 with the reason) from the start
+        catalogue, what = None, f"{dataset} once its models can be loaded (503 with the reason until then)"
+    else:
+        try:
+            catalogue = loader()
+        except MirflowError as err:
             console.print(f"[red]mirflow: {err}[/red]", highlight=False)
             raise typer.Exit(1) from None
-        catalogue, what = None, f"nothing yet ({err}); it loads the models once they exist"
+        except Exception as err:  # a store or files in a state nobody planned for: the reason, not a traceback
+            console.print(f"[red]mirflow: the models or the catalogue could not be loaded ({type(err).__name__}: "
+                          f"{err}); `mirflow serve --wait` keeps trying[/red]", highlight=False)
+            raise typer.Exit(1) from None
+        what = f"{len(catalogue.track_ids)} tracks of {dataset} ({catalogue.source})"
     limits = UploadLimits(max_bytes=int(max_upload_mb * 2**20), max_seconds=max_minutes * 60.0)
     console.print(f"serving {what}\n  http://{host}:{port}/   (API docs: http://{host}:{port}/docs)",
                   highlight=False)

@@ -54,6 +54,10 @@ def decode_upload(path: Path, *, sample_rate: int, limits: UploadLimits) -> np.n
     """Check, then decode an upload to a mono float32 waveform at ``sample_rate`` (the model's rate)."""
     check_upload(path, limits)
     try:
-        return decode(path, sample_rate=sample_rate, min_seconds=limits.min_seconds)
+        y = decode(path, sample_rate=sample_rate, min_seconds=limits.min_seconds)
     except DecodeError as err:
         raise UploadError(422, f"the audio cannot be used: {err.reason}") from None
+    seconds = len(y) / sample_rate
+    if seconds > limits.max_seconds * 1.05:  # a header that under-states the length (e.g. a VBR MP3 without one)
+        raise UploadError(413, f"the clip decodes to {seconds:.0f} s; the limit is {limits.max_seconds:.0f} s")
+    return y

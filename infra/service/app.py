@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
@@ -75,29 +76,44 @@ def _summary(catalogue: Catalogue, row: int, **extra) -> dict:
 
 
 class Served:
-    """The catalogue being served; with a ``loader`` and none yet, every request tries again (at most every
-    ``retry_s``) and is answered 503 with the reason until one loads (e.g. before the first pipeline run)."""
+    """The catalogue being served. With a ``loader`` and none yet, it is loaded in a background thread (again at
+    most every ``retry_s`` after a failure); requests meanwhile get a 503 with the reason, never a wait."""
 
     def __init__(self, catalogue: Catalogue | None, loader: Callable[[], Catalogue] | None = None,
                  retry_s: float = 15.0) -> None:
         if catalogue is None and loader is None:
             raise ValueError("serve a catalogue, or give a loader")
         self.catalogue, self.loader, self.retry_s = catalogue, loader, retry_s
-        self.reason, self._tried = "not loaded yet", -float("inf")
+        self.reason, self._tried, self._loading = "not loaded yet", -float("inf"), False
         self._lock = threading.Lock()
+        if catalogue is None:
+            self._start_loading()
+
+    def _start_loading(self) -> None:
+        with self._lock:
+            if self._loading or time.monotonic() - self._tried < self.retry_s:
+                return
+            self._loading, self._tried = True, time.monotonic()
+        threading.Thread(target=self._load, name="mirflow-catalogue", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            self.catalogue = self.loader()
+            log.info("serve: loaded %d tracks (%s)", len(self.catalogue.track_ids), self.catalogue.source)
+        except MirflowError as err:
+            self.reason = str(err)
+        except Exception as err:  # a store or a file in a state nobody planned for: said, and tried again later
+            self.reason = f"{type(err).__name__}: {err}"
+            log.exception("serve: loading the models and the catalogue failed")
+        finally:
+            self._loading = False
 
     def get(self) -> Catalogue:
         if self.catalogue is None:
-            with self._lock:
-                if self.catalogue is None and time.monotonic() - self._tried >= self.retry_s:
-                    self._tried = time.monotonic()
-                    try:
-                        self.catalogue = self.loader()
-                        log.info("serve: loaded %d tracks (%s)", len(self.catalogue.track_ids), self.catalogue.source)
-                    except MirflowError as err:
-                        self.reason = str(err)
-            if self.catalogue is None:
-                raise ApiError(503, f"no models to serve yet: {self.reason}")
+            self._start_loading()
+            if self._loading:
+                raise ApiError(503, "loading the models and the catalogue; try again in a moment")
+            raise ApiError(503, f"no models to serve yet: {self.reason}")
         return self.catalogue
 
 
@@ -107,9 +123,25 @@ def create_app(catalogue: Catalogue | None, *, loader: Callable[[], Catalogue] |
     """The service over a loaded catalogue (:func:`infra.service.catalogue.load_catalogue`), or over what
     ``loader`` loads once it can (503 with the reason until then)."""
     served = Served(catalogue, loader)
-    app = FastAPI(title="mirflow", description="Tags and cold-start recommendations from audio (mirflow).")
     decoders = DecoderPool(decoders_size, timeout_s=decode_timeout_s)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        decoders.close()  # the decoding processes end with the server
+
+    app = FastAPI(title="mirflow", description="Tags and cold-start recommendations from audio (mirflow).",
+                  lifespan=lifespan)
     app.state.decoders = decoders
+
+    @app.middleware("http")
+    async def _refuse_large_bodies(request: Request, call_next):
+        """An upload whose declared length passes the limit is refused before its body is read (or spooled)."""
+        length = request.headers.get("content-length", "")
+        if request.url.path == "/api/analyze" and length.isdigit() and int(length) > limits.max_bytes + (1 << 16):
+            return JSONResponse({"error": f"the upload is {int(length) / 2**20:.1f} MB; the limit is "
+                                          f"{limits.max_bytes / 2**20:.0f} MB"}, status_code=413)
+        return await call_next(request)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> JSONResponse:

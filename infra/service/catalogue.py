@@ -140,20 +140,28 @@ def load_catalogue(data_dir: Path, tracking: TrackingSettings, *, dataset: str =
             items, item_factors = np.concatenate([items, held]), np.concatenate([item_factors, held_factors])
     tracks = pd.read_parquet(layout.tracks(dataset), columns=["track_id", "source_path", "tags"])
     feature_dir = _feature_dir(layout, dataset, cnn.mel, feature_set)
-    key = hashlib.sha1(f"{cnn.version}|{content_sha1(feature_dir / MANIFEST)}".encode()).hexdigest()[:16]
+    key = hashlib.sha1(f"{cnn.version}|{content_sha1(feature_dir / MANIFEST)}|{content_sha1(layout.tracks(dataset))}"
+                       .encode()).hexdigest()[:16]
     cached = cache / f"catalogue-{key}.npz"
+    loaded = None
     if cached.exists():
-        with np.load(cached, allow_pickle=False) as npz:
-            ids, predicted, coordinates = npz["track_ids"].astype(str), npz["predicted"], npz["coordinates"]
+        try:
+            with np.load(cached, allow_pickle=False) as npz:
+                loaded = npz["track_ids"].astype(str), npz["predicted"], npz["coordinates"]
+        except (OSError, ValueError, KeyError):  # a damaged cache is computed again
+            log.warning("serve: the cache %s is unreadable; computing it again", cached)
+            cached.unlink(missing_ok=True)
+    if loaded is not None:
+        ids, predicted, coordinates = loaded
     else:
         mels = read_features(feature_dir, column=cnn.mel.column)
         ids = np.asarray([t for t in tracks["track_id"].astype(str) if t in mels], dtype=str)
         log.info("serve: predicting the factors of %d catalogue tracks (once; cached in %s)", len(ids), cached)
         predicted = predict_latent_factors(cnn.module, [mels[t] for t in ids], crop=cnn.crop, hop=cnn.hop)
         coordinates = tsne_coordinates(predicted, seed=0).astype(np.float32)
-        tmp_path = cached.with_name(f".{cached.name}.tmp.npz")
-        np.savez(tmp_path, track_ids=ids, predicted=predicted, coordinates=coordinates)
-        tmp_path.replace(cached)
+        with tempfile.NamedTemporaryFile(dir=cache, prefix=f".{cached.stem}.", suffix=".npz", delete=False) as tmp:
+            np.savez(tmp, track_ids=ids, predicted=predicted, coordinates=coordinates)
+        Path(tmp.name).replace(cached)  # a unique name: two servers on one folder never write the same file
     tracks = tracks.set_index("track_id").loc[ids]
     factor_of = dict(zip(items, item_factors))
     nan = np.full(item_factors.shape[1], np.nan, dtype=np.float32)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import queue
+import signal
 import threading
 from pathlib import Path
 
@@ -25,7 +27,13 @@ _CONTEXT = multiprocessing.get_context("spawn")  # never fork a server full of t
 
 
 def serve_decodes(connection) -> None:
-    """A worker's loop: ``(path, sample_rate, limits)`` in, ``("ok", waveform)`` or ``("refused", (status, reason))`` out."""
+    """A worker's loop: ``(path, sample_rate, limits)`` in, ``("ok", waveform)`` or ``("refused", (status, reason))`` out.
+
+    The worker leads its own process group, so that killing it also kills a decoder it started (audioread's ffmpeg).
+    """
+    import os
+
+    os.setsid()
     while True:
         try:
             path, sample_rate, limits = connection.recv()
@@ -48,6 +56,7 @@ class DecoderPool:
         self._idle: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._workers: list = []
+        self._missing, self._closed = 0, False
         for _ in range(max(1, size)):
             self._idle.put(self._start())
 
@@ -60,38 +69,79 @@ class DecoderPool:
             self._workers.append(process)
         return process, parent
 
-    def _replace(self, process, connection) -> None:
-        connection.close()
+    @staticmethod
+    def _kill(process) -> None:
         if process.is_alive():
-            process.kill()
+            try:
+                os.killpg(process.pid, signal.SIGKILL)  # the worker and any decoder it started
+            except OSError:
+                process.kill()
         process.join(5)
+
+    def _replace(self, process, connection) -> None:
+        """Kill a worker and put a fresh one in its place; a failed start leaves a slot that :meth:`decode` refills."""
+        connection.close()
+        self._kill(process)
         with self._lock:
             if process in self._workers:
                 self._workers.remove(process)
-        self._idle.put(self._start())
+            self._missing += 1
+        self._refill()
+
+    def _refill(self) -> None:
+        while not self._closed:
+            with self._lock:
+                if self._missing == 0:
+                    return
+                self._missing -= 1
+            try:
+                self._idle.put(self._start())
+            except Exception:  # no process could be started now (file descriptors, memory): try on the next request
+                with self._lock:
+                    self._missing += 1
+                log.exception("serve: a decoding process could not be started")
+                return
 
     def decode(self, path: Path, *, sample_rate: int, limits: UploadLimits) -> np.ndarray:
         """The upload's waveform at ``sample_rate``; :class:`UploadError` for a refusal, a timeout or a crash."""
-        process, connection = self._idle.get()
+        if self._closed:
+            raise UploadError(503, "the service is shutting down")
+        self._refill()
+        try:
+            process, connection = self._idle.get(timeout=self.timeout_s)
+        except queue.Empty:
+            raise UploadError(503, "every decoder is busy; try again in a moment") from None
         try:
             connection.send((str(path), sample_rate, limits))
             if not connection.poll(self.timeout_s):
                 self._replace(process, connection)
                 raise UploadError(422, f"decoding took longer than {self.timeout_s:.0f} s; the file was given up")
             kind, value = connection.recv()
-        except (EOFError, OSError, BrokenPipeError):
+        except UploadError:
+            raise
+        except (EOFError, OSError):
             process.join(5)
             code = process.exitcode
             self._replace(process, connection)
             raise UploadError(422, f"the decoder stopped on this file (exit code {code})") from None
+        except BaseException:  # anything else (a reply too large to unpickle, an interrupt): never lose the worker
+            self._replace(process, connection)
+            raise
         self._idle.put((process, connection))
         if kind == "refused":
             raise UploadError(*value)
         return value
 
     def close(self) -> None:
+        """Stop every worker (the app's shutdown); later :meth:`decode` calls get a 503."""
+        self._closed = True
         with self._lock:
             workers = list(self._workers)
+        while True:
+            try:
+                _, connection = self._idle.get_nowait()
+                connection.close()
+            except queue.Empty:
+                break
         for process in workers:
-            process.kill()
-            process.join(5)
+            self._kill(process)

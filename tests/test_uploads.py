@@ -104,3 +104,59 @@ def test_a_decoder_that_hangs_or_crashes_costs_one_request(tmp_path, name, reaso
         assert len(good) == 32000  # a fresh worker took the killed one's place
     finally:
         pool.close()
+
+
+def test_a_header_that_understates_the_length_is_caught_after_decoding(tmp_path, monkeypatch):
+    import tasks.uploads as uploads
+
+    path = _wav(tmp_path / "long.wav", 8.0, rate=8000)
+    monkeypatch.setattr(uploads, "audio_info", lambda p: {"duration_s": 2.0, "sample_rate": 8000, "channels": 1})
+    with pytest.raises(UploadError, match="decodes to 8 s") as err:
+        decode_upload(path, sample_rate=8000, limits=UploadLimits(max_seconds=5.0))
+    assert err.value.status == 413
+
+
+def test_a_request_that_finds_every_decoder_busy_gets_a_503(tmp_path):
+    import threading
+
+    pool = DecoderPool(1, timeout_s=3.0, wait_s=0.5, target=fragile_decoder)
+    try:
+        hung = threading.Thread(target=lambda: pytest.raises(UploadError, pool.decode, _wav(tmp_path / "hang.wav", 2.0),
+                                                               sample_rate=16000, limits=LIMITS))
+        hung.start()
+        time.sleep(0.5)
+        with pytest.raises(UploadError, match="busy") as err:
+            pool.decode(_wav(tmp_path / "good.wav", 2.0), sample_rate=16000, limits=LIMITS)
+        assert err.value.status == 503
+        hung.join(20)
+        assert len(pool.decode(tmp_path / "good.wav", sample_rate=16000, limits=LIMITS)) == 32000
+    finally:
+        pool.close()
+    with pytest.raises(UploadError, match="shutting down"):
+        pool.decode(tmp_path / "good.wav", sample_rate=16000, limits=LIMITS)
+
+
+def test_the_catalogue_loads_in_the_background_and_a_failure_is_the_503_reason():
+    from infra.service.app import ApiError, Served
+    from tasks.errors import DatasetError
+
+    def missing():
+        raise DatasetError("no finished pipeline run")
+
+    served = Served(None, missing, retry_s=60)
+    deadline = time.monotonic() + 10
+    while served._loading and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(ApiError, match="no models to serve yet: no finished pipeline run") as err:
+        served.get()
+    assert err.value.status == 503
+
+    def slow():
+        time.sleep(1.0)
+        return "catalogue"
+
+    served = Served(None, slow)
+    with pytest.raises(ApiError, match="loading"):
+        served.get()
+    time.sleep(1.5)
+    assert served.get() == "catalogue"

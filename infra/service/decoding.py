@@ -51,8 +51,10 @@ def serve_decodes(connection) -> None:
 class DecoderPool:
     """``size`` decoding processes; :meth:`decode` waits for a free one (at most ``timeout_s`` for the decode)."""
 
-    def __init__(self, size: int = 2, *, timeout_s: float = 30.0, target=serve_decodes) -> None:
+    def __init__(self, size: int = 2, *, timeout_s: float = 30.0, wait_s: float | None = None,
+                 target=serve_decodes) -> None:
         self.timeout_s, self._target = timeout_s, target
+        self.wait_s = timeout_s if wait_s is None else wait_s  # how long a request waits for a free decoder
         self._idle: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._workers: list = []
@@ -108,7 +110,7 @@ class DecoderPool:
             raise UploadError(503, "the service is shutting down")
         self._refill()
         try:
-            process, connection = self._idle.get(timeout=self.timeout_s)
+            process, connection = self._idle.get(timeout=self.wait_s)
         except queue.Empty:
             raise UploadError(503, "every decoder is busy; try again in a moment") from None
         try:

@@ -3,10 +3,11 @@
 The project's path is ``mirflow serve`` started as a user starts it (a subprocess on
 127.0.0.1), sent ``--requests`` POST /api/analyze uploads of 30 s MP3 clips by
 ``--concurrency`` client threads. It reports p50 and p95 latency, the error count (target
-0) and the server's resident memory before and after (target: flat within 15 %). The
-baseline is the in-process lower bound of one request: ``decode`` + log-mel + the tagger's
-and the CNN's forward passes + the neighbours' matrix product, in this process, on the
-same clip; the ratio p50 / bound has a target of 1.5 (at concurrency 1; with more clients
+0) and the server's resident memory, its decoder workers' included, after a warm-up of
+``--concurrency`` requests at once and after the load (target: flat within 15 %). The
+baseline is the in-process lower bound of one request: ``decode`` + log-mel + the
+tagger's and the CNN's forward passes + the neighbours' matrix product, in this process,
+on the same clip; the ratio p50 / bound has a target of 1.5 (at concurrency 1; with more clients
 than cores, requests queue and the ratio grows with the queue).
 
     python benchmarks/bench_serve.py --data-dir data                 # after `make demo`
@@ -93,7 +94,14 @@ def lower_bound(data_dir: Path, clip: Path, repeats: int) -> float:
 
 
 def rss_mb(process: psutil.Process) -> float:
-    return process.memory_info().rss / 2**20
+    """Resident memory of the server and its decoder workers together."""
+    total = process.memory_info().rss
+    for child in process.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total / 2**20
 
 
 def main() -> None:
@@ -126,8 +134,12 @@ def main() -> None:
                 raise SystemExit("the server did not come up")
             time.sleep(0.5)
         process = psutil.Process(server.pid)
-        with httpx.Client(timeout=120) as client:  # warm-up: the forkserver, the first forward passes
+        with httpx.Client(timeout=120) as client:  # warm-up: the decoder workers, the first forward passes
             client.post(f"{url}/api/analyze", files={"file": payloads[0]}).raise_for_status()
+        first = rss_mb(process)
+        with ThreadPoolExecutor(args.concurrency) as pool:  # and `concurrency` requests at once, as the load will
+            list(pool.map(lambda p: httpx.post(f"{url}/api/analyze", files={"file": p}, timeout=120).raise_for_status(),
+                          [payloads[i % len(payloads)] for i in range(args.concurrency)]))
         before = rss_mb(process)
 
         local = threading.local()  # one client (one kept-alive connection) per client thread, as a real client
@@ -161,7 +173,8 @@ def main() -> None:
     print(f"\n{args.requests} analyze requests of 30 s MP3 clips, concurrency {args.concurrency}, "
           f"{os.cpu_count()} cores, {wall:.1f} s ({args.requests / wall:.2f} requests/s)")
     print(f"  latency p50 {p50:.3f} s, p95 {p95:.3f} s; errors {errors}")
-    print(f"  server memory {before:.0f} MiB before, {middle:.0f} MiB after half the requests, {after:.0f} MiB after "
+    print(f"  server memory (with its decoder workers) {first:.0f} MiB after one request, {before:.0f} MiB after "
+          f"{args.concurrency} at once, {middle:.0f} MiB after half the requests, {after:.0f} MiB after "
           f"all ({(after / before - 1) * 100:+.1f} % overall, {(after / middle - 1) * 100:+.1f} % in the second half)")
     print(f"  in-process bound (decode + log-mel + forwards + neighbours): {bound:.3f} s")
     print(f"  p50 / bound {p50 / bound:.2f}   (per request at concurrency {args.concurrency}: "

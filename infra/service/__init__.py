@@ -99,7 +99,7 @@ def subflow_heartbeats_off() -> Iterator[None]:
 
 
 def try_lock(path: Path):
-    """An open file holding an exclusive lock on ``path`` (released when closed), or None if another process holds it."""
+    """An open file holding an exclusive lock on ``path`` (released when closed); None if another process holds it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(path, "a+")
     try:

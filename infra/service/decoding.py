@@ -27,7 +27,7 @@ _CONTEXT = multiprocessing.get_context("spawn")  # never fork a server full of t
 
 
 def serve_decodes(connection) -> None:
-    """A worker's loop: ``(path, sample_rate, limits)`` in, ``("ok", waveform)`` or ``("refused", (status, reason))`` out.
+    """A worker's loop: ``(path, sample_rate, limits)`` in; ``("ok", waveform)`` or ``("refused", (status, why))`` out.
 
     The worker leads its own process group, so that killing it also kills a decoder it started (audioread's ffmpeg).
     """

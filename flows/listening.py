@@ -19,6 +19,7 @@ import logging
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import mlflow
@@ -28,10 +29,11 @@ import scipy.sparse as sp
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from infra.cluster import dask_client, map_batches
 from infra.layout import Layout
 from infra.service import TRANSIENT_IO_RETRIES
 from infra.progress import ProgressReporter
-from infra.settings import TrackingSettings, WMFSettings
+from infra.settings import ClusterSettings, TrackingSettings, WMFSettings
 from infra.tracking import tracked_run
 from tasks.errors import DatasetError
 from tasks.events import IngestReport, ListeningSource, batch_record, ingest_sources, ingested_batches
@@ -54,6 +56,10 @@ log = logging.getLogger("mirflow")
 
 # Users scored by the early-stopping validation metric (a sample keeps each check cheap).
 _VALIDATION_USERS = 20_000
+# Listening files this large (together) are ingested on the cluster when the flow is given one,
+# in chunks of CLUSTER_CHUNK_BYTES: below it, starting the cluster costs more than it saves.
+CLUSTER_MIN_BYTES = 1 << 30
+CLUSTER_CHUNK_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -76,8 +82,17 @@ class WMFOutput:
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT_IO_RETRIES)
-def ingest_listening(sources: list[ListeningSource], listening_dir: Path, quarantine_path: Path) -> IngestReport:
-    report = ingest_sources(sources, listening_dir=listening_dir, quarantine_path=quarantine_path)
+def ingest_listening(sources: list[ListeningSource], listening_dir: Path, quarantine_path: Path,
+                     cluster: ClusterSettings | None = None) -> IngestReport:
+    """Ingest in this process; with ``cluster`` and at least ``CLUSTER_MIN_BYTES`` of files, on the Dask cluster."""
+    size = sum(Path(s.path).stat().st_size for s in sources if Path(s.path).is_file())
+    if cluster is None or size < CLUSTER_MIN_BYTES:
+        report = ingest_sources(sources, listening_dir=listening_dir, quarantine_path=quarantine_path)
+    else:
+        log.info("listening: %.1f GiB of files: ingesting on the Dask cluster", size / 2**30)
+        with dask_client(cluster) as client:
+            report = ingest_sources(sources, listening_dir=listening_dir, quarantine_path=quarantine_path,
+                                    map_fn=partial(map_batches, client), chunk_bytes=CLUSTER_CHUNK_BYTES)
     totals = report.totals()
     log.info("listening: %d batches (%d unchanged), %d rows read, %d malformed, %d new users, %d new items",
              len(report.batches), sum(b.skipped for b in report.batches), totals["rows"], totals["malformed"],
@@ -148,14 +163,16 @@ def _fit(train: PlayMatrix, wmf: WMFSettings, *, k: int, label: str, init: WMFMo
 
 @flow(name="wmf")
 def factorize(data_dir: Path, sources: list[ListeningSource | str | Path], heldout_items: list[str] | None,
-              wmf: WMFSettings, tracking: TrackingSettings, k: int = 500, ingested: list[str] | None = None) -> WMFOutput:
+              wmf: WMFSettings, tracking: TrackingSettings, k: int = 500, ingested: list[str] | None = None,
+              cluster: ClusterSettings | None = None) -> WMFOutput:
     """Ingest listening files, factorize (fully, incrementally, or not at all if nothing changed) and evaluate.
 
     With ``heldout_items`` the protocol is cold start: those items are left out of the
     factorization, and their factors are folded in from their plays (the upper bound of
     any content-based predictor). Without, a share of each user's plays is held out.
     ``ingested`` names batches already ingested (their files need not be at hand any
-    more) that the factorization covers besides ``sources``.
+    more) that the factorization covers besides ``sources``. With ``cluster``, large listening
+    files are ingested on it (:func:`ingest_listening`).
     """
     layout = Layout(Path(data_dir))
     out = layout.wmf()
@@ -163,7 +180,7 @@ def factorize(data_dir: Path, sources: list[ListeningSource | str | Path], heldo
     sources = [s if isinstance(s, ListeningSource) else ListeningSource(Path(s)) for s in sources]
     if not sources and not ingested:
         raise DatasetError("no listening files given")
-    ingest = ingest_listening(sources, listening, layout.quarantine("listening"))
+    ingest = ingest_listening(sources, listening, layout.quarantine("listening"), cluster)
     batches = list(dict.fromkeys([*(ingested or []), *ingest.batch_ids]))
     # What was factorized is identified by each batch's content hash, not only its name.
     contents = {b: batch_record(listening, b)["sha1"] for b in batches}

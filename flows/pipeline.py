@@ -68,7 +68,7 @@ def pipeline(settings: PipelineSettings) -> PipelineSummary:
     tagger = train_tagger_flow(settings.data_dir, dataset, feature_set, settings.features.mel, settings.tagger,
                                settings.tracking)
     wmf = factorize(settings.data_dir, list(triplets), heldout_track_ids(tracks_path), settings.wmf, settings.tracking,
-                    k=settings.evaluation.k)
+                    k=settings.evaluation.k, cluster=settings.cluster)
     recommender = train_recommender_flow(settings.data_dir, dataset, feature_set, settings.features.mel, wmf,
                                          settings.recommender, settings.evaluation, settings.tracking,
                                          confidence=settings.wmf)

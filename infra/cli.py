@@ -253,9 +253,15 @@ def wmf(
     eval_max_users: Annotated[int, typer.Option(help="users sampled for in-matrix evaluation; 0 = all")] = 100_000,
     k: Annotated[int, typer.Option(help="cut-off of mAP@k, precision@k, NDCG@k")] = 500,
     data_dir: DataDir = Path("data"),
+    workers: Workers = None,
+    cluster: Cluster = "local",
+    address: Address = None,
     verbose: bool = False,
 ) -> None:
     """Ingest listening data (validated, quarantined, stable ids), factorize it with WMF and evaluate.
+
+    Listening files of 1 GiB and more (together) are ingested on the Dask cluster
+    (``--cluster``, ``--workers``, ``--address``), in chunks; smaller ones in this process.
 
     Running again with new files updates the factors from the previous ones and records
     that update against a full refit; with the same files, nothing is redone.
@@ -263,11 +269,12 @@ def wmf(
     _setup(verbose)
     from pydantic import ValidationError
 
-    from infra.settings import WMFSettings
+    from infra.settings import ClusterSettings, WMFSettings
     from infra.tracking import tracking_for
     from tasks.events import ListeningSource
 
     try:
+        cluster_settings = ClusterSettings(kind=cluster, n_workers=workers, address=address)
         settings = WMFSettings(factors=factors, regularization=regularization, iterations=iterations,
                                confidence=confidence, alpha=alpha, epsilon=epsilon, test_fraction=test_fraction,
                                early_stopping_patience=early_stopping, eval_max_users=eval_max_users)
@@ -284,7 +291,8 @@ def wmf(
     if heldout_items is not None:
         heldout = [line.strip() for line in heldout_items.read_text().splitlines() if line.strip()]
     try:
-        out = factorize(data_dir.resolve(), sources, heldout, settings, tracking_for(data_dir), k=k)
+        out = factorize(data_dir.resolve(), sources, heldout, settings, tracking_for(data_dir), k=k,
+                        cluster=cluster_settings)
     except MirflowError as err:
         console.print(f"[red]mirflow: {err}[/red]")
         raise typer.Exit(1) from None

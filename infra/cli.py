@@ -55,6 +55,9 @@ def _setup(verbose: bool) -> None:
     if not logger.handlers:
         logger.addHandler(RichHandler(console=Console(stderr=True), show_path=False, markup=False))
     logger.propagate = False
+    from infra.threads import set_passive_wait
+
+    set_passive_wait()  # before torch starts OpenMP (infra/threads.py)
     import lightning  # noqa: F401  (it sets its loggers to INFO when imported: import first, then quiet them)
 
     for name in CHATTY_LOGGERS:

@@ -91,6 +91,7 @@ def fragile_decoder(connection) -> None:
     """The real worker loop, except that a file named hang* never returns and one named crash* kills it."""
     import os
 
+    connection.send(("ready", os.getpid()))
     while True:
         path, sample_rate, limits = connection.recv()
         if Path(path).name.startswith("hang"):
@@ -168,3 +169,18 @@ def test_the_catalogue_loads_in_the_background_and_a_failure_is_the_503_reason()
         served.get()
     time.sleep(1.5)
     assert served.get() == "catalogue"
+
+
+def never_ready(connection) -> None:
+    """A worker stuck while starting (its imports hang): it never says it is ready."""
+    time.sleep(60)
+
+
+def test_a_decoder_that_never_starts_is_a_503_and_its_start_is_not_the_decode_timeout(tmp_path):
+    pool = DecoderPool(1, timeout_s=30.0, start_s=1.0, target=never_ready)
+    try:
+        with pytest.raises(UploadError, match="did not start within 1 s") as refused:
+            pool.decode(_wav(tmp_path / "a.wav", 1.0), sample_rate=16000, limits=LIMITS)
+        assert refused.value.status == 503
+    finally:
+        pool.close()

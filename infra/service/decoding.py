@@ -34,6 +34,7 @@ def serve_decodes(connection) -> None:
     import os
 
     os.setsid()
+    connection.send(("ready", os.getpid()))  # imports done: from here on, the decode timeout is the decode's
     while True:
         try:
             path, sample_rate, limits = connection.recv()
@@ -52,8 +53,9 @@ class DecoderPool:
     """``size`` decoding processes; :meth:`decode` waits for a free one (at most ``timeout_s`` for the decode)."""
 
     def __init__(self, size: int = 2, *, timeout_s: float = 30.0, wait_s: float | None = None,
-                 target=serve_decodes) -> None:
+                 start_s: float = 120.0, target=serve_decodes) -> None:
         self.timeout_s, self._target = timeout_s, target
+        self.start_s = start_s  # how long a fresh worker may take to start (spawn + imports), apart from decoding
         self.wait_s = timeout_s if wait_s is None else wait_s  # how long a request waits for a free decoder
         self._idle: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
@@ -69,7 +71,7 @@ class DecoderPool:
         child.close()
         with self._lock:
             self._workers.append(process)
-        return process, parent
+        return process, parent, False  # not known to be ready: its first message says so
 
     @staticmethod
     def _kill(process) -> None:
@@ -110,10 +112,15 @@ class DecoderPool:
             raise UploadError(503, "the service is shutting down")
         self._refill()
         try:
-            process, connection = self._idle.get(timeout=self.wait_s)
+            process, connection, ready = self._idle.get(timeout=self.wait_s)
         except queue.Empty:
             raise UploadError(503, "every decoder is busy; try again in a moment") from None
         try:
+            if not ready:
+                if not connection.poll(self.start_s):
+                    self._replace(process, connection)
+                    raise UploadError(503, f"a decoding process did not start within {self.start_s:.0f} s")
+                connection.recv()  # ("ready", pid)
             connection.send((str(path), sample_rate, limits))
             if not connection.poll(self.timeout_s):
                 self._replace(process, connection)
@@ -129,7 +136,7 @@ class DecoderPool:
         except BaseException:  # anything else (a reply too large to unpickle, an interrupt): never lose the worker
             self._replace(process, connection)
             raise
-        self._idle.put((process, connection))
+        self._idle.put((process, connection, True))
         if kind == "refused":
             raise UploadError(*value)
         return value
@@ -141,7 +148,7 @@ class DecoderPool:
             workers = list(self._workers)
         while True:
             try:
-                _, connection = self._idle.get_nowait()
+                _, connection, _ = self._idle.get_nowait()
                 connection.close()
             except queue.Empty:
                 break

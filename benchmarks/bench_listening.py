@@ -15,7 +15,8 @@
 ``ingest``    Ingestion alone, each path in a fresh process, on the same triplet file
               (``--fraction`` of the Taste Profile): the project's chunked path
               (``ingest_sources``: parse, route by user-id range, reduce) in one process,
-              and with ``--cluster N`` on a Dask LocalCluster of N workers, against
+              and on a Dask LocalCluster of ``--cluster`` workers (the flow's chunks of
+              256 MiB), against
               today's baseline, the whole-file path (every valid row of the file in memory,
               one group-by and one sort). Prints wall time and peak RSS (``ru_maxrss``; on
               the cluster, the driver's and each worker's), the ratios, and the peak of a
@@ -327,13 +328,15 @@ def _ingest_child(path_name: str, triplets: str, store: str, workers: int, resul
     elif path_name == "chunked":
         ingest_sources([Path(triplets)], listening_dir=store_path, quarantine_path=store_path / "quarantine.parquet")
     elif path_name == "cluster":
+        from flows.listening import CLUSTER_CHUNK_BYTES
         from infra.cluster import dask_client, map_batches
         from infra.settings import ClusterSettings
 
         with dask_client(ClusterSettings(n_workers=workers)) as client:
             start = time.perf_counter()  # the cluster's start-up is not ingestion
             ingest_sources([Path(triplets)], listening_dir=store_path, quarantine_path=store_path / "quarantine.parquet",
-                           map_fn=lambda fn, items, **kw: map_batches(client, fn, items, **kw))
+                           map_fn=lambda fn, items, **kw: map_batches(client, fn, items, **kw),
+                           chunk_bytes=CLUSTER_CHUNK_BYTES)
             seconds = time.perf_counter() - start
             peaks = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
             worker_peaks = [v * 1024 / 2**30 for v in peaks.values()]

@@ -183,14 +183,14 @@ def test_the_cli_prints_the_bad_target_message_without_a_traceback(tmp_path, pre
     result = CliRunner().invoke(app, ["transfer", "--dataset", "cli-one", "--adapter", "manifest", "--source",
                                       str(manifest), "--feature-set", "mfcc", "--data-dir", str(tmp_path),
                                       "--workers", "1"])
-    assert result.exit_code == 1 and "one class 'folk'" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and "one class 'folk'" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(app, ["transfer", "--dataset", "cli-one", "--adapter", "manifest", "--source",
                                       str(manifest), "--feature-set", "pretrained", "--data-dir", str(tmp_path)])
-    assert result.exit_code == 1 and "needs --model" in result.output
+    assert result.exit_code == 2 and "needs --model" in result.output
     result = CliRunner().invoke(app, ["transfer", "--dataset", "cli-one", "--adapter", "manifest", "--source",
                                       str(manifest), "--feature-set", "mfcc", "--model", "0" * 32,
                                       "--data-dir", str(tmp_path)])
-    assert result.exit_code == 1 and "leave out 'pretrained'" in result.output
+    assert result.exit_code == 2 and "leave out 'pretrained'" in result.output
     result = CliRunner().invoke(app, ["study", "transfer", "--preset", "nips2013", "--data-dir", str(tmp_path)])
     assert result.exit_code == 2 and "mirflow study recommendation" in result.output
 

@@ -665,10 +665,12 @@ class RoutedChunk:
     ranges: dict[int, int]  # range -> record batch in the file
 
 
-def route_chunk(job: tuple[ParsedChunk, np.ndarray, np.ndarray], *, width: int) -> RoutedChunk:
-    """Step 2: a chunk's rows with global ids (``job``: the chunk, its user and item code -> id arrays), cut
-    into user-id ranges of ``width`` ids."""
-    parsed, user_ids, item_ids = job
+def route_chunk(job: tuple[ParsedChunk, str], *, width: int) -> RoutedChunk:
+    """Step 2: a chunk's rows with global ids (``job``: the chunk, and the ``.npz`` of its user and item
+    code -> id arrays), cut into user-id ranges of ``width`` ids."""
+    parsed, ids_path = job
+    with np.load(ids_path) as ids:
+        user_ids, item_ids = ids["users"], ids["items"]
     table = _read_ipc(parsed.rows_path)
     users = np.asarray(user_ids, dtype=np.int32)[table.column("user").to_numpy()]
     items = np.asarray(item_ids, dtype=np.int32)[table.column("item").to_numpy()]
@@ -686,7 +688,7 @@ def route_chunk(job: tuple[ParsedChunk, np.ndarray, np.ndarray], *, width: int) 
         for i, (a, b) in enumerate(zip(starts, ends)):
             writer.write_batch(routed.slice(int(a), int(b - a)).combine_chunks().to_batches()[0])
             index[int(ranges[a])] = i
-    for name in (parsed.rows_path, parsed.users_path, parsed.items_path):
+    for name in (parsed.rows_path, parsed.users_path, parsed.items_path, ids_path):
         Path(name).unlink(missing_ok=True)
     return RoutedChunk(path=str(path), ranges=index)
 
@@ -765,9 +767,11 @@ def ingest_source(source: ListeningSource, *, listening_dir: Path, users: IdMap,
                         source=source, spill_dir=str(spill))
         # The one writer of ids: the chunks' keys in chunk order, so ids follow first sight in the file.
         jobs = []
-        for chunk in parsed:
-            jobs.append((chunk, users.ids(_read_ipc(chunk.users_path).column("key")),
-                         items.ids(_read_ipc(chunk.items_path).column("key"))))
+        for chunk in parsed:  # each chunk's code -> id arrays go to the spill folder, not into the task graph
+            ids_path = spill / f"chunk-{chunk.index:06d}.ids.npz"
+            np.savez(ids_path, users=users.ids(_read_ipc(chunk.users_path).column("key")),
+                     items=items.ids(_read_ipc(chunk.items_path).column("key")))
+            jobs.append((chunk, str(ids_path)))
         report.valid = sum(c.valid for c in parsed)
         n_ranges = max(1, -(-report.valid * _REDUCE_BYTES_PER_ROW // range_bytes))
         width = max(1, -(-max(len(users), 1) // n_ranges))

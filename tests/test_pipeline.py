@@ -101,6 +101,39 @@ def test_every_step_landed_in_mlflow(run):
     assert summary.report_path.exists() and "mAP@500" in summary.report_path.read_text()
 
 
+def test_every_run_shows_its_inputs_and_the_same_data_the_same_digest(run):
+    """Lineage: the MLflow Dataset column of each run, and each experiment's description."""
+    from infra.tracking import DESCRIPTION_TAG, FAMILY_DESCRIPTIONS
+
+    settings, _ = run
+    client = MlflowClient(settings.tracking.tracking_uri)
+    runs = {}
+    for family in ("features", "wmf", "tagger", "latent-factors", "pipeline"):
+        experiment = client.get_experiment_by_name(f"mirflow-{family}")
+        assert experiment.tags[DESCRIPTION_TAG] == FAMILY_DESCRIPTIONS[family]
+        runs[family] = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    features, tracks = f"features/synthetic/{settings.features.feature_set}", "tracks/synthetic"
+    extracted = _inputs(runs["features"][0])
+    assert extracted.keys() == {tracks, features} and extracted[features][1] == "output"
+    if len(runs["features"]) > 1:  # the re-run test's: nothing changed, so the same digests
+        assert _inputs(runs["features"][1]) == extracted
+    tagger = _inputs(runs["tagger"][0])
+    # What the tagger trained on is what the features run left, and the same tracks (annotated since).
+    assert tagger == {features: (extracted[features][0], "training"), tracks: extracted[tracks]}
+    cnn = _inputs(runs["latent-factors"][0])
+    assert cnn.keys() == {features, tracks, "wmf-factors"} and cnn[features] == tagger[features]
+    fit, evaluation = (_inputs(r) for r in runs["wmf"][:2])
+    assert fit.keys() == {"listening", "heldout-items"} and fit["listening"][1] == "training"
+    assert evaluation["listening"] == (fit["listening"][0], "evaluation")
+    assert _inputs(runs["pipeline"][0])["listening"] == fit["listening"]
+
+
+def _inputs(run) -> dict[str, tuple[str, str]]:
+    """``{dataset name: (digest, context)}`` of a run's inputs."""
+    return {i.dataset.name: (i.dataset.digest, {t.key: t.value for t in i.tags}["mlflow.data.context"])
+            for i in run.inputs.dataset_inputs}
+
+
 def test_learning_happened(run):
     _, summary = run
     assert summary.tagger_roc_auc > 0.75
@@ -204,6 +237,11 @@ def test_an_interrupted_retrain_resumes_without_redoing_ingestion_or_wmf(run):
     assert {r.name for r in outcome.rows} == {"random", "popularity", "champion", "challenger"}
     retrain_runs = client.search_runs([client.get_experiment_by_name("mirflow-retrain").experiment_id])
     assert retrain_runs[0].data.tags["mirflow.decision"] == outcome.status
+    # The challenger's listening data: the three batches of the incremental fit, not the pipeline's two.
+    listening = _inputs(retrain_runs[0])["listening"]
+    assert listening == _inputs(client.get_run(before.run_id))["listening"]
+    pipeline_run = client.search_runs([client.get_experiment_by_name("mirflow-pipeline").experiment_id])[-1]
+    assert listening[0] != _inputs(pipeline_run)["listening"][0]
     assert str(registry.get_model_version_by_alias(LATENT_FACTOR_CNN, CHAMPION).version) == outcome.champion_version
 
 

@@ -256,7 +256,7 @@ def embed_catalogue(data_dir: Path, dataset: str, model_ref: str, cluster: Clust
     seconds = time.perf_counter() - start
     params = {"dataset": dataset, "model_uri": model.model_uri, "model_run_id": model.run_id, "model": model.name,
               "feature_set": model.features.feature_set, "kmeans_feature_set": kmeans_dir.name}
-    inputs = [features_input(kmeans_dir, dataset), tracks_input(layout.tracks(dataset), dataset),
+    inputs = [features_input(kmeans_dir, dataset, context="inference"), tracks_input(layout.tracks(dataset), dataset),
               embeddings_input(path, dataset, context="output")]
     with tracked_run(tracking, "embed", run_name=f"embed-{dataset}-{model.tag}", params=params,
                      tags={"mirflow.embeddings": str(path), "mirflow.model_run_id": model.run_id},

@@ -262,6 +262,12 @@ def log_inputs(inputs: Iterable[RunInput | None]) -> None:
     mlflow.log_inputs(datasets=datasets, contexts=[item.context for item in inputs], tags_list=[None] * len(inputs))
 
 
+def run_inputs(run) -> dict[str, tuple[str, str]]:
+    """``{dataset name: (digest, context)}`` of an MLflow run's logged inputs (an ``mlflow.entities.Run``)."""
+    return {i.dataset.name: (i.dataset.digest, {t.key: t.value for t in i.tags}.get("mlflow.data.context", ""))
+            for i in run.inputs.dataset_inputs}
+
+
 def _params(params: Mapping[str, Any]) -> dict[str, str]:
     out = {}
     for key, value in params.items():

@@ -28,7 +28,7 @@ from infra.settings import (
     TrainSettings,
     WorldSettings,
 )
-from infra.tracking import tracking_for
+from infra.tracking import run_inputs, tracking_for
 
 pytestmark = pytest.mark.integration
 SEED = int(os.environ.get("MIRFLOW_TEST_SEED", "0"))
@@ -113,25 +113,19 @@ def test_every_run_shows_its_inputs_and_the_same_data_the_same_digest(run):
         assert experiment.tags[DESCRIPTION_TAG] == FAMILY_DESCRIPTIONS[family]
         runs[family] = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
     features, tracks = f"features/synthetic/{settings.features.feature_set}", "tracks/synthetic"
-    extracted = _inputs(runs["features"][0])
+    extracted = run_inputs(runs["features"][0])
     assert extracted.keys() == {tracks, features} and extracted[features][1] == "output"
     if len(runs["features"]) > 1:  # the re-run test's: nothing changed, so the same digests
-        assert _inputs(runs["features"][1]) == extracted
-    tagger = _inputs(runs["tagger"][0])
+        assert run_inputs(runs["features"][1]) == extracted
+    tagger = run_inputs(runs["tagger"][0])
     # What the tagger trained on is what the features run left, and the same tracks (annotated since).
     assert tagger == {features: (extracted[features][0], "training"), tracks: extracted[tracks]}
-    cnn = _inputs(runs["latent-factors"][0])
+    cnn = run_inputs(runs["latent-factors"][0])
     assert cnn.keys() == {features, tracks, "wmf-factors"} and cnn[features] == tagger[features]
-    fit, evaluation = (_inputs(r) for r in runs["wmf"][:2])
+    fit, evaluation = (run_inputs(r) for r in runs["wmf"][:2])
     assert fit.keys() == {"listening", "heldout-items"} and fit["listening"][1] == "training"
     assert evaluation["listening"] == (fit["listening"][0], "evaluation")
-    assert _inputs(runs["pipeline"][0])["listening"] == fit["listening"]
-
-
-def _inputs(run) -> dict[str, tuple[str, str]]:
-    """``{dataset name: (digest, context)}`` of a run's inputs."""
-    return {i.dataset.name: (i.dataset.digest, {t.key: t.value for t in i.tags}["mlflow.data.context"])
-            for i in run.inputs.dataset_inputs}
+    assert run_inputs(runs["pipeline"][0])["listening"] == fit["listening"]
 
 
 def test_learning_happened(run):
@@ -238,10 +232,10 @@ def test_an_interrupted_retrain_resumes_without_redoing_ingestion_or_wmf(run):
     retrain_runs = client.search_runs([client.get_experiment_by_name("mirflow-retrain").experiment_id])
     assert retrain_runs[0].data.tags["mirflow.decision"] == outcome.status
     # The challenger's listening data: the three batches of the incremental fit, not the pipeline's two.
-    listening = _inputs(retrain_runs[0])["listening"]
-    assert listening == _inputs(client.get_run(before.run_id))["listening"]
+    listening = run_inputs(retrain_runs[0])["listening"]
+    assert listening == run_inputs(client.get_run(before.run_id))["listening"]
     pipeline_run = client.search_runs([client.get_experiment_by_name("mirflow-pipeline").experiment_id])[-1]
-    assert listening[0] != _inputs(pipeline_run)["listening"][0]
+    assert listening[0] != run_inputs(pipeline_run)["listening"][0]
     assert str(registry.get_model_version_by_alias(LATENT_FACTOR_CNN, CHAMPION).version) == outcome.champion_version
 
 

@@ -21,6 +21,7 @@ from infra.tracking import (
     features_input,
     files_input,
     listening_input,
+    run_inputs,
     tracked_run,
     tracking_for,
     tracks_input,
@@ -59,13 +60,6 @@ def _batch(listening_dir: Path, batch: str, sha1: str, events: int = 3) -> None:
     (folder / "_source.json").write_text(json.dumps({"batch": batch, "sha1": sha1, "events": events}))
 
 
-def _inputs(tracking, run_id: str) -> dict[str, tuple[str, str]]:
-    """``{dataset name: (digest, context)}`` of a run."""
-    run = MlflowClient(tracking.tracking_uri).get_run(run_id)
-    return {i.dataset.name: (i.dataset.digest, {t.key: t.value for t in i.tags}["mlflow.data.context"])
-            for i in run.inputs.dataset_inputs}
-
-
 def test_runs_on_the_same_data_show_the_same_digests_and_other_data_others(tmp_path, store):
     tracking = store
     listening = tmp_path / "listening"
@@ -80,7 +74,7 @@ def test_runs_on_the_same_data_show_the_same_digests_and_other_data_others(tmp_p
                   listening_input(listening, batches)]
         with tracked_run(tracking, "tagger", run_name="t", params={}, inputs=inputs) as active:
             pass
-        return _inputs(tracking, active.info.run_id)
+        return run_inputs(MlflowClient(tracking.tracking_uri).get_run(active.info.run_id))
 
     first = run(tmp_path / "one", ["b1", "b2"])
     assert first.keys() == {"features/x/logmel-test", "tracks/x", "listening"}

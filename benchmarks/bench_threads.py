@@ -11,13 +11,15 @@ run in a fresh process per measurement, under four thread set-ups:
                     cgroup quota, less the cores other processes keep busy; OpenMP waits
                     passively) and its training callback, which re-measures as it goes.
 
-each with the machine idle and with a competing process that keeps one core busy (a
-Python busy loop, started before the measurement). Prints the median crops/s of
-``--repeats`` and the ratio busy / idle (target >= 0.4 for the policy). The first three
-tell the causes apart: spinning waits, or threads that wait at every operator for the one
-sharing the busy core.
+each with the machine idle and with a competing process started before the measurement
+(``--competitor``): ``spin``, a Python busy loop that holds one core; ``inference``,
+another framework's inference as the issue saw it (here torch with its own default
+thread pool, one small matrix product after another, napping 5 ms in 50: about one core,
+at times more). Prints the median crops/s of ``--repeats`` and the ratio busy / idle
+(target >= 0.4 for the policy). The first three set-ups tell the causes apart: spinning
+waits, or threads that wait at every operator for the one sharing the busy core.
 
-    python benchmarks/bench_threads.py [--families convnet2014 latent-factor-cnn] [--steps 40] [--repeats 3]
+    python benchmarks/bench_threads.py [--competitor spin|inference] [--steps 40] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -35,6 +37,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SETUPS = ("torch default", "passive wait", "one thread", "mirflow policy")
+COMPETITORS = {
+    "spin": "while True: pass",
+    "inference": ("import time, torch\n"
+                  "a = torch.randn(256, 256)\n"
+                  "while True:\n"
+                  "    start = time.perf_counter()\n"
+                  "    while time.perf_counter() - start < 0.045:\n"
+                  "        a = torch.tanh(a @ a)\n"
+                  "    time.sleep(0.005)\n"),
+}
 
 
 def _child(family: str, setup: str, steps: int, batch_size: int, result) -> None:
@@ -97,6 +109,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", nargs="+", default=["convnet2014", "latent-factor-cnn"])
     parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=SETUPS)
+    parser.add_argument("--competitor", default="spin", choices=sorted(COMPETITORS))
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -110,8 +123,8 @@ def main() -> None:
                 for condition in ("idle", "busy"):  # alternating, so that drift hits both alike
                     competitor = None
                     if condition == "busy":
-                        competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-                        time.sleep(0.5)
+                        competitor = subprocess.Popen([sys.executable, "-c", COMPETITORS[args.competitor]])
+                        time.sleep(3.0 if args.competitor == "inference" else 0.5)  # torch's import first
                     try:
                         rate, n = measure(family, setup, args.steps, args.batch_size)
                     finally:
@@ -125,7 +138,7 @@ def main() -> None:
             idle, busy = statistics.median(rates["idle"]), statistics.median(rates["busy"])
             rows.append((family, setup, idle, busy, threads))
     print(f"\ntraining crops/s, {os.cpu_count()} cores, batch {args.batch_size}, {args.steps} steps, "
-          f"median of {args.repeats}; busy = another process holds one core")
+          f"median of {args.repeats}; busy = a competing process ({args.competitor})")
     print(f"{'family':20s} {'setup':16s} {'idle':>9s} {'busy':>9s} {'busy/idle':>10s}  threads idle/busy")
     for family, setup, idle, busy, threads in rows:
         print(f"{family:20s} {setup:16s} {idle:9.0f} {busy:9.0f} {busy / idle:10.2f}  "

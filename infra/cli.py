@@ -71,9 +71,6 @@ def _setup(verbose: bool) -> None:
     if not logger.handlers:
         logger.addHandler(RichHandler(console=Console(stderr=True), show_path=False, markup=False))
     logger.propagate = False
-    from infra.threads import set_passive_wait
-
-    set_passive_wait()  # before torch starts OpenMP (infra/threads.py)
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates, once per fit; harmless.

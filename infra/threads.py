@@ -2,21 +2,24 @@
 
 torch sizes its intra-op pool by the core count and splits every operator evenly over
 it. When another process keeps one of those cores busy (a Dask worker beside training,
-another job on a shared node), every operator waits at its end for the thread that shares
-the busy core, and the scheduler gives that thread the core only in turns: on 2 cores
-with one taken, the latent-factor CNN's small convolutions ran about 50x slower
-(``benchmarks/bench_threads.py``).
+another job on a shared node), every operator waits at its end for the thread that
+shares the busy core, which the scheduler runs only in turns; a competitor with its
+own spinning OpenMP pool (another framework's inference) makes that far worse.
+``benchmarks/bench_threads.py`` measures it.
 
-The policy, applied once per process by :func:`apply_thread_policy` (the CLI, Dask
-workers and training call it) and kept up to date during training by
-:class:`ThreadPolicyCallback`:
+The policy, applied when training starts and kept up to date while it runs
+(:class:`ThreadAdjuster`, the ``ThreadPolicy`` training callback):
 
 1. the budget: the cores of the CPU affinity mask, capped by the cgroup CPU quota
    (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us / cpu.cfs_period_us``), at least 1;
 2. minus the cores other processes keep busy, measured from ``/proc/stat`` over a short
-   sample (this process's own CPU time taken out), rounded to whole cores;
-3. ``OMP_WAIT_POLICY=PASSIVE`` before OpenMP starts: a thread waiting at a barrier sleeps
-   instead of spinning on a core another thread needs.
+   sample (this process's own CPU time taken out), rounded to whole cores.
+
+OpenMP's wait policy: training keeps the default (a waiting thread spins a while), which
+is the fastest when its threads have their cores; a passive wait cost 15-30 % of the
+idle speed here and helps only when threads outnumber the free cores, which the policy
+above avoids. Dask workers wait passively (``OMP_WAIT_POLICY=PASSIVE`` in their
+environment), so that a worker never spins on a core training needs.
 
 ``MIRFLOW_THREADS=N`` pins the count (no measuring, no adjusting).
 """
@@ -112,14 +115,8 @@ def threads_for(budget: int, others_load: float) -> int:
     return max(1, budget - taken)
 
 
-def set_passive_wait() -> None:
-    """Ask OpenMP to sleep rather than spin while it waits (effective only before torch's OpenMP starts)."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def apply_thread_policy(sample_s: float = 0.2, *, processes: int = 1, quiet: bool = False) -> int:
     """Set torch's intra-op threads by the policy above, shared by ``processes`` ranks; returns the count."""
-    set_passive_wait()
     import torch
 
     pinned = os.environ.get("MIRFLOW_THREADS")
@@ -168,4 +165,4 @@ class ThreadAdjuster:
 
 
 __all__ = ["LoadMeter", "ThreadAdjuster", "affinity_cores", "apply_thread_policy", "cgroup_quota", "cpu_budget",
-           "set_passive_wait", "threads_for"]
+           "threads_for"]

@@ -12,12 +12,23 @@
               against the raw ``implicit`` call a user would write (``AlternatingLeastSquares``
               with its own ``alpha`` on the raw counts), same matrix, factors, sweeps and
               threads; median of ``--repeats``, alternating. Target: ratio <= 1.1.
+``ingest``    Ingestion alone, each path in a fresh process, on the same triplet file
+              (``--fraction`` of the Taste Profile): the project's chunked path
+              (``ingest_sources``: parse, route by user-id range, reduce) in one process,
+              and on a Dask LocalCluster of ``--cluster`` workers (the flow's chunks of
+              256 MiB), against
+              today's baseline, the whole-file path (every valid row of the file in memory,
+              one group-by and one sort). Prints wall time and peak RSS (``ru_maxrss``; on
+              the cluster, the driver's and each worker's), the ratios, and the peak of a
+              raw ``implicit`` ALS fit of the same play matrix (the target: ingestion
+              peak <= 2x it, time <= 1.3x the baseline's).
 ``eval``      ``ranking_metrics`` over 1M users against 10,000 held-out items, against a
               naive per-user loop (numpy score, stable argsort, AP/precision/NDCG, and
               sklearn's ``roc_auc_score``) on a sample of users, extrapolated to all.
 
     python benchmarks/bench_listening.py scale [--fraction 1.0] [--iterations 15]
     python benchmarks/bench_listening.py overhead [--repeats 3]
+    python benchmarks/bench_listening.py ingest [--fraction 1.0] [--paths baseline chunked] [--cluster 2]
     python benchmarks/bench_listening.py eval [--users 1000000] [--sample 2000]
 
 The triplet file is generated once into ``--cache`` (default /tmp/mirflow-bench-listening)
@@ -277,6 +288,122 @@ def evaluation(args: argparse.Namespace) -> None:
           f"mAP@500 {full['map_at_k']:.5f}, AUC {full['auc']:.4f} (random factors)")
 
 
+def _whole_file_ingest(triplets: Path, store: Path) -> None:
+    """The baseline, ingestion as it was before chunking: every valid row of the file in memory, then one
+    group-by and one sort of them all (same validation, id maps and output)."""
+    import pyarrow as pa
+
+    from tasks import events as ev
+
+    source = ev.ListeningSource(triplets).resolved()
+    ev.content_sha1(triplets)  # as every path does, to skip an unchanged file next time
+    users, items = ev.IdMap(store / "users.parquet"), ev.IdMap(store / "items.parquet")
+    bad = ev._Malformed(path=triplets, unit="line")
+    parts, position = [], 1
+    for block in ev._raw_blocks(source, bad):
+        valid = ev._validate(block, first_position=position, bad=bad, delimiter="\t")
+        position += block.num_rows
+        parts.append(pa.table({"user": pa.array(users.ids(valid.column("user")), pa.int32()),
+                               "item": pa.array(items.ids(valid.column("item")), pa.int32()),
+                               "plays": valid.column("plays"), "ts": valid.column("ts")}, schema=ev.EVENT_SCHEMA))
+    table = pa.concat_tables(parts)
+    del parts
+    table = table.group_by(["user", "item"], use_threads=True).aggregate([("plays", "sum"), ("ts", "max")])
+    table = table.rename_columns(["user", "item", "plays", "ts"]).cast(ev.EVENT_SCHEMA)
+    table = table.sort_by([("user", "ascending"), ("item", "ascending")])
+    users.save()
+    items.save()
+    ev.write_table_atomic(table, store / "events" / "batch=whole" / "part-0.parquet", row_group_size=1 << 20)
+
+
+def _ingest_child(path_name: str, triplets: str, store: str, workers: int, result) -> None:
+    """One path in a fresh process; puts (seconds, peak GiB of this process, [peak GiB of each worker])."""
+    import resource
+
+    store_path = Path(store)
+    start = time.perf_counter()
+    worker_peaks: list[float] = []
+    if path_name == "baseline":
+        _whole_file_ingest(Path(triplets), store_path)
+    elif path_name == "chunked":
+        ingest_sources([Path(triplets)], listening_dir=store_path, quarantine_path=store_path / "quarantine.parquet")
+    elif path_name == "cluster":
+        from flows.listening import CLUSTER_CHUNK_BYTES
+        from infra.cluster import dask_client, map_batches
+        from infra.settings import ClusterSettings
+
+        with dask_client(ClusterSettings(n_workers=workers)) as client:
+            start = time.perf_counter()  # the cluster's start-up is not ingestion
+            ingest_sources([Path(triplets)], listening_dir=store_path, quarantine_path=store_path / "quarantine.parquet",
+                           map_fn=lambda fn, items, **kw: map_batches(client, fn, items, **kw),
+                           chunk_bytes=CLUSTER_CHUNK_BYTES)
+            seconds = time.perf_counter() - start
+            peaks = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+            worker_peaks = [v * 1024 / 2**30 for v in peaks.values()]
+        result.put((seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, worker_peaks))
+        return
+    elif path_name == "raw-als":
+        import implicit.als
+        from threadpoolctl import threadpool_limits
+
+        matrix = load_play_matrix(store_path).plays.astype(np.float32)
+        with threadpool_limits(limits=1, user_api="blas"):
+            implicit.als.AlternatingLeastSquares(factors=50, iterations=2, random_state=0).fit(matrix,
+                                                                                               show_progress=False)
+    result.put((time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, []))
+
+
+def _run_child(path_name: str, triplets: Path, store: Path, workers: int = 0) -> tuple[float, float, list[float]]:
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    result = context.Queue()
+    child = context.Process(target=_ingest_child, args=(path_name, str(triplets), str(store), workers, result))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise SystemExit(f"{path_name}: the child process failed (exit code {child.exitcode})")
+    return result.get()
+
+
+def ingest(args: argparse.Namespace) -> None:
+    shape = {k: max(1, int(v * args.fraction)) for k, v in TASTE_PROFILE.items()}
+    triplets = _triplets(Path(args.cache) / (f"x{args.fraction:g}" if args.fraction != 1.0 else ""),
+                         ListeningWorld(**shape, seed=0))
+    size = triplets.stat().st_size / 2**30
+    rows = []
+    for name in args.paths:
+        label = f"cluster ({args.cluster} workers)" if name == "cluster" else name
+        store = Path(args.cache) / f"store-{name}"
+        shutil.rmtree(store, ignore_errors=True)
+        print(f"[{time.strftime('%H:%M:%S')}] {label} ...", file=sys.stderr, flush=True)
+        seconds, peak, workers = _run_child(name, triplets, store, args.cluster)
+        print(f"[{time.strftime('%H:%M:%S')}] {label}: {seconds:.1f} s, peak {peak:.2f} GiB"
+              + (f", workers {', '.join(f'{w:.2f}' for w in workers)} GiB" if workers else ""), file=sys.stderr)
+        rows.append((label, seconds, peak, workers))
+        if name == "chunked" and args.raw_als:
+            als_seconds, als_peak, _ = _run_child("raw-als", triplets, store)
+            rows.append(("raw implicit ALS fit of the same plays (2 sweeps)", als_seconds, als_peak, []))
+        if not args.keep:
+            shutil.rmtree(store, ignore_errors=True)
+    print(f"\ningest: {shape['n_rows']:,} triplets ({size:.2f} GiB), {shape['n_users']:,} users, "
+          f"{shape['n_items']:,} songs; {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM")
+    print(f"{'path':52s} {'wall s':>8s} {'peak GiB':>9s}  workers' peaks GiB")
+    for label, seconds, peak, workers in rows:
+        print(f"{label:52s} {seconds:8.1f} {peak:9.2f}  {', '.join(f'{w:.2f}' for w in workers)}")
+    named = {r[0]: r for r in rows}
+    base = named.get("baseline")
+    for label, seconds, peak, workers in rows:
+        if base and label not in ("baseline",) and not label.startswith("raw"):
+            print(f"{label}: time {seconds / base[1]:.2f}x the baseline's (target <= 1.3), peak "
+                  f"{(peak + sum(workers)) / base[2]:.2f}x")
+    raw = next((r for r in rows if r[0].startswith("raw")), None)
+    if raw:
+        for label, seconds, peak, workers in rows:
+            if not label.startswith("raw"):
+                print(f"{label}: peak {(peak + sum(workers)) / raw[2]:.2f}x the raw ALS fit's (target <= 2)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -293,6 +420,15 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(run=overhead)
+    p = sub.add_parser("ingest")
+    p.add_argument("--fraction", type=float, default=1.0, help="scale users, songs and rows of the Taste Profile")
+    p.add_argument("--paths", nargs="+", default=["baseline", "chunked"], choices=["baseline", "chunked", "cluster"])
+    p.add_argument("--cluster", type=int, default=2, help="workers of the cluster path")
+    p.add_argument("--raw-als", action=argparse.BooleanOptionalAction, default=True,
+                   help="after the chunked path, the peak of a raw implicit fit of its play matrix")
+    p.add_argument("--cache", default="/tmp/mirflow-bench-listening")
+    p.add_argument("--keep", action="store_true", help="keep the ingested stores")
+    p.set_defaults(run=ingest)
     p = sub.add_parser("eval")
     p.add_argument("--users", type=int, default=1_000_000)
     p.add_argument("--items", type=int, default=10_000)

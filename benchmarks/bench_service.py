@@ -188,12 +188,13 @@ def bench_retrain(args: argparse.Namespace) -> None:
 
     from flows.pipeline import pipeline
     from flows.retrain import retrain_on_new_listening
-    from infra.cli import _setup
+    from infra.cli import _quiet_lightning, _setup
     from infra.layout import Layout
     from infra.settings import ClusterSettings, PipelineSettings, WorldSettings
     from infra.tracking import tracking_for
 
     _setup(False)
+    _quiet_lightning()
     work = Path(tempfile.mkdtemp(prefix="mirflow-bench-retrain-"))
     world = WorldSettings(n_tracks=args.tracks, n_users=args.users, clip_seconds=args.clip_seconds, n_batches=10)
     incremental, full = work / "incremental", work / "full"

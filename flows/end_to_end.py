@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import mlflow
@@ -35,12 +36,16 @@ from infra.settings import (
     WorldSettings,
 )
 from infra.tracking import (
+    RunInput,
     child_run,
+    features_input,
     file_sha1,
     finished_children,
     log_table_replacing,
     parent_run,
     run_key,
+    table_input,
+    tracks_input,
 )
 from lightning_modules.train import train_raw_tagger, train_tagger
 from tasks.datasets import tag_vocabulary
@@ -114,14 +119,24 @@ def end_to_end_study(data_dir: Path, dataset: str, study: EndToEndStudySettings,
     params = {**study.flat(), "dataset": dataset, "tags": ",".join(tags), "data_fingerprint": fingerprint,
               **{f"n_{split}": int((tracks["split"] == split).sum()) for split in ("train", "valid", "test")},
               **{f"feature_set.{length}_{stride}": s.feature_set for (length, stride), s in sets.items()}}
+    features = {shape: features_input(layout.features(dataset, s.feature_set), dataset) for shape, s in sets.items()}
+    carrier = next((layout.features(dataset, s.feature_set) for s in sets.values() if s.audio_shards), None)
+    # The PCM shards are written beside the carrier's log-mel: which clips' content, at which sample rate.
+    audio = None if carrier is None else table_input(
+        carrier / MANIFEST, name=f"audio/{dataset}", context="training",
+        columns=("track_id", "content_sha1", "sample_rate"), source=layout.audio(dataset))
+    catalogue = tracks_input(layout.tracks(dataset), dataset)
     with parent_run(tracking, "study", key=key, run_name=f"study-{study.preset}-{dataset}", params=params,
-                    tags={"mirflow.preset": study.preset, "mirflow.dataset": dataset}) as (parent, resumed):
+                    tags={"mirflow.preset": study.preset, "mirflow.dataset": dataset},
+                    inputs=[*features.values(), audio, catalogue]) as (parent, resumed):
         reuse = finished_children(tracking, parent.info.run_id) if resumed else {}
         results = []
         for i, model in enumerate(runs, start=1):
+            shape = (model.length, model.stride)
             row = run_model(model, study=study, tracks=tracks, tags=tags, layout=layout, dataset=dataset,
-                            feature_set=sets[(model.length, model.stride)], fingerprint=fingerprint, reuse=reuse,
-                            tracking=tracking, checkpoint_dir=layout.checkpoints("study") / parent.info.run_id)
+                            feature_set=sets[shape], fingerprint=fingerprint, reuse=reuse,
+                            tracking=tracking, checkpoint_dir=layout.checkpoints("study") / parent.info.run_id,
+                            inputs=[audio if model.model == "raw" else features[shape], catalogue])
             results.append(row)
             log.info("study %s %d/%d %s: test ROC-AUC %.4f, PR-AUC %.4f (%s)", study.preset, i, len(runs), model.name,
                      row["roc_auc"], row["pr_auc"], "reused" if row["reused"] else f"{row['seconds']:.0f} s")
@@ -138,8 +153,9 @@ def end_to_end_study(data_dir: Path, dataset: str, study: EndToEndStudySettings,
 
 def run_model(model: ModelRun, *, study: EndToEndStudySettings, tracks: pd.DataFrame, tags: list[str], layout: Layout,
               dataset: str, feature_set: FeatureSettings, fingerprint: str, reuse: dict, tracking: TrackingSettings,
-              checkpoint_dir: Path) -> dict:
-    """Train and test one model in a child run (continuing a killed one), or reuse a completed child."""
+              checkpoint_dir: Path, inputs: Sequence[RunInput | None] = ()) -> dict:
+    """Train and test one model in a child run (continuing a killed one; ``inputs``: its datasets), or reuse a
+    completed child."""
     key = model.key(study, fingerprint)
     row = {**model.__dict__}
     if key in reuse:
@@ -152,7 +168,7 @@ def run_model(model: ModelRun, *, study: EndToEndStudySettings, tracks: pd.DataF
               "nonlinearity": model.nonlinearity, "feature_pooling": model.feature_pooling,
               "pool_size": model.pool_size, "feature_set": feature_set.feature_set, **tagger.flat("tagger.")}
     run_tags = {"mirflow.config_key": key, "mirflow.configuration": model.name, "mirflow.model": model.model}
-    with child_run(run_name=model.name, params=params, tags=run_tags, settings=tracking) as run:
+    with child_run(run_name=model.name, params=params, tags=run_tags, settings=tracking, inputs=inputs) as run:
         logger = mlflow_logger(tracking, "study", run.info.run_id)
         if model.model == "raw":
             result = train_raw_tagger(

@@ -18,7 +18,7 @@ from infra.cluster import dask_client, map_batches, spectrogram_device
 from infra.layout import Layout
 from infra.service import TRANSIENT_IO_RETRIES
 from infra.settings import ClusterSettings, FeatureSettings, SourceSettings, TrackingSettings
-from infra.tracking import file_sha1, tracked_run
+from infra.tracking import features_input, file_sha1, log_inputs, tracked_run, tracks_input
 from tasks.datasets import tracks_from_source
 from tasks.features import FeatureSummary, annotate_tracks, extract_shard, finish_features, plan_feature_batches
 from tasks.shards import MANIFEST, read_manifest, write_table_atomic
@@ -44,7 +44,8 @@ def extract_features(data_dir: Path, dataset: str, features: FeatureSettings, cl
     audio_dir = layout.audio(dataset) if features.audio_shards else None
     plan = plan_feature_batches(tracks, feature_dir=feature_dir, settings=features, audio_dir=audio_dir)
     params = {**features.flat("features."), **cluster.flat("cluster."), "dataset": dataset}
-    with tracked_run(tracking, "features", run_name=f"features-{dataset}", params=params):
+    with tracked_run(tracking, "features", run_name=f"features-{dataset}", params=params,
+                     inputs=[tracks_input(tracks_path, dataset)]):
         start = time.perf_counter()
         with dask_client(cluster) as client:
             results = map_batches(client, extract_shard, plan.batches, description="log-mel features", unit="clips",
@@ -54,6 +55,8 @@ def extract_features(data_dir: Path, dataset: str, features: FeatureSettings, cl
                                   wall_seconds=time.perf_counter() - start, audio_dir=audio_dir)
         update_tracks_table(tracks_path, feature_dir)
         mlflow.set_tag("mirflow.features_manifest_sha1", file_sha1(feature_dir / MANIFEST) or "none")
+        if (feature_dir / MANIFEST).exists():  # what it leaves: the digest the training runs show as their input
+            log_inputs([features_input(feature_dir, dataset, context="output")])
         mlflow.log_metrics({"tracks": summary.n_tracks, "extracted": summary.n_extracted, "skipped": summary.n_skipped,
                             "quarantined": summary.n_quarantined, "clips_per_s": summary.clips_per_s,
                             "peak_worker_rss_mb": summary.peak_worker_rss_mb})

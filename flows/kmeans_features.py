@@ -20,7 +20,7 @@ from infra.settings import (
     TrackingSettings,
     kmeans_feature_set,
 )
-from infra.tracking import file_sha1, tracked_run
+from infra.tracking import RunInput, features_input, file_sha1, log_inputs, tracked_run, tracks_input
 from tasks.kmeans import Codebook
 from tasks.kmeans_features import (
     KMeansSummary,
@@ -57,18 +57,24 @@ def kmeans_features(data_dir: Path, dataset: str, features: FeatureSettings, kme
     layout = Layout(Path(data_dir))
     base_dir = layout.features(dataset, features.feature_set)
     name = kmeans_feature_set(features, kmeans)
+    codebooks = None  # frozen codebooks, an input too
     if codebooks_from is not None:
         timescales = tuple(kmeans.timescales) or tuple(features.columns)
-        name = f"{name}-cb{codebooks_digest(Path(codebooks_from), timescales)}"
+        frozen = codebooks_digest(Path(codebooks_from), timescales)
+        name = f"{name}-cb{frozen}"
         install_codebooks(Path(codebooks_from), layout.features(dataset, name), timescales)
+        codebooks = RunInput(name="codebooks", digest=frozen, source=str(codebooks_from), context="codebooks",
+                             profile={"timescales": ",".join(timescales)})
     kmeans_dir = layout.features(dataset, name)
     tracks = pd.read_parquet(layout.tracks(dataset), columns=["track_id", "split"])
     plan = plan_kmeans_features(tracks, base_dir=base_dir, kmeans_dir=kmeans_dir, features=features, kmeans=kmeans,
                                 frozen=codebooks_from is not None)
+    inputs = [features_input(base_dir, dataset), tracks_input(layout.tracks(dataset), dataset), codebooks]
     params = {**kmeans.flat("kmeans."), **cluster.flat("cluster."), "dataset": dataset,
               "feature_set": features.feature_set, "kmeans_feature_set": kmeans_dir.name}
     with tracked_run(tracking, "kmeans-features", run_name=f"kmeans-features-{dataset}", params=params,
-                     tags={"mirflow.features_manifest_sha1": file_sha1(base_dir / MANIFEST) or "none"}):
+                     tags={"mirflow.features_manifest_sha1": file_sha1(base_dir / MANIFEST) or "none"},
+                     inputs=inputs):
         start = time.perf_counter()
         with dask_client(cluster) as client:
             device = kmeans_device(kmeans, spectrogram_device(client, cluster))
@@ -98,6 +104,8 @@ def kmeans_features(data_dir: Path, dataset: str, features: FeatureSettings, kme
         for column in fitted:
             mlflow.log_artifact(str(codebook_path(kmeans_dir, column)), artifact_path="codebooks")
         log_codebook_filters(kmeans_dir, fitted)
+        if (kmeans_dir / MANIFEST).exists():
+            log_inputs([features_input(kmeans_dir, dataset, context="output")])
         log.info("K-means features: %d clips (%d encoded, %d already present, %d quarantined), %.1f clips/s -> %s",
                  summary.n_tracks, summary.n_encoded, summary.n_skipped, summary.n_quarantined, summary.clips_per_s,
                  kmeans_dir)

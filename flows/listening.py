@@ -18,7 +18,8 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import mlflow
@@ -28,11 +29,12 @@ import scipy.sparse as sp
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from infra.cluster import dask_client, map_batches
 from infra.layout import Layout
 from infra.service import TRANSIENT_IO_RETRIES
 from infra.progress import ProgressReporter
-from infra.settings import TrackingSettings, WMFSettings
-from infra.tracking import tracked_run
+from infra.settings import ClusterSettings, TrackingSettings, WMFSettings
+from infra.tracking import DIGEST_LENGTH, RunInput, listening_input, tracked_run
 from tasks.errors import DatasetError
 from tasks.events import IngestReport, ListeningSource, batch_record, ingest_sources, ingested_batches
 from tasks.listening import (
@@ -54,6 +56,10 @@ log = logging.getLogger("mirflow")
 
 # Users scored by the early-stopping validation metric (a sample keeps each check cheap).
 _VALIDATION_USERS = 20_000
+# Listening files this large (together) are ingested on the cluster when the flow is given one,
+# in chunks of CLUSTER_CHUNK_BYTES: below it, starting the cluster costs more than it saves.
+CLUSTER_MIN_BYTES = 1 << 30
+CLUSTER_CHUNK_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -76,8 +82,17 @@ class WMFOutput:
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT_IO_RETRIES)
-def ingest_listening(sources: list[ListeningSource], listening_dir: Path, quarantine_path: Path) -> IngestReport:
-    report = ingest_sources(sources, listening_dir=listening_dir, quarantine_path=quarantine_path)
+def ingest_listening(sources: list[ListeningSource], listening_dir: Path, quarantine_path: Path,
+                     cluster: ClusterSettings | None = None) -> IngestReport:
+    """Ingest in this process; with ``cluster`` and at least ``CLUSTER_MIN_BYTES`` of files, on the Dask cluster."""
+    size = sum(Path(s.path).stat().st_size for s in sources if Path(s.path).is_file())
+    if cluster is None or size < CLUSTER_MIN_BYTES:
+        report = ingest_sources(sources, listening_dir=listening_dir, quarantine_path=quarantine_path)
+    else:
+        log.info("listening: %.1f GiB of files: ingesting on the Dask cluster", size / 2**30)
+        with dask_client(cluster) as client:
+            report = ingest_sources(sources, listening_dir=listening_dir, quarantine_path=quarantine_path,
+                                    map_fn=partial(map_batches, client), chunk_bytes=CLUSTER_CHUNK_BYTES)
     totals = report.totals()
     log.info("listening: %d batches (%d unchanged), %d rows read, %d malformed, %d new users, %d new items",
              len(report.batches), sum(b.skipped for b in report.batches), totals["rows"], totals["malformed"],
@@ -148,14 +163,16 @@ def _fit(train: PlayMatrix, wmf: WMFSettings, *, k: int, label: str, init: WMFMo
 
 @flow(name="wmf")
 def factorize(data_dir: Path, sources: list[ListeningSource | str | Path], heldout_items: list[str] | None,
-              wmf: WMFSettings, tracking: TrackingSettings, k: int = 500, ingested: list[str] | None = None) -> WMFOutput:
+              wmf: WMFSettings, tracking: TrackingSettings, k: int = 500, ingested: list[str] | None = None,
+              cluster: ClusterSettings | None = None) -> WMFOutput:
     """Ingest listening files, factorize (fully, incrementally, or not at all if nothing changed) and evaluate.
 
     With ``heldout_items`` the protocol is cold start: those items are left out of the
     factorization, and their factors are folded in from their plays (the upper bound of
     any content-based predictor). Without, a share of each user's plays is held out.
     ``ingested`` names batches already ingested (their files need not be at hand any
-    more) that the factorization covers besides ``sources``.
+    more) that the factorization covers besides ``sources``. With ``cluster``, large listening
+    files are ingested on it (:func:`ingest_listening`).
     """
     layout = Layout(Path(data_dir))
     out = layout.wmf()
@@ -163,13 +180,14 @@ def factorize(data_dir: Path, sources: list[ListeningSource | str | Path], heldo
     sources = [s if isinstance(s, ListeningSource) else ListeningSource(Path(s)) for s in sources]
     if not sources and not ingested:
         raise DatasetError("no listening files given")
-    ingest = ingest_listening(sources, listening, layout.quarantine("listening"))
+    ingest = ingest_listening(sources, listening, layout.quarantine("listening"), cluster)
     batches = list(dict.fromkeys([*(ingested or []), *ingest.batch_ids]))
     # What was factorized is identified by each batch's content hash, not only its name.
     contents = {b: batch_record(listening, b)["sha1"] for b in batches}
     matrix = load_play_matrix(listening, batches=batches)
 
     split_key = _split_key(heldout_items, wmf)
+    inputs = [listening_input(listening, batches), _heldout_input(split_key, heldout_items, out)]
     if heldout_items is not None:
         split = cold_start_split(matrix, heldout_items=np.asarray(heldout_items, dtype=object))
     else:
@@ -192,7 +210,7 @@ def factorize(data_dir: Path, sources: list[ListeningSource | str | Path], heldo
             model = WMFModel(load_factors(files["user_factors"])[1], load_factors(files["item_factors"])[1])
             heldout = load_factors(files["heldout_item_factors"])[1] if heldout_items is not None else None
             eval_run_id, rows = evaluate(split, heldout_items is not None, model, heldout, None, wmf, tracking, k=k,
-                                         fit_run_id=state["run_id"], batches=batches)
+                                         fit_run_id=state["run_id"], batches=batches, inputs=inputs)
             _write_state(out, {**state, "eval_key": eval_key, "eval_run_id": eval_run_id,
                                "rows": [asdict(r) for r in rows]})
         return WMFOutput(**{n: str(p) if p.exists() else "" for n, p in files.items()},
@@ -205,7 +223,7 @@ def factorize(data_dir: Path, sources: list[ListeningSource | str | Path], heldo
     params = {**wmf.flat("wmf."), "batches": ",".join(batches), "protocol": split_key["protocol"],
               "mode": "incremental" if incremental else "full"}
     with tracked_run(tracking, "wmf", run_name=f"wmf-{params['mode']}", params=params,
-                     tags={"mirflow.batches": ",".join(batches)}) as run:
+                     tags={"mirflow.batches": ",".join(batches)}, inputs=inputs) as run:
         mlflow.log_metrics({"ingest/rows": totals["rows"], "ingest/malformed": totals["malformed"],
                             "ingest/new_users": totals["new_users"], "ingest/new_items": totals["new_items"],
                             "users": train.plays.shape[0], "items": train.plays.shape[1], "train_plays_nnz": train.plays.nnz,
@@ -261,7 +279,7 @@ def factorize(data_dir: Path, sources: list[ListeningSource | str | Path], heldo
         model_uri = log_wmf_model(paths, users=train.users, items=train.items)
 
     eval_run_id, rows = evaluate(split, heldout_items is not None, model, heldout, full_model, wmf, tracking, k=k,
-                                 fit_run_id=run.info.run_id, batches=batches)
+                                 fit_run_id=run.info.run_id, batches=batches, inputs=inputs)
     state = {"fit_key": wmf.fit_key(), "split": split_key, "batches": contents, "run_id": run.info.run_id,
              "eval_run_id": eval_run_id, "eval_key": eval_key, "rows": [asdict(r) for r in rows], "model_uri": model_uri,
              "n_users": len(train.users), "n_items": len(train.items),
@@ -272,6 +290,15 @@ def factorize(data_dir: Path, sources: list[ListeningSource | str | Path], heldo
     return WMFOutput(**{n: str(paths.get(n, "")) for n in files}, n_users=state["n_users"], n_items=state["n_items"],
                      n_heldout=state["n_heldout"], run_id=run.info.run_id, eval_run_id=eval_run_id,
                      model_uri=model_uri, mode=params["mode"], batches=tuple(batches), rows=tuple(rows))
+
+
+def _heldout_input(split_key: dict, heldout_items: list[str] | None, wmf_dir: Path) -> RunInput | None:
+    """The held-out items of the cold-start protocol (the tracks table's test split), by the hash of their ids;
+    None in-matrix. Where they are recorded: the factorization's ``state.json``."""
+    if heldout_items is None:
+        return None
+    return RunInput(name="heldout-items", digest=split_key["heldout_sha1"][:DIGEST_LENGTH], source=str(wmf_dir),
+                    context="split", profile={"items": len(heldout_items)})
 
 
 def log_wmf_model(paths: dict[str, Path], *, users: np.ndarray, items: np.ndarray) -> str:
@@ -289,13 +316,17 @@ def log_wmf_model(paths: dict[str, Path], *, users: np.ndarray, items: np.ndarra
 
 def evaluate(split, cold_start: bool, model: WMFModel, heldout: np.ndarray | None, full_model: WMFModel | None,
              wmf: WMFSettings, tracking: TrackingSettings, *, k: int, fit_run_id: str,
-             batches: list[str]) -> tuple[str, list[RankingRow]]:
-    """The evaluation run: WMF against random and popularity rankings under the split's protocol."""
+             batches: list[str], inputs: list[RunInput | None] = ()) -> tuple[str, list[RankingRow]]:
+    """The evaluation run: WMF against random and popularity rankings under the split's protocol.
+
+    ``inputs`` (the fit's) are logged with the context ``evaluation`` (the split keeps its own).
+    """
     protocol = "cold-start" if cold_start else "in-matrix"
+    scored = [replace(i, context="evaluation") if i is not None and i.context == "training" else i for i in inputs]
     with tracked_run(tracking, "wmf", run_name=f"wmf-eval-{protocol}",
                      params={"protocol": protocol, "k": k, "eval_max_users": wmf.eval_max_users,
                              "batches": ",".join(batches)},
-                     tags={"mirflow.fit_run_id": fit_run_id}) as run:
+                     tags={"mirflow.fit_run_id": fit_run_id}, inputs=scored) as run:
         start = time.perf_counter()
         if cold_start:
             test: sp.csr_matrix = split.test.plays

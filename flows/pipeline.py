@@ -22,7 +22,7 @@ from infra.cluster import dask_client, shared_settings
 from infra.layout import Layout
 from infra.service import TRANSIENT_IO_RETRIES
 from infra.settings import PipelineSettings
-from infra.tracking import tracked_run
+from infra.tracking import features_input, listening_input, tracked_run, tracks_input
 from tasks.datasets import heldout_track_ids, mtat_tracks, read_mtat_annotations
 from tasks.errors import ParameterError
 from tasks.recommend import rows_as_metrics
@@ -68,7 +68,7 @@ def pipeline(settings: PipelineSettings) -> PipelineSummary:
     tagger = train_tagger_flow(settings.data_dir, dataset, feature_set, settings.features.mel, settings.tagger,
                                settings.tracking)
     wmf = factorize(settings.data_dir, list(triplets), heldout_track_ids(tracks_path), settings.wmf, settings.tracking,
-                    k=settings.evaluation.k)
+                    k=settings.evaluation.k, cluster=settings.cluster)
     recommender = train_recommender_flow(settings.data_dir, dataset, feature_set, settings.features.mel, wmf,
                                          settings.recommender, settings.evaluation, settings.tracking,
                                          confidence=settings.wmf)
@@ -76,10 +76,13 @@ def pipeline(settings: PipelineSettings) -> PipelineSummary:
     if settings.register_models:
         versions = register_pipeline_models(settings.tracking, tagger=tagger, wmf=wmf, recommender=recommender,
                                             dataset=dataset)
+    inputs = [tracks_input(tracks_path, dataset), features_input(layout.features(dataset, feature_set), dataset),
+              listening_input(layout.listening(), wmf.batches)]
     with tracked_run(settings.tracking, "pipeline", run_name=f"pipeline-{dataset}", params=settings.flat(),
                      tags={"tagger_run_id": tagger.run_id, "wmf_run_id": wmf.run_id,
                            "recommender_run_id": recommender.run_id,
-                           **{f"registry.{name}": v for name, v in versions.items()}}) as run:
+                           **{f"registry.{name}": v for name, v in versions.items()}},
+                     inputs=inputs) as run:
         report_path = layout.reports() / f"pipeline-{run.info.run_id}.md"
         summary = PipelineSummary(
             tagger_roc_auc=tagger.roc_auc, tagger_pr_auc=tagger.pr_auc, tagger_pr_auc_chance=tagger.pr_auc_chance,

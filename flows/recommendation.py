@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,12 +39,17 @@ from infra.settings import (
     WorldSettings,
 )
 from infra.tracking import (
+    RunInput,
     child_run,
+    features_input,
     file_sha1,
     finished_children,
+    listening_input,
     log_table_replacing,
     parent_run,
     run_key,
+    tracks_input,
+    wmf_factors_input,
 )
 from lightning_modules.train import train_factor_regressor, train_latent_factor_cnn
 from tasks.datasets import heldout_track_ids
@@ -126,15 +132,18 @@ def recommendation_study(data_dir: Path, dataset: str, study: RecommendationStud
     params = {**study.flat(), "dataset": dataset, "data_fingerprint": data.fingerprint, "wmf_run_id": wmf.run_id,
               "kmeans_feature_set": kmeans_dir.name, "feature_set": study.features.feature_set,
               **{f"n_{split}": len(ids) for split, ids in data.track_ids.items()}}
+    inputs = {"logmel": features_input(feature_dir, dataset), "kmeans": features_input(kmeans_dir, dataset),
+              "factors": wmf_factors_input(wmf), "tracks": tracks_input(layout.tracks(dataset), dataset)}
     with parent_run(tracking, "study", key=key, run_name=f"study-{study.preset}-{dataset}", params=params,
-                    tags={"mirflow.preset": study.preset, "mirflow.dataset": dataset}) as (parent, resumed):
+                    tags={"mirflow.preset": study.preset, "mirflow.dataset": dataset},
+                    inputs=inputs.values()) as (parent, resumed):
         reuse = finished_children(tracking, parent.info.run_id) if resumed else {}
         predicted, results = {}, []
         checkpoints = layout.checkpoints("study") / parent.info.run_id
         for i, (name, model) in enumerate(models, start=1):
             run = run_recommender(name, model, study=study, data=data, layout=layout, dataset=dataset, wmf=wmf,
                                   kmeans_dir=kmeans_dir, feature_dir=feature_dir, reuse=reuse, tracking=tracking,
-                                  checkpoint_dir=checkpoints)
+                                  checkpoint_dir=checkpoints, inputs=inputs)
             predicted[name] = run.pop("predicted")
             results.append(run)
             log.info("study %s %d/%d %s: mAP@%d %.4f, AUC %.4f (%s)", study.preset, i, len(models), name,
@@ -187,8 +196,12 @@ def load_recommenders(layout: Layout, dataset: str, wmf: WMFOutput, *, feature_d
 
 def run_recommender(name: str, model: int | str, *, study: RecommendationStudySettings, data: Recommenders,
                     layout: Layout, dataset: str, wmf: WMFOutput, kmeans_dir: Path, feature_dir: Path, reuse: dict,
-                    tracking: TrackingSettings, checkpoint_dir: Path) -> dict:
-    """Train one model in a child run and predict the held-out tracks' factors, or reuse a completed child's."""
+                    tracking: TrackingSettings, checkpoint_dir: Path, inputs: Mapping[str, RunInput]) -> dict:
+    """Train one model in a child run and predict the held-out tracks' factors, or reuse a completed child's.
+
+    ``inputs``: the study's datasets by kind (``logmel``, ``kmeans``, ``factors``, ``tracks``); the child logs
+    those it reads, and the listening batches for the WPE objective.
+    """
     is_cnn = isinstance(model, str)
     settings = (study.cnn.model_copy(update={"objective": model}) if is_cnn else study.regressor)
     key = run_key(name, settings.model_dump(mode="json"),
@@ -207,8 +220,10 @@ def run_recommender(name: str, model: int | str, *, study: RecommendationStudySe
     start = time.perf_counter()
     params = {"model": name, **settings.flat("cnn." if is_cnn else "regressor."),
               **({} if is_cnn else {"layers": model, "kmeans_feature_set": kmeans_dir.name})}
+    read = [inputs["logmel" if is_cnn else "kmeans"], inputs["factors"], inputs["tracks"],
+            listening_input(layout.listening(), wmf.batches) if model == "wpe" else None]
     with child_run(run_name=name, params=params, tags={"mirflow.config_key": key, "mirflow.configuration": name},
-                   settings=tracking) as run:
+                   settings=tracking, inputs=read) as run:
         logger = mlflow_logger(tracking, "study", run.info.run_id)
         if is_cnn:
             plays = {}

@@ -47,7 +47,7 @@ from infra.registry import (
 )
 from infra.service import try_lock
 from infra.settings import PipelineSettings, PromotionSettings, TrackingSettings, TrainSettings
-from infra.tracking import tracked_run
+from infra.tracking import features_input, listening_input, tracked_run
 from lightning_modules.latent_factors import LatentFactorModule
 from lightning_modules.served import predict_latent_factors
 from tasks.errors import DatasetError
@@ -268,7 +268,10 @@ def _retrain(data_dir: Path, tracking: TrackingSettings, *, metric: str | None, 
     with tracked_run(tracking, "retrain", run_name="retrain-on-new-listening",
                      params={**promotion.flat("promotion."), **finetune.flat("finetune."),
                              "new_batches": ",".join(new_batches), "champion_version": str(old.version)},
-                     tags={"mirflow.recommender_run_id": challenger.run_id, **decision}):
+                     tags={"mirflow.recommender_run_id": challenger.run_id, **decision},
+                     inputs=[listening_input(layout.listening(), wmf.batches),
+                             features_input(layout.features(settings.dataset, settings.features.feature_set),
+                                            settings.dataset, context="evaluation")]):
         mlflow.log_metrics(rows_as_metrics(rows, k=settings.evaluation.k))
         # Every artifact exists before any alias moves; the CNN's champion alias moves last.
         wmf_version, cnn_version = register_recommender(tracking, wmf=wmf, recommender=challenger,

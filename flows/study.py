@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +38,15 @@ from infra.settings import (
     TrackingSettings,
     WorldSettings,
 )
-from infra.tracking import child_run, finished_children, log_table_replacing, parent_run
+from infra.tracking import (
+    RunInput,
+    child_run,
+    features_input,
+    finished_children,
+    log_table_replacing,
+    parent_run,
+    tracks_input,
+)
 from lightning_modules.train import train_mlp_tagger
 from tasks.errors import DatasetError
 from tasks.kmeans_features import check_context
@@ -107,13 +115,17 @@ def tagging_study(data_dir: Path, dataset: str, study: StudySettings | EndToEndS
     params = {**study.flat(), "dataset": dataset, "tags": ",".join(data.tags), "data_fingerprint": data.fingerprint,
               **{f"n_{split}": len(ids) for split, ids in data.split_ids.items()},
               **{f"kmeans_feature_set.{c}": p.name for c, p in kmeans_dirs.items()}}
+    features = {codebook: features_input(folder, dataset) for codebook, folder in kmeans_dirs.items()}
+    catalogue = tracks_input(layout.tracks(dataset), dataset)
     with parent_run(tracking, "study", key=key, run_name=f"study-{study.preset}-{dataset}", params=params,
-                    tags={"mirflow.preset": study.preset, "mirflow.dataset": dataset}) as (parent, resumed):
+                    tags={"mirflow.preset": study.preset, "mirflow.dataset": dataset},
+                    inputs=[*features.values(), catalogue]) as (parent, resumed):
         reuse = finished_children(tracking, parent.info.run_id) if resumed else {}
         results, per_tag = [], {}
         for i, config in enumerate(configs, start=1):
             row, table, reused = run_configuration(config, study=study, data=data, reuse=reuse, tracking=tracking,
-                                                   checkpoint_dir=layout.checkpoints("study") / parent.info.run_id)
+                                                   checkpoint_dir=layout.checkpoints("study") / parent.info.run_id,
+                                                   inputs=[features[config.codebook], catalogue])
             results.append(row)
             per_tag[config.name] = table
             log.info("study %s %d/%d %s: test ROC-AUC %.4f, PR-AUC %.4f (%s)", study.preset, i, len(configs),
@@ -150,8 +162,10 @@ def study_cluster(layout: Layout, dataset: str, cluster: ClusterSettings, *, wor
 
 
 def run_configuration(config: Configuration, *, study: StudySettings, data: StudyData, reuse: dict,
-                      tracking: TrackingSettings, checkpoint_dir: Path) -> tuple[dict, pd.DataFrame, bool]:
-    """Train and test one configuration in a child run, or reuse the completed child of an earlier run."""
+                      tracking: TrackingSettings, checkpoint_dir: Path,
+                      inputs: Sequence[RunInput] = ()) -> tuple[dict, pd.DataFrame, bool]:
+    """Train and test one configuration in a child run (``inputs``: its datasets), or reuse the completed child
+    of an earlier run."""
     key = config.key(study, data.fingerprint)
     features = data.inputs(config)
     row = {"name": config.name, "group": config.group, "base": config.base, "codebook": config.codebook,
@@ -170,7 +184,7 @@ def run_configuration(config: Configuration, *, study: StudySettings, data: Stud
               "n_inputs": row["n_inputs"], **study.mlp.flat("mlp.")}
     tags_ = {"mirflow.config_key": key, "mirflow.configuration": config.name, "mirflow.codebook": config.codebook,
              "mirflow.group": config.group}
-    with child_run(run_name=config.name, params=params, tags=tags_, settings=tracking) as run:
+    with child_run(run_name=config.name, params=params, tags=tags_, settings=tracking, inputs=inputs) as run:
         result = train_mlp_tagger(features=features, targets=data.targets, tags=data.tags, settings=study.mlp,
                                   checkpoint_dir=checkpoint_dir / key,
                                   logger=mlflow_logger(tracking, "study", run.info.run_id), quiet=True)

@@ -29,7 +29,16 @@ from infra.settings import (
     TrainSettings,
     WMFSettings,
 )
-from infra.tracking import experiment_id, file_sha1, run_key, tracked_run
+from infra.tracking import (
+    experiment_id,
+    features_input,
+    file_sha1,
+    listening_input,
+    run_key,
+    tracked_run,
+    tracks_input,
+    wmf_factors_input,
+)
 from lightning_modules.train import train_latent_factor_cnn, train_tagger
 from tasks.datasets import tag_vocabulary
 from tasks.listening import (
@@ -94,8 +103,9 @@ def train_tagger_flow(data_dir: Path, dataset: str, feature_set: str, mel: MelSe
     feature_dir = layout.features(dataset, feature_set)
     provenance = {"mirflow.features_manifest_sha1": file_sha1(feature_dir / MANIFEST) or "none"}
     # A killed training run is continued on the next call with the same inputs (same run, its last.ckpt).
+    inputs = [features_input(feature_dir, dataset), tracks_input(layout.tracks(dataset), dataset)]
     with tracked_run(tracking, "tagger", run_name=f"tagger-{dataset}", params=params, tags=provenance,
-                     resume_key=run_key("tagger", params, provenance)) as run:
+                     resume_key=run_key("tagger", params, provenance), inputs=inputs) as run:
         result = train_tagger(feature_dir=feature_dir, tracks=tracks, tags=tags,
                               settings=tagger, mel=mel, checkpoint_dir=layout.checkpoints("tagger") / run.info.run_id,
                               logger=mlflow_logger(tracking, "tagger", run.info.run_id))
@@ -147,8 +157,11 @@ def train_recommender_flow(data_dir: Path, dataset: str, feature_set: str, mel: 
     feature_dir = layout.features(dataset, feature_set)
     provenance = {"mirflow.features_manifest_sha1": file_sha1(feature_dir / MANIFEST) or "none",
                   "mirflow.item_factors_sha1": file_sha1(Path(wmf.item_factors)) or "none"}
+    inputs = [features_input(feature_dir, dataset), wmf_factors_input(wmf),
+              tracks_input(layout.tracks(dataset), dataset),
+              listening_input(layout.listening(), wmf.batches) if recommender.objective == "wpe" else None]
     with tracked_run(tracking, "latent-factors", run_name=f"latent-factor-cnn-{dataset}", params=params,
-                     tags=provenance, resume_key=run_key("latent-factors", params, provenance)) as run:
+                     tags=provenance, resume_key=run_key("latent-factors", params, provenance), inputs=inputs) as run:
         plays = {}
         if recommender.objective == "wpe":
             plays = {"user_factors": user_factors,

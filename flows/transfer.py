@@ -20,6 +20,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,13 +59,18 @@ from infra.settings import (
     WorldSettings,
 )
 from infra.tracking import (
+    RunInput,
     child_run,
+    features_input,
     file_sha1,
+    files_input,
     finished_children,
     log_table_replacing,
     parent_run,
     run_key,
     tracked_run,
+    tracks_input,
+    wmf_factors_input,
 )
 from lightning_modules.mlp import FactorRegressorModule
 from lightning_modules.train import train_factor_regressor
@@ -250,8 +256,11 @@ def embed_catalogue(data_dir: Path, dataset: str, model_ref: str, cluster: Clust
     seconds = time.perf_counter() - start
     params = {"dataset": dataset, "model_uri": model.model_uri, "model_run_id": model.run_id, "model": model.name,
               "feature_set": model.features.feature_set, "kmeans_feature_set": kmeans_dir.name}
+    inputs = [features_input(kmeans_dir, dataset, context="inference"), tracks_input(layout.tracks(dataset), dataset),
+              embeddings_input(path, dataset, context="output")]
     with tracked_run(tracking, "embed", run_name=f"embed-{dataset}-{model.tag}", params=params,
-                     tags={"mirflow.embeddings": str(path), "mirflow.model_run_id": model.run_id}) as run:
+                     tags={"mirflow.embeddings": str(path), "mirflow.model_run_id": model.run_id},
+                     inputs=inputs) as run:
         mlflow.log_metrics({"tracks": len(track_ids), "dims": embeddings.shape[1], "seconds": seconds,
                             "clips_per_s": len(track_ids) / seconds,
                             "quarantined": features.n_quarantined + encoded.n_quarantined})
@@ -288,6 +297,11 @@ def write_embeddings(path: Path, track_ids: list[str], embeddings: np.ndarray, *
     pq.write_table(table, tmp)
     tmp.replace(path)
     return path
+
+
+def embeddings_input(path: Path, dataset: str, *, context: str = "training") -> RunInput:
+    """An embeddings file as a run's dataset, by its bytes' hash."""
+    return files_input({"embeddings": Path(path)}, name=f"embeddings/{dataset}/{Path(path).stem}", context=context)
 
 
 def read_embeddings(path: Path) -> dict[str, np.ndarray]:
@@ -377,8 +391,13 @@ def transfer(data_dir: Path, dataset: str, settings: TransferSettings, features:
     params = {**settings.flat("transfer."), "dataset": dataset, "feature_set": features.feature_set,
               "kmeans_timescales": ",".join(timescales), "models": ",".join(models), "kind": check.kind,
               "classes": ",".join(check.classes)[:500], "n_tracks": len(ids)}
+    inputs = [tracks_input(layout.tracks(dataset), dataset),
+              *(embeddings_input(path, dataset) for path in embedded),
+              features_input(sets["kmeans"], dataset) if "kmeans" in sets else None,
+              features_input(layout.features(dataset, features.feature_set), dataset)
+              if {"logmel-stats", "mfcc"} & set(sets) else None]
     with tracked_run(tracking, "transfer", run_name=f"transfer-{dataset}", params=params,
-                     tags={"mirflow.dataset": dataset}) as run:
+                     tags={"mirflow.dataset": dataset}, inputs=inputs) as run:
         log_table_replacing(pd.DataFrame(rows), "table_transfer.json")
         mlflow.log_metrics({**{f"{metric_slug(r['feature_set'])}/{r['metric']}": r["value"] for r in rows},
                             "tracks": len(ids), "dropped": len(tracks) - len(ids), "seconds": seconds})
@@ -466,14 +485,19 @@ def transfer_study(data_dir: Path, dataset: str, study: TransferStudySettings, c
     params = {**study.flat(), "dataset": dataset, "data_fingerprint": data["fingerprint"],
               "kmeans_feature_set": kmeans_dir.name, "wmf_run_id": wmf.run_id if wmf else ""}
     runs = [(task, model) for task in study.sources for model in study.models]
+    inputs = {"kmeans": features_input(kmeans_dir, dataset), "tracks": tracks_input(layout.tracks(dataset), dataset),
+              "factors": wmf_factors_input(wmf) if wmf is not None else None}
     with parent_run(tracking, "study", key=key, run_name=f"study-{study.preset}-{dataset}", params=params,
-                    tags={"mirflow.preset": study.preset, "mirflow.dataset": dataset}) as (parent, resumed):
+                    tags={"mirflow.preset": study.preset, "mirflow.dataset": dataset},
+                    inputs=inputs.values()) as (parent, resumed):
         parent_id = parent.info.run_id
         reuse = finished_children(tracking, parent_id) if resumed else {}
         results = []
         for i, (task, model) in enumerate(runs, start=1):
             row = pretrain_model(task, model, study=study, data=data, kmeans_dir=kmeans_dir, reuse=reuse,
-                                 tracking=tracking, checkpoint_dir=layout.checkpoints("study") / parent_id)
+                                 tracking=tracking, checkpoint_dir=layout.checkpoints("study") / parent_id,
+                                 inputs=[inputs["kmeans"], inputs["tracks"],
+                                         inputs["factors"] if task == "listening" else None])
             results.append(row)
             log.info("study %s %d/%d %s · %s: NMSE %.4f, AUC %.4f, mAP %.4f (%s)", study.preset, i, len(runs), task,
                      model, row["nmse"], row["auc"], row["map"], "reused" if row["reused"] else f"{row['seconds']:.0f} s")
@@ -538,8 +562,9 @@ def source_data(layout: Layout, dataset: str, study: TransferStudySettings, *, w
 
 
 def pretrain_model(task: str, model: str, *, study: TransferStudySettings, data: dict, kmeans_dir: Path, reuse: dict,
-                   tracking: TrackingSettings, checkpoint_dir: Path) -> dict:
-    """Train one source model in a child run (or reuse a completed one): its scores and its MLflow model."""
+                   tracking: TrackingSettings, checkpoint_dir: Path, inputs: Sequence[RunInput | None] = ()) -> dict:
+    """Train one source model in a child run (``inputs``: its datasets), or reuse a completed one: its scores and
+    its MLflow model."""
     key = run_key(task, model, study.regressor.model_dump(mode="json"), kmeans_dir.name, study.tag_factors,
                   data["fingerprint"])
     row = {"task": task, "model": model, "name": f"{task} · {model}"}
@@ -557,7 +582,7 @@ def pretrain_model(task: str, model: str, *, study: TransferStudySettings, data:
     params = {"task": task, "model": model, "layers": layers, "n_inputs": features["train"].shape[1],
               "n_outputs": targets["train"].shape[1], **study.regressor.flat("regressor."),
               **{f"n_{s}": len(v) for s, v in ids.items()}}
-    with child_run(run_name=row["name"], params=params, settings=tracking,
+    with child_run(run_name=row["name"], params=params, settings=tracking, inputs=inputs,
                    tags={"mirflow.config_key": key, "mirflow.configuration": row["name"]}) as run:
         result = train_factor_regressor(features=features, targets=targets, layers=layers, settings=study.regressor,
                                         checkpoint_dir=checkpoint_dir / key,

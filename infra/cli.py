@@ -13,23 +13,39 @@
     mirflow up                         run it as a service (make serve): Prefect, MLflow, Dask, deployments
     mirflow serve                      the web demo and its API (127.0.0.1:8000): tags and recommendations from audio
     mirflow world                      only write the synthetic world
+
+A user error (a bad option, setting or input file) ends a command with one line on stderr, ``mirflow: ...``,
+and exit status 2; any other failure with status 1. ``--verbose`` adds debug logging and the tracebacks.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import time
+import traceback
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="mirflow: ML on music audio, as a pipeline.")
 console = Console()
+err_console = Console(stderr=True)
+
+#: Exit status of a user error: a bad option, setting or input file, or a step run before the one it needs.
+#: Click's usage errors (a missing option, a path that does not exist) exit with 2 too.
+USER_ERROR = 2
+#: Exit status of a run that failed otherwise: a service that could not start or stopped, a store in a state
+#: nobody planned for. A crash (a bug) ends with Python's traceback and status 1 as well.
+FAILED = 1
 
 # Quiet, offline defaults; an explicit setting in the environment wins.
 QUIET_OFFLINE = {
@@ -55,12 +71,108 @@ def _setup(verbose: bool) -> None:
     if not logger.handlers:
         logger.addHandler(RichHandler(console=Console(stderr=True), show_path=False, markup=False))
     logger.propagate = False
-    import lightning  # noqa: F401  (it sets its loggers to INFO when imported: import first, then quiet them)
-
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates, once per fit; harmless.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=Warning)
+
+
+def _quiet_lightning() -> None:
+    """Import Lightning (a few seconds), which sets its loggers to INFO, then quiet them again.
+
+    Commands that train call it once their options are valid, so that a bad option is answered at once.
+    """
+    import lightning  # noqa: F401
+
+    for name in CHATTY_LOGGERS:
+        if name.startswith("lightning"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _fail(message: str, code: int = USER_ERROR) -> typer.Exit:
+    """Say what went wrong on one line of stderr (``mirflow: ...``); ``raise _fail(...)`` ends the command."""
+    err_console.print(f"[red]mirflow: {escape(message)}[/red]", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _user_error_types() -> tuple[type[Exception], ...]:
+    from pydantic import ValidationError
+
+    from tasks.errors import MirflowError
+
+    return MirflowError, ValidationError
+
+
+def _error_message(err: Exception) -> str:
+    from pydantic import ValidationError
+
+    from tasks.errors import settings_message
+
+    return settings_message(err) if isinstance(err, ValidationError) else str(err)
+
+
+# How Prefect's task engine ends a task run that raised: ``Finished in state Failed('Task run encountered an
+# exception DatasetError: ...')``, at ERROR level, without the exception itself.
+_FAILED_TASK = re.compile(r"Finished in state Failed\(['\"]Task run encountered an exception (\w+): ")
+
+
+class UserErrorConsoleFilter(logging.Filter):
+    """Keeps Prefect's report of a user error off the console: the traceback it logs when a flow or task run
+    raises one, and the failed task run's last line. The command then says it in one line.
+
+    It sits on the console handler only: the Prefect server (API log handler) still records all of it, and any
+    other exception (a bug) keeps its traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("prefect"):
+            return True
+        user_errors = _user_error_types()
+        if record.exc_info and record.exc_info[1] is not None:
+            return not isinstance(record.exc_info[1], user_errors)
+        if record.levelno >= logging.ERROR:
+            failed = _FAILED_TASK.search(record.getMessage())
+            return not (failed and failed.group(1) in _class_names(user_errors))
+        return True
+
+
+def _class_names(classes: tuple[type, ...]) -> set[str]:
+    names: set[str] = set()
+    todo = list(classes)
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
+
+
+@contextmanager
+def _command(verbose: bool, *, flows: bool = True) -> Iterator[None]:
+    """The frame of every command: logging set up; a user error (``MirflowError``, an invalid setting) ends it
+    with its message alone on stderr and status :data:`USER_ERROR`, its traceback first only with ``verbose``.
+
+    With ``flows`` (the command runs Prefect flows in this process), Prefect's console handler leaves such
+    errors to that one line (:class:`UserErrorConsoleFilter`) unless ``verbose``.
+    """
+    _setup(verbose)
+    handlers: list[logging.Handler] = []
+    quiet = UserErrorConsoleFilter()
+    if flows and not verbose:
+        import prefect.main  # noqa: F401  (configures Prefect's logging: its console handler is on the root logger)
+        from prefect.logging.handlers import PrefectConsoleHandler
+
+        handlers = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
+        for handler in handlers:
+            handler.addFilter(quiet)
+    try:
+        yield
+    except _user_error_types() as err:
+        if verbose:
+            traceback.print_exception(err)
+        raise _fail(_error_message(err)) from None
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
 
 
 DataDir = Annotated[Path, typer.Option(help="storage root: world, shards, listening, models, MLflow store")]
@@ -77,39 +189,27 @@ Objective = Annotated[str, typer.Option(help="latent-factor CNN: mse on the WMF 
                                              "prediction error of the plays (van den Oord et al. 2013)")]
 Model = Annotated[str, typer.Option(help="tagger: convnet2014 (Dieleman & Schrauwen 2014) | short-chunk-resnet "
                                          "(Won et al. 2020)")]
+Verbose = Annotated[bool, typer.Option(help="debug logging; a failed run shows its traceback")]
 
 
 def _launch(epochs: int | None, *, devices: int = 1, precision: str = "32-true", compile_: bool = False,
             model: str = "convnet2014", objective: str = "mse", **fields) -> None:
     """Build the settings (tracking under the data folder) with the training options asked for; run the pipeline."""
-    from pydantic import ValidationError
-
+    from infra.settings import PipelineSettings
     from infra.tracking import tracking_for
 
-    settings = _settings(**fields, tagger={"model": model}, recommender={"objective": objective},
-                         tracking=tracking_for(fields["data_dir"]))
+    settings = PipelineSettings(**fields, tagger={"model": model}, recommender={"objective": objective},
+                                tracking=tracking_for(fields["data_dir"]))
     training = {"devices": devices, "precision": precision, "compile": compile_}
     if epochs is not None:
         training["max_epochs"] = epochs
-    try:
-        settings = settings.with_training(**training)
-    except ValidationError as err:
-        console.print(f"[red]mirflow: invalid settings[/red]\n{err}")
-        raise typer.Exit(2) from None
-    _run(settings)
-
-
-def _run(settings) -> None:
+    settings = settings.with_training(**training)
+    _quiet_lightning()
     from flows.pipeline import pipeline
-    from tasks.errors import MirflowError
     from tasks.report import summary_text
 
     start = time.perf_counter()
-    try:
-        summary = pipeline(settings)
-    except MirflowError as err:
-        console.print(f"[red]mirflow: {err}[/red]")
-        raise typer.Exit(1) from None
+    summary = pipeline(settings)
     console.print(f"\n[bold]mirflow pipeline finished in {time.perf_counter() - start:.0f} s[/bold]")
     console.print(summary_text(summary), highlight=False, soft_wrap=True)
 
@@ -133,17 +233,17 @@ def demo(
     workers: Workers = None,
     cluster: Cluster = "local",
     address: Address = None,
-    verbose: bool = False,
+    verbose: Verbose = False,
 ) -> None:
     """Run the whole pipeline on the embedded synthetic world (built on first use)."""
-    _setup(verbose)
-    from tasks.synth import STYLES
+    with _command(verbose):
+        from tasks.synth import STYLES
 
-    _launch(epochs, model=model, objective=objective, devices=devices, precision=precision, compile_=compile_,
-            data_dir=data_dir, dataset="synthetic", initial_batches=initial_batches,
-            world={"n_tracks": tracks, "n_users": users, "clip_seconds": clip_seconds, "seed": seed},
-            cluster={"kind": cluster, "n_workers": workers, "address": address},
-            evaluation={"map_tags": STYLES})
+        _launch(epochs, model=model, objective=objective, devices=devices, precision=precision, compile_=compile_,
+                data_dir=data_dir, dataset="synthetic", initial_batches=initial_batches,
+                world={"n_tracks": tracks, "n_users": users, "clip_seconds": clip_seconds, "seed": seed},
+                cluster={"kind": cluster, "n_workers": workers, "address": address},
+                evaluation={"map_tags": STYLES})
 
 
 @app.command()
@@ -165,14 +265,14 @@ def pipeline(
     workers: Workers = None,
     cluster: Cluster = "local",
     address: Address = None,
-    verbose: bool = False,
+    verbose: Verbose = False,
 ) -> None:
     """Run the whole pipeline on MTAT-layout audio and annotations with Taste Profile listening data."""
-    _setup(verbose)
-    _launch(epochs, model=model, objective=objective, devices=devices, precision=precision, compile_=compile_,
-            data_dir=data_dir, dataset=dataset, annotations=annotations.resolve(),
-            audio_root=audio_root.resolve(), triplets=tuple(p.resolve() for p in triplets),
-            cluster={"kind": cluster, "n_workers": workers, "address": address})
+    with _command(verbose):
+        _launch(epochs, model=model, objective=objective, devices=devices, precision=precision, compile_=compile_,
+                data_dir=data_dir, dataset=dataset, annotations=annotations.resolve(),
+                audio_root=audio_root.resolve(), triplets=tuple(p.resolve() for p in triplets),
+                cluster={"kind": cluster, "n_workers": workers, "address": address})
 
 
 @app.command()
@@ -196,38 +296,28 @@ def features(
     workers: Workers = None,
     cluster: Cluster = "local",
     address: Address = None,
-    verbose: bool = False,
+    verbose: Verbose = False,
 ) -> None:
     """Extract multiresolution log-mel features (and pyramids) for a catalogue; re-runs do only new files."""
-    _setup(verbose)
-    from pydantic import ValidationError
+    with _command(verbose):
+        from infra.settings import (
+            ClusterSettings,
+            SourceSettings,
+            feature_settings_from_options,
+        )
+        from infra.tracking import tracking_for
 
-    from infra.settings import (
-        ClusterSettings,
-        SourceSettings,
-        feature_settings_from_options,
-    )
-    from infra.tracking import tracking_for
-
-    try:
-        settings = feature_settings_from_options(windows=windows, hop=hop, hop_policy=hop_policy, sample_rate=sample_rate,
-                                                 n_mels=n_mels, pyramid=pyramid, pyramid_levels=pyramid_levels,
-                                                 audio_shards=audio_shards, files_per_task=files_per_task)
+        settings = feature_settings_from_options(windows=windows, hop=hop, hop_policy=hop_policy,
+                                                 sample_rate=sample_rate, n_mels=n_mels, pyramid=pyramid,
+                                                 pyramid_levels=pyramid_levels, audio_shards=audio_shards,
+                                                 files_per_task=files_per_task)
         catalogue = SourceSettings(adapter=adapter, path=source.resolve(), audio_root=audio_root, split=split,
                                    split_dir=split_dir)
         cluster_settings = ClusterSettings(kind=cluster, n_workers=workers, address=address)
-    except (ValidationError, ValueError, IndexError) as err:
-        console.print(f"[red]mirflow: invalid settings[/red]\n{err}")
-        raise typer.Exit(2) from None
-    from flows.features import catalogue_features
-    from tasks.errors import MirflowError
+        from flows.features import catalogue_features
 
-    try:
         summary = catalogue_features(data_dir.resolve(), dataset, catalogue, settings, cluster_settings,
                                      tracking_for(data_dir))
-    except MirflowError as err:
-        console.print(f"[red]mirflow: {err}[/red]")
-        raise typer.Exit(1) from None
     console.print(f"features of {dataset}: {summary.n_tracks} tracks ({summary.n_extracted} extracted, "
                   f"{summary.n_skipped} already present, {summary.n_quarantined} quarantined), "
                   f"{summary.clips_per_s:.1f} clips/s, peak worker memory {summary.peak_worker_rss_mb:.0f} MiB\n"
@@ -253,41 +343,39 @@ def wmf(
     eval_max_users: Annotated[int, typer.Option(help="users sampled for in-matrix evaluation; 0 = all")] = 100_000,
     k: Annotated[int, typer.Option(help="cut-off of mAP@k, precision@k, NDCG@k")] = 500,
     data_dir: DataDir = Path("data"),
-    verbose: bool = False,
+    workers: Workers = None,
+    cluster: Cluster = "local",
+    address: Address = None,
+    verbose: Verbose = False,
 ) -> None:
     """Ingest listening data (validated, quarantined, stable ids), factorize it with WMF and evaluate.
+
+    Listening files of 1 GiB and more (together) are ingested on the Dask cluster
+    (``--cluster``, ``--workers``, ``--address``), in chunks; smaller ones in this process.
 
     Running again with new files updates the factors from the previous ones and records
     that update against a full refit; with the same files, nothing is redone.
     """
-    _setup(verbose)
-    from pydantic import ValidationError
+    with _command(verbose):
+        from infra.settings import ClusterSettings, WMFSettings
+        from infra.tracking import tracking_for
+        from tasks.errors import ParameterError
+        from tasks.events import ListeningSource
 
-    from infra.settings import WMFSettings
-    from infra.tracking import tracking_for
-    from tasks.events import ListeningSource
-
-    try:
+        cluster_settings = ClusterSettings(kind=cluster, n_workers=workers, address=address)
         settings = WMFSettings(factors=factors, regularization=regularization, iterations=iterations,
                                confidence=confidence, alpha=alpha, epsilon=epsilon, test_fraction=test_fraction,
                                early_stopping_patience=early_stopping, eval_max_users=eval_max_users)
         sources = [ListeningSource(path.resolve(), format=listening_format).resolved() for path in listening]
         if k < 1:
-            raise ValueError(f"k={k} must be >= 1")
-    except (ValidationError, ValueError) as err:
-        console.print(f"[red]mirflow: invalid settings[/red]\n{err}")
-        raise typer.Exit(2) from None
-    from flows.listening import factorize
-    from tasks.errors import MirflowError
+            raise ParameterError(f"--k {k}: the cut-off of the ranking metrics must be >= 1")
+        from flows.listening import factorize
 
-    heldout = None
-    if heldout_items is not None:
-        heldout = [line.strip() for line in heldout_items.read_text().splitlines() if line.strip()]
-    try:
-        out = factorize(data_dir.resolve(), sources, heldout, settings, tracking_for(data_dir), k=k)
-    except MirflowError as err:
-        console.print(f"[red]mirflow: {err}[/red]")
-        raise typer.Exit(1) from None
+        heldout = None
+        if heldout_items is not None:
+            heldout = [line.strip() for line in heldout_items.read_text().splitlines() if line.strip()]
+        out = factorize(data_dir.resolve(), sources, heldout, settings, tracking_for(data_dir), k=k,
+                        cluster=cluster_settings)
     console.print(f"WMF ({out.mode}) on batches {', '.join(out.batches)}: {out.n_users} users, {out.n_items} items"
                   + (f", {out.n_heldout} held out" if out.n_heldout else "") + f"\nfactors: {out.user_factors}")
     if out.rows:
@@ -305,36 +393,34 @@ def retrain(
     margin: Annotated[float | None, typer.Option(help="absolute gain on the metric the challenger needs "
                                                       "(default: the pipeline's, 0)")] = None,
     epochs: Annotated[int | None, typer.Option(help="cap on fine-tuning epochs")] = None,
-    verbose: bool = False,
+    verbose: Verbose = False,
 ) -> None:
     """Retrain the recommender on new listening files in <data-dir>/inbox/listening; promote it only if better."""
-    _setup(verbose)
-    from pydantic import ValidationError
+    with _command(verbose):
+        from infra.settings import PromotionSettings, TrainSettings
 
-    from infra.settings import PromotionSettings, TrainSettings
-
-    try:  # before any flow starts: a bad value is a usage error, not a failed run
+        # before any flow starts: a bad value is a usage error, not a failed run
         PromotionSettings(**{k: v for k, v in {"metric": metric, "margin": margin}.items() if v is not None})
         if epochs is not None:
             TrainSettings(max_epochs=epochs)
-    except ValidationError as err:
-        console.print(f"[red]mirflow: invalid settings[/red]\n{err}")
-        raise typer.Exit(2) from None
-    from mlflow.exceptions import MlflowException
+        _quiet_lightning()
+        from mlflow.exceptions import MlflowException
 
-    from flows.retrain import retrain_on_new_listening
-    from infra.tracking import tracking_for
-    from tasks.errors import MirflowError
+        from flows.retrain import retrain_on_new_listening
+        from infra.tracking import tracking_for
 
-    try:
-        outcome = retrain_on_new_listening(data_dir.resolve(), tracking_for(data_dir), metric=metric, margin=margin,
-                                           max_epochs=epochs)
-    except (MirflowError, MlflowException) as err:
-        console.print(f"[red]mirflow: {err}[/red]")
-        raise typer.Exit(1) from None
+        try:
+            outcome = retrain_on_new_listening(data_dir.resolve(), tracking_for(data_dir), metric=metric,
+                                               margin=margin, max_epochs=epochs)
+        except MlflowException as err:  # the registry refused: its reason, the traceback only with --verbose
+            if verbose:
+                traceback.print_exception(err)
+            raise _fail(str(err), FAILED) from None
+    if outcome.status == "no-champion":  # nothing to retrain yet: run the pipeline first
+        raise _fail(f"retrain: {outcome.status}: {outcome.message}")
+    if outcome.status == "busy":
+        raise _fail(f"retrain: {outcome.status}: {outcome.message}", FAILED)
     console.print(f"retrain: {outcome.status}: {outcome.message}", highlight=False)
-    if outcome.status in ("no-champion", "busy"):
-        raise typer.Exit(1)
 
 
 @app.command()
@@ -349,20 +435,27 @@ def up(
     work_pool: Annotated[str, typer.Option(help="Prefect work pool the deployments run on")] = "mirflow",
     concurrency: Annotated[int, typer.Option(help="deployment runs at a time (they share the storage root)")] = 1,
     paused_schedules: Annotated[bool, typer.Option(help="register the schedules paused")] = False,
-    verbose: bool = False,
+    verbose: Verbose = False,
 ) -> None:
     """Run mirflow as a service (what `make serve` does): Prefect server and worker, MLflow server, Dask cluster.
 
     Binds 127.0.0.1 only, registers the deployments of prefect.yaml, prints the URLs and
     runs until Ctrl-C, which stops everything it started.
     """
-    _setup(verbose)
+    with _command(verbose, flows=False):
+        _serve_stack(data_dir, ports=(prefect_port, mlflow_port, dask_port, dashboard_port, web_port),
+                     workers=workers, work_pool=work_pool, concurrency=concurrency, paused_schedules=paused_schedules)
+
+
+def _serve_stack(data_dir: Path, *, ports: tuple[int, int, int, int, int], workers: int | None, work_pool: str,
+                 concurrency: int, paused_schedules: bool) -> None:
     import signal
 
     from infra.cluster import usable_cores
     from infra.stack import Ports, Stack, StackError
 
     stopping: list[int] = []
+    prefect_port, mlflow_port, dask_port, dashboard_port, web_port = ports
     stack = Stack(data_dir=data_dir, ports=Ports(prefect=prefect_port, mlflow=mlflow_port, dask=dask_port,
                                                 dashboard=dashboard_port, web=web_port),
                   n_workers=workers or usable_cores(), work_pool=work_pool, concurrency=concurrency,
@@ -377,9 +470,8 @@ def up(
     try:
         try:
             info = stack.start(on_step=logger.info)
-        except StackError as err:
-            console.print(f"[red]mirflow: {err}[/red]", highlight=False)
-            raise typer.Exit(1) from None
+        except StackError as err:  # the reason and the failing log's tail: a service that could not start
+            raise _fail(str(err), FAILED) from None
         if stopping:
             return
         console.print("\n[bold]mirflow is serving[/bold] (Ctrl-C stops everything)", highlight=False)
@@ -392,9 +484,8 @@ def up(
                       + ("when asked (its schedule is paused)" if paused_schedules else "every hour"), highlight=False)
         died = stack.watch()
         if died is not None:
-            console.print(f"[red]mirflow: {died} stopped unexpectedly (log: {stack.logs / (died + '.log')}); "
-                          "stopping the service[/red]", highlight=False)
-            raise typer.Exit(1)
+            raise _fail(f"{died} stopped unexpectedly (log: {stack.logs / (died + '.log')}); stopping the service",
+                        FAILED)
     finally:
         if stack.owned:  # a second `mirflow up` that found one running touches nothing of it
             console.print("stopping the service ...", highlight=False)
@@ -425,19 +516,16 @@ def study_tagging(
     workers: Workers = None,
     cluster: Cluster = "local",
     address: Address = None,
-    verbose: bool = False,
+    verbose: Verbose = False,
 ) -> None:
     """A tagging study under one MLflow parent run: multiscale K-means features (ismir2013), or raw audio
     against spectrograms (icassp2014), or the short-chunk ResNet beside the 2014 convnet (modern)."""
-    _setup(verbose)
-    from pydantic import ValidationError
+    with _command(verbose):
+        from infra.settings import ClusterSettings, WorldSettings
+        from infra.tracking import tracking_for
+        from tasks.errors import ParameterError
+        from tasks.studies import load_preset, preset_kind, preset_overrides
 
-    from infra.settings import ClusterSettings, WorldSettings
-    from infra.tracking import tracking_for
-    from tasks.errors import MirflowError, ParameterError
-    from tasks.studies import load_preset, preset_kind, preset_overrides
-
-    try:
         training = {"devices": devices, "precision": precision, "compile": compile_}
         kind = preset_kind(preset)
         if kind in ("recommendation", "transfer"):
@@ -445,17 +533,11 @@ def study_tagging(
         study = load_preset(preset, overrides=preset_overrides(kind=kind, k=k, epochs=epochs, train=training))
         world_settings = WorldSettings(n_tracks=tracks, n_users=users, clip_seconds=clip_seconds, seed=seed)
         cluster_settings = ClusterSettings(kind=cluster, n_workers=workers, address=address)
-    except (ParameterError, ValidationError) as err:
-        console.print(f"[red]mirflow: invalid settings[/red]\n{err}", highlight=False)
-        raise typer.Exit(2) from None
-    from flows.study import tagging_study
+        _quiet_lightning()
+        from flows.study import tagging_study
 
-    try:
         out = tagging_study(data_dir.resolve(), dataset, study, cluster_settings, tracking_for(data_dir),
                             world=world_settings)
-    except MirflowError as err:
-        console.print(f"[red]mirflow: {err}[/red]", highlight=False)
-        raise typer.Exit(1) from None
     console.print(f"\n[bold]study {study.preset} on {dataset}[/bold]: {out.n_runs + out.n_reused} configurations "
                   f"({out.n_reused} reused) in {out.seconds:.0f} s; test ROC-AUC and PR-AUC, macro over tags\n",
                   highlight=False)
@@ -500,34 +582,25 @@ def study_recommendation(
     workers: Workers = None,
     cluster: Cluster = "local",
     address: Address = None,
-    verbose: bool = False,
+    verbose: Verbose = False,
 ) -> None:
     """The recommendation study (NIPS 2013): cold start on held-out tracks for random, popularity (oracle),
     linear regression, MLP, CNN-MSE, CNN-WPE and the WMF upper bound, with nearest-neighbour queries."""
-    _setup(verbose)
-    from pydantic import ValidationError
+    with _command(verbose):
+        from infra.settings import ClusterSettings, WorldSettings
+        from infra.tracking import tracking_for
 
-    from infra.settings import ClusterSettings, WorldSettings
-    from infra.tracking import tracking_for
-    from tasks.errors import MirflowError, ParameterError
-
-    try:
-        extra = {**({"query_ids": list(query)} if query else {}), **({"queries": queries} if queries is not None else {})}
+        extra = {**({"query_ids": list(query)} if query else {}),
+                 **({"queries": queries} if queries is not None else {})}
         study = _study_settings(preset, "recommendation", k=k, epochs=epochs, extra=extra,
                                 training={"devices": devices, "precision": precision, "compile": compile_})
         world_settings = WorldSettings(n_tracks=tracks, n_users=users, clip_seconds=clip_seconds, seed=seed)
         cluster_settings = ClusterSettings(kind=cluster, n_workers=workers, address=address)
-    except (ParameterError, ValidationError) as err:
-        console.print(f"[red]mirflow: invalid settings[/red]\n{err}", highlight=False)
-        raise typer.Exit(2) from None
-    from flows.recommendation import recommendation_study
+        _quiet_lightning()
+        from flows.recommendation import recommendation_study
 
-    try:
         out = recommendation_study(data_dir.resolve(), dataset, study, cluster_settings, tracking_for(data_dir),
                                    world=world_settings, triplets=tuple(p.resolve() for p in triplets))
-    except MirflowError as err:
-        console.print(f"[red]mirflow: {err}[/red]", highlight=False)
-        raise typer.Exit(1) from None
     console.print(f"\n[bold]study {study.preset} on {dataset}[/bold]: {out.n_runs + out.n_reused} trained models "
                   f"({out.n_reused} reused) in {out.seconds:.0f} s; cold start on the held-out tracks\n",
                   highlight=False)
@@ -563,35 +636,25 @@ def study_transfer(
     workers: Workers = None,
     cluster: Cluster = "local",
     address: Address = None,
-    verbose: bool = False,
+    verbose: Verbose = False,
 ) -> None:
     """Supervised pre-training (ISMIR 2014): linear regression and MLPs learn tag factors and listening factors
     from K-means features; their embeddings, and the target's own features, transfer to a genre catalogue."""
-    _setup(verbose)
-    from pydantic import ValidationError
+    with _command(verbose):
+        from infra.settings import ClusterSettings, WorldSettings
+        from infra.tracking import tracking_for
 
-    from infra.settings import ClusterSettings, WorldSettings
-    from infra.tracking import tracking_for
-    from tasks.errors import MirflowError, ParameterError
-
-    try:
         extra = {"transfer": {**({"cv": cv} if cv is not None else {}),
                               **({"classifier": classifier} if classifier else {})}}
         study = _study_settings(preset, "transfer", k=k, epochs=epochs, extra=extra,
                                 training={"devices": devices, "precision": precision, "compile": compile_})
         world_settings = WorldSettings(n_tracks=tracks, n_users=users, clip_seconds=clip_seconds, seed=seed)
         cluster_settings = ClusterSettings(kind=cluster, n_workers=workers, address=address)
-    except (ParameterError, ValidationError) as err:
-        console.print(f"[red]mirflow: invalid settings[/red]\n{err}", highlight=False)
-        raise typer.Exit(2) from None
-    from flows.transfer import transfer_study
+        _quiet_lightning()
+        from flows.transfer import transfer_study
 
-    try:
         out = transfer_study(data_dir.resolve(), dataset, study, cluster_settings, tracking_for(data_dir),
                              world=world_settings, triplets=tuple(p.resolve() for p in triplets))
-    except MirflowError as err:
-        console.print(f"[red]mirflow: {err}[/red]", highlight=False)
-        raise typer.Exit(1) from None
     console.print(f"\n[bold]study {study.preset} on {dataset}[/bold]: {out.n_runs + out.n_reused} source models "
                   f"({out.n_reused} reused) in {out.seconds:.0f} s\n\nsource tasks (test split)\n", highlight=False)
     console.print(out.source_table, highlight=False, soft_wrap=True)
@@ -612,13 +675,14 @@ Source = Annotated[Path | None, typer.Option(help="gtzan: the genre folders' roo
 def _catalogue(adapter: str | None, source: Path | None, split: str | None, split_dir: Path | None,
                seed: int = 0):
     from infra.settings import SourceSettings
+    from tasks.errors import ParameterError
 
     if adapter is None:
         if source is not None:
-            raise ValueError("--source needs --adapter (manifest, gtzan or mtat)")
+            raise ParameterError("--source needs --adapter (manifest, gtzan or mtat)")
         return None
     if source is None:
-        raise ValueError(f"--adapter {adapter} needs --source")
+        raise ParameterError(f"--adapter {adapter} needs --source")
     return SourceSettings(adapter=adapter, path=source.resolve(), split=split, split_dir=split_dir, seed=seed)
 
 
@@ -634,31 +698,21 @@ def embed(
     workers: Workers = None,
     cluster: Cluster = "local",
     address: Address = None,
-    verbose: bool = False,
+    verbose: Verbose = False,
 ) -> None:
     """One embedding per track of a catalogue by a pre-trained model, as Parquet: the features it needs are
     computed on the cluster, incrementally (a second run computes nothing again)."""
-    _setup(verbose)
-    from pydantic import ValidationError
+    with _command(verbose):
+        from infra.settings import ClusterSettings
+        from infra.tracking import tracking_for
 
-    from infra.settings import ClusterSettings
-    from infra.tracking import tracking_for
-    from tasks.errors import MirflowError
-
-    try:
         catalogue = _catalogue(adapter, source, split, split_dir)
         cluster_settings = ClusterSettings(kind=cluster, n_workers=workers, address=address)
-    except (ValidationError, ValueError) as err:
-        console.print(f"[red]mirflow: invalid settings[/red]\n{err}", highlight=False)
-        raise typer.Exit(2) from None
-    from flows.transfer import embed_catalogue
+        _quiet_lightning()
+        from flows.transfer import embed_catalogue
 
-    try:
         out = embed_catalogue(data_dir.resolve(), dataset, model, cluster_settings, tracking_for(data_dir),
                               source=catalogue)
-    except MirflowError as err:
-        console.print(f"[red]mirflow: {err}[/red]", highlight=False)
-        raise typer.Exit(1) from None
     console.print(f"embeddings of {out.n_tracks} tracks ({out.dims} dims, {out.n_quarantined} quarantined) in "
                   f"{out.seconds:.0f} s, {out.clips_per_s:.1f} clips/s\n  {out.path}\n  model {out.model_uri}; "
                   f"MLflow run {out.run_id} (experiment mirflow-embed)", highlight=False)
@@ -684,23 +738,19 @@ def transfer_command(
     workers: Workers = None,
     cluster: Cluster = "local",
     address: Address = None,
-    verbose: bool = False,
+    verbose: Verbose = False,
 ) -> None:
     """Transfer to a labelled target: a logistic regression (or linear SVM) per feature set, its regularization
     chosen on the validation split or by inner cross-validation; accuracy, or macro ROC-AUC for tags."""
-    _setup(verbose)
-    from pydantic import ValidationError
+    with _command(verbose):
+        from infra.settings import (
+            ClusterSettings,
+            FeatureSettings,
+            KMeansSettings,
+            TransferSettings,
+        )
+        from infra.tracking import tracking_for
 
-    from infra.settings import (
-        ClusterSettings,
-        FeatureSettings,
-        KMeansSettings,
-        TransferSettings,
-    )
-    from infra.tracking import tracking_for
-    from tasks.errors import MirflowError
-
-    try:
         sets = feature_set or [s for s in ("pretrained", "kmeans", "logmel-stats", "mfcc")
                                if s != "pretrained" or model]
         settings = TransferSettings(classifier=classifier, cv=cv, feature_sets=tuple(sets), seed=seed)
@@ -708,17 +758,11 @@ def transfer_command(
         cluster_settings = ClusterSettings(kind=cluster, n_workers=workers, address=address)
         features = FeatureSettings()
         kmeans = KMeansSettings(k=k, timescales=(features.mel.column,))
-    except (ValidationError, ValueError) as err:
-        console.print(f"[red]mirflow: invalid settings[/red]\n{err}", highlight=False)
-        raise typer.Exit(2) from None
-    from flows.transfer import transfer
+        _quiet_lightning()
+        from flows.transfer import transfer
 
-    try:
         out = transfer(data_dir.resolve(), dataset, settings, features, kmeans, cluster_settings,
                        tracking_for(data_dir), source=catalogue, models=tuple(model))
-    except MirflowError as err:
-        console.print(f"[red]mirflow: {err}[/red]", highlight=False)
-        raise typer.Exit(1) from None
     console.print(f"\ntransfer to {dataset}: {out.n_tracks} tracks ({out.n_dropped} left out), {out.metric}, "
                   f"{out.seconds:.0f} s\n", highlight=False)
     console.print(out.table, highlight=False, soft_wrap=True)
@@ -738,36 +782,43 @@ def serve(
     decoders: Annotated[int, typer.Option(help="decoding processes (uploads decoded at once)")] = 2,
     wait: Annotated[bool, typer.Option(help="start without models (503 with the reason) and load them once a "
                                             "pipeline run has made them")] = False,
-    verbose: bool = False,
+    verbose: Verbose = False,
 ) -> None:
     """The web demo and its API: upload a track for its tags and cold-start recommendations, browse the catalogue
     map (http://HOST:PORT/, API docs at /docs)."""
-    _setup(verbose)
-    import uvicorn
+    with _command(verbose, flows=False):
+        from tasks.errors import ParameterError
 
-    from infra.service.app import create_app
-    from infra.service.catalogue import load_catalogue
-    from infra.tracking import tracking_for
-    from tasks.errors import MirflowError
-    from tasks.uploads import UploadLimits
+        for option, value in (("--max-upload-mb", max_upload_mb), ("--max-minutes", max_minutes),
+                              ("--decode-timeout", decode_timeout), ("--decoders", decoders)):
+            if not value > 0:
+                raise ParameterError(f"{option} {value}: must be positive")
+        _quiet_lightning()
+        import uvicorn
 
-    def loader():
-        return load_catalogue(data_dir.resolve(), tracking_for(data_dir), dataset=dataset)
+        from infra.service.app import create_app
+        from infra.service.catalogue import load_catalogue
+        from infra.tracking import tracking_for
+        from tasks.uploads import UploadLimits
 
-    if wait:  # loaded in the background: the server answers (503 with the reason) from the start
-        catalogue, what = None, f"{dataset} once its models can be loaded (503 with the reason until then)"
-    else:
-        try:
-            catalogue = loader()
-        except MirflowError as err:
-            console.print(f"[red]mirflow: {err}[/red]", highlight=False)
-            raise typer.Exit(1) from None
-        except Exception as err:  # a store or files in a state nobody planned for: the reason, not a traceback
-            console.print(f"[red]mirflow: the models or the catalogue could not be loaded ({type(err).__name__}: "
-                          f"{err}); `mirflow serve --wait` keeps trying[/red]", highlight=False)
-            raise typer.Exit(1) from None
-        what = f"{len(catalogue.track_ids)} tracks of {dataset} ({catalogue.source})"
-    limits = UploadLimits(max_bytes=int(max_upload_mb * 2**20), max_seconds=max_minutes * 60.0)
+        def loader():
+            return load_catalogue(data_dir.resolve(), tracking_for(data_dir), dataset=dataset)
+
+        if wait:  # loaded in the background: the server answers (503 with the reason) from the start
+            catalogue, what = None, f"{dataset} once its models can be loaded (503 with the reason until then)"
+        else:
+            try:
+                catalogue = loader()  # a MirflowError (no models yet, ...) is a user error: its message
+            except Exception as err:
+                if isinstance(err, _user_error_types()):
+                    raise
+                # a store or files in a state nobody planned for: the reason, the traceback only with --verbose
+                if verbose:
+                    traceback.print_exception(err)
+                raise _fail(f"the models or the catalogue could not be loaded ({type(err).__name__}: {err}); "
+                            "`mirflow serve --wait` keeps trying", FAILED) from None
+            what = f"{len(catalogue.track_ids)} tracks of {dataset} ({catalogue.source})"
+        limits = UploadLimits(max_bytes=int(max_upload_mb * 2**20), max_seconds=max_minutes * 60.0)
     console.print(f"serving {what}\n  http://{host}:{port}/   (API docs: http://{host}:{port}/docs)",
                   highlight=False)
     uvicorn.run(create_app(catalogue, loader=loader, limits=limits, decode_timeout_s=decode_timeout,
@@ -778,36 +829,17 @@ def serve(
 
 @app.command()
 def world(data_dir: DataDir = Path("data"), tracks: int = 1200, users: int = 3000, clip_seconds: float = 15.0,
-          seed: int = 0, verbose: bool = False) -> None:
+          seed: int = 0, verbose: Verbose = False) -> None:
     """Only write the synthetic world (MTAT-style mp3 tree + Taste Profile triplets)."""
-    _setup(verbose)
-    from pydantic import ValidationError
+    with _command(verbose, flows=False):
+        from infra.layout import Layout
+        from infra.settings import WorldSettings
+        from tasks.synth import generate_world
 
-    from infra.layout import Layout
-    from infra.settings import WorldSettings
-    from tasks.synth import generate_world
-
-    try:
         settings = WorldSettings(n_tracks=tracks, n_users=users, clip_seconds=clip_seconds, seed=seed)
-    except ValidationError as err:
-        console.print(f"[red]mirflow: invalid settings[/red]\n{err}")
-        raise typer.Exit(2) from None
-    root = Layout(data_dir.resolve()).world()
-    generate_world(root, settings)
+        root = Layout(data_dir.resolve()).world()
+        generate_world(root, settings)
     console.print(f"synthetic world written to {root}")
-
-
-def _settings(**kwargs):
-    """Build the run's settings; a bad value ends the command with pydantic's explanation."""
-    from pydantic import ValidationError
-
-    from infra.settings import PipelineSettings
-
-    try:
-        return PipelineSettings(**kwargs)
-    except ValidationError as err:
-        console.print(f"[red]mirflow: invalid settings[/red]\n{err}")
-        raise typer.Exit(2) from None
 
 
 if __name__ == "__main__":

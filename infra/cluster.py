@@ -48,8 +48,10 @@ WORKER_MALLOC_ENVIRON = {
 
 
 def _worker_environ() -> dict[str, str]:
-    """Dask's pre-spawn environment for workers, with the malloc settings above."""
-    return {**dask.config.get("distributed.nanny.pre-spawn-environ", default={}), **WORKER_MALLOC_ENVIRON}
+    """Dask's pre-spawn environment for workers, with the malloc settings above and OpenMP waiting passively
+    (a worker shares its node with other workers and with training; infra/threads.py)."""
+    return {**dask.config.get("distributed.nanny.pre-spawn-environ", default={}), **WORKER_MALLOC_ENVIRON,
+            "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def _local_cluster(settings: ClusterSettings) -> LocalCluster:

@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tasks.errors import ParameterError
+
 
 class _Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -698,11 +700,16 @@ def feature_settings_from_options(*, windows: str, hop: int, hop_policy: str, sa
                                   files_per_task: int = 32) -> FeatureSettings:
     """Feature settings from command-line style options (``windows="1024,2048"``); the first window is the finest.
 
-    Raises ``ValueError`` (pydantic's ``ValidationError`` included) for a bad value.
+    Raises ``ParameterError`` for windows that are not a list of numbers, pydantic's ``ValidationError``
+    for a bad value (both are ``ValueError``).
     """
-    sizes = [int(w) for w in windows.split(",") if w.strip()]
+    try:
+        sizes = [int(w) for w in windows.split(",") if w.strip()]
+    except ValueError:
+        raise ParameterError(f"windows={windows!r}: FFT windows are whole numbers of samples, comma-separated, "
+                             "e.g. 1024,2048,4096,8192") from None
     if not sizes:
-        raise ValueError(f"windows={windows!r}: give at least one FFT window, e.g. 1024,2048,4096,8192")
+        raise ParameterError(f"windows={windows!r}: give at least one FFT window, e.g. 1024,2048,4096,8192")
     return FeatureSettings(
         mel={"sample_rate": sample_rate, "n_fft": sizes[0], "hop_length": hop if hop_policy == "fixed" else sizes[0] // 2,
              "n_mels": n_mels},

@@ -37,6 +37,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tasks.errors import ParameterError
+
 log = logging.getLogger("mirflow")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -57,10 +59,13 @@ class Ports:
     dashboard: int = 8787
     web: int = 8000
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:  # a command-line mistake, found before anything starts
         values = list(asdict(self).values())
         if len(set(values)) != len(values):
-            raise StackError(f"the service ports must differ, got {asdict(self)}")
+            raise ParameterError(f"the service ports must differ, got {asdict(self)}")
+
+    def check(self) -> None:
+        """Raise :class:`StackError` when a port is taken on 127.0.0.1."""
         for name, port in asdict(self).items():
             with socket.socket() as s:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

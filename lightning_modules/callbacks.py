@@ -87,3 +87,23 @@ class CompileNetwork(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
             pl_module.net.compile()
+
+
+class ThreadPolicy(L.Callback):
+    """On CPUs: torch's threads by ``infra.threads``' policy when training starts, then re-measured every few
+    seconds, so that training gives way to (and takes back) cores another process keeps busy."""
+
+    def __init__(self, every_s: float = 2.0) -> None:
+        self.every_s = every_s
+        self._adjuster = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from infra.threads import ThreadAdjuster, apply_thread_policy
+
+        if stage == "fit" and trainer.strategy.root_device.type == "cpu":
+            apply_thread_policy(processes=trainer.world_size)
+            self._adjuster = ThreadAdjuster(self.every_s, processes=trainer.world_size)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if self._adjuster is not None:
+            self._adjuster.maybe_adjust()

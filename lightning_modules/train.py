@@ -29,6 +29,7 @@ from lightning_modules.callbacks import (
     FINISHED,
     CompileNetwork,
     Snapshot,
+    ThreadPolicy,
     ThroughputLog,
 )
 from lightning_modules.datamodule import FeatureDataModule, VectorDataModule
@@ -75,7 +76,7 @@ def build_trainer(train: TrainSettings, *, name: str, monitor: str, mode: str, c
         precision=train.precision,
         logger=logger,
         callbacks=[best, EarlyStopping(monitor=monitor, mode=mode, patience=train.patience),
-                   ThroughputLog(name, quiet=quiet),
+                   ThroughputLog(name, quiet=quiet), ThreadPolicy(),
                    Snapshot(Path(checkpoint_dir) / LAST_CHECKPOINT, every_n_steps=train.checkpoint_every_n_steps),
                    *([CompileNetwork()] if train.compile else [])],
         enable_progress_bar=interactive() and not quiet,

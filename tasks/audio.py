@@ -4,7 +4,9 @@ soundfile (libsndfile) reads mp3, wav, au, flac and ogg directly; formats it can
 read (m4a/AAC, for example) fall back to audioread, which needs an ffmpeg or
 GStreamer backend on the machine. Every failure is raised as a
 :class:`~tasks.errors.DecodeError` whose ``stage`` says which step failed, so that the
-caller can quarantine the file with a reason and go on.
+caller can quarantine the file with a reason and go on. A file cut short is refused
+at ``check`` whatever its codec (:mod:`tasks.containers` reads the evidence), rather
+than passed on as a short clip.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from tasks.containers import decoded_cut, header_cut, sniff_container
 from tasks.errors import DecodeError, ParameterError
 
 #: A waveform whose peak absolute value is below this is treated as digital silence.
@@ -44,8 +47,9 @@ def decode(path: str | Path, *, sample_rate: int, min_seconds: float = 0.0) -> n
     DecodeError
         ``stage="read"``: missing, unreadable or corrupt file.
         ``stage="resample"``: soxr failed.
-        ``stage="check"``: no samples, shorter than ``min_seconds``, non-finite
-        samples, or all silent (peak below 1e-6).
+        ``stage="check"``: truncated (the file holds less than its container
+        declares: MP3, WAV, Ogg Vorbis and Opus, FLAC), no samples, shorter than
+        ``min_seconds``, non-finite samples, or all silent (peak below 1e-6).
     """
     if sample_rate <= 0:
         # A programming error, not a bad file: fail loudly rather than quarantine.
@@ -122,24 +126,36 @@ def audio_info(path: str | Path) -> dict:
 
 
 def _read(path: Path) -> tuple[np.ndarray, int]:
-    """Return ``(frames [shape=(n, channels), float32], sample_rate)``."""
+    """Return ``(frames [shape=(n, channels), float32], sample_rate)`` of a complete file.
+
+    A file cut short raises at ``check``: its container headers are read before any
+    sample is decoded (a WAV ``data`` chunk, Ogg pages), and the decoded length is
+    compared with the declared one afterwards (MP3, FLAC).
+    """
     name = str(path)
     if not path.is_file():
         raise DecodeError(name, "read", "no such file")
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise DecodeError(name, "read", "file is empty (0 bytes)")
+    with path.open("rb") as handle:
+        container = sniff_container(handle)
+        cut = header_cut(handle, container=container, size=size)
+    if cut is not None:
+        raise DecodeError(name, "check", f"truncated: {cut}")
     try:
-        with sf.SoundFile(name) as handle:
-            declared, rate = handle.frames, int(handle.samplerate)
-            frames = handle.read(dtype="float32", always_2d=True)
+        frames, rate, declared = _read_soundfile(name)
+    except DecodeError:
+        raise
     except Exception as sf_exc:
         try:
-            return _read_audioread(name)
+            frames, rate = _read_audioread(name)
         except Exception as ar_exc:
             raise DecodeError(
                 name, "read", f"soundfile: {sf_exc}; audioread fallback: {ar_exc!r}"
             ) from ar_exc
-    _check_complete(path, frames.shape[0], declared)
+        declared = 0  # audioread declares no length of its own
+    _check_complete(path, frames.shape[0], declared, container=container)
     return frames, rate
 
 
@@ -147,42 +163,52 @@ def _read(path: Path) -> tuple[np.ndarray, int]:
 # (and at least a tenth of a second at 8 kHz) means the file was cut short.
 TRUNCATION_TOLERANCE = 0.02
 
+# libsndfile's frame count for a stream of unknown length (a FLAC whose STREAMINFO says 0).
+_UNKNOWN_FRAMES = 2**63 - 1
 
-def _check_complete(path: Path, n_read: int, n_declared: int) -> None:
-    """Raise for a file that holds less audio than its header declares.
+# Frames per read: a decoder that fails midway has then delivered what came before the failure.
+_READ_BLOCK = 1 << 16
 
-    MP3 headers (Xing/Info) and libsndfile's count for compressed formats give the
-    declared length; for WAV, libsndfile trims the count to the bytes present, so
-    the RIFF ``data`` chunk size is compared with the file size instead.
+
+def _read_soundfile(name: str) -> tuple[np.ndarray, int, int]:
+    """``(frames [shape=(n, channels), float32], sample_rate, declared frames or 0)`` through libsndfile.
+
+    A decoder that fails before the declared length (FLAC: "lost sync" at the cut)
+    means the stream was cut short, and raises at ``check``.
     """
+    with sf.SoundFile(name) as handle:
+        declared = handle.frames if 0 < handle.frames < _UNKNOWN_FRAMES else 0
+        rate, channels = int(handle.samplerate), int(handle.channels)
+        blocks = []
+        while True:
+            try:
+                block = handle.read(_READ_BLOCK, dtype="float32", always_2d=True)
+            except Exception as exc:
+                if 0 < declared and sum(b.shape[0] for b in blocks) < declared:
+                    raise DecodeError(name, "check",
+                                      f"truncated: the stream breaks off before its {declared} declared frames ({exc})"
+                                      ) from exc
+                raise
+            if block.shape[0] == 0:
+                break
+            blocks.append(block)
+    frames = np.concatenate(blocks) if blocks else np.zeros((0, channels), dtype=np.float32)
+    return frames, rate, declared
+
+
+def _check_complete(path: Path, n_read: int, n_declared: int, *, container: str | None) -> None:
+    """Raise for a file that decoded to less audio than its header declares.
+
+    FLAC declares an exact total (:func:`~tasks.containers.decoded_cut`); for the
+    others (MP3's Xing/Info header, libsndfile's count) a small shortfall is rounding.
+    """
+    with path.open("rb") as handle:
+        cut = decoded_cut(handle, container=container, n_decoded=n_read)
+    if cut is not None:
+        raise DecodeError(str(path), "check", f"truncated: {cut}")
     missing = n_declared - n_read
     if n_declared > 0 and missing > max(800, TRUNCATION_TOLERANCE * n_declared):
         raise DecodeError(str(path), "check", f"truncated: {n_read} of {n_declared} declared frames decoded")
-    if path.suffix.lower() in (".wav", ".wave"):
-        declared_bytes, present_bytes = _riff_data_sizes(path)
-        if declared_bytes is not None and declared_bytes > present_bytes + 1:
-            raise DecodeError(str(path), "check",
-                              f"truncated: WAV header declares {declared_bytes} data bytes, {present_bytes} present")
-
-
-def _riff_data_sizes(path: Path) -> tuple[int | None, int]:
-    """``(declared, present)`` byte sizes of a WAV file's ``data`` chunk; declared is None if not found."""
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        header = handle.read(12)
-        if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] != b"WAVE":
-            return None, 0
-        offset = 12
-        while offset + 8 <= size:
-            handle.seek(offset)
-            chunk = handle.read(8)
-            chunk_id, chunk_size = chunk[:4], int.from_bytes(chunk[4:8], "little")
-            if chunk_id == b"data":
-                # 0xFFFFFFFF marks a streamed WAV whose length was never written: not a truncation.
-                declared = None if chunk_size in (0, 0xFFFFFFFF) else chunk_size
-                return declared, size - offset - 8
-            offset += 8 + chunk_size + (chunk_size & 1)
-    return None, 0
 
 
 def _read_audioread(name: str) -> tuple[np.ndarray, int]:

@@ -32,3 +32,19 @@ class DecodeError(MirflowError):
 
 class DatasetError(MirflowError):
     """A dataset on disk does not have the layout its adapter expects."""
+
+
+def settings_message(err) -> str:
+    """A pydantic ``ValidationError`` as one line: each bad field, the rule it broke and the value given.
+
+    ``"invalid settings (WorldSettings): n_tracks: Input should be greater than or equal to 16 (got 3)"``;
+    several errors are joined by ``"; "``. pydantic's own text spans lines and ends in a URL.
+    """
+    parts = []
+    for error in err.errors():
+        where = ".".join(str(part) for part in error["loc"])
+        rule = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        value = error.get("input")
+        given = f" (got {value!r})" if where and isinstance(value, (str, int, float, bool)) else ""
+        parts.append(f"{where}: {rule}{given}" if where else rule)
+    return f"invalid settings ({err.title}): " + "; ".join(parts)

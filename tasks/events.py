@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
-from collections.abc import Iterator, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -214,8 +216,8 @@ class _Malformed:
     def __len__(self) -> int:
         return len(self.by_line) + len(self.by_position)
 
-    def records(self) -> list[dict]:
-        """Quarantine records, each with the file's physical line (or Parquet row) number."""
+    def located(self) -> list[tuple[int, str, str]]:
+        """(line or row number, reason, text) of every bad row, in order; numbers count from this part's start."""
         lines = sorted(line for line, _, _ in self.by_line)
         # Parsed row p sits on line header + p + (rows skipped before it); the j-th skipped
         # line (0-based, sorted) is preceded by (line_j - header - j - 1) parsed rows.
@@ -226,16 +228,23 @@ class _Malformed:
             out.append((line, reason, text))
         out.extend(self.by_line)
         out.sort()
-        return [{"path": f"{self.path}:{line}" if self.unit == "line" else f"{self.path}#row{line}",
-                 "stage": "listening", "reason": f"{reason}: {text[:_TEXT_LIMIT]!r}" if text else reason}
-                for line, reason, text in out]
+        return out
+
+    def records(self) -> list[dict]:
+        """Quarantine records, each with the file's physical line (or Parquet row) number."""
+        return quarantine_records(self.path, self.unit, self.located())
 
 
-def _csv_blocks(path: Path, *, delimiter: str, names: list[str], header: bool,
+def quarantine_records(path: Path, unit: str, located: Sequence[tuple[int, str, str]], offset: int = 0) -> list[dict]:
+    """Quarantine records of bad rows located in a file (``offset`` lines or rows before the part they count from)."""
+    return [{"path": f"{path}:{line + offset}" if unit == "line" else f"{path}#row{line + offset}",
+             "stage": "listening", "reason": f"{reason}: {text[:_TEXT_LIMIT]!r}" if text else reason}
+            for line, reason, text in located]
+
+
+def _csv_blocks(source: Path | pa.NativeFile, *, delimiter: str, names: list[str], header: bool,
                 bad: _Malformed) -> Iterator[pa.RecordBatch]:
     """Blocks of string columns; rows with the wrong column count go to ``bad`` with their line."""
-    if path.stat().st_size == 0:
-        return
 
     def invalid(row) -> str:
         text = row.text or ""
@@ -247,7 +256,7 @@ def _csv_blocks(path: Path, *, delimiter: str, names: list[str], header: bool,
         return "skip"
 
     reader = pacsv.open_csv(
-        path,
+        source,
         read_options=pacsv.ReadOptions(column_names=names, skip_rows=1 if header else 0, use_threads=False,
                                        block_size=_BLOCK_BYTES),
         parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char=False if delimiter == "\t" else '"',
@@ -264,34 +273,52 @@ def _header(path: Path, delimiter: str) -> list[str]:
     return [name.strip() for name in first.split(delimiter)]
 
 
-def _raw_blocks(source: ListeningSource, bad: _Malformed) -> Iterator[pa.RecordBatch]:
-    """String (or, for Parquet, typed) blocks with columns user, item, plays[, ts]."""
+def _raw_blocks(source: ListeningSource, bad: _Malformed, chunk: Chunk | None = None) -> Iterator[pa.RecordBatch]:
+    """String (or, for Parquet, typed) blocks with columns user, item, plays[, ts]: of the whole file, or of ``chunk``.
+
+    Bad rows go to ``bad`` numbered from the chunk's first line (or row).
+    """
     path = source.path
-    if source.format == "triplets":
-        yield from _csv_blocks(path, delimiter="\t", names=["user", "item", "plays"], header=False, bad=bad)
-    elif source.format == "hetrec":
-        found = _header(path, "\t")
-        if found != HETREC_HEADER:
-            raise DatasetError(f"{path}: header {found} is not HetRec user_artists.dat's {HETREC_HEADER}")
-        bad.header_lines = 1
-        yield from _csv_blocks(path, delimiter="\t", names=["user", "item", "plays"], header=True, bad=bad)
-    elif path.suffix.lower() == ".parquet":
+    if source.format == "events" and path.suffix.lower() == ".parquet":
         bad.unit = "row"
-        try:
-            file = pq.ParquetFile(path)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise DatasetError(f"{path}: not a readable Parquet file: {exc}") from exc
+        file = _parquet_file(path)
         names = file.schema_arrow.names
         _check_event_columns(path, names)
         columns = [c for c in ("user", "item", "plays", "ts") if c in names]
-        for block in file.iter_batches(batch_size=1 << 20, columns=columns):
-            yield block
+        groups = None if chunk is None else list(range(chunk.start, chunk.end))
+        if groups != []:
+            yield from file.iter_batches(batch_size=1 << 20, columns=columns, row_groups=groups)
+        return
+    if source.format == "triplets":
+        delimiter, names, header = "\t", ["user", "item", "plays"], False
+    elif source.format == "hetrec":
+        delimiter, names, header = "\t", ["user", "item", "plays"], True
+        found = _header(path, delimiter)
+        if found != HETREC_HEADER:
+            raise DatasetError(f"{path}: header {found} is not HetRec user_artists.dat's {HETREC_HEADER}")
     else:
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-        names = _header(path, delimiter)
+        names, header = _header(path, delimiter), True
         _check_event_columns(path, names)
-        bad.header_lines = 1
-        yield from _csv_blocks(path, delimiter=delimiter, names=names, header=True, bad=bad)
+    header = header and (chunk is None or chunk.start == 0)
+    bad.header_lines = 1 if header else 0
+    if chunk is None:
+        if path.stat().st_size == 0:
+            return
+        yield from _csv_blocks(path, delimiter=delimiter, names=names, header=header, bad=bad)
+        return
+    with open(path, "rb") as handle:
+        handle.seek(chunk.start)
+        text = handle.read(chunk.end - chunk.start)
+    if text:
+        yield from _csv_blocks(pa.BufferReader(text), delimiter=delimiter, names=names, header=header, bad=bad)
+
+
+def _parquet_file(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DatasetError(f"{path}: not a readable Parquet file: {exc}") from exc
 
 
 def _check_event_columns(path: Path, names: Sequence[str]) -> None:
@@ -484,10 +511,212 @@ def _validate(block: pa.RecordBatch, *, first_position: int, bad: _Malformed, de
 
 
 # ---------------------------------------------------------------- ingestion
+#
+# One file is ingested in three steps, each a map over independent parts, so that a
+# Dask cluster can run them (``map_fn``) and memory stays bounded by a part:
+#
+#   1. parse_chunk   a chunk of the file (whole lines, or Parquet row groups): validation,
+#                    and the chunk's keys encoded in order of first sight; rows spilled
+#                    with those chunk-local codes.
+#   2. (here)        the chunks' keys, in chunk order, extend the id maps: the one writer
+#                    of ids, so ids are the order of first sight in the file whatever ran
+#                    where and when.
+#      route_chunk   a chunk's rows with their global ids, cut into user-id ranges.
+#   3. reduce_range  one user-id range of every chunk: duplicates summed, sorted, written
+#                    as one Parquet part; parts in range order are sorted by (user, item).
+#
+# Everything is written under a staging folder beside the batch and swapped in at the end,
+# so a batch that fails part-way leaves the batch ingested before it untouched.
+
+# Bytes of text (or Parquet row groups) per chunk: one chunk's parse is the step's memory.
+CHUNK_BYTES = _BLOCK_BYTES
+# Events per user-id range are chosen so that one range's reduce (about six copies of its
+# 24-byte rows: the concatenation, the hash group-by and the sort) stays near this.
+RANGE_BYTES = 256 << 20
+_REDUCE_BYTES_PER_ROW = 24 * 6
+Mapper = Callable[..., list]
+
+
+def run_here(fn: Callable, items: Sequence, *, description: str, unit: str, **kwargs) -> list:
+    """The in-process ``map_fn``: ``fn(item, **kwargs)`` for each item, in order, with progress in ``unit``/s."""
+    out = []
+    with ProgressReporter(description, total=len(items), unit=unit, every_s=10) as progress:
+        for item in items:
+            out.append(fn(item, **kwargs))
+            progress.advance(1)
+    return out
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Part of one listening file: bytes [start, end) of a text file (whole lines), or Parquet row groups."""
+
+    index: int
+    start: int
+    end: int
+
+
+def plan_chunks(source: ListeningSource, chunk_bytes: int = CHUNK_BYTES) -> list[Chunk]:
+    """Cut a file into chunks of about ``chunk_bytes``: at line ends for text, at row groups for Parquet."""
+    source = source.resolved()
+    path = source.path
+    if source.format == "events" and path.suffix.lower() == ".parquet":
+        meta = _parquet_file(path).metadata
+        cuts, size = [0], 0
+        for group in range(meta.num_row_groups):
+            size += meta.row_group(group).total_byte_size
+            if size >= chunk_bytes and group + 1 < meta.num_row_groups:
+                cuts.append(group + 1)
+                size = 0
+        cuts.append(meta.num_row_groups)
+    else:
+        total = path.stat().st_size
+        if total == 0:
+            return []
+        cuts = [0]
+        with open(path, "rb") as handle:
+            while cuts[-1] + chunk_bytes < total:
+                handle.seek(cuts[-1] + chunk_bytes - 1)
+                handle.readline()  # to the end of the line that holds the nominal cut
+                if handle.tell() >= total:
+                    break
+                cuts.append(handle.tell())
+        cuts.append(total)
+    return [Chunk(i, a, b) for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
+
+
+@dataclass
+class ParsedChunk:
+    """What step 1 made of a chunk: counts, its bad rows and its spilled rows and keys."""
+
+    index: int
+    lines: int  # physical lines (text) or rows (Parquet) of the chunk, to number the next chunk's lines
+    rows: int  # data rows parsed
+    skipped: int  # lines dropped by the parser (wrong column count), not among ``rows``
+    bad: list[tuple[int, str, str]]  # (line or row from the chunk's start, reason, text)
+    unit: str
+    valid: int
+    rows_path: str
+    users_path: str
+    items_path: str
+
+
+def _write_ipc(path: Path, table: pa.Table) -> str:
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return str(path)
+
+
+def _read_ipc(path: str | Path) -> pa.Table:
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_file(source).read_all()
+
+
+def _encode(column: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, pa.Array]:
+    """(codes int32, keys in order of first sight) of a string column."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    encoded = column.dictionary_encode()
+    return encoded.indices.cast(pa.int32()), encoded.dictionary
+
+
+def parse_chunk(chunk: Chunk, *, source: ListeningSource, spill_dir: str | Path) -> ParsedChunk:
+    """Step 1: validate a chunk; spill its rows with chunk-local key codes, and its keys."""
+    source = source.resolved()
+    spill = Path(spill_dir)
+    bad = _Malformed(path=source.path, unit="line")
+    delimiter = "," if source.format == "events" and source.path.suffix.lower() == ".csv" else "\t"
+    parts = []
+    position = 1
+    for block in _raw_blocks(source, bad, chunk):
+        valid = _validate(block, first_position=position, bad=bad, delimiter=delimiter)
+        position += block.num_rows
+        if valid.num_rows:
+            parts.append(valid)
+    valid = pa.concat_tables(parts) if parts else pa.table({
+        "user": pa.array([], pa.string()), "item": pa.array([], pa.string()), "plays": pa.array([], pa.int64()),
+        "ts": pa.array([], pa.timestamp("s", tz="UTC"))})
+    del parts
+    user_codes, user_keys = _encode(valid.column("user"))
+    item_codes, item_keys = _encode(valid.column("item"))
+    stem = spill / f"chunk-{chunk.index:06d}"
+    rows_path = _write_ipc(stem.with_suffix(".rows.arrow"), pa.table(
+        {"user": user_codes, "item": item_codes, "plays": valid.column("plays"), "ts": valid.column("ts")}))
+    users_path = _write_ipc(stem.with_suffix(".users.arrow"), pa.table({"key": user_keys.cast(pa.string())}))
+    items_path = _write_ipc(stem.with_suffix(".items.arrow"), pa.table({"key": item_keys.cast(pa.string())}))
+    if bad.unit == "row":
+        lines = chunk.end - chunk.start and sum(
+            _parquet_file(source.path).metadata.row_group(g).num_rows for g in range(chunk.start, chunk.end))
+    else:
+        with open(source.path, "rb") as handle:
+            handle.seek(chunk.start)
+            text = handle.read(chunk.end - chunk.start)
+        lines = text.count(b"\n") + (0 if text.endswith(b"\n") or not text else 1)
+    return ParsedChunk(index=chunk.index, lines=int(lines), rows=position - 1, skipped=len(bad.by_line),
+                       bad=bad.located(), unit=bad.unit,
+                       valid=valid.num_rows, rows_path=rows_path, users_path=users_path, items_path=items_path)
+
+
+@dataclass
+class RoutedChunk:
+    """A chunk's rows with global ids, one IPC record batch per user-id range present."""
+
+    path: str
+    ranges: dict[int, int]  # range -> record batch in the file
+
+
+def route_chunk(job: tuple[ParsedChunk, str], *, width: int) -> RoutedChunk:
+    """Step 2: a chunk's rows with global ids (``job``: the chunk, and the ``.npz`` of its user and item
+    code -> id arrays), cut into user-id ranges of ``width`` ids."""
+    parsed, ids_path = job
+    with np.load(ids_path) as ids:
+        user_ids, item_ids = ids["users"], ids["items"]
+    table = _read_ipc(parsed.rows_path)
+    users = np.asarray(user_ids, dtype=np.int32)[table.column("user").to_numpy()]
+    items = np.asarray(item_ids, dtype=np.int32)[table.column("item").to_numpy()]
+    ranges = users // width
+    order = np.argsort(ranges, kind="stable")
+    ranges = ranges[order]
+    routed = pa.table({"user": pa.array(users[order], pa.int32()), "item": pa.array(items[order], pa.int32()),
+                       "plays": table.column("plays").take(order), "ts": table.column("ts").take(order)},
+                      schema=EVENT_SCHEMA)
+    starts = np.flatnonzero(np.r_[True, ranges[1:] != ranges[:-1]]) if len(ranges) else np.array([], np.int64)
+    ends = np.r_[starts[1:], len(ranges)]
+    path = Path(parsed.rows_path).with_suffix("").with_suffix(".routed.arrow")
+    index = {}
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, EVENT_SCHEMA) as writer:
+        for i, (a, b) in enumerate(zip(starts, ends)):
+            writer.write_batch(routed.slice(int(a), int(b - a)).combine_chunks().to_batches()[0])
+            index[int(ranges[a])] = i
+    for name in (parsed.rows_path, parsed.users_path, parsed.items_path, ids_path):
+        Path(name).unlink(missing_ok=True)
+    return RoutedChunk(path=str(path), ranges=index)
+
+
+def reduce_range(job: tuple[int, list[tuple[str, int]]], *, out_dir: str | Path) -> tuple[str, int]:
+    """Step 3: one user-id range of every chunk, duplicates summed (latest ts kept), sorted by (user, item),
+    written as ``part-<range>.parquet``; returns (file name, events)."""
+    number, pieces = job
+    batches = []
+    for path, batch in pieces:
+        with pa.memory_map(path) as source:
+            batches.append(pa.ipc.open_file(source).get_batch(batch))
+    events = pa.Table.from_batches(batches, schema=EVENT_SCHEMA)
+    events = events.group_by(["user", "item"], use_threads=True).aggregate([("plays", "sum"), ("ts", "max")])
+    events = events.rename_columns(["user", "item", "plays", "ts"]).cast(EVENT_SCHEMA)
+    events = events.sort_by([("user", "ascending"), ("item", "ascending")])
+    name = f"part-{number:05d}.parquet"
+    write_table_atomic(events, Path(out_dir) / name, row_group_size=1 << 20)
+    return name, events.num_rows
 
 
 def _batch_dir(listening_dir: Path, batch: str) -> Path:
     return Path(listening_dir) / "events" / f"batch={batch}"
+
+
+def batch_parts(listening_dir: Path, batch: str) -> list[Path]:
+    """The Parquet parts of a batch in user-id order (``part-0.parquet`` for batches ingested whole)."""
+    return sorted(_batch_dir(listening_dir, batch).glob("part-*.parquet"), key=lambda p: int(p.stem.split("-")[1]))
 
 
 def ingested_batches(listening_dir: Path) -> list[str]:
@@ -505,8 +734,14 @@ def batch_record(listening_dir: Path, batch: str) -> dict:
 
 
 def ingest_source(source: ListeningSource, *, listening_dir: Path, users: IdMap, items: IdMap,
-                  quarantine_path: Path) -> BatchReport:
-    """Ingest one file as one batch; see the module docstring. Unchanged sources are skipped."""
+                  quarantine_path: Path, map_fn: Mapper = run_here, chunk_bytes: int = CHUNK_BYTES,
+                  range_bytes: int = RANGE_BYTES) -> BatchReport:
+    """Ingest one file as one batch in three mapped steps (see above); unchanged sources are skipped.
+
+    ``map_fn(fn, items, description=, unit=, **kwargs)`` runs a step's parts: in this
+    process by default, or on a Dask cluster (``infra.cluster.map_batches``), with the
+    same result. The id maps are extended here, by the caller's process only.
+    """
     source = source.resolved()
     path = source.path
     if not path.is_file():
@@ -516,51 +751,72 @@ def ingest_source(source: ListeningSource, *, listening_dir: Path, users: IdMap,
     marker = out / "_source.json"
     sha1 = content_sha1(path)
     try:
-        if json.loads(marker.read_text())["sha1"] == sha1 and (out / "part-0.parquet").exists():
+        if json.loads(marker.read_text())["sha1"] == sha1 and batch_parts(listening_dir, source.batch):
             report.skipped = True
             return report
     except (OSError, ValueError, KeyError):
         pass
 
     start = time.perf_counter()
-    bad = _Malformed(path=path, unit="line")
-    delimiter = "," if source.format == "events" and path.suffix.lower() == ".csv" else "\t"
-    parts: list[pa.Table] = []
-    position = 1
-    with ProgressReporter(f"ingest {path.name}", total=None, unit="rows", every_s=10) as progress:
-        for block in _raw_blocks(source, bad):
-            valid = _validate(block, first_position=position, bad=bad, delimiter=delimiter)
-            position += block.num_rows
-            if valid.num_rows:
-                parts.append(pa.table({
-                    "user": pa.array(users.ids(valid.column("user")), pa.int32()),
-                    "item": pa.array(items.ids(valid.column("item")), pa.int32()),
-                    "plays": valid.column("plays"),
-                    "ts": valid.column("ts"),
-                }, schema=EVENT_SCHEMA))
-            progress.advance(block.num_rows)
-    report.rows = position - 1 + len(bad.by_line)
-    report.malformed = len(bad)
-    report.valid = report.rows - report.malformed
-    if report.rows == 0:
-        bad.by_line.append((0, "the file holds no data rows", ""))
-    events = pa.concat_tables(parts) if parts else EVENT_SCHEMA.empty_table()
-    del parts
-    events = events.group_by(["user", "item"], use_threads=True).aggregate([("plays", "sum"), ("ts", "max")])
-    events = events.rename_columns(["user", "item", "plays", "ts"]).cast(EVENT_SCHEMA)
-    events = events.sort_by([("user", "ascending"), ("item", "ascending")])
-    report.events = events.num_rows
-    report.new_users, report.new_items = users.added, items.added
+    staging = out.parent / f".staging-{source.batch}-{uuid.uuid4().hex[:8]}"
+    spill = staging / "spill"
+    spill.mkdir(parents=True)
+    try:
+        chunks = plan_chunks(source, chunk_bytes)
+        parsed = map_fn(parse_chunk, chunks, description=f"ingest {path.name}: parse", unit="chunks",
+                        source=source, spill_dir=str(spill))
+        # The one writer of ids: the chunks' keys in chunk order, so ids follow first sight in the file.
+        jobs = []
+        for chunk in parsed:  # each chunk's code -> id arrays go to the spill folder, not into the task graph
+            ids_path = spill / f"chunk-{chunk.index:06d}.ids.npz"
+            np.savez(ids_path, users=users.ids(_read_ipc(chunk.users_path).column("key")),
+                     items=items.ids(_read_ipc(chunk.items_path).column("key")))
+            jobs.append((chunk, str(ids_path)))
+        report.valid = sum(c.valid for c in parsed)
+        n_ranges = max(1, -(-report.valid * _REDUCE_BYTES_PER_ROW // range_bytes))
+        width = max(1, -(-max(len(users), 1) // n_ranges))
+        routed = map_fn(route_chunk, jobs, description=f"ingest {path.name}: route", unit="chunks", width=width)
+        del jobs
+        pieces: dict[int, list[tuple[str, int]]] = {}
+        for chunk in routed:
+            for number, batch in chunk.ranges.items():
+                pieces.setdefault(number, []).append((chunk.path, batch))
+        written = map_fn(reduce_range, sorted(pieces.items()), description=f"ingest {path.name}: reduce",
+                         unit="ranges", out_dir=str(staging))
+        if not written:  # no valid rows: an empty part keeps the batch readable
+            empty = EVENT_SCHEMA.empty_table()
+            write_table_atomic(empty, staging / "part-00000.parquet", row_group_size=1 << 20)
+            written = [("part-00000.parquet", 0)]
+        shutil.rmtree(spill)
 
-    # Ids first (events refer to them), then the events, the quarantine, and the marker
-    # last: a crash anywhere before the marker re-ingests this batch next time.
-    users.save()
-    items.save()
-    write_table_atomic(events, out / "part-0.parquet", row_group_size=1 << 20)
-    records = bad.records()
+        report.rows = sum(c.rows + c.skipped for c in parsed)
+        offsets = np.cumsum([0] + [c.lines for c in parsed])
+        records = [record for c, offset in zip(parsed, offsets)
+                   for record in quarantine_records(path, c.unit, c.bad, int(offset))]
+        report.malformed = len(records)
+        if report.rows == 0:
+            records.append({"path": f"{path}:0", "stage": "listening", "reason": "the file holds no data rows"})
+        report.events = sum(n for _, n in written)
+        report.new_users, report.new_items = users.added, items.added
+
+        # Ids first (events refer to them), then the events swapped in, the quarantine, and the
+        # marker last: a crash anywhere before the marker re-ingests this batch next time.
+        users.save()
+        items.save()
+        marker.unlink(missing_ok=True)
+        if out.exists():
+            old = out.parent / f".old-{source.batch}-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+            staging.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     append_quarantine(quarantine_path, records)
     report.seconds = time.perf_counter() - start
-    write_text_atomic(marker, json.dumps({**asdict(report), "sha1": sha1, "format": source.format}, indent=1))
+    write_text_atomic(marker, json.dumps({**asdict(report), "sha1": sha1, "format": source.format,
+                                          "parts": [name for name, _ in written]}, indent=1))
     if records:
         log.warning("listening %s: %d malformed rows quarantined in %s (first: %s)", path.name, len(records),
                     quarantine_path, records[0]["reason"])
@@ -568,11 +824,13 @@ def ingest_source(source: ListeningSource, *, listening_dir: Path, users: IdMap,
 
 
 def ingest_sources(sources: Sequence[ListeningSource | str | Path], *, listening_dir: Path,
-                   quarantine_path: Path) -> IngestReport:
+                   quarantine_path: Path, map_fn: Mapper = run_here, chunk_bytes: int = CHUNK_BYTES,
+                   range_bytes: int = RANGE_BYTES) -> IngestReport:
     """Ingest listening files, one batch each, extending the stable user and item id maps.
 
     A batch already ingested from a file with the same content hash is skipped; a file
-    whose content changed replaces its batch (ids are never renumbered).
+    whose content changed replaces its batch (ids are never renumbered). ``map_fn`` runs
+    each file's steps on a cluster (see :func:`ingest_source`).
     """
     listening_dir = Path(listening_dir)
     resolved = [(s if isinstance(s, ListeningSource) else ListeningSource(Path(s))).resolved() for s in sources]
@@ -588,7 +846,8 @@ def ingest_sources(sources: Sequence[ListeningSource | str | Path], *, listening
     report = IngestReport()
     for source in resolved:
         report.batches.append(ingest_source(source, listening_dir=listening_dir, users=users, items=items,
-                                            quarantine_path=quarantine_path))
+                                            quarantine_path=quarantine_path, map_fn=map_fn, chunk_bytes=chunk_bytes,
+                                            range_bytes=range_bytes))
     report.quarantined = pq.read_metadata(quarantine_path).num_rows if Path(quarantine_path).exists() else 0
     return report
 
@@ -601,14 +860,15 @@ def read_batch_events(listening_dir: Path, batches: Sequence[str] | None = None,
         raise DatasetError(f"no listening batches under {Path(listening_dir) / 'events'}: ingest some first")
     tables = []
     for batch in names:
-        part = _batch_dir(listening_dir, batch) / "part-0.parquet"
-        if not (_batch_dir(listening_dir, batch) / "_source.json").exists() or not part.exists():
+        parts = batch_parts(listening_dir, batch)
+        if not (_batch_dir(listening_dir, batch) / "_source.json").exists() or not parts:
             raise DatasetError(f"listening batch {batch!r} is not (completely) ingested under {listening_dir}")
-        tables.append(pq.read_table(part, columns=list(columns)))
+        tables.extend(pq.read_table(part, columns=list(columns)) for part in parts)
     return pa.concat_tables(tables)
 
 
 __all__ = [
-    "EVENT_SCHEMA", "BatchReport", "IdMap", "IngestReport", "ListeningSource", "batch_record", "ingest_source",
-    "ingest_sources", "ingested_batches", "read_batch_events", "read_id_map",
+    "EVENT_SCHEMA", "BatchReport", "Chunk", "IdMap", "IngestReport", "ListeningSource", "ParsedChunk", "RoutedChunk",
+    "batch_parts", "batch_record", "ingest_source", "ingest_sources", "ingested_batches", "parse_chunk",
+    "plan_chunks", "read_batch_events", "read_id_map", "reduce_range", "route_chunk", "run_here",
 ]

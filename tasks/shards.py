@@ -82,6 +82,26 @@ def content_sha1(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def table_content_sha1(path: str | Path, *, columns: Sequence[str], sort_by: str = "track_id") -> str:
+    """SHA-1 hex digest of the values of ``columns`` of a Parquet table, rows ordered by ``sort_by``.
+
+    Unlike :func:`content_sha1` of the file, it ignores what is not data: the file's
+    encoding, the row order, and any column left out (paths, sizes, modification times),
+    so the same tracks give the same digest in any storage root. Columns the table
+    lacks are skipped; the names of those read are part of the digest.
+    """
+    present = set(pq.read_schema(path).names)
+    names = [c for c in columns if c in present]
+    table = pq.read_table(path, columns=names)
+    if sort_by in names:
+        table = table.sort_by(sort_by)
+    digest = hashlib.sha1()
+    for name in names:
+        digest.update(f"\x1e{name}\x1e".encode())
+        digest.update("\x1f".join(map(repr, table.column(name).to_pylist())).encode())
+    return digest.hexdigest()
+
+
 def write_table_atomic(table: pa.Table, path: Path, *, compression: str = "zstd",
                        use_dictionary: bool | list[str] = True, row_group_size: int = ROW_GROUP_SIZE) -> Path:
     """Write ``table`` to ``path`` via a temporary file and an atomic rename.

@@ -26,7 +26,7 @@ from infra.settings import (
     StudySettings,
     TransferStudySettings,
 )
-from tasks.errors import DatasetError, ParameterError
+from tasks.errors import DatasetError, ParameterError, settings_message
 
 _PAPER_FEATURES = {
     # Hamel et al. 2012 via Dieleman & Schrauwen 2013: windows 1024..8192 at half-window hops,
@@ -153,7 +153,7 @@ def load_preset(name_or_path: str, *, overrides: Mapping[str, Any] | None = None
     try:
         return cls(preset=name, **{k: v for k, v in merged.items() if k != "preset"})
     except ValidationError as err:
-        raise ParameterError(f"preset {name!r}: invalid settings\n{err}") from err
+        raise ParameterError(f"preset {name!r}: {settings_message(err)}") from err
 
 
 def preset_kind(name_or_path: str) -> str:

@@ -32,7 +32,7 @@ def test_retrain_rejects_bad_settings_before_anything_runs(tmp_path):
 def test_retrain_without_a_pipeline_run_says_what_to_do(tmp_path):
     with prefect_test_harness(server_startup_timeout=60):
         result = CliRunner().invoke(app, ["retrain", "--data-dir", str(tmp_path)])
-    assert result.exit_code == 1 and "run the pipeline first" in result.output
+    assert result.exit_code == 2 and "run the pipeline first" in result.output
 
 
 @pytest.mark.slow
@@ -127,6 +127,6 @@ def test_study_with_a_context_longer_than_the_clips_stops_before_any_work(tmp_pa
     with prefect_test_harness(server_startup_timeout=60):
         result = CliRunner().invoke(app, ["study", "tagging", "--preset", str(preset), "--clip-seconds", "6",
                                           "--data-dir", str(data_dir)])
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output
     assert "context=400 frames is longer than the synthetic clips" in result.output
     assert not (data_dir / "raw").exists() and not (data_dir / "features").exists()

@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 from flows.end_to_end import feature_sets
 from flows.study import tagging_study
 from infra.settings import ClusterSettings, WorldSettings
-from infra.tracking import COMPLETE_TAG, tracking_for
+from infra.tracking import COMPLETE_TAG, run_inputs, tracking_for
 from tasks.errors import ParameterError
 from tasks.studies import end_to_end_runs, load_preset, preset_overrides
 
@@ -89,6 +89,10 @@ def test_study_lists_every_row_of_every_table(study_run):
     data_dir, study, _, out = study_run
     client, children = _children(data_dir, out.parent_run_id)
     assert sorted(c.data.tags["mirflow.configuration"] for c in children) == sorted(r.name for r in end_to_end_runs(study))
+    for child in children:  # lineage: the raw models read the PCM shards, the others their log-mel set
+        raw = child.data.tags["mirflow.model"] == "raw"
+        data = "audio/synthetic" if raw else f"features/synthetic/{child.data.params['feature_set']}"
+        assert run_inputs(child).keys() == {data, "tracks/synthetic"}
     artifacts = {a.path for a in client.list_artifacts(out.parent_run_id)}
     tables = {"length_stride", "nonlinearity", "feature_pooling", "modern"}
     assert {f"table_{t}.json" for t in tables} <= artifacts

@@ -229,3 +229,103 @@ def test_timestamps_out_of_range_and_unusual_parquet_types_become_row_errors(tmp
     assert "missing user id" in reasons[f"{parquet}#row3"]
     assert "1.5" in reasons[f"{parquet}#row4"]
     assert "missing play count" in reasons[f"{nulls}#row1"]
+
+
+def _mixed_files(tmp_path, rng) -> list[ListeningSource]:
+    """One file of each format with good rows, duplicates, broken rows and ids that recur across files."""
+    lines = [(f"u{rng.integers(40)}\ts{rng.integers(60)}\t{rng.integers(1, 9)}", None) for _ in range(400)]
+    lines += BROKEN * 3
+    order = rng.permutation(len(lines))
+    triplets = tmp_path / "in" / "triplets.txt"
+    triplets.parent.mkdir()
+    triplets.write_text("\n".join(lines[i][0] for i in order) + "\n")
+    hetrec = tmp_path / "in" / "user_artists.dat"
+    hetrec.write_text("userID\tartistID\tweight\n" + "".join(
+        f"u{rng.integers(80)}\ta{rng.integers(30)}\t{rng.integers(1, 500)}\n" for _ in range(300)) + "u1\ta1\tx\n")
+    csv = tmp_path / "in" / "events.csv"
+    csv.write_text("user,item,plays,ts\n" + "".join(
+        f"u{rng.integers(90)},s{rng.integers(70)},{rng.integers(1, 5)},{1_600_000_000 + int(rng.integers(10**6))}\n"
+        for _ in range(300)) + "u1,s1,2,not-a-time\n,s2,1,\n")
+    parquet = tmp_path / "in" / "more-events.parquet"
+    n = 500
+    pq.write_table(pa.table({"user": [f"u{v}" for v in rng.integers(120, size=n)],
+                             "item": [f"s{v}" for v in rng.integers(90, size=n)],
+                             "plays": pa.array(np.where(rng.random(n) < 0.05, -1, rng.integers(1, 7, size=n)))}),
+                   parquet, row_group_size=37)
+    return [ListeningSource(triplets), ListeningSource(hetrec), ListeningSource(csv), ListeningSource(parquet)]
+
+
+def _snapshot(root) -> dict:
+    listening = root / "listening"
+    events = read_batch_events(listening, columns=("user", "item", "plays", "ts")).to_pandas()
+    quarantine = pq.read_table(root / "quarantine.parquet").to_pandas()
+    return {"events": events, "users": list(read_id_map(listening / "users.parquet")),
+            "items": list(read_id_map(listening / "items.parquet")),
+            "quarantine": sorted(zip(quarantine["path"].str.replace(str(root.parent), ""), quarantine["reason"]))}
+
+
+def _same(a: dict, b: dict) -> None:
+    pd.testing.assert_frame_equal(a["events"], b["events"])
+    assert a["users"] == b["users"] and a["items"] == b["items"]
+    assert a["quarantine"] == b["quarantine"]
+
+
+def test_chunks_and_user_ranges_give_exactly_what_one_pass_gives(tmp_path):
+    """Many small chunks (lines, row groups) and many user-id ranges: the same events, ids, quarantine lines."""
+    sources = _mixed_files(tmp_path, np.random.default_rng(3))
+    results = {}
+    for name, chunk_bytes, range_bytes in (("whole", 1 << 30, 1 << 30), ("chunked", 97, 2_000)):
+        root = tmp_path / name
+        report = ingest_sources(sources, listening_dir=root / "listening", quarantine_path=root / "quarantine.parquet",
+                                chunk_bytes=chunk_bytes, range_bytes=range_bytes)
+        results[name] = (report, _snapshot(root))
+    whole, chunked = results["whole"], results["chunked"]
+    _same(whole[1], chunked[1])
+    for a, b in zip(whole[0].batches, chunked[0].batches):
+        assert (a.rows, a.valid, a.malformed, a.events) == (b.rows, b.valid, b.malformed, b.events)
+    parts = sorted((tmp_path / "chunked" / "listening" / "events" / "batch=triplets").glob("part-*.parquet"))
+    assert len(parts) > 3  # several user-id ranges
+    # Within each batch (parts in order), events are summed and sorted by (user, item): strictly increasing.
+    for batch in ("triplets", "user_artists", "events", "more-events"):
+        table = read_batch_events(tmp_path / "chunked" / "listening", [batch]).to_pandas()
+        keys = table["user"].to_numpy().astype(np.int64) << 32 | table["item"].to_numpy()
+        assert np.all(np.diff(keys) > 0)
+    # The line numbers point at the bad lines themselves.
+    text = (tmp_path / "in" / "triplets.txt").read_text().split("\n")
+    checked = 0
+    for path, reason in chunked[1]["quarantine"]:
+        if "/in/triplets.txt:" in path and "many" in reason:
+            assert "many" in text[int(path.rsplit(":", 1)[1]) - 1]
+            checked += 1
+    assert checked == 3
+
+
+def test_a_failed_reingest_keeps_the_batch_ingested_before(tmp_path):
+    source = tmp_path / "user_artists.dat"
+    source.write_text("userID\tartistID\tweight\nu1\ta1\t3\nu2\ta2\t4\n")
+    _ingest(tmp_path, source)
+    before = _events(tmp_path)
+    source.write_text("user\tartist\tweight\nu1\ta1\t5\n")  # a changed file with a wrong header
+    with pytest.raises(DatasetError, match="header"):
+        _ingest(tmp_path, source)
+    assert _events(tmp_path) == before and ingested_batches(tmp_path / "listening") == ["user_artists"]
+    assert not list((tmp_path / "listening" / "events").glob(".staging-*"))
+
+
+@pytest.mark.integration
+def test_the_cluster_path_gives_what_one_process_gives(tmp_path):
+    """Chunks parsed, routed and reduced on a Dask cluster of two worker processes: the same batch, bit for bit."""
+    from infra.cluster import dask_client, map_batches
+    from infra.settings import ClusterSettings
+
+    sources = _mixed_files(tmp_path, np.random.default_rng(4))
+    here = tmp_path / "here"
+    ingest_sources(sources, listening_dir=here / "listening", quarantine_path=here / "quarantine.parquet",
+                   chunk_bytes=211, range_bytes=3_000)
+    there = tmp_path / "there"
+    with dask_client(ClusterSettings(n_workers=2)) as client:
+        report = ingest_sources(sources, listening_dir=there / "listening", quarantine_path=there / "quarantine.parquet",
+                                chunk_bytes=211, range_bytes=3_000,
+                                map_fn=lambda fn, items, **kw: map_batches(client, fn, items, **kw))
+    assert report.totals()["malformed"] > 0
+    _same(_snapshot(here), _snapshot(there))

@@ -141,3 +141,26 @@ def test_a_run_killed_after_writing_factors_is_not_mistaken_for_the_previous_one
     # The factor files now hold the 3-batch fit: they must not be reused as the 2-batch one.
     again = factorize(data_dir, paths[:2], None, WMF, tracking, k=50)
     assert again.mode == "full" and again.run_id != first.run_id and again.n_users == first.n_users
+
+
+def test_large_listening_files_are_ingested_on_the_cluster_the_flow_is_given(tmp_path, monkeypatch, caplog):
+    """Past CLUSTER_MIN_BYTES the ingestion task fans out on the Dask cluster; the batch is the one a process makes."""
+    import flows.listening as listening_flow
+    from infra.settings import ClusterSettings
+    from tasks.events import ListeningSource, read_batch_events
+
+    paths, _ = _batches(tmp_path)
+    sources = [ListeningSource(p).resolved() for p in paths[:2]]
+    here = tmp_path / "here"
+    listening_flow.ingest_listening.fn(sources, here / "listening", here / "quarantine.parquet")
+    monkeypatch.setattr(listening_flow, "CLUSTER_MIN_BYTES", 1)
+    monkeypatch.setattr(listening_flow, "CLUSTER_CHUNK_BYTES", 50_000)  # several chunks per file
+    there = tmp_path / "there"
+    with caplog.at_level("INFO", logger="mirflow"):
+        report = listening_flow.ingest_listening.fn(sources, there / "listening", there / "quarantine.parquet",
+                                                    ClusterSettings(n_workers=2))
+    assert "ingesting on the Dask cluster" in caplog.text
+    assert report.totals()["events"] == read_batch_events(there / "listening").num_rows > 0
+    assert read_batch_events(there / "listening").equals(read_batch_events(here / "listening"))
+    assert read_id_map(there / "listening" / "users.parquet").tolist() == \
+        read_id_map(here / "listening" / "users.parquet").tolist()

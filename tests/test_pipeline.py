@@ -28,7 +28,7 @@ from infra.settings import (
     TrainSettings,
     WorldSettings,
 )
-from infra.tracking import tracking_for
+from infra.tracking import run_inputs, tracking_for
 
 pytestmark = pytest.mark.integration
 SEED = int(os.environ.get("MIRFLOW_TEST_SEED", "0"))
@@ -99,6 +99,33 @@ def test_every_step_landed_in_mlflow(run):
     pipeline_run = runs["pipeline"]
     assert pipeline_run.data.params["world.n_tracks"] == "192"
     assert summary.report_path.exists() and "mAP@500" in summary.report_path.read_text()
+
+
+def test_every_run_shows_its_inputs_and_the_same_data_the_same_digest(run):
+    """Lineage: the MLflow Dataset column of each run, and each experiment's description."""
+    from infra.tracking import DESCRIPTION_TAG, FAMILY_DESCRIPTIONS
+
+    settings, _ = run
+    client = MlflowClient(settings.tracking.tracking_uri)
+    runs = {}
+    for family in ("features", "wmf", "tagger", "latent-factors", "pipeline"):
+        experiment = client.get_experiment_by_name(f"mirflow-{family}")
+        assert experiment.tags[DESCRIPTION_TAG] == FAMILY_DESCRIPTIONS[family]
+        runs[family] = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    features, tracks = f"features/synthetic/{settings.features.feature_set}", "tracks/synthetic"
+    extracted = run_inputs(runs["features"][0])
+    assert extracted.keys() == {tracks, features} and extracted[features][1] == "output"
+    if len(runs["features"]) > 1:  # the re-run test's: nothing changed, so the same digests
+        assert run_inputs(runs["features"][1]) == extracted
+    tagger = run_inputs(runs["tagger"][0])
+    # What the tagger trained on is what the features run left, and the same tracks (annotated since).
+    assert tagger == {features: (extracted[features][0], "training"), tracks: extracted[tracks]}
+    cnn = run_inputs(runs["latent-factors"][0])
+    assert cnn.keys() == {features, tracks, "wmf-factors"} and cnn[features] == tagger[features]
+    fit, evaluation = (run_inputs(r) for r in runs["wmf"][:2])
+    assert fit.keys() == {"listening", "heldout-items"} and fit["listening"][1] == "training"
+    assert evaluation["listening"] == (fit["listening"][0], "evaluation")
+    assert run_inputs(runs["pipeline"][0])["listening"] == fit["listening"]
 
 
 def test_learning_happened(run):
@@ -204,6 +231,11 @@ def test_an_interrupted_retrain_resumes_without_redoing_ingestion_or_wmf(run):
     assert {r.name for r in outcome.rows} == {"random", "popularity", "champion", "challenger"}
     retrain_runs = client.search_runs([client.get_experiment_by_name("mirflow-retrain").experiment_id])
     assert retrain_runs[0].data.tags["mirflow.decision"] == outcome.status
+    # The challenger's listening data: the three batches of the incremental fit, not the pipeline's two.
+    listening = run_inputs(retrain_runs[0])["listening"]
+    assert listening == run_inputs(client.get_run(before.run_id))["listening"]
+    pipeline_run = client.search_runs([client.get_experiment_by_name("mirflow-pipeline").experiment_id])[-1]
+    assert listening[0] != run_inputs(pipeline_run)["listening"][0]
     assert str(registry.get_model_version_by_alias(LATENT_FACTOR_CNN, CHAMPION).version) == outcome.champion_version
 
 

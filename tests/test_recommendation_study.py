@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.recommendation import recommendation_study
 from infra.settings import ClusterSettings, WorldSettings
-from infra.tracking import tracking_for
+from infra.tracking import run_inputs, tracking_for
 from tasks.errors import ParameterError
 from tasks.recommend import choose_queries, nearest_by_cosine, query_table
 from tasks.studies import load_preset, preset_overrides
@@ -75,9 +75,17 @@ def test_the_study_lists_every_row_under_one_parent(study_run):
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{out.parent_run_id}'")
     assert sorted(c.data.tags["mirflow.configuration"] for c in children) == sorted(ROWS[2:6])
+    logmel, kmeans = (f"features/synthetic/{parent.data.params[p]}" for p in ("feature_set", "kmeans_feature_set"))
+    parent_inputs = run_inputs(parent)
+    assert parent_inputs.keys() == {logmel, kmeans, "wmf-factors", "tracks/synthetic"}
     for child in children:
         assert 0.0 < child.data.metrics["test/auc"] <= 1.0
         assert "predicted_factors.parquet" in {a.path for a in client.list_artifacts(child.info.run_id)}
+        # Lineage: the CNNs learn from log-mel, the regressors from K-means features; WPE from the plays too.
+        name, own = child.data.tags["mirflow.configuration"], run_inputs(child)
+        read = {logmel if name.startswith("CNN") else kmeans, "wmf-factors", "tracks/synthetic"}
+        assert own.keys() == read | ({"listening"} if name == "CNN (WPE)" else set())
+        assert {n: own[n] for n in read} == {n: parent_inputs[n] for n in read}
     local = client.download_artifacts(out.parent_run_id, "table_recommendation.json", str(data_dir))
     table = pd.read_json(local, orient="split")
     assert list(table["model"]) == ROWS

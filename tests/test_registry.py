@@ -25,6 +25,7 @@ from infra.service import is_transient, service_environment
 from infra.settings import PromotionSettings
 from infra.stack import Ports, Stack, StackError, free_ports
 from infra.tracking import tracking_for
+from tasks.errors import ParameterError
 from tasks.events import ingest_sources
 from tasks.recommend import compare_recommenders
 from tasks.report import RankingRow
@@ -226,5 +227,5 @@ def test_one_service_per_storage_root_and_free_ports(tmp_path):
         port = taken.getsockname()[1]
         with pytest.raises(StackError, match=f"port {port} .*--mlflow-port"):
             Ports(prefect=free[0], mlflow=port, dask=free[1], dashboard=free[2]).check()
-    with pytest.raises(StackError, match="must differ"):
-        Ports(prefect=4200, mlflow=4200).check()
+    with pytest.raises(ParameterError, match="must differ"):
+        Ports(prefect=4200, mlflow=4200)

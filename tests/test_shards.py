@@ -185,6 +185,28 @@ def test_missing_file_is_quarantined_not_fatal(tmp_path):
     assert record["path"].endswith("gone.mp3") and record["stage"] == "read"
 
 
+def test_truncated_ogg_and_flac_files_are_quarantined_with_stage_and_reason(tmp_path):
+    import soundfile as sf
+
+    settings = FeatureSettings(mel=MelSettings(n_mels=32))
+    tracks = _tone_files(tmp_path, 1)
+    y = 0.3 * np.sin(2 * np.pi * 440 * np.arange(16000 * 3) / 16000)
+    codecs = [("vorbis.ogg", "OGG", "VORBIS"), ("opus.ogg", "OGG", "OPUS"), ("cut.flac", "FLAC", "PCM_16")]
+    for name, fmt, subtype in codecs:
+        path = tmp_path / name
+        sf.write(path, y, 16000, format=fmt, subtype=subtype)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])  # the first third, as a broken download
+        tracks.loc[len(tracks)] = [name, str(path)]
+    summary = _run(tracks, tmp_path / "features", settings, tmp_path)
+    assert (summary.n_extracted, summary.n_quarantined) == (1, 3)
+    records = {Path(q["path"]).name: q for q in pq.read_table(tmp_path / "q.parquet").to_pylist()}
+    assert sorted(records) == ["cut.flac", "opus.ogg", "vorbis.ogg"]
+    for record in records.values():
+        assert record["stage"] == "check" and record["reason"].startswith("truncated: ")
+    assert "Ogg page" in records["vorbis.ogg"]["reason"] and "Ogg page" in records["opus.ogg"]["reason"]
+    assert "48000 declared frames" in records["cut.flac"]["reason"]
+
+
 def test_resume_from_orphan_shard_keeps_metadata(tmp_path):
     settings = FeatureSettings(mel=MelSettings(n_mels=32), files_per_task=1)
     tracks = _tone_files(tmp_path, 2)

@@ -23,7 +23,7 @@ from infra.settings import (
     WorldSettings,
     kmeans_feature_set,
 )
-from infra.tracking import tracking_for
+from infra.tracking import run_inputs, tracking_for
 from tasks.errors import ParameterError
 from tasks.kmeans_features import check_timescales, codebook_path, plan_kmeans_features
 from tasks.studies import configurations, load_preset, load_study_data, study_table
@@ -61,6 +61,16 @@ def test_parent_run_with_one_child_per_configuration(study_run):
         assert "val/roc_auc" in child.data.metrics  # per-epoch curves, for the compare view
         assert child.data.params["mlp.hidden"] == str(study.mlp.hidden)
         assert "per_tag_test_metrics.json" in {a.path for a in client.list_artifacts(child.info.run_id)}
+    # Lineage: each child shows the K-means features of its codebook, as the K-means run that wrote them does.
+    parent_inputs = run_inputs(parent)
+    written = {}
+    for run in client.search_runs([client.get_experiment_by_name("mirflow-kmeans-features").experiment_id]):
+        written |= {name: digest for name, (digest, context) in run_inputs(run).items() if context == "output"}
+    for child in children:
+        kmeans = f"features/synthetic/{parent.data.params['kmeans_feature_set.' + child.data.tags['mirflow.codebook']]}"
+        assert run_inputs(child) == {kmeans: (written[kmeans], "training"),
+                                  "tracks/synthetic": parent_inputs["tracks/synthetic"]}
+    assert len(parent_inputs) == len(study.codebooks) + 1
     artifacts = {a.path for a in client.list_artifacts(out.parent_run_id)}
     assert {"study_table.json", "timescale_importance.json"} <= artifacts
     plots = {a.path for a in client.list_artifacts(out.parent_run_id, "plots")}

@@ -32,7 +32,7 @@ from infra.settings import (
     TransferSettings,
     WorldSettings,
 )
-from infra.tracking import tracking_for
+from infra.tracking import run_inputs, tracking_for
 from tasks import synth
 from tasks.errors import ParameterError
 from tasks.studies import load_preset
@@ -61,6 +61,10 @@ def test_the_study_gives_the_source_table_and_registers_every_model(pretrained):
                                   filter_string=f"tags.`mlflow.parentRunId` = '{out.parent_run_id}'")
     expected = {f"{task} · {model}" for task in study.sources for model in study.models}
     assert {c.data.tags["mirflow.configuration"] for c in children} == expected
+    kmeans = f"features/synthetic/{parent.data.params['kmeans_feature_set']}"
+    for child in children:  # lineage: the K-means features, and the WMF factors for the listening task
+        listening = {"wmf-factors"} if child.data.params["task"] == "listening" else set()
+        assert run_inputs(child).keys() == {kmeans, "tracks/synthetic"} | listening
     local = client.download_artifacts(out.parent_run_id, "table_source.json", str(data_dir))
     source = pd.read_json(local, orient="split")
     assert len(source) == len(expected)
@@ -75,6 +79,13 @@ def test_the_study_gives_the_source_table_and_registers_every_model(pretrained):
     names = list(transfer_table["feature_set"])
     assert names[-3:] == ["K-means (target audio)", "log-mel mean/std", "MFCC-20 mean/std"]
     assert sum(n.startswith("pretrained: ") for n in names) == len(expected) + 1  # each model, and all combined
+    # The transfer run read each model's embeddings file that its embed run wrote (same digest).
+    transfer_inputs = run_inputs(client.get_run(parent.data.tags["mirflow.transfer_run_id"]))
+    written = {}
+    for run in client.search_runs([client.get_experiment_by_name("mirflow-embed").experiment_id]):
+        written |= {n: (d, "training") for n, (d, context) in run_inputs(run).items() if context == "output"}
+    assert len(written) == len(expected) and written.items() <= transfer_inputs.items()
+    assert "tracks/synthetic-target" in transfer_inputs
     assert ((transfer_table["value"] >= 0) & (transfer_table["value"] <= 1)).all()
     assert "## Source tasks" in Path(out.report_path).read_text(encoding="utf-8")
 
@@ -183,14 +194,14 @@ def test_the_cli_prints_the_bad_target_message_without_a_traceback(tmp_path, pre
     result = CliRunner().invoke(app, ["transfer", "--dataset", "cli-one", "--adapter", "manifest", "--source",
                                       str(manifest), "--feature-set", "mfcc", "--data-dir", str(tmp_path),
                                       "--workers", "1"])
-    assert result.exit_code == 1 and "one class 'folk'" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and "one class 'folk'" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(app, ["transfer", "--dataset", "cli-one", "--adapter", "manifest", "--source",
                                       str(manifest), "--feature-set", "pretrained", "--data-dir", str(tmp_path)])
-    assert result.exit_code == 1 and "needs --model" in result.output
+    assert result.exit_code == 2 and "needs --model" in result.output
     result = CliRunner().invoke(app, ["transfer", "--dataset", "cli-one", "--adapter", "manifest", "--source",
                                       str(manifest), "--feature-set", "mfcc", "--model", "0" * 32,
                                       "--data-dir", str(tmp_path)])
-    assert result.exit_code == 1 and "leave out 'pretrained'" in result.output
+    assert result.exit_code == 2 and "leave out 'pretrained'" in result.output
     result = CliRunner().invoke(app, ["study", "transfer", "--preset", "nips2013", "--data-dir", str(tmp_path)])
     assert result.exit_code == 2 and "mirflow study recommendation" in result.output
 

@@ -30,6 +30,12 @@ def _bytes(path: Path, data: bytes) -> Path:
     return path
 
 
+def _first_third(path: Path, fmt: str, subtype: str) -> Path:
+    """A valid 4 s clip cut to its first third, as an interrupted upload leaves it."""
+    sf.write(path, 0.3 * np.sin(np.arange(16000 * 4) / 5), 16000, format=fmt, subtype=subtype)
+    return _bytes(path, path.read_bytes()[: path.stat().st_size // 3])
+
+
 def test_a_good_clip_is_decoded_at_the_model_rate(tmp_path):
     y = decode_upload(_wav(tmp_path / "a.wav", 3.0), sample_rate=16000, limits=LIMITS)
     assert y.dtype == np.float32 and len(y) == 48000
@@ -42,6 +48,8 @@ def test_a_good_clip_is_decoded_at_the_model_rate(tmp_path):
     (lambda d: _wav(d / "nan.wav", 2.0, value=np.nan, subtype="FLOAT"), 422, "non-finite"),
     (lambda d: _wav(d / "long.wav", 61.0, rate=8000), 413, "limit is 60 s"),
     (lambda d: _bytes(d / "big.wav", b"\0" * (3 * 2**20)), 413, "limit is 2 MB"),
+    (lambda d: _first_third(d / "cut.ogg", "OGG", "OPUS"), 422, "truncated: the Ogg page"),
+    (lambda d: _first_third(d / "cut.flac", "FLAC", "PCM_16"), 422, "truncated: the stream breaks off"),
 ])
 def test_bad_uploads_get_a_status_and_a_reason(tmp_path, make, status, reason):
     path = make(tmp_path)

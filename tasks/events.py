@@ -758,13 +758,14 @@ def ingest_source(source: ListeningSource, *, listening_dir: Path, users: IdMap,
         pass
 
     start = time.perf_counter()
-    staging = out.parent / f".staging-{source.batch}-{uuid.uuid4().hex[:8]}"
+    # Absolute paths: the parts may run in processes (Dask workers) started in another folder.
+    staging = out.parent.absolute() / f".staging-{source.batch}-{uuid.uuid4().hex[:8]}"
     spill = staging / "spill"
     spill.mkdir(parents=True)
     try:
         chunks = plan_chunks(source, chunk_bytes)
         parsed = map_fn(parse_chunk, chunks, description=f"ingest {path.name}: parse", unit="chunks",
-                        source=source, spill_dir=str(spill))
+                        source=ListeningSource(path.absolute(), source.format, source.batch), spill_dir=str(spill))
         # The one writer of ids: the chunks' keys in chunk order, so ids follow first sight in the file.
         jobs = []
         for chunk in parsed:  # each chunk's code -> id arrays go to the spill folder, not into the task graph

@@ -8,8 +8,8 @@ run in a fresh process per measurement, under four thread set-ups:
 ``passive wait``    the same threads, ``OMP_WAIT_POLICY=PASSIVE`` (waiting threads sleep);
 ``one thread``      ``torch.set_num_threads(1)``, default wait policy;
 ``mirflow policy``  ``infra.threads.apply_thread_policy`` (the CPU budget from affinity and
-                    cgroup quota, less the cores other processes keep busy; OpenMP waits
-                    passively) and its training callback, which re-measures as it goes.
+                    cgroup quota, less the cores other processes keep busy; OpenMP's default
+                    wait) and its training callback's re-measuring as it goes.
 
 each with the machine idle and with a competing process started before the measurement
 (``--competitor``): ``spin``, a Python busy loop that holds one core; ``inference``,
@@ -59,7 +59,7 @@ def _child(family: str, setup: str, steps: int, batch_size: int, result) -> None
     elif setup == "mirflow policy":
         from infra.threads import apply_thread_policy
 
-        apply_thread_policy(quiet=True)  # before torch starts OpenMP: sets the passive wait policy first
+        apply_thread_policy(quiet=True)
     import torch
     from bench_training import epochs, families, in_memory
 

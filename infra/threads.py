@@ -60,11 +60,19 @@ def cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
         return None
 
 
+_TORCH_DEFAULT: list[int] = []  # torch's own count (physical cores, or OMP_NUM_THREADS) before the policy's first
+
+
 def cpu_budget() -> int:
-    """Whole CPUs this process may use: the affinity mask capped by the cgroup quota, at least 1."""
+    """Whole CPUs this process may use: the affinity mask capped by the cgroup quota and by torch's own default
+    count (physical cores: hyperthreads do not speed these kernels up), at least 1."""
+    import torch
+
+    if not _TORCH_DEFAULT:
+        _TORCH_DEFAULT.append(torch.get_num_threads())
     cores = affinity_cores()
     quota = cgroup_quota()
-    return max(1, min(cores, int(quota) if quota is not None else cores))
+    return max(1, min(cores, _TORCH_DEFAULT[0], int(quota) if quota is not None else cores))
 
 
 def _cpu_seconds(cores: set[int]) -> float:
@@ -81,7 +89,7 @@ def _cpu_seconds(cores: set[int]) -> float:
 
 def _own_cpu_seconds() -> float:
     times = os.times()
-    return times.user + times.system + times.children_user + times.children_system
+    return times.user + times.system  # children count as others: their time arrives only when they are reaped
 
 
 class LoadMeter:
@@ -109,10 +117,11 @@ class LoadMeter:
         return max(0.0, ((now[1] - last[1]) - (now[2] - last[2])) / wall)
 
 
-def threads_for(budget: int, others_load: float) -> int:
-    """Threads for a budget of cores when other processes keep ``others_load`` cores busy."""
+def threads_for(budget: int, others_load: float, cores: int | None = None) -> int:
+    """Threads for a budget of cores when other processes keep ``others_load`` of ``cores`` (the affinity mask,
+    where the load was measured; default: the budget) busy."""
     taken = int(others_load + (1 - BUSY_SHARE))  # 0.5 of a core or more counts as a whole core
-    return max(1, budget - taken)
+    return max(1, min(budget, (budget if cores is None else cores) - taken))
 
 
 def apply_thread_policy(sample_s: float = 0.2, *, processes: int = 1, quiet: bool = False) -> int:
@@ -127,7 +136,7 @@ def apply_thread_policy(sample_s: float = 0.2, *, processes: int = 1, quiet: boo
         meter = LoadMeter()
         time.sleep(sample_s)
         others = meter.others()
-        n = max(1, threads_for(budget, others) // max(1, processes))
+        n = max(1, threads_for(budget, others, len(meter.cores)) // max(1, processes))
         if not quiet and n < torch.get_num_threads():
             log.info("threads: %d of %d cores (cgroup quota %s; other processes keep %.1f cores busy)", n,
                      affinity_cores(), cgroup_quota() or "none", others)
@@ -145,7 +154,8 @@ class ThreadAdjuster:
         self.every_s = every_s
         self.budget = cpu_budget()
         self.processes = max(1, processes)
-        self.pinned = bool(os.environ.get("MIRFLOW_THREADS"))
+        # Ranks of one DDP run would count each other as others' load: they keep the count they started with.
+        self.pinned = bool(os.environ.get("MIRFLOW_THREADS")) or self.processes > 1
         self._meter = LoadMeter()
         self._next = time.monotonic() + every_s
 
@@ -156,7 +166,7 @@ class ThreadAdjuster:
         self._next = time.monotonic() + self.every_s
         import torch
 
-        n = max(1, threads_for(self.budget, self._meter.others()) // self.processes)
+        n = max(1, threads_for(self.budget, self._meter.others(), len(self._meter.cores)) // self.processes)
         if n == torch.get_num_threads():
             return None
         torch.set_num_threads(n)

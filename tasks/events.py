@@ -17,19 +17,21 @@ the line (for Parquet: the row) and the reason; everything else is kept. Duplica
 
 Layout under ``listening/``::
 
-    events/batch=<id>/part-0.parquet   user int32, item int32, plays int64, ts timestamp[s, UTC]
+    events/batch=<id>/part-<r>.parquet user int32, item int32, plays int64, ts timestamp[s, UTC]; one
+                                       part per user-id range r, sorted by (user, item)
     events/batch=<id>/_source.json     sha1 and counts of the source file; written last
     users.parquet, items.parquet       key string, id int32: ids in order of first sight,
                                        appended, never renumbered
 
-Files are read in blocks with pyarrow and ids are mapped with hash joins in Arrow, so
-memory grows with the number of valid rows of one file (24 bytes each, about five times
-that at the peak of the duplicate-summing group-by and sort, plus the id maps), not with
-the size of the text: the 48M-row Taste Profile peaks at about 7 GiB.
+Files are read in chunks with pyarrow, parsed, routed by user-id range and reduced one
+range at a time (see "ingestion" below), so memory is one chunk or one range, not the file:
+the 48M-row Taste Profile peaks at about 0.9 GiB (6.7 GiB when it was read whole). The same
+steps run on a Dask cluster for logs that outgrow one machine.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import shutil
@@ -314,6 +316,17 @@ def _raw_blocks(source: ListeningSource, bad: _Malformed, chunk: Chunk | None = 
         yield from _csv_blocks(pa.BufferReader(text), delimiter=delimiter, names=names, header=header, bad=bad)
 
 
+def _check_header(source: ListeningSource) -> None:
+    """The header a text format needs: HetRec's, or an events file's columns."""
+    path = source.path
+    if source.format == "hetrec":
+        found = _header(path, "\t")
+        if found != HETREC_HEADER:
+            raise DatasetError(f"{path}: header {found} is not HetRec user_artists.dat's {HETREC_HEADER}")
+    elif source.format == "events" and path.suffix.lower() != ".parquet":
+        _check_event_columns(path, _header(path, "\t" if path.suffix.lower() == ".tsv" else ","))
+
+
 def _parquet_file(path: Path) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(path)
@@ -570,6 +583,7 @@ def plan_chunks(source: ListeningSource, chunk_bytes: int = CHUNK_BYTES) -> list
                 size = 0
         cuts.append(meta.num_row_groups)
     else:
+        _check_header(source)  # an empty file with a wrong (or no) header is refused as before
         total = path.stat().st_size
         if total == 0:
             return []
@@ -577,7 +591,8 @@ def plan_chunks(source: ListeningSource, chunk_bytes: int = CHUNK_BYTES) -> list
         with open(path, "rb") as handle:
             while cuts[-1] + chunk_bytes < total:
                 handle.seek(cuts[-1] + chunk_bytes - 1)
-                handle.readline()  # to the end of the line that holds the nominal cut
+                while (piece := handle.readline(1 << 20)) and not piece.endswith(b"\n"):
+                    pass  # to the end of the line that holds the nominal cut, 1 MiB at a time
                 if handle.tell() >= total:
                     break
                 cuts.append(handle.tell())
@@ -642,7 +657,9 @@ def parse_chunk(chunk: Chunk, *, source: ListeningSource, spill_dir: str | Path)
     stem = spill / f"chunk-{chunk.index:06d}"
     rows_path = _write_ipc(stem.with_suffix(".rows.arrow"), pa.table(
         {"user": user_codes, "item": item_codes, "plays": valid.column("plays"), "ts": valid.column("ts")}))
-    users_path = _write_ipc(stem.with_suffix(".users.arrow"), pa.table({"key": user_keys.cast(pa.string())}))
+    rows_per_user = np.bincount(user_codes.to_numpy(), minlength=len(user_keys)).astype(np.int64)
+    users_path = _write_ipc(stem.with_suffix(".users.arrow"),
+                            pa.table({"key": user_keys.cast(pa.string()), "rows": rows_per_user}))
     items_path = _write_ipc(stem.with_suffix(".items.arrow"), pa.table({"key": item_keys.cast(pa.string())}))
     if bad.unit == "row":
         lines = chunk.end - chunk.start and sum(
@@ -651,7 +668,9 @@ def parse_chunk(chunk: Chunk, *, source: ListeningSource, spill_dir: str | Path)
         with open(source.path, "rb") as handle:
             handle.seek(chunk.start)
             text = handle.read(chunk.end - chunk.start)
-        lines = text.count(b"\n") + (0 if text.endswith(b"\n") or not text else 1)
+        # Line breaks as the CSV reader sees them: \n, \r\n, and a lone \r.
+        lines = text.count(b"\n") + text.count(b"\r") - text.count(b"\r\n")
+        lines += 0 if not text or text.endswith((b"\n", b"\r")) else 1
     return ParsedChunk(index=chunk.index, lines=int(lines), rows=position - 1, skipped=len(bad.by_line),
                        bad=bad.located(), unit=bad.unit,
                        valid=valid.num_rows, rows_path=rows_path, users_path=users_path, items_path=items_path)
@@ -665,16 +684,19 @@ class RoutedChunk:
     ranges: dict[int, int]  # range -> record batch in the file
 
 
-def route_chunk(job: tuple[ParsedChunk, str], *, width: int) -> RoutedChunk:
+def route_chunk(job: tuple[ParsedChunk, str], *, edges: np.ndarray) -> RoutedChunk:
     """Step 2: a chunk's rows with global ids (``job``: the chunk, and the ``.npz`` of its user and item
-    code -> id arrays), cut into user-id ranges of ``width`` ids."""
+    code -> id arrays), cut into user-id ranges: range r holds ids in [edges[r-1], edges[r]).
+
+    Its inputs stay where they are (the driver removes the spill folder), so that Dask can run it again.
+    """
     parsed, ids_path = job
     with np.load(ids_path) as ids:
         user_ids, item_ids = ids["users"], ids["items"]
     table = _read_ipc(parsed.rows_path)
     users = np.asarray(user_ids, dtype=np.int32)[table.column("user").to_numpy()]
     items = np.asarray(item_ids, dtype=np.int32)[table.column("item").to_numpy()]
-    ranges = users // width
+    ranges = np.searchsorted(np.asarray(edges, dtype=np.int64), users, side="right")
     order = np.argsort(ranges, kind="stable")
     ranges = ranges[order]
     routed = pa.table({"user": pa.array(users[order], pa.int32()), "item": pa.array(items[order], pa.int32()),
@@ -688,8 +710,6 @@ def route_chunk(job: tuple[ParsedChunk, str], *, width: int) -> RoutedChunk:
         for i, (a, b) in enumerate(zip(starts, ends)):
             writer.write_batch(routed.slice(int(a), int(b - a)).combine_chunks().to_batches()[0])
             index[int(ranges[a])] = i
-    for name in (parsed.rows_path, parsed.users_path, parsed.items_path, ids_path):
-        Path(name).unlink(missing_ok=True)
     return RoutedChunk(path=str(path), ranges=index)
 
 
@@ -697,6 +717,8 @@ def reduce_range(job: tuple[int, list[tuple[str, int]]], *, out_dir: str | Path)
     """Step 3: one user-id range of every chunk, duplicates summed (latest ts kept), sorted by (user, item),
     written as ``part-<range>.parquet``; returns (file name, events)."""
     number, pieces = job
+    if not Path(out_dir).is_dir():  # the ingestion was abandoned (a cancelled task still running): write nothing
+        raise DatasetError(f"{out_dir} is gone: the ingestion it belonged to was given up")
     batches = []
     for path, batch in pieces:
         with pa.memory_map(path) as source:
@@ -733,6 +755,22 @@ def batch_record(listening_dir: Path, batch: str) -> dict:
         raise DatasetError(f"batch {batch!r} is not ingested under {listening_dir}: {exc}") from exc
 
 
+def _range_edges(ids: list[np.ndarray], rows: list[np.ndarray], *, n_ranges: int) -> np.ndarray:
+    """First ids of user-id ranges 1..n-1 holding about equal numbers of this batch's rows.
+
+    Cut by rows, not by id width: a later batch's users are mostly new (the highest ids),
+    and a few users can hold many rows.
+    """
+    ids = np.concatenate(ids) if ids else np.array([], np.int64)
+    if n_ranges <= 1 or len(ids) == 0:
+        return np.array([], np.int64)
+    low = int(ids.min())
+    per_id = np.bincount(ids - low, weights=np.concatenate(rows).astype(np.float64))
+    cumulative = np.cumsum(per_id)
+    targets = cumulative[-1] * np.arange(1, n_ranges) / n_ranges
+    return np.unique(np.searchsorted(cumulative, targets, side="right") + low).astype(np.int64)
+
+
 def ingest_source(source: ListeningSource, *, listening_dir: Path, users: IdMap, items: IdMap,
                   quarantine_path: Path, map_fn: Mapper = run_here, chunk_bytes: int = CHUNK_BYTES,
                   range_bytes: int = RANGE_BYTES) -> BatchReport:
@@ -758,6 +796,9 @@ def ingest_source(source: ListeningSource, *, listening_dir: Path, users: IdMap,
         pass
 
     start = time.perf_counter()
+    for stale in [*out.parent.glob(f".staging-{glob.escape(source.batch)}-*"),
+                  *out.parent.glob(f".old-{glob.escape(source.batch)}-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by an ingestion of this batch that was killed
     # Absolute paths: the parts may run in processes (Dask workers) started in another folder.
     staging = out.parent.absolute() / f".staging-{source.batch}-{uuid.uuid4().hex[:8]}"
     spill = staging / "spill"
@@ -767,16 +808,20 @@ def ingest_source(source: ListeningSource, *, listening_dir: Path, users: IdMap,
         parsed = map_fn(parse_chunk, chunks, description=f"ingest {path.name}: parse", unit="chunks",
                         source=ListeningSource(path.absolute(), source.format, source.batch), spill_dir=str(spill))
         # The one writer of ids: the chunks' keys in chunk order, so ids follow first sight in the file.
-        jobs = []
+        jobs, seen_ids, seen_rows = [], [], []
         for chunk in parsed:  # each chunk's code -> id arrays go to the spill folder, not into the task graph
             ids_path = spill / f"chunk-{chunk.index:06d}.ids.npz"
-            np.savez(ids_path, users=users.ids(_read_ipc(chunk.users_path).column("key")),
-                     items=items.ids(_read_ipc(chunk.items_path).column("key")))
+            chunk_users = _read_ipc(chunk.users_path)
+            user_ids = users.ids(chunk_users.column("key"))
+            np.savez(ids_path, users=user_ids, items=items.ids(_read_ipc(chunk.items_path).column("key")))
             jobs.append((chunk, str(ids_path)))
+            seen_ids.append(user_ids)
+            seen_rows.append(chunk_users.column("rows").to_numpy())
         report.valid = sum(c.valid for c in parsed)
-        n_ranges = max(1, -(-report.valid * _REDUCE_BYTES_PER_ROW // range_bytes))
-        width = max(1, -(-max(len(users), 1) // n_ranges))
-        routed = map_fn(route_chunk, jobs, description=f"ingest {path.name}: route", unit="chunks", width=width)
+        edges = _range_edges(seen_ids, seen_rows, n_ranges=max(1, -(-report.valid * _REDUCE_BYTES_PER_ROW
+                                                                      // range_bytes)))
+        del seen_ids, seen_rows
+        routed = map_fn(route_chunk, jobs, description=f"ingest {path.name}: route", unit="chunks", edges=edges)
         del jobs
         pieces: dict[int, list[tuple[str, int]]] = {}
         for chunk in routed:
@@ -796,7 +841,8 @@ def ingest_source(source: ListeningSource, *, listening_dir: Path, users: IdMap,
                    for record in quarantine_records(path, c.unit, c.bad, int(offset))]
         report.malformed = len(records)
         if report.rows == 0:
-            records.append({"path": f"{path}:0", "stage": "listening", "reason": "the file holds no data rows"})
+            unit = "row" if source.format == "events" and path.suffix.lower() == ".parquet" else "line"
+            records += quarantine_records(path, unit, [(0, "the file holds no data rows", "")])
         report.events = sum(n for _, n in written)
         report.new_users, report.new_items = users.added, items.added
 
@@ -808,7 +854,11 @@ def ingest_source(source: ListeningSource, *, listening_dir: Path, users: IdMap,
         if out.exists():
             old = out.parent / f".old-{source.batch}-{uuid.uuid4().hex[:8]}"
             out.rename(old)
-            staging.rename(out)
+            try:
+                staging.rename(out)
+            except OSError:
+                old.rename(out)  # the batch as it was (without its marker: ingested again next time)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             staging.rename(out)

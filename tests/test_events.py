@@ -14,6 +14,7 @@ from tasks.errors import DatasetError, ParameterError
 from tasks.events import (
     IdMap,
     ListeningSource,
+    batch_parts,
     ingest_sources,
     ingested_batches,
     read_batch_events,
@@ -324,8 +325,52 @@ def test_the_cluster_path_gives_what_one_process_gives(tmp_path):
                    chunk_bytes=211, range_bytes=3_000)
     there = tmp_path / "there"
     with dask_client(ClusterSettings(n_workers=2)) as client:
-        report = ingest_sources(sources, listening_dir=there / "listening", quarantine_path=there / "quarantine.parquet",
-                                chunk_bytes=211, range_bytes=3_000,
+        report = ingest_sources(sources, listening_dir=there / "listening",
+                                quarantine_path=there / "quarantine.parquet", chunk_bytes=211, range_bytes=3_000,
                                 map_fn=lambda fn, items, **kw: map_batches(client, fn, items, **kw))
     assert report.totals()["malformed"] > 0
     _same(_snapshot(here), _snapshot(there))
+
+
+def test_a_later_batch_of_new_users_is_still_cut_into_ranges_of_about_equal_rows(tmp_path):
+    """New users get the highest ids: ranges follow this batch's rows, not the width of the whole id space."""
+    first = tmp_path / "a.txt"
+    first.write_text("".join(f"old{u}\ts{u % 7}\t1\n" for u in range(3000)))
+    second = tmp_path / "b.txt"
+    second.write_text("".join(f"new{u % 40}\ts{i % 97}\t{1 + i % 3}\n" for u, i in zip(range(4000), range(4000))))
+    root = tmp_path / "store"
+    ingest_sources([first, second], listening_dir=root, quarantine_path=tmp_path / "q.parquet", range_bytes=60_000)
+    parts = batch_parts(root, "b")
+    sizes = [pq.read_metadata(p).num_rows for p in parts]
+    assert len(parts) >= 4 and max(sizes) <= 3 * sum(sizes) / len(sizes)
+    whole = tmp_path / "whole"
+    ingest_sources([first, second], listening_dir=whole, quarantine_path=tmp_path / "q2.parquet")
+    assert read_batch_events(root, ["b"]).equals(read_batch_events(whole, ["b"]))
+
+
+def test_empty_files_with_a_header_format_are_refused_and_stale_staging_is_cleared(tmp_path):
+    for name in ("user_artists.dat", "events.csv"):
+        (tmp_path / name).write_text("")
+        with pytest.raises(DatasetError, match="header|missing columns"):
+            _ingest(tmp_path, tmp_path / name)
+    events = tmp_path / "listening" / "events"
+    (events / ".staging-t-0badc0de" / "spill").mkdir(parents=True)
+    (events / ".old-t-0badc0de").mkdir()
+    source = tmp_path / "t.txt"
+    source.write_text("u1\ts1\t1\n")
+    _ingest(tmp_path, source)
+    assert sorted(p.name for p in events.iterdir()) == ["batch=t"]
+
+
+def test_lone_carriage_returns_are_line_breaks_in_every_chunk(tmp_path):
+    source = tmp_path / "cr.txt"
+    # Mostly lone CRs, a LF now and then: the chunks are cut at the LFs and hold the CRs.
+    lines = [b"u%d\ts%d\t1" % (i, i) + (b"\n" if i % 5 == 4 else b"\r") for i in range(60)]
+    source.write_bytes(b"".join(lines) + b"u1\ts1\tbad\r" + b"u2\ts2\t2\n")
+    got = {}
+    for name, chunk_bytes in (("whole", 1 << 30), ("chunked", 60)):
+        root = tmp_path / name
+        ingest_sources([source], listening_dir=root / "listening", quarantine_path=root / "q.parquet",
+                       chunk_bytes=chunk_bytes)
+        got[name] = pq.read_table(root / "q.parquet").column("path").to_pylist()
+    assert got["whole"] == got["chunked"] == [f"{source}:61"]

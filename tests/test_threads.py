@@ -36,6 +36,12 @@ def test_threads_leave_the_cores_other_processes_keep_busy(budget, others, threa
     assert threads_for(budget, others) == threads
 
 
+def test_a_quota_below_the_cores_is_not_cut_by_load_on_the_other_cores():
+    # 32 cores in the mask, a quota of 4, other containers keeping 4 busy: 28 are free, the quota allows 4.
+    assert threads_for(4, 4.0, cores=32) == 4
+    assert threads_for(4, 30.0, cores=32) == 2
+
+
 def test_a_busy_process_is_measured_and_training_gives_way_then_takes_the_core_back(monkeypatch):
     monkeypatch.delenv("MIRFLOW_THREADS", raising=False)
     before = torch.get_num_threads()

@@ -176,8 +176,16 @@ def never_ready(connection) -> None:
     time.sleep(60)
 
 
-def test_a_decoder_that_never_starts_is_a_503_and_its_start_is_not_the_decode_timeout(tmp_path):
-    pool = DecoderPool(1, timeout_s=30.0, start_s=1.0, target=never_ready)
+def dies_while_starting(connection) -> None:
+    """A worker whose start fails (an import that crashes)."""
+    import os
+
+    os._exit(4)
+
+
+@pytest.mark.parametrize("target", [never_ready, dies_while_starting])
+def test_a_decoder_that_never_starts_is_a_503_and_its_start_is_not_the_decode_timeout(tmp_path, target):
+    pool = DecoderPool(1, timeout_s=30.0, start_s=1.0, target=target)
     try:
         with pytest.raises(UploadError, match="did not start within 1 s") as refused:
             pool.decode(_wav(tmp_path / "a.wav", 1.0), sample_rate=16000, limits=LIMITS)

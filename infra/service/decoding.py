@@ -117,10 +117,13 @@ class DecoderPool:
             raise UploadError(503, "every decoder is busy; try again in a moment") from None
         try:
             if not ready:
-                if not connection.poll(self.start_s):
+                try:
+                    started = connection.poll(self.start_s) and connection.recv()  # ("ready", pid)
+                except (EOFError, OSError):  # it died while starting: the service's fault, not the upload's
+                    started = False
+                if not started:
                     self._replace(process, connection)
                     raise UploadError(503, f"a decoding process did not start within {self.start_s:.0f} s")
-                connection.recv()  # ("ready", pid)
             connection.send((str(path), sample_rate, limits))
             if not connection.poll(self.timeout_s):
                 self._replace(process, connection)

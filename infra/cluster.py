@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -21,18 +20,11 @@ from distributed import Client, LocalCluster, as_completed
 
 from infra.progress import ProgressReporter
 from infra.settings import ClusterSettings
+from infra.threads import usable_cores
 
 log = logging.getLogger("mirflow")
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (affinity-aware, unlike ``os.cpu_count``)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 # Dask starts workers with MALLOC_TRIM_THRESHOLD_=65536 to hand memory back to the OS.

@@ -37,8 +37,8 @@ log = logging.getLogger("mirflow")
 BUSY_SHARE = 0.5
 
 
-def affinity_cores() -> int:
-    """Cores this process may run on (its affinity mask)."""
+def usable_cores() -> int:
+    """Cores this process may run on (affinity-aware, unlike ``os.cpu_count``)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
@@ -70,7 +70,7 @@ def cpu_budget() -> int:
 
     if not _TORCH_DEFAULT:
         _TORCH_DEFAULT.append(torch.get_num_threads())
-    cores = affinity_cores()
+    cores = usable_cores()
     quota = cgroup_quota()
     return max(1, min(cores, _TORCH_DEFAULT[0], int(quota) if quota is not None else cores))
 
@@ -139,7 +139,7 @@ def apply_thread_policy(sample_s: float = 0.2, *, processes: int = 1, quiet: boo
         n = max(1, threads_for(budget, others, len(meter.cores)) // max(1, processes))
         if not quiet and n < torch.get_num_threads():
             log.info("threads: %d of %d cores (cgroup quota %s; other processes keep %.1f cores busy)", n,
-                     affinity_cores(), cgroup_quota() or "none", others)
+                     usable_cores(), cgroup_quota() or "none", others)
     torch.set_num_threads(n)
     return n
 
@@ -174,5 +174,5 @@ class ThreadAdjuster:
         return n
 
 
-__all__ = ["LoadMeter", "ThreadAdjuster", "affinity_cores", "apply_thread_policy", "cgroup_quota", "cpu_budget",
-           "threads_for"]
+__all__ = ["LoadMeter", "ThreadAdjuster", "apply_thread_policy", "cgroup_quota", "cpu_budget", "threads_for",
+           "usable_cores"]

@@ -214,6 +214,7 @@ class _Malformed:
     header_lines: int = 0
     by_line: list[tuple[int, str, str]] = field(default_factory=list)  # (line, reason, text): column-count errors
     by_position: list[tuple[int, str, str]] = field(default_factory=list)  # (1-based parsed row, reason, text)
+    lines: int = 0  # physical lines (Parquet: rows) of the part read, to number the next part's lines
 
     def __len__(self) -> int:
         return len(self.by_line) + len(self.by_position)
@@ -287,21 +288,12 @@ def _raw_blocks(source: ListeningSource, bad: _Malformed, chunk: Chunk | None = 
         names = file.schema_arrow.names
         _check_event_columns(path, names)
         columns = [c for c in ("user", "item", "plays", "ts") if c in names]
-        groups = None if chunk is None else list(range(chunk.start, chunk.end))
-        if groups != []:
+        groups = list(range(file.metadata.num_row_groups) if chunk is None else range(chunk.start, chunk.end))
+        bad.lines = sum(file.metadata.row_group(g).num_rows for g in groups)
+        if groups:
             yield from file.iter_batches(batch_size=1 << 20, columns=columns, row_groups=groups)
         return
-    if source.format == "triplets":
-        delimiter, names, header = "\t", ["user", "item", "plays"], False
-    elif source.format == "hetrec":
-        delimiter, names, header = "\t", ["user", "item", "plays"], True
-        found = _header(path, delimiter)
-        if found != HETREC_HEADER:
-            raise DatasetError(f"{path}: header {found} is not HetRec user_artists.dat's {HETREC_HEADER}")
-    else:
-        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-        names, header = _header(path, delimiter), True
-        _check_event_columns(path, names)
+    delimiter, names, header = _text_layout(source)
     header = header and (chunk is None or chunk.start == 0)
     bad.header_lines = 1 if header else 0
     if chunk is None:
@@ -312,19 +304,28 @@ def _raw_blocks(source: ListeningSource, bad: _Malformed, chunk: Chunk | None = 
     with open(path, "rb") as handle:
         handle.seek(chunk.start)
         text = handle.read(chunk.end - chunk.start)
+    # Line breaks as the CSV reader sees them: \n, \r\n, and a lone \r.
+    bad.lines = text.count(b"\n") + text.count(b"\r") - text.count(b"\r\n")
+    bad.lines += 0 if not text or text.endswith((b"\n", b"\r")) else 1
     if text:
         yield from _csv_blocks(pa.BufferReader(text), delimiter=delimiter, names=names, header=header, bad=bad)
 
 
-def _check_header(source: ListeningSource) -> None:
-    """The header a text format needs: HetRec's, or an events file's columns."""
+def _text_layout(source: ListeningSource) -> tuple[str, list[str], bool]:
+    """(delimiter, column names, has a header) of a text format, its header checked: HetRec's, or an events
+    file's columns."""
     path = source.path
+    if source.format == "triplets":
+        return "\t", ["user", "item", "plays"], False
     if source.format == "hetrec":
         found = _header(path, "\t")
         if found != HETREC_HEADER:
             raise DatasetError(f"{path}: header {found} is not HetRec user_artists.dat's {HETREC_HEADER}")
-    elif source.format == "events" and path.suffix.lower() != ".parquet":
-        _check_event_columns(path, _header(path, "\t" if path.suffix.lower() == ".tsv" else ","))
+        return "\t", ["user", "item", "plays"], True
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    names = _header(path, delimiter)
+    _check_event_columns(path, names)
+    return delimiter, names, True
 
 
 def _parquet_file(path: Path) -> pq.ParquetFile:
@@ -583,7 +584,7 @@ def plan_chunks(source: ListeningSource, chunk_bytes: int = CHUNK_BYTES) -> list
                 size = 0
         cuts.append(meta.num_row_groups)
     else:
-        _check_header(source)  # an empty file with a wrong (or no) header is refused as before
+        _text_layout(source)  # an empty file with a wrong (or no) header is refused as before
         total = path.stat().st_size
         if total == 0:
             return []
@@ -661,17 +662,7 @@ def parse_chunk(chunk: Chunk, *, source: ListeningSource, spill_dir: str | Path)
     users_path = _write_ipc(stem.with_suffix(".users.arrow"),
                             pa.table({"key": user_keys.cast(pa.string()), "rows": rows_per_user}))
     items_path = _write_ipc(stem.with_suffix(".items.arrow"), pa.table({"key": item_keys.cast(pa.string())}))
-    if bad.unit == "row":
-        lines = chunk.end - chunk.start and sum(
-            _parquet_file(source.path).metadata.row_group(g).num_rows for g in range(chunk.start, chunk.end))
-    else:
-        with open(source.path, "rb") as handle:
-            handle.seek(chunk.start)
-            text = handle.read(chunk.end - chunk.start)
-        # Line breaks as the CSV reader sees them: \n, \r\n, and a lone \r.
-        lines = text.count(b"\n") + text.count(b"\r") - text.count(b"\r\n")
-        lines += 0 if not text or text.endswith((b"\n", b"\r")) else 1
-    return ParsedChunk(index=chunk.index, lines=int(lines), rows=position - 1, skipped=len(bad.by_line),
+    return ParsedChunk(index=chunk.index, lines=int(bad.lines), rows=position - 1, skipped=len(bad.by_line),
                        bad=bad.located(), unit=bad.unit,
                        valid=valid.num_rows, rows_path=rows_path, users_path=users_path, items_path=items_path)
 

@@ -35,8 +35,12 @@ from pathlib import Path
 
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-for _key, _value in {"DO_NOT_TRACK": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                     "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60"}.items():
+for _key, _value in {
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
+}.items():
     os.environ.setdefault(_key, _value)
 
 import numpy as np  # noqa: E402
@@ -72,9 +76,14 @@ def source_model(cache: Path, workers: int) -> tuple[str, Path]:
     marker = data_dir / "ready"
     if not marker.exists():
         print("pre-training a source model (ismir2014-smoke) ...", file=sys.stderr)
-        transfer_study(data_dir, "synthetic", load_preset("ismir2014-smoke"),
-                       ClusterSettings(kind="local", n_workers=workers), tracking,
-                       world=WorldSettings(n_tracks=160, n_users=300, clip_seconds=4.0))
+        transfer_study(
+            data_dir,
+            "synthetic",
+            load_preset("ismir2014-smoke"),
+            ClusterSettings(kind="local", n_workers=workers),
+            tracking,
+            world=WorldSettings(n_tracks=160, n_users=300, clip_seconds=4.0),
+        )
         marker.write_text("ok")
     return ref, data_dir
 
@@ -99,9 +108,18 @@ def loop_embed(paths: list[str], model) -> np.ndarray:
         for path in paths:
             y = decode(path, sample_rate=model.features.mel.sample_rate)
             columns = feature_columns(y, settings=model.features)
-            vector = np.concatenate([
-                encode_clip(columns[t].to(torch.float16).float().numpy(), codebooks[t], activation=k.activation,
-                            threshold=k.threshold, pooling=k.pooling) for t in model.timescales])
+            vector = np.concatenate(
+                [
+                    encode_clip(
+                        columns[t].to(torch.float16).float().numpy(),
+                        codebooks[t],
+                        activation=k.activation,
+                        threshold=k.threshold,
+                        pooling=k.pooling,
+                    )
+                    for t in model.timescales
+                ]
+            )
             out.append(module.embed(torch.from_numpy(vector[None].astype(np.float32))).numpy()[0])
     return np.stack(out)
 
@@ -123,13 +141,20 @@ def main() -> None:
     paths = gtzan_tracks(root, split="random")["source_path"].tolist()
     model = resolve_pretrained(ref, tracking, cache=args.cache / "models")
     cluster = ClusterSettings(kind="local", n_workers=args.workers)
-    embed_catalogue(args.cache / "warm", "warm", ref, cluster, tracking, source=SourceSettings(
-        adapter="gtzan", path=target_clips(args.cache, 6, 3.0), split="random"))  # Prefect server, imports
+    embed_catalogue(
+        args.cache / "warm",
+        "warm",
+        ref,
+        cluster,
+        tracking,
+        source=SourceSettings(adapter="gtzan", path=target_clips(args.cache, 6, 3.0), split="random"),
+    )  # Prefect server, imports
     small = None
     if args.small:
         small = args.cache / f"small-{args.small}.csv"
-        pd.DataFrame({"track_id": [Path(p).stem for p in paths[:args.small]], "path": paths[:args.small]}).to_csv(
-            small, index=False)
+        pd.DataFrame({"track_id": [Path(p).stem for p in paths[: args.small]], "path": paths[: args.small]}).to_csv(
+            small, index=False
+        )
     flow_rates, loop_rates, marginal_rates = [], [], []
     for repeat in range(1, args.repeats + 1):
         data_dir = Path(tempfile.mkdtemp(dir=args.cache))
@@ -142,8 +167,9 @@ def main() -> None:
         if small is not None:
             data_dir = Path(tempfile.mkdtemp(dir=args.cache))
             start = time.perf_counter()
-            embed_catalogue(data_dir, "bench", ref, cluster, tracking,
-                            source=SourceSettings(adapter="manifest", path=small))
+            embed_catalogue(
+                data_dir, "bench", ref, cluster, tracking, source=SourceSettings(adapter="manifest", path=small)
+            )
             marginal_rates.append((out.n_tracks - args.small) / (seconds - (time.perf_counter() - start)))
             shutil.rmtree(data_dir)
         start = time.perf_counter()
@@ -151,11 +177,16 @@ def main() -> None:
         loop_rates.append(len(paths) / (time.perf_counter() - start))
         ids = [Path(p).stem for p in paths]
         gap = float(np.abs(np.stack([flowed[t] for t in ids]) - looped).max())
-        print(f"repeat {repeat}: flow {flow_rates[-1]:.1f} clips/s, loop {loop_rates[-1]:.1f} clips/s, "
-              f"max |difference| {gap:.2e}", file=sys.stderr)
+        print(
+            f"repeat {repeat}: flow {flow_rates[-1]:.1f} clips/s, loop {loop_rates[-1]:.1f} clips/s, "
+            f"max |difference| {gap:.2e}",
+            file=sys.stderr,
+        )
     flow_rate, loop_rate = statistics.median(flow_rates), statistics.median(loop_rates)
-    print(f"\n{args.clips} clips of {args.seconds:g} s, {len(model.timescales)} timescales, "
-          f"{args.workers} workers, median of {args.repeats}")
+    print(
+        f"\n{args.clips} clips of {args.seconds:g} s, {len(model.timescales)} timescales, "
+        f"{args.workers} workers, median of {args.repeats}"
+    )
     print(f"{'path':<44} {'clips/s':>8}")
     print(f"{'mirflow embed (cluster, start-up included)':<44} {flow_rate:>8.1f}")
     print(f"{'single-process loop (one thread)':<44} {loop_rate:>8.1f}")

@@ -46,32 +46,34 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # inherited by the worker processes too
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-import soundfile as sf  # noqa: E402
-import torch  # noqa: E402
-from threadpoolctl import threadpool_limits  # noqa: E402
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import soundfile as sf
+import torch
+from threadpoolctl import threadpool_limits
 
 # Run from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flows.features import extract_features  # noqa: E402
-from infra.cluster import _cuda_cluster, _local_cluster, usable_cores  # noqa: E402
-from infra.layout import Layout  # noqa: E402
-from infra.settings import ClusterSettings, FeatureSettings, MelSettings, WorldSettings  # noqa: E402
-from infra.tracking import tracking_for  # noqa: E402
-from tasks.audio import decode  # noqa: E402
-from tasks.spectrogram import feature_columns  # noqa: E402
-from tasks.synth import plan_world, render_clip  # noqa: E402
+from flows.features import extract_features
+from infra.cluster import _cuda_cluster, _local_cluster, usable_cores
+from infra.layout import Layout
+from infra.settings import ClusterSettings, FeatureSettings, MelSettings, WorldSettings
+from infra.tracking import tracking_for
+from tasks.audio import decode
+from tasks.spectrogram import feature_columns
+from tasks.synth import plan_world, render_clip
 
 SAMPLE_RATE = 22050
 CLIP_SECONDS = 30.0
 HOP = 512
 N_MELS = 128
-FEATURES = FeatureSettings(mel=MelSettings(sample_rate=SAMPLE_RATE, n_fft=1024, hop_length=HOP, n_mels=N_MELS),
-                           extra_windows=(2048, 4096, 8192))
+FEATURES = FeatureSettings(
+    mel=MelSettings(sample_rate=SAMPLE_RATE, n_fft=1024, hop_length=HOP, n_mels=N_MELS),
+    extra_windows=(2048, 4096, 8192),
+)
 DATASET = "bench"
 WARMUP_CLIPS = 4
 
@@ -137,13 +139,25 @@ class FlowRunner:
         self.runs.mkdir(parents=True, exist_ok=True)
         self.tracking = tracking_for(cache / "tracking")
 
-    def __call__(self, paths: Sequence[str], cluster: ClusterSettings, *, keep: bool = False,
-                 on_data_dir: Callable[[Path], None] | None = None) -> tuple[float, object]:
+    def __call__(
+        self,
+        paths: Sequence[str],
+        cluster: ClusterSettings,
+        *,
+        keep: bool = False,
+        on_data_dir: Callable[[Path], None] | None = None,
+    ) -> tuple[float, object]:
         """``(wall seconds of the flow call, FeatureSummary)``."""
         data_dir = Path(tempfile.mkdtemp(prefix="run-", dir=self.runs))
         try:
-            tracks = pd.DataFrame({"track_id": [f"t{i:05d}" for i in range(len(paths))], "source_path": list(paths),
-                                   "split": "train", "tags": [["bench"]] * len(paths)})
+            tracks = pd.DataFrame(
+                {
+                    "track_id": [f"t{i:05d}" for i in range(len(paths))],
+                    "source_path": list(paths),
+                    "split": "train",
+                    "tags": [["bench"]] * len(paths),
+                }
+            )
             tracks_path = Layout(data_dir).tracks(DATASET)
             tracks_path.parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(pa.Table.from_pandas(tracks, preserve_index=False), tracks_path)
@@ -156,8 +170,10 @@ class FlowRunner:
             if not keep:
                 shutil.rmtree(data_dir, ignore_errors=True)
         if summary.n_extracted != len(paths):
-            raise RuntimeError(f"flow extracted {summary.n_extracted} of {len(paths)} clips "
-                               f"({summary.n_quarantined} quarantined): the benchmark would compare unequal work")
+            raise RuntimeError(
+                f"flow extracted {summary.n_extracted} of {len(paths)} clips "
+                f"({summary.n_quarantined} quarantined): the benchmark would compare unequal work"
+            )
         return seconds, summary
 
 
@@ -174,8 +190,9 @@ def prestarted_cluster(n_workers: int, device: str) -> Iterator[ClusterSettings]
         cluster = _local_cluster(ClusterSettings(n_workers=n_workers))
     with cluster:
         cluster.wait_for_workers(len(cluster.workers))
-        yield ClusterSettings(kind="address", address=cluster.scheduler_address,
-                              spectrogram_device="cuda" if device == "cuda" else "cpu")
+        yield ClusterSettings(
+            kind="address", address=cluster.scheduler_address, spectrogram_device="cuda" if device == "cuda" else "cpu"
+        )
 
 
 def flow_cluster(n_workers: int, device: str) -> ClusterSettings:
@@ -197,7 +214,8 @@ def require_device(device: str) -> None:
         raise SystemExit(
             f"--device cuda: torch {torch.__version__} sees no CUDA GPU (torch.cuda.is_available() is False; "
             f"built with CUDA {torch.version.cuda or 'none'}). Run on a machine with a GPU and a CUDA build of "
-            "torch plus dask-cuda, or use --device cpu.")
+            "torch plus dask-cuda, or use --device cpu."
+        )
     try:
         import dask_cuda  # noqa: F401
     except ImportError as err:
@@ -214,9 +232,12 @@ def librosa_loop(paths: Sequence[str], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, path in enumerate(paths):
         y, _ = librosa.load(path, sr=SAMPLE_RATE, mono=True)
-        mels = [np.log1p(10000.0 * librosa.feature.melspectrogram(y=y, sr=SAMPLE_RATE, n_fft=w, hop_length=HOP,
-                                                                   n_mels=N_MELS))
-                for w in FEATURES.windows]
+        mels = [
+            np.log1p(
+                10000.0 * librosa.feature.melspectrogram(y=y, sr=SAMPLE_RATE, n_fft=w, hop_length=HOP, n_mels=N_MELS)
+            )
+            for w in FEATURES.windows
+        ]
         np.save(out_dir / f"clip{i:05d}.npy", np.stack(mels))
 
 
@@ -279,68 +300,94 @@ def bench_vs_librosa(args: argparse.Namespace, paths: list[str], flow: FlowRunne
     out_dir = Path(tempfile.mkdtemp(prefix="librosa-", dir=flow.runs))
     try:
         with prestarted_cluster(args.workers, args.device) as warm, one_core():
-            flow(paths[:WARMUP_CLIPS * 2], warm)
+            flow(paths[: WARMUP_CLIPS * 2], warm)
             librosa_loop(paths[:2], out_dir)  # warm-up: imports, filterbank and FFT caches
-            medians = interleaved({
-                f"flow ({workers} workers, {args.device})": lambda: flow(paths, cluster),
-                f"flow ({workers} workers, {args.device}, pre-started)": lambda: flow(paths, warm),
-                "librosa loop (1 core)": lambda: librosa_loop(paths, out_dir),
-            }, args.repeats, len(paths))
+            medians = interleaved(
+                {
+                    f"flow ({workers} workers, {args.device})": lambda: flow(paths, cluster),
+                    f"flow ({workers} workers, {args.device}, pre-started)": lambda: flow(paths, warm),
+                    "librosa loop (1 core)": lambda: librosa_loop(paths, out_dir),
+                },
+                args.repeats,
+                len(paths),
+            )
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
     flow_s, warm_s, librosa_s = medians.values()
     n = len(paths)
-    print(f"\nfeature flow vs librosa loop: {n} clips x {CLIP_SECONDS:.0f} s MP3 at {SAMPLE_RATE} Hz, {N_MELS} mels, "
-          f"hop {HOP}, windows {'/'.join(map(str, FEATURES.windows))}, median of {args.repeats}; "
-          f"librosa {librosa.__version__}, torch {torch.__version__}")
+    print(
+        f"\nfeature flow vs librosa loop: {n} clips x {CLIP_SECONDS:.0f} s MP3 at {SAMPLE_RATE} Hz, {N_MELS} mels, "
+        f"hop {HOP}, windows {'/'.join(map(str, FEATURES.windows))}, median of {args.repeats}; "
+        f"librosa {librosa.__version__}, torch {torch.__version__}"
+    )
     print(f"{'path':<34} {'cores':>5} {'median s':>9} {'clips/s':>8} {'clips/s/core':>13} {'per core vs librosa':>20}")
-    print(f"{'librosa loop + np.save':<34} {1:>5} {librosa_s:9.2f} {n / librosa_s:8.2f} {n / librosa_s:13.2f} {1:20.2f}")
-    for label, seconds in ((f"flow ({args.device}, cluster start incl.)", flow_s),
-                           (f"flow ({args.device}, pre-started cluster)", warm_s)):
+    print(
+        f"{'librosa loop + np.save':<34} {1:>5} {librosa_s:9.2f} {n / librosa_s:8.2f} {n / librosa_s:13.2f} {1:20.2f}"
+    )
+    for label, seconds in (
+        (f"flow ({args.device}, cluster start incl.)", flow_s),
+        (f"flow ({args.device}, pre-started cluster)", warm_s),
+    ):
         per_core = (n / seconds / workers) / (n / librosa_s)
-        print(f"{label:<34} {workers:>5} {seconds:9.2f} {n / seconds:8.2f} {n / seconds / workers:13.2f} {per_core:20.2f}")
+        print(
+            f"{label:<34} {workers:>5} {seconds:9.2f} {n / seconds:8.2f} {n / seconds / workers:13.2f} {per_core:20.2f}"
+        )
     per_core = (n / warm_s / workers) / (n / librosa_s)
-    print(f"target >= 1.5x clips/s per core (steady state, pre-started cluster): "
-          f"{'met' if per_core >= 1.5 else 'MISSED'} at {per_core:.2f}x; with cluster start-up in the run: "
-          f"{(n / flow_s / workers) / (n / librosa_s):.2f}x")
+    print(
+        f"target >= 1.5x clips/s per core (steady state, pre-started cluster): "
+        f"{'met' if per_core >= 1.5 else 'MISSED'} at {per_core:.2f}x; with cluster start-up in the run: "
+        f"{(n / flow_s / workers) / (n / librosa_s):.2f}x"
+    )
 
 
 def bench_scaling(args: argparse.Namespace, paths: list[str], flow: FlowRunner) -> None:
     warm_up(flow, paths[:WARMUP_CLIPS], flow_cluster(1, "cpu"))
     with prestarted_cluster(1, "cpu") as one, prestarted_cluster(2, "cpu") as two:
-        flow(paths[:WARMUP_CLIPS * 2], one)
-        flow(paths[:WARMUP_CLIPS * 2], two)
-        medians = interleaved({
-            "flow, 1 worker (local)": lambda: flow(paths, flow_cluster(1, "cpu")),
-            "flow, 2 workers (local)": lambda: flow(paths, flow_cluster(2, "cpu")),
-            "flow, 1 worker (pre-started)": lambda: flow(paths, one),
-            "flow, 2 workers (pre-started)": lambda: flow(paths, two),
-        }, args.repeats, len(paths))
+        flow(paths[: WARMUP_CLIPS * 2], one)
+        flow(paths[: WARMUP_CLIPS * 2], two)
+        medians = interleaved(
+            {
+                "flow, 1 worker (local)": lambda: flow(paths, flow_cluster(1, "cpu")),
+                "flow, 2 workers (local)": lambda: flow(paths, flow_cluster(2, "cpu")),
+                "flow, 1 worker (pre-started)": lambda: flow(paths, one),
+                "flow, 2 workers (pre-started)": lambda: flow(paths, two),
+            },
+            args.repeats,
+            len(paths),
+        )
     n = len(paths)
     s1, s2, p1, p2 = medians.values()
     print(f"\nfeature flow scaling: {n} clips, median of {args.repeats}, {usable_cores()} usable cores")
     print(f"{'cluster':<36} {'1 worker clips/s':>17} {'2 workers clips/s':>18} {'2w/1w':>7}")
     print(f"{'local (start-up in each run)':<36} {n / s1:17.2f} {n / s2:18.2f} {s1 / s2:7.2f}")
     print(f"{'address (pre-started, warm)':<36} {n / p1:17.2f} {n / p2:18.2f} {p1 / p2:7.2f}")
-    print(f"target >= 1.8x (flow as called, local): {'met' if s1 / s2 >= 1.8 else 'MISSED'}; "
-          f"pre-started: {'met' if p1 / p2 >= 1.8 else 'MISSED'}")
+    print(
+        f"target >= 1.8x (flow as called, local): {'met' if s1 / s2 >= 1.8 else 'MISSED'}; "
+        f"pre-started: {'met' if p1 / p2 >= 1.8 else 'MISSED'}"
+    )
 
 
 def bench_overhead(args: argparse.Namespace, paths: list[str], flow: FlowRunner) -> None:
     warm_up(flow, paths[:WARMUP_CLIPS], flow_cluster(1, args.device))
     with prestarted_cluster(1, args.device) as warm:
-        flow(paths[:WARMUP_CLIPS * 2], warm)
+        flow(paths[: WARMUP_CLIPS * 2], warm)
         with one_core():
             bare_kernel(paths[:2], args.device)  # warm-up: filterbanks, FFT plans, CUDA context
-            medians = interleaved({
-                f"bare kernel (1 core, {args.device})": lambda: bare_kernel(paths, args.device),
-                "flow, 1 worker, start-up incl.": lambda: flow(paths, flow_cluster(1, args.device)),
-                "flow, 1 worker, pre-started": lambda: flow(paths, warm),
-            }, args.repeats, len(paths))
+            medians = interleaved(
+                {
+                    f"bare kernel (1 core, {args.device})": lambda: bare_kernel(paths, args.device),
+                    "flow, 1 worker, start-up incl.": lambda: flow(paths, flow_cluster(1, args.device)),
+                    "flow, 1 worker, pre-started": lambda: flow(paths, warm),
+                },
+                args.repeats,
+                len(paths),
+            )
     n = len(paths)
     kernel_s, cold_s, warm_s = medians.values()
-    print(f"\nfeature flow overhead: {n} clips, 1 worker vs decode + feature_columns in one process "
-          f"({args.device}), median of {args.repeats}")
+    print(
+        f"\nfeature flow overhead: {n} clips, 1 worker vs decode + feature_columns in one process "
+        f"({args.device}), median of {args.repeats}"
+    )
     print(f"{'path':<36} {'median s':>9} {'clips/s':>8} {'overhead':>9}")
     print(f"{'bare kernel (nothing written)':<36} {kernel_s:9.2f} {n / kernel_s:8.2f} {'-':>9}")
     print(f"{'flow, cluster start-up included':<36} {cold_s:9.2f} {n / cold_s:8.2f} {cold_s / kernel_s - 1:9.1%}")
@@ -397,8 +444,10 @@ def bench_memory(args: argparse.Namespace, sources: list[str], flow: FlowRunner)
             sampler.join()
     workers = sorted(baseline)
     names = {w: f"worker {i}" for i, w in enumerate(workers)}
-    print(f"\nfeature flow memory: {n} clips ({len(sources)} distinct, linked under distinct names), 2 pre-started "
-          f"workers, {len(sampler.samples)} samples in {seconds:.0f} s ({n / seconds:.1f} clips/s)")
+    print(
+        f"\nfeature flow memory: {n} clips ({len(sources)} distinct, linked under distinct names), 2 pre-started "
+        f"workers, {len(sampler.samples)} samples in {seconds:.0f} s ({n / seconds:.1f} clips/s)"
+    )
     print(f"{'progress':<18} " + " ".join(f"{names[w] + ' RSS MiB':>16}" for w in workers))
     print(f"{'before (idle, warm)':<18} " + " ".join(f"{baseline[w]:16.0f}" for w in workers))
     # RSS saws up and down with every batch; compare the highest value in a window of
@@ -412,8 +461,10 @@ def bench_memory(args: argparse.Namespace, sources: list[str], flow: FlowRunner)
     peak = {w: max(s[2].get(w, 0.0) for s in sampler.samples) for w in workers}
     print(f"{'peak':<18} " + " ".join(f"{peak[w]:16.0f}" for w in workers))
     growth = max(highest["70-90 %"][w] / highest["10-30 %"][w] for w in workers)
-    print(f"late/early (max RSS in 70-90 % / in 10-30 % of the clips, worst worker): {growth:.2f} "
-          f"(flat = <= 1.15: {'met' if growth <= 1.15 else 'MISSED'})")
+    print(
+        f"late/early (max RSS in 70-90 % / in 10-30 % of the clips, worst worker): {growth:.2f} "
+        f"(flat = <= 1.15: {'met' if growth <= 1.15 else 'MISSED'})"
+    )
 
 
 def main() -> None:
@@ -423,8 +474,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="repeats for vs-librosa, scaling, overhead")
     parser.add_argument("--workers", type=int, default=usable_cores(), help="flow workers for vs-librosa")
     parser.add_argument("--memory-clips", type=int, default=2000, help="files for the memory benchmark")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                        help="where spectrograms run (vs-librosa, overhead); librosa stays on the CPU")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="where spectrograms run (vs-librosa, overhead); librosa stays on the CPU",
+    )
     parser.add_argument("--cache", default="/tmp/mirflow-bench", help="rendered clips and run folders")
     args = parser.parse_args()
     if args.device == "cuda" and args.benchmark not in ("vs-librosa", "overhead"):
@@ -435,8 +490,9 @@ def main() -> None:
     paths = ensure_clips(cache, args.clips)
     flow = FlowRunner(cache)
     progress(f"{args.benchmark}: {len(paths)} clips, {args.repeats} repeats, {usable_cores()} usable cores")
-    {"vs-librosa": bench_vs_librosa, "scaling": bench_scaling, "overhead": bench_overhead,
-     "memory": bench_memory}[args.benchmark](args, paths, flow)
+    {"vs-librosa": bench_vs_librosa, "scaling": bench_scaling, "overhead": bench_overhead, "memory": bench_memory}[
+        args.benchmark
+    ](args, paths, flow)
 
 
 if __name__ == "__main__":

@@ -35,21 +35,21 @@ from pathlib import Path
 
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from threadpoolctl import threadpool_limits  # noqa: E402
+import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from infra.cluster import _local_cluster, map_batches, usable_cores  # noqa: E402
-from infra.settings import (  # noqa: E402
+from infra.cluster import _local_cluster, map_batches, usable_cores
+from infra.settings import (
     ClusterSettings,
     FeatureSettings,
     KMeansSettings,
     MelSettings,
     WorldSettings,
 )
-from tasks.kmeans import (  # noqa: E402
+from tasks.kmeans import (
     encode_windows,
     fit_codebook,
     fit_whitening,
@@ -57,14 +57,15 @@ from tasks.kmeans import (  # noqa: E402
     sample_windows,
     spherical_kmeans,
 )
-from tasks.kmeans_features import EncodeBatch, codebook_path, encode_batch  # noqa: E402
-from tasks.shards import features_to_table, write_feature_shard, write_manifest  # noqa: E402
-from tasks.spectrogram import feature_columns  # noqa: E402
-from tasks.synth import plan_world, render_clip  # noqa: E402
+from tasks.kmeans_features import EncodeBatch, codebook_path, encode_batch
+from tasks.shards import features_to_table, write_feature_shard, write_manifest
+from tasks.spectrogram import feature_columns
+from tasks.synth import plan_world, render_clip
 
 SAMPLE_RATE, SECONDS = 16000, 15.0
-FEATURES = FeatureSettings(mel=MelSettings(sample_rate=SAMPLE_RATE, n_fft=1024, hop_length=512, n_mels=128),
-                           extra_windows=(2048, 4096, 8192))
+FEATURES = FeatureSettings(
+    mel=MelSettings(sample_rate=SAMPLE_RATE, n_fft=1024, hop_length=512, n_mels=128), extra_windows=(2048, 4096, 8192)
+)
 
 
 def progress(message: str) -> None:
@@ -115,29 +116,42 @@ def bench_fit(args: argparse.Namespace) -> None:
         results["ours"] = (0.0, fit.mean_cosine)
 
     def sklearn() -> None:
-        model = MiniBatchKMeans(n_clusters=k, batch_size=batch, max_iter=passes, n_init=1, random_state=0,
-                                max_no_improvement=None, tol=0.0, compute_labels=False).fit(data)
+        model = MiniBatchKMeans(
+            n_clusters=k,
+            batch_size=batch,
+            max_iter=passes,
+            n_init=1,
+            random_state=0,
+            max_no_improvement=None,
+            tol=0.0,
+            compute_labels=False,
+        ).fit(data)
         results["sklearn"] = (0.0, nearest_cosine(data, model.cluster_centers_))
 
     with threadpool_limits(1):
         torch.set_num_threads(1)
         ours_s = median_time(ours, args.repeats, "spherical_kmeans")
         sk_s = median_time(sklearn, args.repeats, "MiniBatchKMeans")
-    print(f"\nK-means fit: {data.shape[0]} whitened, L2-normalized windows of {data.shape[1]} values, K={k}, "
-          f"batch {batch}, {passes} passes, 1 thread, mirflow on {args.device}, median of {args.repeats}")
+    print(
+        f"\nK-means fit: {data.shape[0]} whitened, L2-normalized windows of {data.shape[1]} values, K={k}, "
+        f"batch {batch}, {passes} passes, 1 thread, mirflow on {args.device}, median of {args.repeats}"
+    )
     print(f"{'':28s}{'seconds':>10s}{'mean cosine':>14s}")
     print(f"{'mirflow spherical_kmeans':28s}{ours_s:10.2f}{results['ours'][1]:14.4f}")
     print(f"{'sklearn MiniBatchKMeans':28s}{sk_s:10.2f}{results['sklearn'][1]:14.4f}")
-    print(f"time ratio mirflow/sklearn: {ours_s / sk_s:.2f}x; mean cosine difference: "
-          f"{results['ours'][1] - results['sklearn'][1]:+.4f}")
+    print(
+        f"time ratio mirflow/sklearn: {ours_s / sk_s:.2f}x; mean cosine difference: "
+        f"{results['ours'][1] - results['sklearn'][1]:+.4f}"
+    )
 
 
 def bench_encode(args: argparse.Namespace) -> None:
     progress(f"rendering {args.encode_clips} clips")
     clips = [c["mel_1024"] for c in spectrograms(args.encode_clips)]
     windows = sample_windows(clips, context=4, n_windows=20_000, seed=0)
-    codebook = fit_codebook(windows, k=args.k, context=4, n_mels=128, epsilon=0.01, iterations=2, batch_size=1000,
-                            seed=0)
+    codebook = fit_codebook(
+        windows, k=args.k, context=4, n_mels=128, epsilon=0.01, iterations=2, batch_size=1000, seed=0
+    )
     n_windows = sum(c.shape[0] - 3 for c in clips)
     mean, matrix, means = codebook.whitening.mean, codebook.whitening.matrix, codebook.means
 
@@ -167,13 +181,19 @@ def bench_encode(args: argparse.Namespace) -> None:
         ours_s = median_time(ours, args.repeats, "encode_windows")
         np_s = median_time(numpy_matmul, args.repeats, "numpy whiten + dot products")
         folded_s = median_time(numpy_folded, args.repeats, "numpy one folded matmul")
-    print(f"\nencoding: {len(clips)} clips, {n_windows} windows of 4 x 128, K={args.k}, 1 thread, "
-          f"median of {args.repeats}")
+    print(
+        f"\nencoding: {len(clips)} clips, {n_windows} windows of 4 x 128, K={args.k}, 1 thread, "
+        f"median of {args.repeats}"
+    )
     print(f"{'mirflow encode_windows (conv1d)':36s}{n_windows / ours_s:12.0f} windows/s")
-    print(f"{'numpy unfold, whiten, dot products':36s}{n_windows / np_s:12.0f} windows/s"
-          f"   mirflow/numpy {np_s / ours_s:.2f}x")
-    print(f"{'numpy unfold, one (512 x K) matmul':36s}{n_windows / folded_s:12.0f} windows/s"
-          f"   mirflow/numpy {folded_s / ours_s:.2f}x")
+    print(
+        f"{'numpy unfold, whiten, dot products':36s}{n_windows / np_s:12.0f} windows/s"
+        f"   mirflow/numpy {np_s / ours_s:.2f}x"
+    )
+    print(
+        f"{'numpy unfold, one (512 x K) matmul':36s}{n_windows / folded_s:12.0f} windows/s"
+        f"   mirflow/numpy {folded_s / ours_s:.2f}x"
+    )
 
 
 def bench_extract(args: argparse.Namespace) -> None:
@@ -189,12 +209,31 @@ def bench_extract(args: argparse.Namespace) -> None:
         for start in range(0, args.clips, shard_rows):
             ids = [f"clip{i:05d}" for i in range(start, min(args.clips, start + shard_rows))]
             name = f"part-{start // shard_rows:05d}.parquet"
-            rows = [(t, t, source[i % len(source)], {"source_path": t, "source_size": 0, "source_mtime_ns": 0,
-                                                     "duration_s": SECONDS}) for i, t in enumerate(ids)]
+            rows = [
+                (
+                    t,
+                    t,
+                    source[i % len(source)],
+                    {"source_path": t, "source_size": 0, "source_mtime_ns": 0, "duration_s": SECONDS},
+                )
+                for i, t in enumerate(ids)
+            ]
             write_feature_shard(features_to_table(rows, n_mels=128), base_dir / name)
-            records += [{"track_id": t, "content_sha1": t, "shard": name, "n_frames": source[0]["mel_1024"].shape[0],
-                         "settings_hash": FEATURES.settings_hash, "duration_s": SECONDS, "sample_rate": SAMPLE_RATE,
-                         "source_path": t, "source_size": 0, "source_mtime_ns": 0} for t in ids]
+            records += [
+                {
+                    "track_id": t,
+                    "content_sha1": t,
+                    "shard": name,
+                    "n_frames": source[0]["mel_1024"].shape[0],
+                    "settings_hash": FEATURES.settings_hash,
+                    "duration_s": SECONDS,
+                    "sample_rate": SAMPLE_RATE,
+                    "source_path": t,
+                    "source_size": 0,
+                    "source_mtime_ns": 0,
+                }
+                for t in ids
+            ]
         write_manifest(base_dir, records)
     from tasks.shards import read_features
 
@@ -204,10 +243,12 @@ def bench_extract(args: argparse.Namespace) -> None:
         for column in columns:
             spectra = read_features(base_dir, column=column, track_ids=ids[:64])
             windows = sample_windows(list(spectra.values()), context=4, n_windows=20_000, seed=0)
-            fit_codebook(windows, k=args.k, context=4, n_mels=128, epsilon=0.01, iterations=3, batch_size=1000,
-                         seed=0).save(codebook_path(kmeans_dir, column))
-    batches = [EncodeBatch(shard=f"part-{i:05d}.parquet", track_ids=tuple(ids[i : i + 32]))
-               for i in range(0, len(ids), 32)]
+            fit_codebook(
+                windows, k=args.k, context=4, n_mels=128, epsilon=0.01, iterations=3, batch_size=1000, seed=0
+            ).save(codebook_path(kmeans_dir, column))
+    batches = [
+        EncodeBatch(shard=f"part-{i:05d}.parquet", track_ids=tuple(ids[i : i + 32])) for i in range(0, len(ids), 32)
+    ]
     workers = args.workers or usable_cores()
 
     def loop() -> None:
@@ -221,13 +262,23 @@ def bench_extract(args: argparse.Namespace) -> None:
     from distributed import Client
 
     with cluster, Client(cluster) as client:
+
         def on_cluster() -> None:
             out = cache / "out-dask"
             shutil.rmtree(out, ignore_errors=True)
             shutil.copytree(kmeans_dir, out)
-            map_batches(client, encode_batch, batches, description="K-means encoding", unit="clips",
-                        size=lambda b: len(b.track_ids), base_dir=base_dir, kmeans_dir=out, timescales=columns,
-                        kmeans=kmeans)
+            map_batches(
+                client,
+                encode_batch,
+                batches,
+                description="K-means encoding",
+                unit="clips",
+                size=lambda b: len(b.track_ids),
+                base_dir=base_dir,
+                kmeans_dir=out,
+                timescales=columns,
+                kmeans=kmeans,
+            )
 
         on_cluster()  # warm-up: torch imported on the workers
         with threadpool_limits(1):
@@ -237,11 +288,15 @@ def bench_extract(args: argparse.Namespace) -> None:
                 loop_s.append(median_time(loop, 1, f"single-process loop {r + 1}"))
                 dask_s.append(median_time(on_cluster, 1, f"dask, {workers} workers {r + 1}"))
     loop_rate, dask_rate = args.clips / statistics.median(loop_s), args.clips / statistics.median(dask_s)
-    print(f"\nK-means feature extraction: {args.clips} clips x 4 resolutions, K={args.k}, context 4, pooled, "
-          f"shards written; median of {args.repeats}")
+    print(
+        f"\nK-means feature extraction: {args.clips} clips x 4 resolutions, K={args.k}, context 4, pooled, "
+        f"shards written; median of {args.repeats}"
+    )
     print(f"{'single-process loop, 1 core':34s}{loop_rate:10.1f} clips/s")
-    print(f"{f'Dask, {workers} workers x 1 thread':34s}{dask_rate:10.1f} clips/s"
-          f"{dask_rate / workers:10.1f} clips/s per core")
+    print(
+        f"{f'Dask, {workers} workers x 1 thread':34s}{dask_rate:10.1f} clips/s"
+        f"{dask_rate / workers:10.1f} clips/s per core"
+    )
     print(f"speed-up {dask_rate / loop_rate:.2f}x; per-core ratio {dask_rate / workers / loop_rate:.2f}")
 
 

@@ -54,12 +54,12 @@ import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from infra.settings import WMFSettings  # noqa: E402
-from tasks.events import ingest_sources  # noqa: E402
-from tasks.listening import cold_start_split, load_play_matrix  # noqa: E402
-from tasks.metrics import random_factors, ranking_metrics  # noqa: E402
-from tasks.synth_listening import ListeningWorld, iter_rows, write_triplets  # noqa: E402
-from tasks.wmf import confidence, fit_wmf, fold_in_items  # noqa: E402
+from infra.settings import WMFSettings
+from tasks.events import ingest_sources
+from tasks.listening import cold_start_split, load_play_matrix
+from tasks.metrics import random_factors, ranking_metrics
+from tasks.synth_listening import ListeningWorld, iter_rows, write_triplets
+from tasks.wmf import confidence, fit_wmf, fold_in_items
 
 TASTE_PROFILE = {"n_users": 1_019_318, "n_items": 384_546, "n_rows": 48_373_586}
 HELDOUT = 10_000
@@ -101,8 +101,12 @@ def stage(name: str, rows: list, memory: PeakMemory):
     yield info
     seconds = time.perf_counter() - start
     rows.append((name, seconds, memory.peak() / 2**30, info.get("note", "")))
-    print(f"[{time.strftime('%H:%M:%S')}] {name}: {seconds:.1f} s, peak RSS {memory.peak() / 2**30:.2f} GiB "
-          f"{info.get('note', '')}", file=sys.stderr, flush=True)
+    print(
+        f"[{time.strftime('%H:%M:%S')}] {name}: {seconds:.1f} s, peak RSS {memory.peak() / 2**30:.2f} GiB "
+        f"{info.get('note', '')}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _triplets(cache: Path, world: ListeningWorld) -> Path:
@@ -115,8 +119,11 @@ def _triplets(cache: Path, world: ListeningWorld) -> Path:
     start = time.perf_counter()
     write_triplets(world, path)
     meta.write_text(wanted)
-    print(f"generated {world.n_rows:,} triplets ({path.stat().st_size / 2**30:.2f} GiB) in "
-          f"{time.perf_counter() - start:.0f} s", file=sys.stderr)
+    print(
+        f"generated {world.n_rows:,} triplets ({path.stat().st_size / 2**30:.2f} GiB) in "
+        f"{time.perf_counter() - start:.0f} s",
+        file=sys.stderr,
+    )
     return path
 
 
@@ -133,19 +140,27 @@ def scale(args: argparse.Namespace) -> None:
     total = time.perf_counter()
 
     with stage("ingest (validate, ids, events Parquet)", rows, memory) as info:
-        report = ingest_sources([triplets], listening_dir=work / "listening", quarantine_path=work / "quarantine.parquet")
+        report = ingest_sources(
+            [triplets], listening_dir=work / "listening", quarantine_path=work / "quarantine.parquet"
+        )
         b = report.batches[0]
-        info["note"] = f"{b.rows:,} rows, {b.malformed} malformed, {b.events:,} events, {b.rows / b.seconds:,.0f} rows/s"
+        info["note"] = (
+            f"{b.rows:,} rows, {b.malformed} malformed, {b.events:,} events, {b.rows / b.seconds:,.0f} rows/s"
+        )
     with stage("play matrix + cold-start split", rows, memory) as info:
         matrix = load_play_matrix(work / "listening")
         rng = np.random.default_rng(0)
         heldout = matrix.items[rng.choice(len(matrix.items), size=min(HELDOUT, len(matrix.items) // 10), replace=False)]
         split = cold_start_split(matrix, heldout_items=heldout)
         del matrix
-        info["note"] = (f"{split.train.plays.shape[0]:,} users x {split.train.plays.shape[1]:,} items, "
-                        f"{split.train.plays.nnz:,} plays; {split.test.plays.shape[1]:,} held out, "
-                        f"{split.test.plays.nnz:,} held-out plays")
-    with stage(f"WMF fit (implicit ALS, {settings.factors} factors, {settings.iterations} sweeps)", rows, memory) as info:
+        info["note"] = (
+            f"{split.train.plays.shape[0]:,} users x {split.train.plays.shape[1]:,} items, "
+            f"{split.train.plays.nnz:,} plays; {split.test.plays.shape[1]:,} held out, "
+            f"{split.test.plays.nnz:,} held-out plays"
+        )
+    with stage(
+        f"WMF fit (implicit ALS, {settings.factors} factors, {settings.iterations} sweeps)", rows, memory
+    ) as info:
         start = time.perf_counter()
         model = fit_wmf(split.train.plays, settings=settings)
         info["note"] = f"{(time.perf_counter() - start) / settings.iterations:.1f} s per sweep"
@@ -154,15 +169,23 @@ def scale(args: argparse.Namespace) -> None:
     with stage("cold-start evaluation, all users (WMF, popularity)", rows, memory) as info:
         test = split.test.plays
         wmf = ranking_metrics(model.user_factors, heldout_factors, test, k=500)
-        popularity = ranking_metrics(np.ones((test.shape[0], 1), np.float32),
-                                     np.asarray(test.sum(axis=0), np.float32).reshape(-1, 1), test, k=500)
-        info["note"] = (f"{wmf['n_users']:,} users; WMF mAP@500 {wmf['map_at_k']:.4f} AUC {wmf['auc']:.3f}; "
-                        f"popularity {popularity['map_at_k']:.4f} / {popularity['auc']:.3f}")
+        popularity = ranking_metrics(
+            np.ones((test.shape[0], 1), np.float32),
+            np.asarray(test.sum(axis=0), np.float32).reshape(-1, 1),
+            test,
+            k=500,
+        )
+        info["note"] = (
+            f"{wmf['n_users']:,} users; WMF mAP@500 {wmf['map_at_k']:.4f} AUC {wmf['auc']:.3f}; "
+            f"popularity {popularity['map_at_k']:.4f} / {popularity['auc']:.3f}"
+        )
     memory.close()
 
-    print(f"\nscale: {shape['n_users']:,} users, {shape['n_items']:,} songs, {shape['n_rows']:,} triplets "
-          f"({triplets.stat().st_size / 2**30:.2f} GiB), {os.cpu_count()} cores, "
-          f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM")
+    print(
+        f"\nscale: {shape['n_users']:,} users, {shape['n_items']:,} songs, {shape['n_rows']:,} triplets "
+        f"({triplets.stat().st_size / 2**30:.2f} GiB), {os.cpu_count()} cores, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
+    )
     print(f"{'stage':62s} {'wall s':>8s} {'peak RSS GiB':>13s}")
     for name, seconds, peak, note in rows:
         print(f"{name:62s} {seconds:8.1f} {peak:13.2f}  {note}")
@@ -188,8 +211,11 @@ def overhead(args: argparse.Namespace) -> None:
 
     plays = _matrix(args.users, args.items, args.rows)
     settings = WMFSettings(factors=50, iterations=args.iterations, confidence="linear", alpha=2.0)
-    print(f"matrix {plays.shape[0]:,} x {plays.shape[1]:,}, {plays.nnz:,} plays; {settings.factors} factors, "
-          f"{settings.iterations} sweeps, linear confidence 1 + 2 r", file=sys.stderr)
+    print(
+        f"matrix {plays.shape[0]:,} x {plays.shape[1]:,}, {plays.nnz:,} plays; {settings.factors} factors, "
+        f"{settings.iterations} sweeps, linear confidence 1 + 2 r",
+        file=sys.stderr,
+    )
 
     def project() -> None:
         fit_wmf(plays, settings=settings)
@@ -198,15 +224,22 @@ def overhead(args: argparse.Namespace) -> None:
         # What a user of implicit writes: its alpha scales the raw counts (c = alpha r; the
         # project stores c = 1 + alpha r), BLAS held to one thread as implicit asks.
         with threadpool_limits(limits=1, user_api="blas"):
-            model = implicit.als.AlternatingLeastSquares(factors=settings.factors, regularization=settings.regularization,
-                                                         alpha=settings.alpha, iterations=settings.iterations,
-                                                         random_state=settings.seed)
+            model = implicit.als.AlternatingLeastSquares(
+                factors=settings.factors,
+                regularization=settings.regularization,
+                alpha=settings.alpha,
+                iterations=settings.iterations,
+                random_state=settings.seed,
+            )
             model.fit(plays, show_progress=False)
 
     times: dict[str, list[float]] = {"project fit_wmf": [], "raw implicit": []}
     for repeat in range(args.repeats):
-        for name, fn in (("raw implicit", raw), ("project fit_wmf", project)) if repeat % 2 else (
-                ("project fit_wmf", project), ("raw implicit", raw)):
+        for name, fn in (
+            (("raw implicit", raw), ("project fit_wmf", project))
+            if repeat % 2
+            else (("project fit_wmf", project), ("raw implicit", raw))
+        ):
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
@@ -232,7 +265,7 @@ def _naive(users: np.ndarray, items: np.ndarray, relevant: sp.csr_matrix, k: int
     discount = 1.0 / np.log2(np.arange(2, k + 2))
     for u in range(users.shape[0]):
         rel = np.zeros(n_items, dtype=bool)
-        rel[relevant.indices[relevant.indptr[u]:relevant.indptr[u + 1]]] = True
+        rel[relevant.indices[relevant.indptr[u] : relevant.indptr[u + 1]]] = True
         n_rel = int(rel.sum())
         if n_rel == 0 or n_rel == n_items:
             continue
@@ -243,8 +276,13 @@ def _naive(users: np.ndarray, items: np.ndarray, relevant: sp.csr_matrix, k: int
         precisions.append(float(hits.sum() / min(k, n_items)))
         ndcgs.append(float((hits * discount[: len(hits)]).sum() / discount[: min(n_rel, k)].sum()))
         aucs.append(roc_auc_score(rel, scores))
-    return {"map_at_k": float(np.mean(aps)), "auc": float(np.mean(aucs)), "precision_at_k": float(np.mean(precisions)),
-            "ndcg_at_k": float(np.mean(ndcgs)), "n_users": len(aps)}
+    return {
+        "map_at_k": float(np.mean(aps)),
+        "auc": float(np.mean(aucs)),
+        "precision_at_k": float(np.mean(precisions)),
+        "ndcg_at_k": float(np.mean(ndcgs)),
+        "n_users": len(aps),
+    }
 
 
 def evaluation(args: argparse.Namespace) -> None:
@@ -256,8 +294,10 @@ def evaluation(args: argparse.Namespace) -> None:
     per_user = rng.poisson(args.relevant_per_user, size=n_users)
     popularity = 1.0 / np.arange(1, n_items + 1) ** 0.8
     cols = np.searchsorted(np.cumsum(popularity) / popularity.sum(), rng.random(per_user.sum()), side="right")
-    relevant = sp.csr_matrix((np.ones(per_user.sum(), np.float32), (np.repeat(np.arange(n_users), per_user),
-                                                                     np.minimum(cols, n_items - 1))), shape=(n_users, n_items))
+    relevant = sp.csr_matrix(
+        (np.ones(per_user.sum(), np.float32), (np.repeat(np.arange(n_users), per_user), np.minimum(cols, n_items - 1))),
+        shape=(n_users, n_items),
+    )
     relevant.sum_duplicates()
     print(f"{n_users:,} users x {n_items:,} items, {relevant.nnz:,} relevant", file=sys.stderr)
 
@@ -275,17 +315,23 @@ def evaluation(args: argparse.Namespace) -> None:
     project_s = time.perf_counter() - start
     naive_all = naive_s / len(sample) * n_users
 
-    print(f"\neval: {n_users:,} users x {n_items:,} held-out items, {relevant.nnz:,} relevant, k=500, "
-          f"torch threads {__import__('torch').get_num_threads()}")
+    print(
+        f"\neval: {n_users:,} users x {n_items:,} held-out items, {relevant.nnz:,} relevant, k=500, "
+        f"torch threads {__import__('torch').get_num_threads()}"
+    )
     print(f"{'path':44s} {'users':>10s} {'seconds':>9s} {'users/s':>10s}")
     print(f"{'naive per-user loop (sample)':44s} {len(sample):10,d} {naive_s:9.2f} {len(sample) / naive_s:10,.0f}")
-    print(f"{'project ranking_metrics (same sample)':44s} {len(sample):10,d} {project_sample_s:9.2f} "
-          f"{len(sample) / project_sample_s:10,.0f}")
+    print(
+        f"{'project ranking_metrics (same sample)':44s} {len(sample):10,d} {project_sample_s:9.2f} "
+        f"{len(sample) / project_sample_s:10,.0f}"
+    )
     print(f"{'project ranking_metrics (all users)':44s} {n_users:10,d} {project_s:9.2f} {n_users / project_s:10,.0f}")
     print(f"{'naive, extrapolated to all users':44s} {n_users:10,d} {naive_all:9.0f}")
-    print(f"-> project is {naive_all / project_s:.1f}x faster than the naive loop (extrapolated); the sample's "
-          f"metrics agree within 1e-6; {full['n_users']:,} users with a relevant item scored; "
-          f"mAP@500 {full['map_at_k']:.5f}, AUC {full['auc']:.4f} (random factors)")
+    print(
+        f"-> project is {naive_all / project_s:.1f}x faster than the naive loop (extrapolated); the sample's "
+        f"metrics agree within 1e-6; {full['n_users']:,} users with a relevant item scored; "
+        f"mAP@500 {full['map_at_k']:.5f}, AUC {full['auc']:.4f} (random factors)"
+    )
 
 
 def _whole_file_ingest(triplets: Path, store: Path) -> None:
@@ -303,9 +349,17 @@ def _whole_file_ingest(triplets: Path, store: Path) -> None:
     for block in ev._raw_blocks(source, bad):
         valid = ev._validate(block, first_position=position, bad=bad, delimiter="\t")
         position += block.num_rows
-        parts.append(pa.table({"user": pa.array(users.ids(valid.column("user")), pa.int32()),
-                               "item": pa.array(items.ids(valid.column("item")), pa.int32()),
-                               "plays": valid.column("plays"), "ts": valid.column("ts")}, schema=ev.EVENT_SCHEMA))
+        parts.append(
+            pa.table(
+                {
+                    "user": pa.array(users.ids(valid.column("user")), pa.int32()),
+                    "item": pa.array(items.ids(valid.column("item")), pa.int32()),
+                    "plays": valid.column("plays"),
+                    "ts": valid.column("ts"),
+                },
+                schema=ev.EVENT_SCHEMA,
+            )
+        )
     table = pa.concat_tables(parts)
     del parts
     table = table.group_by(["user", "item"], use_threads=True).aggregate([("plays", "sum"), ("ts", "max")])
@@ -334,9 +388,13 @@ def _ingest_child(path_name: str, triplets: str, store: str, workers: int, resul
 
         with dask_client(ClusterSettings(n_workers=workers)) as client:
             start = time.perf_counter()  # the cluster's start-up is not ingestion
-            ingest_sources([Path(triplets)], listening_dir=store_path, quarantine_path=store_path / "quarantine.parquet",
-                           map_fn=lambda fn, items, **kw: map_batches(client, fn, items, **kw),
-                           chunk_bytes=CLUSTER_CHUNK_BYTES)
+            ingest_sources(
+                [Path(triplets)],
+                listening_dir=store_path,
+                quarantine_path=store_path / "quarantine.parquet",
+                map_fn=lambda fn, items, **kw: map_batches(client, fn, items, **kw),
+                chunk_bytes=CLUSTER_CHUNK_BYTES,
+            )
             seconds = time.perf_counter() - start
             peaks = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
             worker_peaks = [v * 1024 / 2**30 for v in peaks.values()]
@@ -348,8 +406,9 @@ def _ingest_child(path_name: str, triplets: str, store: str, workers: int, resul
 
         matrix = load_play_matrix(store_path).plays.astype(np.float32)
         with threadpool_limits(limits=1, user_api="blas"):
-            implicit.als.AlternatingLeastSquares(factors=50, iterations=2, random_state=0).fit(matrix,
-                                                                                               show_progress=False)
+            implicit.als.AlternatingLeastSquares(factors=50, iterations=2, random_state=0).fit(
+                matrix, show_progress=False
+            )
     result.put((time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, []))
 
 
@@ -368,8 +427,9 @@ def _run_child(path_name: str, triplets: Path, store: Path, workers: int = 0) ->
 
 def ingest(args: argparse.Namespace) -> None:
     shape = {k: max(1, int(v * args.fraction)) for k, v in TASTE_PROFILE.items()}
-    triplets = _triplets(Path(args.cache) / (f"x{args.fraction:g}" if args.fraction != 1.0 else ""),
-                         ListeningWorld(**shape, seed=0))
+    triplets = _triplets(
+        Path(args.cache) / (f"x{args.fraction:g}" if args.fraction != 1.0 else ""), ListeningWorld(**shape, seed=0)
+    )
     size = triplets.stat().st_size / 2**30
     rows = []
     for name in args.paths:
@@ -378,16 +438,21 @@ def ingest(args: argparse.Namespace) -> None:
         shutil.rmtree(store, ignore_errors=True)
         print(f"[{time.strftime('%H:%M:%S')}] {label} ...", file=sys.stderr, flush=True)
         seconds, peak, workers = _run_child(name, triplets, store, args.cluster)
-        print(f"[{time.strftime('%H:%M:%S')}] {label}: {seconds:.1f} s, peak {peak:.2f} GiB"
-              + (f", workers {', '.join(f'{w:.2f}' for w in workers)} GiB" if workers else ""), file=sys.stderr)
+        print(
+            f"[{time.strftime('%H:%M:%S')}] {label}: {seconds:.1f} s, peak {peak:.2f} GiB"
+            + (f", workers {', '.join(f'{w:.2f}' for w in workers)} GiB" if workers else ""),
+            file=sys.stderr,
+        )
         rows.append((label, seconds, peak, workers))
         if name == "chunked" and args.raw_als:
             als_seconds, als_peak, _ = _run_child("raw-als", triplets, store)
             rows.append(("raw implicit ALS fit of the same plays (2 sweeps)", als_seconds, als_peak, []))
         if not args.keep:
             shutil.rmtree(store, ignore_errors=True)
-    print(f"\ningest: {shape['n_rows']:,} triplets ({size:.2f} GiB), {shape['n_users']:,} users, "
-          f"{shape['n_items']:,} songs; {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM")
+    print(
+        f"\ningest: {shape['n_rows']:,} triplets ({size:.2f} GiB), {shape['n_users']:,} users, "
+        f"{shape['n_items']:,} songs; {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
+    )
     print(f"{'path':52s} {'wall s':>8s} {'peak GiB':>9s}  workers' peaks GiB")
     for label, seconds, peak, workers in rows:
         print(f"{label:52s} {seconds:8.1f} {peak:9.2f}  {', '.join(f'{w:.2f}' for w in workers)}")
@@ -395,11 +460,13 @@ def ingest(args: argparse.Namespace) -> None:
     base = named.get("baseline")
     for label, seconds, peak, workers in rows:
         if base and label not in ("baseline",) and not label.startswith("raw"):
-            print(f"{label}: time {seconds / base[1]:.2f}x the baseline's (target <= 1.3), peak "
-                  f"{(peak + sum(workers)) / base[2]:.2f}x")
+            print(
+                f"{label}: time {seconds / base[1]:.2f}x the baseline's (target <= 1.3), peak "
+                f"{(peak + sum(workers)) / base[2]:.2f}x"
+            )
     raw = next((r for r in rows if r[0].startswith("raw")), None)
     if raw:
-        for label, seconds, peak, workers in rows:
+        for label, _seconds, peak, workers in rows:
             if not label.startswith("raw"):
                 print(f"{label}: peak {(peak + sum(workers)) / raw[2]:.2f}x the raw ALS fit's (target <= 2)")
 
@@ -424,8 +491,12 @@ def main() -> None:
     p.add_argument("--fraction", type=float, default=1.0, help="scale users, songs and rows of the Taste Profile")
     p.add_argument("--paths", nargs="+", default=["baseline", "chunked"], choices=["baseline", "chunked", "cluster"])
     p.add_argument("--cluster", type=int, default=2, help="workers of the cluster path")
-    p.add_argument("--raw-als", action=argparse.BooleanOptionalAction, default=True,
-                   help="after the chunked path, the peak of a raw implicit fit of its play matrix")
+    p.add_argument(
+        "--raw-als",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="after the chunked path, the peak of a raw implicit fit of its play matrix",
+    )
     p.add_argument("--cache", default="/tmp/mirflow-bench-listening")
     p.add_argument("--keep", action="store_true", help="keep the ingested stores")
     p.set_defaults(run=ingest)

@@ -30,8 +30,8 @@ from threadpoolctl import threadpool_limits
 # Run from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from infra.settings import MelSettings  # noqa: E402
-from tasks.spectrogram import log_mel  # noqa: E402
+from infra.settings import MelSettings
+from tasks.spectrogram import log_mel
 
 SAMPLE_RATE = 22050
 CLIP_SECONDS = 30.0
@@ -64,9 +64,19 @@ def synth_clips(n_clips: int, *, seed: int = 0) -> np.ndarray:
 
 def librosa_log_mel(y: np.ndarray, s: MelSettings) -> np.ndarray:
     S = librosa.feature.melspectrogram(
-        y=y, sr=s.sample_rate, n_fft=s.n_fft, hop_length=s.hop_length, win_length=s.n_fft,
-        window="hann", center=True, pad_mode="constant", power=2.0, n_mels=s.n_mels,
-        fmin=s.fmin, fmax=s.fmax, htk=s.mel_scale == "htk",
+        y=y,
+        sr=s.sample_rate,
+        n_fft=s.n_fft,
+        hop_length=s.hop_length,
+        win_length=s.n_fft,
+        window="hann",
+        center=True,
+        pad_mode="constant",
+        power=2.0,
+        n_mels=s.n_mels,
+        fmin=s.fmin,
+        fmax=s.fmax,
+        htk=s.mel_scale == "htk",
     )
     return np.log1p(s.log_c * S)
 
@@ -115,16 +125,20 @@ def main() -> None:
         for name, settings in configs.items():
             # Same answer first, so the speed comparison is between equals.
             diff = max(
-                float(np.max(np.abs(log_mel(clips_on_device[0], settings=s).cpu().numpy() - librosa_log_mel(clips[0], s).T)))
+                float(
+                    np.max(
+                        np.abs(log_mel(clips_on_device[0], settings=s).cpu().numpy() - librosa_log_mel(clips[0], s).T)
+                    )
+                )
                 for s in settings
             )
 
-            def run_librosa() -> None:
+            def run_librosa(settings=settings) -> None:
                 for y in clips:
                     for s in settings:
                         librosa_log_mel(y, s)
 
-            def run_torch() -> None:
+            def run_torch(settings=settings) -> None:
                 for batch in batches:
                     for s in settings:
                         log_mel(batch, settings=s)

@@ -30,9 +30,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-for _key, _value in {"DO_NOT_TRACK": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                     "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
-                     "PREFECT_LOGGING_LEVEL": "WARNING"}.items():
+for _key, _value in {
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+}.items():
     os.environ.setdefault(_key, _value)
 
 import httpx  # noqa: E402
@@ -52,8 +56,24 @@ def pipeline_data(cache: Path) -> Path:
     data_dir = cache / "pipeline"
     if not (data_dir / "ready").exists():
         print("running a small pipeline (96 clips, 3 epochs) ...", file=sys.stderr)
-        subprocess.run([str(Path(sys.executable).parent / "mirflow"), "demo", "--tracks", "96", "--users", "200",
-                        "--clip-seconds", "5", "--epochs", "3", "--data-dir", str(data_dir)], cwd=ROOT, check=True)
+        subprocess.run(
+            [
+                str(Path(sys.executable).parent / "mirflow"),
+                "demo",
+                "--tracks",
+                "96",
+                "--users",
+                "200",
+                "--clip-seconds",
+                "5",
+                "--epochs",
+                "3",
+                "--data-dir",
+                str(data_dir),
+            ],
+            cwd=ROOT,
+            check=True,
+        )
         (data_dir / "ready").write_text("ok")
     return data_dir
 
@@ -119,8 +139,10 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([str(Path(sys.executable).parent / "mirflow"), "serve", "--data-dir", str(data_dir),
-                               "--port", str(port)], cwd=ROOT)
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mirflow"), "serve", "--data-dir", str(data_dir), "--port", str(port)],
+        cwd=ROOT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -138,8 +160,12 @@ def main() -> None:
             client.post(f"{url}/api/analyze", files={"file": payloads[0]}).raise_for_status()
         first = rss_mb(process)
         with ThreadPoolExecutor(args.concurrency) as pool:  # and `concurrency` requests at once, as the load will
-            list(pool.map(lambda p: httpx.post(f"{url}/api/analyze", files={"file": p}, timeout=120).raise_for_status(),
-                          [payloads[i % len(payloads)] for i in range(args.concurrency)]))
+            list(
+                pool.map(
+                    lambda p: httpx.post(f"{url}/api/analyze", files={"file": p}, timeout=120).raise_for_status(),
+                    [payloads[i % len(payloads)] for i in range(args.concurrency)],
+                )
+            )
         before = rss_mb(process)
 
         local = threading.local()  # one client (one kept-alive connection) per client thread, as a real client
@@ -170,15 +196,21 @@ def main() -> None:
     errors = sum(1 for r in results if r[1] != 200)
     bound = lower_bound(data_dir, paths[0], repeats=5)
     p50, p95 = np.percentile(latencies, 50), np.percentile(latencies, 95)
-    print(f"\n{args.requests} analyze requests of 30 s MP3 clips, concurrency {args.concurrency}, "
-          f"{os.cpu_count()} cores, {wall:.1f} s ({args.requests / wall:.2f} requests/s)")
+    print(
+        f"\n{args.requests} analyze requests of 30 s MP3 clips, concurrency {args.concurrency}, "
+        f"{os.cpu_count()} cores, {wall:.1f} s ({args.requests / wall:.2f} requests/s)"
+    )
     print(f"  latency p50 {p50:.3f} s, p95 {p95:.3f} s; errors {errors}")
-    print(f"  server memory (with its decoder workers) {first:.0f} MiB after one request, {before:.0f} MiB after "
-          f"{args.concurrency} at once, {middle:.0f} MiB after half the requests, {after:.0f} MiB after "
-          f"all ({(after / before - 1) * 100:+.1f} % overall, {(after / middle - 1) * 100:+.1f} % in the second half)")
+    print(
+        f"  server memory (with its decoder workers) {first:.0f} MiB after one request, {before:.0f} MiB after "
+        f"{args.concurrency} at once, {middle:.0f} MiB after half the requests, {after:.0f} MiB after "
+        f"all ({(after / before - 1) * 100:+.1f} % overall, {(after / middle - 1) * 100:+.1f} % in the second half)"
+    )
     print(f"  in-process bound (decode + log-mel + forwards + neighbours): {bound:.3f} s")
-    print(f"  p50 / bound {p50 / bound:.2f}   (per request at concurrency {args.concurrency}: "
-          f"{wall / args.requests:.3f} s of wall time, {wall / args.requests / bound:.2f} x the bound)")
+    print(
+        f"  p50 / bound {p50 / bound:.2f}   (per request at concurrency {args.concurrency}: "
+        f"{wall / args.requests:.3f} s of wall time, {wall / args.requests / bound:.2f} x the bound)"
+    )
 
 
 if __name__ == "__main__":

@@ -32,18 +32,21 @@ import tempfile
 import time
 from pathlib import Path
 
-for key, value in {"DO_NOT_TRACK": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                   "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
-                   "PREFECT_LOGGING_LEVEL": "WARNING", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-                   "GIT_PYTHON_REFRESH": "quiet"}.items():
+for key, value in {
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "GIT_PYTHON_REFRESH": "quiet",
+}.items():
     os.environ.setdefault(key, value)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd  # noqa: E402
-
 from bench_features import FEATURES, N_MELS, SAMPLE_RATE, ensure_clips, librosa_loop, one_core, progress  # noqa: E402
-
 
 # ----------------------------------------------------------------------------- features
 
@@ -55,11 +58,14 @@ class Service:
         from infra.stack import Ports, Stack, free_ports
 
         prefect, mlflow_port, dask, dashboard, web = free_ports(5)
-        self.stack = Stack(data_dir=data_dir, ports=Ports(prefect=prefect, mlflow=mlflow_port, dask=dask,
-                                                          dashboard=dashboard, web=web),
-                           n_workers=n_workers, paused_schedules=True)
+        self.stack = Stack(
+            data_dir=data_dir,
+            ports=Ports(prefect=prefect, mlflow=mlflow_port, dask=dask, dashboard=dashboard, web=web),
+            n_workers=n_workers,
+            paused_schedules=True,
+        )
 
-    def __enter__(self) -> "Service":
+    def __enter__(self) -> Service:
         progress(f"starting the service with {self.stack.n_workers} Dask worker(s)")
         self.info = self.stack.start(on_step=lambda m: progress(f"  {m}"))
         return self
@@ -83,14 +89,24 @@ class Service:
                 time.sleep(0.2)
         if not run.state.is_completed():
             raise RuntimeError(f"{deployment} ended {run.state.name}: see {self.stack.logs / 'prefect-worker.log'}")
-        return {"total": run.end_time.timestamp() - asked, "to_running": run.start_time.timestamp() - asked,
-                "running": run.end_time.timestamp() - run.start_time.timestamp()}
+        return {
+            "total": run.end_time.timestamp() - asked,
+            "to_running": run.start_time.timestamp() - asked,
+            "running": run.end_time.timestamp() - run.start_time.timestamp(),
+        }
 
 
 def features_parameters(manifest: Path, dataset: str) -> dict:
-    return {"adapter": "manifest", "source": str(manifest), "dataset": dataset,
-            "windows": ",".join(str(w) for w in FEATURES.windows), "hop": FEATURES.mel.hop_length,
-            "hop_policy": "fixed", "sample_rate": SAMPLE_RATE, "n_mels": N_MELS}
+    return {
+        "adapter": "manifest",
+        "source": str(manifest),
+        "dataset": dataset,
+        "windows": ",".join(str(w) for w in FEATURES.windows),
+        "hop": FEATURES.mel.hop_length,
+        "hop_policy": "fixed",
+        "sample_rate": SAMPLE_RATE,
+        "n_mels": N_MELS,
+    }
 
 
 def inner_flow_seconds(service: Service, dataset: str) -> float:
@@ -107,8 +123,9 @@ def bench_features(args: argparse.Namespace) -> None:
     paths = ensure_clips(Path(args.cache), args.clips)
     work = Path(tempfile.mkdtemp(prefix="mirflow-bench-service-"))
     manifest = work / "clips.csv"
-    pd.DataFrame({"track_id": [Path(p).stem for p in paths], "path": paths, "split": "train"}).to_csv(manifest,
-                                                                                                       index=False)
+    pd.DataFrame({"track_id": [Path(p).stem for p in paths], "path": paths, "split": "train"}).to_csv(
+        manifest, index=False
+    )
     times: dict[str, list[dict]] = {"service, 2 workers": [], "service, 1 worker": []}
     inner: dict[str, list[float]] = {name: [] for name in times}
     baseline: list[float] = []
@@ -125,9 +142,11 @@ def bench_features(args: argparse.Namespace) -> None:
                     seconds = service.run("mirflow/features", features_parameters(manifest, dataset))
                     times[name].append(seconds)
                     inner[name].append(inner_flow_seconds(service, dataset))
-                    progress(f"  {name} repeat {repeat + 1}/{args.repeats}: {seconds['total']:.2f} s "
-                             f"({len(paths) / seconds['total']:.2f} clips/s); asked->running "
-                             f"{seconds['to_running']:.2f} s, features flow {inner[name][-1]:.2f} s")
+                    progress(
+                        f"  {name} repeat {repeat + 1}/{args.repeats}: {seconds['total']:.2f} s "
+                        f"({len(paths) / seconds['total']:.2f} clips/s); asked->running "
+                        f"{seconds['to_running']:.2f} s, features flow {inner[name][-1]:.2f} s"
+                    )
                     shutil.rmtree(data_dir / "features" / dataset, ignore_errors=True)
                     if n_workers == 2 and repeat < args.repeats:  # the baseline alternates with the runs
                         with one_core():
@@ -140,23 +159,31 @@ def bench_features(args: argparse.Namespace) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     n = len(paths)
-    med = {name: {k: statistics.median(t[k] for t in runs) for k in ("total", "to_running", "running")}
-           for name, runs in times.items()}
+    med = {
+        name: {k: statistics.median(t[k] for t in runs) for k in ("total", "to_running", "running")}
+        for name, runs in times.items()
+    }
     librosa_rate = n / statistics.median(baseline)
-    print(f"\nfeature flow as a deployment run on the long-running service, {n} clips of 30 s at {SAMPLE_RATE} Hz, "
-          f"4 windows, medians of {args.repeats}")
+    print(
+        f"\nfeature flow as a deployment run on the long-running service, {n} clips of 30 s at {SAMPLE_RATE} Hz, "
+        f"4 windows, medians of {args.repeats}"
+    )
     print(f"{'':34s}{'seconds':>9s}{'clips/s':>9s}{'per core':>10s}{'asked->running':>16s}{'flow itself':>13s}")
     print(f"{'librosa loop, 1 core':34s}{statistics.median(baseline):9.2f}{librosa_rate:9.2f}{librosa_rate:10.2f}")
     for name, workers in (("service, 2 workers", 2), ("service, 1 worker", 1)):
         rate = n / med[name]["total"]
-        print(f"{name:34s}{med[name]['total']:9.2f}{rate:9.2f}{rate / workers:10.2f}{med[name]['to_running']:16.2f}"
-              f"{statistics.median(inner[name]):13.2f}")
+        print(
+            f"{name:34s}{med[name]['total']:9.2f}{rate:9.2f}{rate / workers:10.2f}{med[name]['to_running']:16.2f}"
+            f"{statistics.median(inner[name]):13.2f}"
+        )
     two, one = n / med["service, 2 workers"]["total"], n / med["service, 1 worker"]["total"]
     print(f"\nper core, 2 workers vs librosa: {two / 2 / librosa_rate:.2f}x (target >= 1.5)")
     print(f"2 workers vs 1 worker:          {two / one:.2f}x (target >= 1.8)")
     fixed = med["service, 2 workers"]["total"] - statistics.median(inner["service, 2 workers"])
-    print(f"fixed cost of a deployment run around the features flow: {fixed:.2f} s "
-          f"({med['service, 2 workers']['to_running']:.2f} s until it runs)")
+    print(
+        f"fixed cost of a deployment run around the features flow: {fixed:.2f} s "
+        f"({med['service, 2 workers']['to_running']:.2f} s until it runs)"
+    )
 
 
 # ----------------------------------------------------------------------------- retraining
@@ -171,15 +198,25 @@ def champion_scores(data_dirs: dict[str, Path], *, heldout_from: Path, k: int) -
 
     settings = PipelineSettings.model_validate_json((heldout_from / "models" / "pipeline-settings.json").read_text())
     with tempfile.TemporaryDirectory() as tmp:
-        models = {name: download_recommender(tracking_for(data_dir), into=Path(tmp) / name,
-                                             cnn_version=str(champion(tracking_for(data_dir), LATENT_FACTOR_CNN).version))
-                  for name, data_dir in data_dirs.items()}
+        models = {
+            name: download_recommender(
+                tracking_for(data_dir),
+                into=Path(tmp) / name,
+                cnn_version=str(champion(tracking_for(data_dir), LATENT_FACTOR_CNN).version),
+            )
+            for name, data_dir in data_dirs.items()
+        }
         config = next(iter(models.values())).config
         rows = score_recommenders(
             feature_dir=heldout_from / "features" / settings.dataset / settings.features.feature_set,
-            column=settings.features.mel.column, heldout_plays=heldout_from / "models" / "wmf" / "heldout_plays.parquet",
+            column=settings.features.mel.column,
+            heldout_plays=heldout_from / "models" / "wmf" / "heldout_plays.parquet",
             recommenders={name: (model.checkpoint, model.user_factors) for name, model in models.items()},
-            crop=config["crop_frames"], hop=config["hop_frames"], k=k, seed=0)
+            crop=config["crop_frames"],
+            hop=config["hop_frames"],
+            k=k,
+            seed=0,
+        )
     return {r.name: r.map_at_k for r in rows}
 
 
@@ -200,20 +237,35 @@ def bench_retrain(args: argparse.Namespace) -> None:
     incremental, full = work / "incremental", work / "full"
     try:
         with prefect_test_harness(server_startup_timeout=60):
+
             def settings(data_dir: Path, initial_batches: int | None) -> PipelineSettings:
-                out = PipelineSettings(data_dir=data_dir, world=world, initial_batches=initial_batches,
-                                       cluster=ClusterSettings(n_workers=2), tracking=tracking_for(data_dir))
+                out = PipelineSettings(
+                    data_dir=data_dir,
+                    world=world,
+                    initial_batches=initial_batches,
+                    cluster=ClusterSettings(n_workers=2),
+                    tracking=tracking_for(data_dir),
+                )
                 return out.with_max_epochs(args.epochs) if args.epochs else out
 
-            progress(f"setting up: the pipeline on the first 9 of 10 listening batches ({args.tracks} tracks, "
-                     f"{args.users} users); not timed")
+            progress(
+                f"setting up: the pipeline on the first 9 of 10 listening batches ({args.tracks} tracks, "
+                f"{args.users} users); not timed"
+            )
             pipeline(settings(incremental, 9))
             # The full re-run starts from the world and the feature shards alone (reused, as the retrain reuses
             # them): listening ingestion, WMF from scratch, both networks, a registry of its own.
-            shutil.copytree(incremental, full, symlinks=True,
-                            ignore=lambda folder, names: [n for n in names if Path(folder) == incremental and n in
-                                                          {"mlflow.db", "mlartifacts", "models", "listening",
-                                                           "reports", "quarantine", "inbox"}])
+            shutil.copytree(
+                incremental,
+                full,
+                symlinks=True,
+                ignore=lambda folder, names: [
+                    n
+                    for n in names
+                    if Path(folder) == incremental
+                    and n in {"mlflow.db", "mlartifacts", "models", "listening", "reports", "quarantine", "inbox"}
+                ],
+            )
 
             progress("full pipeline re-run on all 10 batches")
             start = time.perf_counter()
@@ -235,9 +287,11 @@ def bench_retrain(args: argparse.Namespace) -> None:
     print(f"  full pipeline re-run on all batches   {full_seconds:8.1f} s")
     print(f"  retrain-on-new-listening              {retrain_seconds:8.1f} s   ({outcome.status}: {outcome.message})")
     print(f"  wall-time ratio retrain / full        {retrain_seconds / full_seconds:8.2f}   (target <= 0.35)")
-    print(f"  champion mAP@500, same held-out plays: full re-run {scores['full re-run']:.4f}, "
-          f"after retraining {scores['retrain']:.4f} "
-          f"({100 * (scores['retrain'] / scores['full re-run'] - 1):+.1f} %; target within 2 %)")
+    print(
+        f"  champion mAP@500, same held-out plays: full re-run {scores['full re-run']:.4f}, "
+        f"after retraining {scores['retrain']:.4f} "
+        f"({100 * (scores['retrain'] / scores['full re-run'] - 1):+.1f} %; target within 2 %)"
+    )
 
 
 def main() -> None:

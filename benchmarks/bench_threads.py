@@ -39,13 +39,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 SETUPS = ("torch default", "passive wait", "one thread", "mirflow policy")
 COMPETITORS = {
     "spin": "while True: pass",
-    "inference": ("import time, torch\n"
-                  "a = torch.randn(256, 256)\n"
-                  "while True:\n"
-                  "    start = time.perf_counter()\n"
-                  "    while time.perf_counter() - start < 0.045:\n"
-                  "        a = torch.tanh(a @ a)\n"
-                  "    time.sleep(0.005)\n"),
+    "inference": (
+        "import time, torch\n"
+        "a = torch.randn(256, 256)\n"
+        "while True:\n"
+        "    start = time.perf_counter()\n"
+        "    while time.perf_counter() - start < 0.045:\n"
+        "        a = torch.tanh(a @ a)\n"
+        "    time.sleep(0.005)\n"
+    ),
 }
 
 
@@ -133,16 +135,24 @@ def main() -> None:
                             competitor.wait()
                     rates[condition].append(rate)
                     threads[condition] = n
-                    print(f"[{time.strftime('%H:%M:%S')}] {family:18s} {setup:15s} {condition}: {rate:8.0f} crops/s, "
-                          f"{n} threads", file=sys.stderr, flush=True)
+                    print(
+                        f"[{time.strftime('%H:%M:%S')}] {family:18s} {setup:15s} {condition}: {rate:8.0f} crops/s, "
+                        f"{n} threads",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             idle, busy = statistics.median(rates["idle"]), statistics.median(rates["busy"])
             rows.append((family, setup, idle, busy, threads))
-    print(f"\ntraining crops/s, {os.cpu_count()} cores, batch {args.batch_size}, {args.steps} steps, "
-          f"median of {args.repeats}; busy = a competing process ({args.competitor})")
+    print(
+        f"\ntraining crops/s, {os.cpu_count()} cores, batch {args.batch_size}, {args.steps} steps, "
+        f"median of {args.repeats}; busy = a competing process ({args.competitor})"
+    )
     print(f"{'family':20s} {'setup':16s} {'idle':>9s} {'busy':>9s} {'busy/idle':>10s}  threads idle/busy")
     for family, setup, idle, busy, threads in rows:
-        print(f"{family:20s} {setup:16s} {idle:9.0f} {busy:9.0f} {busy / idle:10.2f}  "
-              f"{threads.get('idle')}/{threads.get('busy')}")
+        print(
+            f"{family:20s} {setup:16s} {idle:9.0f} {busy:9.0f} {busy / idle:10.2f}  "
+            f"{threads.get('idle')}/{threads.get('busy')}"
+        )
     print("target: busy/idle >= 0.4 with the mirflow policy")
 
 

@@ -38,10 +38,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_modules.datamodule import ClipDataModule, VectorDataModule  # noqa: E402
-from lightning_modules.latent_factors import LatentFactorModule  # noqa: E402
-from lightning_modules.mlp import MLPTaggerModule  # noqa: E402
-from lightning_modules.tagger import RawAudioTaggerModule, TaggerModule  # noqa: E402
+from lightning_modules.datamodule import ClipDataModule, VectorDataModule
+from lightning_modules.latent_factors import LatentFactorModule
+from lightning_modules.mlp import MLPTaggerModule
+from lightning_modules.tagger import RawAudioTaggerModule, TaggerModule
 
 N_CLIPS, N_MELS, N_TAGS = 512, 128, 50
 MEL_FRAMES, CROP_FRAMES = 469, 94  # 15 s and 3 s at hop 512, 16 kHz
@@ -51,12 +51,19 @@ PCM_SAMPLES, CROP_SAMPLES = 240_000, 48_000
 class InMemoryClips(ClipDataModule):
     """The ClipDataModule's loaders over clips already in memory (what ``setup`` leaves after reading shards)."""
 
-    def __init__(self, clips: list[torch.Tensor], targets: np.ndarray, *, crop: int, batch_size: int,
-                 resident: str | None) -> None:
+    def __init__(
+        self, clips: list[torch.Tensor], targets: np.ndarray, *, crop: int, batch_size: int, resident: str | None
+    ) -> None:
         ids = [f"c{i}" for i in range(len(clips))]
-        super().__init__(track_ids={"train": ids, "valid": ids[:1], "test": ids[:1]},
-                         targets=dict(zip(ids, targets)), crop=crop, hop=crop, batch_size=batch_size,
-                         crops_per_clip=4, resident=resident)
+        super().__init__(
+            track_ids={"train": ids, "valid": ids[:1], "test": ids[:1]},
+            targets=dict(zip(ids, targets)),
+            crop=crop,
+            hop=crop,
+            batch_size=batch_size,
+            crops_per_clip=4,
+            resident=resident,
+        )
         self._clips = {"train": clips}
 
 
@@ -69,21 +76,26 @@ def families(batch_size: int) -> dict[str, Callable[[], tuple[torch.nn.Module, C
         return [torch.randn(N_MELS, MEL_FRAMES, generator=g).half() for _ in range(N_CLIPS)]
 
     def clip_loader(clips, targets, crop):
-        return lambda resident: InMemoryClips(clips, targets, crop=crop, batch_size=batch_size,
-                                              resident=resident).train_dataloader()
+        return lambda resident: InMemoryClips(
+            clips, targets, crop=crop, batch_size=batch_size, resident=resident
+        ).train_dataloader()
 
     def tagger(architecture: str = "convnet2014"):
         def make():
             crop = 231 if architecture == "short-chunk-resnet" else CROP_FRAMES
-            module = TaggerModule(n_mels=N_MELS, crop_frames=crop, tags=[f"t{i}" for i in range(N_TAGS)],
-                                  architecture=architecture)
+            module = TaggerModule(
+                n_mels=N_MELS, crop_frames=crop, tags=[f"t{i}" for i in range(N_TAGS)], architecture=architecture
+            )
             return module, clip_loader(mel_clips(), tags, crop)
+
         return make
 
     def latent():
         factors = np.random.default_rng(1).standard_normal((N_CLIPS, 50)).astype(np.float32)
-        return (LatentFactorModule(n_mels=N_MELS, n_factors=50, target_scale=1.0),
-                clip_loader(mel_clips(), factors, CROP_FRAMES))
+        return (
+            LatentFactorModule(n_mels=N_MELS, n_factors=50, target_scale=1.0),
+            clip_loader(mel_clips(), factors, CROP_FRAMES),
+        )
 
     def raw():
         clips = [(torch.randn(1, PCM_SAMPLES, generator=g) * 3000).to(torch.int16) for _ in range(N_CLIPS // 4)]
@@ -93,18 +105,26 @@ def families(batch_size: int) -> dict[str, Callable[[], tuple[torch.nn.Module, C
     def mlp():
         vectors = np.random.default_rng(2).standard_normal((N_CLIPS * 4, 1000)).astype(np.float32)
         targets = np.tile(tags, (4, 1))
-        datamodule = VectorDataModule(features={"train": vectors, "valid": vectors[:8], "test": vectors[:8]},
-                                      targets={"train": targets, "valid": targets[:8], "test": targets[:8]},
-                                      batch_size=batch_size)
+        datamodule = VectorDataModule(
+            features={"train": vectors, "valid": vectors[:8], "test": vectors[:8]},
+            targets={"train": targets, "valid": targets[:8], "test": targets[:8]},
+            batch_size=batch_size,
+        )
         module = MLPTaggerModule(n_inputs=1000, tags=[f"t{i}" for i in range(N_TAGS)])
         return module, lambda resident: None if resident else datamodule.train_dataloader()
 
-    return {"convnet2014": tagger(), "latent-factor-cnn": latent, "raw-audio": raw, "mlp": mlp,
-            "short-chunk-resnet": tagger("short-chunk-resnet")}
+    return {
+        "convnet2014": tagger(),
+        "latent-factor-cnn": latent,
+        "raw-audio": raw,
+        "mlp": mlp,
+        "short-chunk-resnet": tagger("short-chunk-resnet"),
+    }
 
 
-def timed_steps(module: torch.nn.Module, batches: Iterable, *, n: int, device: torch.device, precision: str,
-                step: Callable) -> float:
+def timed_steps(
+    module: torch.nn.Module, batches: Iterable, *, n: int, device: torch.device, precision: str, step: Callable
+) -> float:
     """Crops/s over ``n`` training steps on ``batches`` (each moved to ``device`` as training would)."""
     optimizer = torch.optim.Adam(module.parameters(), lr=1e-4)
     dtype = torch.bfloat16 if precision == "bf16-mixed" else None
@@ -159,10 +179,14 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     makers = families(args.batch_size)
-    print(f"training crops/s on {device} ({torch.get_num_threads()} threads), batch {args.batch_size}, "
-          f"{args.batches} steps, {args.precision}{', compiled' if args.compile else ''}, median of {args.repeats}")
-    print(f"{'family':20s} {'in-memory':>10s} {'copied':>10s} {'ratio':>6s} {'loader':>10s} {'ratio':>6s} "
-          f"{'resident':>10s} {'ratio':>6s}")
+    print(
+        f"training crops/s on {device} ({torch.get_num_threads()} threads), batch {args.batch_size}, "
+        f"{args.batches} steps, {args.precision}{', compiled' if args.compile else ''}, median of {args.repeats}"
+    )
+    print(
+        f"{'family':20s} {'in-memory':>10s} {'copied':>10s} {'ratio':>6s} {'loader':>10s} {'ratio':>6s} "
+        f"{'resident':>10s} {'ratio':>6s}"
+    )
     for name in args.families:
         module, loader = makers[name]()
         module = module.to(device).train()
@@ -174,20 +198,38 @@ def main() -> None:
         baseline = in_memory(epochs(loader(None)), args.batches, device)
         rates = {"in-memory": [], "copied": [], "loader": [], "resident": []}
         for _ in range(args.repeats):
-            rates["in-memory"].append(timed_steps(module, iter(baseline), n=args.batches, device=device,
-                                                  precision=args.precision, step=step))
-            rates["copied"].append(timed_steps(module, ((x.clone(), y.clone()) for x, y, *_ in baseline), n=args.batches,
-                                               device=device, precision=args.precision, step=step))
-            rates["loader"].append(timed_steps(module, epochs(loader(None)), n=args.batches, device=device,
-                                               precision=args.precision, step=step))
+            rates["in-memory"].append(
+                timed_steps(module, iter(baseline), n=args.batches, device=device, precision=args.precision, step=step)
+            )
+            rates["copied"].append(
+                timed_steps(
+                    module,
+                    ((x.clone(), y.clone()) for x, y, *_ in baseline),
+                    n=args.batches,
+                    device=device,
+                    precision=args.precision,
+                    step=step,
+                )
+            )
+            rates["loader"].append(
+                timed_steps(
+                    module, epochs(loader(None)), n=args.batches, device=device, precision=args.precision, step=step
+                )
+            )
             resident = loader(args.device)
             if resident is not None:
-                rates["resident"].append(timed_steps(module, epochs(resident), n=args.batches, device=device,
-                                                     precision=args.precision, step=step))
+                rates["resident"].append(
+                    timed_steps(
+                        module, epochs(resident), n=args.batches, device=device, precision=args.precision, step=step
+                    )
+                )
         med = {k: statistics.median(v) if v else float("nan") for k, v in rates.items()}
         base = med["in-memory"]
-        print(f"{name:20s} {base:10.0f} " + " ".join(f"{med[k]:10.0f} {med[k] / base:6.2f}"
-                                                      for k in ("copied", "loader", "resident")), flush=True)
+        print(
+            f"{name:20s} {base:10.0f} "
+            + " ".join(f"{med[k]:10.0f} {med[k] / base:6.2f}" for k in ("copied", "loader", "resident")),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_modules.latent_factors import LatentFactorModule  # noqa: E402
-from lightning_modules.objectives import wpe_loss  # noqa: E402
+from lightning_modules.latent_factors import LatentFactorModule
+from lightning_modules.objectives import wpe_loss
 
 
 def main() -> None:
@@ -48,8 +48,14 @@ def main() -> None:
             torch.cuda.synchronize()
 
     rng = np.random.default_rng(0)
-    plays = sp.random(args.users, args.tracks, density=args.density, random_state=0, format="csr",
-                      data_rvs=lambda n: rng.integers(1, 30, n).astype(np.float64))
+    plays = sp.random(
+        args.users,
+        args.tracks,
+        density=args.density,
+        random_state=0,
+        format="csr",
+        data_rvs=lambda n: rng.integers(1, 30, n).astype(np.float64),
+    )
     confidence = plays.copy()
     confidence.data = 1.0 + np.log1p(confidence.data)
     user_factors = rng.standard_normal((args.users, args.factors)).astype(np.float32) * 0.1
@@ -91,8 +97,9 @@ def main() -> None:
     gram = x.T @ x
     columns = models["wpe"][0]._plays
     dense_p = torch.from_numpy((plays[:, tracks.numpy()].toarray() > 0).astype(np.float32))
-    dense_c = torch.from_numpy(np.where(dense_p.numpy() > 0, confidence[:, tracks.numpy()].toarray(), 1.0)
-                               .astype(np.float32)).to(device)
+    dense_c = torch.from_numpy(
+        np.where(dense_p.numpy() > 0, confidence[:, tracks.numpy()].toarray(), 1.0).astype(np.float32)
+    ).to(device)
     dense_p = dense_p.to(device)
 
     def fast() -> None:
@@ -110,16 +117,24 @@ def main() -> None:
         sync()
         return (time.perf_counter() - start) / args.steps
 
-    objective = {"fast": statistics.median(timed(fast) for _ in range(args.repeats)),
-                 "dense": statistics.median(timed(dense) for _ in range(args.repeats))}
+    objective = {
+        "fast": statistics.median(timed(fast) for _ in range(args.repeats)),
+        "dense": statistics.median(timed(dense) for _ in range(args.repeats)),
+    }
     nnz = int(sum(plays[:, t].nnz for t in tracks.tolist()))
-    print(f"latent-factor CNN step, batch {args.batch_size} crops (128 x 94), {args.users} users, {args.tracks} "
-          f"tracks, {plays.nnz} plays ({nnz} in the batch's columns), f={args.factors}, "
-          f"{args.device} ({torch.get_num_threads()} threads), median of {args.repeats} x {args.steps} steps")
-    print(f"  MSE step {med['mse'] * 1e3:8.2f} ms   WPE step {med['wpe'] * 1e3:8.2f} ms   "
-          f"ratio WPE/MSE {med['wpe'] / med['mse']:.2f}")
-    print(f"  objective + backward alone: listeners + Gram {objective['fast'] * 1e3:.3f} ms, dense over every "
-          f"user {objective['dense'] * 1e3:.3f} ms, ratio dense/fast {objective['dense'] / objective['fast']:.1f}")
+    print(
+        f"latent-factor CNN step, batch {args.batch_size} crops (128 x 94), {args.users} users, {args.tracks} "
+        f"tracks, {plays.nnz} plays ({nnz} in the batch's columns), f={args.factors}, "
+        f"{args.device} ({torch.get_num_threads()} threads), median of {args.repeats} x {args.steps} steps"
+    )
+    print(
+        f"  MSE step {med['mse'] * 1e3:8.2f} ms   WPE step {med['wpe'] * 1e3:8.2f} ms   "
+        f"ratio WPE/MSE {med['wpe'] / med['mse']:.2f}"
+    )
+    print(
+        f"  objective + backward alone: listeners + Gram {objective['fast'] * 1e3:.3f} ms, dense over every "
+        f"user {objective['dense'] * 1e3:.3f} ms, ratio dense/fast {objective['dense'] / objective['fast']:.1f}"
+    )
 
 
 if __name__ == "__main__":

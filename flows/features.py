@@ -34,8 +34,9 @@ def update_tracks_table(tracks_path: Path, feature_dir: Path) -> Path:
 
 
 @flow(name="features")
-def extract_features(data_dir: Path, dataset: str, features: FeatureSettings, cluster: ClusterSettings,
-                     tracking: TrackingSettings) -> FeatureSummary:
+def extract_features(
+    data_dir: Path, dataset: str, features: FeatureSettings, cluster: ClusterSettings, tracking: TrackingSettings
+) -> FeatureSummary:
     """Extract features for every track of ``tracks/<dataset>.parquet`` not already in the manifest."""
     layout = Layout(Path(data_dir))
     tracks_path = layout.tracks(dataset)
@@ -44,22 +45,45 @@ def extract_features(data_dir: Path, dataset: str, features: FeatureSettings, cl
     audio_dir = layout.audio(dataset) if features.audio_shards else None
     plan = plan_feature_batches(tracks, feature_dir=feature_dir, settings=features, audio_dir=audio_dir)
     params = {**features.flat("features."), **cluster.flat("cluster."), "dataset": dataset}
-    with tracked_run(tracking, "features", run_name=f"features-{dataset}", params=params,
-                     inputs=[tracks_input(tracks_path, dataset)]):
+    with tracked_run(
+        tracking, "features", run_name=f"features-{dataset}", params=params, inputs=[tracks_input(tracks_path, dataset)]
+    ):
         start = time.perf_counter()
         with dask_client(cluster) as client:
-            results = map_batches(client, extract_shard, plan.batches, description="log-mel features", unit="clips",
-                                  size=lambda batch: len(batch.track_ids), feature_dir=feature_dir, settings=features,
-                                  audio_dir=audio_dir, device=spectrogram_device(client, cluster))
-        summary = finish_features(plan, results, feature_dir=feature_dir, quarantine_path=layout.quarantine(dataset),
-                                  wall_seconds=time.perf_counter() - start, audio_dir=audio_dir)
+            results = map_batches(
+                client,
+                extract_shard,
+                plan.batches,
+                description="log-mel features",
+                unit="clips",
+                size=lambda batch: len(batch.track_ids),
+                feature_dir=feature_dir,
+                settings=features,
+                audio_dir=audio_dir,
+                device=spectrogram_device(client, cluster),
+            )
+        summary = finish_features(
+            plan,
+            results,
+            feature_dir=feature_dir,
+            quarantine_path=layout.quarantine(dataset),
+            wall_seconds=time.perf_counter() - start,
+            audio_dir=audio_dir,
+        )
         update_tracks_table(tracks_path, feature_dir)
         mlflow.set_tag("mirflow.features_manifest_sha1", file_sha1(feature_dir / MANIFEST) or "none")
         if (feature_dir / MANIFEST).exists():  # what it leaves: the digest the training runs show as their input
             log_inputs([features_input(feature_dir, dataset, context="output")])
-        mlflow.log_metrics({"tracks": summary.n_tracks, "extracted": summary.n_extracted, "skipped": summary.n_skipped,
-                            "quarantined": summary.n_quarantined, "clips_per_s": summary.clips_per_s,
-                            "peak_worker_rss_mb": summary.peak_worker_rss_mb})
+        mlflow.log_metrics(
+            {
+                "tracks": summary.n_tracks,
+                "extracted": summary.n_extracted,
+                "skipped": summary.n_skipped,
+                "quarantined": summary.n_quarantined,
+                "clips_per_s": summary.clips_per_s,
+                "peak_worker_rss_mb": summary.peak_worker_rss_mb,
+            }
+        )
         report_feature_run(summary, dataset=dataset)
     return summary
 
@@ -67,11 +91,18 @@ def extract_features(data_dir: Path, dataset: str, features: FeatureSettings, cl
 @task(cache_policy=NO_CACHE)
 def report_feature_run(summary: FeatureSummary, dataset: str) -> None:
     """The run summary as a Prefect table artifact and one log line."""
-    row = {"dataset": dataset, "tracks": summary.n_tracks, "extracted": summary.n_extracted,
-           "skipped (already present)": summary.n_skipped, "quarantined": summary.n_quarantined,
-           "clips/s": round(summary.clips_per_s, 1), "peak worker memory (MiB)": round(summary.peak_worker_rss_mb)}
-    create_table_artifact([row], key=f"features-{re.sub(r'[^a-z0-9]+', '-', dataset.lower())}",
-                          description="feature extraction summary")
+    row = {
+        "dataset": dataset,
+        "tracks": summary.n_tracks,
+        "extracted": summary.n_extracted,
+        "skipped (already present)": summary.n_skipped,
+        "quarantined": summary.n_quarantined,
+        "clips/s": round(summary.clips_per_s, 1),
+        "peak worker memory (MiB)": round(summary.peak_worker_rss_mb),
+    }
+    create_table_artifact(
+        [row], key=f"features-{re.sub(r'[^a-z0-9]+', '-', dataset.lower())}", description="feature extraction summary"
+    )
     log.info("features: %s", ", ".join(f"{k} {v}" for k, v in row.items()))
 
 
@@ -83,8 +114,14 @@ def ingest_catalogue(source: SourceSettings, tracks_path: Path) -> Path:
 
 
 @flow(name="features-from-source")
-def catalogue_features(data_dir: Path, dataset: str, source: SourceSettings, features: FeatureSettings,
-                       cluster: ClusterSettings, tracking: TrackingSettings) -> FeatureSummary:
+def catalogue_features(
+    data_dir: Path,
+    dataset: str,
+    source: SourceSettings,
+    features: FeatureSettings,
+    cluster: ClusterSettings,
+    tracking: TrackingSettings,
+) -> FeatureSummary:
     """Any adapter's catalogue (MTAT, GTZAN, a manifest) to feature shards."""
     ingest_catalogue(source, Layout(Path(data_dir)).tracks(dataset))
     return extract_features(data_dir, dataset, features, cluster, tracking)

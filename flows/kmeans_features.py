@@ -41,9 +41,15 @@ log = logging.getLogger("mirflow")
 
 
 @flow(name="kmeans-features")
-def kmeans_features(data_dir: Path, dataset: str, features: FeatureSettings, kmeans: KMeansSettings,
-                    cluster: ClusterSettings, tracking: TrackingSettings,
-                    codebooks_from: Path | None = None) -> KMeansSummary:
+def kmeans_features(
+    data_dir: Path,
+    dataset: str,
+    features: FeatureSettings,
+    kmeans: KMeansSettings,
+    cluster: ClusterSettings,
+    tracking: TrackingSettings,
+    codebooks_from: Path | None = None,
+) -> KMeansSummary:
     """Fit a codebook per timescale on the training split, then encode every clip; re-runs do only new clips.
 
     The log-mel features of ``features`` must exist (the features flow). Settings that
@@ -63,52 +69,112 @@ def kmeans_features(data_dir: Path, dataset: str, features: FeatureSettings, kme
         frozen = codebooks_digest(Path(codebooks_from), timescales)
         name = f"{name}-cb{frozen}"
         install_codebooks(Path(codebooks_from), layout.features(dataset, name), timescales)
-        codebooks = RunInput(name="codebooks", digest=frozen, source=str(codebooks_from), context="codebooks",
-                             profile={"timescales": ",".join(timescales)})
+        codebooks = RunInput(
+            name="codebooks",
+            digest=frozen,
+            source=str(codebooks_from),
+            context="codebooks",
+            profile={"timescales": ",".join(timescales)},
+        )
     kmeans_dir = layout.features(dataset, name)
     tracks = pd.read_parquet(layout.tracks(dataset), columns=["track_id", "split"])
-    plan = plan_kmeans_features(tracks, base_dir=base_dir, kmeans_dir=kmeans_dir, features=features, kmeans=kmeans,
-                                frozen=codebooks_from is not None)
+    plan = plan_kmeans_features(
+        tracks,
+        base_dir=base_dir,
+        kmeans_dir=kmeans_dir,
+        features=features,
+        kmeans=kmeans,
+        frozen=codebooks_from is not None,
+    )
     inputs = [features_input(base_dir, dataset), tracks_input(layout.tracks(dataset), dataset), codebooks]
-    params = {**kmeans.flat("kmeans."), **cluster.flat("cluster."), "dataset": dataset,
-              "feature_set": features.feature_set, "kmeans_feature_set": kmeans_dir.name}
-    with tracked_run(tracking, "kmeans-features", run_name=f"kmeans-features-{dataset}", params=params,
-                     tags={"mirflow.features_manifest_sha1": file_sha1(base_dir / MANIFEST) or "none"},
-                     inputs=inputs):
+    params = {
+        **kmeans.flat("kmeans."),
+        **cluster.flat("cluster."),
+        "dataset": dataset,
+        "feature_set": features.feature_set,
+        "kmeans_feature_set": kmeans_dir.name,
+    }
+    with tracked_run(
+        tracking,
+        "kmeans-features",
+        run_name=f"kmeans-features-{dataset}",
+        params=params,
+        tags={"mirflow.features_manifest_sha1": file_sha1(base_dir / MANIFEST) or "none"},
+        inputs=inputs,
+    ):
         start = time.perf_counter()
         with dask_client(cluster) as client:
             device = kmeans_device(kmeans, spectrogram_device(client, cluster))
-            fits = map_batches(client, fit_timescale_codebook, list(plan.to_fit), description="K-means codebooks",
-                               unit="timescales", base_dir=base_dir, kmeans_dir=kmeans_dir,
-                               fit_track_ids=plan.fit_track_ids, kmeans=kmeans, n_mels=features.mel.n_mels,
-                               device=device)
+            fits = map_batches(
+                client,
+                fit_timescale_codebook,
+                list(plan.to_fit),
+                description="K-means codebooks",
+                unit="timescales",
+                base_dir=base_dir,
+                kmeans_dir=kmeans_dir,
+                fit_track_ids=plan.fit_track_ids,
+                kmeans=kmeans,
+                n_mels=features.mel.n_mels,
+                device=device,
+            )
             encode = plan_encoding(plan, base_dir=base_dir, kmeans_dir=kmeans_dir, kmeans=kmeans)
-            results = map_batches(client, encode_batch, encode.batches, description="K-means encoding", unit="clips",
-                                  size=lambda batch: len(batch.track_ids), base_dir=base_dir, kmeans_dir=kmeans_dir,
-                                  timescales=plan.timescales, kmeans=kmeans, encoding_hash=encode.encoding_hash,
-                                  device=device)
-        summary, quarantined = finish_kmeans_features(plan, encode, results, kmeans_dir=kmeans_dir, kmeans=kmeans,
-                                                      wall_seconds=time.perf_counter() - start)
+            results = map_batches(
+                client,
+                encode_batch,
+                encode.batches,
+                description="K-means encoding",
+                unit="clips",
+                size=lambda batch: len(batch.track_ids),
+                base_dir=base_dir,
+                kmeans_dir=kmeans_dir,
+                timescales=plan.timescales,
+                kmeans=kmeans,
+                encoding_hash=encode.encoding_hash,
+                device=device,
+            )
+        summary, quarantined = finish_kmeans_features(
+            plan, encode, results, kmeans_dir=kmeans_dir, kmeans=kmeans, wall_seconds=time.perf_counter() - start
+        )
         append_quarantine(layout.quarantine(dataset), quarantined)
         for fit in fits:
-            log.info("codebook %s: %s windows of %d clips, mean cosine %s, %s re-seeded, %.1f s", fit["column"],
-                     fit["sample_windows"], fit["fit_clips"], fit.get("mean_cosine", "-"), fit.get("reseeded", "-"),
-                     fit["seconds"])
+            log.info(
+                "codebook %s: %s windows of %d clips, mean cosine %s, %s re-seeded, %.1f s",
+                fit["column"],
+                fit["sample_windows"],
+                fit["fit_clips"],
+                fit.get("mean_cosine", "-"),
+                fit.get("reseeded", "-"),
+                fit["seconds"],
+            )
             if "mean_cosine" in fit:
                 mlflow.log_metric(f"codebook/{fit['column']}/mean_cosine", fit["mean_cosine"])
         mlflow.set_tag("mirflow.encoding_hash", encode.encoding_hash)
-        mlflow.log_metrics({"tracks": summary.n_tracks, "encoded": summary.n_encoded, "skipped": summary.n_skipped,
-                            "quarantined": summary.n_quarantined, "clips_per_s": summary.clips_per_s,
-                            "codebooks_fitted": len(fits)})
+        mlflow.log_metrics(
+            {
+                "tracks": summary.n_tracks,
+                "encoded": summary.n_encoded,
+                "skipped": summary.n_skipped,
+                "quarantined": summary.n_quarantined,
+                "clips_per_s": summary.clips_per_s,
+                "codebooks_fitted": len(fits),
+            }
+        )
         fitted = tuple(fit["column"] for fit in fits)  # a re-run that kept its codebooks logs nothing again
         for column in fitted:
             mlflow.log_artifact(str(codebook_path(kmeans_dir, column)), artifact_path="codebooks")
         log_codebook_filters(kmeans_dir, fitted)
         if (kmeans_dir / MANIFEST).exists():
             log_inputs([features_input(kmeans_dir, dataset, context="output")])
-        log.info("K-means features: %d clips (%d encoded, %d already present, %d quarantined), %.1f clips/s -> %s",
-                 summary.n_tracks, summary.n_encoded, summary.n_skipped, summary.n_quarantined, summary.clips_per_s,
-                 kmeans_dir)
+        log.info(
+            "K-means features: %d clips (%d encoded, %d already present, %d quarantined), %.1f clips/s -> %s",
+            summary.n_tracks,
+            summary.n_encoded,
+            summary.n_skipped,
+            summary.n_quarantined,
+            summary.clips_per_s,
+            kmeans_dir,
+        )
     return summary
 
 
@@ -119,7 +185,9 @@ def log_codebook_filters(kmeans_dir: Path, timescales: tuple[str, ...]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for column in timescales:
             codebook = Codebook.load(codebook_path(kmeans_dir, column))
-            plot_first_layer_filters(codebook.unwhitened_means(), path=Path(tmp) / f"means_{column}.png",
-                                     title=f"{codebook.kind} codebook of {column}: means, un-whitened "
-                                           "(mel band × frame)")
+            plot_first_layer_filters(
+                codebook.unwhitened_means(),
+                path=Path(tmp) / f"means_{column}.png",
+                title=f"{codebook.kind} codebook of {column}: means, un-whitened (mel band × frame)",
+            )
         mlflow.log_artifacts(tmp, artifact_path="plots")

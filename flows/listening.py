@@ -31,8 +31,8 @@ from prefect.cache_policies import NO_CACHE
 
 from infra.cluster import dask_client, map_batches
 from infra.layout import Layout
-from infra.service import TRANSIENT_IO_RETRIES
 from infra.progress import ProgressReporter
+from infra.service import TRANSIENT_IO_RETRIES
 from infra.settings import ClusterSettings, TrackingSettings, WMFSettings
 from infra.tracking import DIGEST_LENGTH, RunInput, listening_input, tracked_run
 from tasks.errors import DatasetError
@@ -82,8 +82,9 @@ class WMFOutput:
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT_IO_RETRIES)
-def ingest_listening(sources: list[ListeningSource], listening_dir: Path, quarantine_path: Path,
-                     cluster: ClusterSettings | None = None) -> IngestReport:
+def ingest_listening(
+    sources: list[ListeningSource], listening_dir: Path, quarantine_path: Path, cluster: ClusterSettings | None = None
+) -> IngestReport:
     """Ingest in this process; with ``cluster`` and at least ``CLUSTER_MIN_BYTES`` of files, on the Dask cluster."""
     size = sum(Path(s.path).stat().st_size for s in sources if Path(s.path).is_file())
     if cluster is None or size < CLUSTER_MIN_BYTES:
@@ -91,12 +92,23 @@ def ingest_listening(sources: list[ListeningSource], listening_dir: Path, quaran
     else:
         log.info("listening: %.1f GiB of files: ingesting on the Dask cluster", size / 2**30)
         with dask_client(cluster) as client:
-            report = ingest_sources(sources, listening_dir=listening_dir, quarantine_path=quarantine_path,
-                                    map_fn=partial(map_batches, client), chunk_bytes=CLUSTER_CHUNK_BYTES)
+            report = ingest_sources(
+                sources,
+                listening_dir=listening_dir,
+                quarantine_path=quarantine_path,
+                map_fn=partial(map_batches, client),
+                chunk_bytes=CLUSTER_CHUNK_BYTES,
+            )
     totals = report.totals()
-    log.info("listening: %d batches (%d unchanged), %d rows read, %d malformed, %d new users, %d new items",
-             len(report.batches), sum(b.skipped for b in report.batches), totals["rows"], totals["malformed"],
-             totals["new_users"], totals["new_items"])
+    log.info(
+        "listening: %d batches (%d unchanged), %d rows read, %d malformed, %d new users, %d new items",
+        len(report.batches),
+        sum(b.skipped for b in report.batches),
+        totals["rows"],
+        totals["malformed"],
+        totals["new_users"],
+        totals["new_items"],
+    )
     return report
 
 
@@ -126,8 +138,15 @@ def _write_state(out: Path, state: dict) -> None:
     write_text_atomic(out / "state.json", json.dumps(state, indent=1))
 
 
-def _fit(train: PlayMatrix, wmf: WMFSettings, *, k: int, label: str, init: WMFModel | None = None,
-         iterations: int | None = None) -> tuple[WMFModel, float]:
+def _fit(
+    train: PlayMatrix,
+    wmf: WMFSettings,
+    *,
+    k: int,
+    label: str,
+    init: WMFModel | None = None,
+    iterations: int | None = None,
+) -> tuple[WMFModel, float]:
     """One fit with progress.
 
     With early stopping, plays set aside from ``train`` pick the number of sweeps, and
@@ -146,25 +165,39 @@ def _fit(train: PlayMatrix, wmf: WMFSettings, *, k: int, label: str, init: WMFMo
                 log.info("WMF %s: sweep %d, validation mAP@%d %.4f", label, model.iterations, k, score["map_at_k"])
                 return score["map_at_k"]
 
-            chosen = fit_wmf(val.train.plays, settings=wmf, validate=validate,
-                             on_iteration=lambda i, loss: progress.advance())
+            chosen = fit_wmf(
+                val.train.plays, settings=wmf, validate=validate, on_iteration=lambda i, loss: progress.advance()
+            )
             # The validation plays only chose the number of sweeps: the model is refitted on
             # all training plays for that many, from the same initial factors.
-            log.info("WMF %s: best validation mAP@%d after %d sweeps; refitting on all training plays",
-                     label, k, chosen.iterations)
+            log.info(
+                "WMF %s: best validation mAP@%d after %d sweeps; refitting on all training plays",
+                label,
+                k,
+                chosen.iterations,
+            )
             model = fit_wmf(train.plays, settings=wmf, iterations=chosen.iterations)
-            model = WMFModel(model.user_factors, model.item_factors, iterations=model.iterations,
-                             validation=chosen.validation)
+            model = WMFModel(
+                model.user_factors, model.item_factors, iterations=model.iterations, validation=chosen.validation
+            )
         else:
-            model = fit_wmf(train.plays, settings=wmf, init=init, iterations=sweeps,
-                            on_iteration=lambda i, loss: progress.advance())
+            model = fit_wmf(
+                train.plays, settings=wmf, init=init, iterations=sweeps, on_iteration=lambda i, loss: progress.advance()
+            )
     return model, time.perf_counter() - start
 
 
 @flow(name="wmf")
-def factorize(data_dir: Path, sources: list[ListeningSource | str | Path], heldout_items: list[str] | None,
-              wmf: WMFSettings, tracking: TrackingSettings, k: int = 500, ingested: list[str] | None = None,
-              cluster: ClusterSettings | None = None) -> WMFOutput:
+def factorize(
+    data_dir: Path,
+    sources: list[ListeningSource | str | Path],
+    heldout_items: list[str] | None,
+    wmf: WMFSettings,
+    tracking: TrackingSettings,
+    k: int = 500,
+    ingested: list[str] | None = None,
+    cluster: ClusterSettings | None = None,
+) -> WMFOutput:
     """Ingest listening files, factorize (fully, incrementally, or not at all if nothing changed) and evaluate.
 
     With ``heldout_items`` the protocol is cold start: those items are left out of the
@@ -196,75 +229,144 @@ def factorize(data_dir: Path, sources: list[ListeningSource | str | Path], heldo
 
     state = _previous_state(out)
     same_setup = state is not None and state.get("fit_key") == wmf.fit_key() and state.get("split") == split_key
-    files = {name: out / f"{name}.parquet" for name in
-             ("user_factors", "item_factors", "heldout_item_factors", "heldout_plays")}
+    files = {
+        name: out / f"{name}.parquet"
+        for name in ("user_factors", "item_factors", "heldout_item_factors", "heldout_plays")
+    }
     previous = state.get("batches", {}) if same_setup else {}
     have_factors = all(files[n].exists() for n in ("user_factors", "item_factors")) and (
-        heldout_items is None or files["heldout_item_factors"].exists())
+        heldout_items is None or files["heldout_item_factors"].exists()
+    )
     eval_key = {"k": k, "eval_max_users": wmf.eval_max_users}
     if same_setup and previous == contents and have_factors and state.get("model_uri"):
-        log.info("WMF: batches %s already factorized with these settings (run %s): reusing the factors",
-                 batches, state["run_id"])
+        log.info(
+            "WMF: batches %s already factorized with these settings (run %s): reusing the factors",
+            batches,
+            state["run_id"],
+        )
         eval_run_id, rows = state["eval_run_id"], [RankingRow(**r) for r in state.get("rows", [])]
         if state.get("eval_key") != eval_key or not rows:
             model = WMFModel(load_factors(files["user_factors"])[1], load_factors(files["item_factors"])[1])
             heldout = load_factors(files["heldout_item_factors"])[1] if heldout_items is not None else None
-            eval_run_id, rows = evaluate(split, heldout_items is not None, model, heldout, None, wmf, tracking, k=k,
-                                         fit_run_id=state["run_id"], batches=batches, inputs=inputs)
-            _write_state(out, {**state, "eval_key": eval_key, "eval_run_id": eval_run_id,
-                               "rows": [asdict(r) for r in rows]})
-        return WMFOutput(**{n: str(p) if p.exists() else "" for n, p in files.items()},
-                         n_users=state["n_users"], n_items=state["n_items"], n_heldout=state["n_heldout"],
-                         run_id=state["run_id"], eval_run_id=eval_run_id, model_uri=state["model_uri"], mode="reused",
-                         batches=tuple(batches), rows=tuple(rows))
+            eval_run_id, rows = evaluate(
+                split,
+                heldout_items is not None,
+                model,
+                heldout,
+                None,
+                wmf,
+                tracking,
+                k=k,
+                fit_run_id=state["run_id"],
+                batches=batches,
+                inputs=inputs,
+            )
+            _write_state(
+                out, {**state, "eval_key": eval_key, "eval_run_id": eval_run_id, "rows": [asdict(r) for r in rows]}
+            )
+        return WMFOutput(
+            **{n: str(p) if p.exists() else "" for n, p in files.items()},
+            n_users=state["n_users"],
+            n_items=state["n_items"],
+            n_heldout=state["n_heldout"],
+            run_id=state["run_id"],
+            eval_run_id=eval_run_id,
+            model_uri=state["model_uri"],
+            mode="reused",
+            batches=tuple(batches),
+            rows=tuple(rows),
+        )
     incremental = same_setup and have_factors and set(previous.items()) < set(contents.items())
 
     totals = ingest.totals()
-    params = {**wmf.flat("wmf."), "batches": ",".join(batches), "protocol": split_key["protocol"],
-              "mode": "incremental" if incremental else "full"}
-    with tracked_run(tracking, "wmf", run_name=f"wmf-{params['mode']}", params=params,
-                     tags={"mirflow.batches": ",".join(batches)}, inputs=inputs) as run:
-        mlflow.log_metrics({"ingest/rows": totals["rows"], "ingest/malformed": totals["malformed"],
-                            "ingest/new_users": totals["new_users"], "ingest/new_items": totals["new_items"],
-                            "users": train.plays.shape[0], "items": train.plays.shape[1], "train_plays_nnz": train.plays.nnz,
-                            "test_plays_nnz": split.test.plays.nnz})
+    params = {
+        **wmf.flat("wmf."),
+        "batches": ",".join(batches),
+        "protocol": split_key["protocol"],
+        "mode": "incremental" if incremental else "full",
+    }
+    with tracked_run(
+        tracking,
+        "wmf",
+        run_name=f"wmf-{params['mode']}",
+        params=params,
+        tags={"mirflow.batches": ",".join(batches)},
+        inputs=inputs,
+    ) as run:
+        mlflow.log_metrics(
+            {
+                "ingest/rows": totals["rows"],
+                "ingest/malformed": totals["malformed"],
+                "ingest/new_users": totals["new_users"],
+                "ingest/new_items": totals["new_items"],
+                "users": train.plays.shape[0],
+                "items": train.plays.shape[1],
+                "train_plays_nnz": train.plays.nnz,
+                "test_plays_nnz": split.test.plays.nnz,
+            }
+        )
         full_model = None
         if incremental:
             previous_users, previous_x = load_factors(files["user_factors"])
             previous_items, previous_y = load_factors(files["item_factors"])
             start = time.perf_counter()  # the warm start's fold-ins are part of the update
-            init, counts = warm_start(WMFModel(previous_x, previous_y), previous_users=previous_users,
-                                      previous_items=previous_items, plays=train.plays, users=train.users,
-                                      items=train.items, settings=wmf)
+            init, counts = warm_start(
+                WMFModel(previous_x, previous_y),
+                previous_users=previous_users,
+                previous_items=previous_items,
+                plays=train.plays,
+                users=train.users,
+                items=train.items,
+                settings=wmf,
+            )
             model, _ = _fit(train, wmf, k=k, label="update", init=init, iterations=wmf.incremental_sweeps)
             seconds = time.perf_counter() - start
             mlflow.log_metrics({f"incremental/{key}": value for key, value in counts.items()})
-            mlflow.log_metrics({"incremental/seconds": seconds, "incremental/sweeps": wmf.incremental_sweeps,
-                                "incremental/objective": wmf_objective(train.plays, model, settings=wmf)})
+            mlflow.log_metrics(
+                {
+                    "incremental/seconds": seconds,
+                    "incremental/sweeps": wmf.incremental_sweeps,
+                    "incremental/objective": wmf_objective(train.plays, model, settings=wmf),
+                }
+            )
             mlflow.set_tag("mirflow.previous_batches", ",".join(previous))
             if wmf.compare_full_refit:
                 full_model, full_seconds = _fit(train, wmf, k=k, label="full refit")
-                mlflow.log_metrics({"full_refit/seconds": full_seconds, "full_refit/sweeps": full_model.iterations,
-                                    "full_refit/objective": wmf_objective(train.plays, full_model, settings=wmf),
-                                    "incremental/time_vs_full_refit": seconds / max(full_seconds, 1e-9)})
+                mlflow.log_metrics(
+                    {
+                        "full_refit/seconds": full_seconds,
+                        "full_refit/sweeps": full_model.iterations,
+                        "full_refit/objective": wmf_objective(train.plays, full_model, settings=wmf),
+                        "incremental/time_vs_full_refit": seconds / max(full_seconds, 1e-9),
+                    }
+                )
         else:
             model, seconds = _fit(train, wmf, k=k, label="fit")
         for step, score in model.validation:
             mlflow.log_metric("validation/map_at_k", score, step=step)
-        mlflow.log_metrics({"fit_seconds": seconds, "sweeps": model.iterations,
-                            "objective": wmf_objective(train.plays, model, settings=wmf)})
+        mlflow.log_metrics(
+            {
+                "fit_seconds": seconds,
+                "sweeps": model.iterations,
+                "objective": wmf_objective(train.plays, model, settings=wmf),
+            }
+        )
 
         # The factors on disk are about to change: until the new state is written, none holds.
         (out / "state.json").unlink(missing_ok=True)
-        paths = {"user_factors": save_factors(files["user_factors"], train.users, model.user_factors),
-                 "item_factors": save_factors(files["item_factors"], train.items, model.item_factors)}
+        paths = {
+            "user_factors": save_factors(files["user_factors"], train.users, model.user_factors),
+            "item_factors": save_factors(files["item_factors"], train.items, model.item_factors),
+        }
         heldout = None
         if heldout_items is not None:
             heldout = fold_in_items(model.user_factors, split.test.plays.T.tocsr(), settings=wmf)
             paths["heldout_item_factors"] = save_factors(files["heldout_item_factors"], split.test.items, heldout)
             paths["heldout_plays"] = write_table_atomic(
-                pa.Table.from_pandas(plays_to_frame(split.test), preserve_index=False), files["heldout_plays"],
-                row_group_size=1 << 20)
+                pa.Table.from_pandas(plays_to_frame(split.test), preserve_index=False),
+                files["heldout_plays"],
+                row_group_size=1 << 20,
+            )
         else:
             for name in ("heldout_item_factors", "heldout_plays"):
                 files[name].unlink(missing_ok=True)
@@ -278,18 +380,47 @@ def factorize(data_dir: Path, sources: list[ListeningSource | str | Path], heldo
             mlflow.log_artifact(str(report))
         model_uri = log_wmf_model(paths, users=train.users, items=train.items)
 
-    eval_run_id, rows = evaluate(split, heldout_items is not None, model, heldout, full_model, wmf, tracking, k=k,
-                                 fit_run_id=run.info.run_id, batches=batches, inputs=inputs)
-    state = {"fit_key": wmf.fit_key(), "split": split_key, "batches": contents, "run_id": run.info.run_id,
-             "eval_run_id": eval_run_id, "eval_key": eval_key, "rows": [asdict(r) for r in rows], "model_uri": model_uri,
-             "n_users": len(train.users), "n_items": len(train.items),
-             "n_heldout": len(split.test.items) if heldout_items is not None else 0}
+    eval_run_id, rows = evaluate(
+        split,
+        heldout_items is not None,
+        model,
+        heldout,
+        full_model,
+        wmf,
+        tracking,
+        k=k,
+        fit_run_id=run.info.run_id,
+        batches=batches,
+        inputs=inputs,
+    )
+    state = {
+        "fit_key": wmf.fit_key(),
+        "split": split_key,
+        "batches": contents,
+        "run_id": run.info.run_id,
+        "eval_run_id": eval_run_id,
+        "eval_key": eval_key,
+        "rows": [asdict(r) for r in rows],
+        "model_uri": model_uri,
+        "n_users": len(train.users),
+        "n_items": len(train.items),
+        "n_heldout": len(split.test.items) if heldout_items is not None else 0,
+    }
     # Last: a run killed after its factors were written and before this point finds no
     # state next time, and refits in full.
     _write_state(out, state)
-    return WMFOutput(**{n: str(paths.get(n, "")) for n in files}, n_users=state["n_users"], n_items=state["n_items"],
-                     n_heldout=state["n_heldout"], run_id=run.info.run_id, eval_run_id=eval_run_id,
-                     model_uri=model_uri, mode=params["mode"], batches=tuple(batches), rows=tuple(rows))
+    return WMFOutput(
+        **{n: str(paths.get(n, "")) for n in files},
+        n_users=state["n_users"],
+        n_items=state["n_items"],
+        n_heldout=state["n_heldout"],
+        run_id=run.info.run_id,
+        eval_run_id=eval_run_id,
+        model_uri=model_uri,
+        mode=params["mode"],
+        batches=tuple(batches),
+        rows=tuple(rows),
+    )
 
 
 def _heldout_input(split_key: dict, heldout_items: list[str] | None, wmf_dir: Path) -> RunInput | None:
@@ -297,8 +428,13 @@ def _heldout_input(split_key: dict, heldout_items: list[str] | None, wmf_dir: Pa
     None in-matrix. Where they are recorded: the factorization's ``state.json``."""
     if heldout_items is None:
         return None
-    return RunInput(name="heldout-items", digest=split_key["heldout_sha1"][:DIGEST_LENGTH], source=str(wmf_dir),
-                    context="split", profile={"items": len(heldout_items)})
+    return RunInput(
+        name="heldout-items",
+        digest=split_key["heldout_sha1"][:DIGEST_LENGTH],
+        source=str(wmf_dir),
+        context="split",
+        profile={"items": len(heldout_items)},
+    )
 
 
 def log_wmf_model(paths: dict[str, Path], *, users: np.ndarray, items: np.ndarray) -> str:
@@ -310,23 +446,39 @@ def log_wmf_model(paths: dict[str, Path], *, users: np.ndarray, items: np.ndarra
     artifacts = {n: Path(paths[n]) for n in ("user_factors", "item_factors", "heldout_item_factors") if n in paths}
     n = min(3, len(users), len(items))
     example = pd.DataFrame({"user_id": users[:n].astype(str), "item_id": items[:n].astype(str)})
-    return log_served_model(code="wmf", artifacts=artifacts, config=None, signature=WMF_SIGNATURE,
-                            input_example=example)
+    return log_served_model(
+        code="wmf", artifacts=artifacts, config=None, signature=WMF_SIGNATURE, input_example=example
+    )
 
 
-def evaluate(split, cold_start: bool, model: WMFModel, heldout: np.ndarray | None, full_model: WMFModel | None,
-             wmf: WMFSettings, tracking: TrackingSettings, *, k: int, fit_run_id: str,
-             batches: list[str], inputs: list[RunInput | None] = ()) -> tuple[str, list[RankingRow]]:
+def evaluate(
+    split,
+    cold_start: bool,
+    model: WMFModel,
+    heldout: np.ndarray | None,
+    full_model: WMFModel | None,
+    wmf: WMFSettings,
+    tracking: TrackingSettings,
+    *,
+    k: int,
+    fit_run_id: str,
+    batches: list[str],
+    inputs: list[RunInput | None] = (),
+) -> tuple[str, list[RankingRow]]:
     """The evaluation run: WMF against random and popularity rankings under the split's protocol.
 
     ``inputs`` (the fit's) are logged with the context ``evaluation`` (the split keeps its own).
     """
     protocol = "cold-start" if cold_start else "in-matrix"
     scored = [replace(i, context="evaluation") if i is not None and i.context == "training" else i for i in inputs]
-    with tracked_run(tracking, "wmf", run_name=f"wmf-eval-{protocol}",
-                     params={"protocol": protocol, "k": k, "eval_max_users": wmf.eval_max_users,
-                             "batches": ",".join(batches)},
-                     tags={"mirflow.fit_run_id": fit_run_id}, inputs=scored) as run:
+    with tracked_run(
+        tracking,
+        "wmf",
+        run_name=f"wmf-eval-{protocol}",
+        params={"protocol": protocol, "k": k, "eval_max_users": wmf.eval_max_users, "batches": ",".join(batches)},
+        tags={"mirflow.fit_run_id": fit_run_id},
+        inputs=scored,
+    ) as run:
         start = time.perf_counter()
         if cold_start:
             test: sp.csr_matrix = split.test.plays
@@ -339,11 +491,27 @@ def evaluate(split, cold_start: bool, model: WMFModel, heldout: np.ndarray | Non
             models = {"WMF": (model.user_factors, model.item_factors)}
             if full_model is not None:
                 models["WMF full refit"] = (full_model.user_factors, full_model.item_factors)
-            rows = in_matrix_rows(models=models, train=split.train.plays, test=split.test.plays, k=k,
-                                  max_users=wmf.eval_max_users, seed=wmf.seed)
+            rows = in_matrix_rows(
+                models=models,
+                train=split.train.plays,
+                test=split.test.plays,
+                k=k,
+                max_users=wmf.eval_max_users,
+                seed=wmf.seed,
+            )
         mlflow.log_metrics(rows_as_metrics(rows))
         mlflow.log_metrics({"eval_seconds": time.perf_counter() - start, "eval_users": rows[0].n_users})
     for row in rows:
-        log.info("WMF %s  %-28s mAP@%d %.4f  AUC %.3f  P@%d %.4f  NDCG@%d %.4f", protocol, row.name, k, row.map_at_k,
-                 row.auc, k, row.precision_at_k, k, row.ndcg_at_k)
+        log.info(
+            "WMF %s  %-28s mAP@%d %.4f  AUC %.3f  P@%d %.4f  NDCG@%d %.4f",
+            protocol,
+            row.name,
+            k,
+            row.map_at_k,
+            row.auc,
+            k,
+            row.precision_at_k,
+            k,
+            row.ndcg_at_k,
+        )
     return run.info.run_id, rows

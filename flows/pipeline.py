@@ -1,7 +1,7 @@
 """The whole pipeline: (synthetic world) -> tracks -> features -> WMF -> tagger, latent-factor CNN -> report.
 
-    world ──► tracks/<dataset>.parquet ──► features (Dask) ──┬──► tagger ──────────────┐
-      └──► listening triplets ──► events ──► WMF ────────────┴──► latent-factor CNN ───┴──► report + MLflow
+world ──► tracks/<dataset>.parquet ──► features (Dask) ──┬──► tagger ──────────────┐
+  └──► listening triplets ──► events ──► WMF ────────────┴──► latent-factor CNN ───┴──► report + MLflow
 """
 
 from __future__ import annotations
@@ -65,35 +65,76 @@ def pipeline(settings: PipelineSettings) -> PipelineSummary:
         tracks_path = ingest_mtat(annotations, audio_root, settings.tagger.n_tags, layout.tracks(dataset))
         features = extract_features(settings.data_dir, dataset, settings.features, shared, settings.tracking)
     feature_set = settings.features.feature_set
-    tagger = train_tagger_flow(settings.data_dir, dataset, feature_set, settings.features.mel, settings.tagger,
-                               settings.tracking)
-    wmf = factorize(settings.data_dir, list(triplets), heldout_track_ids(tracks_path), settings.wmf, settings.tracking,
-                    k=settings.evaluation.k, cluster=settings.cluster)
-    recommender = train_recommender_flow(settings.data_dir, dataset, feature_set, settings.features.mel, wmf,
-                                         settings.recommender, settings.evaluation, settings.tracking,
-                                         confidence=settings.wmf)
+    tagger = train_tagger_flow(
+        settings.data_dir, dataset, feature_set, settings.features.mel, settings.tagger, settings.tracking
+    )
+    wmf = factorize(
+        settings.data_dir,
+        list(triplets),
+        heldout_track_ids(tracks_path),
+        settings.wmf,
+        settings.tracking,
+        k=settings.evaluation.k,
+        cluster=settings.cluster,
+    )
+    recommender = train_recommender_flow(
+        settings.data_dir,
+        dataset,
+        feature_set,
+        settings.features.mel,
+        wmf,
+        settings.recommender,
+        settings.evaluation,
+        settings.tracking,
+        confidence=settings.wmf,
+    )
     versions = {}
     if settings.register_models:
-        versions = register_pipeline_models(settings.tracking, tagger=tagger, wmf=wmf, recommender=recommender,
-                                            dataset=dataset)
-    inputs = [tracks_input(tracks_path, dataset), features_input(layout.features(dataset, feature_set), dataset),
-              listening_input(layout.listening(), wmf.batches)]
-    with tracked_run(settings.tracking, "pipeline", run_name=f"pipeline-{dataset}", params=settings.flat(),
-                     tags={"tagger_run_id": tagger.run_id, "wmf_run_id": wmf.run_id,
-                           "recommender_run_id": recommender.run_id,
-                           **{f"registry.{name}": v for name, v in versions.items()}},
-                     inputs=inputs) as run:
+        versions = register_pipeline_models(
+            settings.tracking, tagger=tagger, wmf=wmf, recommender=recommender, dataset=dataset
+        )
+    inputs = [
+        tracks_input(tracks_path, dataset),
+        features_input(layout.features(dataset, feature_set), dataset),
+        listening_input(layout.listening(), wmf.batches),
+    ]
+    with tracked_run(
+        settings.tracking,
+        "pipeline",
+        run_name=f"pipeline-{dataset}",
+        params=settings.flat(),
+        tags={
+            "tagger_run_id": tagger.run_id,
+            "wmf_run_id": wmf.run_id,
+            "recommender_run_id": recommender.run_id,
+            **{f"registry.{name}": v for name, v in versions.items()},
+        },
+        inputs=inputs,
+    ) as run:
         report_path = layout.reports() / f"pipeline-{run.info.run_id}.md"
         summary = PipelineSummary(
-            tagger_roc_auc=tagger.roc_auc, tagger_pr_auc=tagger.pr_auc, tagger_pr_auc_chance=tagger.pr_auc_chance,
-            k=recommender.k, ranking=recommender.rows, n_tracks=features.n_tracks,
-            n_quarantined=features.n_quarantined, n_users=wmf.n_users, n_heldout_items=wmf.n_heldout,
-            tracking_uri=settings.tracking.tracking_uri, report_path=report_path, registered=versions,
+            tagger_roc_auc=tagger.roc_auc,
+            tagger_pr_auc=tagger.pr_auc,
+            tagger_pr_auc_chance=tagger.pr_auc_chance,
+            k=recommender.k,
+            ranking=recommender.rows,
+            n_tracks=features.n_tracks,
+            n_quarantined=features.n_quarantined,
+            n_users=wmf.n_users,
+            n_heldout_items=wmf.n_heldout,
+            tracking_uri=settings.tracking.tracking_uri,
+            report_path=report_path,
+            registered=versions,
         )
         write_report(report_path, summary, per_tag=tagger.per_tag, settings=settings.flat())
         mlflow.log_artifact(str(report_path))
-        mlflow.log_metrics({"tagger/test_roc_auc": tagger.roc_auc, "tagger/test_pr_auc": tagger.pr_auc,
-                            **rows_as_metrics(recommender.rows, prefix="recommender/")})
+        mlflow.log_metrics(
+            {
+                "tagger/test_roc_auc": tagger.roc_auc,
+                "tagger/test_pr_auc": tagger.pr_auc,
+                **rows_as_metrics(recommender.rows, prefix="recommender/"),
+            }
+        )
         # To the flow run's log (the Prefect UI); the CLI prints the table itself.
         get_run_logger().info("pipeline summary\n%s", summary_text(summary))
     save_pipeline_settings(settings, layout.pipeline_settings())

@@ -50,12 +50,12 @@ from infra.settings import PipelineSettings, PromotionSettings, TrackingSettings
 from infra.tracking import features_input, listening_input, tracked_run
 from lightning_modules.latent_factors import LatentFactorModule
 from lightning_modules.served import predict_latent_factors
+from tasks.datasets import heldout_track_ids
 from tasks.errors import DatasetError
 from tasks.events import ListeningSource, batch_record, ingested_batches
 from tasks.listening import load_factors
 from tasks.recommend import compare_recommenders, rows_as_metrics
 from tasks.report import RankingRow
-from tasks.datasets import heldout_track_ids
 from tasks.shards import content_sha1, read_features, read_manifest
 
 log = logging.getLogger("mirflow")
@@ -82,8 +82,10 @@ def load_pipeline_settings(data_dir: Path, tracking: TrackingSettings) -> Pipeli
     """The settings of the last finished pipeline run, with this run's data folder and tracking."""
     path = Layout(Path(data_dir)).pipeline_settings()
     if not path.exists():
-        raise DatasetError(f"no finished pipeline run under {data_dir} ({path} is missing): run `mirflow pipeline` "
-                           "or `make demo` first, so that there is a champion to retrain")
+        raise DatasetError(
+            f"no finished pipeline run under {data_dir} ({path} is missing): run `mirflow pipeline` "
+            "or `make demo` first, so that there is a champion to retrain"
+        )
     settings = PipelineSettings.model_validate_json(path.read_text())
     return settings.model_copy(update={"data_dir": Path(data_dir).resolve(), "tracking": tracking})
 
@@ -118,8 +120,17 @@ def new_sources(sources: list[ListeningSource], *, covered: list[str], listening
     return out
 
 
-def score_recommenders(*, feature_dir: Path, column: str, heldout_plays: Path, recommenders: dict[str, tuple],
-                       crop: int, hop: int, k: int, seed: int) -> list[RankingRow]:
+def score_recommenders(
+    *,
+    feature_dir: Path,
+    column: str,
+    heldout_plays: Path,
+    recommenders: dict[str, tuple],
+    crop: int,
+    hop: int,
+    k: int,
+    seed: int,
+) -> list[RankingRow]:
     """Cold-start table of CNN recommenders on the held-out tracks with features, for the users they all know.
 
     ``recommenders``: name -> (CNN checkpoint, the WMF user factors it ranks with). Every
@@ -142,16 +153,24 @@ def score_recommenders(*, feature_dir: Path, column: str, heldout_plays: Path, r
 
 
 @task(cache_policy=NO_CACHE)
-def evaluate_against_champion(settings: PipelineSettings, *, wmf: WMFOutput, challenger_checkpoint: Path,
-                              old: Recommender) -> list[RankingRow]:
+def evaluate_against_champion(
+    settings: PipelineSettings, *, wmf: WMFOutput, challenger_checkpoint: Path, old: Recommender
+) -> list[RankingRow]:
     """Champion and challenger on the same held-out tracks and users, with the champion's windowing for both."""
     feature_dir = Layout(settings.data_dir).features(settings.dataset, settings.features.feature_set)
     return score_recommenders(
-        feature_dir=feature_dir, column=settings.features.mel.column, heldout_plays=Path(wmf.heldout_plays),
-        recommenders={CHAMPION_ROW: (old.checkpoint, old.user_factors),
-                      CHALLENGER_ROW: (challenger_checkpoint, Path(wmf.user_factors))},
-        crop=old.config["crop_frames"], hop=old.config["hop_frames"], k=settings.evaluation.k,
-        seed=settings.evaluation.seed)
+        feature_dir=feature_dir,
+        column=settings.features.mel.column,
+        heldout_plays=Path(wmf.heldout_plays),
+        recommenders={
+            CHAMPION_ROW: (old.checkpoint, old.user_factors),
+            CHALLENGER_ROW: (challenger_checkpoint, Path(wmf.user_factors)),
+        },
+        crop=old.config["crop_frames"],
+        hop=old.config["hop_frames"],
+        k=settings.evaluation.k,
+        seed=settings.evaluation.seed,
+    )
 
 
 def decide(rows: list[RankingRow], promotion: PromotionSettings) -> tuple[bool, float, float, str]:
@@ -176,14 +195,21 @@ def report_outcome(outcome: RetrainOutcome) -> None:
         lines += [f"new batches: {', '.join(outcome.new_batches)}", ""]
     if outcome.rows:
         lines += ["| ranking | mAP@k | AUC | NDCG@k | users |", "|---|---|---|---|---|"]
-        lines += [f"| {r.name} | {r.map_at_k:.4f} | {r.auc:.3f} | {r.ndcg_at_k:.4f} | {r.n_users} |" for r in outcome.rows]
+        lines += [
+            f"| {r.name} | {r.map_at_k:.4f} | {r.auc:.3f} | {r.ndcg_at_k:.4f} | {r.n_users} |" for r in outcome.rows
+        ]
     create_markdown_artifact("\n".join(lines), key="retrain-on-new-listening", description="retraining decision")
     log.info("retrain: %s: %s", outcome.status, outcome.message)
 
 
 @flow(name="retrain-on-new-listening")
-def retrain_on_new_listening(data_dir: Path, tracking: TrackingSettings, metric: str | None = None,
-                             margin: float | None = None, max_epochs: int | None = None) -> RetrainOutcome:
+def retrain_on_new_listening(
+    data_dir: Path,
+    tracking: TrackingSettings,
+    metric: str | None = None,
+    margin: float | None = None,
+    max_epochs: int | None = None,
+) -> RetrainOutcome:
     """Ingest new inbox files, update WMF, fine-tune the champion CNN, register it, promote it if better.
 
     ``metric``, ``margin`` and ``max_epochs`` override the promotion rule and the
@@ -193,20 +219,27 @@ def retrain_on_new_listening(data_dir: Path, tracking: TrackingSettings, metric:
     """
     lock = try_lock(Layout(Path(data_dir)).retrain_lock())
     if lock is None:
-        outcome = RetrainOutcome("busy", f"another retrain-on-new-listening is running on {data_dir}; "
-                                 "this run does nothing (the next one will see the same inbox)")
+        outcome = RetrainOutcome(
+            "busy",
+            f"another retrain-on-new-listening is running on {data_dir}; "
+            "this run does nothing (the next one will see the same inbox)",
+        )
         report_outcome(outcome)
         return outcome
     with lock:
         return _retrain(Path(data_dir), tracking, metric=metric, margin=margin, max_epochs=max_epochs)
 
 
-def _retrain(data_dir: Path, tracking: TrackingSettings, *, metric: str | None, margin: float | None,
-             max_epochs: int | None) -> RetrainOutcome:
+def _retrain(
+    data_dir: Path, tracking: TrackingSettings, *, metric: str | None, margin: float | None, max_epochs: int | None
+) -> RetrainOutcome:
     if not Layout(data_dir).pipeline_settings().exists() or champion(tracking, LATENT_FACTOR_CNN) is None:
-        outcome = RetrainOutcome("no-champion", f"no registered recommender to retrain under {data_dir} "
-                                 f"({tracking.tracking_uri}): run the pipeline first (`make demo`, `mirflow pipeline` "
-                                 "or the 'mirflow/pipeline' deployment)")
+        outcome = RetrainOutcome(
+            "no-champion",
+            f"no registered recommender to retrain under {data_dir} "
+            f"({tracking.tracking_uri}): run the pipeline first (`make demo`, `mirflow pipeline` "
+            "or the 'mirflow/pipeline' deployment)",
+        )
         report_outcome(outcome)
         return outcome
     settings = load_pipeline_settings(data_dir, tracking)
@@ -222,8 +255,11 @@ def _retrain(data_dir: Path, tracking: TrackingSettings, *, metric: str | None, 
     covered = covered_batches(tracking)
     fresh = new_sources(inbox_sources(layout.inbox()), covered=covered, listening_dir=layout.listening())
     if not fresh:
-        outcome = RetrainOutcome("nothing-new", f"no new listening files in {layout.inbox()}; nothing to do",
-                                 champion_version=str(old.version))
+        outcome = RetrainOutcome(
+            "nothing-new",
+            f"no new listening files in {layout.inbox()}; nothing to do",
+            champion_version=str(old.version),
+        )
         report_outcome(outcome)
         return outcome
 
@@ -233,9 +269,12 @@ def _retrain(data_dir: Path, tracking: TrackingSettings, *, metric: str | None, 
     usable = [s for s in fresh if s.batch not in empty]
     if not usable:
         outcome = RetrainOutcome(
-            "no-valid-rows", f"the new batches {', '.join(empty)} hold no valid rows (see "
-            f"{layout.quarantine('listening')}); no retraining, the champion stays", new_batches=tuple(empty),
-            champion_version=str(old.version))
+            "no-valid-rows",
+            f"the new batches {', '.join(empty)} hold no valid rows (see "
+            f"{layout.quarantine('listening')}); no retraining, the champion stays",
+            new_batches=tuple(empty),
+            champion_version=str(old.version),
+        )
         report_outcome(outcome)
         return outcome
     if empty:
@@ -243,46 +282,88 @@ def _retrain(data_dir: Path, tracking: TrackingSettings, *, metric: str | None, 
 
     heldout = heldout_track_ids(layout.tracks(settings.dataset))
     previous = [b for b in covered if b in ingested_batches(layout.listening()) and b not in {s.batch for s in usable}]
-    wmf = factorize(settings.data_dir, usable, heldout, settings.wmf, tracking, k=settings.evaluation.k,
-                    ingested=previous)
+    wmf = factorize(
+        settings.data_dir, usable, heldout, settings.wmf, tracking, k=settings.evaluation.k, ingested=previous
+    )
     with tempfile.TemporaryDirectory() as tmp:
         current = download_recommender(tracking, cnn_version=str(old.version), into=Path(tmp))
-        challenger = train_recommender_flow(settings.data_dir, settings.dataset, settings.features.feature_set,
-                                            settings.features.mel, wmf, settings.recommender, settings.evaluation,
-                                            tracking, init_checkpoint=current.checkpoint, finetune=finetune,
-                                            confidence=settings.wmf)
-        rows = evaluate_against_champion(settings, wmf=wmf, challenger_checkpoint=Path(challenger.checkpoint),
-                                         old=current)
+        challenger = train_recommender_flow(
+            settings.data_dir,
+            settings.dataset,
+            settings.features.feature_set,
+            settings.features.mel,
+            wmf,
+            settings.recommender,
+            settings.evaluation,
+            tracking,
+            init_checkpoint=current.checkpoint,
+            finetune=finetune,
+            confidence=settings.wmf,
+        )
+        rows = evaluate_against_champion(
+            settings, wmf=wmf, challenger_checkpoint=Path(challenger.checkpoint), old=current
+        )
     champion_wmf = current.wmf_version
     promote, new_score, old_score, reason = decide(rows, promotion)
     now = champion(tracking, LATENT_FACTOR_CNN)
     if promote and (now is None or str(now.version) != str(old.version)):  # moved by hand during this run
-        promote, reason = False, (f"{reason}; but the champion is no longer v{old.version}, the version compared "
-                                  "with: not promoted")
+        promote, reason = (
+            False,
+            (f"{reason}; but the champion is no longer v{old.version}, the version compared with: not promoted"),
+        )
     new_batches = tuple(s.batch for s in usable)
-    decision = {DECISION_TAG: PROMOTED if promote else "kept-champion", "mirflow.reason": reason,
-                "mirflow.metric": promotion.metric, "mirflow.margin": str(promotion.margin),
-                "mirflow.challenger_score": f"{new_score:.6f}", "mirflow.champion_score": f"{old_score:.6f}",
-                "mirflow.compared_with": f"{LATENT_FACTOR_CNN} v{old.version} + {WMF} v{champion_wmf}",
-                "mirflow.new_batches": ",".join(new_batches)}
-    with tracked_run(tracking, "retrain", run_name="retrain-on-new-listening",
-                     params={**promotion.flat("promotion."), **finetune.flat("finetune."),
-                             "new_batches": ",".join(new_batches), "champion_version": str(old.version)},
-                     tags={"mirflow.recommender_run_id": challenger.run_id, **decision},
-                     inputs=[listening_input(layout.listening(), wmf.batches),
-                             features_input(layout.features(settings.dataset, settings.features.feature_set),
-                                            settings.dataset, context="evaluation")]):
+    decision = {
+        DECISION_TAG: PROMOTED if promote else "kept-champion",
+        "mirflow.reason": reason,
+        "mirflow.metric": promotion.metric,
+        "mirflow.margin": str(promotion.margin),
+        "mirflow.challenger_score": f"{new_score:.6f}",
+        "mirflow.champion_score": f"{old_score:.6f}",
+        "mirflow.compared_with": f"{LATENT_FACTOR_CNN} v{old.version} + {WMF} v{champion_wmf}",
+        "mirflow.new_batches": ",".join(new_batches),
+    }
+    with tracked_run(
+        tracking,
+        "retrain",
+        run_name="retrain-on-new-listening",
+        params={
+            **promotion.flat("promotion."),
+            **finetune.flat("finetune."),
+            "new_batches": ",".join(new_batches),
+            "champion_version": str(old.version),
+        },
+        tags={"mirflow.recommender_run_id": challenger.run_id, **decision},
+        inputs=[
+            listening_input(layout.listening(), wmf.batches),
+            features_input(
+                layout.features(settings.dataset, settings.features.feature_set), settings.dataset, context="evaluation"
+            ),
+        ],
+    ):
         mlflow.log_metrics(rows_as_metrics(rows, k=settings.evaluation.k))
         # Every artifact exists before any alias moves; the CNN's champion alias moves last.
-        wmf_version, cnn_version = register_recommender(tracking, wmf=wmf, recommender=challenger,
-                                                        dataset=settings.dataset, tags=decision)
+        wmf_version, cnn_version = register_recommender(
+            tracking, wmf=wmf, recommender=challenger, dataset=settings.dataset, tags=decision
+        )
         if promote:
             promote_recommender(tracking, cnn_version=cnn_version.version, wmf_version=wmf_version.version)
-            log.info("registry: %s v%s and %s v%s are the champions", LATENT_FACTOR_CNN, cnn_version.version, WMF,
-                     wmf_version.version)
-    outcome = RetrainOutcome("promoted" if promote else "kept-champion", reason, new_batches=new_batches,
-                             metric=promotion.metric, challenger_score=new_score, champion_score=old_score,
-                             challenger_version=str(cnn_version.version),
-                             champion_version=str(cnn_version.version if promote else old.version), rows=tuple(rows))
+            log.info(
+                "registry: %s v%s and %s v%s are the champions",
+                LATENT_FACTOR_CNN,
+                cnn_version.version,
+                WMF,
+                wmf_version.version,
+            )
+    outcome = RetrainOutcome(
+        "promoted" if promote else "kept-champion",
+        reason,
+        new_batches=new_batches,
+        metric=promotion.metric,
+        challenger_score=new_score,
+        champion_score=old_score,
+        challenger_version=str(cnn_version.version),
+        champion_version=str(cnn_version.version if promote else old.version),
+        rows=tuple(rows),
+    )
     report_outcome(outcome)
     return outcome

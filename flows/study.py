@@ -81,9 +81,14 @@ class StudyOutput:
 
 
 @flow(name="study-tagging")
-def tagging_study(data_dir: Path, dataset: str, study: StudySettings | EndToEndStudySettings,
-                  cluster: ClusterSettings, tracking: TrackingSettings,
-                  world: WorldSettings | None = None) -> StudyOutput:
+def tagging_study(
+    data_dir: Path,
+    dataset: str,
+    study: StudySettings | EndToEndStudySettings,
+    cluster: ClusterSettings,
+    tracking: TrackingSettings,
+    world: WorldSettings | None = None,
+) -> StudyOutput:
     """Run every configuration of a tagging study on one split and seed; tabulate and analyse them.
 
     An end-to-end preset (``icassp2014``, ``modern``) runs :func:`flows.end_to_end.end_to_end_study`.
@@ -96,15 +101,21 @@ def tagging_study(data_dir: Path, dataset: str, study: StudySettings | EndToEndS
     layout = Layout(Path(data_dir))
     configs = configurations(study)
     if dataset == "synthetic":  # the clips' length is known before anything is rendered: check the context now
-        check_context(study.features, study.kmeans, seconds=(world or WorldSettings()).clip_seconds,
-                      timescales=study.timescales, what="the synthetic clips")
+        check_context(
+            study.features,
+            study.kmeans,
+            seconds=(world or WorldSettings()).clip_seconds,
+            timescales=study.timescales,
+            what="the synthetic clips",
+        )
     with study_cluster(layout, dataset, cluster, world=world, n_tags=study.mlp.n_tags) as shared:
         extract_features(data_dir, dataset, study.features, shared, tracking)
         kmeans_dirs = {}
         for codebook in study.codebooks:
             settings = study.kmeans.model_copy(update={"codebook": codebook, "timescales": study.timescales})
-            kmeans_dirs[codebook] = Path(kmeans_features(data_dir, dataset, study.features, settings, shared,
-                                                         tracking).feature_dir)
+            kmeans_dirs[codebook] = Path(
+                kmeans_features(data_dir, dataset, study.features, settings, shared, tracking).feature_dir
+            )
 
     tracks = pd.read_parquet(layout.tracks(dataset), columns=["track_id", "split", "tags"])
     data = load_study_data(tracks, kmeans_dirs, timescales=study.timescales, n_tags=study.mlp.n_tags)
@@ -112,95 +123,203 @@ def tagging_study(data_dir: Path, dataset: str, study: StudySettings | EndToEndS
 
     # One parent per settings and data: a re-run on the same data resumes it, other data starts another.
     key = f"{study.settings_hash}-{dataset}-{data.fingerprint}"
-    params = {**study.flat(), "dataset": dataset, "tags": ",".join(data.tags), "data_fingerprint": data.fingerprint,
-              **{f"n_{split}": len(ids) for split, ids in data.split_ids.items()},
-              **{f"kmeans_feature_set.{c}": p.name for c, p in kmeans_dirs.items()}}
+    params = {
+        **study.flat(),
+        "dataset": dataset,
+        "tags": ",".join(data.tags),
+        "data_fingerprint": data.fingerprint,
+        **{f"n_{split}": len(ids) for split, ids in data.split_ids.items()},
+        **{f"kmeans_feature_set.{c}": p.name for c, p in kmeans_dirs.items()},
+    }
     features = {codebook: features_input(folder, dataset) for codebook, folder in kmeans_dirs.items()}
     catalogue = tracks_input(layout.tracks(dataset), dataset)
-    with parent_run(tracking, "study", key=key, run_name=f"study-{study.preset}-{dataset}", params=params,
-                    tags={"mirflow.preset": study.preset, "mirflow.dataset": dataset},
-                    inputs=[*features.values(), catalogue]) as (parent, resumed):
+    with parent_run(
+        tracking,
+        "study",
+        key=key,
+        run_name=f"study-{study.preset}-{dataset}",
+        params=params,
+        tags={"mirflow.preset": study.preset, "mirflow.dataset": dataset},
+        inputs=[*features.values(), catalogue],
+    ) as (parent, resumed):
         reuse = finished_children(tracking, parent.info.run_id) if resumed else {}
         results, per_tag = [], {}
         for i, config in enumerate(configs, start=1):
-            row, table, reused = run_configuration(config, study=study, data=data, reuse=reuse, tracking=tracking,
-                                                   checkpoint_dir=layout.checkpoints("study") / parent.info.run_id,
-                                                   inputs=[features[config.codebook], catalogue])
+            row, table, reused = run_configuration(
+                config,
+                study=study,
+                data=data,
+                reuse=reuse,
+                tracking=tracking,
+                checkpoint_dir=layout.checkpoints("study") / parent.info.run_id,
+                inputs=[features[config.codebook], catalogue],
+            )
             results.append(row)
             per_tag[config.name] = table
-            log.info("study %s %d/%d %s: test ROC-AUC %.4f, PR-AUC %.4f (%s)", study.preset, i, len(configs),
-                     config.name, row["roc_auc"], row["pr_auc"], "reused" if reused else f"{row['seconds']:.0f} s")
+            log.info(
+                "study %s %d/%d %s: test ROC-AUC %.4f, PR-AUC %.4f (%s)",
+                study.preset,
+                i,
+                len(configs),
+                config.name,
+                row["roc_auc"],
+                row["pr_auc"],
+                "reused" if reused else f"{row['seconds']:.0f} s",
+            )
         table = study_table(results)
         importance = timescale_importance(
             {g: per_tag[f"{g} · kmeans"] for g in study.importance},
             {(c.base, c.left_out): per_tag[c.name] for c in configs if c.group == "without"},
-            tag_types=tag_types, tag_timescales=tag_timescales)
+            tag_types=tag_types,
+            tag_timescales=tag_timescales,
+        )
         n_reused = sum(1 for r in results if r["reused"])
         seconds = time.perf_counter() - start
-        report = _log_study(table, importance, results, study=study, dataset=dataset, layout=layout,
-                            run_id=parent.info.run_id, seconds=seconds, n_reused=n_reused)
+        report = _log_study(
+            table,
+            importance,
+            results,
+            study=study,
+            dataset=dataset,
+            layout=layout,
+            run_id=parent.info.run_id,
+            seconds=seconds,
+            n_reused=n_reused,
+        )
         text = format_table(table)
         get_run_logger().info("study %s on %s\n%s", study.preset, dataset, text)
-    return StudyOutput(table=text, importance=format_importance(importance), parent_run_id=parent.info.run_id,
-                       report_path=str(report), n_runs=len(results) - n_reused, n_reused=n_reused, seconds=seconds)
+    return StudyOutput(
+        table=text,
+        importance=format_importance(importance),
+        parent_run_id=parent.info.run_id,
+        report_path=str(report),
+        n_runs=len(results) - n_reused,
+        n_reused=n_reused,
+        seconds=seconds,
+    )
 
 
 @contextmanager
-def study_cluster(layout: Layout, dataset: str, cluster: ClusterSettings, *, world: WorldSettings | None,
-                  n_tags: int) -> Iterator[ClusterSettings]:
+def study_cluster(
+    layout: Layout, dataset: str, cluster: ClusterSettings, *, world: WorldSettings | None, n_tags: int
+) -> Iterator[ClusterSettings]:
     """One Dask cluster for a study's feature steps, with the catalogue ready: the synthetic world built and
     ingested (top ``n_tags`` tags), or another dataset's catalogue checked. Yields the settings that reach it."""
     with dask_client(cluster) as client:
         shared = shared_settings(client, cluster)
         if dataset == "synthetic":
             root = synthetic_world(layout.world(), world or WorldSettings(), shared)
-            ingest_mtat(root / "mtat" / "annotations_final.csv", root / "mtat" / "audio", n_tags,
-                        layout.tracks(dataset))
+            ingest_mtat(
+                root / "mtat" / "annotations_final.csv", root / "mtat" / "audio", n_tags, layout.tracks(dataset)
+            )
         elif not layout.tracks(dataset).exists():
             raise DatasetError(f"no catalogue {dataset!r} under {layout.root}: run `mirflow features` for it first")
         yield shared
 
 
-def run_configuration(config: Configuration, *, study: StudySettings, data: StudyData, reuse: dict,
-                      tracking: TrackingSettings, checkpoint_dir: Path,
-                      inputs: Sequence[RunInput] = ()) -> tuple[dict, pd.DataFrame, bool]:
+def run_configuration(
+    config: Configuration,
+    *,
+    study: StudySettings,
+    data: StudyData,
+    reuse: dict,
+    tracking: TrackingSettings,
+    checkpoint_dir: Path,
+    inputs: Sequence[RunInput] = (),
+) -> tuple[dict, pd.DataFrame, bool]:
     """Train and test one configuration in a child run (``inputs``: its datasets), or reuse the completed child
     of an earlier run."""
     key = config.key(study, data.fingerprint)
     features = data.inputs(config)
-    row = {"name": config.name, "group": config.group, "base": config.base, "codebook": config.codebook,
-           "timescales": config.timescales, "left_out": config.left_out, "n_inputs": features["train"].shape[1]}
+    row = {
+        "name": config.name,
+        "group": config.group,
+        "base": config.base,
+        "codebook": config.codebook,
+        "timescales": config.timescales,
+        "left_out": config.left_out,
+        "n_inputs": features["train"].shape[1],
+    }
     if key in reuse:
         run = reuse[key]
         with tempfile.TemporaryDirectory() as tmp:
-            path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=PER_TAG, dst_path=tmp,
-                                                       tracking_uri=tracking.tracking_uri)
+            path = mlflow.artifacts.download_artifacts(
+                run_id=run.info.run_id, artifact_path=PER_TAG, dst_path=tmp, tracking_uri=tracking.tracking_uri
+            )
             table = pd.read_json(path, orient="split")
-        return {**row, "roc_auc": run.data.metrics["test/roc_auc"], "pr_auc": run.data.metrics["test/pr_auc"],
-                "seconds": 0.0, "reused": True, "run_id": run.info.run_id}, table, True
+        return (
+            {
+                **row,
+                "roc_auc": run.data.metrics["test/roc_auc"],
+                "pr_auc": run.data.metrics["test/pr_auc"],
+                "seconds": 0.0,
+                "reused": True,
+                "run_id": run.info.run_id,
+            },
+            table,
+            True,
+        )
     start = time.perf_counter()
-    params = {"configuration": config.name, "group": config.group, "codebook": config.codebook,
-              "timescales": ",".join(config.timescales), "left_out": config.left_out or "",
-              "n_inputs": row["n_inputs"], **study.mlp.flat("mlp.")}
-    tags_ = {"mirflow.config_key": key, "mirflow.configuration": config.name, "mirflow.codebook": config.codebook,
-             "mirflow.group": config.group}
+    params = {
+        "configuration": config.name,
+        "group": config.group,
+        "codebook": config.codebook,
+        "timescales": ",".join(config.timescales),
+        "left_out": config.left_out or "",
+        "n_inputs": row["n_inputs"],
+        **study.mlp.flat("mlp."),
+    }
+    tags_ = {
+        "mirflow.config_key": key,
+        "mirflow.configuration": config.name,
+        "mirflow.codebook": config.codebook,
+        "mirflow.group": config.group,
+    }
     with child_run(run_name=config.name, params=params, tags=tags_, settings=tracking, inputs=inputs) as run:
-        result = train_mlp_tagger(features=features, targets=data.targets, tags=data.tags, settings=study.mlp,
-                                  checkpoint_dir=checkpoint_dir / key,
-                                  logger=mlflow_logger(tracking, "study", run.info.run_id), quiet=True)
+        result = train_mlp_tagger(
+            features=features,
+            targets=data.targets,
+            tags=data.tags,
+            settings=study.mlp,
+            checkpoint_dir=checkpoint_dir / key,
+            logger=mlflow_logger(tracking, "study", run.info.run_id),
+            quiet=True,
+        )
         table = result.module.test_table
         log_table_replacing(table, PER_TAG)  # a continued child logs it again
         mlflow.log_metrics({"epochs": result.epochs, "n_inputs": row["n_inputs"]})
-    return {**row, "roc_auc": float(result.metrics["test/roc_auc"]), "pr_auc": float(result.metrics["test/pr_auc"]),
-            "seconds": time.perf_counter() - start, "reused": False, "run_id": run.info.run_id}, table, False
+    return (
+        {
+            **row,
+            "roc_auc": float(result.metrics["test/roc_auc"]),
+            "pr_auc": float(result.metrics["test/pr_auc"]),
+            "seconds": time.perf_counter() - start,
+            "reused": False,
+            "run_id": run.info.run_id,
+        },
+        table,
+        False,
+    )
 
 
-def _log_study(table: pd.DataFrame, importance: pd.DataFrame, results: list[dict], *, study: StudySettings,
-               dataset: str, layout: Layout, run_id: str, seconds: float, n_reused: int) -> Path:
+def _log_study(
+    table: pd.DataFrame,
+    importance: pd.DataFrame,
+    results: list[dict],
+    *,
+    study: StudySettings,
+    dataset: str,
+    layout: Layout,
+    run_id: str,
+    seconds: float,
+    n_reused: int,
+) -> Path:
     """Table, plots, importance and the markdown report into the parent run; returns the report's path."""
     log_table_replacing(table, "study_table.json")
-    log_table_replacing(pd.DataFrame([{k: (",".join(v) if isinstance(v, tuple) else v) for k, v in r.items()}
-                                      for r in results]), "study_runs.json")
+    log_table_replacing(
+        pd.DataFrame([{k: (",".join(v) if isinstance(v, tuple) else v) for k, v in r.items()} for r in results]),
+        "study_runs.json",
+    )
     metrics = {}
     for row in table.to_dict("records"):
         for codebook, column in (("kmeans", "K-means ROC-AUC"), ("random", "random ROC-AUC")):
@@ -208,8 +327,11 @@ def _log_study(table: pd.DataFrame, importance: pd.DataFrame, results: list[dict
                 metrics[f"{metric_slug(row['configuration'])}/{codebook}_roc_auc"] = float(row[column])
     mlflow.log_metrics({**metrics, "study_seconds": seconds, "children_reused": n_reused})
     with tempfile.TemporaryDirectory() as tmp:
-        plot_study_bars(table, path=Path(tmp) / "study_roc_auc.png",
-                        title=f"{study.preset} on {dataset}: K-means features against random means")
+        plot_study_bars(
+            table,
+            path=Path(tmp) / "study_roc_auc.png",
+            title=f"{study.preset} on {dataset}: K-means features against random means",
+        )
         if not importance.empty:
             log_table_replacing(importance, "timescale_importance.json")
             for group in importance["group"].unique():
@@ -217,13 +339,36 @@ def _log_study(table: pd.DataFrame, importance: pd.DataFrame, results: list[dict
         mlflow.log_artifacts(tmp, artifact_path="plots")
     report = layout.reports() / f"study-{study.preset}-{run_id}.md"
     by_type = importance_by_type(importance)
-    write_text_atomic(report, "\n".join([
-        f"# Study {study.preset} on {dataset}", "",
-        f"MLflow parent run `{run_id}`, {len(results)} configurations ({n_reused} reused), {seconds:.0f} s.", "",
-        "## Test ROC-AUC and PR-AUC (macro over tags)", "", "```", format_table(table), "```", "",
-        "## ROC-AUC lost when one timescale is left out, mean per tag type", "",
-        "```", by_type.to_string(float_format=lambda v: f"{v:+.4f}") if not by_type.empty else "(none)", "```", "",
-        "Per tag: `timescale_importance.json` and the heatmaps under `plots/` in the parent run.", "",
-        "## Settings", "", "```json", study.model_dump_json(indent=1), "```", ""]))
+    write_text_atomic(
+        report,
+        "\n".join(
+            [
+                f"# Study {study.preset} on {dataset}",
+                "",
+                f"MLflow parent run `{run_id}`, {len(results)} configurations ({n_reused} reused), {seconds:.0f} s.",
+                "",
+                "## Test ROC-AUC and PR-AUC (macro over tags)",
+                "",
+                "```",
+                format_table(table),
+                "```",
+                "",
+                "## ROC-AUC lost when one timescale is left out, mean per tag type",
+                "",
+                "```",
+                by_type.to_string(float_format=lambda v: f"{v:+.4f}") if not by_type.empty else "(none)",
+                "```",
+                "",
+                "Per tag: `timescale_importance.json` and the heatmaps under `plots/` in the parent run.",
+                "",
+                "## Settings",
+                "",
+                "```json",
+                study.model_dump_json(indent=1),
+                "```",
+                "",
+            ]
+        ),
+    )
     mlflow.log_artifact(str(report))
     return report

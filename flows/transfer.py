@@ -100,8 +100,7 @@ from tasks.transfer import (
 
 log = logging.getLogger("mirflow")
 PRETRAINED = "mirflow-pretrained"  # registered as mirflow-pretrained-<task>-<model>
-FEATURE_SET_NAMES = {"kmeans": "K-means (target audio)", "logmel-stats": "log-mel mean/std",
-                     "mfcc": "MFCC-20 mean/std"}
+FEATURE_SET_NAMES = {"kmeans": "K-means (target audio)", "logmel-stats": "log-mel mean/std", "mfcc": "MFCC-20 mean/std"}
 TARGET_DATASET = "synthetic-target"
 
 
@@ -129,14 +128,15 @@ class Pretrained:
     def module(self) -> FactorRegressorModule:
         """The network, loaded with ``weights_only=True`` (nothing is unpickled)."""
         try:
-            module = FactorRegressorModule.load_from_checkpoint(self.checkpoint, weights_only=True,
-                                                                map_location="cpu")
+            module = FactorRegressorModule.load_from_checkpoint(self.checkpoint, weights_only=True, map_location="cpu")
         except Exception as err:  # a truncated or foreign file: torch raises several types
             raise ParameterError(f"the checkpoint of {self.model_uri} could not be loaded ({err})") from None
         n_inputs = len(self.timescales) * pooled_size(self.kmeans.k, self.kmeans.pooling)
         if module.hparams.n_inputs != n_inputs:
-            raise ParameterError(f"{self.model_uri}: the network takes {module.hparams.n_inputs} inputs, but its "
-                                 f"K-means settings make {n_inputs}")
+            raise ParameterError(
+                f"{self.model_uri}: the network takes {module.hparams.n_inputs} inputs, but its "
+                f"K-means settings make {n_inputs}"
+            )
         return module.eval()
 
 
@@ -150,8 +150,10 @@ def model_uri_of(ref: str) -> str:
         return ref
     if _RUN_ID.match(ref):
         return f"runs:/{ref}/model"
-    raise ParameterError(f"--model {ref!r}: give a run id (32 hex digits) or models:/<name>@<alias>, e.g. "
-                         f"models:/{PRETRAINED}-tags-mlp-1@{CHAMPION}")
+    raise ParameterError(
+        f"--model {ref!r}: give a run id (32 hex digits) or models:/<name>@<alias>, e.g. "
+        f"models:/{PRETRAINED}-tags-mlp-1@{CHAMPION}"
+    )
 
 
 def resolve_pretrained(ref: str, tracking: TrackingSettings, *, cache: Path) -> Pretrained:
@@ -183,20 +185,29 @@ def resolve_pretrained(ref: str, tracking: TrackingSettings, *, cache: Path) -> 
         raise ParameterError(f"--model {ref!r}: its config.json is not JSON ({err})") from None
     if not isinstance(config, dict) or config.get("kind") != "pretrained-embedding":
         kind = config.get("kind", "different") if isinstance(config, dict) else "different"
-        raise ParameterError(f"--model {ref!r} is a {kind} model, not a pre-trained source model: use "
-                             "`mirflow study transfer` to make one")
+        raise ParameterError(
+            f"--model {ref!r} is a {kind} model, not a pre-trained source model: use "
+            "`mirflow study transfer` to make one"
+        )
     checkpoint = next(artifacts.glob("*.ckpt"), None)
     if checkpoint is None:
         raise ParameterError(f"--model {ref!r}: its checkpoint is missing from {artifacts}")
     try:
-        return Pretrained(model_uri=uri, run_id=info.run_id, name=str(config["name"]),
-                          features=FeatureSettings.model_validate(config["features"]),
-                          kmeans=KMeansSettings.model_validate(config["kmeans"]),
-                          timescales=tuple(config["timescales"]), checkpoint=checkpoint,
-                          codebooks=artifacts / "codebooks")
+        return Pretrained(
+            model_uri=uri,
+            run_id=info.run_id,
+            name=str(config["name"]),
+            features=FeatureSettings.model_validate(config["features"]),
+            kmeans=KMeansSettings.model_validate(config["kmeans"]),
+            timescales=tuple(config["timescales"]),
+            checkpoint=checkpoint,
+            codebooks=artifacts / "codebooks",
+        )
     except (KeyError, TypeError, ValueError) as err:  # pydantic's ValidationError is a ValueError
-        raise ParameterError(f"--model {ref!r}: its config.json does not describe a model this mirflow can "
-                             f"use ({type(err).__name__}: {err})") from None
+        raise ParameterError(
+            f"--model {ref!r}: its config.json does not describe a model this mirflow can "
+            f"use ({type(err).__name__}: {err})"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- embed
@@ -228,8 +239,14 @@ def embeddings_path(layout: Layout, dataset: str, model: Pretrained) -> Path:
 
 
 @flow(name="embed")
-def embed_catalogue(data_dir: Path, dataset: str, model_ref: str, cluster: ClusterSettings,
-                    tracking: TrackingSettings, source: SourceSettings | None = None) -> EmbedOutput:
+def embed_catalogue(
+    data_dir: Path,
+    dataset: str,
+    model_ref: str,
+    cluster: ClusterSettings,
+    tracking: TrackingSettings,
+    source: SourceSettings | None = None,
+) -> EmbedOutput:
     """One embedding per track of a catalogue by a pre-trained model: the model's log-mel and K-means features
     (its codebooks) computed by the feature flows on the cluster, incrementally, then its hidden layers.
 
@@ -243,55 +260,103 @@ def embed_catalogue(data_dir: Path, dataset: str, model_ref: str, cluster: Clust
     with dask_client(cluster) as client:
         shared = shared_settings(client, cluster)
         features = extract_features(data_dir, dataset, model.features, shared, tracking)
-        encoded = kmeans_features(data_dir, dataset, model.features, kmeans, shared, tracking,
-                                  codebooks_from=model.codebooks)
+        encoded = kmeans_features(
+            data_dir, dataset, model.features, kmeans, shared, tracking, codebooks_from=model.codebooks
+        )
     kmeans_dir = Path(encoded.feature_dir)
     track_ids = sorted(read_manifest(kmeans_dir).column("track_id").to_pylist())
     if not track_ids:
         raise DatasetError(f"no track of {dataset!r} could be encoded (see {layout.quarantine(dataset)})")
-    embeddings = embed_vectors(model.module(), read_kmeans_features(kmeans_dir, timescales=model.timescales,
-                                                                     track_ids=track_ids))
+    embeddings = embed_vectors(
+        model.module(), read_kmeans_features(kmeans_dir, timescales=model.timescales, track_ids=track_ids)
+    )
     path = embeddings_path(layout, dataset, model)
     write_embeddings(path, track_ids, embeddings, model=model, kmeans_dir=kmeans_dir)
     seconds = time.perf_counter() - start
-    params = {"dataset": dataset, "model_uri": model.model_uri, "model_run_id": model.run_id, "model": model.name,
-              "feature_set": model.features.feature_set, "kmeans_feature_set": kmeans_dir.name}
-    inputs = [features_input(kmeans_dir, dataset, context="inference"), tracks_input(layout.tracks(dataset), dataset),
-              embeddings_input(path, dataset, context="output")]
-    with tracked_run(tracking, "embed", run_name=f"embed-{dataset}-{model.tag}", params=params,
-                     tags={"mirflow.embeddings": str(path), "mirflow.model_run_id": model.run_id},
-                     inputs=inputs) as run:
-        mlflow.log_metrics({"tracks": len(track_ids), "dims": embeddings.shape[1], "seconds": seconds,
-                            "clips_per_s": len(track_ids) / seconds,
-                            "quarantined": features.n_quarantined + encoded.n_quarantined})
-    log.info("embeddings of %d %s tracks (%d dims) by %s -> %s, %.1f clips/s", len(track_ids), dataset,
-             embeddings.shape[1], model.name, path, len(track_ids) / seconds)
-    return EmbedOutput(path=str(path), model_uri=model.model_uri, run_id=run.info.run_id, n_tracks=len(track_ids),
-                       dims=int(embeddings.shape[1]), n_quarantined=features.n_quarantined + encoded.n_quarantined,
-                       n_computed=features.n_extracted + encoded.n_encoded, seconds=seconds, clips_per_s=len(track_ids) / seconds)
+    params = {
+        "dataset": dataset,
+        "model_uri": model.model_uri,
+        "model_run_id": model.run_id,
+        "model": model.name,
+        "feature_set": model.features.feature_set,
+        "kmeans_feature_set": kmeans_dir.name,
+    }
+    inputs = [
+        features_input(kmeans_dir, dataset, context="inference"),
+        tracks_input(layout.tracks(dataset), dataset),
+        embeddings_input(path, dataset, context="output"),
+    ]
+    with tracked_run(
+        tracking,
+        "embed",
+        run_name=f"embed-{dataset}-{model.tag}",
+        params=params,
+        tags={"mirflow.embeddings": str(path), "mirflow.model_run_id": model.run_id},
+        inputs=inputs,
+    ) as run:
+        mlflow.log_metrics(
+            {
+                "tracks": len(track_ids),
+                "dims": embeddings.shape[1],
+                "seconds": seconds,
+                "clips_per_s": len(track_ids) / seconds,
+                "quarantined": features.n_quarantined + encoded.n_quarantined,
+            }
+        )
+    log.info(
+        "embeddings of %d %s tracks (%d dims) by %s -> %s, %.1f clips/s",
+        len(track_ids),
+        dataset,
+        embeddings.shape[1],
+        model.name,
+        path,
+        len(track_ids) / seconds,
+    )
+    return EmbedOutput(
+        path=str(path),
+        model_uri=model.model_uri,
+        run_id=run.info.run_id,
+        n_tracks=len(track_ids),
+        dims=int(embeddings.shape[1]),
+        n_quarantined=features.n_quarantined + encoded.n_quarantined,
+        n_computed=features.n_extracted + encoded.n_encoded,
+        seconds=seconds,
+        clips_per_s=len(track_ids) / seconds,
+    )
 
 
 @torch.no_grad()
 def embed_vectors(module: FactorRegressorModule, vectors: np.ndarray, *, batch_size: int = 1024) -> np.ndarray:
     """The module's embedding of each row of ``vectors``, float32."""
-    parts = [module.embed(torch.from_numpy(np.ascontiguousarray(vectors[i:i + batch_size], dtype=np.float32)))
-             for i in range(0, len(vectors), batch_size)]
+    parts = [
+        module.embed(torch.from_numpy(np.ascontiguousarray(vectors[i : i + batch_size], dtype=np.float32)))
+        for i in range(0, len(vectors), batch_size)
+    ]
     return torch.cat(parts).numpy().astype(np.float32, copy=False)
 
 
-def write_embeddings(path: Path, track_ids: list[str], embeddings: np.ndarray, *, model: Pretrained,
-                     kmeans_dir: Path) -> Path:
+def write_embeddings(
+    path: Path, track_ids: list[str], embeddings: np.ndarray, *, model: Pretrained, kmeans_dir: Path
+) -> Path:
     """``track_id, embedding`` Parquet, tagged (schema metadata and columns) with the model that made it."""
     if not np.isfinite(embeddings).all():
         raise DatasetError(f"{int((~np.isfinite(embeddings)).any(axis=1).sum())} embeddings are not finite")
-    table = pa.table({
-        "track_id": pa.array(track_ids, pa.string()),
-        "embedding": pa.array(list(embeddings), pa.list_(pa.float32())),
-        "model_uri": pa.array([model.model_uri] * len(track_ids), pa.string()),
-        "model_run_id": pa.array([model.run_id] * len(track_ids), pa.string()),
-    }).replace_schema_metadata({"mirflow.model_uri": model.model_uri, "mirflow.model_run_id": model.run_id,
-                                "mirflow.model": model.name, "mirflow.kmeans_feature_set": kmeans_dir.name,
-                                "mirflow.kmeans_manifest_sha1": file_sha1(kmeans_dir / MANIFEST) or ""})
+    table = pa.table(
+        {
+            "track_id": pa.array(track_ids, pa.string()),
+            "embedding": pa.array(list(embeddings), pa.list_(pa.float32())),
+            "model_uri": pa.array([model.model_uri] * len(track_ids), pa.string()),
+            "model_run_id": pa.array([model.run_id] * len(track_ids), pa.string()),
+        }
+    ).replace_schema_metadata(
+        {
+            "mirflow.model_uri": model.model_uri,
+            "mirflow.model_run_id": model.run_id,
+            "mirflow.model": model.name,
+            "mirflow.kmeans_feature_set": kmeans_dir.name,
+            "mirflow.kmeans_manifest_sha1": file_sha1(kmeans_dir / MANIFEST) or "",
+        }
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp)
@@ -306,8 +371,10 @@ def embeddings_input(path: Path, dataset: str, *, context: str = "training") -> 
 
 def read_embeddings(path: Path) -> dict[str, np.ndarray]:
     table = pq.read_table(path, columns=["track_id", "embedding"])
-    return {t: np.asarray(e, dtype=np.float32) for t, e in zip(table.column("track_id").to_pylist(),
-                                                               table.column("embedding").to_pylist())}
+    return {
+        t: np.asarray(e, dtype=np.float32)
+        for t, e in zip(table.column("track_id").to_pylist(), table.column("embedding").to_pylist())
+    }
 
 
 # ----------------------------------------------------------------------------- transfer
@@ -325,9 +392,17 @@ class TransferOutput:
 
 
 @flow(name="transfer")
-def transfer(data_dir: Path, dataset: str, settings: TransferSettings, features: FeatureSettings,
-             kmeans: KMeansSettings, cluster: ClusterSettings, tracking: TrackingSettings,
-             source: SourceSettings | None = None, models: tuple[str, ...] = ()) -> TransferOutput:
+def transfer(
+    data_dir: Path,
+    dataset: str,
+    settings: TransferSettings,
+    features: FeatureSettings,
+    kmeans: KMeansSettings,
+    cluster: ClusterSettings,
+    tracking: TrackingSettings,
+    source: SourceSettings | None = None,
+    models: tuple[str, ...] = (),
+) -> TransferOutput:
     """A simple classifier per feature set on a labelled target catalogue; one row per feature set.
 
     ``models`` are pre-trained source models (run ids or registry URIs): each gives a
@@ -335,16 +410,21 @@ def transfer(data_dir: Path, dataset: str, settings: TransferSettings, features:
     that fail to decode are quarantined by the feature flow and left out (counted).
     """
     if "pretrained" in settings.feature_sets and not models:
-        raise ParameterError("the 'pretrained' feature set needs --model (a pre-trained source model); "
-                             "or leave it out of the feature sets")
+        raise ParameterError(
+            "the 'pretrained' feature set needs --model (a pre-trained source model); "
+            "or leave it out of the feature sets"
+        )
     if models and "pretrained" not in settings.feature_sets:
-        raise ParameterError(f"--model given but the feature sets {list(settings.feature_sets)} leave out "
-                             "'pretrained': add it, or drop --model")
+        raise ParameterError(
+            f"--model given but the feature sets {list(settings.feature_sets)} leave out "
+            "'pretrained': add it, or drop --model"
+        )
     start = time.perf_counter()
     layout = Layout(Path(data_dir))
     catalogue_ready(layout, dataset, source)
     tracks = pd.read_parquet(layout.tracks(dataset), columns=["track_id", "split", "tags"]).rename(
-        columns={"tags": "labels"})
+        columns={"tags": "labels"}
+    )
     check_target(tracks, cv=settings.cv)  # a bad target fails here, before any audio
     sets = {name: None for name in settings.feature_sets if name != "pretrained"}
     timescales = tuple(kmeans.timescales) or (features.mel.column,)
@@ -360,18 +440,27 @@ def transfer(data_dir: Path, dataset: str, settings: TransferSettings, features:
             for ref in models:
                 out = embed_catalogue(data_dir, dataset, ref, shared, tracking)
                 embedded[out.path] = out
-    vectors = _feature_vectors(layout, dataset, sets, features=features, timescales=timescales,
-                               embeddings=[Path(p) for p in embedded])
+    vectors = _feature_vectors(
+        layout, dataset, sets, features=features, timescales=timescales, embeddings=[Path(p) for p in embedded]
+    )
     usable = set(tracks["track_id"])
     for table in vectors.values():
         usable &= set(table)
     missing = tracks[~tracks["track_id"].isin(usable)]
     if len(missing):
-        append_quarantine(layout.quarantine(dataset), [
-            {"path": str(t), "stage": "transfer", "reason": "no features (failed to decode, or too short)"}
-            for t in missing["track_id"]])
-        log.warning("transfer: %d of %d tracks have no features and are left out (quarantine: %s)", len(missing),
-                    len(tracks), layout.quarantine(dataset))
+        append_quarantine(
+            layout.quarantine(dataset),
+            [
+                {"path": str(t), "stage": "transfer", "reason": "no features (failed to decode, or too short)"}
+                for t in missing["track_id"]
+            ],
+        )
+        log.warning(
+            "transfer: %d of %d tracks have no features and are left out (quarantine: %s)",
+            len(missing),
+            len(tracks),
+            layout.quarantine(dataset),
+        )
     kept = tracks[tracks["track_id"].isin(usable)].sort_values("track_id").reset_index(drop=True)
     check = check_target(kept, cv=settings.cv)  # again: failed decodes may have emptied a class or a split
     ids = list(check.track_ids)
@@ -380,43 +469,91 @@ def transfer(data_dir: Path, dataset: str, settings: TransferSettings, features:
     rows, scores = [], {}
     for name, table in vectors.items():
         x = np.stack([table[t] for t in ids])
-        score = fit_transfer(x, list(kept["labels"]), kept["split"].to_numpy(), classes=check.classes,
-                             kind=check.kind, classifier=settings.classifier, cs=settings.cs, cv=settings.cv,
-                             inner_folds=settings.inner_folds, seed=settings.seed)
+        score = fit_transfer(
+            x,
+            list(kept["labels"]),
+            kept["split"].to_numpy(),
+            classes=check.classes,
+            kind=check.kind,
+            classifier=settings.classifier,
+            cs=settings.cs,
+            cv=settings.cv,
+            inner_folds=settings.inner_folds,
+            seed=settings.seed,
+        )
         scores[name] = score
         rows.append({"feature_set": name, "dims": int(x.shape[1]), **score.summary()})
         log.info("transfer %s: %s %s %.4f ± %.4f", dataset, name, score.metric, score.value, score.std)
     text = format_transfer_table(rows)
     seconds = time.perf_counter() - start
-    params = {**settings.flat("transfer."), "dataset": dataset, "feature_set": features.feature_set,
-              "kmeans_timescales": ",".join(timescales), "models": ",".join(models), "kind": check.kind,
-              "classes": ",".join(check.classes)[:500], "n_tracks": len(ids)}
-    inputs = [tracks_input(layout.tracks(dataset), dataset),
-              *(embeddings_input(path, dataset) for path in embedded),
-              features_input(sets["kmeans"], dataset) if "kmeans" in sets else None,
-              features_input(layout.features(dataset, features.feature_set), dataset)
-              if {"logmel-stats", "mfcc"} & set(sets) else None]
-    with tracked_run(tracking, "transfer", run_name=f"transfer-{dataset}", params=params,
-                     tags={"mirflow.dataset": dataset}, inputs=inputs) as run:
+    params = {
+        **settings.flat("transfer."),
+        "dataset": dataset,
+        "feature_set": features.feature_set,
+        "kmeans_timescales": ",".join(timescales),
+        "models": ",".join(models),
+        "kind": check.kind,
+        "classes": ",".join(check.classes)[:500],
+        "n_tracks": len(ids),
+    }
+    inputs = [
+        tracks_input(layout.tracks(dataset), dataset),
+        *(embeddings_input(path, dataset) for path in embedded),
+        features_input(sets["kmeans"], dataset) if "kmeans" in sets else None,
+        features_input(layout.features(dataset, features.feature_set), dataset)
+        if {"logmel-stats", "mfcc"} & set(sets)
+        else None,
+    ]
+    with tracked_run(
+        tracking,
+        "transfer",
+        run_name=f"transfer-{dataset}",
+        params=params,
+        tags={"mirflow.dataset": dataset},
+        inputs=inputs,
+    ) as run:
         log_table_replacing(pd.DataFrame(rows), "table_transfer.json")
-        mlflow.log_metrics({**{f"{metric_slug(r['feature_set'])}/{r['metric']}": r["value"] for r in rows},
-                            "tracks": len(ids), "dropped": len(tracks) - len(ids), "seconds": seconds})
+        mlflow.log_metrics(
+            {
+                **{f"{metric_slug(r['feature_set'])}/{r['metric']}": r["value"] for r in rows},
+                "tracks": len(ids),
+                "dropped": len(tracks) - len(ids),
+                "seconds": seconds,
+            }
+        )
         for name, score in scores.items():
             log_table_replacing(score.per_class, f"per_class/{metric_slug(name)}.json")
             if score.confusion is not None:
                 log_table_replacing(score.confusion.reset_index(), f"confusion/{metric_slug(name)}.json")
         with tempfile.TemporaryDirectory() as tmp:
-            plot_transfer_bars(rows, metric=next(iter(scores.values())).metric, path=Path(tmp) / "transfer.png",
-                               title=f"transfer to {dataset}: one classifier per feature set")
+            plot_transfer_bars(
+                rows,
+                metric=next(iter(scores.values())).metric,
+                path=Path(tmp) / "transfer.png",
+                title=f"transfer to {dataset}: one classifier per feature set",
+            )
             mlflow.log_artifacts(tmp, artifact_path="plots")
     get_run_logger().info("transfer on %s (%s)\n%s", dataset, next(iter(scores.values())).metric, text)
-    return TransferOutput(table=text, rows=tuple(rows), run_id=run.info.run_id,
-                          metric=next(iter(scores.values())).metric, n_tracks=len(ids),
-                          n_dropped=len(tracks) - len(ids), seconds=seconds)
+    return TransferOutput(
+        table=text,
+        rows=tuple(rows),
+        run_id=run.info.run_id,
+        metric=next(iter(scores.values())).metric,
+        n_tracks=len(ids),
+        n_dropped=len(tracks) - len(ids),
+        seconds=seconds,
+    )
 
 
-def _feature_vectors(layout: Layout, dataset: str, sets: dict[str, Path | None], *, features: FeatureSettings,
-                     timescales: tuple[str, ...], embeddings: list[Path]) -> dict[str, dict[str, np.ndarray]]:
+def _feature_vectors(
+    layout: Layout,
+    dataset: str,
+    sets: dict[str, Path | None],
+    *,
+    features: FeatureSettings,
+    timescales: tuple[str, ...],
+    embeddings: list[Path],
+) -> dict[str, dict[str, np.ndarray]]:
     """``{feature set name: {track_id: vector}}`` for every feature set, in table order (pretrained first)."""
     out: dict[str, dict[str, np.ndarray]] = {}
     for path in embeddings:
@@ -428,13 +565,15 @@ def _feature_vectors(layout: Layout, dataset: str, sets: dict[str, Path | None],
     if len(out) > 1:  # one more feature set: every embedding side by side (tags and listening together)
         parts = list(out.values())
         common = set.intersection(*(set(p) for p in parts))
-        out[f"pretrained: all {len(parts)} (concatenated)"] = {t: np.concatenate([p[t] for p in parts])
-                                                               for t in sorted(common)}
+        out[f"pretrained: all {len(parts)} (concatenated)"] = {
+            t: np.concatenate([p[t] for p in parts]) for t in sorted(common)
+        }
     if "kmeans" in sets:
         kmeans_dir = sets["kmeans"]
         ids = read_manifest(kmeans_dir).column("track_id").to_pylist()
-        out[FEATURE_SET_NAMES["kmeans"]] = dict(zip(ids, read_kmeans_features(kmeans_dir, timescales=timescales,
-                                                                              track_ids=ids)))
+        out[FEATURE_SET_NAMES["kmeans"]] = dict(
+            zip(ids, read_kmeans_features(kmeans_dir, timescales=timescales, track_ids=ids))
+        )
     wanted = [s for s in ("logmel-stats", "mfcc") if s in sets]
     if wanted:
         mels = read_features(layout.features(dataset, features.feature_set), column=features.mel.column)
@@ -459,9 +598,15 @@ class TransferStudyOutput:
 
 
 @flow(name="study-transfer")
-def transfer_study(data_dir: Path, dataset: str, study: TransferStudySettings, cluster: ClusterSettings,
-                   tracking: TrackingSettings, world: WorldSettings | None = None,
-                   triplets: tuple[Path, ...] = ()) -> TransferStudyOutput:
+def transfer_study(
+    data_dir: Path,
+    dataset: str,
+    study: TransferStudySettings,
+    cluster: ClusterSettings,
+    tracking: TrackingSettings,
+    world: WorldSettings | None = None,
+    triplets: tuple[Path, ...] = (),
+) -> TransferStudyOutput:
     """Pre-train every model on every source task, then transfer each, and the target's own features, to the
     synthetic genre catalogue; one parent run with the source table and the transfer table."""
     from flows.recommendation import listening_files
@@ -473,56 +618,124 @@ def transfer_study(data_dir: Path, dataset: str, study: TransferStudySettings, c
     with study_cluster(layout, dataset, cluster, world=world, n_tags=study.n_tags) as shared:
         extract_features(data_dir, dataset, study.features, shared, tracking)
         kmeans_dir = Path(kmeans_features(data_dir, dataset, study.features, kmeans, shared, tracking).feature_dir)
-        target_root = synthetic_target(layout.world() / "gtzan", world, shared, n_tracks=study.target_tracks,
-                                       seed=study.target_seed)
+        target_root = synthetic_target(
+            layout.world() / "gtzan", world, shared, n_tracks=study.target_tracks, seed=study.target_seed
+        )
     wmf = None
     if "listening" in study.sources:
-        wmf = factorize(data_dir, listening_files(layout, dataset, triplets), heldout_track_ids(layout.tracks(dataset)),
-                        study.wmf, tracking, k=study.evaluation.k)
+        wmf = factorize(
+            data_dir,
+            listening_files(layout, dataset, triplets),
+            heldout_track_ids(layout.tracks(dataset)),
+            study.wmf,
+            tracking,
+            k=study.evaluation.k,
+        )
     data = source_data(layout, dataset, study, wmf=wmf, kmeans_dir=kmeans_dir)
 
     key = f"{study.settings_hash}-{dataset}-{data['fingerprint']}"
-    params = {**study.flat(), "dataset": dataset, "data_fingerprint": data["fingerprint"],
-              "kmeans_feature_set": kmeans_dir.name, "wmf_run_id": wmf.run_id if wmf else ""}
+    params = {
+        **study.flat(),
+        "dataset": dataset,
+        "data_fingerprint": data["fingerprint"],
+        "kmeans_feature_set": kmeans_dir.name,
+        "wmf_run_id": wmf.run_id if wmf else "",
+    }
     runs = [(task, model) for task in study.sources for model in study.models]
-    inputs = {"kmeans": features_input(kmeans_dir, dataset), "tracks": tracks_input(layout.tracks(dataset), dataset),
-              "factors": wmf_factors_input(wmf) if wmf is not None else None}
-    with parent_run(tracking, "study", key=key, run_name=f"study-{study.preset}-{dataset}", params=params,
-                    tags={"mirflow.preset": study.preset, "mirflow.dataset": dataset},
-                    inputs=inputs.values()) as (parent, resumed):
+    inputs = {
+        "kmeans": features_input(kmeans_dir, dataset),
+        "tracks": tracks_input(layout.tracks(dataset), dataset),
+        "factors": wmf_factors_input(wmf) if wmf is not None else None,
+    }
+    with parent_run(
+        tracking,
+        "study",
+        key=key,
+        run_name=f"study-{study.preset}-{dataset}",
+        params=params,
+        tags={"mirflow.preset": study.preset, "mirflow.dataset": dataset},
+        inputs=inputs.values(),
+    ) as (parent, resumed):
         parent_id = parent.info.run_id
         reuse = finished_children(tracking, parent_id) if resumed else {}
         results = []
         for i, (task, model) in enumerate(runs, start=1):
-            row = pretrain_model(task, model, study=study, data=data, kmeans_dir=kmeans_dir, reuse=reuse,
-                                 tracking=tracking, checkpoint_dir=layout.checkpoints("study") / parent_id,
-                                 inputs=[inputs["kmeans"], inputs["tracks"],
-                                         inputs["factors"] if task == "listening" else None])
+            row = pretrain_model(
+                task,
+                model,
+                study=study,
+                data=data,
+                kmeans_dir=kmeans_dir,
+                reuse=reuse,
+                tracking=tracking,
+                checkpoint_dir=layout.checkpoints("study") / parent_id,
+                inputs=[inputs["kmeans"], inputs["tracks"], inputs["factors"] if task == "listening" else None],
+            )
             results.append(row)
-            log.info("study %s %d/%d %s · %s: NMSE %.4f, AUC %.4f, mAP %.4f (%s)", study.preset, i, len(runs), task,
-                     model, row["nmse"], row["auc"], row["map"], "reused" if row["reused"] else f"{row['seconds']:.0f} s")
+            log.info(
+                "study %s %d/%d %s · %s: NMSE %.4f, AUC %.4f, mAP %.4f (%s)",
+                study.preset,
+                i,
+                len(runs),
+                task,
+                model,
+                row["nmse"],
+                row["auc"],
+                row["map"],
+                "reused" if row["reused"] else f"{row['seconds']:.0f} s",
+            )
     source_table = pd.DataFrame([{k: r[k] for k in ("task", "model", "nmse", "auc", "map")} for r in results])
     # Registered after the parent run closed (the registry calls need no active run).
     # The registry's rule: the newest version is the challenger, the first one the champion until someone
     # promotes another (a study on another world is not comparable by its numbers, so none is promoted here).
     versions = {}
     for row in results:
-        version = register(tracking, f"{PRETRAINED}-{row['task']}-{row['model']}", row["model_uri"],
-                           run_id=row["run_id"], tags={"mirflow.study": parent_id})
+        version = register(
+            tracking,
+            f"{PRETRAINED}-{row['task']}-{row['model']}",
+            row["model_uri"],
+            run_id=row["run_id"],
+            tags={"mirflow.study": parent_id},
+        )
         versions[(row["task"], row["model"])] = version.version
     target = SourceSettings(adapter="gtzan", path=Path(target_root), split="random", seed=study.target_seed)
-    out = transfer(data_dir, TARGET_DATASET, study.transfer, study.features, study.kmeans, cluster, tracking,
-                   source=target, models=tuple(r["run_id"] for r in results))
+    out = transfer(
+        data_dir,
+        TARGET_DATASET,
+        study.transfer,
+        study.features,
+        study.kmeans,
+        cluster,
+        tracking,
+        source=target,
+        models=tuple(r["run_id"] for r in results),
+    )
     seconds = time.perf_counter() - start
     n_reused = sum(1 for r in results if r["reused"])
     with parent_run(tracking, "study", key=key, run_name=f"study-{study.preset}-{dataset}", params=params) as (run, _):
-        report = _log_transfer_study(source_table, out, results, versions, study=study, dataset=dataset,
-                                     layout=layout, run_id=run.info.run_id, seconds=seconds, n_reused=n_reused)
+        report = _log_transfer_study(
+            source_table,
+            out,
+            results,
+            versions,
+            study=study,
+            dataset=dataset,
+            layout=layout,
+            run_id=run.info.run_id,
+            seconds=seconds,
+            n_reused=n_reused,
+        )
     text = format_source_table(source_table)
     get_run_logger().info("study %s on %s\n%s\n\n%s", study.preset, dataset, text, out.table)
-    return TransferStudyOutput(source_table=text, transfer_table=out.table, parent_run_id=parent_id,
-                               report_path=str(report), n_runs=len(results) - n_reused, n_reused=n_reused,
-                               seconds=seconds)
+    return TransferStudyOutput(
+        source_table=text,
+        transfer_table=out.table,
+        parent_run_id=parent_id,
+        report_path=str(report),
+        n_runs=len(results) - n_reused,
+        n_reused=n_reused,
+        seconds=seconds,
+    )
 
 
 def source_data(layout: Layout, dataset: str, study: TransferStudySettings, *, wmf, kmeans_dir: Path) -> dict:
@@ -536,12 +749,23 @@ def source_data(layout: Layout, dataset: str, study: TransferStudySettings, *, w
         tags = tag_vocabulary(tracks, n=study.n_tags)
         ids = {split: list(tracks.loc[tracks["split"] == split, "track_id"]) for split in ("train", "valid", "test")}
         if any(len(v) < 2 for v in ids.values()):
-            raise DatasetError(f"the tag task needs tracks in train, valid and test: {({k: len(v) for k, v in ids.items()})}")
-        factors = factorize_tags(tracks, tags=tags, fit_ids=ids["train"], fold_ids=ids["valid"] + ids["test"],
-                                 settings=study.wmf.model_copy(update={"factors": study.tag_factors}))
+            raise DatasetError(
+                f"the tag task needs tracks in train, valid and test: { ({k: len(v) for k, v in ids.items()}) }"
+            )
+        factors = factorize_tags(
+            tracks,
+            tags=tags,
+            fit_ids=ids["train"],
+            fold_ids=ids["valid"] + ids["test"],
+            settings=study.wmf.model_copy(update={"factors": study.tag_factors}),
+        )
         truth = multi_hot(tracks, tags)
-        data["tags"] = {"ids": ids, "targets": factors.track_factors, "factors": factors,
-                        "truth": np.stack([truth[t] for t in ids["test"]])}
+        data["tags"] = {
+            "ids": ids,
+            "targets": factors.track_factors,
+            "factors": factors,
+            "truth": np.stack([truth[t] for t in ids["test"]]),
+        }
         parts.append((tags, ids, [(t, sorted(v)) for t, v in zip(tracks["track_id"], tracks["tags"])]))
     if "listening" in study.sources:
         users, user_factors = load_factors(wmf.user_factors)
@@ -549,110 +773,231 @@ def source_data(layout: Layout, dataset: str, study: TransferStudySettings, *, w
         heldout, heldout_factors = load_factors(wmf.heldout_item_factors)
         ids = cold_start_track_splits(tracks, factorized=set(items), heldout=set(heldout))
         if any(len(v) < 2 for v in ids.values()):
-            raise DatasetError(f"the listening task needs factorized and held-out tracks with features: "
-                               f"{({k: len(v) for k, v in ids.items()})}")
-        relevant = play_matrix_for(pd.read_parquet(wmf.heldout_plays), users=users,
-                                   items=np.asarray(ids["test"], dtype=str))
-        data["listening"] = {"ids": ids, "targets": {**dict(zip(items, item_factors)),
-                                                     **dict(zip(heldout, heldout_factors))},
-                             "user_factors": user_factors, "relevant": relevant}
+            raise DatasetError(
+                f"the listening task needs factorized and held-out tracks with features: "
+                f"{ ({k: len(v) for k, v in ids.items()}) }"
+            )
+        relevant = play_matrix_for(
+            pd.read_parquet(wmf.heldout_plays), users=users, items=np.asarray(ids["test"], dtype=str)
+        )
+        data["listening"] = {
+            "ids": ids,
+            "targets": {**dict(zip(items, item_factors)), **dict(zip(heldout, heldout_factors))},
+            "user_factors": user_factors,
+            "relevant": relevant,
+        }
         parts += [file_sha1(Path(wmf.item_factors)), file_sha1(Path(wmf.heldout_item_factors)), ids]
     data["fingerprint"] = run_key(*parts)
     return data
 
 
-def pretrain_model(task: str, model: str, *, study: TransferStudySettings, data: dict, kmeans_dir: Path, reuse: dict,
-                   tracking: TrackingSettings, checkpoint_dir: Path, inputs: Sequence[RunInput | None] = ()) -> dict:
+def pretrain_model(
+    task: str,
+    model: str,
+    *,
+    study: TransferStudySettings,
+    data: dict,
+    kmeans_dir: Path,
+    reuse: dict,
+    tracking: TrackingSettings,
+    checkpoint_dir: Path,
+    inputs: Sequence[RunInput | None] = (),
+) -> dict:
     """Train one source model in a child run (``inputs``: its datasets), or reuse a completed one: its scores and
     its MLflow model."""
-    key = run_key(task, model, study.regressor.model_dump(mode="json"), kmeans_dir.name, study.tag_factors,
-                  data["fingerprint"])
+    key = run_key(
+        task, model, study.regressor.model_dump(mode="json"), kmeans_dir.name, study.tag_factors, data["fingerprint"]
+    )
     row = {"task": task, "model": model, "name": f"{task} · {model}"}
     if key in reuse:
         run = reuse[key]
         m = run.data.metrics
-        return {**row, **{k: m.get(f"test/{k}", float("nan")) for k in ("nmse", "auc", "map")}, "seconds": 0.0,
-                "reused": True, "run_id": run.info.run_id, "model_uri": run.data.tags["mirflow.model_uri"]}
+        return {
+            **row,
+            **{k: m.get(f"test/{k}", float("nan")) for k in ("nmse", "auc", "map")},
+            "seconds": 0.0,
+            "reused": True,
+            "run_id": run.info.run_id,
+            "model_uri": run.data.tags["mirflow.model_uri"],
+        }
     start = time.perf_counter()
     part = data[task]
     ids = part["ids"]
     features = {s: read_kmeans_features(kmeans_dir, timescales=study.timescales, track_ids=v) for s, v in ids.items()}
     targets = {s: np.stack([part["targets"][t] for t in v]) for s, v in ids.items()}
     layers = MODEL_LAYERS[model]
-    params = {"task": task, "model": model, "layers": layers, "n_inputs": features["train"].shape[1],
-              "n_outputs": targets["train"].shape[1], **study.regressor.flat("regressor."),
-              **{f"n_{s}": len(v) for s, v in ids.items()}}
-    with child_run(run_name=row["name"], params=params, settings=tracking, inputs=inputs,
-                   tags={"mirflow.config_key": key, "mirflow.configuration": row["name"]}) as run:
-        result = train_factor_regressor(features=features, targets=targets, layers=layers, settings=study.regressor,
-                                        checkpoint_dir=checkpoint_dir / key,
-                                        logger=mlflow_logger(tracking, "study", run.info.run_id), quiet=True)
+    params = {
+        "task": task,
+        "model": model,
+        "layers": layers,
+        "n_inputs": features["train"].shape[1],
+        "n_outputs": targets["train"].shape[1],
+        **study.regressor.flat("regressor."),
+        **{f"n_{s}": len(v) for s, v in ids.items()},
+    }
+    with child_run(
+        run_name=row["name"],
+        params=params,
+        settings=tracking,
+        inputs=inputs,
+        tags={"mirflow.config_key": key, "mirflow.configuration": row["name"]},
+    ) as run:
+        result = train_factor_regressor(
+            features=features,
+            targets=targets,
+            layers=layers,
+            settings=study.regressor,
+            checkpoint_dir=checkpoint_dir / key,
+            logger=mlflow_logger(tracking, "study", run.info.run_id),
+            quiet=True,
+        )
         if task == "tags":
             scores = tag_task_scores(result.predicted, part["truth"], part["factors"])
         else:
-            ranked = ranking_row(row["name"], part["user_factors"], result.predicted, part["relevant"],
-                                 k=study.evaluation.k)
+            ranked = ranking_row(
+                row["name"], part["user_factors"], result.predicted, part["relevant"], k=study.evaluation.k
+            )
             scores = {"auc": ranked.auc, "map": ranked.map_at_k}
         metrics = {"nmse": nmse(result.predicted, targets["test"]), **scores}
-        mlflow.log_metrics({"epochs": result.epochs, **{f"test/{k}": v for k, v in metrics.items()
-                                                         if np.isfinite(v)}})
-        model_uri = log_pretrained(result.checkpoint, name=row["name"], study=study, kmeans_dir=kmeans_dir,
-                                   n_inputs=features["train"].shape[1], dims=result.module.embedding_size,
-                                   example=features["test"][:2])
+        mlflow.log_metrics({"epochs": result.epochs, **{f"test/{k}": v for k, v in metrics.items() if np.isfinite(v)}})
+        model_uri = log_pretrained(
+            result.checkpoint,
+            name=row["name"],
+            study=study,
+            kmeans_dir=kmeans_dir,
+            n_inputs=features["train"].shape[1],
+            dims=result.module.embedding_size,
+            example=features["test"][:2],
+        )
         mlflow.set_tag("mirflow.model_uri", model_uri)
-    return {**row, **metrics, "seconds": time.perf_counter() - start, "reused": False, "run_id": run.info.run_id,
-            "model_uri": model_uri}
+    return {
+        **row,
+        **metrics,
+        "seconds": time.perf_counter() - start,
+        "reused": False,
+        "run_id": run.info.run_id,
+        "model_uri": model_uri,
+    }
 
 
-def log_pretrained(checkpoint: Path, *, name: str, study: TransferStudySettings, kmeans_dir: Path, n_inputs: int,
-                   dims: int, example: np.ndarray) -> str:
+def log_pretrained(
+    checkpoint: Path,
+    *,
+    name: str,
+    study: TransferStudySettings,
+    kmeans_dir: Path,
+    n_inputs: int,
+    dims: int,
+    example: np.ndarray,
+) -> str:
     """The source model as an MLflow pyfunc: checkpoint, codebooks and the settings its inputs need."""
     from mlflow.models import ModelSignature
 
-    config = {"kind": "pretrained-embedding", "name": name, "features": study.features.model_dump(mode="json"),
-              "kmeans": study.kmeans.model_dump(mode="json"), "timescales": list(study.timescales),
-              "n_inputs": n_inputs, "dims": dims}
+    config = {
+        "kind": "pretrained-embedding",
+        "name": name,
+        "features": study.features.model_dump(mode="json"),
+        "kmeans": study.kmeans.model_dump(mode="json"),
+        "timescales": list(study.timescales),
+        "n_inputs": n_inputs,
+        "dims": dims,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         codebooks = Path(tmp) / "codebooks"
         codebooks.mkdir()
         for column in study.timescales:
             shutil.copyfile(codebook_path(kmeans_dir, column), codebooks / f"{column}.npz")
         signature = ModelSignature(inputs=factors_schema(n_inputs), outputs=factors_schema(dims))
-        return log_served_model(code="pretrained_embedding", artifacts={"checkpoint": Path(checkpoint),
-                                                                        "codebooks": codebooks},
-                                config=config, signature=signature, input_example=example.astype(np.float32))
+        return log_served_model(
+            code="pretrained_embedding",
+            artifacts={"checkpoint": Path(checkpoint), "codebooks": codebooks},
+            config=config,
+            signature=signature,
+            input_example=example.astype(np.float32),
+        )
 
 
 def format_source_table(table: pd.DataFrame) -> str:
     return table.rename(columns={"nmse": "NMSE", "auc": "AUC", "map": "mAP"}).to_string(
-        index=False, float_format=lambda v: f"{v:.4f}")
+        index=False, float_format=lambda v: f"{v:.4f}"
+    )
 
 
-def _log_transfer_study(source: pd.DataFrame, out: TransferOutput, results: list[dict], versions: dict, *,
-                        study: TransferStudySettings, dataset: str, layout: Layout, run_id: str, seconds: float,
-                        n_reused: int) -> Path:
+def _log_transfer_study(
+    source: pd.DataFrame,
+    out: TransferOutput,
+    results: list[dict],
+    versions: dict,
+    *,
+    study: TransferStudySettings,
+    dataset: str,
+    layout: Layout,
+    run_id: str,
+    seconds: float,
+    n_reused: int,
+) -> Path:
     log_table_replacing(source, "table_source.json")
     log_table_replacing(pd.DataFrame(out.rows), "table_transfer.json")
     log_table_replacing(pd.DataFrame(results), "study_runs.json")
     mlflow.set_tag("mirflow.transfer_run_id", out.run_id)
-    mlflow.log_metrics({**{f"source/{r['task']}_{metric_slug(r['model'])}/{m}": r[m] for r in results
-                           for m in ("nmse", "auc", "map") if np.isfinite(r[m])},
-                        **{f"transfer/{metric_slug(r['feature_set'])}": r["value"] for r in out.rows},
-                        "study_seconds": seconds, "children_reused": n_reused})
+    mlflow.log_metrics(
+        {
+            **{
+                f"source/{r['task']}_{metric_slug(r['model'])}/{m}": r[m]
+                for r in results
+                for m in ("nmse", "auc", "map")
+                if np.isfinite(r[m])
+            },
+            **{f"transfer/{metric_slug(r['feature_set'])}": r["value"] for r in out.rows},
+            "study_seconds": seconds,
+            "children_reused": n_reused,
+        }
+    )
     report = layout.reports() / f"study-{study.preset}-{run_id}.md"
-    registered = [f"- `{PRETRAINED}-{task}-{model}` version {v} (alias `{CHALLENGER}`: the newest)"
-                  for (task, model), v in versions.items()]
-    write_text_atomic(report, "\n".join([
-        f"# Study {study.preset} on {dataset}", "",
-        f"MLflow parent run `{run_id}`, {len(results)} source models ({n_reused} reused), {seconds:.0f} s.", "",
-        "## Source tasks (test split)", "",
-        ("tags: the track × tag matrix reduced by WMF; AUC and mAP of the tags ranked per track, macro over tags. "
-         f"listening: the WMF item factors; AUC and mAP@{study.evaluation.k} of the held-out tracks ranked per user "
-         "(cold start). NMSE: squared error over the targets' variance."), "",
-        "```", format_source_table(source), "```", "",
-        f"## Transfer to the synthetic genre catalogue ({out.n_tracks} tracks, {out.metric})", "",
-        "```", out.table, "```", "", f"Transfer run `{out.run_id}` (experiment mirflow-transfer).", "",
-        "## Registered models", "", *registered, "",
-        "## Settings", "", "```json", study.model_dump_json(indent=1), "```", ""]))
+    registered = [
+        f"- `{PRETRAINED}-{task}-{model}` version {v} (alias `{CHALLENGER}`: the newest)"
+        for (task, model), v in versions.items()
+    ]
+    write_text_atomic(
+        report,
+        "\n".join(
+            [
+                f"# Study {study.preset} on {dataset}",
+                "",
+                f"MLflow parent run `{run_id}`, {len(results)} source models ({n_reused} reused), {seconds:.0f} s.",
+                "",
+                "## Source tasks (test split)",
+                "",
+                (
+                    "tags: the track × tag matrix reduced by WMF; AUC and mAP of the tags ranked per track, macro over tags. "
+                    f"listening: the WMF item factors; AUC and mAP@{study.evaluation.k} of the held-out tracks ranked per user "
+                    "(cold start). NMSE: squared error over the targets' variance."
+                ),
+                "",
+                "```",
+                format_source_table(source),
+                "```",
+                "",
+                f"## Transfer to the synthetic genre catalogue ({out.n_tracks} tracks, {out.metric})",
+                "",
+                "```",
+                out.table,
+                "```",
+                "",
+                f"Transfer run `{out.run_id}` (experiment mirflow-transfer).",
+                "",
+                "## Registered models",
+                "",
+                *registered,
+                "",
+                "## Settings",
+                "",
+                "```json",
+                study.model_dump_json(indent=1),
+                "```",
+                "",
+            ]
+        ),
+    )
     mlflow.log_artifact(str(report))
     return report

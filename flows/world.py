@@ -30,8 +30,16 @@ def synthetic_world(root: Path, world: WorldSettings, cluster: ClusterSettings) 
         log.warning("removed a synthetic world made with other settings from %s", root)
     tracks = synth.plan_world(world)
     with dask_client(cluster) as client:
-        map_batches(client, synth.render_clips, chunked(tracks, CLIPS_PER_TASK), description="render synthetic clips",
-                    unit="clips", size=len, root=root, settings=world)
+        map_batches(
+            client,
+            synth.render_clips,
+            chunked(tracks, CLIPS_PER_TASK),
+            description="render synthetic clips",
+            unit="clips",
+            size=len,
+            root=root,
+            settings=world,
+        )
     synth.write_annotations(tracks, root=root)
     synth.write_listening(tracks, root=root, settings=world)
     synth.write_truth(tracks, root=root, settings=world)
@@ -39,7 +47,9 @@ def synthetic_world(root: Path, world: WorldSettings, cluster: ClusterSettings) 
 
 
 @flow(name="synthetic-target")
-def synthetic_target(root: Path, world: WorldSettings, cluster: ClusterSettings, *, n_tracks: int = 200, seed: int = 1) -> Path:
+def synthetic_target(
+    root: Path, world: WorldSettings, cluster: ClusterSettings, *, n_tracks: int = 200, seed: int = 1
+) -> Path:
     """Render the GTZAN-like target catalogue under ``root`` unless a complete one with the same settings is there.
 
     Meant for ``<world root>/gtzan``, where :func:`tasks.datasets.gtzan_tracks` reads it
@@ -55,7 +65,14 @@ def synthetic_target(root: Path, world: WorldSettings, cluster: ClusterSettings,
         log.warning("removed a synthetic target catalogue made with other settings from %s", root)
     tracks = synth.plan_target(world, n_tracks=n_tracks, seed=seed)
     with dask_client(cluster) as client:
-        map_batches(client, functools.partial(synth.render_target, root), chunked(tracks, CLIPS_PER_TASK),
-                    description="render target clips", unit="clips", size=len, settings=world)
+        map_batches(
+            client,
+            functools.partial(synth.render_target, root),
+            chunked(tracks, CLIPS_PER_TASK),
+            description="render target clips",
+            unit="clips",
+            size=len,
+            settings=world,
+        )
     synth.write_target_truth(tracks, root=root, settings=world, n_tracks=n_tracks, seed=seed)
     return root

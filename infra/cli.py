@@ -59,8 +59,15 @@ QUIET_OFFLINE = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 # Libraries whose INFO lines drown the pipeline's own progress.
-CHATTY_LOGGERS = ("distributed", "lightning.pytorch", "lightning.fabric", "mlflow.store.db.utils", "alembic",
-                  "mlflow.pyfunc", "mlflow.models")
+CHATTY_LOGGERS = (
+    "distributed",
+    "lightning.pytorch",
+    "lightning.fabric",
+    "mlflow.store.db.utils",
+    "alembic",
+    "mlflow.pyfunc",
+    "mlflow.models",
+)
 
 
 def _setup(verbose: bool) -> None:
@@ -185,21 +192,39 @@ ClipSeconds = Annotated[float, typer.Option(help="length of each synthetic clip"
 Devices = Annotated[int, typer.Option(help="train each model under DDP on N devices (GPUs, or CPU processes)")]
 Precision = Annotated[str, typer.Option(help="32-true | bf16-mixed (on a GPU) | 16-mixed")]
 Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile each network")]
-Objective = Annotated[str, typer.Option(help="latent-factor CNN: mse on the WMF factors | wpe, the weighted "
-                                             "prediction error of the plays (van den Oord et al. 2013)")]
-Model = Annotated[str, typer.Option(help="tagger: convnet2014 (Dieleman & Schrauwen 2014) | short-chunk-resnet "
-                                         "(Won et al. 2020)")]
+Objective = Annotated[
+    str,
+    typer.Option(
+        help="latent-factor CNN: mse on the WMF factors | wpe, the weighted "
+        "prediction error of the plays (van den Oord et al. 2013)"
+    ),
+]
+Model = Annotated[
+    str, typer.Option(help="tagger: convnet2014 (Dieleman & Schrauwen 2014) | short-chunk-resnet (Won et al. 2020)")
+]
 Verbose = Annotated[bool, typer.Option(help="debug logging; a failed run shows its traceback")]
 
 
-def _launch(epochs: int | None, *, devices: int = 1, precision: str = "32-true", compile_: bool = False,
-            model: str = "convnet2014", objective: str = "mse", **fields) -> None:
+def _launch(
+    epochs: int | None,
+    *,
+    devices: int = 1,
+    precision: str = "32-true",
+    compile_: bool = False,
+    model: str = "convnet2014",
+    objective: str = "mse",
+    **fields,
+) -> None:
     """Build the settings (tracking under the data folder) with the training options asked for; run the pipeline."""
     from infra.settings import PipelineSettings
     from infra.tracking import tracking_for
 
-    settings = PipelineSettings(**fields, tagger={"model": model}, recommender={"objective": objective},
-                                tracking=tracking_for(fields["data_dir"]))
+    settings = PipelineSettings(
+        **fields,
+        tagger={"model": model},
+        recommender={"objective": objective},
+        tracking=tracking_for(fields["data_dir"]),
+    )
     training = {"devices": devices, "precision": precision, "compile": compile_}
     if epochs is not None:
         training["max_epochs"] = epochs
@@ -222,9 +247,13 @@ def demo(
     clip_seconds: ClipSeconds = 15.0,
     epochs: Annotated[int | None, typer.Option(help="cap on training epochs of each model")] = None,
     seed: int = 0,
-    initial_batches: Annotated[int | None, typer.Option(
-        help="use only the first N of the world's 3 listening batches; copy a later one into "
-             "<data-dir>/inbox/listening to try `mirflow retrain`")] = None,
+    initial_batches: Annotated[
+        int | None,
+        typer.Option(
+            help="use only the first N of the world's 3 listening batches; copy a later one into "
+            "<data-dir>/inbox/listening to try `mirflow retrain`"
+        ),
+    ] = None,
     model: Model = "convnet2014",
     objective: Objective = "mse",
     devices: Devices = 1,
@@ -239,21 +268,37 @@ def demo(
     with _command(verbose):
         from tasks.synth import STYLES
 
-        _launch(epochs, model=model, objective=objective, devices=devices, precision=precision, compile_=compile_,
-                data_dir=data_dir, dataset="synthetic", initial_batches=initial_batches,
-                world={"n_tracks": tracks, "n_users": users, "clip_seconds": clip_seconds, "seed": seed},
-                cluster={"kind": cluster, "n_workers": workers, "address": address},
-                evaluation={"map_tags": STYLES})
+        _launch(
+            epochs,
+            model=model,
+            objective=objective,
+            devices=devices,
+            precision=precision,
+            compile_=compile_,
+            data_dir=data_dir,
+            dataset="synthetic",
+            initial_batches=initial_batches,
+            world={"n_tracks": tracks, "n_users": users, "clip_seconds": clip_seconds, "seed": seed},
+            cluster={"kind": cluster, "n_workers": workers, "address": address},
+            evaluation={"map_tags": STYLES},
+        )
 
 
 @app.command()
 def pipeline(
-    annotations: Annotated[Path, typer.Option(exists=True, dir_okay=False,
-                                              help="MTAT annotations_final.csv (or the same format)")],
-    audio_root: Annotated[Path, typer.Option(exists=True, file_okay=False,
-                                             help="root of the mp3 tree the annotations' mp3_path is relative to")],
-    triplets: Annotated[list[Path], typer.Option(exists=True, dir_okay=False,
-                                                 help="Taste Profile triplet files, oldest first; song = clip id")],
+    annotations: Annotated[
+        Path, typer.Option(exists=True, dir_okay=False, help="MTAT annotations_final.csv (or the same format)")
+    ],
+    audio_root: Annotated[
+        Path,
+        typer.Option(
+            exists=True, file_okay=False, help="root of the mp3 tree the annotations' mp3_path is relative to"
+        ),
+    ],
+    triplets: Annotated[
+        list[Path],
+        typer.Option(exists=True, dir_okay=False, help="Taste Profile triplet files, oldest first; song = clip id"),
+    ],
     dataset: Annotated[str, typer.Option(help="name of the dataset under the storage root")] = "mtat",
     data_dir: DataDir = Path("data"),
     epochs: Annotated[int | None, typer.Option(help="cap on training epochs of each model")] = None,
@@ -269,21 +314,35 @@ def pipeline(
 ) -> None:
     """Run the whole pipeline on MTAT-layout audio and annotations with Taste Profile listening data."""
     with _command(verbose):
-        _launch(epochs, model=model, objective=objective, devices=devices, precision=precision, compile_=compile_,
-                data_dir=data_dir, dataset=dataset, annotations=annotations.resolve(),
-                audio_root=audio_root.resolve(), triplets=tuple(p.resolve() for p in triplets),
-                cluster={"kind": cluster, "n_workers": workers, "address": address})
+        _launch(
+            epochs,
+            model=model,
+            objective=objective,
+            devices=devices,
+            precision=precision,
+            compile_=compile_,
+            data_dir=data_dir,
+            dataset=dataset,
+            annotations=annotations.resolve(),
+            audio_root=audio_root.resolve(),
+            triplets=tuple(p.resolve() for p in triplets),
+            cluster={"kind": cluster, "n_workers": workers, "address": address},
+        )
 
 
 @app.command()
 def features(
     adapter: Annotated[str, typer.Option(help="mtat | gtzan | manifest")],
-    source: Annotated[Path, typer.Option(exists=True, help="mtat: annotations_final.csv; gtzan: root folder; manifest: CSV/Parquet")],
+    source: Annotated[
+        Path, typer.Option(exists=True, help="mtat: annotations_final.csv; gtzan: root folder; manifest: CSV/Parquet")
+    ],
     dataset: Annotated[str, typer.Option(help="name of the dataset under the storage root")],
     audio_root: Annotated[Path | None, typer.Option(help="mtat: root of the mp3 tree")] = None,
     split: Annotated[str | None, typer.Option(help="mtat: folder|lists; gtzan: filtered|random")] = None,
     split_dir: Annotated[Path | None, typer.Option(help="folder of the split lists")] = None,
-    windows: Annotated[str, typer.Option(help="FFT windows, comma-separated; the first is the finest")] = "1024,2048,4096,8192",
+    windows: Annotated[
+        str, typer.Option(help="FFT windows, comma-separated; the first is the finest")
+    ] = "1024,2048,4096,8192",
     hop: Annotated[int, typer.Option(help="hop in samples for hop-policy fixed")] = 512,
     hop_policy: Annotated[str, typer.Option(help="fixed | half (window/2)")] = "fixed",
     sample_rate: Annotated[int, typer.Option(help="model rate the audio is resampled to")] = 16000,
@@ -307,31 +366,48 @@ def features(
         )
         from infra.tracking import tracking_for
 
-        settings = feature_settings_from_options(windows=windows, hop=hop, hop_policy=hop_policy,
-                                                 sample_rate=sample_rate, n_mels=n_mels, pyramid=pyramid,
-                                                 pyramid_levels=pyramid_levels, audio_shards=audio_shards,
-                                                 files_per_task=files_per_task)
-        catalogue = SourceSettings(adapter=adapter, path=source.resolve(), audio_root=audio_root, split=split,
-                                   split_dir=split_dir)
+        settings = feature_settings_from_options(
+            windows=windows,
+            hop=hop,
+            hop_policy=hop_policy,
+            sample_rate=sample_rate,
+            n_mels=n_mels,
+            pyramid=pyramid,
+            pyramid_levels=pyramid_levels,
+            audio_shards=audio_shards,
+            files_per_task=files_per_task,
+        )
+        catalogue = SourceSettings(
+            adapter=adapter, path=source.resolve(), audio_root=audio_root, split=split, split_dir=split_dir
+        )
         cluster_settings = ClusterSettings(kind=cluster, n_workers=workers, address=address)
         from flows.features import catalogue_features
 
-        summary = catalogue_features(data_dir.resolve(), dataset, catalogue, settings, cluster_settings,
-                                     tracking_for(data_dir))
-    console.print(f"features of {dataset}: {summary.n_tracks} tracks ({summary.n_extracted} extracted, "
-                  f"{summary.n_skipped} already present, {summary.n_quarantined} quarantined), "
-                  f"{summary.clips_per_s:.1f} clips/s, peak worker memory {summary.peak_worker_rss_mb:.0f} MiB\n"
-                  f"shards: {summary.feature_dir}")
+        summary = catalogue_features(
+            data_dir.resolve(), dataset, catalogue, settings, cluster_settings, tracking_for(data_dir)
+        )
+    console.print(
+        f"features of {dataset}: {summary.n_tracks} tracks ({summary.n_extracted} extracted, "
+        f"{summary.n_skipped} already present, {summary.n_quarantined} quarantined), "
+        f"{summary.clips_per_s:.1f} clips/s, peak worker memory {summary.peak_worker_rss_mb:.0f} MiB\n"
+        f"shards: {summary.feature_dir}"
+    )
 
 
 @app.command()
 def wmf(
-    listening: Annotated[list[Path], typer.Option(exists=True, dir_okay=False,
-                                                  help="listening files, oldest first (one batch each)")],
+    listening: Annotated[
+        list[Path], typer.Option(exists=True, dir_okay=False, help="listening files, oldest first (one batch each)")
+    ],
     listening_format: Annotated[str, typer.Option("--format", help="auto | triplets | hetrec | events")] = "auto",
-    heldout_items: Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
-                                                       help="text file of item ids to hold out (cold start); "
-                                                            "without it, each user's plays are split (in-matrix)")] = None,
+    heldout_items: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="text file of item ids to hold out (cold start); without it, each user's plays are split (in-matrix)",
+        ),
+    ] = None,
     factors: int = 16,
     regularization: float = 5.0,
     iterations: int = 15,
@@ -363,9 +439,17 @@ def wmf(
         from tasks.events import ListeningSource
 
         cluster_settings = ClusterSettings(kind=cluster, n_workers=workers, address=address)
-        settings = WMFSettings(factors=factors, regularization=regularization, iterations=iterations,
-                               confidence=confidence, alpha=alpha, epsilon=epsilon, test_fraction=test_fraction,
-                               early_stopping_patience=early_stopping, eval_max_users=eval_max_users)
+        settings = WMFSettings(
+            factors=factors,
+            regularization=regularization,
+            iterations=iterations,
+            confidence=confidence,
+            alpha=alpha,
+            epsilon=epsilon,
+            test_fraction=test_fraction,
+            early_stopping_patience=early_stopping,
+            eval_max_users=eval_max_users,
+        )
         sources = [ListeningSource(path.resolve(), format=listening_format).resolved() for path in listening]
         if k < 1:
             raise ParameterError(f"--k {k}: the cut-off of the ranking metrics must be >= 1")
@@ -374,24 +458,35 @@ def wmf(
         heldout = None
         if heldout_items is not None:
             heldout = [line.strip() for line in heldout_items.read_text().splitlines() if line.strip()]
-        out = factorize(data_dir.resolve(), sources, heldout, settings, tracking_for(data_dir), k=k,
-                        cluster=cluster_settings)
-    console.print(f"WMF ({out.mode}) on batches {', '.join(out.batches)}: {out.n_users} users, {out.n_items} items"
-                  + (f", {out.n_heldout} held out" if out.n_heldout else "") + f"\nfactors: {out.user_factors}")
+        out = factorize(
+            data_dir.resolve(), sources, heldout, settings, tracking_for(data_dir), k=k, cluster=cluster_settings
+        )
+    console.print(
+        f"WMF ({out.mode}) on batches {', '.join(out.batches)}: {out.n_users} users, {out.n_items} items"
+        + (f", {out.n_heldout} held out" if out.n_heldout else "")
+        + f"\nfactors: {out.user_factors}"
+    )
     if out.rows:
         console.print(f"{'':30s}{'mAP@' + str(k):>10s}{'AUC':>8s}{'P@' + str(k):>10s}{'NDCG@' + str(k):>11s}")
         for row in out.rows:
-            console.print(f"  {row.name:28s}{row.map_at_k:10.4f}{row.auc:8.3f}{row.precision_at_k:10.4f}"
-                          f"{row.ndcg_at_k:11.4f}", highlight=False)
+            console.print(
+                f"  {row.name:28s}{row.map_at_k:10.4f}{row.auc:8.3f}{row.precision_at_k:10.4f}{row.ndcg_at_k:11.4f}",
+                highlight=False,
+            )
 
 
 @app.command()
 def retrain(
     data_dir: DataDir = Path("data"),
-    metric: Annotated[str | None, typer.Option(help="promotion metric: map_at_k | auc | ndcg_at_k | precision_at_k "
-                                                    "(default: the pipeline's, map_at_k)")] = None,
-    margin: Annotated[float | None, typer.Option(help="absolute gain on the metric the challenger needs "
-                                                      "(default: the pipeline's, 0)")] = None,
+    metric: Annotated[
+        str | None,
+        typer.Option(
+            help="promotion metric: map_at_k | auc | ndcg_at_k | precision_at_k (default: the pipeline's, map_at_k)"
+        ),
+    ] = None,
+    margin: Annotated[
+        float | None, typer.Option(help="absolute gain on the metric the challenger needs (default: the pipeline's, 0)")
+    ] = None,
     epochs: Annotated[int | None, typer.Option(help="cap on fine-tuning epochs")] = None,
     verbose: Verbose = False,
 ) -> None:
@@ -410,8 +505,9 @@ def retrain(
         from infra.tracking import tracking_for
 
         try:
-            outcome = retrain_on_new_listening(data_dir.resolve(), tracking_for(data_dir), metric=metric,
-                                               margin=margin, max_epochs=epochs)
+            outcome = retrain_on_new_listening(
+                data_dir.resolve(), tracking_for(data_dir), metric=metric, margin=margin, max_epochs=epochs
+            )
         except MlflowException as err:  # the registry refused: its reason, the traceback only with --verbose
             if verbose:
                 traceback.print_exception(err)
@@ -443,12 +539,25 @@ def up(
     runs until Ctrl-C, which stops everything it started.
     """
     with _command(verbose, flows=False):
-        _serve_stack(data_dir, ports=(prefect_port, mlflow_port, dask_port, dashboard_port, web_port),
-                     workers=workers, work_pool=work_pool, concurrency=concurrency, paused_schedules=paused_schedules)
+        _serve_stack(
+            data_dir,
+            ports=(prefect_port, mlflow_port, dask_port, dashboard_port, web_port),
+            workers=workers,
+            work_pool=work_pool,
+            concurrency=concurrency,
+            paused_schedules=paused_schedules,
+        )
 
 
-def _serve_stack(data_dir: Path, *, ports: tuple[int, int, int, int, int], workers: int | None, work_pool: str,
-                 concurrency: int, paused_schedules: bool) -> None:
+def _serve_stack(
+    data_dir: Path,
+    *,
+    ports: tuple[int, int, int, int, int],
+    workers: int | None,
+    work_pool: str,
+    concurrency: int,
+    paused_schedules: bool,
+) -> None:
     import signal
 
     from infra.cluster import usable_cores
@@ -456,10 +565,15 @@ def _serve_stack(data_dir: Path, *, ports: tuple[int, int, int, int, int], worke
 
     stopping: list[int] = []
     prefect_port, mlflow_port, dask_port, dashboard_port, web_port = ports
-    stack = Stack(data_dir=data_dir, ports=Ports(prefect=prefect_port, mlflow=mlflow_port, dask=dask_port,
-                                                dashboard=dashboard_port, web=web_port),
-                  n_workers=workers or usable_cores(), work_pool=work_pool, concurrency=concurrency,
-                  paused_schedules=paused_schedules, stop_requested=lambda: bool(stopping))
+    stack = Stack(
+        data_dir=data_dir,
+        ports=Ports(prefect=prefect_port, mlflow=mlflow_port, dask=dask_port, dashboard=dashboard_port, web=web_port),
+        n_workers=workers or usable_cores(),
+        work_pool=work_pool,
+        concurrency=concurrency,
+        paused_schedules=paused_schedules,
+        stop_requested=lambda: bool(stopping),
+    )
 
     def request_stop(signum, frame) -> None:
         stopping.append(signum)
@@ -477,15 +591,19 @@ def _serve_stack(data_dir: Path, *, ports: tuple[int, int, int, int, int], worke
         console.print("\n[bold]mirflow is serving[/bold] (Ctrl-C stops everything)", highlight=False)
         for line in info.lines():
             console.print(f"  {line}", highlight=False)
-        console.print(f"\n  export PREFECT_API_URL={info.prefect_api}\n"
-                      "  prefect deployment run 'mirflow/pipeline' --param epochs=5\n"
-                      f"  new listening files go to {stack.data_dir / 'inbox' / 'listening'}; "
-                      "'mirflow/retrain-on-new-listening' runs "
-                      + ("when asked (its schedule is paused)" if paused_schedules else "every hour"), highlight=False)
+        console.print(
+            f"\n  export PREFECT_API_URL={info.prefect_api}\n"
+            "  prefect deployment run 'mirflow/pipeline' --param epochs=5\n"
+            f"  new listening files go to {stack.data_dir / 'inbox' / 'listening'}; "
+            "'mirflow/retrain-on-new-listening' runs "
+            + ("when asked (its schedule is paused)" if paused_schedules else "every hour"),
+            highlight=False,
+        )
         died = stack.watch()
         if died is not None:
-            raise _fail(f"{died} stopped unexpectedly (log: {stack.logs / (died + '.log')}); stopping the service",
-                        FAILED)
+            raise _fail(
+                f"{died} stopped unexpectedly (log: {stack.logs / (died + '.log')}); stopping the service", FAILED
+            )
     finally:
         if stack.owned:  # a second `mirflow up` that found one running touches nothing of it
             console.print("stopping the service ...", highlight=False)
@@ -499,11 +617,16 @@ app.add_typer(study_app, name="study")
 
 @study_app.command("tagging")
 def study_tagging(
-    preset: Annotated[str, typer.Option(help="ismir2013 | icassp2014 | modern | smoke | icassp2014-smoke, or a "
-                                             "JSON file of the same shape")] = "ismir2013",
+    preset: Annotated[
+        str,
+        typer.Option(
+            help="ismir2013 | icassp2014 | modern | smoke | icassp2014-smoke, or a JSON file of the same shape"
+        ),
+    ] = "ismir2013",
     k: Annotated[int | None, typer.Option(help="K-means means per timescale (default: the preset's)")] = None,
-    dataset: Annotated[str, typer.Option(help="synthetic (built if absent), or a catalogue made by "
-                                              "`mirflow features`")] = "synthetic",
+    dataset: Annotated[
+        str, typer.Option(help="synthetic (built if absent), or a catalogue made by `mirflow features`")
+    ] = "synthetic",
     data_dir: DataDir = Path("data"),
     tracks: Tracks = 1200,
     users: Users = 3000,
@@ -536,40 +659,55 @@ def study_tagging(
         _quiet_lightning()
         from flows.study import tagging_study
 
-        out = tagging_study(data_dir.resolve(), dataset, study, cluster_settings, tracking_for(data_dir),
-                            world=world_settings)
-    console.print(f"\n[bold]study {study.preset} on {dataset}[/bold]: {out.n_runs + out.n_reused} configurations "
-                  f"({out.n_reused} reused) in {out.seconds:.0f} s; test ROC-AUC and PR-AUC, macro over tags\n",
-                  highlight=False)
+        out = tagging_study(
+            data_dir.resolve(), dataset, study, cluster_settings, tracking_for(data_dir), world=world_settings
+        )
+    console.print(
+        f"\n[bold]study {study.preset} on {dataset}[/bold]: {out.n_runs + out.n_reused} configurations "
+        f"({out.n_reused} reused) in {out.seconds:.0f} s; test ROC-AUC and PR-AUC, macro over tags\n",
+        highlight=False,
+    )
     console.print(out.table, highlight=False, soft_wrap=True)
     if out.importance:
         console.print("\nROC-AUC lost when one timescale is left out (mean per tag type):\n", highlight=False)
         console.print(out.importance, highlight=False, soft_wrap=True)
-    console.print(f"\nMLflow parent run {out.parent_run_id} (experiment mirflow-study); report: {out.report_path}\n"
-                  f"  mlflow ui --backend-store-uri {tracking_for(data_dir).tracking_uri}", highlight=False)
+    console.print(
+        f"\nMLflow parent run {out.parent_run_id} (experiment mirflow-study); report: {out.report_path}\n"
+        f"  mlflow ui --backend-store-uri {tracking_for(data_dir).tracking_uri}",
+        highlight=False,
+    )
 
 
-def _study_settings(preset: str, kind: str, *, k: int | None, epochs: int | None, training: dict,
-                    extra: dict | None = None):
+def _study_settings(
+    preset: str, kind: str, *, k: int | None, epochs: int | None, training: dict, extra: dict | None = None
+):
     """A study's settings from its preset and the command line; ParameterError for a preset of another kind."""
     from tasks.studies import load_study, merge, preset_overrides
 
-    return load_study(preset, kind, overrides=merge(preset_overrides(kind=kind, k=k, epochs=epochs, train=training),
-                                                    extra or {}))
+    return load_study(
+        preset, kind, overrides=merge(preset_overrides(kind=kind, k=k, epochs=epochs, train=training), extra or {})
+    )
 
 
 @study_app.command("recommendation")
 def study_recommendation(
-    preset: Annotated[str, typer.Option(help="nips2013 | nips2013-smoke, or a JSON file of the same shape")]
-    = "nips2013",
-    query: Annotated[list[str], typer.Option(help="a held-out track to query (repeatable); default: a seeded "
-                                                  "draw of --queries tracks")] = [],  # noqa: B006
+    preset: Annotated[
+        str, typer.Option(help="nips2013 | nips2013-smoke, or a JSON file of the same shape")
+    ] = "nips2013",
+    query: Annotated[
+        list[str],
+        typer.Option(help="a held-out track to query (repeatable); default: a seeded draw of --queries tracks"),
+    ] = [],  # noqa: B006
     queries: Annotated[int | None, typer.Option(help="seeded query tracks (default: the preset's)")] = None,
     k: Annotated[int | None, typer.Option(help="K-means means of the baselines' features")] = None,
-    dataset: Annotated[str, typer.Option(help="synthetic (built if absent), or a catalogue made by "
-                                              "`mirflow features` (with --triplets)")] = "synthetic",
-    triplets: Annotated[list[Path], typer.Option(exists=True, dir_okay=False, help="Taste Profile triplet files "
-                                                 "of a real catalogue, oldest first")] = [],  # noqa: B006
+    dataset: Annotated[
+        str,
+        typer.Option(help="synthetic (built if absent), or a catalogue made by `mirflow features` (with --triplets)"),
+    ] = "synthetic",
+    triplets: Annotated[
+        list[Path],
+        typer.Option(exists=True, dir_okay=False, help="Taste Profile triplet files of a real catalogue, oldest first"),
+    ] = [],  # noqa: B006
     data_dir: DataDir = Path("data"),
     tracks: Tracks = 1200,
     users: Users = 3000,
@@ -590,40 +728,70 @@ def study_recommendation(
         from infra.settings import ClusterSettings, WorldSettings
         from infra.tracking import tracking_for
 
-        extra = {**({"query_ids": list(query)} if query else {}),
-                 **({"queries": queries} if queries is not None else {})}
-        study = _study_settings(preset, "recommendation", k=k, epochs=epochs, extra=extra,
-                                training={"devices": devices, "precision": precision, "compile": compile_})
+        extra = {
+            **({"query_ids": list(query)} if query else {}),
+            **({"queries": queries} if queries is not None else {}),
+        }
+        study = _study_settings(
+            preset,
+            "recommendation",
+            k=k,
+            epochs=epochs,
+            extra=extra,
+            training={"devices": devices, "precision": precision, "compile": compile_},
+        )
         world_settings = WorldSettings(n_tracks=tracks, n_users=users, clip_seconds=clip_seconds, seed=seed)
         cluster_settings = ClusterSettings(kind=cluster, n_workers=workers, address=address)
         _quiet_lightning()
         from flows.recommendation import recommendation_study
 
-        out = recommendation_study(data_dir.resolve(), dataset, study, cluster_settings, tracking_for(data_dir),
-                                   world=world_settings, triplets=tuple(p.resolve() for p in triplets))
-    console.print(f"\n[bold]study {study.preset} on {dataset}[/bold]: {out.n_runs + out.n_reused} trained models "
-                  f"({out.n_reused} reused) in {out.seconds:.0f} s; cold start on the held-out tracks\n",
-                  highlight=False)
+        out = recommendation_study(
+            data_dir.resolve(),
+            dataset,
+            study,
+            cluster_settings,
+            tracking_for(data_dir),
+            world=world_settings,
+            triplets=tuple(p.resolve() for p in triplets),
+        )
+    console.print(
+        f"\n[bold]study {study.preset} on {dataset}[/bold]: {out.n_runs + out.n_reused} trained models "
+        f"({out.n_reused} reused) in {out.seconds:.0f} s; cold start on the held-out tracks\n",
+        highlight=False,
+    )
     console.print(out.table, highlight=False, soft_wrap=True)
-    console.print("\nqueries: nearest held-out tracks by WMF factors and by predicted factors (cosine)\n",
-                  highlight=False)
+    console.print(
+        "\nqueries: nearest held-out tracks by WMF factors and by predicted factors (cosine)\n", highlight=False
+    )
     console.print(out.queries, highlight=False, soft_wrap=True)
-    console.print(f"MLflow parent run {out.parent_run_id} (experiment mirflow-study); report: {out.report_path}\n"
-                  f"  mlflow ui --backend-store-uri {tracking_for(data_dir).tracking_uri}", highlight=False)
+    console.print(
+        f"MLflow parent run {out.parent_run_id} (experiment mirflow-study); report: {out.report_path}\n"
+        f"  mlflow ui --backend-store-uri {tracking_for(data_dir).tracking_uri}",
+        highlight=False,
+    )
 
 
 @study_app.command("transfer")
 def study_transfer(
-    preset: Annotated[str, typer.Option(help="ismir2014 | ismir2014-smoke, or a JSON file of the same shape")]
-    = "ismir2014",
+    preset: Annotated[
+        str, typer.Option(help="ismir2014 | ismir2014-smoke, or a JSON file of the same shape")
+    ] = "ismir2014",
     k: Annotated[int | None, typer.Option(help="K-means means per timescale")] = None,
-    cv: Annotated[int | None, typer.Option(help="score the target by k-fold cross-validation instead of its split")]
-    = None,
+    cv: Annotated[
+        int | None, typer.Option(help="score the target by k-fold cross-validation instead of its split")
+    ] = None,
     classifier: Annotated[str | None, typer.Option(help="logreg | svm (default: the preset's)")] = None,
-    dataset: Annotated[str, typer.Option(help="the source catalogue: synthetic (built if absent), or one made by "
-                                              "`mirflow features` (with --triplets)")] = "synthetic",
-    triplets: Annotated[list[Path], typer.Option(exists=True, dir_okay=False, help="Taste Profile triplet files "
-                                                 "of a real source catalogue")] = [],  # noqa: B006
+    dataset: Annotated[
+        str,
+        typer.Option(
+            help="the source catalogue: synthetic (built if absent), or one made by "
+            "`mirflow features` (with --triplets)"
+        ),
+    ] = "synthetic",
+    triplets: Annotated[
+        list[Path],
+        typer.Option(exists=True, dir_okay=False, help="Taste Profile triplet files of a real source catalogue"),
+    ] = [],  # noqa: B006
     data_dir: DataDir = Path("data"),
     tracks: Tracks = 1200,
     users: Users = 3000,
@@ -644,36 +812,65 @@ def study_transfer(
         from infra.settings import ClusterSettings, WorldSettings
         from infra.tracking import tracking_for
 
-        extra = {"transfer": {**({"cv": cv} if cv is not None else {}),
-                              **({"classifier": classifier} if classifier else {})}}
-        study = _study_settings(preset, "transfer", k=k, epochs=epochs, extra=extra,
-                                training={"devices": devices, "precision": precision, "compile": compile_})
+        extra = {
+            "transfer": {**({"cv": cv} if cv is not None else {}), **({"classifier": classifier} if classifier else {})}
+        }
+        study = _study_settings(
+            preset,
+            "transfer",
+            k=k,
+            epochs=epochs,
+            extra=extra,
+            training={"devices": devices, "precision": precision, "compile": compile_},
+        )
         world_settings = WorldSettings(n_tracks=tracks, n_users=users, clip_seconds=clip_seconds, seed=seed)
         cluster_settings = ClusterSettings(kind=cluster, n_workers=workers, address=address)
         _quiet_lightning()
         from flows.transfer import transfer_study
 
-        out = transfer_study(data_dir.resolve(), dataset, study, cluster_settings, tracking_for(data_dir),
-                             world=world_settings, triplets=tuple(p.resolve() for p in triplets))
-    console.print(f"\n[bold]study {study.preset} on {dataset}[/bold]: {out.n_runs + out.n_reused} source models "
-                  f"({out.n_reused} reused) in {out.seconds:.0f} s\n\nsource tasks (test split)\n", highlight=False)
+        out = transfer_study(
+            data_dir.resolve(),
+            dataset,
+            study,
+            cluster_settings,
+            tracking_for(data_dir),
+            world=world_settings,
+            triplets=tuple(p.resolve() for p in triplets),
+        )
+    console.print(
+        f"\n[bold]study {study.preset} on {dataset}[/bold]: {out.n_runs + out.n_reused} source models "
+        f"({out.n_reused} reused) in {out.seconds:.0f} s\n\nsource tasks (test split)\n",
+        highlight=False,
+    )
     console.print(out.source_table, highlight=False, soft_wrap=True)
     console.print("\ntransfer to the synthetic genre catalogue\n", highlight=False)
     console.print(out.transfer_table, highlight=False, soft_wrap=True)
-    console.print(f"\nMLflow parent run {out.parent_run_id} (experiment mirflow-study); report: {out.report_path}",
-                  highlight=False)
+    console.print(
+        f"\nMLflow parent run {out.parent_run_id} (experiment mirflow-study); report: {out.report_path}",
+        highlight=False,
+    )
 
 
-ModelRef = Annotated[str, typer.Option("--model", help="a pre-trained source model: its run id, or "
-                                                       "models:/mirflow-pretrained-<task>-<model>@champion")]
-Adapter = Annotated[str | None, typer.Option(help="manifest | gtzan | mtat: read the catalogue from --source "
-                                                  "(default: the dataset's tracks table from an earlier run)")]
-Source = Annotated[Path | None, typer.Option(help="gtzan: the genre folders' root; manifest: the CSV/Parquet "
-                                                  "file; mtat: annotations_final.csv")]
+ModelRef = Annotated[
+    str,
+    typer.Option(
+        "--model", help="a pre-trained source model: its run id, or models:/mirflow-pretrained-<task>-<model>@champion"
+    ),
+]
+Adapter = Annotated[
+    str | None,
+    typer.Option(
+        help="manifest | gtzan | mtat: read the catalogue from --source "
+        "(default: the dataset's tracks table from an earlier run)"
+    ),
+]
+Source = Annotated[
+    Path | None,
+    typer.Option(help="gtzan: the genre folders' root; manifest: the CSV/Parquet file; mtat: annotations_final.csv"),
+]
 
 
-def _catalogue(adapter: str | None, source: Path | None, split: str | None, split_dir: Path | None,
-               seed: int = 0):
+def _catalogue(adapter: str | None, source: Path | None, split: str | None, split_dir: Path | None, seed: int = 0):
     from infra.settings import SourceSettings
     from tasks.errors import ParameterError
 
@@ -711,11 +908,15 @@ def embed(
         _quiet_lightning()
         from flows.transfer import embed_catalogue
 
-        out = embed_catalogue(data_dir.resolve(), dataset, model, cluster_settings, tracking_for(data_dir),
-                              source=catalogue)
-    console.print(f"embeddings of {out.n_tracks} tracks ({out.dims} dims, {out.n_quarantined} quarantined) in "
-                  f"{out.seconds:.0f} s, {out.clips_per_s:.1f} clips/s\n  {out.path}\n  model {out.model_uri}; "
-                  f"MLflow run {out.run_id} (experiment mirflow-embed)", highlight=False)
+        out = embed_catalogue(
+            data_dir.resolve(), dataset, model, cluster_settings, tracking_for(data_dir), source=catalogue
+        )
+    console.print(
+        f"embeddings of {out.n_tracks} tracks ({out.dims} dims, {out.n_quarantined} quarantined) in "
+        f"{out.seconds:.0f} s, {out.clips_per_s:.1f} clips/s\n  {out.path}\n  model {out.model_uri}; "
+        f"MLflow run {out.run_id} (experiment mirflow-embed)",
+        highlight=False,
+    )
 
 
 @app.command("transfer")
@@ -723,12 +924,20 @@ def transfer_command(
     dataset: Annotated[str, typer.Option(help="name of the target catalogue under the storage root")],
     adapter: Adapter = None,
     source: Source = None,
-    model: Annotated[list[str], typer.Option("--model", help="pre-trained source model(s) for the 'pretrained' "
-                                                             "feature set (repeatable)")] = [],  # noqa: B006
-    feature_set: Annotated[list[str], typer.Option(help="pretrained | kmeans | logmel-stats | mfcc (repeatable; "
-                                                        "default: all, pretrained only with --model)")] = [],  # noqa: B006
-    cv: Annotated[int | None, typer.Option(help="k-fold cross-validation (C chosen by inner folds) instead of "
-                                                "the catalogue's split")] = None,
+    model: Annotated[
+        list[str],
+        typer.Option("--model", help="pre-trained source model(s) for the 'pretrained' feature set (repeatable)"),
+    ] = [],  # noqa: B006
+    feature_set: Annotated[
+        list[str],
+        typer.Option(
+            help="pretrained | kmeans | logmel-stats | mfcc (repeatable; default: all, pretrained only with --model)"
+        ),
+    ] = [],  # noqa: B006
+    cv: Annotated[
+        int | None,
+        typer.Option(help="k-fold cross-validation (C chosen by inner folds) instead of the catalogue's split"),
+    ] = None,
     classifier: Annotated[str, typer.Option(help="logreg | svm")] = "logreg",
     k: Annotated[int, typer.Option(help="means per timescale of the target's own K-means features")] = 200,
     split: Annotated[str | None, typer.Option(help="gtzan: filtered | random; mtat: folder | lists")] = None,
@@ -751,8 +960,9 @@ def transfer_command(
         )
         from infra.tracking import tracking_for
 
-        sets = feature_set or [s for s in ("pretrained", "kmeans", "logmel-stats", "mfcc")
-                               if s != "pretrained" or model]
+        sets = feature_set or [
+            s for s in ("pretrained", "kmeans", "logmel-stats", "mfcc") if s != "pretrained" or model
+        ]
         settings = TransferSettings(classifier=classifier, cv=cv, feature_sets=tuple(sets), seed=seed)
         catalogue = _catalogue(adapter, source, split, split_dir, seed=seed)
         cluster_settings = ClusterSettings(kind=cluster, n_workers=workers, address=address)
@@ -761,10 +971,22 @@ def transfer_command(
         _quiet_lightning()
         from flows.transfer import transfer
 
-        out = transfer(data_dir.resolve(), dataset, settings, features, kmeans, cluster_settings,
-                       tracking_for(data_dir), source=catalogue, models=tuple(model))
-    console.print(f"\ntransfer to {dataset}: {out.n_tracks} tracks ({out.n_dropped} left out), {out.metric}, "
-                  f"{out.seconds:.0f} s\n", highlight=False)
+        out = transfer(
+            data_dir.resolve(),
+            dataset,
+            settings,
+            features,
+            kmeans,
+            cluster_settings,
+            tracking_for(data_dir),
+            source=catalogue,
+            models=tuple(model),
+        )
+    console.print(
+        f"\ntransfer to {dataset}: {out.n_tracks} tracks ({out.n_dropped} left out), {out.metric}, "
+        f"{out.seconds:.0f} s\n",
+        highlight=False,
+    )
     console.print(out.table, highlight=False, soft_wrap=True)
     console.print(f"\nMLflow run {out.run_id} (experiment mirflow-transfer)", highlight=False)
 
@@ -777,11 +999,14 @@ def serve(
     dataset: Annotated[str, typer.Option(help="the catalogue to serve (its pipeline run's models)")] = "synthetic",
     max_upload_mb: Annotated[float, typer.Option(help="largest upload accepted")] = 20.0,
     max_minutes: Annotated[float, typer.Option(help="longest clip accepted (checked from the header)")] = 10.0,
-    decode_timeout: Annotated[float, typer.Option(help="seconds a decoder may take before the upload is refused")]
-    = 30.0,
+    decode_timeout: Annotated[
+        float, typer.Option(help="seconds a decoder may take before the upload is refused")
+    ] = 30.0,
     decoders: Annotated[int, typer.Option(help="decoding processes (uploads decoded at once)")] = 2,
-    wait: Annotated[bool, typer.Option(help="start without models (503 with the reason) and load them once a "
-                                            "pipeline run has made them")] = False,
+    wait: Annotated[
+        bool,
+        typer.Option(help="start without models (503 with the reason) and load them once a pipeline run has made them"),
+    ] = False,
     verbose: Verbose = False,
 ) -> None:
     """The web demo and its API: upload a track for its tags and cold-start recommendations, browse the catalogue
@@ -789,8 +1014,12 @@ def serve(
     with _command(verbose, flows=False):
         from tasks.errors import ParameterError
 
-        for option, value in (("--max-upload-mb", max_upload_mb), ("--max-minutes", max_minutes),
-                              ("--decode-timeout", decode_timeout), ("--decoders", decoders)):
+        for option, value in (
+            ("--max-upload-mb", max_upload_mb),
+            ("--max-minutes", max_minutes),
+            ("--decode-timeout", decode_timeout),
+            ("--decoders", decoders),
+        ):
             if not value > 0:
                 raise ParameterError(f"{option} {value}: must be positive")
         _quiet_lightning()
@@ -815,21 +1044,31 @@ def serve(
                 # a store or files in a state nobody planned for: the reason, the traceback only with --verbose
                 if verbose:
                     traceback.print_exception(err)
-                raise _fail(f"the models or the catalogue could not be loaded ({type(err).__name__}: {err}); "
-                            "`mirflow serve --wait` keeps trying", FAILED) from None
+                raise _fail(
+                    f"the models or the catalogue could not be loaded ({type(err).__name__}: {err}); "
+                    "`mirflow serve --wait` keeps trying",
+                    FAILED,
+                ) from None
             what = f"{len(catalogue.track_ids)} tracks of {dataset} ({catalogue.source})"
         limits = UploadLimits(max_bytes=int(max_upload_mb * 2**20), max_seconds=max_minutes * 60.0)
-    console.print(f"serving {what}\n  http://{host}:{port}/   (API docs: http://{host}:{port}/docs)",
-                  highlight=False)
-    uvicorn.run(create_app(catalogue, loader=loader, limits=limits, decode_timeout_s=decode_timeout,
-                           decoders_size=decoders),
-                host=host, port=port,
-                log_level="info" if verbose else "warning")
+    console.print(f"serving {what}\n  http://{host}:{port}/   (API docs: http://{host}:{port}/docs)", highlight=False)
+    uvicorn.run(
+        create_app(catalogue, loader=loader, limits=limits, decode_timeout_s=decode_timeout, decoders_size=decoders),
+        host=host,
+        port=port,
+        log_level="info" if verbose else "warning",
+    )
 
 
 @app.command()
-def world(data_dir: DataDir = Path("data"), tracks: int = 1200, users: int = 3000, clip_seconds: float = 15.0,
-          seed: int = 0, verbose: Verbose = False) -> None:
+def world(
+    data_dir: DataDir = Path("data"),
+    tracks: int = 1200,
+    users: int = 3000,
+    clip_seconds: float = 15.0,
+    seed: int = 0,
+    verbose: Verbose = False,
+) -> None:
     """Only write the synthetic world (MTAT-style mp3 tree + Taste Profile triplets)."""
     with _command(verbose, flows=False):
         from infra.layout import Layout

@@ -42,8 +42,11 @@ WORKER_MALLOC_ENVIRON = {
 def _worker_environ() -> dict[str, str]:
     """Dask's pre-spawn environment for workers, with the malloc settings above and OpenMP waiting passively
     (a worker shares its node with other workers and with training; infra/threads.py)."""
-    return {**dask.config.get("distributed.nanny.pre-spawn-environ", default={}), **WORKER_MALLOC_ENVIRON,
-            "OMP_WAIT_POLICY": "PASSIVE"}
+    return {
+        **dask.config.get("distributed.nanny.pre-spawn-environ", default={}),
+        **WORKER_MALLOC_ENVIRON,
+        "OMP_WAIT_POLICY": "PASSIVE",
+    }
 
 
 def _local_cluster(settings: ClusterSettings) -> LocalCluster:
@@ -98,8 +101,9 @@ def spectrogram_device(client: Client, settings: ClusterSettings) -> str | None:
 def shared_settings(client: Client, settings: ClusterSettings) -> ClusterSettings:
     """Settings that reach ``client``'s running cluster by address (for sub-flows), with its spectrogram device."""
     device = spectrogram_device(client, settings)
-    return ClusterSettings(kind="address", address=client.scheduler.address,
-                           spectrogram_device="cuda" if device == "cuda" else "cpu")
+    return ClusterSettings(
+        kind="address", address=client.scheduler.address, spectrogram_device="cuda" if device == "cuda" else "cpu"
+    )
 
 
 @contextmanager
@@ -111,8 +115,11 @@ def dask_client(settings: ClusterSettings) -> Iterator[Client]:
         return
     cluster = _cuda_cluster(settings) if settings.kind == "cuda" else _local_cluster(settings)
     with cluster, Client(cluster) as client:
-        log.info("dask cluster up: %d workers%s", len(client.scheduler_info()["workers"]),
-                 f", dashboard {client.dashboard_link}" if settings.dashboard else "")
+        log.info(
+            "dask cluster up: %d workers%s",
+            len(client.scheduler_info()["workers"]),
+            f", dashboard {client.dashboard_link}" if settings.dashboard else "",
+        )
         yield client
 
 

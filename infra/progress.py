@@ -38,8 +38,16 @@ class ProgressReporter:
     at most every ``artifact_every_s`` seconds.
     """
 
-    def __init__(self, description: str, *, total: int | None, unit: str = "items", every_s: float = 10.0,
-                 artifact_key: str | None = None, artifact_every_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        description: str,
+        *,
+        total: int | None,
+        unit: str = "items",
+        every_s: float = 10.0,
+        artifact_key: str | None = None,
+        artifact_every_s: float = 2.0,
+    ) -> None:
         self.description = description
         self.total = total
         self.unit = unit
@@ -51,7 +59,7 @@ class ProgressReporter:
         self._artifact_every_s = artifact_every_s
         self._artifact = None
 
-    def __enter__(self) -> "ProgressReporter":
+    def __enter__(self) -> ProgressReporter:
         self._start = self._last = time.perf_counter()
         if interactive():
             self._bar = Progress(

@@ -87,12 +87,21 @@ def factors_schema(n_factors: int) -> Schema:
     return Schema([TensorSpec(np.dtype(np.float32), (-1, n_factors))])
 
 
-WMF_SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "user_id"), ColSpec("string", "item_id")]),
-                               outputs=Schema([ColSpec("double", "score")]))
+WMF_SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "user_id"), ColSpec("string", "item_id")]),
+    outputs=Schema([ColSpec("double", "score")]),
+)
 
 
-def log_served_model(*, code: str, artifacts: Mapping[str, Path], config: dict | None, signature: ModelSignature,
-                     input_example, name: str = "model") -> str:
+def log_served_model(
+    *,
+    code: str,
+    artifacts: Mapping[str, Path],
+    config: dict | None,
+    signature: ModelSignature,
+    input_example,
+    name: str = "model",
+) -> str:
     """Log a pyfunc model (models from code) into the active run; returns its model URI."""
     with tempfile.TemporaryDirectory() as tmp:
         paths = {key: str(path) for key, path in artifacts.items()}
@@ -100,14 +109,26 @@ def log_served_model(*, code: str, artifacts: Mapping[str, Path], config: dict |
             config_path = Path(tmp) / "config.json"
             config_path.write_text(json.dumps(config, indent=1))
             paths["config"] = str(config_path)
-        info = mlflow.pyfunc.log_model(name=name, python_model=str(_MODEL_CODE / f"{code}.py"), artifacts=paths,
-                                       code_paths=_CODE_PATHS, signature=signature, input_example=input_example,
-                                       pip_requirements=_pip_requirements())
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(_MODEL_CODE / f"{code}.py"),
+            artifacts=paths,
+            code_paths=_CODE_PATHS,
+            signature=signature,
+            input_example=input_example,
+            pip_requirements=_pip_requirements(),
+        )
     return info.model_uri
 
 
-def register(tracking: TrackingSettings, name: str, model_uri: str, *, tags: Mapping[str, str] | None = None,
-             run_id: str | None = None) -> ModelVersion:
+def register(
+    tracking: TrackingSettings,
+    name: str,
+    model_uri: str,
+    *,
+    tags: Mapping[str, str] | None = None,
+    run_id: str | None = None,
+) -> ModelVersion:
     """A new version of ``name`` with the alias ``challenger``; the first version is also ``champion``."""
     client = client_for(tracking)
     try:
@@ -118,8 +139,9 @@ def register(tracking: TrackingSettings, name: str, model_uri: str, *, tags: Map
     for existing in client.search_model_versions(f"name='{name}'"):
         if existing.source == model_uri or (model_id and getattr(existing, "model_id", None) == model_id):
             return existing  # reused factors, or a retried registration: the same model, not a new version
-    created = client.create_model_version(name, source=model_uri, run_id=run_id, model_id=model_id,
-                                          tags={k: str(v) for k, v in (tags or {}).items()})
+    created = client.create_model_version(
+        name, source=model_uri, run_id=run_id, model_id=model_id, tags={k: str(v) for k, v in (tags or {}).items()}
+    )
     client.set_registered_model_alias(name, CHALLENGER, created.version)
     if champion(tracking, name) is None:
         client.set_registered_model_alias(name, CHAMPION, created.version)
@@ -176,10 +198,17 @@ def repair_recommender_aliases(tracking: TrackingSettings) -> str | None:
     """
     newest = newest_version(tracking, LATENT_FACTOR_CNN)
     current = champion(tracking, LATENT_FACTOR_CNN)
-    if (newest is not None and newest.tags.get(DECISION_TAG) == PROMOTED and WMF_VERSION_TAG in newest.tags
-            and (current is None or int(current.version) < int(newest.version))):
-        log.warning("registry: %s version %s was promoted but its alias never moved: finishing the promotion",
-                    LATENT_FACTOR_CNN, newest.version)
+    if (
+        newest is not None
+        and newest.tags.get(DECISION_TAG) == PROMOTED
+        and WMF_VERSION_TAG in newest.tags
+        and (current is None or int(current.version) < int(newest.version))
+    ):
+        log.warning(
+            "registry: %s version %s was promoted but its alias never moved: finishing the promotion",
+            LATENT_FACTOR_CNN,
+            newest.version,
+        )
         promote_recommender(tracking, cnn_version=str(newest.version), wmf_version=newest.tags[WMF_VERSION_TAG])
     cnn = champion(tracking, LATENT_FACTOR_CNN)
     if cnn is None or WMF_VERSION_TAG not in cnn.tags:
@@ -189,8 +218,12 @@ def repair_recommender_aliases(tracking: TrackingSettings) -> str | None:
     if current is not None and str(current.version) == wanted:
         return None
     client_for(tracking).set_registered_model_alias(WMF, CHAMPION, wanted)
-    log.warning("registry: %s champion was not the version the %s champion names; moved it to %s",
-                WMF, LATENT_FACTOR_CNN, wanted)
+    log.warning(
+        "registry: %s champion was not the version the %s champion names; moved it to %s",
+        WMF,
+        LATENT_FACTOR_CNN,
+        wanted,
+    )
     return wanted
 
 
@@ -213,14 +246,22 @@ def download_recommender(tracking: TrackingSettings, *, cnn_version: str, into: 
     if WMF_VERSION_TAG not in cnn.tags:
         raise MlflowException(f"{LATENT_FACTOR_CNN} version {cnn_version} names no WMF version ({WMF_VERSION_TAG})")
     wmf_version = str(cnn.tags[WMF_VERSION_TAG])
-    cnn_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{LATENT_FACTOR_CNN}/{cnn_version}",
-                                                       dst_path=str(Path(into) / "cnn")))
-    wmf_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{WMF}/{wmf_version}", dst_path=str(Path(into) / "wmf")))
-    return Recommender(cnn_version=str(cnn_version), wmf_version=wmf_version,
-                       checkpoint=_one(cnn_dir / "artifacts", "*.ckpt"),
-                       config=json.loads((cnn_dir / "artifacts" / "config.json").read_text()),
-                       user_factors=wmf_dir / "artifacts" / "user_factors.parquet",
-                       item_factors=wmf_dir / "artifacts" / "item_factors.parquet")
+    cnn_dir = Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/{LATENT_FACTOR_CNN}/{cnn_version}", dst_path=str(Path(into) / "cnn")
+        )
+    )
+    wmf_dir = Path(
+        mlflow.artifacts.download_artifacts(f"models:/{WMF}/{wmf_version}", dst_path=str(Path(into) / "wmf"))
+    )
+    return Recommender(
+        cnn_version=str(cnn_version),
+        wmf_version=wmf_version,
+        checkpoint=_one(cnn_dir / "artifacts", "*.ckpt"),
+        config=json.loads((cnn_dir / "artifacts" / "config.json").read_text()),
+        user_factors=wmf_dir / "artifacts" / "user_factors.parquet",
+        item_factors=wmf_dir / "artifacts" / "item_factors.parquet",
+    )
 
 
 def _one(folder: Path, pattern: str) -> Path:

@@ -66,7 +66,7 @@ class MelSettings(_Settings):
     log_c: float = Field(10000.0, gt=0.0, description="C in log(1 + C*x), as in the papers")
 
     @model_validator(mode="after")
-    def _check(self) -> "MelSettings":
+    def _check(self) -> MelSettings:
         nyquist = self.sample_rate / 2
         fmax = self.fmax if self.fmax is not None else nyquist
         if not self.fmin < fmax <= nyquist:
@@ -103,7 +103,7 @@ class FeatureSettings(_Settings):
     min_seconds: float = Field(1.0, ge=0.0, description="shorter clips are quarantined")
 
     @model_validator(mode="after")
-    def _check(self) -> "FeatureSettings":
+    def _check(self) -> FeatureSettings:
         windows = self.windows
         if len(set(windows)) != len(windows):
             raise ValueError(f"windows must be distinct, got {windows}")
@@ -118,7 +118,9 @@ class FeatureSettings(_Settings):
     def resolutions(self) -> list[MelSettings]:
         """One MelSettings per window, in column order."""
         return [
-            self.mel.model_copy(update={"n_fft": w, "hop_length": self.mel.hop_length if self.hop_policy == "fixed" else w // 2})
+            self.mel.model_copy(
+                update={"n_fft": w, "hop_length": self.mel.hop_length if self.hop_policy == "fixed" else w // 2}
+            )
             for w in self.windows
         ]
 
@@ -150,10 +152,16 @@ class SourceSettings(_Settings):
     """Where a catalogue's audio and labels come from, and which adapter reads them."""
 
     adapter: Literal["mtat", "gtzan", "manifest"]
-    path: Path = Field(..., description="mtat: annotations_final.csv; gtzan: the genre folders' root; manifest: the CSV/Parquet file")
+    path: Path = Field(
+        ..., description="mtat: annotations_final.csv; gtzan: the genre folders' root; manifest: the CSV/Parquet file"
+    )
     audio_root: Path | None = Field(None, description="mtat: root of the mp3 tree (default: the annotations' folder)")
-    split: str | None = Field(None, description="mtat: folder | lists; gtzan: filtered | random (default: folder / filtered)")
-    split_dir: Path | None = Field(None, description="gtzan: folder of *_filtered.txt; mtat lists: folder of train/valid/test .txt")
+    split: str | None = Field(
+        None, description="mtat: folder | lists; gtzan: filtered | random (default: folder / filtered)"
+    )
+    split_dir: Path | None = Field(
+        None, description="gtzan: folder of *_filtered.txt; mtat lists: folder of train/valid/test .txt"
+    )
     n_tags: int = Field(50, ge=1, description="mtat: top-N tags")
     seed: int = 0
 
@@ -164,10 +172,11 @@ class ClusterSettings(_Settings):
     address: str | None = Field(None, description="scheduler address for kind=address, e.g. tcp://host:8786")
     dashboard: bool = Field(False, description="log the dashboard link (it always binds 127.0.0.1 on a free port)")
     spectrogram_device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="auto: the GPU when kind is cuda and every worker sees one, else the CPU")
+        "auto", description="auto: the GPU when kind is cuda and every worker sees one, else the CPU"
+    )
 
     @model_validator(mode="after")
-    def _check(self) -> "ClusterSettings":
+    def _check(self) -> ClusterSettings:
         if self.kind == "address" and not self.address:
             raise ValueError("cluster kind 'address' needs an address such as tcp://127.0.0.1:8786")
         return self
@@ -196,9 +205,21 @@ class WMFSettings(_Settings):
 
     def fit_key(self) -> dict[str, Any]:
         """The settings that change the factors (not how they are evaluated)."""
-        return self.model_dump(include={"factors", "regularization", "iterations", "confidence", "alpha", "epsilon",
-                                        "solver", "seed", "early_stopping_patience", "eval_every",
-                                        "validation_fraction"})
+        return self.model_dump(
+            include={
+                "factors",
+                "regularization",
+                "iterations",
+                "confidence",
+                "alpha",
+                "epsilon",
+                "solver",
+                "seed",
+                "early_stopping_patience",
+                "eval_every",
+                "validation_fraction",
+            }
+        )
 
 
 class TrainSettings(_Settings):
@@ -213,16 +234,23 @@ class TrainSettings(_Settings):
     weight_decay: float = Field(0.0, ge=0.0)
     patience: int = Field(5, ge=1, description="early stopping on the validation metric")
     accelerator: str = "auto"
-    devices: int = Field(1, ge=1, description="processes (GPUs, or CPU processes over gloo) training under DDP; "
-                                              "evaluation is gathered across them, each clip counted once")
+    devices: int = Field(
+        1,
+        ge=1,
+        description="processes (GPUs, or CPU processes over gloo) training under DDP; "
+        "evaluation is gathered across them, each clip counted once",
+    )
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = Field(
-        "32-true", description="bf16-mixed on a GPU (Lightning's precision plugin)")
+        "32-true", description="bf16-mixed on a GPU (Lightning's precision plugin)"
+    )
     compile: bool = Field(False, description="torch.compile the network (in place: checkpoints keep their keys)")
     resident_data: Literal["off", "auto", "cpu", "cuda"] = Field(
-        "off", description="keep the training split on a device and cut crops by gather (auto: the GPU if any)")
+        "off", description="keep the training split on a device and cut crops by gather (auto: the GPU if any)"
+    )
     num_workers: int = Field(0, ge=0)
-    checkpoint_every_n_steps: int = Field(50, ge=1, description="how often a run saves last.ckpt (a killed run "
-                                                                 "resumes from it, mid-epoch)")
+    checkpoint_every_n_steps: int = Field(
+        50, ge=1, description="how often a run saves last.ckpt (a killed run resumes from it, mid-epoch)"
+    )
     seed: int = 0
 
 
@@ -238,9 +266,12 @@ class TaggerSettings(_Settings):
     conv_channels: int = 32
     conv_length: int = 8
     pool: int = 4
-    pool_ceil: bool = Field(False, description="keep a partial last pooling window (Theano's ignore_border=False): "
-                                               "lets coarse hops (e.g. 1024 at 16 kHz, 46 frames in 3 s) through "
-                                               "two conv+pool stages")
+    pool_ceil: bool = Field(
+        False,
+        description="keep a partial last pooling window (Theano's ignore_border=False): "
+        "lets coarse hops (e.g. 1024 at 16 kHz, 46 frames in 3 s) through "
+        "two conv+pool stages",
+    )
     hidden: int = 100
     resnet_channels: int = Field(128, ge=8, description="short-chunk ResNet: width of its first blocks")
     train: TrainSettings = TrainSettings(max_epochs=100, patience=10, crops_per_clip=8)
@@ -258,8 +289,9 @@ class LatentFactorSettings(_Settings):
     conv_length: int = 4
     hidden: int = 256
     dropout: float = Field(0.5, ge=0.0, lt=1.0)
-    train: TrainSettings = TrainSettings(max_epochs=60, learning_rate=1e-3, weight_decay=1e-4, patience=10,
-                                         crops_per_clip=8)
+    train: TrainSettings = TrainSettings(
+        max_epochs=60, learning_rate=1e-3, weight_decay=1e-4, patience=10, crops_per_clip=8
+    )
 
 
 class KMeansSettings(_Settings):
@@ -273,15 +305,19 @@ class KMeansSettings(_Settings):
     k: int = Field(200, description="means per timescale (the paper: 200-500)")
     context: int = Field(4, description="consecutive frames per window (?4)")
     epsilon: float = Field(0.01, ge=0.0, description="whitening regularizer, relative to the mean variance (?)")
-    sample_windows: int = Field(50_000, ge=100, description="windows sampled from the training split, per timescale, "
-                                                            "to fit the whitening and the means")
+    sample_windows: int = Field(
+        50_000,
+        ge=100,
+        description="windows sampled from the training split, per timescale, to fit the whitening and the means",
+    )
     iterations: int = Field(10, ge=1, description="passes of mini-batch K-means over the sample")
     batch_size: int = Field(1000, ge=1, description="windows per mini-batch update")
     activation: Literal["linear", "relu", "threshold"] = Field("linear", description="on the dot products (?linear)")
     threshold: float = Field(0.0, description="for activation=threshold: max(0, f - threshold)")
     pooling: Literal["max", "mean", "max+mean"] = Field("max", description="over the whole clip (?max)")
-    codebook: Literal["kmeans", "random"] = Field("kmeans", description="random: random unit means under the same "
-                                                                         "whitening (the control, nothing learned)")
+    codebook: Literal["kmeans", "random"] = Field(
+        "kmeans", description="random: random unit means under the same whitening (the control, nothing learned)"
+    )
     timescales: tuple[str, ...] = Field((), description="feature columns to learn on; () = every column")
     tracks_per_task: int = Field(64, ge=1, description="clips encoded per Dask task (and per shard)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where K-means and the encoding compute")
@@ -320,8 +356,9 @@ class MLPSettings(_Settings):
     hidden: int = Field(1000, ge=1, description="units per hidden layer")
     layers: int = Field(1, ge=1, le=4, description="hidden layers")
     dropout: float = Field(0.5, ge=0.0, lt=1.0)
-    train: TrainSettings = TrainSettings(max_epochs=200, patience=20, batch_size=64, learning_rate=1e-3,
-                                         weight_decay=1e-5)
+    train: TrainSettings = TrainSettings(
+        max_epochs=200, patience=20, batch_size=64, learning_rate=1e-3, weight_decay=1e-5
+    )
 
 
 TIMESCALE_GROUPS = ("multiresolution", "gaussian", "laplacian")
@@ -348,21 +385,26 @@ class StudySettings(_Settings):
     importance: tuple[Literal["multiresolution", "gaussian", "laplacian"], ...] = ("multiresolution", "laplacian")
 
     @model_validator(mode="after")
-    def _check(self) -> "StudySettings":
+    def _check(self) -> StudySettings:
         groups = self.timescale_groups()
         for group in (*self.groups, *self.importance):
             if not groups.get(group):
-                raise ValueError(f"group {group!r} needs feature columns the feature settings do not make "
-                                 f"(pyramid={self.features.pyramid!r}, windows={self.features.windows})")
+                raise ValueError(
+                    f"group {group!r} needs feature columns the feature settings do not make "
+                    f"(pyramid={self.features.pyramid!r}, windows={self.features.windows})"
+                )
         unknown = [t for t in self.kmeans.timescales if t not in self.features.columns]
         if unknown:
-            raise ValueError(f"timescale(s) {unknown} are not made by the feature settings (columns "
-                             f"{self.features.columns})")
+            raise ValueError(
+                f"timescale(s) {unknown} are not made by the feature settings (columns {self.features.columns})"
+            )
         if not self.codebooks:
             raise ValueError("a study needs at least one codebook kind (kmeans, random)")
         if self.importance and "kmeans" not in self.codebooks:
-            raise ValueError("the timescale importance analysis uses the K-means codebook: add 'kmeans' to "
-                             "codebooks or set importance to []")
+            raise ValueError(
+                "the timescale importance analysis uses the K-means codebook: add 'kmeans' to "
+                "codebooks or set importance to []"
+            )
         return self
 
     def timescale_groups(self) -> dict[str, tuple[str, ...]]:
@@ -370,10 +412,12 @@ class StudySettings(_Settings):
         base = self.features.mel.column
         columns = self.features.columns
         return {
-            "multiresolution": tuple(r.column for r in self.features.resolutions()) if len(self.features.windows) > 1
+            "multiresolution": tuple(r.column for r in self.features.resolutions())
+            if len(self.features.windows) > 1
             else (),
             "gaussian": tuple(c for c in columns if c == base or c.startswith(f"{base}_g"))
-            if any(c.startswith(f"{base}_g") for c in columns) else (),
+            if any(c.startswith(f"{base}_g") for c in columns)
+            else (),
             "laplacian": tuple(c for c in columns if c.startswith(f"{base}_l")),
         }
 
@@ -436,51 +480,64 @@ class EndToEndStudySettings(_Settings):
     nonlinearities: tuple[Literal["relu", "log1p_square", "log1p_abs"], ...] = ("relu", "log1p_square", "log1p_abs")
     feature_pooling: tuple[tuple[Literal["l2", "max"], int], ...] = (("l2", 2), ("l2", 4), ("max", 2), ("max", 4))
     modern: bool = False
-    resnet: TaggerSettings = TaggerSettings(model="short-chunk-resnet",
-                                            train=TrainSettings(crop_seconds=3.69, max_epochs=100, patience=10))
+    resnet: TaggerSettings = TaggerSettings(
+        model="short-chunk-resnet", train=TrainSettings(crop_seconds=3.69, max_epochs=100, patience=10)
+    )
     resnet_window: int = 512
     resnet_hop: int = 256
 
     @model_validator(mode="after")
-    def _check(self) -> "EndToEndStudySettings":
+    def _check(self) -> EndToEndStudySettings:
         """Everything a model of the study would trip on later, refused now, before any audio is read."""
         if self.tagger.model != "convnet2014" or self.resnet.model != "short-chunk-resnet":
-            raise ValueError(f"tagger.model must be 'convnet2014' and resnet.model 'short-chunk-resnet', got "
-                             f"{self.tagger.model!r} and {self.resnet.model!r}")
+            raise ValueError(
+                f"tagger.model must be 'convnet2014' and resnet.model 'short-chunk-resnet', got "
+                f"{self.tagger.model!r} and {self.resnet.model!r}"
+            )
         for length, stride in (*self.filters, self.variants_at):
             if not 0 < stride <= length:
-                raise ValueError(f"filter ({length}, {stride}): need 0 < stride <= length (a hop past the window "
-                                 "would skip samples)")
+                raise ValueError(
+                    f"filter ({length}, {stride}): need 0 < stride <= length (a hop past the window would skip samples)"
+                )
         if not (self.filters and self.inputs) and not self.modern:
             raise ValueError("an end-to-end study needs filters and inputs, or modern")
         variants = self.nonlinearities or self.feature_pooling
         if variants and "raw" not in self.inputs:
-            raise ValueError("nonlinearity and feature-pooling rows are raw-audio models: add 'raw' to inputs "
-                             "or set nonlinearities and feature_pooling to []")
+            raise ValueError(
+                "nonlinearity and feature-pooling rows are raw-audio models: add 'raw' to inputs "
+                "or set nonlinearities and feature_pooling to []"
+            )
         for kind, size in self.feature_pooling:
             if size < 2 or self.n_filters % size:
-                raise ValueError(f"feature pooling ({kind}, {size}): the size must be >= 2 and divide "
-                                 f"n_filters={self.n_filters}")
+                raise ValueError(
+                    f"feature pooling ({kind}, {size}): the size must be >= 2 and divide n_filters={self.n_filters}"
+                )
         crop = self.tagger.train.crop_seconds * self.sample_rate
         for length, stride in (*self.filters, *([self.variants_at] if variants else [])):
             self.spectrogram(length, stride)  # window, hop and bands valid for a log-mel (raises ValueError)
             steps = min(1 + int((crop - length) // stride), max(1, round(crop / stride)))  # raw, spectrogram
             if _steps_after_stack(steps, self.tagger) < 1:
-                raise ValueError(f"filter ({length}, {stride}): a {self.tagger.train.crop_seconds} s crop has "
-                                 f"{steps} steps, too few for two conv({self.tagger.conv_length}) + "
-                                 f"pool({self.tagger.pool}) stages (pool_ceil={self.tagger.pool_ceil})")
+                raise ValueError(
+                    f"filter ({length}, {stride}): a {self.tagger.train.crop_seconds} s crop has "
+                    f"{steps} steps, too few for two conv({self.tagger.conv_length}) + "
+                    f"pool({self.tagger.pool}) stages (pool_ceil={self.tagger.pool_ceil})"
+                )
         if self.modern:
             self.spectrogram(self.resnet_window, self.resnet_hop)
             frames = round(self.resnet.train.crop_seconds * self.sample_rate / self.resnet_hop)
             if min(self.n_mels, frames) < 64:
-                raise ValueError(f"the short-chunk ResNet needs >= 64 mel bands and frames per crop (seven "
-                                 f"stride-2 blocks), got {self.n_mels} bands and {frames} frames")
+                raise ValueError(
+                    f"the short-chunk ResNet needs >= 64 mel bands and frames per crop (seven "
+                    f"stride-2 blocks), got {self.n_mels} bands and {frames} frames"
+                )
         return self
 
     def spectrogram(self, length: int, stride: int) -> FeatureSettings:
         """The spectrogram counterpart of a raw first layer: window ``length``, hop ``stride``, one column."""
-        return FeatureSettings(mel=MelSettings(sample_rate=self.sample_rate, n_fft=length, hop_length=stride,
-                                               n_mels=self.n_mels), extra_windows=())
+        return FeatureSettings(
+            mel=MelSettings(sample_rate=self.sample_rate, n_fft=length, hop_length=stride, n_mels=self.n_mels),
+            extra_windows=(),
+        )
 
     @property
     def settings_hash(self) -> str:
@@ -504,8 +561,9 @@ class RegressorSettings(_Settings):
 
     hidden: int = Field(1000, ge=1, description="units per hidden layer")
     dropout: float = Field(0.25, ge=0.0, lt=1.0)
-    train: TrainSettings = TrainSettings(max_epochs=200, patience=20, batch_size=64, learning_rate=1e-3,
-                                         weight_decay=1e-5)
+    train: TrainSettings = TrainSettings(
+        max_epochs=200, patience=20, batch_size=64, learning_rate=1e-3, weight_decay=1e-5
+    )
 
 
 def _default_timescales(features: FeatureSettings, kmeans: KMeansSettings) -> tuple[str, ...]:
@@ -543,7 +601,7 @@ class RecommendationStudySettings(_Settings):
     query_model: Literal["mse", "wpe"] = "wpe"
 
     @model_validator(mode="after")
-    def _check(self) -> "RecommendationStudySettings":
+    def _check(self) -> RecommendationStudySettings:
         _default_timescales(self.features, self.kmeans)
         if self.query_model not in self.objectives:
             raise ValueError(f"query_model {self.query_model!r} is not among the objectives {self.objectives}")
@@ -556,8 +614,10 @@ class RecommendationStudySettings(_Settings):
     @property
     def settings_hash(self) -> str:
         """Of what the models learn from (the queries only read them: other queries reuse the same runs)."""
-        payload = json.dumps(self.model_dump(mode="json", exclude={"preset", "queries", "query_ids", "neighbours",
-                                                                   "query_model"}), sort_keys=True)
+        payload = json.dumps(
+            self.model_dump(mode="json", exclude={"preset", "queries", "query_ids", "neighbours", "query_model"}),
+            sort_keys=True,
+        )
         return hashlib.sha1(payload.encode()).hexdigest()[:12]
 
 
@@ -565,12 +625,17 @@ class TransferSettings(_Settings):
     """Transfer to a labelled target catalogue (van den Oord et al., ISMIR 2014): a simple classifier per feature set."""
 
     classifier: Literal["logreg", "svm"] = "logreg"
-    cs: tuple[float, ...] = Field((1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0), min_length=1,
-                                  description="inverse regularization strengths tried")
+    cs: tuple[float, ...] = Field(
+        (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0), min_length=1, description="inverse regularization strengths tried"
+    )
     cv: int | None = Field(None, ge=2, description="outer cross-validation folds; None: the target's own split")
     inner_folds: int = Field(5, ge=2, description="with cv: folds that choose C inside each outer training part")
     feature_sets: tuple[Literal["pretrained", "kmeans", "logmel-stats", "mfcc"], ...] = (
-        "pretrained", "kmeans", "logmel-stats", "mfcc")
+        "pretrained",
+        "kmeans",
+        "logmel-stats",
+        "mfcc",
+    )
     seed: int = 0
 
 
@@ -600,7 +665,7 @@ class TransferStudySettings(_Settings):
     target_seed: int = 1
 
     @model_validator(mode="after")
-    def _check(self) -> "TransferStudySettings":
+    def _check(self) -> TransferStudySettings:
         _default_timescales(self.features, self.kmeans)
         if not self.sources or not self.models:
             raise ValueError("a transfer study needs at least one source task and one model")
@@ -613,8 +678,9 @@ class TransferStudySettings(_Settings):
     @property
     def settings_hash(self) -> str:
         """Of what the source models learn from: another classifier, protocol or target reuses the same runs."""
-        payload = json.dumps(self.model_dump(mode="json", exclude={"preset", "transfer", "target_tracks",
-                                                                   "target_seed"}), sort_keys=True)
+        payload = json.dumps(
+            self.model_dump(mode="json", exclude={"preset", "transfer", "target_tracks", "target_seed"}), sort_keys=True
+        )
         return hashlib.sha1(payload.encode()).hexdigest()[:12]
 
 
@@ -623,8 +689,9 @@ MODEL_LAYERS = {"linear": 0, "mlp-1": 1, "mlp-2": 2}
 
 class TrackingSettings(_Settings):
     tracking_uri: str = Field(..., description="e.g. sqlite:////abs/path/mlflow.db or http://127.0.0.1:5000")
-    artifact_root: str | None = Field(..., description="where runs' artifacts are stored; None: the tracking "
-                                                       "server's own artifact store")
+    artifact_root: str | None = Field(
+        ..., description="where runs' artifacts are stored; None: the tracking server's own artifact store"
+    )
     experiment_prefix: str = "mirflow"
 
 
@@ -637,15 +704,17 @@ class PromotionSettings(_Settings):
     """
 
     metric: Literal["map_at_k", "auc", "ndcg_at_k", "precision_at_k"] = "map_at_k"
-    margin: float = Field(0.0, ge=0.0, description="absolute gain the challenger needs on the metric, besides being "
-                                                     "better")
+    margin: float = Field(
+        0.0, ge=0.0, description="absolute gain the challenger needs on the metric, besides being better"
+    )
 
 
 class RetrainSettings(_Settings):
     """``retrain-on-new-listening``: fine-tuning of the champion and the promotion rule."""
 
-    finetune: TrainSettings = TrainSettings(max_epochs=8, learning_rate=3e-4, weight_decay=1e-4, patience=3,
-                                            crops_per_clip=8)
+    finetune: TrainSettings = TrainSettings(
+        max_epochs=8, learning_rate=3e-4, weight_decay=1e-4, patience=3, crops_per_clip=8
+    )
     promotion: PromotionSettings = PromotionSettings()
 
 
@@ -658,8 +727,11 @@ class PipelineSettings(_Settings):
     audio_root: Path | None = Field(None, description="root of the MTAT mp3 tree")
     triplets: tuple[Path, ...] = Field((), description="Taste Profile triplet files, oldest first")
     initial_batches: int | None = Field(
-        None, ge=1, description="synthetic world: factorize only its first N listening batches (the later ones "
-                                "are new data for `mirflow retrain`)")
+        None,
+        ge=1,
+        description="synthetic world: factorize only its first N listening batches (the later ones "
+        "are new data for `mirflow retrain`)",
+    )
     register_models: bool = Field(True, description="register the trained models in the MLflow model registry")
     world: WorldSettings = WorldSettings()
     features: FeatureSettings = FeatureSettings()
@@ -676,28 +748,40 @@ class PipelineSettings(_Settings):
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
 
-    def with_max_epochs(self, epochs: int) -> "PipelineSettings":
+    def with_max_epochs(self, epochs: int) -> PipelineSettings:
         """The same settings with every model's training capped at ``epochs``."""
         return self.with_training(max_epochs=epochs)
 
-    def with_training(self, **options: Any) -> "PipelineSettings":
+    def with_training(self, **options: Any) -> PipelineSettings:
         """The same settings with ``options`` (e.g. ``devices``, ``precision``, ``compile``) in every model's training.
 
         Validated like any settings: a bad value raises pydantic's ``ValidationError``.
         """
+
         def updated(train: TrainSettings) -> TrainSettings:
             return TrainSettings.model_validate({**train.model_dump(), **options})
 
-        return self.model_copy(update={
-            "tagger": self.tagger.model_copy(update={"train": updated(self.tagger.train)}),
-            "recommender": self.recommender.model_copy(update={"train": updated(self.recommender.train)}),
-            "retrain": self.retrain.model_copy(update={"finetune": updated(self.retrain.finetune)}),
-        })
+        return self.model_copy(
+            update={
+                "tagger": self.tagger.model_copy(update={"train": updated(self.tagger.train)}),
+                "recommender": self.recommender.model_copy(update={"train": updated(self.recommender.train)}),
+                "retrain": self.retrain.model_copy(update={"finetune": updated(self.retrain.finetune)}),
+            }
+        )
 
 
-def feature_settings_from_options(*, windows: str, hop: int, hop_policy: str, sample_rate: int, n_mels: int,
-                                  pyramid: str, pyramid_levels: int, audio_shards: bool,
-                                  files_per_task: int = 32) -> FeatureSettings:
+def feature_settings_from_options(
+    *,
+    windows: str,
+    hop: int,
+    hop_policy: str,
+    sample_rate: int,
+    n_mels: int,
+    pyramid: str,
+    pyramid_levels: int,
+    audio_shards: bool,
+    files_per_task: int = 32,
+) -> FeatureSettings:
     """Feature settings from command-line style options (``windows="1024,2048"``); the first window is the finest.
 
     Raises ``ParameterError`` for windows that are not a list of numbers, pydantic's ``ValidationError``
@@ -706,12 +790,22 @@ def feature_settings_from_options(*, windows: str, hop: int, hop_policy: str, sa
     try:
         sizes = [int(w) for w in windows.split(",") if w.strip()]
     except ValueError:
-        raise ParameterError(f"windows={windows!r}: FFT windows are whole numbers of samples, comma-separated, "
-                             "e.g. 1024,2048,4096,8192") from None
+        raise ParameterError(
+            f"windows={windows!r}: FFT windows are whole numbers of samples, comma-separated, e.g. 1024,2048,4096,8192"
+        ) from None
     if not sizes:
         raise ParameterError(f"windows={windows!r}: give at least one FFT window, e.g. 1024,2048,4096,8192")
     return FeatureSettings(
-        mel={"sample_rate": sample_rate, "n_fft": sizes[0], "hop_length": hop if hop_policy == "fixed" else sizes[0] // 2,
-             "n_mels": n_mels},
-        extra_windows=tuple(sizes[1:]), hop_policy=hop_policy, pyramid=pyramid, pyramid_levels=pyramid_levels,
-        audio_shards=audio_shards, files_per_task=files_per_task)
+        mel={
+            "sample_rate": sample_rate,
+            "n_fft": sizes[0],
+            "hop_length": hop if hop_policy == "fixed" else sizes[0] // 2,
+            "n_mels": n_mels,
+        },
+        extra_windows=tuple(sizes[1:]),
+        hop_policy=hop_policy,
+        pyramid=pyramid,
+        pyramid_levels=pyramid_levels,
+        audio_shards=audio_shards,
+        files_per_task=files_per_task,
+    )

@@ -72,8 +72,9 @@ class Ports:
                 try:
                     s.bind(("127.0.0.1", port))
                 except OSError:
-                    raise StackError(f"port {port} ({name}) on 127.0.0.1 is in use: stop what holds it, or pass "
-                                     f"--{name}-port") from None
+                    raise StackError(
+                        f"port {port} ({name}) on 127.0.0.1 is in use: stop what holds it, or pass --{name}-port"
+                    ) from None
 
 
 @dataclass(frozen=True)
@@ -93,12 +94,14 @@ class ServiceInfo:
     web_demo: str = ""
 
     def lines(self) -> list[str]:
-        return [f"Prefect UI        {self.prefect_ui}",
-                f"MLflow UI         {self.mlflow_ui}",
-                *([f"web demo          {self.web_demo}"] if self.web_demo else []),
-                f"Dask dashboard    {self.dask_dashboard}",
-                f"Dask scheduler    {self.dask_scheduler}",
-                f"logs              {self.logs}"]
+        return [
+            f"Prefect UI        {self.prefect_ui}",
+            f"MLflow UI         {self.mlflow_ui}",
+            *([f"web demo          {self.web_demo}"] if self.web_demo else []),
+            f"Dask dashboard    {self.dask_dashboard}",
+            f"Dask scheduler    {self.dask_scheduler}",
+            f"logs              {self.logs}",
+        ]
 
 
 @dataclass
@@ -135,11 +138,19 @@ class Stack:
     @property
     def info(self) -> ServiceInfo:
         p = self.ports
-        return ServiceInfo(pid=os.getpid(), data_dir=str(self.data_dir), prefect_ui=f"http://127.0.0.1:{p.prefect}",
-                           prefect_api=f"http://127.0.0.1:{p.prefect}/api", mlflow_ui=f"http://127.0.0.1:{p.mlflow}",
-                           dask_scheduler=f"tcp://127.0.0.1:{p.dask}",
-                           dask_dashboard=f"http://127.0.0.1:{p.dashboard}/status", work_pool=self.work_pool,
-                           logs=str(self.logs), service_id=self.service_id, web_demo=f"http://127.0.0.1:{p.web}/")
+        return ServiceInfo(
+            pid=os.getpid(),
+            data_dir=str(self.data_dir),
+            prefect_ui=f"http://127.0.0.1:{p.prefect}",
+            prefect_api=f"http://127.0.0.1:{p.prefect}/api",
+            mlflow_ui=f"http://127.0.0.1:{p.mlflow}",
+            dask_scheduler=f"tcp://127.0.0.1:{p.dask}",
+            dask_dashboard=f"http://127.0.0.1:{p.dashboard}/status",
+            work_pool=self.work_pool,
+            logs=str(self.logs),
+            service_id=self.service_id,
+            web_demo=f"http://127.0.0.1:{p.web}/",
+        )
 
     def environ(self) -> dict[str, str]:
         """The children's environment: quiet, offline, pointed at this service."""
@@ -147,13 +158,21 @@ class Stack:
         from infra.service import ARTIFACT_ROOT, DASK_ADDRESS, DATA_DIR, TRACKING_URI
 
         info = self.info
-        return {**QUIET_OFFLINE, **os.environ, SERVICE_ID: self.service_id,
-                "PREFECT_HOME": str(self.folder / "prefect"), "PREFECT_API_URL": info.prefect_api,
-                "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "INFO"),
-                DATA_DIR: str(self.data_dir), TRACKING_URI: info.mlflow_ui, DASK_ADDRESS: info.dask_scheduler,
-                # Runs through the server and `mirflow` commands on the sqlite store then share experiments.
-                ARTIFACT_ROOT: (self.data_dir / "mlartifacts").as_uri(),
-                "MIRFLOW_PROJECT_ROOT": str(PROJECT_ROOT), "MIRFLOW_WORK_POOL": self.work_pool}
+        return {
+            **QUIET_OFFLINE,
+            **os.environ,
+            SERVICE_ID: self.service_id,
+            "PREFECT_HOME": str(self.folder / "prefect"),
+            "PREFECT_API_URL": info.prefect_api,
+            "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "INFO"),
+            DATA_DIR: str(self.data_dir),
+            TRACKING_URI: info.mlflow_ui,
+            DASK_ADDRESS: info.dask_scheduler,
+            # Runs through the server and `mirflow` commands on the sqlite store then share experiments.
+            ARTIFACT_ROOT: (self.data_dir / "mlartifacts").as_uri(),
+            "MIRFLOW_PROJECT_ROOT": str(PROJECT_ROOT),
+            "MIRFLOW_WORK_POOL": self.work_pool,
+        }
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -197,21 +216,60 @@ class Stack:
         info = self.info
         (self.folder / "serve.json").write_text(json.dumps(asdict(info), indent=1))  # the id, before any child
         on_step(f"starting the Prefect server on {info.prefect_ui}")
-        self._spawn("prefect-server", [_BIN / "prefect", "server", "start", "--host", "127.0.0.1",
-                                       "--port", str(self.ports.prefect)])
+        self._spawn(
+            "prefect-server",
+            [_BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.ports.prefect)],
+        )
         on_step(f"starting the MLflow server on {info.mlflow_ui}")
-        self._spawn("mlflow-server", [_BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.ports.mlflow),
-                                      "--backend-store-uri", f"sqlite:///{self.data_dir / 'mlflow.db'}",
-                                      "--artifacts-destination", str(self.data_dir / "mlartifacts"),
-                                      "--workers", "1"])
+        self._spawn(
+            "mlflow-server",
+            [
+                _BIN / "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.ports.mlflow),
+                "--backend-store-uri",
+                f"sqlite:///{self.data_dir / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(self.data_dir / "mlartifacts"),
+                "--workers",
+                "1",
+            ],
+        )
         on_step(f"starting the Dask scheduler on {info.dask_scheduler} and {self.n_workers} workers")
-        self._spawn("dask-scheduler", [_BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", str(self.ports.dask),
-                                       "--dashboard-address", f"127.0.0.1:{self.ports.dashboard}"])
+        self._spawn(
+            "dask-scheduler",
+            [
+                _BIN / "dask",
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.ports.dask),
+                "--dashboard-address",
+                f"127.0.0.1:{self.ports.dashboard}",
+            ],
+        )
         # The workers get the malloc settings and thread pins of infra.cluster's LocalCluster.
         spawn_environ = {**_worker_environ(), **WORKER_MALLOC_ENVIRON}
-        self._spawn("dask-workers", [_BIN / "dask", "worker", info.dask_scheduler, "--nworkers", str(self.n_workers),
-                                     "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"],
-                    extra_env={"DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON": repr(spawn_environ)})
+        self._spawn(
+            "dask-workers",
+            [
+                _BIN / "dask",
+                "worker",
+                info.dask_scheduler,
+                "--nworkers",
+                str(self.n_workers),
+                "--nthreads",
+                "1",
+                "--host",
+                "127.0.0.1",
+                "--no-dashboard",
+            ],
+            extra_env={"DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON": repr(spawn_environ)},
+        )
         self._wait_http("prefect-server", f"{info.prefect_api}/health")
         self._wait_http("mlflow-server", f"{info.mlflow_ui}/health")
         self._wait_http("dask-scheduler", f"http://127.0.0.1:{self.ports.dashboard}/health")
@@ -221,11 +279,16 @@ class Stack:
         self._run_cli("deploy", [_BIN / "prefect", "--no-prompt", "deploy", "--all"])
         if self.paused_schedules:
             self._pause_schedules()
-        self._spawn("prefect-worker", [_BIN / "prefect", "worker", "start", "--pool", self.work_pool, "--type", "process"],
-                    extra_env={"PREFECT_WORKER_QUERY_SECONDS": str(self.poll_seconds)})
+        self._spawn(
+            "prefect-worker",
+            [_BIN / "prefect", "worker", "start", "--pool", self.work_pool, "--type", "process"],
+            extra_env={"PREFECT_WORKER_QUERY_SECONDS": str(self.poll_seconds)},
+        )
         on_step(f"starting the web demo on {info.web_demo} (it serves the champions once a pipeline run made them)")
-        self._spawn("web-demo", [_BIN / "mirflow", "serve", "--data-dir", self.data_dir, "--port", str(self.ports.web),
-                                 "--wait"])
+        self._spawn(
+            "web-demo",
+            [_BIN / "mirflow", "serve", "--data-dir", self.data_dir, "--port", str(self.ports.web), "--wait"],
+        )
         self._wait_http("web-demo", f"{info.web_demo}healthz")
         self._check_stop()
         return info
@@ -277,10 +340,16 @@ class Stack:
             try:
                 # Each child in a session of its own (Ctrl-C reaches only us, and we stop them in order),
                 # and told to end if we die without stopping it (SIGKILL, a crash).
-                process = subprocess.Popen([str(a) for a in argv], cwd=PROJECT_ROOT,
-                                           env={**self.environ(), **(extra_env or {})}, stdout=out,
-                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                           preexec_fn=_end_with_parent_hook())
+                process = subprocess.Popen(
+                    [str(a) for a in argv],
+                    cwd=PROJECT_ROOT,
+                    env={**self.environ(), **(extra_env or {})},
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                    preexec_fn=_end_with_parent_hook(),
+                )
             except OSError as err:
                 raise StackError(f"could not start {name} ({argv[0]}): {err}") from err
         child = _Child(name, process, log_path)
@@ -292,12 +361,20 @@ class Stack:
         log_path = self.logs / f"{name}.log"
         with open(log_path, "ab") as out:
             try:
-                done = subprocess.run([str(a) for a in argv], cwd=PROJECT_ROOT, env=self.environ(), stdout=out,
-                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=timeout,
-                                      start_new_session=True)
+                done = subprocess.run(
+                    [str(a) for a in argv],
+                    cwd=PROJECT_ROOT,
+                    env=self.environ(),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    timeout=timeout,
+                    start_new_session=True,
+                )
             except subprocess.TimeoutExpired:
-                raise StackError(f"{' '.join(map(str, argv[1:]))} took more than {timeout:.0f} s:\n"
-                                 f"{_tail(log_path)}") from None
+                raise StackError(
+                    f"{' '.join(map(str, argv[1:]))} took more than {timeout:.0f} s:\n{_tail(log_path)}"
+                ) from None
         if done.returncode != 0:
             raise StackError(f"{' '.join(map(str, argv[1:]))} failed (exit {done.returncode}):\n{_tail(log_path)}")
 
@@ -340,9 +417,15 @@ class Stack:
 
         with self._prefect_client() as client:
             # Runs share the storage root and the cores: `concurrency` at a time (1 by default).
-            client.create_work_pool(WorkPoolCreate(name=self.work_pool, type="process",
-                                                   base_job_template=ProcessWorker.get_default_base_job_template(),
-                                                   concurrency_limit=self.concurrency), overwrite=True)
+            client.create_work_pool(
+                WorkPoolCreate(
+                    name=self.work_pool,
+                    type="process",
+                    base_job_template=ProcessWorker.get_default_base_job_template(),
+                    concurrency_limit=self.concurrency,
+                ),
+                overwrite=True,
+            )
 
     def _pause_schedules(self) -> None:
         with self._prefect_client() as client:

@@ -138,12 +138,15 @@ def apply_thread_policy(sample_s: float = 0.2, *, processes: int = 1, quiet: boo
         others = meter.others()
         n = max(1, threads_for(budget, others, len(meter.cores)) // max(1, processes))
         if not quiet and n < torch.get_num_threads():
-            log.info("threads: %d of %d cores (cgroup quota %s; other processes keep %.1f cores busy)", n,
-                     usable_cores(), cgroup_quota() or "none", others)
+            log.info(
+                "threads: %d of %d cores (cgroup quota %s; other processes keep %.1f cores busy)",
+                n,
+                usable_cores(),
+                cgroup_quota() or "none",
+                others,
+            )
     torch.set_num_threads(n)
     return n
-
-
 
 
 class ThreadAdjuster:
@@ -174,5 +177,12 @@ class ThreadAdjuster:
         return n
 
 
-__all__ = ["LoadMeter", "ThreadAdjuster", "apply_thread_policy", "cgroup_quota", "cpu_budget", "threads_for",
-           "usable_cores"]
+__all__ = [
+    "LoadMeter",
+    "ThreadAdjuster",
+    "apply_thread_policy",
+    "cgroup_quota",
+    "cpu_budget",
+    "threads_for",
+    "usable_cores",
+]

@@ -48,49 +48,59 @@ FAMILY_DESCRIPTIONS = {
         "**Log-mel feature extraction** (`mirflow features`, `flows/features.py`): audio files to log-mel "
         "Parquet shards on the Dask cluster, incrementally. One run per call: settings, tracks extracted, "
         "skipped (already present) and quarantined, clips/s, peak worker memory. Inputs: the tracks table; "
-        "the feature manifest it leaves is logged with context `output`."),
+        "the feature manifest it leaves is logged with context `output`."
+    ),
     "kmeans-features": (
         "**Spherical K-means features** (`flows/kmeans_features.py`): a codebook per timescale fitted on the "
         "training split of the log-mel features, then one pooled vector per clip and timescale. Codebooks "
         "and their means as artifacts. Inputs: the log-mel feature manifest and the tracks table; the K-means "
-        "manifest it leaves is logged with context `output`."),
+        "manifest it leaves is logged with context `output`."
+    ),
     "tagger": (
         "**Auto-tagger** (`flows/training.py`): the 2014 spectrogram convnet (or the short-chunk ResNet) "
         "trained on log-mel crops to predict the top tags; ROC-AUC and PR-AUC per epoch and on the test split, "
         "per-tag table, ROC curves, checkpoint, and the model (`mirflow-tagger`). Inputs: the feature "
-        "manifest (`training`) and the tracks table (labels and split)."),
+        "manifest (`training`) and the tracks table (labels and split)."
+    ),
     "latent-factors": (
         "**Latent-factor CNN** (`flows/training.py`, NIPS 2013): a CNN regressing the WMF item factors from "
         "log-mel, scored by ranking held-out tracks for every user (cold start, mAP@k, AUC). Checkpoint, "
         "t-SNE plots and the model (`mirflow-latent-factor-cnn`). Inputs: the feature manifest and the WMF "
-        "factors (`training`), the tracks table."),
+        "factors (`training`), the tracks table."
+    ),
     "wmf": (
         "**Weighted matrix factorization** of the listening data (`mirflow wmf`, `flows/listening.py`, "
         "implicit ALS): fit runs (full, or incremental on new batches) with factors and id maps as artifacts "
         "and the model (`mirflow-wmf`), and evaluation runs against popularity and random rankings. Inputs: "
-        "the ingested listening batches (digest of their files' content) and the held-out items."),
+        "the ingested listening batches (digest of their files' content) and the held-out items."
+    ),
     "study": (
         "**Studies** (`mirflow study`, DESIGN.md §8): one parent run per study, settings and data, with the "
         "paper-shaped tables and the report; one nested child run per configuration (same split, same seed). "
         "Select the children and press Compare. Inputs: the features (log-mel or K-means), the WMF factors "
-        "for recommendation, and the tracks table; each child logs the ones it trains on."),
+        "for recommendation, and the tracks table; each child logs the ones it trains on."
+    ),
     "embed": (
         "**Embeddings** (`mirflow embed`, `flows/transfer.py`): a pre-trained source model applied to a "
         "catalogue (its log-mel and K-means features with the model's codebooks). Inputs: the K-means "
-        "manifest and the tracks table; the embeddings file is logged with context `output`."),
+        "manifest and the tracks table; the embeddings file is logged with context `output`."
+    ),
     "transfer": (
         "**Transfer** (`mirflow transfer`, ISMIR 2014): one simple classifier per feature set on a labelled "
         "target catalogue; the table, per-class scores and confusion matrices. Inputs: the target's tracks "
-        "table and every feature set (manifests, embeddings files)."),
+        "table and every feature set (manifests, embeddings files)."
+    ),
     "retrain": (
         "**Retraining on new listening data** (`retrain-on-new-listening`): the WMF update, the fine-tuned "
         "CNN against the champion on the same held-out tracks, and the promotion decision. Inputs: the "
         "listening batches of the challenger (`training`) and the feature manifest both are scored on "
-        "(`evaluation`)."),
+        "(`evaluation`)."
+    ),
     "pipeline": (
         "**Pipeline summaries** (`make demo`, `mirflow pipeline`): one run per pipeline with the report and "
         "the headline metrics; tags point to the tagger, WMF and CNN runs. Inputs: the tracks table, the "
-        "feature manifest and the listening batches."),
+        "feature manifest and the listening batches."
+    ),
 }
 
 
@@ -117,8 +127,13 @@ def experiment_id(settings: TrackingSettings, family: str) -> str:
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+        )
     except (OSError, subprocess.CalledProcessError):
         return None
     return out.stdout.strip() or None
@@ -166,17 +181,22 @@ class RunInput:
     profile: Mapping[str, Any] = field(default_factory=dict)  # shown beside it: rows, batches, file hashes
 
 
-def table_input(path: Path, *, name: str, context: str, columns: tuple[str, ...],
-                source: Path | None = None) -> RunInput:
+def table_input(
+    path: Path, *, name: str, context: str, columns: tuple[str, ...], source: Path | None = None
+) -> RunInput:
     """A Parquet table as a run input, its digest over ``columns`` (see :func:`tasks.shards.table_content_sha1`)."""
     import pyarrow.parquet as pq
 
     from tasks.shards import table_content_sha1
 
     path = Path(path)
-    return RunInput(name=name, digest=table_content_sha1(path, columns=columns)[:DIGEST_LENGTH],
-                    source=str(source or path), context=context,
-                    profile={"rows": pq.read_metadata(path).num_rows, "digest_of": ",".join(columns)})
+    return RunInput(
+        name=name,
+        digest=table_content_sha1(path, columns=columns)[:DIGEST_LENGTH],
+        source=str(source or path),
+        context=context,
+        profile={"rows": pq.read_metadata(path).num_rows, "digest_of": ",".join(columns)},
+    )
 
 
 def tracks_input(path: Path, dataset: str, *, context: str = "tracks") -> RunInput:
@@ -184,14 +204,20 @@ def tracks_input(path: Path, dataset: str, *, context: str = "tracks") -> RunInp
     return table_input(path, name=f"tracks/{dataset}", context=context, columns=TRACKS_COLUMNS)
 
 
-def features_input(feature_dir: Path, dataset: str, *, context: str = "training", name: str | None = None,
-                   source: Path | None = None) -> RunInput:
+def features_input(
+    feature_dir: Path, dataset: str, *, context: str = "training", name: str | None = None, source: Path | None = None
+) -> RunInput:
     """A feature set (log-mel or K-means shards) by its manifest: which clips' content, under which settings."""
     from tasks.shards import MANIFEST
 
     feature_dir = Path(feature_dir)
-    return table_input(feature_dir / MANIFEST, name=name or f"features/{dataset}/{feature_dir.name}",
-                       context=context, columns=MANIFEST_COLUMNS, source=source or feature_dir)
+    return table_input(
+        feature_dir / MANIFEST,
+        name=name or f"features/{dataset}/{feature_dir.name}",
+        context=context,
+        columns=MANIFEST_COLUMNS,
+        source=source or feature_dir,
+    )
 
 
 def listening_input(listening_dir: Path, batches: Iterable[str], *, context: str = "training") -> RunInput:
@@ -203,9 +229,17 @@ def listening_input(listening_dir: Path, batches: Iterable[str], *, context: str
 
     records = {batch: batch_record(listening_dir, batch) for batch in batches}
     digest = hashlib.sha1("\n".join(sorted(r["sha1"] for r in records.values())).encode()).hexdigest()
-    return RunInput(name="listening", digest=digest[:DIGEST_LENGTH], source=str(listening_dir), context=context,
-                    profile={"batches": ",".join(records), "n_batches": len(records),
-                             "events": sum(int(r.get("events", 0)) for r in records.values())})
+    return RunInput(
+        name="listening",
+        digest=digest[:DIGEST_LENGTH],
+        source=str(listening_dir),
+        context=context,
+        profile={
+            "batches": ",".join(records),
+            "n_batches": len(records),
+            "events": sum(int(r.get("events", 0)) for r in records.values()),
+        },
+    )
 
 
 def files_input(files: Mapping[str, Path], *, name: str, context: str, source: Path | None = None) -> RunInput:
@@ -216,14 +250,20 @@ def files_input(files: Mapping[str, Path], *, name: str, context: str, source: P
     digest = hashlib.sha1("\n".join(f"{label}:{h}" for label, h in sorted(hashes.items())).encode()).hexdigest()
     if source is None:
         source = next(iter(files.values())) if len(files) == 1 else Path(next(iter(files.values()))).parent
-    return RunInput(name=name, digest=digest[:DIGEST_LENGTH], source=str(source), context=context,
-                    profile={f"{label}_sha1": h for label, h in hashes.items()})
+    return RunInput(
+        name=name,
+        digest=digest[:DIGEST_LENGTH],
+        source=str(source),
+        context=context,
+        profile={f"{label}_sha1": h for label, h in hashes.items()},
+    )
 
 
 def wmf_factors_input(wmf: Any, *, context: str = "training") -> RunInput:
     """The WMF factors a model learns from and is scored with (a ``WMFOutput``): user, item, held-out item factors."""
-    files = {n: Path(getattr(wmf, n)) for n in ("user_factors", "item_factors", "heldout_item_factors")
-             if getattr(wmf, n)}
+    files = {
+        n: Path(getattr(wmf, n)) for n in ("user_factors", "item_factors", "heldout_item_factors") if getattr(wmf, n)
+    }
     return files_input(files, name="wmf-factors", context=context)
 
 
@@ -257,15 +297,19 @@ def log_inputs(inputs: Iterable[RunInput | None]) -> None:
     inputs = [item for item in inputs if item is not None]
     if not inputs:
         return
-    datasets = [InputDataset(_dataset_source(item.source), name=item.name, digest=item.digest,
-                             profile=item.profile) for item in inputs]
+    datasets = [
+        InputDataset(_dataset_source(item.source), name=item.name, digest=item.digest, profile=item.profile)
+        for item in inputs
+    ]
     mlflow.log_inputs(datasets=datasets, contexts=[item.context for item in inputs], tags_list=[None] * len(inputs))
 
 
 def run_inputs(run) -> dict[str, tuple[str, str]]:
     """``{dataset name: (digest, context)}`` of an MLflow run's logged inputs (an ``mlflow.entities.Run``)."""
-    return {i.dataset.name: (i.dataset.digest, {t.key: t.value for t in i.tags}.get("mlflow.data.context", ""))
-            for i in run.inputs.dataset_inputs}
+    return {
+        i.dataset.name: (i.dataset.digest, {t.key: t.value for t in i.tags}.get("mlflow.data.context", ""))
+        for i in run.inputs.dataset_inputs
+    }
 
 
 def _params(params: Mapping[str, Any]) -> dict[str, str]:
@@ -327,8 +371,9 @@ def tracked_run(
 def _unfinished(settings: TrackingSettings, experiment: str, filter_string: str) -> str | None:
     """The newest run matching ``filter_string`` that was never tagged complete, if any."""
     client = MlflowClient(settings.tracking_uri)
-    runs = client.search_runs([experiment], filter_string=filter_string, order_by=["attributes.start_time DESC"],
-                              max_results=1)
+    runs = client.search_runs(
+        [experiment], filter_string=filter_string, order_by=["attributes.start_time DESC"], max_results=1
+    )
     if runs and runs[0].data.tags.get(COMPLETE_TAG) != "true":
         return runs[0].info.run_id
     return None
@@ -357,8 +402,12 @@ def parent_run(
     """
     exp_id = experiment_id(settings, family)
     client = MlflowClient(settings.tracking_uri)
-    found = client.search_runs([exp_id], filter_string=f"tags.`mirflow.study_key` = '{key}'",
-                               order_by=["attributes.start_time DESC"], max_results=1)
+    found = client.search_runs(
+        [exp_id],
+        filter_string=f"tags.`mirflow.study_key` = '{key}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     if found:
         with mlflow.start_run(run_id=found[0].info.run_id) as run:
             if flow_run := prefect_flow_run_id():
@@ -366,11 +415,15 @@ def parent_run(
             log_inputs(inputs)
             yield run, True
         return
-    with tracked_run(settings, family, run_name=run_name, params=params,
-                     tags={**(tags or {}), "mirflow.study_key": key}, inputs=inputs) as run:
+    with tracked_run(
+        settings,
+        family,
+        run_name=run_name,
+        params=params,
+        tags={**(tags or {}), "mirflow.study_key": key},
+        inputs=inputs,
+    ) as run:
         yield run, False
-
-
 
 
 def finished_children(settings: TrackingSettings, parent_run_id: str) -> dict[str, Any]:
@@ -381,10 +434,12 @@ def finished_children(settings: TrackingSettings, parent_run_id: str) -> dict[st
     """
     client = MlflowClient(settings.tracking_uri)
     parent = client.get_run(parent_run_id)
-    runs = client.search_runs([parent.info.experiment_id],
-                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and "
-                                            f"tags.`{COMPLETE_TAG}` = 'true'",
-                              order_by=["attributes.start_time ASC"], max_results=10_000)
+    runs = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{COMPLETE_TAG}` = 'true'",
+        order_by=["attributes.start_time ASC"],
+        max_results=10_000,
+    )
     return {run.data.tags["mirflow.config_key"]: run for run in runs if "mirflow.config_key" in run.data.tags}
 
 
@@ -396,8 +451,12 @@ def log_table_replacing(frame, artifact_file: str) -> None:
     import tempfile
 
     run = mlflow.active_run()
-    existing = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, str(Path(artifact_file).parent)
-                                                              if "/" in artifact_file else None)}
+    existing = {
+        a.path
+        for a in MlflowClient().list_artifacts(
+            run.info.run_id, str(Path(artifact_file).parent) if "/" in artifact_file else None
+        )
+    }
     if artifact_file not in existing:
         mlflow.log_table(frame, artifact_file)
         return
@@ -408,8 +467,14 @@ def log_table_replacing(frame, artifact_file: str) -> None:
 
 
 @contextmanager
-def child_run(*, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str],
-              settings: TrackingSettings, inputs: Iterable[RunInput | None] = ()) -> Iterator[mlflow.ActiveRun]:
+def child_run(
+    *,
+    run_name: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
+    settings: TrackingSettings,
+    inputs: Iterable[RunInput | None] = (),
+) -> Iterator[mlflow.ActiveRun]:
     """A nested run under the active (parent) run, in its experiment, with params, tags and ``inputs`` (datasets);
     tagged complete last.
 
@@ -421,9 +486,11 @@ def child_run(*, run_name: str, params: Mapping[str, Any], tags: Mapping[str, st
         raise RuntimeError("child_run needs an active parent run")
     key = tags.get("mirflow.config_key")
     if key is not None:
-        unfinished = _unfinished(settings, parent.info.experiment_id,
-                                 f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and "
-                                 f"tags.`mirflow.config_key` = '{key}'")
+        unfinished = _unfinished(
+            settings,
+            parent.info.experiment_id,
+            f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`mirflow.config_key` = '{key}'",
+        )
         if unfinished is not None:
             with mlflow.start_run(run_id=unfinished, nested=True) as run:
                 log.info("resuming child run %s (%s)", unfinished, run_name)
@@ -434,8 +501,9 @@ def child_run(*, run_name: str, params: Mapping[str, Any], tags: Mapping[str, st
     run_tags = {"mirflow.family": parent.data.tags.get("mirflow.family", ""), **{k: str(v) for k, v in tags.items()}}
     if commit := git_commit():
         run_tags["mlflow.source.git.commit"] = commit
-    with mlflow.start_run(run_name=run_name, nested=True, experiment_id=parent.info.experiment_id,
-                          tags=run_tags) as run:
+    with mlflow.start_run(
+        run_name=run_name, nested=True, experiment_id=parent.info.experiment_id, tags=run_tags
+    ) as run:
         mlflow.log_params(_params(params))
         log_inputs(inputs)
         yield run

@@ -30,18 +30,34 @@ class SpectrogramConvNet2014(nn.Module):
         did: 3 s at a hop of 1024 samples (46 frames) then still leaves one step.
     """
 
-    def __init__(self, *, n_mels: int, n_frames: int, n_outputs: int, channels: int = 32,
-                 conv_length: int = 8, pool: int = 4, hidden: int = 100, pool_ceil: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        n_mels: int,
+        n_frames: int,
+        n_outputs: int,
+        channels: int = 32,
+        conv_length: int = 8,
+        pool: int = 4,
+        hidden: int = 100,
+        pool_ceil: bool = False,
+    ) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv1d(n_mels, channels, conv_length), nn.ReLU(), nn.MaxPool1d(pool, ceil_mode=pool_ceil),
-            nn.Conv1d(channels, channels, conv_length), nn.ReLU(), nn.MaxPool1d(pool, ceil_mode=pool_ceil),
+            nn.Conv1d(n_mels, channels, conv_length),
+            nn.ReLU(),
+            nn.MaxPool1d(pool, ceil_mode=pool_ceil),
+            nn.Conv1d(channels, channels, conv_length),
+            nn.ReLU(),
+            nn.MaxPool1d(pool, ceil_mode=pool_ceil),
             nn.Flatten(),
         )
         with torch.no_grad():
             flat = self.features(torch.zeros(1, n_mels, n_frames)).shape[1]
         if flat == 0:
-            raise ValueError(f"a crop of {n_frames} frames is too short for two conv({conv_length})+pool({pool}) stages")
+            raise ValueError(
+                f"a crop of {n_frames} frames is too short for two conv({conv_length})+pool({pool}) stages"
+            )
         self.head = nn.Sequential(nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, n_outputs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,18 +80,32 @@ class LatentFactorCNN(nn.Module):
     ``n_factors`` values: the predicted WMF item factors of the crop.
     """
 
-    def __init__(self, *, n_mels: int, n_factors: int, channels: tuple[int, int, int] = (64, 64, 128),
-                 conv_length: int = 4, hidden: int = 256, dropout: float = 0.3) -> None:
+    def __init__(
+        self,
+        *,
+        n_mels: int,
+        n_factors: int,
+        channels: tuple[int, int, int] = (64, 64, 128),
+        conv_length: int = 4,
+        hidden: int = 256,
+        dropout: float = 0.3,
+    ) -> None:
         super().__init__()
         c1, c2, c3 = channels
         self.features = nn.Sequential(
-            nn.Conv1d(n_mels, c1, conv_length), nn.ReLU(), nn.MaxPool1d(4),
-            nn.Conv1d(c1, c2, conv_length), nn.ReLU(), nn.MaxPool1d(2),
-            nn.Conv1d(c2, c3, conv_length), nn.ReLU(),
+            nn.Conv1d(n_mels, c1, conv_length),
+            nn.ReLU(),
+            nn.MaxPool1d(4),
+            nn.Conv1d(c1, c2, conv_length),
+            nn.ReLU(),
+            nn.MaxPool1d(2),
+            nn.Conv1d(c2, c3, conv_length),
+            nn.ReLU(),
             GlobalTemporalPooling(),
         )
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(3 * c3, hidden), nn.ReLU(),
-                                  nn.Dropout(dropout), nn.Linear(hidden, n_factors))
+        self.head = nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(3 * c3, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_factors)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [shape=(batch, n_mels, n_frames)]`` -> factors ``[shape=(batch, n_factors)]``."""
@@ -155,10 +185,25 @@ class RawAudioConvNet2014(nn.Module):
         Normalize the first layer's output per filter (not in the paper; off by default).
     """
 
-    def __init__(self, *, n_samples: int, n_outputs: int, filter_length: int = 256, stride: int = 256,
-                 n_filters: int = 128, nonlinearity: str = "relu", log_c: float = 10.0,
-                 feature_pooling: str = "none", pool_size: int = 2, batch_norm: bool = False, channels: int = 32,
-                 conv_length: int = 8, pool: int = 4, hidden: int = 100, pool_ceil: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        n_samples: int,
+        n_outputs: int,
+        filter_length: int = 256,
+        stride: int = 256,
+        n_filters: int = 128,
+        nonlinearity: str = "relu",
+        log_c: float = 10.0,
+        feature_pooling: str = "none",
+        pool_size: int = 2,
+        batch_norm: bool = False,
+        channels: int = 32,
+        conv_length: int = 8,
+        pool: int = 4,
+        hidden: int = 100,
+        pool_ceil: bool = False,
+    ) -> None:
         super().__init__()
         if feature_pooling not in FEATURE_POOLINGS:
             raise ValueError(f"feature pooling {feature_pooling!r}: expected one of {FEATURE_POOLINGS}")
@@ -176,8 +221,16 @@ class RawAudioConvNet2014(nn.Module):
         # ROC-AUC 0.887 with it, 0.883 without.
         self.norm = nn.BatchNorm1d(bands) if batch_norm else nn.Identity()
         n_steps = 1 + (n_samples - filter_length) // stride
-        self.stack = SpectrogramConvNet2014(n_mels=bands, n_frames=n_steps, n_outputs=n_outputs, channels=channels,
-                                            conv_length=conv_length, pool=pool, hidden=hidden, pool_ceil=pool_ceil)
+        self.stack = SpectrogramConvNet2014(
+            n_mels=bands,
+            n_frames=n_steps,
+            n_outputs=n_outputs,
+            channels=channels,
+            conv_length=conv_length,
+            pool=pool,
+            hidden=hidden,
+            pool_ceil=pool_ceil,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Waveforms ``[shape=(batch, n_samples)]`` (or ``(batch, 1, n_samples)``) -> logits ``(batch, n_outputs)``."""
@@ -196,11 +249,19 @@ class _ResidualBlock2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, *, stride: int = 2) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1), nn.BatchNorm2d(out_channels), nn.ReLU(),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels),
+            nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+            nn.BatchNorm2d(out_channels),
         )
-        self.shortcut = nn.Identity() if stride == 1 and in_channels == out_channels else nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1), nn.BatchNorm2d(out_channels))
+        self.shortcut = (
+            nn.Identity()
+            if stride == 1 and in_channels == out_channels
+            else nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1), nn.BatchNorm2d(out_channels)
+            )
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.body(x) + self.shortcut(x))
@@ -219,21 +280,25 @@ class ShortChunkResNet(nn.Module):
     Input ``[shape=(batch, n_mels, n_frames)]`` -> logits ``[shape=(batch, n_outputs)]``.
     """
 
-    def __init__(self, *, n_mels: int, n_frames: int, n_outputs: int, channels: int = 128,
-                 dropout: float = 0.5) -> None:
+    def __init__(
+        self, *, n_mels: int, n_frames: int, n_outputs: int, channels: int = 128, dropout: float = 0.5
+    ) -> None:
         super().__init__()
         widths = [channels, channels, 2 * channels, 2 * channels, 2 * channels, 2 * channels, 4 * channels]
         if min(n_mels, n_frames) < 2 ** len(widths) // 2:
-            raise ValueError(f"a crop of {n_mels} bands x {n_frames} frames is too small for {len(widths)} "
-                             f"stride-2 blocks (needs at least {2 ** len(widths) // 2} of each)")
+            raise ValueError(
+                f"a crop of {n_mels} bands x {n_frames} frames is too small for {len(widths)} "
+                f"stride-2 blocks (needs at least {2 ** len(widths) // 2} of each)"
+            )
         blocks: list[nn.Module] = [nn.BatchNorm2d(1)]
         width = 1
         for out in widths:
             blocks.append(_ResidualBlock2d(width, out, stride=2))
             width = out
         self.features = nn.Sequential(*blocks)
-        self.head = nn.Sequential(nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Dropout(dropout),
-                                  nn.Linear(width, n_outputs))
+        self.head = nn.Sequential(
+            nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Dropout(dropout), nn.Linear(width, n_outputs)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feature_map = self.features(x.unsqueeze(1))  # (batch, width, bands', frames')

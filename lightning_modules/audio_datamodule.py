@@ -35,13 +35,32 @@ class AudioDataModule(ClipDataModule):
         The rate the model expects; a clip stored at another rate is a ``DatasetError``.
     """
 
-    def __init__(self, *, audio_dir: Path, track_ids: dict[str, list[str]], targets: dict[str, np.ndarray],
-                 crop_samples: int, eval_hop_samples: int, batch_size: int, crops_per_clip: int,
-                 num_workers: int = 0, resident: str | None = None, seed: int = 0,
-                 sample_rate: int | None = None) -> None:
-        super().__init__(track_ids=track_ids, targets=targets, crop=crop_samples, hop=eval_hop_samples,
-                         batch_size=batch_size, crops_per_clip=crops_per_clip, num_workers=num_workers,
-                         resident=resident, seed=seed)
+    def __init__(
+        self,
+        *,
+        audio_dir: Path,
+        track_ids: dict[str, list[str]],
+        targets: dict[str, np.ndarray],
+        crop_samples: int,
+        eval_hop_samples: int,
+        batch_size: int,
+        crops_per_clip: int,
+        num_workers: int = 0,
+        resident: str | None = None,
+        seed: int = 0,
+        sample_rate: int | None = None,
+    ) -> None:
+        super().__init__(
+            track_ids=track_ids,
+            targets=targets,
+            crop=crop_samples,
+            hop=eval_hop_samples,
+            batch_size=batch_size,
+            crops_per_clip=crops_per_clip,
+            num_workers=num_workers,
+            resident=resident,
+            seed=seed,
+        )
         self.audio_dir = Path(audio_dir)
         self.sample_rate = sample_rate  # when given, every clip must be stored at this rate
 
@@ -52,8 +71,10 @@ class AudioDataModule(ClipDataModule):
         pcm = read_audio(self.audio_dir, track_ids=wanted, sample_rate=self.sample_rate)
         missing = sorted(set(wanted) - set(pcm))
         if missing:
-            raise DatasetError(f"{len(missing)} tracks have no raw-audio shard in {self.audio_dir}, e.g. "
-                               f"{missing[:3]}: run the feature flow with audio shards (--audio-shards)")
+            raise DatasetError(
+                f"{len(missing)} tracks have no raw-audio shard in {self.audio_dir}, e.g. "
+                f"{missing[:3]}: run the feature flow with audio shards (--audio-shards)"
+            )
         for split, ids in self.track_ids.items():
             self._clips[split] = [self._prepare(pcm[t]) for t in ids]
 

@@ -38,8 +38,15 @@ class ThroughputLog(L.Callback):
         shown = {k: f"{float(v):.4f}" for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
         # On a terminal the progress bar already shows this; elsewhere the line is the progress.
         level = logging.DEBUG if trainer.progress_bar_callback is not None or self.quiet else logging.INFO
-        log.log(level, "%s epoch %d/%d: %s, %.0f crops/s", self.name, trainer.current_epoch + 1, trainer.max_epochs,
-                 " ".join(f"{k} {v}" for k, v in sorted(shown.items())), rate)
+        log.log(
+            level,
+            "%s epoch %d/%d: %s, %.0f crops/s",
+            self.name,
+            trainer.current_epoch + 1,
+            trainer.max_epochs,
+            " ".join(f"{k} {v}" for k, v in sorted(shown.items())),
+            rate,
+        )
 
 
 FINISHED = "mirflow_finished"  # in a snapshot: training had ended (max epochs or early stopping)

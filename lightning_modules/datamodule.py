@@ -74,8 +74,9 @@ def pad_to_crop(clip: np.ndarray, *, crop: int, fill: np.ndarray) -> np.ndarray:
     return np.concatenate([clip, pad], axis=1)
 
 
-def collate_windows(batch: list[tuple[torch.Tensor, torch.Tensor, int]]
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate_windows(
+    batch: list[tuple[torch.Tensor, torch.Tensor, int]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stack all windows of a batch of clips: ``(windows, clip index of each window, targets, clip positions)``."""
     windows = torch.cat([w for w, _, _ in batch])
     clip_index = torch.cat([torch.full((len(w),), i, dtype=torch.long) for i, (w, _, _) in enumerate(batch)])
@@ -98,7 +99,9 @@ def standardize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch
 
 def clip_means(values: torch.Tensor, clip_index: torch.Tensor, n_clips: int) -> torch.Tensor:
     """Average window outputs ``[shape=(n_windows, d)]`` into clip outputs ``[shape=(n_clips, d)]``."""
-    sums = torch.zeros(n_clips, values.shape[1], dtype=values.dtype, device=values.device).index_add_(0, clip_index, values)
+    sums = torch.zeros(n_clips, values.shape[1], dtype=values.dtype, device=values.device).index_add_(
+        0, clip_index, values
+    )
     counts = torch.bincount(clip_index, minlength=n_clips).clamp_min(1).to(values.dtype)
     return sums / counts[:, None]
 
@@ -114,8 +117,17 @@ class ResidentCrops(IterableDataset):
     drawn ``crops_per_clip`` times in a shuffled order, with a uniform start in the clip.
     """
 
-    def __init__(self, clips: list[torch.Tensor], targets: torch.Tensor, *, crop: int, crops_per_clip: int,
-                 batch_size: int, device: str | torch.device = "cpu", seed: int = 0) -> None:
+    def __init__(
+        self,
+        clips: list[torch.Tensor],
+        targets: torch.Tensor,
+        *,
+        crop: int,
+        crops_per_clip: int,
+        batch_size: int,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+    ) -> None:
         lengths = torch.tensor([c.shape[-1] for c in clips])
         if int(lengths.min()) < crop:
             raise DatasetError(f"a clip of {int(lengths.min())} steps is shorter than a crop of {crop}")
@@ -173,9 +185,19 @@ class ClipDataModule(L.LightningDataModule):
     :meth:`setup`; crops and windows are cut along the last axis.
     """
 
-    def __init__(self, *, track_ids: dict[str, list[str]], targets: dict[str, np.ndarray], crop: int, hop: int,
-                 batch_size: int, crops_per_clip: int, num_workers: int = 0,
-                 resident: str | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        track_ids: dict[str, list[str]],
+        targets: dict[str, np.ndarray],
+        crop: int,
+        hop: int,
+        batch_size: int,
+        crops_per_clip: int,
+        num_workers: int = 0,
+        resident: str | None = None,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         for split in ("train", "valid", "test"):
             if not track_ids.get(split):
@@ -194,13 +216,26 @@ class ClipDataModule(L.LightningDataModule):
             device = self.resident
             if device == "cuda" and self.trainer is not None:  # under DDP: this rank's GPU
                 device = self.trainer.strategy.root_device
-            crops = ResidentCrops(self._clips["train"], self._targets("train"), crop=self.crop,
-                                  crops_per_clip=self.crops_per_clip, batch_size=self.batch_size,
-                                  device=device, seed=self.seed)
+            crops = ResidentCrops(
+                self._clips["train"],
+                self._targets("train"),
+                crop=self.crop,
+                crops_per_clip=self.crops_per_clip,
+                batch_size=self.batch_size,
+                device=device,
+                seed=self.seed,
+            )
             return DataLoader(crops, batch_size=None)
-        dataset = RandomCropDataset(self._clips["train"], self._targets("train"), crop=self.crop, crops_per_clip=self.crops_per_clip)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, drop_last=len(dataset) > self.batch_size,
-                          num_workers=self.num_workers)
+        dataset = RandomCropDataset(
+            self._clips["train"], self._targets("train"), crop=self.crop, crops_per_clip=self.crops_per_clip
+        )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=len(dataset) > self.batch_size,
+            num_workers=self.num_workers,
+        )
 
     def _eval_loader(self, split: str) -> DataLoader:
         dataset = ClipWindowsDataset(self._clips[split], self._targets(split), crop=self.crop, hop=self.hop)
@@ -234,12 +269,32 @@ class FeatureDataModule(ClipDataModule):
         Training crop length and the hop between evaluation windows, in frames.
     """
 
-    def __init__(self, *, feature_dir: Path, column: str, track_ids: dict[str, list[str]], targets: dict[str, np.ndarray],
-                 crop_frames: int, eval_hop_frames: int, batch_size: int, crops_per_clip: int, num_workers: int = 0,
-                 resident: str | None = None, seed: int = 0) -> None:
-        super().__init__(track_ids=track_ids, targets=targets, crop=crop_frames, hop=eval_hop_frames,
-                         batch_size=batch_size, crops_per_clip=crops_per_clip, num_workers=num_workers,
-                         resident=resident, seed=seed)
+    def __init__(
+        self,
+        *,
+        feature_dir: Path,
+        column: str,
+        track_ids: dict[str, list[str]],
+        targets: dict[str, np.ndarray],
+        crop_frames: int,
+        eval_hop_frames: int,
+        batch_size: int,
+        crops_per_clip: int,
+        num_workers: int = 0,
+        resident: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            track_ids=track_ids,
+            targets=targets,
+            crop=crop_frames,
+            hop=eval_hop_frames,
+            batch_size=batch_size,
+            crops_per_clip=crops_per_clip,
+            num_workers=num_workers,
+            resident=resident,
+            seed=seed,
+        )
         self.feature_dir, self.column = Path(feature_dir), column
         self.mean: np.ndarray | None = None
         self.std: np.ndarray | None = None
@@ -271,8 +326,9 @@ class VectorDataModule(L.LightningDataModule):
         ``{split: [shape=(n_clips, n_outputs)]}``, rows aligned with ``features``.
     """
 
-    def __init__(self, *, features: dict[str, np.ndarray], targets: dict[str, np.ndarray], batch_size: int,
-                 num_workers: int = 0) -> None:
+    def __init__(
+        self, *, features: dict[str, np.ndarray], targets: dict[str, np.ndarray], batch_size: int, num_workers: int = 0
+    ) -> None:
         super().__init__()
         for split in ("train", "valid", "test"):
             if split not in features or len(features[split]) == 0:
@@ -292,8 +348,13 @@ class VectorDataModule(L.LightningDataModule):
         if not shuffle:  # evaluation: each row's position, so that gathered ranks count every clip once
             tensors += (torch.arange(len(self.features[split])),)
         dataset = TensorDataset(*tensors)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          drop_last=shuffle and len(dataset) > self.batch_size)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            drop_last=shuffle and len(dataset) > self.batch_size,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

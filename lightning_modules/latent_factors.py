@@ -27,16 +27,34 @@ class LatentFactorModule(L.LightningModule):
     are returned in the original scale, one per clip (the mean over its windows).
     """
 
-    def __init__(self, *, n_mels: int, n_factors: int, channels: tuple[int, int, int] = (64, 64, 128), conv_length: int = 4,
-                 hidden: int = 256, dropout: float = 0.3, learning_rate: float = 1e-3, weight_decay: float = 0.0,
-                 target_scale: float = 1.0, feature_mean: list[float] | None = None,
-                 feature_std: list[float] | None = None, objective: str = "mse") -> None:
+    def __init__(
+        self,
+        *,
+        n_mels: int,
+        n_factors: int,
+        channels: tuple[int, int, int] = (64, 64, 128),
+        conv_length: int = 4,
+        hidden: int = 256,
+        dropout: float = 0.3,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        target_scale: float = 1.0,
+        feature_mean: list[float] | None = None,
+        feature_std: list[float] | None = None,
+        objective: str = "mse",
+    ) -> None:
         super().__init__()
         if objective not in ("mse", "wpe"):
             raise ValueError(f"objective {objective!r}: expected 'mse' or 'wpe'")
         self.save_hyperparameters(logger=False)
-        self.net = LatentFactorCNN(n_mels=n_mels, n_factors=n_factors, channels=tuple(channels),
-                                   conv_length=conv_length, hidden=hidden, dropout=dropout)
+        self.net = LatentFactorCNN(
+            n_mels=n_mels,
+            n_factors=n_factors,
+            channels=tuple(channels),
+            conv_length=conv_length,
+            hidden=hidden,
+            dropout=dropout,
+        )
         self.register_buffer("feature_mean", stat_buffer(feature_mean, n_mels, 0.0))
         self.register_buffer("feature_std", stat_buffer(feature_std, n_mels, 1.0))
         self.loss = nn.MSELoss()
@@ -53,7 +71,9 @@ class LatentFactorModule(L.LightningModule):
         if confidence.shape != (user_factors.shape[0], confidence.shape[1]):
             raise ValueError(f"confidence {confidence.shape} does not match {user_factors.shape[0]} users")
         self._plays = PlayColumns(confidence)
-        self._user_factors = torch.from_numpy(np.array(user_factors, dtype=np.float32))  # a copy: parquet arrays are read-only
+        self._user_factors = torch.from_numpy(
+            np.array(user_factors, dtype=np.float32)
+        )  # a copy: parquet arrays are read-only
         self._gram = self._user_factors.T @ self._user_factors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,16 +85,16 @@ class LatentFactorModule(L.LightningModule):
         predicted = self(x)
         if self.hparams.objective == "mse":
             loss = self.loss(predicted, y / self.hparams.target_scale)
-            self.log("train/mse", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x),
-                     sync_dist=True)
+            self.log("train/mse", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x), sync_dist=True)
             return loss
         if self._plays is None:
             raise RuntimeError("objective 'wpe' needs use_plays(user_factors, confidence) before training")
         if self._user_factors.device != predicted.device:
             self._user_factors, self._gram = self._user_factors.to(predicted.device), self._gram.to(predicted.device)
         position, users, confidence = (t.to(predicted.device) for t in self._plays.batch(batch[2]))
-        per_track = wpe_loss(predicted.float() * self.hparams.target_scale, self._user_factors, self._gram,
-                             position, users, confidence)
+        per_track = wpe_loss(
+            predicted.float() * self.hparams.target_scale, self._user_factors, self._gram, position, users, confidence
+        )
         loss = per_track.mean() / self._plays.n_users  # per user and track: O(1) whatever the user base
         self.log("train/wpe", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x), sync_dist=True)
         return loss
@@ -97,8 +117,9 @@ class LatentFactorModule(L.LightningModule):
             errors, positions = (self.all_gather(t).flatten(0, 1) for t in (errors, positions))
         _, first = np.unique(positions.cpu().numpy(), return_index=True)
         # Every rank computed the same value from the same gathered clips: no reduction needed.
-        self.log(f"{split}/mse", float(errors.cpu().numpy()[first].mean()), prog_bar=split == "val",
-                 rank_zero_only=False)
+        self.log(
+            f"{split}/mse", float(errors.cpu().numpy()[first].mean()), prog_bar=split == "val", rank_zero_only=False
+        )
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -117,4 +138,6 @@ class LatentFactorModule(L.LightningModule):
         return self._clip_predictions(windows, clip_index, len(y)) * self.hparams.target_scale
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        return torch.optim.Adam(
+            self.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
+        )

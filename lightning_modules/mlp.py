@@ -21,8 +21,9 @@ class MLP(nn.Module):
     Input ``[shape=(batch, n_inputs)]`` -> logits ``[shape=(batch, n_outputs)]``.
     """
 
-    def __init__(self, *, n_inputs: int, n_outputs: int, hidden: int = 1000, layers: int = 1,
-                 dropout: float = 0.5) -> None:
+    def __init__(
+        self, *, n_inputs: int, n_outputs: int, hidden: int = 1000, layers: int = 1, dropout: float = 0.5
+    ) -> None:
         super().__init__()
         blocks: list[nn.Module] = []
         width = n_inputs
@@ -39,9 +40,19 @@ class MLP(nn.Module):
 class MLPTaggerModule(TagPredictionModule):
     """Multi-label tagging from one feature vector per clip; reports per-tag and macro ROC-AUC / PR-AUC."""
 
-    def __init__(self, *, n_inputs: int, tags: list[str], hidden: int = 1000, layers: int = 1, dropout: float = 0.5,
-                 learning_rate: float = 1e-3, weight_decay: float = 0.0, feature_mean: list[float] | None = None,
-                 feature_std: list[float] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        n_inputs: int,
+        tags: list[str],
+        hidden: int = 1000,
+        layers: int = 1,
+        dropout: float = 0.5,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        feature_mean: list[float] | None = None,
+        feature_std: list[float] | None = None,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.net = MLP(n_inputs=n_inputs, n_outputs=len(tags), hidden=hidden, layers=layers, dropout=dropout)
@@ -79,9 +90,20 @@ class FactorRegressorModule(L.LightningModule):
     layer's activations (the prediction itself for linear regression).
     """
 
-    def __init__(self, *, n_inputs: int, n_outputs: int, layers: int, hidden: int = 1000, dropout: float = 0.25,
-                 learning_rate: float = 1e-3, weight_decay: float = 0.0, target_scale: float = 1.0,
-                 feature_mean: list[float] | None = None, feature_std: list[float] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        n_inputs: int,
+        n_outputs: int,
+        layers: int,
+        hidden: int = 1000,
+        dropout: float = 0.25,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        target_scale: float = 1.0,
+        feature_mean: list[float] | None = None,
+        feature_std: list[float] | None = None,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.net = MLP(n_inputs=n_inputs, n_outputs=n_outputs, hidden=hidden, layers=layers, dropout=dropout)
@@ -124,5 +146,6 @@ class FactorRegressorModule(L.LightningModule):
         return self(batch[0]) * self.hparams.target_scale
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate,
-                                weight_decay=self.hparams.weight_decay)
+        return torch.optim.Adam(
+            self.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
+        )

@@ -49,8 +49,14 @@ class PlayColumns:
         return position, self.users[where], self.confidence[where]
 
 
-def wpe_loss(predicted: torch.Tensor, user_factors: torch.Tensor, gram: torch.Tensor, position: torch.Tensor,
-             users: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+def wpe_loss(
+    predicted: torch.Tensor,
+    user_factors: torch.Tensor,
+    gram: torch.Tensor,
+    position: torch.Tensor,
+    users: torch.Tensor,
+    confidence: torch.Tensor,
+) -> torch.Tensor:
     """The WPE of each predicted track ``[shape=(batch,)]``, from its listeners only.
 
     Parameters

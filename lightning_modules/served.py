@@ -44,15 +44,22 @@ def mel_clips(waveforms: np.ndarray, *, mel: MelSettings) -> list[np.ndarray]:
     if waveforms.ndim == 1:
         waveforms = waveforms[None]
     if waveforms.ndim != 2 or waveforms.shape[1] == 0:
-        raise ParameterError(f"expected waveforms shaped (batch, n_samples) at {mel.sample_rate} Hz, "
-                             f"got shape {waveforms.shape}")
+        raise ParameterError(
+            f"expected waveforms shaped (batch, n_samples) at {mel.sample_rate} Hz, got shape {waveforms.shape}"
+        )
     out = log_mel(waveforms, settings=mel)
     return [clip.to(torch.float16).numpy() for clip in out]
 
 
 @torch.no_grad()
-def clip_outputs(module: torch.nn.Module, mels: Sequence[np.ndarray], *, crop: int, hop: int,
-                 transform: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
+def clip_outputs(
+    module: torch.nn.Module,
+    mels: Sequence[np.ndarray],
+    *,
+    crop: int,
+    hop: int,
+    transform: Callable[[torch.Tensor], torch.Tensor],
+) -> np.ndarray:
     """``transform(module(window))`` averaged over every window of each clip.
 
     Parameters
@@ -81,7 +88,9 @@ def clip_outputs(module: torch.nn.Module, mels: Sequence[np.ndarray], *, crop: i
     return torch.stack(out).numpy().astype(np.float32)
 
 
-def predict_latent_factors(module: LatentFactorModule, mels: Sequence[np.ndarray], *, crop: int, hop: int) -> np.ndarray:
+def predict_latent_factors(
+    module: LatentFactorModule, mels: Sequence[np.ndarray], *, crop: int, hop: int
+) -> np.ndarray:
     """Item factors predicted from log-mel clips, in the factorization's scale ``[shape=(n_clips, n_factors)]``."""
     scale = float(module.hparams.target_scale)
     return clip_outputs(module, mels, crop=crop, hop=hop, transform=lambda y: y * scale)
@@ -104,8 +113,9 @@ class _AudioModel(mlflow.pyfunc.PythonModel):
         config = json.loads(Path(context.artifacts["config"]).read_text())
         self.mel = MelSettings.model_validate(config["mel"])
         self.crop, self.hop = int(config["crop_frames"]), int(config["hop_frames"])
-        self.module = self.module_class.load_from_checkpoint(context.artifacts["checkpoint"], weights_only=True,
-                                                             map_location="cpu")
+        self.module = self.module_class.load_from_checkpoint(
+            context.artifacts["checkpoint"], weights_only=True, map_location="cpu"
+        )
         self.module.eval()
 
 
@@ -166,13 +176,15 @@ class PretrainedEmbeddingPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from lightning_modules.mlp import FactorRegressorModule
 
-        self.module = FactorRegressorModule.load_from_checkpoint(context.artifacts["checkpoint"], weights_only=True,
-                                                                 map_location="cpu").eval()
+        self.module = FactorRegressorModule.load_from_checkpoint(
+            context.artifacts["checkpoint"], weights_only=True, map_location="cpu"
+        ).eval()
         self.config = json.loads(Path(context.artifacts["config"]).read_text())
 
     def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
         x = np.asarray(model_input, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.module.hparams.n_inputs:
-            raise ParameterError(f"expected pooled K-means features shaped (batch, {self.module.hparams.n_inputs}), "
-                                 f"got {x.shape}")
+            raise ParameterError(
+                f"expected pooled K-means features shaped (batch, {self.module.hparams.n_inputs}), got {x.shape}"
+            )
         return self.module.embed(torch.from_numpy(x)).numpy()

@@ -78,12 +78,13 @@ class TagPredictionModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         x, y = batch[0], batch[1]  # crops may come with their clips' positions: not needed here
         loss = self.loss(self(x), y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x),
-                 sync_dist=True)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x), sync_dist=True)
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        return torch.optim.Adam(
+            self.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
+        )
 
 
 class WindowedTagger(TagPredictionModule):
@@ -116,20 +117,42 @@ class TaggerModule(WindowedTagger):
     report per-tag ROC-AUC and PR-AUC, macro-averaged (``val/roc_auc``, ``test/pr_auc``).
     """
 
-    def __init__(self, *, n_mels: int, crop_frames: int, tags: list[str], channels: int = 32, conv_length: int = 8,
-                 pool: int = 4, hidden: int = 100, learning_rate: float = 1e-3, weight_decay: float = 0.0,
-                 feature_mean: list[float] | None = None, feature_std: list[float] | None = None,
-                 architecture: str = "convnet2014", resnet_channels: int = 128, pool_ceil: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        n_mels: int,
+        crop_frames: int,
+        tags: list[str],
+        channels: int = 32,
+        conv_length: int = 8,
+        pool: int = 4,
+        hidden: int = 100,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        feature_mean: list[float] | None = None,
+        feature_std: list[float] | None = None,
+        architecture: str = "convnet2014",
+        resnet_channels: int = 128,
+        pool_ceil: bool = False,
+    ) -> None:
         super().__init__()
         # The normalization statistics are buffers and hparams: a checkpoint needs nothing else at inference.
         self.save_hyperparameters(logger=False)
         if architecture == "convnet2014":
-            self.net = SpectrogramConvNet2014(n_mels=n_mels, n_frames=crop_frames, n_outputs=len(tags),
-                                              channels=channels, conv_length=conv_length, pool=pool, hidden=hidden,
-                                              pool_ceil=pool_ceil)
+            self.net = SpectrogramConvNet2014(
+                n_mels=n_mels,
+                n_frames=crop_frames,
+                n_outputs=len(tags),
+                channels=channels,
+                conv_length=conv_length,
+                pool=pool,
+                hidden=hidden,
+                pool_ceil=pool_ceil,
+            )
         elif architecture == "short-chunk-resnet":
-            self.net = ShortChunkResNet(n_mels=n_mels, n_frames=crop_frames, n_outputs=len(tags),
-                                        channels=resnet_channels)
+            self.net = ShortChunkResNet(
+                n_mels=n_mels, n_frames=crop_frames, n_outputs=len(tags), channels=resnet_channels
+            )
         else:
             raise ValueError(f"architecture {architecture!r}: expected 'convnet2014' or 'short-chunk-resnet'")
         self.register_buffer("feature_mean", stat_buffer(feature_mean, n_mels, 0.0))
@@ -144,18 +167,46 @@ class TaggerModule(WindowedTagger):
 class RawAudioTaggerModule(WindowedTagger):
     """Trains a :class:`RawAudioConvNet2014` on int16-valued waveform crops (scaled to [-1, 1) here)."""
 
-    def __init__(self, *, crop_samples: int, tags: list[str], filter_length: int = 256, stride: int = 256,
-                 n_filters: int = 128, nonlinearity: str = "relu", log_c: float = 10.0, feature_pooling: str = "none",
-                 pool_size: int = 2, batch_norm: bool = False, channels: int = 32, conv_length: int = 8,
-                 pool: int = 4, hidden: int = 100, pool_ceil: bool = False, learning_rate: float = 1e-3,
-                 weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        crop_samples: int,
+        tags: list[str],
+        filter_length: int = 256,
+        stride: int = 256,
+        n_filters: int = 128,
+        nonlinearity: str = "relu",
+        log_c: float = 10.0,
+        feature_pooling: str = "none",
+        pool_size: int = 2,
+        batch_norm: bool = False,
+        channels: int = 32,
+        conv_length: int = 8,
+        pool: int = 4,
+        hidden: int = 100,
+        pool_ceil: bool = False,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
-        self.net = RawAudioConvNet2014(n_samples=crop_samples, n_outputs=len(tags), filter_length=filter_length,
-                                       stride=stride, n_filters=n_filters, nonlinearity=nonlinearity, log_c=log_c,
-                                       feature_pooling=feature_pooling, pool_size=pool_size, batch_norm=batch_norm,
-                                       channels=channels, conv_length=conv_length, pool=pool, hidden=hidden,
-                                       pool_ceil=pool_ceil)
+        self.net = RawAudioConvNet2014(
+            n_samples=crop_samples,
+            n_outputs=len(tags),
+            filter_length=filter_length,
+            stride=stride,
+            n_filters=n_filters,
+            nonlinearity=nonlinearity,
+            log_c=log_c,
+            feature_pooling=feature_pooling,
+            pool_size=pool_size,
+            batch_norm=batch_norm,
+            channels=channels,
+            conv_length=conv_length,
+            pool=pool,
+            hidden=hidden,
+            pool_ceil=pool_ceil,
+        )
         self.loss = nn.BCEWithLogitsLoss()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -58,9 +58,17 @@ def frames(seconds: float, mel: MelSettings) -> int:
 LAST_CHECKPOINT = "last.ckpt"
 
 
-def build_trainer(train: TrainSettings, *, name: str, monitor: str, mode: str, checkpoint_dir: Path,
-                  logger: Logger | bool, quiet: bool = False,
-                  log_every_n_steps: int = 5) -> tuple[L.Trainer, ModelCheckpoint]:
+def build_trainer(
+    train: TrainSettings,
+    *,
+    name: str,
+    monitor: str,
+    mode: str,
+    checkpoint_dir: Path,
+    logger: Logger | bool,
+    quiet: bool = False,
+    log_every_n_steps: int = 5,
+) -> tuple[L.Trainer, ModelCheckpoint]:
     """The trainer of every family: best checkpoint on ``monitor``, early stopping, a resumable ``last.ckpt``.
 
     With ``train.devices > 1`` it trains under DDP in spawned processes (``ddp_spawn``:
@@ -75,10 +83,14 @@ def build_trainer(train: TrainSettings, *, name: str, monitor: str, mode: str, c
         strategy="ddp_spawn" if train.devices > 1 else "auto",
         precision=train.precision,
         logger=logger,
-        callbacks=[best, EarlyStopping(monitor=monitor, mode=mode, patience=train.patience),
-                   ThroughputLog(name, quiet=quiet), ThreadPolicy(),
-                   Snapshot(Path(checkpoint_dir) / LAST_CHECKPOINT, every_n_steps=train.checkpoint_every_n_steps),
-                   *([CompileNetwork()] if train.compile else [])],
+        callbacks=[
+            best,
+            EarlyStopping(monitor=monitor, mode=mode, patience=train.patience),
+            ThroughputLog(name, quiet=quiet),
+            ThreadPolicy(),
+            Snapshot(Path(checkpoint_dir) / LAST_CHECKPOINT, every_n_steps=train.checkpoint_every_n_steps),
+            *([CompileNetwork()] if train.compile else []),
+        ],
         enable_progress_bar=interactive() and not quiet,
         enable_model_summary=False,
         log_every_n_steps=log_every_n_steps,
@@ -87,8 +99,15 @@ def build_trainer(train: TrainSettings, *, name: str, monitor: str, mode: str, c
     return trainer, best
 
 
-def fit_and_test(trainer: L.Trainer, best: ModelCheckpoint, module: L.LightningModule, datamodule: L.LightningDataModule,
-                 *, train: TrainSettings, checkpoint_dir: Path) -> TrainResult:
+def fit_and_test(
+    trainer: L.Trainer,
+    best: ModelCheckpoint,
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    *,
+    train: TrainSettings,
+    checkpoint_dir: Path,
+) -> TrainResult:
     """Fit, reload the best checkpoint, test it.
 
     A killed run left ``checkpoint_dir/last.ckpt``: fitting resumes from it, or, when that
@@ -101,19 +120,29 @@ def fit_and_test(trainer: L.Trainer, best: ModelCheckpoint, module: L.LightningM
     snapshot = torch.load(last, weights_only=True, map_location="cpu") if last.exists() else None
     if snapshot is not None and snapshot.get(FINISHED):
         log.info("training had finished (%s): testing its best checkpoint", last)
-        best_path = Path(next(state["best_model_path"] for key, state in snapshot["callbacks"].items()
-                              if key.startswith("ModelCheckpoint")))
+        best_path = Path(
+            next(
+                state["best_model_path"]
+                for key, state in snapshot["callbacks"].items()
+                if key.startswith("ModelCheckpoint")
+            )
+        )
     else:
         if snapshot is not None:
             log.info("resuming from %s (epoch %d, step %d)", last, snapshot["epoch"], snapshot["global_step"])
-        trainer.fit(module, datamodule=datamodule, ckpt_path=last if snapshot is not None else None,
-                    weights_only=True)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=last if snapshot is not None else None, weights_only=True)
         best_path = Path(best.best_model_path)
     reloaded = type(module).load_from_checkpoint(best_path, weights_only=True, map_location="cpu")
     tester = trainer
     if train.devices > 1:
-        tester = L.Trainer(accelerator=train.accelerator, devices=1, precision=train.precision, logger=trainer.logger,
-                           enable_progress_bar=False, enable_model_summary=False)
+        tester = L.Trainer(
+            accelerator=train.accelerator,
+            devices=1,
+            precision=train.precision,
+            logger=trainer.logger,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
     metrics = tester.test(reloaded, datamodule=datamodule, verbose=False)[0]
     epochs = int(torch.load(last, weights_only=True, map_location="cpu")["epoch"])  # as far as any rank went
     return TrainResult(reloaded, best_path, metrics, epochs)
@@ -128,36 +157,71 @@ def resident_device(train: TrainSettings) -> str | None:
     return train.resident_data
 
 
-def _datamodule(feature_dir: Path, mel: MelSettings, train: TrainSettings, track_ids: dict[str, list[str]],
-                targets: dict[str, np.ndarray]) -> FeatureDataModule:
+def _datamodule(
+    feature_dir: Path,
+    mel: MelSettings,
+    train: TrainSettings,
+    track_ids: dict[str, list[str]],
+    targets: dict[str, np.ndarray],
+) -> FeatureDataModule:
     datamodule = FeatureDataModule(
-        feature_dir=feature_dir, column=mel.column, track_ids=track_ids, targets=targets,
-        crop_frames=frames(train.crop_seconds, mel), eval_hop_frames=frames(train.eval_hop_seconds, mel),
-        batch_size=train.batch_size, crops_per_clip=train.crops_per_clip, num_workers=train.num_workers,
-        resident=resident_device(train), seed=train.seed,
+        feature_dir=feature_dir,
+        column=mel.column,
+        track_ids=track_ids,
+        targets=targets,
+        crop_frames=frames(train.crop_seconds, mel),
+        eval_hop_frames=frames(train.eval_hop_seconds, mel),
+        batch_size=train.batch_size,
+        crops_per_clip=train.crops_per_clip,
+        num_workers=train.num_workers,
+        resident=resident_device(train),
+        seed=train.seed,
     )
     datamodule.setup()
     return datamodule
 
 
-def train_tagger(*, feature_dir: Path, tracks: pd.DataFrame, tags: list[str], settings: TaggerSettings,
-                 mel: MelSettings, checkpoint_dir: Path, logger: Logger | bool = False,
-                 quiet: bool = False) -> TrainResult:
+def train_tagger(
+    *,
+    feature_dir: Path,
+    tracks: pd.DataFrame,
+    tags: list[str],
+    settings: TaggerSettings,
+    mel: MelSettings,
+    checkpoint_dir: Path,
+    logger: Logger | bool = False,
+    quiet: bool = False,
+) -> TrainResult:
     """Train the spectrogram tagger (``settings.model``) on the tracks' train split; test on their test split."""
     L.seed_everything(settings.train.seed, workers=True)
     track_ids = {split: list(group["track_id"]) for split, group in tracks.groupby("split")}
     datamodule = _datamodule(feature_dir, mel, settings.train, track_ids, multi_hot(tracks, tags))
     model = TaggerModule(
-        n_mels=mel.n_mels, crop_frames=datamodule.crop, tags=list(tags), channels=settings.conv_channels,
-        conv_length=settings.conv_length, pool=settings.pool, hidden=settings.hidden, pool_ceil=settings.pool_ceil,
-        architecture=settings.model, resnet_channels=settings.resnet_channels,
-        learning_rate=settings.train.learning_rate, weight_decay=settings.train.weight_decay,
-        feature_mean=datamodule.mean.tolist(), feature_std=datamodule.std.tolist(),
+        n_mels=mel.n_mels,
+        crop_frames=datamodule.crop,
+        tags=list(tags),
+        channels=settings.conv_channels,
+        conv_length=settings.conv_length,
+        pool=settings.pool,
+        hidden=settings.hidden,
+        pool_ceil=settings.pool_ceil,
+        architecture=settings.model,
+        resnet_channels=settings.resnet_channels,
+        learning_rate=settings.train.learning_rate,
+        weight_decay=settings.train.weight_decay,
+        feature_mean=datamodule.mean.tolist(),
+        feature_std=datamodule.std.tolist(),
     )
-    trainer, checkpoint = build_trainer(settings.train, name="tagger", monitor="val/roc_auc", mode="max",
-                                        checkpoint_dir=checkpoint_dir, logger=logger, quiet=quiet)
-    return fit_and_test(trainer, checkpoint, model, datamodule, train=settings.train,
-                        checkpoint_dir=checkpoint_dir)
+    trainer, checkpoint = build_trainer(
+        settings.train,
+        name="tagger",
+        monitor="val/roc_auc",
+        mode="max",
+        checkpoint_dir=checkpoint_dir,
+        logger=logger,
+        quiet=quiet,
+    )
+    return fit_and_test(trainer, checkpoint, model, datamodule, train=settings.train, checkpoint_dir=checkpoint_dir)
 
 
 @dataclass
@@ -166,11 +230,20 @@ class LatentFactorResult(TrainResult):
     predicted_factors: np.ndarray | None = None  # (n_test, n_factors), aligned with test_track_ids
 
 
-def train_latent_factor_cnn(*, feature_dir: Path, track_ids: dict[str, list[str]], item_factors: dict[str, np.ndarray],
-                            settings: LatentFactorSettings, mel: MelSettings, checkpoint_dir: Path,
-                            logger: Logger | bool = False, init_checkpoint: Path | None = None,
-                            train: TrainSettings | None = None, user_factors: np.ndarray | None = None,
-                            train_confidence=None) -> LatentFactorResult:
+def train_latent_factor_cnn(
+    *,
+    feature_dir: Path,
+    track_ids: dict[str, list[str]],
+    item_factors: dict[str, np.ndarray],
+    settings: LatentFactorSettings,
+    mel: MelSettings,
+    checkpoint_dir: Path,
+    logger: Logger | bool = False,
+    init_checkpoint: Path | None = None,
+    train: TrainSettings | None = None,
+    user_factors: np.ndarray | None = None,
+    train_confidence=None,
+) -> LatentFactorResult:
     """Regress item factors from audio; predict the factors of the test tracks (the cold-start items).
 
     ``item_factors`` must cover every track of every split; for held-out tracks these
@@ -188,55 +261,101 @@ def train_latent_factor_cnn(*, feature_dir: Path, track_ids: dict[str, list[str]
     datamodule = _datamodule(feature_dir, mel, train, track_ids, item_factors)
     train_targets = np.stack([item_factors[t] for t in track_ids["train"]])
     if init_checkpoint is not None:
-        model = LatentFactorModule.load_from_checkpoint(init_checkpoint, weights_only=True, map_location="cpu",
-                                                        learning_rate=train.learning_rate,
-                                                        weight_decay=train.weight_decay, objective=settings.objective)
+        model = LatentFactorModule.load_from_checkpoint(
+            init_checkpoint,
+            weights_only=True,
+            map_location="cpu",
+            learning_rate=train.learning_rate,
+            weight_decay=train.weight_decay,
+            objective=settings.objective,
+        )
         if model.hparams.n_factors != train_targets.shape[1] or model.hparams.n_mels != mel.n_mels:
             raise ParameterError(
                 f"{init_checkpoint} predicts {model.hparams.n_factors} factors from {model.hparams.n_mels} mel bands; "
                 f"the new targets have {train_targets.shape[1]} factors and the features {mel.n_mels} bands: "
-                "train a new model with the pipeline instead of fine-tuning")
+                "train a new model with the pipeline instead of fine-tuning"
+            )
     else:
         model = LatentFactorModule(
-            n_mels=mel.n_mels, n_factors=train_targets.shape[1], channels=settings.channels,
-            conv_length=settings.conv_length, hidden=settings.hidden, dropout=settings.dropout,
-            learning_rate=train.learning_rate, weight_decay=train.weight_decay,
-            target_scale=float(train_targets.std()), feature_mean=datamodule.mean.tolist(),
-            feature_std=datamodule.std.tolist(), objective=settings.objective,
+            n_mels=mel.n_mels,
+            n_factors=train_targets.shape[1],
+            channels=settings.channels,
+            conv_length=settings.conv_length,
+            hidden=settings.hidden,
+            dropout=settings.dropout,
+            learning_rate=train.learning_rate,
+            weight_decay=train.weight_decay,
+            target_scale=float(train_targets.std()),
+            feature_mean=datamodule.mean.tolist(),
+            feature_std=datamodule.std.tolist(),
+            objective=settings.objective,
         )
     if settings.objective == "wpe":
         model.use_plays(user_factors, train_confidence)
-    trainer, checkpoint = build_trainer(train, name="latent_factors", monitor="val/mse", mode="min",
-                                        checkpoint_dir=checkpoint_dir, logger=logger)
+    trainer, checkpoint = build_trainer(
+        train, name="latent_factors", monitor="val/mse", mode="min", checkpoint_dir=checkpoint_dir, logger=logger
+    )
     fitted = fit_and_test(trainer, checkpoint, model, datamodule, train=train, checkpoint_dir=checkpoint_dir)
-    predictor = L.Trainer(accelerator=train.accelerator, devices=1, precision=train.precision, logger=False,
-                          enable_progress_bar=False, enable_model_summary=False)
+    predictor = L.Trainer(
+        accelerator=train.accelerator,
+        devices=1,
+        precision=train.precision,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     predicted = np.concatenate([p.numpy() for p in predictor.predict(fitted.module, datamodule=datamodule)])
-    return LatentFactorResult(fitted.module, fitted.checkpoint, fitted.metrics, fitted.epochs,
-                              test_track_ids=list(track_ids["test"]), predicted_factors=predicted)
+    return LatentFactorResult(
+        fitted.module,
+        fitted.checkpoint,
+        fitted.metrics,
+        fitted.epochs,
+        test_track_ids=list(track_ids["test"]),
+        predicted_factors=predicted,
+    )
 
 
-def train_mlp_tagger(*, features: dict[str, np.ndarray], targets: dict[str, np.ndarray], tags: list[str],
-                     settings: MLPSettings, checkpoint_dir: Path, logger: Logger | bool = False,
-                     quiet: bool = False) -> TrainResult:
+def train_mlp_tagger(
+    *,
+    features: dict[str, np.ndarray],
+    targets: dict[str, np.ndarray],
+    tags: list[str],
+    settings: MLPSettings,
+    checkpoint_dir: Path,
+    logger: Logger | bool = False,
+    quiet: bool = False,
+) -> TrainResult:
     """Train the MLP tagger on one feature vector per clip; early stopping on validation ROC-AUC; test.
 
     ``features`` and ``targets`` map each split (``train``, ``valid``, ``test``) to aligned
     ``(n_clips, n_inputs)`` and ``(n_clips, n_tags)`` arrays.
     """
     L.seed_everything(settings.train.seed, workers=True)
-    datamodule = VectorDataModule(features=features, targets=targets, batch_size=settings.train.batch_size,
-                                  num_workers=settings.train.num_workers)
+    datamodule = VectorDataModule(
+        features=features, targets=targets, batch_size=settings.train.batch_size, num_workers=settings.train.num_workers
+    )
     model = MLPTaggerModule(
-        n_inputs=features["train"].shape[1], tags=list(tags), hidden=settings.hidden, layers=settings.layers,
-        dropout=settings.dropout, learning_rate=settings.train.learning_rate,
-        weight_decay=settings.train.weight_decay, feature_mean=datamodule.mean.tolist(),
+        n_inputs=features["train"].shape[1],
+        tags=list(tags),
+        hidden=settings.hidden,
+        layers=settings.layers,
+        dropout=settings.dropout,
+        learning_rate=settings.train.learning_rate,
+        weight_decay=settings.train.weight_decay,
+        feature_mean=datamodule.mean.tolist(),
         feature_std=datamodule.std.tolist(),
     )
-    trainer, checkpoint = build_trainer(settings.train, name="mlp_tagger", monitor="val/roc_auc", mode="max",
-                                        checkpoint_dir=checkpoint_dir, logger=logger, quiet=quiet, log_every_n_steps=1)
-    return fit_and_test(trainer, checkpoint, model, datamodule, train=settings.train,
-                        checkpoint_dir=checkpoint_dir)
+    trainer, checkpoint = build_trainer(
+        settings.train,
+        name="mlp_tagger",
+        monitor="val/roc_auc",
+        mode="max",
+        checkpoint_dir=checkpoint_dir,
+        logger=logger,
+        quiet=quiet,
+        log_every_n_steps=1,
+    )
+    return fit_and_test(trainer, checkpoint, model, datamodule, train=settings.train, checkpoint_dir=checkpoint_dir)
 
 
 @dataclass
@@ -244,36 +363,72 @@ class RegressorResult(TrainResult):
     predicted: np.ndarray | None = None  # (n_test, n_outputs): the test split's predictions
 
 
-def train_factor_regressor(*, features: dict[str, np.ndarray], targets: dict[str, np.ndarray], layers: int,
-                           settings: RegressorSettings, checkpoint_dir: Path, logger: Logger | bool = False,
-                           quiet: bool = False) -> RegressorResult:
+def train_factor_regressor(
+    *,
+    features: dict[str, np.ndarray],
+    targets: dict[str, np.ndarray],
+    layers: int,
+    settings: RegressorSettings,
+    checkpoint_dir: Path,
+    logger: Logger | bool = False,
+    quiet: bool = False,
+) -> RegressorResult:
     """Linear regression (``layers=0``) or an MLP from one feature vector per clip to its target vector.
 
     ``features`` and ``targets`` map ``train``, ``valid`` and ``test`` to aligned arrays.
     Early stopping on the validation MSE; returns the best model with its test predictions.
     """
     L.seed_everything(settings.train.seed, workers=True)
-    datamodule = VectorDataModule(features=features, targets=targets, batch_size=settings.train.batch_size,
-                                  num_workers=settings.train.num_workers)
+    datamodule = VectorDataModule(
+        features=features, targets=targets, batch_size=settings.train.batch_size, num_workers=settings.train.num_workers
+    )
     scale = float(np.asarray(targets["train"]).std()) or 1.0
     model = FactorRegressorModule(
-        n_inputs=features["train"].shape[1], n_outputs=targets["train"].shape[1], layers=layers,
-        hidden=settings.hidden, dropout=settings.dropout, learning_rate=settings.train.learning_rate,
-        weight_decay=settings.train.weight_decay, target_scale=scale, feature_mean=datamodule.mean.tolist(),
+        n_inputs=features["train"].shape[1],
+        n_outputs=targets["train"].shape[1],
+        layers=layers,
+        hidden=settings.hidden,
+        dropout=settings.dropout,
+        learning_rate=settings.train.learning_rate,
+        weight_decay=settings.train.weight_decay,
+        target_scale=scale,
+        feature_mean=datamodule.mean.tolist(),
         feature_std=datamodule.std.tolist(),
     )
-    trainer, checkpoint = build_trainer(settings.train, name=f"regressor{layers}", monitor="val/mse", mode="min",
-                                        checkpoint_dir=checkpoint_dir, logger=logger, quiet=quiet, log_every_n_steps=1)
+    trainer, checkpoint = build_trainer(
+        settings.train,
+        name=f"regressor{layers}",
+        monitor="val/mse",
+        mode="min",
+        checkpoint_dir=checkpoint_dir,
+        logger=logger,
+        quiet=quiet,
+        log_every_n_steps=1,
+    )
     fitted = fit_and_test(trainer, checkpoint, model, datamodule, train=settings.train, checkpoint_dir=checkpoint_dir)
-    predictor = L.Trainer(accelerator=settings.train.accelerator, devices=1, logger=False, enable_progress_bar=False,
-                          enable_model_summary=False)
+    predictor = L.Trainer(
+        accelerator=settings.train.accelerator,
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     predicted = np.concatenate([p.numpy() for p in predictor.predict(fitted.module, datamodule=datamodule)])
     return RegressorResult(fitted.module, fitted.checkpoint, fitted.metrics, fitted.epochs, predicted=predicted)
 
 
-def train_raw_tagger(*, audio_dir: Path, tracks: pd.DataFrame, tags: list[str], train: TrainSettings,
-                     sample_rate: int, model: dict, checkpoint_dir: Path, logger: Logger | bool = False,
-                     quiet: bool = False) -> TrainResult:
+def train_raw_tagger(
+    *,
+    audio_dir: Path,
+    tracks: pd.DataFrame,
+    tags: list[str],
+    train: TrainSettings,
+    sample_rate: int,
+    model: dict,
+    checkpoint_dir: Path,
+    logger: Logger | bool = False,
+    quiet: bool = False,
+) -> TrainResult:
     """Train the raw-audio convnet on the PCM shards' train split; test on the test split.
 
     ``model`` holds :class:`~lightning_modules.tagger.RawAudioTaggerModule`'s architecture
@@ -282,14 +437,30 @@ def train_raw_tagger(*, audio_dir: Path, tracks: pd.DataFrame, tags: list[str], 
     L.seed_everything(train.seed, workers=True)
     track_ids = {split: list(group["track_id"]) for split, group in tracks.groupby("split")}
     crop = max(1, round(train.crop_seconds * sample_rate))
-    datamodule = AudioDataModule(audio_dir=audio_dir, track_ids=track_ids, targets=multi_hot(tracks, tags),
-                                 crop_samples=crop, eval_hop_samples=max(1, round(train.eval_hop_seconds * sample_rate)),
-                                 batch_size=train.batch_size, crops_per_clip=train.crops_per_clip,
-                                 num_workers=train.num_workers, resident=resident_device(train), seed=train.seed,
-                                 sample_rate=sample_rate)
+    datamodule = AudioDataModule(
+        audio_dir=audio_dir,
+        track_ids=track_ids,
+        targets=multi_hot(tracks, tags),
+        crop_samples=crop,
+        eval_hop_samples=max(1, round(train.eval_hop_seconds * sample_rate)),
+        batch_size=train.batch_size,
+        crops_per_clip=train.crops_per_clip,
+        num_workers=train.num_workers,
+        resident=resident_device(train),
+        seed=train.seed,
+        sample_rate=sample_rate,
+    )
     datamodule.setup()
-    module = RawAudioTaggerModule(crop_samples=crop, tags=list(tags), learning_rate=train.learning_rate,
-                                  weight_decay=train.weight_decay, **model)
-    trainer, checkpoint = build_trainer(train, name="raw_tagger", monitor="val/roc_auc", mode="max",
-                                        checkpoint_dir=checkpoint_dir, logger=logger, quiet=quiet)
+    module = RawAudioTaggerModule(
+        crop_samples=crop, tags=list(tags), learning_rate=train.learning_rate, weight_decay=train.weight_decay, **model
+    )
+    trainer, checkpoint = build_trainer(
+        train,
+        name="raw_tagger",
+        monitor="val/roc_auc",
+        mode="max",
+        checkpoint_dir=checkpoint_dir,
+        logger=logger,
+        quiet=quiet,
+    )
     return fit_and_test(trainer, checkpoint, module, datamodule, train=train, checkpoint_dir=checkpoint_dir)

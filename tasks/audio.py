@@ -151,9 +151,7 @@ def _read(path: Path) -> tuple[np.ndarray, int]:
         try:
             frames, rate = _read_audioread(name)
         except Exception as ar_exc:
-            raise DecodeError(
-                name, "read", f"soundfile: {sf_exc}; audioread fallback: {ar_exc!r}"
-            ) from ar_exc
+            raise DecodeError(name, "read", f"soundfile: {sf_exc}; audioread fallback: {ar_exc!r}") from ar_exc
         declared = 0  # audioread declares no length of its own
     _check_complete(path, frames.shape[0], declared, container=container)
     return frames, rate
@@ -185,9 +183,9 @@ def _read_soundfile(name: str) -> tuple[np.ndarray, int, int]:
                 block = handle.read(_READ_BLOCK, dtype="float32", always_2d=True)
             except Exception as exc:
                 if 0 < declared and sum(b.shape[0] for b in blocks) < declared:
-                    raise DecodeError(name, "check",
-                                      f"truncated: the stream breaks off before its {declared} declared frames ({exc})"
-                                      ) from exc
+                    raise DecodeError(
+                        name, "check", f"truncated: the stream breaks off before its {declared} declared frames ({exc})"
+                    ) from exc
                 raise
             if block.shape[0] == 0:
                 break

@@ -63,7 +63,9 @@ def read_mtat_annotations(path: Path) -> pd.DataFrame:
         raise DatasetError(f"{path}: no tag columns between clip_id and mp3_path")
     bad = ~frame[tag_columns].isin(["0", "1"]).all(axis=1)
     if bad.any():
-        raise DatasetError(f"{path}: {int(bad.sum())} rows have tag values other than 0/1, e.g. clip {frame.loc[bad, 'clip_id'].iloc[0]}")
+        raise DatasetError(
+            f"{path}: {int(bad.sum())} rows have tag values other than 0/1, e.g. clip {frame.loc[bad, 'clip_id'].iloc[0]}"
+        )
     frame[tag_columns] = frame[tag_columns].astype(np.int8)
     frame["clip_id"] = frame["clip_id"].astype(np.int64)
     return frame
@@ -71,7 +73,9 @@ def read_mtat_annotations(path: Path) -> pd.DataFrame:
 
 def read_mtat_index(path: Path) -> pd.DataFrame:
     """Read ``index_mtt.tsv`` (``clip_id<TAB>dir/name.mp3``, no header) with the folder split."""
-    frame = pd.read_csv(path, sep="\t", header=None, names=["clip_id", "mp3_path"], dtype={"clip_id": np.int64, "mp3_path": str})
+    frame = pd.read_csv(
+        path, sep="\t", header=None, names=["clip_id", "mp3_path"], dtype={"clip_id": np.int64, "mp3_path": str}
+    )
     frame["split"] = frame["mp3_path"].map(mtat_folder_split)
     return frame
 
@@ -178,7 +182,9 @@ def _read_split_lists(
             continue
         path = Path(split_lists[split_name])
         if not path.is_file():
-            raise DatasetError(f"{split_name} split list not found at {path}; check the path or the split_dir/split_lists argument")
+            raise DatasetError(
+                f"{split_name} split list not found at {path}; check the path or the split_dir/split_lists argument"
+            )
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
         for lineno, line in enumerate(lines, start=1):
             entry = line.strip()
@@ -193,7 +199,9 @@ def _read_split_lists(
                     "is this list for the same dataset and annotations file?"
                 )
             if key in assigned and assigned[key] != split_name:
-                raise DatasetError(f"{path}:{lineno}: {key!r} is already in the {assigned[key]} split ({where[key]}); a track may be in one split only")
+                raise DatasetError(
+                    f"{path}:{lineno}: {key!r} is already in the {assigned[key]} split ({where[key]}); a track may be in one split only"
+                )
             assigned[key] = split_name
             where[key] = f"{path}:{lineno}"
     return assigned
@@ -222,7 +230,9 @@ def gtzan_tracks(
     """
     root = Path(root)
     if not root.is_dir():
-        raise DatasetError(f"GTZAN root {root} is not a folder; pass the folder holding <genre>/<genre>.000NN.wav files")
+        raise DatasetError(
+            f"GTZAN root {root} is not a folder; pass the folder holding <genre>/<genre>.000NN.wav files"
+        )
     found: dict[str, Path] = {}
     for path in sorted([*root.glob("*.*"), *root.glob("*/*.*")]):
         match = GTZAN_NAME.match(path.name)
@@ -230,7 +240,9 @@ def gtzan_tracks(
             continue
         track_id = f"{match['genre']}.{match['number']}"
         if path.parent != root and path.parent.name != match["genre"]:
-            raise DatasetError(f"{path}: file of genre {match['genre']!r} sits in folder {path.parent.name!r}; move it or rename it")
+            raise DatasetError(
+                f"{path}: file of genre {match['genre']!r} sits in folder {path.parent.name!r}; move it or rename it"
+            )
         if track_id in found:
             raise DatasetError(
                 f"GTZAN track {track_id} is there twice: {found[track_id]} and {path}; "
@@ -269,7 +281,9 @@ def _gtzan_stem(entry: str) -> str | None:
     return None if match is None else f"{match['genre']}.{match['number']}"
 
 
-def _stratified_split(track_ids: Sequence[str], strata: Sequence[str], *, seed: int, fractions: Sequence[float]) -> list[str]:
+def _stratified_split(
+    track_ids: Sequence[str], strata: Sequence[str], *, seed: int, fractions: Sequence[float]
+) -> list[str]:
     """Seeded split of ``track_ids`` with ``fractions`` of every stratum in train/valid/test.
 
     Each stratum is shuffled by its own generator (seed, crc32 of its name), so adding
@@ -277,7 +291,9 @@ def _stratified_split(track_ids: Sequence[str], strata: Sequence[str], *, seed: 
     """
     fractions = tuple(float(f) for f in fractions)
     if len(fractions) != 3 or min(fractions) < 0 or not np.isclose(sum(fractions), 1.0):
-        raise ParameterError(f"fractions {fractions} must be three non-negative numbers (train, valid, test) summing to 1")
+        raise ParameterError(
+            f"fractions {fractions} must be three non-negative numbers (train, valid, test) summing to 1"
+        )
     by_stratum: dict[str, list[int]] = {}
     for i, stratum in enumerate(strata):
         by_stratum.setdefault(stratum, []).append(i)
@@ -310,21 +326,27 @@ def manifest_tracks(path: Path, *, base_dir: Path | None = None) -> pd.DataFrame
         elif suffix in (".csv", ".tsv", ".txt"):
             frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
         else:
-            raise DatasetError(f"manifest {path}: suffix {path.suffix!r} is neither CSV (.csv, .tsv) nor Parquet (.parquet)")
+            raise DatasetError(
+                f"manifest {path}: suffix {path.suffix!r} is neither CSV (.csv, .tsv) nor Parquet (.parquet)"
+            )
     except DatasetError:
         raise
     except Exception as error:  # pandas/pyarrow parse errors: name the file instead of a deep traceback
         raise DatasetError(f"manifest {path} could not be read as {suffix[1:]}: {error}") from error
     missing = [c for c in ("track_id", "path") if c not in frame.columns]
     if missing:
-        raise DatasetError(f"manifest {path}: missing required columns {missing} (found {list(frame.columns)}); it needs track_id and path")
+        raise DatasetError(
+            f"manifest {path}: missing required columns {missing} (found {list(frame.columns)}); it needs track_id and path"
+        )
     if frame.empty:
         raise DatasetError(f"manifest {path} has no rows; list one track per row")
     track_ids = frame["track_id"].map(_cell_text)
     _check_manifest_ids(path, track_ids)
     paths = frame["path"].map(_cell_text)
     if (paths == "").any():
-        raise DatasetError(f"manifest {path}: empty path for track ids {_examples(track_ids[paths == ''])}; every track needs an audio path")
+        raise DatasetError(
+            f"manifest {path}: empty path for track ids {_examples(track_ids[paths == ''])}; every track needs an audio path"
+        )
     base = (path.parent if base_dir is None else Path(base_dir)).resolve()
     source_paths = [str(Path(p) if Path(p).is_absolute() else (base / p).resolve()) for p in paths]
     if "split" in frame.columns:
@@ -338,22 +360,30 @@ def manifest_tracks(path: Path, *, base_dir: Path | None = None) -> pd.DataFrame
             )
     else:
         splits = pd.Series(["train"] * len(frame))
-    tags = _manifest_tags(path, frame["tags"], track_ids) if "tags" in frame.columns else [[] for _ in range(len(frame))]
+    tags = (
+        _manifest_tags(path, frame["tags"], track_ids) if "tags" in frame.columns else [[] for _ in range(len(frame))]
+    )
     return pd.DataFrame({"track_id": list(track_ids), "source_path": source_paths, "split": list(splits), "tags": tags})
 
 
 def _cell_text(value: object) -> str:
     """A manifest cell as stripped text; missing values (None, NaN, NA) as ""."""
-    return "" if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)) else str(value).strip()
+    return (
+        "" if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)) else str(value).strip()
+    )
 
 
 def _check_manifest_ids(path: Path, track_ids: pd.Series) -> None:
     if (track_ids == "").any():
         rows = [int(i) + 2 for i in np.flatnonzero((track_ids == "").to_numpy())[:5]]
-        raise DatasetError(f"manifest {path}: empty track_id in rows {rows} (counting the header as row 1); every track needs an id")
+        raise DatasetError(
+            f"manifest {path}: empty track_id in rows {rows} (counting the header as row 1); every track needs an id"
+        )
     duplicated = track_ids[track_ids.duplicated(keep=False)]
     if len(duplicated):
-        raise DatasetError(f"manifest {path}: duplicate track ids {_examples(duplicated.drop_duplicates())}; track ids must be unique")
+        raise DatasetError(
+            f"manifest {path}: duplicate track ids {_examples(duplicated.drop_duplicates())}; track ids must be unique"
+        )
 
 
 def _manifest_tags(path: Path, column: pd.Series, track_ids: pd.Series) -> list[list[str]]:
@@ -369,7 +399,9 @@ def _manifest_tags(path: Path, column: pd.Series, track_ids: pd.Series) -> list[
         elif isinstance(value, (list, tuple, np.ndarray)):
             out.append([str(t).strip() for t in value if t is not None and str(t).strip()])
         else:
-            raise DatasetError(f"manifest {path}: tags of track {track_id!r} are {type(value).__name__} {value!r}; use a list of strings or a '|'-separated string")
+            raise DatasetError(
+                f"manifest {path}: tags of track {track_id!r} are {type(value).__name__} {value!r}; use a list of strings or a '|'-separated string"
+            )
     return out
 
 
@@ -411,8 +443,13 @@ def tracks_from_source(source: SourceSettings) -> pd.DataFrame:
                 raise ParameterError("MTAT split 'lists' needs split_dir: a folder with train.txt, valid.txt, test.txt")
             lists = {name: Path(source.split_dir) / f"{name}.txt" for name in SPLITS}
         annotations = read_mtat_annotations(source.path)
-        return mtat_tracks(annotations, audio_root=source.audio_root or Path(source.path).parent, n_tags=source.n_tags,
-                           split=split, split_lists=lists)
+        return mtat_tracks(
+            annotations,
+            audio_root=source.audio_root or Path(source.path).parent,
+            n_tags=source.n_tags,
+            split=split,
+            split_lists=lists,
+        )
     if source.adapter == "gtzan":
         return gtzan_tracks(source.path, split=source.split or "filtered", split_dir=source.split_dir, seed=source.seed)
     if source.adapter == "manifest":

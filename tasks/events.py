@@ -56,12 +56,14 @@ from tasks.shards import append_quarantine, content_sha1, write_table_atomic, wr
 log = logging.getLogger("mirflow")
 
 Format = Literal["auto", "triplets", "hetrec", "events"]
-EVENT_SCHEMA = pa.schema([
-    pa.field("user", pa.int32(), nullable=False),
-    pa.field("item", pa.int32(), nullable=False),
-    pa.field("plays", pa.int64(), nullable=False),
-    pa.field("ts", pa.timestamp("s", tz="UTC")),
-])
+EVENT_SCHEMA = pa.schema(
+    [
+        pa.field("user", pa.int32(), nullable=False),
+        pa.field("item", pa.int32(), nullable=False),
+        pa.field("plays", pa.int64(), nullable=False),
+        pa.field("ts", pa.timestamp("s", tz="UTC")),
+    ]
+)
 ID_MAP_SCHEMA = pa.schema([pa.field("key", pa.string(), nullable=False), pa.field("id", pa.int32(), nullable=False)])
 HETREC_HEADER = ["userID", "artistID", "weight"]
 # Text read per block: bounds the memory of one parse step.
@@ -240,13 +242,19 @@ class _Malformed:
 
 def quarantine_records(path: Path, unit: str, located: Sequence[tuple[int, str, str]], offset: int = 0) -> list[dict]:
     """Quarantine records of bad rows located in a file (``offset`` lines or rows before the part they count from)."""
-    return [{"path": f"{path}:{line + offset}" if unit == "line" else f"{path}#row{line + offset}",
-             "stage": "listening", "reason": f"{reason}: {text[:_TEXT_LIMIT]!r}" if text else reason}
-            for line, reason, text in located]
+    return [
+        {
+            "path": f"{path}:{line + offset}" if unit == "line" else f"{path}#row{line + offset}",
+            "stage": "listening",
+            "reason": f"{reason}: {text[:_TEXT_LIMIT]!r}" if text else reason,
+        }
+        for line, reason, text in located
+    ]
 
 
-def _csv_blocks(source: Path | pa.NativeFile, *, delimiter: str, names: list[str], header: bool,
-                bad: _Malformed) -> Iterator[pa.RecordBatch]:
+def _csv_blocks(
+    source: Path | pa.NativeFile, *, delimiter: str, names: list[str], header: bool, bad: _Malformed
+) -> Iterator[pa.RecordBatch]:
     """Blocks of string columns; rows with the wrong column count go to ``bad`` with their line."""
 
     def invalid(row) -> str:
@@ -260,12 +268,21 @@ def _csv_blocks(source: Path | pa.NativeFile, *, delimiter: str, names: list[str
 
     reader = pacsv.open_csv(
         source,
-        read_options=pacsv.ReadOptions(column_names=names, skip_rows=1 if header else 0, use_threads=False,
-                                       block_size=_BLOCK_BYTES),
-        parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char=False if delimiter == "\t" else '"',
-                                         ignore_empty_lines=False, invalid_row_handler=invalid),
-        convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False,
-                                             quoted_strings_can_be_null=False, check_utf8=False),
+        read_options=pacsv.ReadOptions(
+            column_names=names, skip_rows=1 if header else 0, use_threads=False, block_size=_BLOCK_BYTES
+        ),
+        parse_options=pacsv.ParseOptions(
+            delimiter=delimiter,
+            quote_char=False if delimiter == "\t" else '"',
+            ignore_empty_lines=False,
+            invalid_row_handler=invalid,
+        ),
+        convert_options=pacsv.ConvertOptions(
+            column_types={n: pa.string() for n in names},
+            strings_can_be_null=False,
+            quoted_strings_can_be_null=False,
+            check_utf8=False,
+        ),
     )
     yield from reader
 
@@ -338,8 +355,10 @@ def _parquet_file(path: Path) -> pq.ParquetFile:
 def _check_event_columns(path: Path, names: Sequence[str]) -> None:
     missing = [c for c in ("user", "item", "plays") if c not in names]
     if missing:
-        raise DatasetError(f"{path}: missing columns {missing} (found {list(names)}); "
-                           "listening events need user, item, plays and optionally ts")
+        raise DatasetError(
+            f"{path}: missing columns {missing} (found {list(names)}); "
+            "listening events need user, item, plays and optionally ts"
+        )
 
 
 # ---------------------------------------------------------------- validation
@@ -418,8 +437,13 @@ def _parse_counts(column: pa.Array) -> tuple[np.ndarray, np.ndarray, list[str | 
         reasons = [None] * n
         for i in np.flatnonzero(~ok):
             v = values[i]
-            reasons[i] = ("missing play count" if np.isnan(v) else f"negative play count {v:g}" if v < 0
-                          else f"play count {v!r} is not a non-negative integer")
+            reasons[i] = (
+                "missing play count"
+                if np.isnan(v)
+                else f"negative play count {v:g}"
+                if v < 0
+                else f"play count {v!r} is not a non-negative integer"
+            )
         return counts, ok, reasons
     raise DatasetError(f"plays must be integers or strings of integers, got {column.type}")
 
@@ -474,7 +498,7 @@ def _validate(block: pa.RecordBatch, *, first_position: int, bad: _Malformed, de
     n = block.num_rows
     not_utf8 = np.zeros(n, dtype=bool)
     columns = {name: block.column(name) for name in block.schema.names}
-    for name, column in columns.items():
+    for column in columns.values():
         bad_rows = _invalid_utf8(column)
         if bad_rows is not None:
             not_utf8 |= bad_rows
@@ -486,8 +510,12 @@ def _validate(block: pa.RecordBatch, *, first_position: int, bad: _Malformed, de
                 column = column.cast(pa.binary() if pa.types.is_string(column.type) else pa.large_binary())
                 columns[name] = pc.if_else(pa.array(not_utf8), pa.scalar(b"", column.type), column).cast(pa.string())
         block = pa.RecordBatch.from_pydict(columns)
-        texts = [repr(b) for b in zip(*(raw[name].cast(pa.binary()).take(pa.array(np.flatnonzero(not_utf8))).to_pylist()
-                                         for name in raw))]
+        texts = [
+            repr(b)
+            for b in zip(
+                *(raw[name].cast(pa.binary()).take(pa.array(np.flatnonzero(not_utf8))).to_pylist() for name in raw)
+            )
+        ]
         for row, text in zip(np.flatnonzero(not_utf8), texts):
             bad.by_position.append((first_position + int(row), "not valid UTF-8", text))
     user = _as_trimmed_strings(block.column("user"))
@@ -514,14 +542,20 @@ def _validate(block: pa.RecordBatch, *, first_position: int, bad: _Malformed, de
             elif not ok[row]:
                 reason = reasons[row]
             else:
-                reason = (f"timestamp {block.column('ts')[int(row)].as_py()!r} is neither ISO 8601 nor Unix seconds "
-                          "in a supported range")
+                reason = (
+                    f"timestamp {block.column('ts')[int(row)].as_py()!r} is neither ISO 8601 nor Unix seconds "
+                    "in a supported range"
+                )
             bad.by_position.append((first_position + int(row), reason, "" if reason == "empty line" else text))
     mask = pa.array(good)
-    return pa.table({
-        "user": user.filter(mask), "item": item.filter(mask),
-        "plays": pa.array(counts[good]), "ts": ts.filter(mask),
-    })
+    return pa.table(
+        {
+            "user": user.filter(mask),
+            "item": item.filter(mask),
+            "plays": pa.array(counts[good]),
+            "ts": ts.filter(mask),
+        }
+    )
 
 
 # ---------------------------------------------------------------- ingestion
@@ -649,22 +683,43 @@ def parse_chunk(chunk: Chunk, *, source: ListeningSource, spill_dir: str | Path)
         position += block.num_rows
         if valid.num_rows:
             parts.append(valid)
-    valid = pa.concat_tables(parts) if parts else pa.table({
-        "user": pa.array([], pa.string()), "item": pa.array([], pa.string()), "plays": pa.array([], pa.int64()),
-        "ts": pa.array([], pa.timestamp("s", tz="UTC"))})
+    valid = (
+        pa.concat_tables(parts)
+        if parts
+        else pa.table(
+            {
+                "user": pa.array([], pa.string()),
+                "item": pa.array([], pa.string()),
+                "plays": pa.array([], pa.int64()),
+                "ts": pa.array([], pa.timestamp("s", tz="UTC")),
+            }
+        )
+    )
     del parts
     user_codes, user_keys = _encode(valid.column("user"))
     item_codes, item_keys = _encode(valid.column("item"))
     stem = spill / f"chunk-{chunk.index:06d}"
-    rows_path = _write_ipc(stem.with_suffix(".rows.arrow"), pa.table(
-        {"user": user_codes, "item": item_codes, "plays": valid.column("plays"), "ts": valid.column("ts")}))
+    rows_path = _write_ipc(
+        stem.with_suffix(".rows.arrow"),
+        pa.table({"user": user_codes, "item": item_codes, "plays": valid.column("plays"), "ts": valid.column("ts")}),
+    )
     rows_per_user = np.bincount(user_codes.to_numpy(), minlength=len(user_keys)).astype(np.int64)
-    users_path = _write_ipc(stem.with_suffix(".users.arrow"),
-                            pa.table({"key": user_keys.cast(pa.string()), "rows": rows_per_user}))
+    users_path = _write_ipc(
+        stem.with_suffix(".users.arrow"), pa.table({"key": user_keys.cast(pa.string()), "rows": rows_per_user})
+    )
     items_path = _write_ipc(stem.with_suffix(".items.arrow"), pa.table({"key": item_keys.cast(pa.string())}))
-    return ParsedChunk(index=chunk.index, lines=int(bad.lines), rows=position - 1, skipped=len(bad.by_line),
-                       bad=bad.located(), unit=bad.unit,
-                       valid=valid.num_rows, rows_path=rows_path, users_path=users_path, items_path=items_path)
+    return ParsedChunk(
+        index=chunk.index,
+        lines=int(bad.lines),
+        rows=position - 1,
+        skipped=len(bad.by_line),
+        bad=bad.located(),
+        unit=bad.unit,
+        valid=valid.num_rows,
+        rows_path=rows_path,
+        users_path=users_path,
+        items_path=items_path,
+    )
 
 
 @dataclass
@@ -690,9 +745,15 @@ def route_chunk(job: tuple[ParsedChunk, str], *, edges: np.ndarray) -> RoutedChu
     ranges = np.searchsorted(np.asarray(edges, dtype=np.int64), users, side="right")
     order = np.argsort(ranges, kind="stable")
     ranges = ranges[order]
-    routed = pa.table({"user": pa.array(users[order], pa.int32()), "item": pa.array(items[order], pa.int32()),
-                       "plays": table.column("plays").take(order), "ts": table.column("ts").take(order)},
-                      schema=EVENT_SCHEMA)
+    routed = pa.table(
+        {
+            "user": pa.array(users[order], pa.int32()),
+            "item": pa.array(items[order], pa.int32()),
+            "plays": table.column("plays").take(order),
+            "ts": table.column("ts").take(order),
+        },
+        schema=EVENT_SCHEMA,
+    )
     starts = np.flatnonzero(np.r_[True, ranges[1:] != ranges[:-1]]) if len(ranges) else np.array([], np.int64)
     ends = np.r_[starts[1:], len(ranges)]
     path = Path(parsed.rows_path).with_suffix("").with_suffix(".routed.arrow")
@@ -762,9 +823,17 @@ def _range_edges(ids: list[np.ndarray], rows: list[np.ndarray], *, n_ranges: int
     return np.unique(np.searchsorted(cumulative, targets, side="right") + low).astype(np.int64)
 
 
-def ingest_source(source: ListeningSource, *, listening_dir: Path, users: IdMap, items: IdMap,
-                  quarantine_path: Path, map_fn: Mapper = run_here, chunk_bytes: int = CHUNK_BYTES,
-                  range_bytes: int = RANGE_BYTES) -> BatchReport:
+def ingest_source(
+    source: ListeningSource,
+    *,
+    listening_dir: Path,
+    users: IdMap,
+    items: IdMap,
+    quarantine_path: Path,
+    map_fn: Mapper = run_here,
+    chunk_bytes: int = CHUNK_BYTES,
+    range_bytes: int = RANGE_BYTES,
+) -> BatchReport:
     """Ingest one file as one batch in three mapped steps (see above); unchanged sources are skipped.
 
     ``map_fn(fn, items, description=, unit=, **kwargs)`` runs a step's parts: in this
@@ -787,8 +856,10 @@ def ingest_source(source: ListeningSource, *, listening_dir: Path, users: IdMap,
         pass
 
     start = time.perf_counter()
-    for stale in [*out.parent.glob(f".staging-{glob.escape(source.batch)}-*"),
-                  *out.parent.glob(f".old-{glob.escape(source.batch)}-*")]:
+    for stale in [
+        *out.parent.glob(f".staging-{glob.escape(source.batch)}-*"),
+        *out.parent.glob(f".old-{glob.escape(source.batch)}-*"),
+    ]:
         shutil.rmtree(stale, ignore_errors=True)  # left by an ingestion of this batch that was killed
     # Absolute paths: the parts may run in processes (Dask workers) started in another folder.
     staging = out.parent.absolute() / f".staging-{source.batch}-{uuid.uuid4().hex[:8]}"
@@ -796,8 +867,14 @@ def ingest_source(source: ListeningSource, *, listening_dir: Path, users: IdMap,
     spill.mkdir(parents=True)
     try:
         chunks = plan_chunks(source, chunk_bytes)
-        parsed = map_fn(parse_chunk, chunks, description=f"ingest {path.name}: parse", unit="chunks",
-                        source=ListeningSource(path.absolute(), source.format, source.batch), spill_dir=str(spill))
+        parsed = map_fn(
+            parse_chunk,
+            chunks,
+            description=f"ingest {path.name}: parse",
+            unit="chunks",
+            source=ListeningSource(path.absolute(), source.format, source.batch),
+            spill_dir=str(spill),
+        )
         # The one writer of ids: the chunks' keys in chunk order, so ids follow first sight in the file.
         jobs, seen_ids, seen_rows = [], [], []
         for chunk in parsed:  # each chunk's code -> id arrays go to the spill folder, not into the task graph
@@ -809,8 +886,9 @@ def ingest_source(source: ListeningSource, *, listening_dir: Path, users: IdMap,
             seen_ids.append(user_ids)
             seen_rows.append(chunk_users.column("rows").to_numpy())
         report.valid = sum(c.valid for c in parsed)
-        edges = _range_edges(seen_ids, seen_rows, n_ranges=max(1, -(-report.valid * _REDUCE_BYTES_PER_ROW
-                                                                      // range_bytes)))
+        edges = _range_edges(
+            seen_ids, seen_rows, n_ranges=max(1, -(-report.valid * _REDUCE_BYTES_PER_ROW // range_bytes))
+        )
         del seen_ids, seen_rows
         routed = map_fn(route_chunk, jobs, description=f"ingest {path.name}: route", unit="chunks", edges=edges)
         del jobs
@@ -818,8 +896,13 @@ def ingest_source(source: ListeningSource, *, listening_dir: Path, users: IdMap,
         for chunk in routed:
             for number, batch in chunk.ranges.items():
                 pieces.setdefault(number, []).append((chunk.path, batch))
-        written = map_fn(reduce_range, sorted(pieces.items()), description=f"ingest {path.name}: reduce",
-                         unit="ranges", out_dir=str(staging))
+        written = map_fn(
+            reduce_range,
+            sorted(pieces.items()),
+            description=f"ingest {path.name}: reduce",
+            unit="ranges",
+            out_dir=str(staging),
+        )
         if not written:  # no valid rows: an empty part keeps the batch readable
             empty = EVENT_SCHEMA.empty_table()
             write_table_atomic(empty, staging / "part-00000.parquet", row_group_size=1 << 20)
@@ -828,8 +911,11 @@ def ingest_source(source: ListeningSource, *, listening_dir: Path, users: IdMap,
 
         report.rows = sum(c.rows + c.skipped for c in parsed)
         offsets = np.cumsum([0] + [c.lines for c in parsed])
-        records = [record for c, offset in zip(parsed, offsets)
-                   for record in quarantine_records(path, c.unit, c.bad, int(offset))]
+        records = [
+            record
+            for c, offset in zip(parsed, offsets)
+            for record in quarantine_records(path, c.unit, c.bad, int(offset))
+        ]
         report.malformed = len(records)
         if report.rows == 0:
             unit = "row" if source.format == "events" and path.suffix.lower() == ".parquet" else "line"
@@ -857,17 +943,32 @@ def ingest_source(source: ListeningSource, *, listening_dir: Path, users: IdMap,
         shutil.rmtree(staging, ignore_errors=True)
     append_quarantine(quarantine_path, records)
     report.seconds = time.perf_counter() - start
-    write_text_atomic(marker, json.dumps({**asdict(report), "sha1": sha1, "format": source.format,
-                                          "parts": [name for name, _ in written]}, indent=1))
+    write_text_atomic(
+        marker,
+        json.dumps(
+            {**asdict(report), "sha1": sha1, "format": source.format, "parts": [name for name, _ in written]}, indent=1
+        ),
+    )
     if records:
-        log.warning("listening %s: %d malformed rows quarantined in %s (first: %s)", path.name, len(records),
-                    quarantine_path, records[0]["reason"])
+        log.warning(
+            "listening %s: %d malformed rows quarantined in %s (first: %s)",
+            path.name,
+            len(records),
+            quarantine_path,
+            records[0]["reason"],
+        )
     return report
 
 
-def ingest_sources(sources: Sequence[ListeningSource | str | Path], *, listening_dir: Path,
-                   quarantine_path: Path, map_fn: Mapper = run_here, chunk_bytes: int = CHUNK_BYTES,
-                   range_bytes: int = RANGE_BYTES) -> IngestReport:
+def ingest_sources(
+    sources: Sequence[ListeningSource | str | Path],
+    *,
+    listening_dir: Path,
+    quarantine_path: Path,
+    map_fn: Mapper = run_here,
+    chunk_bytes: int = CHUNK_BYTES,
+    range_bytes: int = RANGE_BYTES,
+) -> IngestReport:
     """Ingest listening files, one batch each, extending the stable user and item id maps.
 
     A batch already ingested from a file with the same content hash is skipped; a file
@@ -887,15 +988,25 @@ def ingest_sources(sources: Sequence[ListeningSource | str | Path], *, listening
     items = IdMap(listening_dir / "items.parquet")
     report = IngestReport()
     for source in resolved:
-        report.batches.append(ingest_source(source, listening_dir=listening_dir, users=users, items=items,
-                                            quarantine_path=quarantine_path, map_fn=map_fn, chunk_bytes=chunk_bytes,
-                                            range_bytes=range_bytes))
+        report.batches.append(
+            ingest_source(
+                source,
+                listening_dir=listening_dir,
+                users=users,
+                items=items,
+                quarantine_path=quarantine_path,
+                map_fn=map_fn,
+                chunk_bytes=chunk_bytes,
+                range_bytes=range_bytes,
+            )
+        )
     report.quarantined = pq.read_metadata(quarantine_path).num_rows if Path(quarantine_path).exists() else 0
     return report
 
 
-def read_batch_events(listening_dir: Path, batches: Sequence[str] | None = None,
-                      columns: Sequence[str] = ("user", "item", "plays")) -> pa.Table:
+def read_batch_events(
+    listening_dir: Path, batches: Sequence[str] | None = None, columns: Sequence[str] = ("user", "item", "plays")
+) -> pa.Table:
     """Events of the given batches (all ingested ones when None), concatenated; not summed."""
     names = ingested_batches(listening_dir) if batches is None else list(batches)
     if not names:
@@ -910,7 +1021,24 @@ def read_batch_events(listening_dir: Path, batches: Sequence[str] | None = None,
 
 
 __all__ = [
-    "EVENT_SCHEMA", "BatchReport", "Chunk", "IdMap", "IngestReport", "ListeningSource", "ParsedChunk", "RoutedChunk",
-    "batch_parts", "batch_record", "ingest_source", "ingest_sources", "ingested_batches", "parse_chunk",
-    "plan_chunks", "read_batch_events", "read_id_map", "reduce_range", "route_chunk", "run_here",
+    "EVENT_SCHEMA",
+    "BatchReport",
+    "Chunk",
+    "IdMap",
+    "IngestReport",
+    "ListeningSource",
+    "ParsedChunk",
+    "RoutedChunk",
+    "batch_parts",
+    "batch_record",
+    "ingest_source",
+    "ingest_sources",
+    "ingested_batches",
+    "parse_chunk",
+    "plan_chunks",
+    "read_batch_events",
+    "read_id_map",
+    "reduce_range",
+    "route_chunk",
+    "run_here",
 ]

@@ -25,8 +25,8 @@ from tasks.audio import decode
 from tasks.errors import DecodeError
 from tasks.shards import (
     append_quarantine,
-    content_sha1,
     audio_to_table,
+    content_sha1,
     features_to_table,
     read_manifest,
     remove_unreferenced,
@@ -113,8 +113,11 @@ def plan_feature_batches(
     for record in shard_records(feature_dir, skip=in_manifest):
         if record["track_id"] in known:
             continue
-        known[record["track_id"]] = {**record, "settings_hash": settings.settings_hash,
-                                     "sample_rate": settings.mel.sample_rate}
+        known[record["track_id"]] = {
+            **record,
+            "settings_hash": settings.settings_hash,
+            "sample_rate": settings.mel.sample_rate,
+        }
     done: dict[str, dict] = {}
     for track_id, path in zip(tracks["track_id"].astype(str), tracks["source_path"].astype(str)):
         if track_id in known and (record := _still_valid(known[track_id], path)) is not None:
@@ -132,8 +135,14 @@ def plan_feature_batches(
     return FeaturePlan(batches=tuple(batches), done_records=tuple(done.values()), n_skipped=len(done))
 
 
-def extract_shard(batch: FeatureBatch, *, feature_dir: Path, settings: FeatureSettings,
-                  audio_dir: Path | None = None, device: str | None = None) -> ShardResult:
+def extract_shard(
+    batch: FeatureBatch,
+    *,
+    feature_dir: Path,
+    settings: FeatureSettings,
+    audio_dir: Path | None = None,
+    device: str | None = None,
+) -> ShardResult:
     """Decode, compute every feature column and write one shard; bad files become quarantine records.
 
     With ``audio_dir`` the decoded waveforms are also written there as int16 PCM, in
@@ -153,26 +162,44 @@ def extract_shard(batch: FeatureBatch, *, feature_dir: Path, settings: FeatureSe
             quarantined.append({"path": path, "stage": err.stage, "reason": err.reason, "track_id": track_id})
             continue
         fingerprint = source_fingerprint(path) or (-1, -1)
-        source = {"source_path": path, "source_size": fingerprint[0], "source_mtime_ns": fingerprint[1],
-                  "duration_s": float(len(y) / sample_rate)}
+        source = {
+            "source_path": path,
+            "source_size": fingerprint[0],
+            "source_mtime_ns": fingerprint[1],
+            "duration_s": float(len(y) / sample_rate),
+        }
         decoded.append((track_id, sha1, y, source))
     rows, records, audio_rows = [], [], []
-    for (track_id, sha1, y, source), features in zip(decoded, _spectrograms([y for _, _, y, _ in decoded],
-                                                                          settings=settings, device=device)):
+    for (track_id, sha1, y, source), features in zip(
+        decoded, _spectrograms([y for _, _, y, _ in decoded], settings=settings, device=device)
+    ):
         rows.append((track_id, sha1, features, source))
         if audio_dir is not None:
             audio_rows.append((track_id, y))
-        records.append({"track_id": track_id, "content_sha1": sha1, "shard": batch.shard,
-                        "n_frames": int(features[settings.mel.column].shape[0]),
-                        "settings_hash": settings.settings_hash, "sample_rate": int(sample_rate), **source})
+        records.append(
+            {
+                "track_id": track_id,
+                "content_sha1": sha1,
+                "shard": batch.shard,
+                "n_frames": int(features[settings.mel.column].shape[0]),
+                "settings_hash": settings.settings_hash,
+                "sample_rate": int(sample_rate),
+                **source,
+            }
+        )
     shard = None
     if rows:
         if audio_rows:
             write_feature_shard(audio_to_table(audio_rows, sample_rate=sample_rate), Path(audio_dir) / batch.shard)
         write_feature_shard(features_to_table(rows, n_mels=settings.mel.n_mels), Path(feature_dir) / batch.shard)
         shard = batch.shard
-    return ShardResult(shard=shard, records=records, quarantined=quarantined, seconds=time.perf_counter() - start,
-                       peak_rss_mb=peak_rss_mb())
+    return ShardResult(
+        shard=shard,
+        records=records,
+        quarantined=quarantined,
+        seconds=time.perf_counter() - start,
+        peak_rss_mb=peak_rss_mb(),
+    )
 
 
 def peak_rss_mb() -> float:
@@ -180,8 +207,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _spectrograms(waveforms: list[np.ndarray], *, settings: FeatureSettings,
-                  device: str | None) -> Iterator[dict[str, np.ndarray]]:
+def _spectrograms(
+    waveforms: list[np.ndarray], *, settings: FeatureSettings, device: str | None
+) -> Iterator[dict[str, np.ndarray]]:
     """Every feature column of each clip, as float16 numpy.
 
     On a GPU the shard's clips go through one zero-padded batch per resolution,
@@ -201,7 +229,9 @@ def _spectrograms(waveforms: list[np.ndarray], *, settings: FeatureSettings,
             yield {name: values.to(torch.float16).cpu().numpy() for name, values in columns.items()}
     else:
         for y in waveforms:
-            yield {name: values.to(torch.float16).numpy() for name, values in feature_columns(y, settings=settings).items()}
+            yield {
+                name: values.to(torch.float16).numpy() for name, values in feature_columns(y, settings=settings).items()
+            }
 
 
 def _check_long_enough(path: str, n_samples: int, settings: FeatureSettings) -> None:
@@ -215,8 +245,11 @@ def _check_long_enough(path: str, n_samples: int, settings: FeatureSettings) -> 
     frames = n_frames(n_samples, hop_length=hop)
     needed = min_frames(levels=settings.pyramid_levels)
     if frames < needed:
-        raise DecodeError(path, "check", f"{frames} frames at hop {hop} are too few for "
-                                         f"{settings.pyramid_levels} pyramid levels (needs {needed})")
+        raise DecodeError(
+            path,
+            "check",
+            f"{frames} frames at hop {hop} are too few for {settings.pyramid_levels} pyramid levels (needs {needed})",
+        )
 
 
 def _hash_or_raise(path: str) -> str:

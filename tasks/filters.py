@@ -69,8 +69,10 @@ def mel_likeness(dominant: np.ndarray, *, fmax: float) -> dict[str, float]:
 
     mel_scale = mel_reference(len(ordered), fmin=0.0, fmax=fmax)
     linear = np.linspace(0.0, fmax, len(ordered))
-    return {"mel": float(np.sqrt(np.mean((to_mel(ordered) - to_mel(mel_scale)) ** 2))),
-            "linear": float(np.sqrt(np.mean((to_mel(ordered) - to_mel(linear)) ** 2)))}
+    return {
+        "mel": float(np.sqrt(np.mean((to_mel(ordered) - to_mel(mel_scale)) ** 2))),
+        "linear": float(np.sqrt(np.mean((to_mel(ordered) - to_mel(linear)) ** 2))),
+    }
 
 
 def group_similarity(filters: np.ndarray, *, pool_size: int, sample_rate: int) -> dict[str, float]:

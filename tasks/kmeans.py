@@ -63,8 +63,9 @@ def frame_windows(spectrogram: torch.Tensor | np.ndarray, *, context: int) -> to
     return x.unfold(0, context, 1).transpose(1, 2).reshape(x.shape[0] - context + 1, -1)
 
 
-def sample_windows(spectrograms: Iterable[torch.Tensor | np.ndarray], *, context: int, n_windows: int,
-                   seed: int) -> np.ndarray:
+def sample_windows(
+    spectrograms: Iterable[torch.Tensor | np.ndarray], *, context: int, n_windows: int, seed: int
+) -> np.ndarray:
     """A uniform sample of ``n_windows`` windows over a set of clips (all of them when there are fewer).
 
     Every clip contributes in proportion to its number of windows. Clips shorter
@@ -313,16 +314,28 @@ class Codebook:
         """Write ``path`` (``.npz``): arrays and a JSON header, readable with ``allow_pickle=False``."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        header = json.dumps({"context": self.context, "n_mels": self.n_mels, "kind": self.kind, "info": self.info,
-                             "format": "mirflow-codebook-1"})
+        header = json.dumps(
+            {
+                "context": self.context,
+                "n_mels": self.n_mels,
+                "kind": self.kind,
+                "info": self.info,
+                "format": "mirflow-codebook-1",
+            }
+        )
         tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez(tmp, means=self.means, whitening_mean=self.whitening.mean, whitening_matrix=self.whitening.matrix,
-                 header=np.array(header))
+        np.savez(
+            tmp,
+            means=self.means,
+            whitening_mean=self.whitening.mean,
+            whitening_matrix=self.whitening.matrix,
+            header=np.array(header),
+        )
         tmp.replace(path)
         return path
 
     @classmethod
-    def load(cls, path: Path) -> "Codebook":
+    def load(cls, path: Path) -> Codebook:
         """Read a codebook written by :meth:`save` (never unpickles)."""
         try:
             with np.load(Path(path), allow_pickle=False) as npz:
@@ -330,9 +343,14 @@ class Codebook:
                 means, mean, matrix = npz["means"], npz["whitening_mean"], npz["whitening_matrix"]
             if not isinstance(header, dict) or header.get("format") != "mirflow-codebook-1":
                 raise ValueError("unknown codebook format")
-            return cls(means=means.astype(np.float32), whitening=Whitening(mean=mean, matrix=matrix),
-                       context=int(header["context"]), n_mels=int(header["n_mels"]), kind=str(header["kind"]),
-                       info=header.get("info", {}))
+            return cls(
+                means=means.astype(np.float32),
+                whitening=Whitening(mean=mean, matrix=matrix),
+                context=int(header["context"]),
+                n_mels=int(header["n_mels"]),
+                kind=str(header["kind"]),
+                info=header.get("info", {}),
+            )
         except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as err:
             raise DatasetError(f"{path} is not a mirflow codebook: {err}") from err
 
@@ -347,8 +365,9 @@ class Codebook:
         return windows.reshape(self.k, self.context, self.n_mels).transpose(0, 2, 1)
 
 
-def random_codebook(whitening: Whitening, *, k: int, context: int, n_mels: int, seed: int,
-                    info: dict | None = None) -> Codebook:
+def random_codebook(
+    whitening: Whitening, *, k: int, context: int, n_mels: int, seed: int, info: dict | None = None
+) -> Codebook:
     """The control: ``k`` random unit vectors (isotropic Gaussian, normalized) under the same whitening."""
     d = context * n_mels
     if k < 2:
@@ -359,9 +378,20 @@ def random_codebook(whitening: Whitening, *, k: int, context: int, n_mels: int, 
     return Codebook(means=means, whitening=whitening, context=context, n_mels=n_mels, kind="random", info=info or {})
 
 
-def fit_codebook(windows: np.ndarray, *, k: int, context: int, n_mels: int, epsilon: float, iterations: int,
-                 batch_size: int, seed: int, kind: str = "kmeans", device: str = "cpu",
-                 info: dict | None = None) -> Codebook:
+def fit_codebook(
+    windows: np.ndarray,
+    *,
+    k: int,
+    context: int,
+    n_mels: int,
+    epsilon: float,
+    iterations: int,
+    batch_size: int,
+    seed: int,
+    kind: str = "kmeans",
+    device: str = "cpu",
+    info: dict | None = None,
+) -> Codebook:
     """Whitening and means from a sample of windows ``[shape=(n, context * n_mels)]``.
 
     ``kind="random"`` fits only the whitening and draws random unit means (the control).
@@ -374,8 +404,9 @@ def fit_codebook(windows: np.ndarray, *, k: int, context: int, n_mels: int, epsi
         return random_codebook(whitening, k=k, context=context, n_mels=n_mels, seed=seed, info=info)
     if kind != "kmeans":
         raise ParameterError(f"codebook kind {kind!r}: expected 'kmeans' or 'random'")
-    fit = spherical_kmeans(whitening.apply(windows), k=k, iterations=iterations, batch_size=batch_size, seed=seed,
-                           device=device)
+    fit = spherical_kmeans(
+        whitening.apply(windows), k=k, iterations=iterations, batch_size=batch_size, seed=seed, device=device
+    )
     info.update({"mean_cosine": round(fit.mean_cosine, 6), "reseeded": fit.reseeded})
     return Codebook(means=fit.means, whitening=whitening, context=context, n_mels=n_mels, kind="kmeans", info=info)
 
@@ -383,8 +414,14 @@ def fit_codebook(windows: np.ndarray, *, k: int, context: int, n_mels: int, epsi
 # --------------------------------------------------------------------------- encoding
 
 
-def encode_windows(spectrogram: torch.Tensor | np.ndarray, codebook: Codebook, *, activation: str = "linear",
-                   threshold: float = 0.0, device: str | torch.device = "cpu") -> torch.Tensor:
+def encode_windows(
+    spectrogram: torch.Tensor | np.ndarray,
+    codebook: Codebook,
+    *,
+    activation: str = "linear",
+    threshold: float = 0.0,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
     """The encoding of every window of a clip: a convolution over time with ``k`` filters.
 
     Parameters
@@ -403,11 +440,13 @@ def encode_windows(spectrogram: torch.Tensor | np.ndarray, codebook: Codebook, *
     """
     x = torch.as_tensor(spectrogram).to(device).float()
     if x.ndim != 2 or x.shape[1] != codebook.n_mels:
-        raise ParameterError(f"spectrogram of shape {tuple(x.shape)} does not match the codebook's "
-                             f"{codebook.n_mels} bands")
+        raise ParameterError(
+            f"spectrogram of shape {tuple(x.shape)} does not match the codebook's {codebook.n_mels} bands"
+        )
     if x.shape[0] < codebook.context:
-        raise ParameterError(f"a clip of {x.shape[0]} frames is shorter than the codebook's context "
-                             f"({codebook.context} frames)")
+        raise ParameterError(
+            f"a clip of {x.shape[0]} frames is shorter than the codebook's context ({codebook.context} frames)"
+        )
     weight, bias = (t.to(device) for t in codebook.linear_map())
     # (d, k) -> conv1d filters (k, n_mels, context): value [j, band, frame] = weight[frame * n_mels + band, j]
     filters = weight.T.reshape(codebook.k, codebook.context, codebook.n_mels).transpose(1, 2).contiguous()
@@ -438,8 +477,15 @@ def pooled_size(k: int, pooling: str) -> int:
     return 2 * k if pooling == "max+mean" else k
 
 
-def encode_clip(spectrogram: torch.Tensor | np.ndarray, codebook: Codebook, *, activation: str, threshold: float,
-                pooling: str, device: str | torch.device = "cpu") -> np.ndarray:
+def encode_clip(
+    spectrogram: torch.Tensor | np.ndarray,
+    codebook: Codebook,
+    *,
+    activation: str,
+    threshold: float,
+    pooling: str,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
     """One clip, one timescale -> its pooled feature vector ``[shape=(pooled_size,), float32]``."""
     encoded = encode_windows(spectrogram, codebook, activation=activation, threshold=threshold, device=device)
     return pool(encoded, pooling=pooling).cpu().numpy()

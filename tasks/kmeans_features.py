@@ -105,7 +105,7 @@ def timescale_frames(features: FeatureSettings, *, n_samples: int) -> dict[str, 
     levels = pyramid_frames(frames[base], levels=features.pyramid_levels)
     for column in features.columns:
         if column.startswith(f"{base}_g") or column.startswith(f"{base}_l"):
-            frames[column] = levels[int(column[len(base) + 2:])]
+            frames[column] = levels[int(column[len(base) + 2 :])]
     return frames
 
 
@@ -115,8 +115,10 @@ def kmeans_device(kmeans: KMeansSettings, cluster_device: str | None) -> str:
     ``cluster_device`` is what the cluster's workers offer (``cuda`` or None).
     """
     if kmeans.device == "cuda" and cluster_device != "cuda":
-        raise ParameterError("kmeans device 'cuda' was asked for, but the cluster's workers have no GPU: "
-                             "use --cluster cuda on a GPU machine, or device auto/cpu")
+        raise ParameterError(
+            "kmeans device 'cuda' was asked for, but the cluster's workers have no GPU: "
+            "use --cluster cuda on a GPU machine, or device auto/cpu"
+        )
     return "cuda" if kmeans.device != "cpu" and cluster_device == "cuda" else "cpu"
 
 
@@ -128,12 +130,21 @@ def check_timescales(base_dir: Path, timescales: tuple[str, ...]) -> None:
     present = [name for name in pq.read_schema(shards[0]).names if name.startswith("mel_")]
     missing = [t for t in timescales if t not in present]
     if missing:
-        raise ParameterError(f"timescale(s) {missing} are not in the log-mel shards of {base_dir} "
-                             f"(they hold {present}); extract features with the pyramid or windows that make them")
+        raise ParameterError(
+            f"timescale(s) {missing} are not in the log-mel shards of {base_dir} "
+            f"(they hold {present}); extract features with the pyramid or windows that make them"
+        )
 
 
-def plan_kmeans_features(tracks: pd.DataFrame, *, base_dir: Path, kmeans_dir: Path, features: FeatureSettings,
-                         kmeans: KMeansSettings, frozen: bool = False) -> KMeansPlan:
+def plan_kmeans_features(
+    tracks: pd.DataFrame,
+    *,
+    base_dir: Path,
+    kmeans_dir: Path,
+    features: FeatureSettings,
+    kmeans: KMeansSettings,
+    frozen: bool = False,
+) -> KMeansPlan:
     """Check the settings against the shards and decide which codebooks to fit; raises before any work.
 
     ``tracks`` needs ``track_id`` and ``split`` (the codebooks are fitted on ``train``).
@@ -149,22 +160,30 @@ def plan_kmeans_features(tracks: pd.DataFrame, *, base_dir: Path, kmeans_dir: Pa
     timescales = tuple(kmeans.timescales) or tuple(features.columns)
     unknown = [t for t in timescales if t not in features.columns]
     if unknown:
-        raise ParameterError(f"timescale(s) {unknown} are not made by the feature settings (columns {features.columns})")
+        raise ParameterError(
+            f"timescale(s) {unknown} are not made by the feature settings (columns {features.columns})"
+        )
     check_timescales(base_dir, timescales)
     base = _base_manifest(base_dir)
     tracks = tracks[tracks["track_id"].isin(base.index)]
     if tracks.empty:
         raise DatasetError(f"none of the tracks has log-mel features in {base_dir}")
-    short, quarantined = _too_short(base.loc[tracks["track_id"]], features=features, kmeans=kmeans,
-                                    timescales=timescales)
+    short, quarantined = _too_short(
+        base.loc[tracks["track_id"]], features=features, kmeans=kmeans, timescales=timescales
+    )
     usable = tracks[~tracks["track_id"].isin(short)]
     train = usable.loc[usable["split"] == "train", "track_id"].astype(str).tolist()
     if frozen:
         missing = [t for t in timescales if not codebook_path(kmeans_dir, t).exists()]
         if missing:
             raise ParameterError(f"no codebook for timescale(s) {missing} in {kmeans_dir / CODEBOOKS}")
-        return KMeansPlan(timescales=timescales, to_fit=(), fit_track_ids=(),
-                          usable_track_ids=tuple(usable["track_id"].astype(str)), quarantined=tuple(quarantined))
+        return KMeansPlan(
+            timescales=timescales,
+            to_fit=(),
+            fit_track_ids=(),
+            usable_track_ids=tuple(usable["track_id"].astype(str)),
+            quarantined=tuple(quarantined),
+        )
     if len(train) < 2:
         raise DatasetError(f"{len(train)} usable clips in the train split: the codebooks need a training sample")
     rng = np.random.default_rng(kmeans.seed)
@@ -172,8 +191,13 @@ def plan_kmeans_features(tracks: pd.DataFrame, *, base_dir: Path, kmeans_dir: Pa
     fit_ids = tuple(sorted(rng.choice(train, size=n_fit, replace=False).tolist()))
     train_content = {t: base.loc[t, "content_sha1"] for t in train}
     to_fit = tuple(t for t in timescales if not _codebook_still_valid(codebook_path(kmeans_dir, t), train_content))
-    return KMeansPlan(timescales=timescales, to_fit=to_fit, fit_track_ids=fit_ids,
-                      usable_track_ids=tuple(usable["track_id"].astype(str)), quarantined=tuple(quarantined))
+    return KMeansPlan(
+        timescales=timescales,
+        to_fit=to_fit,
+        fit_track_ids=fit_ids,
+        usable_track_ids=tuple(usable["track_id"].astype(str)),
+        quarantined=tuple(quarantined),
+    )
 
 
 def codebooks_digest(codebooks: Path, timescales: tuple[str, ...]) -> str:
@@ -206,8 +230,10 @@ def install_codebooks(codebooks: Path, kmeans_dir: Path, timescales: tuple[str, 
 def _base_manifest(base_dir: Path) -> pd.DataFrame:
     base = read_manifest(base_dir).to_pandas().set_index("track_id")
     if base["duration_s"].isna().any() or base["content_sha1"].isna().any():
-        raise DatasetError(f"the manifest of {base_dir} lacks durations or content hashes (an older release "
-                           "wrote it): run the feature flow again, it fills them in without recomputing features")
+        raise DatasetError(
+            f"the manifest of {base_dir} lacks durations or content hashes (an older release "
+            "wrote it): run the feature flow again, it fills them in without recomputing features"
+        )
     return base
 
 
@@ -247,22 +273,32 @@ def plan_encoding(plan: KMeansPlan, *, base_dir: Path, kmeans_dir: Path, kmeans:
         batches.append(EncodeBatch(shard=f"part-{name}.parquet", track_ids=ids))
     usable_ids = set(plan.usable_track_ids)
     kept = [record for track_id, record in done.items() if track_id in usable_ids]
-    return EncodePlan(encoding_hash=encoding_hash, batches=tuple(batches), done_records=tuple(kept),
-                      n_skipped=len(kept))
+    return EncodePlan(
+        encoding_hash=encoding_hash, batches=tuple(batches), done_records=tuple(kept), n_skipped=len(kept)
+    )
 
 
-def check_context(features: FeatureSettings, kmeans: KMeansSettings, *, seconds: float,
-                  timescales: tuple[str, ...], what: str = "the median clip") -> None:
+def check_context(
+    features: FeatureSettings,
+    kmeans: KMeansSettings,
+    *,
+    seconds: float,
+    timescales: tuple[str, ...],
+    what: str = "the median clip",
+) -> None:
     """A context longer than a typical clip of ``seconds`` at some timescale is a bad setting: raise, saying where."""
     frames = timescale_frames(features, n_samples=round(seconds * features.mel.sample_rate))
     for t in timescales:
         if frames[t] < kmeans.context:
-            raise ParameterError(f"context={kmeans.context} frames is longer than {what} ({seconds:.1f} s) at "
-                                 f"timescale {t} ({frames[t]} frames): lower the context or drop that timescale")
+            raise ParameterError(
+                f"context={kmeans.context} frames is longer than {what} ({seconds:.1f} s) at "
+                f"timescale {t} ({frames[t]} frames): lower the context or drop that timescale"
+            )
 
 
-def _too_short(base: pd.DataFrame, *, features: FeatureSettings, kmeans: KMeansSettings,
-               timescales: tuple[str, ...]) -> tuple[set[str], list[dict]]:
+def _too_short(
+    base: pd.DataFrame, *, features: FeatureSettings, kmeans: KMeansSettings, timescales: tuple[str, ...]
+) -> tuple[set[str], list[dict]]:
     check_context(features, kmeans, seconds=float(np.median(base["duration_s"].to_numpy())), timescales=timescales)
     # A catalogue has few distinct lengths (MTAT: nearly all 29.1 s): compute the frames once per length.
     samples = (base["duration_s"].to_numpy(dtype=np.float64) * features.mel.sample_rate).round().astype(np.int64)
@@ -272,8 +308,14 @@ def _too_short(base: pd.DataFrame, *, features: FeatureSettings, kmeans: KMeansS
         too_short = [t for t in timescales if frames_of[n][t] < kmeans.context]
         if too_short:
             short.add(track_id)
-            records.append({"path": str(base.loc[track_id, "source_path"]), "stage": "kmeans", "track_id": track_id,
-                            "reason": f"shorter than context={kmeans.context} frames at {', '.join(too_short)}"})
+            records.append(
+                {
+                    "path": str(base.loc[track_id, "source_path"]),
+                    "stage": "kmeans",
+                    "track_id": track_id,
+                    "reason": f"shorter than context={kmeans.context} frames at {', '.join(too_short)}",
+                }
+            )
     return short, records
 
 
@@ -298,14 +340,29 @@ def _done_records(kmeans_dir: Path, base: pd.DataFrame, encoding_hash: str) -> d
 
 def _manifest_record(base: pd.DataFrame, track_id: str, shard: str) -> dict:
     row = base.loc[track_id]
-    return {"track_id": track_id, "content_sha1": row["content_sha1"], "shard": shard, "n_frames": int(row["n_frames"]),
-            "duration_s": float(row["duration_s"]), "sample_rate": int(row["sample_rate"]),
-            "source_path": row["source_path"], "source_size": row["source_size"],
-            "source_mtime_ns": row["source_mtime_ns"]}
+    return {
+        "track_id": track_id,
+        "content_sha1": row["content_sha1"],
+        "shard": shard,
+        "n_frames": int(row["n_frames"]),
+        "duration_s": float(row["duration_s"]),
+        "sample_rate": int(row["sample_rate"]),
+        "source_path": row["source_path"],
+        "source_size": row["source_size"],
+        "source_mtime_ns": row["source_mtime_ns"],
+    }
 
 
-def fit_timescale_codebook(column: str, *, base_dir: Path, kmeans_dir: Path, fit_track_ids: tuple[str, ...],
-                           kmeans: KMeansSettings, n_mels: int, device: str = "cpu") -> dict:
+def fit_timescale_codebook(
+    column: str,
+    *,
+    base_dir: Path,
+    kmeans_dir: Path,
+    fit_track_ids: tuple[str, ...],
+    kmeans: KMeansSettings,
+    n_mels: int,
+    device: str = "cpu",
+) -> dict:
     """Fit and save one timescale's codebook from windows of the training clips; returns its summary."""
     import torch
 
@@ -313,24 +370,52 @@ def fit_timescale_codebook(column: str, *, base_dir: Path, kmeans_dir: Path, fit
     torch.manual_seed(kmeans.seed)
     content = read_manifest(base_dir).to_pandas().set_index("track_id")["content_sha1"]
     spectrograms = read_features(base_dir, column=column, track_ids=fit_track_ids)
-    windows = sample_windows([spectrograms[t] for t in fit_track_ids], context=kmeans.context,
-                             n_windows=kmeans.sample_windows, seed=kmeans.seed)
+    windows = sample_windows(
+        [spectrograms[t] for t in fit_track_ids],
+        context=kmeans.context,
+        n_windows=kmeans.sample_windows,
+        seed=kmeans.seed,
+    )
     # Each timescale gets its own stream, so that fitting one alone gives the same codebook.
     seed = int.from_bytes(hashlib.sha1(f"{kmeans.seed}/{column}".encode()).digest()[:4], "little")
-    codebook = fit_codebook(windows, k=kmeans.k, context=kmeans.context, n_mels=n_mels, epsilon=kmeans.epsilon,
-                            iterations=kmeans.iterations, batch_size=kmeans.batch_size, seed=seed,
-                            kind=kmeans.codebook, device=device,
-                            info={"column": column,
-                                  # What the codebook saw: a later run refits it if any of these leaves the train split.
-                                  "fit_tracks": {t: str(content[t]) for t in fit_track_ids}})
+    codebook = fit_codebook(
+        windows,
+        k=kmeans.k,
+        context=kmeans.context,
+        n_mels=n_mels,
+        epsilon=kmeans.epsilon,
+        iterations=kmeans.iterations,
+        batch_size=kmeans.batch_size,
+        seed=seed,
+        kind=kmeans.codebook,
+        device=device,
+        info={
+            "column": column,
+            # What the codebook saw: a later run refits it if any of these leaves the train split.
+            "fit_tracks": {t: str(content[t]) for t in fit_track_ids},
+        },
+    )
     path = codebook.save(codebook_path(kmeans_dir, column))
     summary = {k: v for k, v in codebook.info.items() if k != "fit_tracks"}
-    return {"column": column, "path": str(path), "seconds": time.perf_counter() - start,
-            "fit_clips": len(fit_track_ids), **summary}
+    return {
+        "column": column,
+        "path": str(path),
+        "seconds": time.perf_counter() - start,
+        "fit_clips": len(fit_track_ids),
+        **summary,
+    }
 
 
-def encode_batch(batch: EncodeBatch, *, base_dir: Path, kmeans_dir: Path, timescales: tuple[str, ...],
-                 kmeans: KMeansSettings, encoding_hash: str, device: str = "cpu") -> EncodeResult:
+def encode_batch(
+    batch: EncodeBatch,
+    *,
+    base_dir: Path,
+    kmeans_dir: Path,
+    timescales: tuple[str, ...],
+    kmeans: KMeansSettings,
+    encoding_hash: str,
+    device: str = "cpu",
+) -> EncodeResult:
     """Encode and pool every timescale of a batch of clips; write one shard (atomically).
 
     A clip that cannot be encoded (shorter than the context at some timescale, though
@@ -345,31 +430,57 @@ def encode_batch(batch: EncodeBatch, *, base_dir: Path, kmeans_dir: Path, timesc
         spectrograms = read_features(base_dir, column=column, track_ids=batch.track_ids)
         for track_id in list(vectors):
             try:
-                vectors[track_id][column] = encode_clip(spectrograms[track_id], codebook, activation=kmeans.activation,
-                                                        threshold=kmeans.threshold, pooling=kmeans.pooling,
-                                                        device=device)
+                vectors[track_id][column] = encode_clip(
+                    spectrograms[track_id],
+                    codebook,
+                    activation=kmeans.activation,
+                    threshold=kmeans.threshold,
+                    pooling=kmeans.pooling,
+                    device=device,
+                )
             except ParameterError as err:
-                quarantined.append({"path": str(base.loc[track_id, "source_path"]), "stage": "kmeans",
-                                    "reason": f"{column}: {err}", "track_id": track_id})
+                quarantined.append(
+                    {
+                        "path": str(base.loc[track_id, "source_path"]),
+                        "stage": "kmeans",
+                        "reason": f"{column}: {err}",
+                        "track_id": track_id,
+                    }
+                )
                 del vectors[track_id]
     ids = list(vectors)
     records = [{**_manifest_record(base, t, batch.shard), "settings_hash": encoding_hash} for t in ids]
     if not ids:
-        return EncodeResult(shard=None, quarantined=quarantined, seconds=time.perf_counter() - start,
-                            peak_rss_mb=peak_rss_mb())
+        return EncodeResult(
+            shard=None, quarantined=quarantined, seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb()
+        )
     width = pooled_size(kmeans.k, kmeans.pooling)
-    schema = pa.schema([pa.field("track_id", pa.string()), pa.field("content_sha1", pa.string()),
-                        pa.field("n_frames", pa.int32()),
-                        *(tensor_field(column, dtype="float32", inner_shape=()) for column in timescales)],
-                       metadata={b"vector_size": str(width).encode(), b"encoding_hash": encoding_hash.encode()})
+    schema = pa.schema(
+        [
+            pa.field("track_id", pa.string()),
+            pa.field("content_sha1", pa.string()),
+            pa.field("n_frames", pa.int32()),
+            *(tensor_field(column, dtype="float32", inner_shape=()) for column in timescales),
+        ],
+        metadata={b"vector_size": str(width).encode(), b"encoding_hash": encoding_hash.encode()},
+    )
     table = pa.Table.from_arrays(
-        [pa.array(ids, pa.string()),
-         pa.array([base.loc[t, "content_sha1"] for t in ids], pa.string()),
-         pa.array([int(base.loc[t, "n_frames"]) for t in ids], pa.int32()),
-         *(tensor_bytes([vectors[t][column] for t in ids], "float32") for column in timescales)], schema=schema)
+        [
+            pa.array(ids, pa.string()),
+            pa.array([base.loc[t, "content_sha1"] for t in ids], pa.string()),
+            pa.array([int(base.loc[t, "n_frames"]) for t in ids], pa.int32()),
+            *(tensor_bytes([vectors[t][column] for t in ids], "float32") for column in timescales),
+        ],
+        schema=schema,
+    )
     write_feature_shard(table, Path(kmeans_dir) / batch.shard)
-    return EncodeResult(shard=batch.shard, records=records, quarantined=quarantined,
-                        seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb())
+    return EncodeResult(
+        shard=batch.shard,
+        records=records,
+        quarantined=quarantined,
+        seconds=time.perf_counter() - start,
+        peak_rss_mb=peak_rss_mb(),
+    )
 
 
 @dataclass(frozen=True)
@@ -384,8 +495,15 @@ class KMeansSummary:
     vector_size: int  # per timescale
 
 
-def finish_kmeans_features(plan: KMeansPlan, encode: EncodePlan, results: list[EncodeResult], *, kmeans_dir: Path,
-                           kmeans: KMeansSettings, wall_seconds: float) -> tuple[KMeansSummary, list[dict]]:
+def finish_kmeans_features(
+    plan: KMeansPlan,
+    encode: EncodePlan,
+    results: list[EncodeResult],
+    *,
+    kmeans_dir: Path,
+    kmeans: KMeansSettings,
+    wall_seconds: float,
+) -> tuple[KMeansSummary, list[dict]]:
     """Write the manifest and remove shards no longer referenced (call when no batch is still writing).
 
     Returns the summary and every quarantine record of the run (planning and encoding).
@@ -395,16 +513,22 @@ def finish_kmeans_features(plan: KMeansPlan, encode: EncodePlan, results: list[E
     remove_unreferenced(kmeans_dir, keep={r["shard"] for r in records})
     quarantined = list(plan.quarantined) + [q for result in results for q in result.quarantined]
     n_encoded = sum(len(r.records) for r in results)
-    summary = KMeansSummary(feature_dir=str(kmeans_dir), timescales=plan.timescales,
-                            n_tracks=len({r["track_id"] for r in records}), n_encoded=n_encoded,
-                            n_skipped=encode.n_skipped, n_quarantined=len(quarantined),
-                            clips_per_s=n_encoded / wall_seconds if wall_seconds > 0 else 0.0,
-                            vector_size=pooled_size(kmeans.k, kmeans.pooling))
+    summary = KMeansSummary(
+        feature_dir=str(kmeans_dir),
+        timescales=plan.timescales,
+        n_tracks=len({r["track_id"] for r in records}),
+        n_encoded=n_encoded,
+        n_skipped=encode.n_skipped,
+        n_quarantined=len(quarantined),
+        clips_per_s=n_encoded / wall_seconds if wall_seconds > 0 else 0.0,
+        vector_size=pooled_size(kmeans.k, kmeans.pooling),
+    )
     return summary, quarantined
 
 
-def read_kmeans_features(kmeans_dir: Path, *, timescales: tuple[str, ...] | list[str],
-                         track_ids: list[str]) -> np.ndarray:
+def read_kmeans_features(
+    kmeans_dir: Path, *, timescales: tuple[str, ...] | list[str], track_ids: list[str]
+) -> np.ndarray:
     """The multiscale vectors of ``track_ids``: the timescales' pooled vectors concatenated, in that order.
 
     Returns

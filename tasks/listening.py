@@ -47,8 +47,10 @@ def select_columns(matrix: sp.csr_matrix, columns: np.ndarray) -> sp.csr_matrix:
     new = remap[matrix.indices]
     keep = new >= 0
     kept_before = np.concatenate([[0], np.cumsum(keep)])
-    out = sp.csr_matrix((matrix.data[keep], new[keep].astype(np.int32), kept_before[matrix.indptr].astype(np.int64)),
-                        shape=(matrix.shape[0], len(columns)))
+    out = sp.csr_matrix(
+        (matrix.data[keep], new[keep].astype(np.int32), kept_before[matrix.indptr].astype(np.int64)),
+        shape=(matrix.shape[0], len(columns)),
+    )
     if len(columns) > 1 and np.any(np.diff(columns) < 0):
         out.sort_indices()
     return out
@@ -76,7 +78,9 @@ def load_play_matrix(listening_dir: Path, *, batches: Sequence[str] | None = Non
     active_users = np.flatnonzero(np.diff(matrix.indptr) > 0)
     active_items = np.flatnonzero(np.bincount(matrix.indices, minlength=matrix.shape[1]) > 0)
     if active_users.size == 0:
-        raise DatasetError(f"the listening batches {list(batches) if batches else 'under ' + str(listening_dir)} hold no plays")
+        raise DatasetError(
+            f"the listening batches {list(batches) if batches else 'under ' + str(listening_dir)} hold no plays"
+        )
     if active_users.size < matrix.shape[0]:
         matrix = matrix[active_users]
     if active_items.size < matrix.shape[1]:
@@ -118,8 +122,9 @@ class InMatrixSplit:
     test: PlayMatrix
 
 
-def in_matrix_split(matrix: PlayMatrix, *, fraction: float = 0.2, seed: int = 0, min_items: int = 2,
-                    keep_all_items: bool = False) -> InMatrixSplit:
+def in_matrix_split(
+    matrix: PlayMatrix, *, fraction: float = 0.2, seed: int = 0, min_items: int = 2, keep_all_items: bool = False
+) -> InMatrixSplit:
     """Hold out about ``fraction`` of each user's played items.
 
     A (user, item) pair is held out when a hash of (user key, item key, seed), read as a
@@ -169,8 +174,9 @@ def in_matrix_split(matrix: PlayMatrix, *, fraction: float = 0.2, seed: int = 0,
     train, test = part(~test_mask), part(test_mask)
     keep = np.bincount(train.indices, minlength=train.shape[1]) > 0
     if keep_all_items or keep.all():
-        return InMatrixSplit(train=PlayMatrix(train, matrix.users, matrix.items),
-                             test=PlayMatrix(test, matrix.users, matrix.items))
+        return InMatrixSplit(
+            train=PlayMatrix(train, matrix.users, matrix.items), test=PlayMatrix(test, matrix.users, matrix.items)
+        )
     return InMatrixSplit(
         train=PlayMatrix(select_columns(train, keep), matrix.users, matrix.items[keep]),
         test=PlayMatrix(select_columns(test, keep), matrix.users, matrix.items[keep]),
@@ -203,7 +209,9 @@ def cold_start_split(matrix: PlayMatrix, *, heldout_items: np.ndarray) -> ColdSt
 def save_factors(path: Path, keys: np.ndarray, factors: np.ndarray) -> Path:
     """Factors as Parquet: ``key`` and ``factors`` (fixed-size list of float32)."""
     values = pa.array(np.ascontiguousarray(factors, dtype=np.float32).reshape(-1))
-    table = pa.table({"key": pa.array(keys, pa.string()), "factors": pa.FixedSizeListArray.from_arrays(values, factors.shape[1])})
+    table = pa.table(
+        {"key": pa.array(keys, pa.string()), "factors": pa.FixedSizeListArray.from_arrays(values, factors.shape[1])}
+    )
     return write_table_atomic(table, path, row_group_size=1 << 16)
 
 
@@ -218,7 +226,9 @@ def load_factors(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def plays_to_frame(matrix: PlayMatrix) -> pd.DataFrame:
     """Long form (``user, item, plays``) of a play matrix, for Parquet."""
     coo = matrix.plays.tocoo()
-    return pd.DataFrame({"user": matrix.users[coo.row], "item": matrix.items[coo.col], "plays": coo.data.astype(np.int64)})
+    return pd.DataFrame(
+        {"user": matrix.users[coo.row], "item": matrix.items[coo.col], "plays": coo.data.astype(np.int64)}
+    )
 
 
 def play_matrix_for(frame: pd.DataFrame, *, users: np.ndarray, items: np.ndarray) -> sp.csr_matrix:
@@ -229,7 +239,8 @@ def play_matrix_for(frame: pd.DataFrame, *, users: np.ndarray, items: np.ndarray
     rows = pd.Index(np.asarray(users, dtype=str)).get_indexer(frame["user"].astype(str))
     cols = pd.Index(np.asarray(items, dtype=str)).get_indexer(frame["item"].astype(str))
     keep = (rows >= 0) & (cols >= 0)
-    matrix = sp.csr_matrix((frame["plays"].to_numpy()[keep].astype(np.float32), (rows[keep], cols[keep])),
-                           shape=(len(users), len(items)))
+    matrix = sp.csr_matrix(
+        (frame["plays"].to_numpy()[keep].astype(np.float32), (rows[keep], cols[keep])), shape=(len(users), len(items))
+    )
     matrix.sum_duplicates()
     return matrix

@@ -170,11 +170,18 @@ def ranking_metrics(
             RuntimeWarning,
             stacklevel=2,
         )
-        return {"map_at_k": float("nan"), "auc": float("nan"), "precision_at_k": float("nan"),
-                "ndcg_at_k": float("nan"), "n_users": 0}
+        return {
+            "map_at_k": float("nan"),
+            "auc": float("nan"),
+            "precision_at_k": float("nan"),
+            "ndcg_at_k": float("nan"),
+            "n_users": 0,
+        }
 
     dev = torch.device(device)
-    item_t = torch.tensor(np.asarray(items, dtype=np.float32), device=dev)  # a copy: factors read from Parquet are read-only
+    item_t = torch.tensor(
+        np.asarray(items, dtype=np.float32), device=dev
+    )  # a copy: factors read from Parquet are read-only
     top = min(k, n_items)
     discount = 1.0 / torch.log2(torch.arange(2, top + 2, dtype=torch.float64, device=dev))
     ideal = torch.cumsum(discount, 0)
@@ -222,7 +229,9 @@ def ranking_metrics(
     return {"map_at_k": ap, "auc": auc, "precision_at_k": precision, "ndcg_at_k": ndcg, "n_users": int(n)}
 
 
-def tag_metrics(y_true: np.ndarray, y_score: np.ndarray, *, tags: Sequence[str]) -> tuple[dict[str, float], pd.DataFrame]:
+def tag_metrics(
+    y_true: np.ndarray, y_score: np.ndarray, *, tags: Sequence[str]
+) -> tuple[dict[str, float], pd.DataFrame]:
     """Per-tag ROC-AUC and PR-AUC (average precision), and their macro averages.
 
     Parameters

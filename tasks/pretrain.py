@@ -43,8 +43,9 @@ def tag_matrix(tracks: pd.DataFrame, track_ids: Sequence[str], tags: Sequence[st
     return sp.csr_matrix(np.stack([vectors[t] for t in track_ids]).astype(np.float32))
 
 
-def factorize_tags(tracks: pd.DataFrame, *, tags: Sequence[str], fit_ids: Sequence[str],
-                   fold_ids: Sequence[str], settings: WMFSettings) -> TagFactors:
+def factorize_tags(
+    tracks: pd.DataFrame, *, tags: Sequence[str], fit_ids: Sequence[str], fold_ids: Sequence[str], settings: WMFSettings
+) -> TagFactors:
     """WMF of the tag matrix of ``fit_ids`` (the training tracks); ``fold_ids`` folded in from their tags.
 
     ``settings`` are the factorization's (``factors`` is the reduced tag space's size).

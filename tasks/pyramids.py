@@ -136,8 +136,7 @@ def laplacian_from_gaussian(gaussian: Sequence[torch.Tensor]) -> list[torch.Tens
     if len(gaussian) < 1:
         raise ParameterError("need at least one Gaussian level, got an empty pyramid")
     laplacian = [
-        fine - gaussian_expand(coarse, n_frames=fine.shape[-2])
-        for fine, coarse in zip(gaussian[:-1], gaussian[1:])
+        fine - gaussian_expand(coarse, n_frames=fine.shape[-2]) for fine, coarse in zip(gaussian[:-1], gaussian[1:])
     ]
     laplacian.append(gaussian[-1])
     return laplacian
@@ -204,11 +203,13 @@ def _blur(padded: torch.Tensor, n_out: int, *, stride: int, gain: float) -> torc
 def _reflect_pad(x: torch.Tensor) -> torch.Tensor:
     """Reflect-pad 2 frames at each end of dim -2 (edge frame not repeated)."""
     n, device = x.shape[-2], x.device
-    index = torch.cat([
-        torch.arange(_PAD, 0, -1, device=device),
-        torch.arange(n, device=device),
-        torch.arange(n - 2, n - 2 - _PAD, -1, device=device),
-    ])
+    index = torch.cat(
+        [
+            torch.arange(_PAD, 0, -1, device=device),
+            torch.arange(n, device=device),
+            torch.arange(n - 2, n - 2 - _PAD, -1, device=device),
+        ]
+    )
     return x.index_select(-2, index)
 
 

@@ -37,7 +37,9 @@ def cold_start_track_splits(tracks: pd.DataFrame, *, factorized: set[str], heldo
     }
 
 
-def _baselines(n_users: int, n_items: int, popularity: np.ndarray, *, seed: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def _baselines(
+    n_users: int, n_items: int, popularity: np.ndarray, *, seed: int
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """``random`` (seeded random scores) and ``popularity`` (one ranking for every user) as factors."""
     return [
         ("random", random_factors(n_users, seed=seed), random_factors(n_items, seed=seed + 1)),
@@ -67,8 +69,10 @@ def cold_start_rows(
     total plays, an oracle popularity that ignores the user), then ``models`` in order.
     """
     n_users, n_items = heldout_plays.shape
-    sources = [*_baselines(n_users, n_items, heldout_plays.sum(axis=0), seed=seed),
-               *((name, users, items) for name, (users, items) in models.items())]
+    sources = [
+        *_baselines(n_users, n_items, heldout_plays.sum(axis=0), seed=seed),
+        *((name, users, items) for name, (users, items) in models.items()),
+    ]
     return [ranking_row(name, users, items, heldout_plays, k=k) for name, users, items in sources]
 
 
@@ -79,19 +83,35 @@ def rows_as_metrics(rows: list[RankingRow], *, prefix: str = "", k: int | None =
     suffix = "k" if k is None else str(k)
     metrics = {}
     for row in rows:
-        for name, value in (("map_at_" + suffix, row.map_at_k), ("auc", row.auc),
-                            ("precision_at_" + suffix, row.precision_at_k), ("ndcg_at_" + suffix, row.ndcg_at_k)):
+        for name, value in (
+            ("map_at_" + suffix, row.map_at_k),
+            ("auc", row.auc),
+            ("precision_at_" + suffix, row.precision_at_k),
+            ("ndcg_at_" + suffix, row.ndcg_at_k),
+        ):
             if np.isfinite(value):
                 metrics[f"{prefix}{metric_slug(row.name)}/{name}"] = value
     return metrics
 
 
-def ranking_row(name: str, user_factors: np.ndarray, item_factors: np.ndarray, relevant: sp.csr_matrix, *,
-                k: int, exclude: sp.csr_matrix | None = None) -> RankingRow:
+def ranking_row(
+    name: str,
+    user_factors: np.ndarray,
+    item_factors: np.ndarray,
+    relevant: sp.csr_matrix,
+    *,
+    k: int,
+    exclude: sp.csr_matrix | None = None,
+) -> RankingRow:
     metrics = ranking_metrics(user_factors, item_factors, relevant, k=k, exclude=exclude)
-    return RankingRow(name=name, map_at_k=metrics["map_at_k"], auc=metrics["auc"],
-                      precision_at_k=metrics["precision_at_k"], ndcg_at_k=metrics["ndcg_at_k"],
-                      n_users=metrics["n_users"])
+    return RankingRow(
+        name=name,
+        map_at_k=metrics["map_at_k"],
+        auc=metrics["auc"],
+        precision_at_k=metrics["precision_at_k"],
+        ndcg_at_k=metrics["ndcg_at_k"],
+        n_users=metrics["n_users"],
+    )
 
 
 def sample_users(n_users: int, max_users: int, *, seed: int) -> np.ndarray:
@@ -120,8 +140,10 @@ def in_matrix_rows(
     rows_idx = scoreable[sample_users(len(scoreable), max_users, seed=seed)]
     train_s, test_s = train[rows_idx], test[rows_idx]
     listeners = np.diff(sp.csc_matrix(train).indptr)
-    sources = [*_baselines(len(rows_idx), train.shape[1], listeners, seed=seed),
-               *((name, users[rows_idx], items) for name, (users, items) in models.items())]
+    sources = [
+        *_baselines(len(rows_idx), train.shape[1], listeners, seed=seed),
+        *((name, users[rows_idx], items) for name, (users, items) in models.items()),
+    ]
     return [ranking_row(name, users, items, test_s, k=k, exclude=train_s) for name, users, items in sources]
 
 
@@ -169,8 +191,18 @@ ORACLE = "popularity (oracle)"
 
 def recommendation_table(rows: list[RankingRow], *, k: int) -> pd.DataFrame:
     """The paper's table: one row per recommender, mAP@k, AUC and NDCG@k; popularity marked as the oracle it is."""
-    return pd.DataFrame([{"model": ORACLE if row.name == "popularity" else row.name, f"mAP@{k}": row.map_at_k,
-                          "AUC": row.auc, f"NDCG@{k}": row.ndcg_at_k, "users": row.n_users} for row in rows])
+    return pd.DataFrame(
+        [
+            {
+                "model": ORACLE if row.name == "popularity" else row.name,
+                f"mAP@{k}": row.map_at_k,
+                "AUC": row.auc,
+                f"NDCG@{k}": row.ndcg_at_k,
+                "users": row.n_users,
+            }
+            for row in rows
+        ]
+    )
 
 
 def choose_queries(track_ids: Sequence[str], *, n: int, seed: int, asked: Sequence[str] = ()) -> list[str]:
@@ -179,8 +211,10 @@ def choose_queries(track_ids: Sequence[str], *, n: int, seed: int, asked: Sequen
     if asked:
         unknown = [q for q in asked if q not in set(ids)]
         if unknown:
-            raise ParameterError(f"query track(s) {unknown} are not among the {len(ids)} held-out tracks that have "
-                                 f"both factor sets (e.g. {ids[:3]})")
+            raise ParameterError(
+                f"query track(s) {unknown} are not among the {len(ids)} held-out tracks that have "
+                f"both factor sets (e.g. {ids[:3]})"
+            )
         return list(asked)
     rng = np.random.default_rng(seed)
     return [ids[i] for i in sorted(rng.choice(len(ids), size=min(n, len(ids)), replace=False))]
@@ -191,12 +225,19 @@ def nearest_by_cosine(factors: np.ndarray, query: int, *, n: int) -> tuple[np.nd
     unit = factors / np.maximum(np.linalg.norm(factors, axis=1, keepdims=True), 1e-12)
     similarity = unit @ unit[query]
     similarity[query] = -np.inf
-    order = np.argsort(-similarity, kind="stable")[:min(n, len(factors) - 1)]
+    order = np.argsort(-similarity, kind="stable")[: min(n, len(factors) - 1)]
     return order, similarity[order]
 
 
-def query_table(track_ids: Sequence[str], *, wmf_factors: np.ndarray, predicted: np.ndarray,
-                tags: Mapping[str, Sequence[str]], queries: Sequence[str], n: int) -> pd.DataFrame:
+def query_table(
+    track_ids: Sequence[str],
+    *,
+    wmf_factors: np.ndarray,
+    predicted: np.ndarray,
+    tags: Mapping[str, Sequence[str]],
+    queries: Sequence[str],
+    n: int,
+) -> pd.DataFrame:
     """The seed's query tables: for each query, its ``n`` nearest tracks by WMF factors and by predicted factors.
 
     One row per query and rank: ``query``, ``query_tags``, ``rank``, ``wmf_track``,
@@ -206,26 +247,47 @@ def query_table(track_ids: Sequence[str], *, wmf_factors: np.ndarray, predicted:
     ids = [str(t) for t in track_ids]
     position = {t: i for i, t in enumerate(ids)}
     rows = []
-    columns = ["query", "query_tags", "rank", "wmf_track", "wmf_tags", "wmf_cosine", "predicted_track",
-               "predicted_tags", "predicted_cosine"]
+    columns = [
+        "query",
+        "query_tags",
+        "rank",
+        "wmf_track",
+        "wmf_tags",
+        "wmf_cosine",
+        "predicted_track",
+        "predicted_tags",
+        "predicted_cosine",
+    ]
     for query in queries:
         by_wmf, wmf_sim = nearest_by_cosine(wmf_factors, position[query], n=n)
         by_audio, audio_sim = nearest_by_cosine(predicted, position[query], n=n)
         for rank in range(len(by_wmf)):
-            rows.append({"query": query, "query_tags": ", ".join(tags.get(query, ())), "rank": rank + 1,
-                         "wmf_track": ids[by_wmf[rank]], "wmf_tags": ", ".join(tags.get(ids[by_wmf[rank]], ())),
-                         "wmf_cosine": float(wmf_sim[rank]),
-                         "predicted_track": ids[by_audio[rank]],
-                         "predicted_tags": ", ".join(tags.get(ids[by_audio[rank]], ())),
-                         "predicted_cosine": float(audio_sim[rank])})
+            rows.append(
+                {
+                    "query": query,
+                    "query_tags": ", ".join(tags.get(query, ())),
+                    "rank": rank + 1,
+                    "wmf_track": ids[by_wmf[rank]],
+                    "wmf_tags": ", ".join(tags.get(ids[by_wmf[rank]], ())),
+                    "wmf_cosine": float(wmf_sim[rank]),
+                    "predicted_track": ids[by_audio[rank]],
+                    "predicted_tags": ", ".join(tags.get(ids[by_audio[rank]], ())),
+                    "predicted_cosine": float(audio_sim[rank]),
+                }
+            )
     return pd.DataFrame(rows, columns=columns)
 
 
 def neighbour_tag_agreement(table: pd.DataFrame) -> dict[str, float]:
     """Mean Jaccard overlap of a neighbour's tags with its query's, for the WMF and the predicted neighbours."""
+
     def overlap(a: str, b: str) -> float:
         x, y = {t for t in a.split(", ") if t}, {t for t in b.split(", ") if t}
         return len(x & y) / len(x | y) if x | y else 0.0
 
-    return {side: float(np.mean([overlap(q, t) for q, t in zip(table["query_tags"], table[f"{side}_tags"])]))
-            if len(table) else float("nan") for side in ("wmf", "predicted")}
+    return {
+        side: float(np.mean([overlap(q, t) for q, t in zip(table["query_tags"], table[f"{side}_tags"])]))
+        if len(table)
+        else float("nan")
+        for side in ("wmf", "predicted")
+    }

@@ -10,9 +10,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never a window
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.metrics import roc_curve
 
 
 @dataclass(frozen=True)
@@ -56,14 +56,23 @@ def summary_text(summary: PipelineSummary) -> str:
     ]
     # With no more held-out tracks than k, every top k holds all of them: P@k is the same for any ranking.
     precision = summary.k < summary.n_heldout_items
-    lines.append(f"{'recommendation, held-out tracks':<38}{f'mAP@{summary.k}':<10}{'AUC':<8}"
-                 + (f"{f'P@{summary.k}':<10}" if precision else "") + f"NDCG@{summary.k}")
+    lines.append(
+        f"{'recommendation, held-out tracks':<38}{f'mAP@{summary.k}':<10}{'AUC':<8}"
+        + (f"{f'P@{summary.k}':<10}" if precision else "")
+        + f"NDCG@{summary.k}"
+    )
     for row in summary.ranking:
-        lines.append(f"  {row.name:<36}{row.map_at_k:<10.4f}{row.auc:<8.3f}"
-                     + (f"{row.precision_at_k:<10.4f}" if precision else "") + f"{row.ndcg_at_k:.4f}")
+        lines.append(
+            f"  {row.name:<36}{row.map_at_k:<10.4f}{row.auc:<8.3f}"
+            + (f"{row.precision_at_k:<10.4f}" if precision else "")
+            + f"{row.ndcg_at_k:.4f}"
+        )
     if summary.registered:
-        lines.append("registered: " + ", ".join(f"{name} v{version}" for name, version in summary.registered.items())
-                     + "   (aliases champion/challenger; `make serve` runs it as a service)")
+        lines.append(
+            "registered: "
+            + ", ".join(f"{name} v{version}" for name, version in summary.registered.items())
+            + "   (aliases champion/challenger; `make serve` runs it as a service)"
+        )
     lines.append(f"MLflow: mlflow ui --backend-store-uri {summary.tracking_uri}   report: {summary.report_path}")
     return "\n".join(lines)
 
@@ -95,8 +104,13 @@ def _save(fig, path: Path) -> Path:
 def _roc_auc_axis(ax, *, labels: list[str], scores: np.ndarray, title: str) -> None:
     """The y axis of a study's horizontal ROC-AUC bars: one label per bar, top first, x from just below the lowest."""
     low = np.nanmin(scores) if np.isfinite(scores).any() else 0.5
-    ax.set(yticks=np.arange(len(labels)), yticklabels=labels, xlabel="test ROC-AUC (macro over tags)", title=title,
-           xlim=(max(0.0, low - 0.05), 1.0))
+    ax.set(
+        yticks=np.arange(len(labels)),
+        yticklabels=labels,
+        xlabel="test ROC-AUC (macro over tags)",
+        title=title,
+        xlim=(max(0.0, low - 0.05), 1.0),
+    )
     ax.invert_yaxis()
     ax.legend(fontsize=8, loc="lower right")
 
@@ -126,8 +140,9 @@ def plot_factor_scatter(true: np.ndarray, predicted: np.ndarray, *, path: Path, 
     return _save(fig, path)
 
 
-def plot_first_layer_filters(weights: np.ndarray, *, path: Path, max_filters: int = 32,
-                             title: str = "first-layer filters (mel band × time)") -> Path:
+def plot_first_layer_filters(
+    weights: np.ndarray, *, path: Path, max_filters: int = 32, title: str = "first-layer filters (mel band × time)"
+) -> Path:
     """First-layer filters of a spectrogram convnet, one panel each.
 
     ``weights [shape=(n_filters, n_mels, length)]``: each panel shows mel band
@@ -187,8 +202,9 @@ def plot_study_bars(table, *, path: Path, title: str) -> Path:
     y = np.arange(len(labels))
     fig, ax = plt.subplots(figsize=(8, 0.42 * len(labels) + 1.4))
     height = 0.38
-    for offset, (column, label, colour) in enumerate((("K-means ROC-AUC", "K-means", "tab:blue"),
-                                                       ("random ROC-AUC", "random means (control)", "tab:gray"))):
+    for offset, (column, label, colour) in enumerate(
+        (("K-means ROC-AUC", "K-means", "tab:blue"), ("random ROC-AUC", "random means (control)", "tab:gray"))
+    ):
         if column in table and table[column].notna().any():
             values = table[column].to_numpy(dtype=float)
             ax.barh(y + (offset - 0.5) * height, values, height=height, color=colour, label=label)
@@ -228,8 +244,9 @@ def plot_importance_heatmap(importance, *, group: str, path: Path) -> Path:
     part = importance[importance["group"] == group]
     order = part.drop_duplicates("tag").sort_values(["tag_timescale_s", "type", "tag"], na_position="last")
     timescales = list(dict.fromkeys(part["timescale"]))
-    grid = part.pivot_table(index="tag", columns="timescale", values="drop").reindex(index=order["tag"],
-                                                                                   columns=timescales)
+    grid = part.pivot_table(index="tag", columns="timescale", values="drop").reindex(
+        index=order["tag"], columns=timescales
+    )
     limit = float(np.nanmax(np.abs(grid.to_numpy()))) if grid.size else 1.0
     fig, ax = plt.subplots(figsize=(1.1 * len(timescales) + 3.5, 0.28 * len(grid) + 1.6))
     image = ax.imshow(grid.to_numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
@@ -248,8 +265,9 @@ def plot_filter_spectra(filters: np.ndarray, *, sample_rate: int, path: Path, ti
     order = np.argsort(np.argmax(magnitudes, axis=1), kind="stable")
     db = 20 * np.log10(magnitudes[order] / (magnitudes.max(axis=1, keepdims=True)[order] + 1e-12) + 1e-6)
     fig, ax = plt.subplots(figsize=(7, 5))
-    image = ax.imshow(db, aspect="auto", origin="lower", cmap="magma", vmin=-40, vmax=0,
-                      extent=(0, frequencies[-1], 0, len(filters)))
+    image = ax.imshow(
+        db, aspect="auto", origin="lower", cmap="magma", vmin=-40, vmax=0, extent=(0, frequencies[-1], 0, len(filters))
+    )
     ax.set(xlabel="frequency (Hz)", ylabel="filter (sorted by dominant frequency)", title=title)
     fig.colorbar(image, ax=ax, label="magnitude (dB below each filter's peak)")
     return _save(fig, path)

@@ -27,7 +27,7 @@ import hashlib
 import os
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -102,8 +102,14 @@ def table_content_sha1(path: str | Path, *, columns: Sequence[str], sort_by: str
     return digest.hexdigest()
 
 
-def write_table_atomic(table: pa.Table, path: Path, *, compression: str = "zstd",
-                       use_dictionary: bool | list[str] = True, row_group_size: int = ROW_GROUP_SIZE) -> Path:
+def write_table_atomic(
+    table: pa.Table,
+    path: Path,
+    *,
+    compression: str = "zstd",
+    use_dictionary: bool | list[str] = True,
+    row_group_size: int = ROW_GROUP_SIZE,
+) -> Path:
     """Write ``table`` to ``path`` via a temporary file and an atomic rename.
 
     ``row_group_size`` (rows) defaults to the feature shards' 64; tables of small rows
@@ -113,8 +119,9 @@ def write_table_atomic(table: pa.Table, path: Path, *, compression: str = "zstd"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        pq.write_table(table, tmp, compression=compression, row_group_size=row_group_size,
-                       use_dictionary=use_dictionary)
+        pq.write_table(
+            table, tmp, compression=compression, row_group_size=row_group_size, use_dictionary=use_dictionary
+        )
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -168,7 +175,9 @@ def tensor_bytes(arrays: Sequence[np.ndarray], dtype: str) -> pa.LargeBinaryArra
     offsets = np.zeros(len(flat) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([a.nbytes for a in flat])
     data = np.concatenate(flat).view(np.uint8) if flat else np.zeros(0, np.uint8)
-    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(flat), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+    return pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(), len(flat), [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+    )
 
 
 def write_feature_shard(table: pa.Table, path: Path) -> Path:
@@ -177,9 +186,7 @@ def write_feature_shard(table: pa.Table, path: Path) -> Path:
     return write_table_atomic(table, path, use_dictionary=strings)
 
 
-def features_to_table(
-    rows: Sequence[tuple[str, str, Mapping[str, np.ndarray], Mapping]], *, n_mels: int
-) -> pa.Table:
+def features_to_table(rows: Sequence[tuple[str, str, Mapping[str, np.ndarray], Mapping]], *, n_mels: int) -> pa.Table:
     """Pack ``(track_id, content_sha1, {column: mel [shape=(n_frames, n_mels)]}, source)`` rows into a shard.
 
     Every row must hold the same columns; ``n_frames`` is that of the first column
@@ -208,11 +215,21 @@ def features_to_table(
 def audio_to_table(rows: Sequence[tuple[str, np.ndarray]], *, sample_rate: int) -> pa.Table:
     """Raw-audio shard: ``track_id``, ``sample_rate``, ``pcm`` (int16 bytes) from float waveforms in [-1, 1]."""
     pcm = [np.clip(np.round(y * 32767.0), -32768, 32767).astype(np.int16) for _, y in rows]
-    schema = pa.schema([pa.field("track_id", pa.string()), pa.field("sample_rate", pa.int32()),
-                        tensor_field("pcm", dtype="int16", inner_shape=())])
-    return pa.Table.from_arrays([pa.array([t for t, _ in rows], pa.string()),
-                                 pa.array([sample_rate] * len(rows), pa.int32()), tensor_bytes(pcm, "int16")],
-                                schema=schema)
+    schema = pa.schema(
+        [
+            pa.field("track_id", pa.string()),
+            pa.field("sample_rate", pa.int32()),
+            tensor_field("pcm", dtype="int16", inner_shape=()),
+        ]
+    )
+    return pa.Table.from_arrays(
+        [
+            pa.array([t for t, _ in rows], pa.string()),
+            pa.array([sample_rate] * len(rows), pa.int32()),
+            tensor_bytes(pcm, "int16"),
+        ],
+        schema=schema,
+    )
 
 
 def _tensors(table: pa.Table, column: str) -> list[np.ndarray]:
@@ -226,12 +243,17 @@ def _tensors(table: pa.Table, column: str) -> list[np.ndarray]:
     values = table.column(column).combine_chunks()
     offsets = np.frombuffer(values.buffers()[1], dtype=np.int64)[values.offset : values.offset + len(values) + 1]
     data = values.buffers()[2]
-    return [np.frombuffer(data, dtype=dtype, count=(int(stop) - int(start)) // dtype.itemsize, offset=int(start))
-            .reshape(-1, *inner) for start, stop in zip(offsets[:-1], offsets[1:])]
+    return [
+        np.frombuffer(data, dtype=dtype, count=(int(stop) - int(start)) // dtype.itemsize, offset=int(start)).reshape(
+            -1, *inner
+        )
+        for start, stop in zip(offsets[:-1], offsets[1:])
+    ]
 
 
-def read_audio(audio_dir: Path, *, track_ids: Iterable[str] | None = None,
-               sample_rate: int | None = None) -> dict[str, np.ndarray]:
+def read_audio(
+    audio_dir: Path, *, track_ids: Iterable[str] | None = None, sample_rate: int | None = None
+) -> dict[str, np.ndarray]:
     """``{track_id: int16 PCM}`` from the raw-audio shards (all tracks when ``track_ids`` is None).
 
     With ``sample_rate``, a wanted track stored at another rate is a ``DatasetError``
@@ -245,8 +267,10 @@ def read_audio(audio_dir: Path, *, track_ids: Iterable[str] | None = None,
         for track_id, rate, pcm in zip(table.column("track_id").to_pylist(), rates, _tensors(table, "pcm")):
             if wanted is None or track_id in wanted:
                 if sample_rate is not None and rate != sample_rate:
-                    raise DatasetError(f"{shard}: track {track_id!r} is stored at {rate} Hz, not {sample_rate} Hz: "
-                                       "write the PCM shards again at that rate (the feature flow with audio shards)")
+                    raise DatasetError(
+                        f"{shard}: track {track_id!r} is stored at {rate} Hz, not {sample_rate} Hz: "
+                        "write the PCM shards again at that rate (the feature flow with audio shards)"
+                    )
                 out[track_id] = pcm
     return out
 
@@ -262,8 +286,10 @@ def read_manifest(feature_dir: Path) -> pa.Table:
         return MANIFEST_SCHEMA.empty_table()
     table = pq.read_table(path)
     # Columns a manifest of an older release lacks read as nulls: those tracks are re-checked.
-    columns = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
-               for f in MANIFEST_SCHEMA]
+    columns = [
+        table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+        for f in MANIFEST_SCHEMA
+    ]
     return pa.Table.from_arrays(columns, schema=MANIFEST_SCHEMA)
 
 
@@ -307,9 +333,7 @@ def remove_unreferenced(folder: Path, *, keep: Iterable[str]) -> list[str]:
     return removed
 
 
-def read_features(
-    feature_dir: Path, *, column: str, track_ids: Iterable[str] | None = None
-) -> dict[str, np.ndarray]:
+def read_features(feature_dir: Path, *, column: str, track_ids: Iterable[str] | None = None) -> dict[str, np.ndarray]:
     """Load features for ``track_ids`` (all tracks when None) as ``{track_id: (n_frames, n_mels) float16}``.
 
     Only the shards that hold the requested tracks are opened, and only the
@@ -327,7 +351,9 @@ def read_features(
     if wanted is not None:
         missing = wanted - {t for ids in shards.values() for t in ids}
         if missing:
-            raise DatasetError(f"{len(missing)} track ids have no features in {feature_dir}, e.g. {sorted(missing)[:3]}")
+            raise DatasetError(
+                f"{len(missing)} track ids have no features in {feature_dir}, e.g. {sorted(missing)[:3]}"
+            )
     out: dict[str, np.ndarray] = {}
     for shard, ids in shards.items():
         table = pq.read_table(feature_dir / shard, columns=["track_id", column])
@@ -343,7 +369,7 @@ def append_quarantine(path: Path, records: Sequence[Mapping]) -> int:
     """
     path = Path(path)
     old = pq.read_table(path, schema=QUARANTINE_SCHEMA).to_pylist() if path.exists() else []
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     seen = {(r["path"], r["stage"], r["reason"]) for r in old}
     new = []
     for r in records:

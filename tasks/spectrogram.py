@@ -12,9 +12,8 @@ Output is TIME-MAJOR, ``(..., n_frames, n_mels)``, the layout stored in the shar
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,9 +95,7 @@ def mel_filterbank(
     weights : torch.Tensor [shape=(n_mels, n_fft // 2 + 1), dtype=float32], CPU
     """
     if sample_rate <= 0 or n_fft <= 0 or n_mels <= 0:
-        raise ParameterError(
-            f"sample_rate, n_fft and n_mels must be positive, got {sample_rate}, {n_fft}, {n_mels}"
-        )
+        raise ParameterError(f"sample_rate, n_fft and n_mels must be positive, got {sample_rate}, {n_fft}, {n_mels}")
     if fmax is None:
         fmax = sample_rate / 2.0
     if not 0.0 <= fmin < fmax:

@@ -32,7 +32,10 @@ _PAPER_FEATURES = {
     # Hamel et al. 2012 via Dieleman & Schrauwen 2013: windows 1024..8192 at half-window hops,
     # so each resolution also spans a longer time; pyramids of the finest one, as many levels.
     "mel": {"sample_rate": 16000, "n_fft": 1024, "hop_length": 512, "n_mels": 128},
-    "extra_windows": [2048, 4096, 8192], "hop_policy": "half", "pyramid": "both", "pyramid_levels": 4,
+    "extra_windows": [2048, 4096, 8192],
+    "hop_policy": "half",
+    "pyramid": "both",
+    "pyramid_levels": 4,
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -40,11 +43,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the four resolutions, the Gaussian and the Laplacian pyramid; K-means against random means.
     "ismir2013": {
         "features": _PAPER_FEATURES,
-        "kmeans": {"k": 200, "context": 4, "epsilon": 0.01, "sample_windows": 50_000, "iterations": 10,
-                   "batch_size": 1000, "activation": "linear", "pooling": "max"},
-        "mlp": {"n_tags": 50, "hidden": 1000, "layers": 1, "dropout": 0.5,
-                "train": {"max_epochs": 200, "patience": 20, "batch_size": 64, "learning_rate": 1e-3,
-                          "weight_decay": 1e-5}},
+        "kmeans": {
+            "k": 200,
+            "context": 4,
+            "epsilon": 0.01,
+            "sample_windows": 50_000,
+            "iterations": 10,
+            "batch_size": 1000,
+            "activation": "linear",
+            "pooling": "max",
+        },
+        "mlp": {
+            "n_tags": 50,
+            "hidden": 1000,
+            "layers": 1,
+            "dropout": 0.5,
+            "train": {"max_epochs": 200, "patience": 20, "batch_size": 64, "learning_rate": 1e-3, "weight_decay": 1e-5},
+        },
         "single_timescales": True,
         "groups": ["multiresolution", "gaussian", "laplacian"],
         "codebooks": ["kmeans", "random"],
@@ -55,36 +70,63 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The variants sit at 256/256 (the best raw row of the paper's first table).
     "icassp2014": {
         "kind": "end-to-end",
-        "tagger": {"pool_ceil": True, "train": {"max_epochs": 100, "patience": 10, "crops_per_clip": 8,
-                                                "batch_size": 64, "learning_rate": 1e-3}},
+        "tagger": {
+            "pool_ceil": True,
+            "train": {"max_epochs": 100, "patience": 10, "crops_per_clip": 8, "batch_size": 64, "learning_rate": 1e-3},
+        },
     },
     # The short-chunk CNN with residual blocks (Won et al. 2020) beside the 2014 convnet on the same
     # 128-band, 512/256 log-mel: how far a 2020 model moves the 2014 one.
     "modern": {
-        "kind": "end-to-end", "filters": [[512, 256]], "inputs": ["spectrogram"], "nonlinearities": [],
-        "feature_pooling": [], "modern": True,
+        "kind": "end-to-end",
+        "filters": [[512, 256]],
+        "inputs": ["spectrogram"],
+        "nonlinearities": [],
+        "feature_pooling": [],
+        "modern": True,
     },
     # The same study in miniature, for tests and a first look (seconds, not minutes).
     "smoke": {
-        "features": {"mel": {"sample_rate": 16000, "n_fft": 1024, "hop_length": 512, "n_mels": 32},
-                     "extra_windows": [2048], "hop_policy": "half", "pyramid": "both", "pyramid_levels": 3},
-        "kmeans": {"k": 16, "context": 3, "sample_windows": 3000, "iterations": 5, "batch_size": 256,
-                   "tracks_per_task": 32},
+        "features": {
+            "mel": {"sample_rate": 16000, "n_fft": 1024, "hop_length": 512, "n_mels": 32},
+            "extra_windows": [2048],
+            "hop_policy": "half",
+            "pyramid": "both",
+            "pyramid_levels": 3,
+        },
+        "kmeans": {
+            "k": 16,
+            "context": 3,
+            "sample_windows": 3000,
+            "iterations": 5,
+            "batch_size": 256,
+            "tracks_per_task": 32,
+        },
         "mlp": {"hidden": 64, "train": {"max_epochs": 30, "patience": 8, "batch_size": 32}},
         "groups": ["multiresolution", "laplacian"],
         "importance": ["laplacian"],
     },
     # The end-to-end study in miniature: every table, small filters and few epochs.
     "icassp2014-smoke": {
-        "kind": "end-to-end", "n_mels": 64, "n_filters": 32,
-        "filters": [[512, 512], [256, 256]], "variants_at": [256, 256],
-        "feature_pooling": [["l2", 2], ["max", 2]], "modern": True,
-        "tagger": {"pool_ceil": True, "hidden": 32,
-                   "train": {"max_epochs": 2, "patience": 2, "crops_per_clip": 2, "batch_size": 32}},
-        "resnet": {"model": "short-chunk-resnet", "resnet_channels": 8,
-                   "train": {"crop_seconds": 2.0, "max_epochs": 1, "patience": 1, "crops_per_clip": 1,
-                             "batch_size": 16}},
-        "resnet_window": 256, "resnet_hop": 128,
+        "kind": "end-to-end",
+        "n_mels": 64,
+        "n_filters": 32,
+        "filters": [[512, 512], [256, 256]],
+        "variants_at": [256, 256],
+        "feature_pooling": [["l2", 2], ["max", 2]],
+        "modern": True,
+        "tagger": {
+            "pool_ceil": True,
+            "hidden": 32,
+            "train": {"max_epochs": 2, "patience": 2, "crops_per_clip": 2, "batch_size": 32},
+        },
+        "resnet": {
+            "model": "short-chunk-resnet",
+            "resnet_channels": 8,
+            "train": {"crop_seconds": 2.0, "max_epochs": 1, "patience": 1, "crops_per_clip": 1, "batch_size": 16},
+        },
+        "resnet_window": 256,
+        "resnet_hop": 128,
     },
     # NIPS 2013, "Deep content-based music recommendation": cold start on the held-out tracks; the
     # paper's baselines (linear regression, MLP on bag-of-words audio features) beside the CNN trained
@@ -98,11 +140,21 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "nips2013-smoke": {
         "kind": "recommendation",
-        "kmeans": {"k": 16, "context": 3, "sample_windows": 3000, "iterations": 5, "batch_size": 256,
-                   "pooling": "max+mean", "tracks_per_task": 32},
+        "kmeans": {
+            "k": 16,
+            "context": 3,
+            "sample_windows": 3000,
+            "iterations": 5,
+            "batch_size": 256,
+            "pooling": "max+mean",
+            "tracks_per_task": 32,
+        },
         "regressor": {"hidden": 32, "train": {"max_epochs": 10, "patience": 3, "batch_size": 32}},
-        "cnn": {"channels": [16, 16, 32], "hidden": 32,
-                "train": {"max_epochs": 2, "patience": 2, "crops_per_clip": 2, "batch_size": 32}},
+        "cnn": {
+            "channels": [16, 16, 32],
+            "hidden": 32,
+            "train": {"max_epochs": 2, "patience": 2, "crops_per_clip": 2, "batch_size": 32},
+        },
         "wmf": {"iterations": 5},
         "queries": 2,
     },
@@ -111,14 +163,26 @@ PRESETS: dict[str, dict[str, Any]] = {
     # multiscale K-means features (four resolutions); their embeddings transfer to a genre catalogue.
     "ismir2014": {
         "kind": "transfer",
-        "kmeans": {"k": 200, "context": 4, "sample_windows": 50_000, "iterations": 10,
-                   "timescales": ["mel_1024", "mel_2048", "mel_4096", "mel_8192"]},
+        "kmeans": {
+            "k": 200,
+            "context": 4,
+            "sample_windows": 50_000,
+            "iterations": 10,
+            "timescales": ["mel_1024", "mel_2048", "mel_4096", "mel_8192"],
+        },
         "regressor": {"hidden": 500, "dropout": 0.25},
     },
     "ismir2014-smoke": {
         "kind": "transfer",
-        "kmeans": {"k": 16, "context": 3, "sample_windows": 3000, "iterations": 5, "batch_size": 256,
-                   "tracks_per_task": 32, "timescales": ["mel_1024", "mel_4096"]},
+        "kmeans": {
+            "k": 16,
+            "context": 3,
+            "sample_windows": 3000,
+            "iterations": 5,
+            "batch_size": 256,
+            "tracks_per_task": 32,
+            "timescales": ["mel_1024", "mel_4096"],
+        },
         "regressor": {"hidden": 32, "train": {"max_epochs": 15, "patience": 4, "batch_size": 32}},
         "models": ["linear", "mlp-1"],
         "wmf": {"iterations": 5},
@@ -128,8 +192,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 KINDS = ("multiscale", "end-to-end", "recommendation", "transfer")
 AnyStudySettings = StudySettings | EndToEndStudySettings | RecommendationStudySettings | TransferStudySettings
-FAMILIES = {"multiscale": ("mlp",), "end-to-end": ("tagger", "resnet"), "recommendation": ("regressor", "cnn"),
-            "transfer": ("regressor",)}  # the models whose training options the command line sets
+FAMILIES = {
+    "multiscale": ("mlp",),
+    "end-to-end": ("tagger", "resnet"),
+    "recommendation": ("regressor", "cnn"),
+    "transfer": ("regressor",),
+}  # the models whose training options the command line sets
 
 
 def load_preset(name_or_path: str, *, overrides: Mapping[str, Any] | None = None) -> AnyStudySettings:
@@ -142,12 +210,19 @@ def load_preset(name_or_path: str, *, overrides: Mapping[str, Any] | None = None
     kind = preset.get("kind", "multiscale")
     if kind not in KINDS:
         raise ParameterError(f"preset {name!r}: kind {kind!r} is not one of {KINDS}")
-    cls = {"multiscale": StudySettings, "end-to-end": EndToEndStudySettings,
-           "recommendation": RecommendationStudySettings, "transfer": TransferStudySettings}[kind]
+    cls = {
+        "multiscale": StudySettings,
+        "end-to-end": EndToEndStudySettings,
+        "recommendation": RecommendationStudySettings,
+        "transfer": TransferStudySettings,
+    }[kind]
     # The preset and the overrides merge into each nested field's default, so that a partial
     # override (e.g. only ``train.devices``) keeps the rest of that field's defaults.
-    defaults = {field: info.default.model_dump() for field, info in cls.model_fields.items()
-                if isinstance(info.default, BaseModel)}
+    defaults = {
+        field: info.default.model_dump()
+        for field, info in cls.model_fields.items()
+        if isinstance(info.default, BaseModel)
+    }
     merged = merge(merge(defaults, preset), overrides or {})
     merged.pop("kind", None)
     try:
@@ -180,8 +255,9 @@ def _preset(name_or_path: str) -> tuple[str, dict[str, Any]]:
     raise ParameterError(f"unknown preset {name_or_path!r}: use one of {sorted(PRESETS)} or a .json file")
 
 
-def preset_overrides(*, kind: str = "multiscale", k: int | None = None, epochs: int | None = None,
-                     train: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def preset_overrides(
+    *, kind: str = "multiscale", k: int | None = None, epochs: int | None = None, train: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The overrides the command line and the deployment offer: K, a cap on epochs, training options
     (``devices``, ``precision``, ``compile``) for every model the study trains."""
     train = dict(train or {})
@@ -216,15 +292,18 @@ class StudyData:
     vectors: dict[str, dict[str, dict[str, np.ndarray]]]  # codebook -> timescale -> split -> [shape=(n, width)]
     fingerprint: str  # of the clips, their splits, tags and content, and of the encodings
 
-    def inputs(self, config: "Configuration") -> dict[str, np.ndarray]:
+    def inputs(self, config: Configuration) -> dict[str, np.ndarray]:
         """The configuration's input per split: its timescales' vectors side by side."""
         by_timescale = self.vectors[config.codebook]
-        return {split: np.concatenate([by_timescale[t][split] for t in config.timescales], axis=1)
-                for split in self.split_ids}
+        return {
+            split: np.concatenate([by_timescale[t][split] for t in config.timescales], axis=1)
+            for split in self.split_ids
+        }
 
 
-def load_study_data(tracks: pd.DataFrame, kmeans_dirs: Mapping[str, Path], *, timescales: Sequence[str],
-                    n_tags: int) -> StudyData:
+def load_study_data(
+    tracks: pd.DataFrame, kmeans_dirs: Mapping[str, Path], *, timescales: Sequence[str], n_tags: int
+) -> StudyData:
     """Read the K-means features of every clip that has them in every codebook kind.
 
     ``tracks`` needs ``track_id``, ``split`` and ``tags``. Raises ``DatasetError`` when a
@@ -261,8 +340,9 @@ def load_study_data(tracks: pd.DataFrame, kmeans_dirs: Mapping[str, Path], *, ti
     for row in tracks[["track_id", "split"]].itertuples(index=False):
         digest.update(f"{row.track_id}\t{row.split}\n".encode())
     digest.update(json.dumps([tags, [t.tolist() for t in targets.values()]]).encode())
-    return StudyData(tags=tags, split_ids=split_ids, targets=targets, vectors=vectors,
-                     fingerprint=digest.hexdigest()[:16])
+    return StudyData(
+        tags=tags, split_ids=split_ids, targets=targets, vectors=vectors, fingerprint=digest.hexdigest()[:16]
+    )
 
 
 def world_tag_types(world_root: Path) -> tuple[dict[str, str], dict[str, float]]:
@@ -307,8 +387,11 @@ def configurations(study: StudySettings) -> list[Configuration]:
             for column in groups[group]:
                 kept = tuple(c for c in groups[group] if c != column)
                 if kept:
-                    out.append(Configuration(f"{group} without {column} · kmeans", "without", kept, "kmeans", group,
-                                             left_out=column))
+                    out.append(
+                        Configuration(
+                            f"{group} without {column} · kmeans", "without", kept, "kmeans", group, left_out=column
+                        )
+                    )
     return out
 
 
@@ -323,8 +406,11 @@ def study_table(results: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         raise ParameterError("no results to tabulate")
     rows = []
     for base, part in frame.groupby("base", sort=False):
-        row: dict[str, Any] = {"configuration": base, "group": part["group"].iloc[0],
-                               "timescales": len(part["timescales"].iloc[0])}
+        row: dict[str, Any] = {
+            "configuration": base,
+            "group": part["group"].iloc[0],
+            "timescales": len(part["timescales"].iloc[0]),
+        }
         for codebook, label in (("kmeans", "K-means"), ("random", "random")):
             match = part[part["codebook"] == codebook]
             row[f"{label} inputs"] = int(match["n_inputs"].iloc[0]) if len(match) else np.nan
@@ -337,15 +423,25 @@ def study_table(results: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
 
 def format_table(table: pd.DataFrame) -> str:
     """The study table as fixed-width text, for the terminal and the report."""
-    columns = ["configuration", "timescales", "K-means ROC-AUC", "K-means PR-AUC", "random ROC-AUC",
-               "random PR-AUC", "gain ROC-AUC"]
+    columns = [
+        "configuration",
+        "timescales",
+        "K-means ROC-AUC",
+        "K-means PR-AUC",
+        "random ROC-AUC",
+        "random PR-AUC",
+        "gain ROC-AUC",
+    ]
     shown = table[[c for c in columns if c in table.columns]]
     return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-")
 
 
-def timescale_importance(full: Mapping[str, pd.DataFrame], without: Mapping[tuple[str, str], pd.DataFrame],
-                         tag_types: Mapping[str, str],
-                         tag_timescales: Mapping[str, float] | None = None) -> pd.DataFrame:
+def timescale_importance(
+    full: Mapping[str, pd.DataFrame],
+    without: Mapping[tuple[str, str], pd.DataFrame],
+    tag_types: Mapping[str, str],
+    tag_timescales: Mapping[str, float] | None = None,
+) -> pd.DataFrame:
     """Per-tag ROC-AUC drop when one timescale is left out of a multiscale model.
 
     Parameters
@@ -368,12 +464,22 @@ def timescale_importance(full: Mapping[str, pd.DataFrame], without: Mapping[tupl
         left = table.set_index("tag")["roc_auc"]
         for tag in base.index:
             if tag in left.index and np.isfinite(base[tag]) and np.isfinite(left[tag]):
-                rows.append({"group": group, "timescale": timescale, "tag": tag,
-                             "type": tag_types.get(tag, "other"),
-                             "tag_timescale_s": float(tag_timescales.get(tag, np.nan)), "roc_auc_full": float(base[tag]),
-                             "roc_auc_without": float(left[tag]), "drop": float(base[tag] - left[tag])})
-    return pd.DataFrame(rows, columns=["group", "timescale", "tag", "type", "tag_timescale_s", "roc_auc_full",
-                                       "roc_auc_without", "drop"])
+                rows.append(
+                    {
+                        "group": group,
+                        "timescale": timescale,
+                        "tag": tag,
+                        "type": tag_types.get(tag, "other"),
+                        "tag_timescale_s": float(tag_timescales.get(tag, np.nan)),
+                        "roc_auc_full": float(base[tag]),
+                        "roc_auc_without": float(left[tag]),
+                        "drop": float(base[tag] - left[tag]),
+                    }
+                )
+    return pd.DataFrame(
+        rows,
+        columns=["group", "timescale", "tag", "type", "tag_timescale_s", "roc_auc_full", "roc_auc_without", "drop"],
+    )
 
 
 def importance_by_type(importance: pd.DataFrame) -> pd.DataFrame:
@@ -421,8 +527,18 @@ class ModelRun:
     pool_size: int = 1
 
     def key(self, study: EndToEndStudySettings, data_fingerprint: str) -> str:
-        payload = json.dumps([study.settings_hash, data_fingerprint, self.model, self.length, self.stride,
-                              self.nonlinearity, self.feature_pooling, self.pool_size])
+        payload = json.dumps(
+            [
+                study.settings_hash,
+                data_fingerprint,
+                self.model,
+                self.length,
+                self.stride,
+                self.nonlinearity,
+                self.feature_pooling,
+                self.pool_size,
+            ]
+        )
         return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
 
@@ -430,8 +546,9 @@ def end_to_end_runs(study: EndToEndStudySettings) -> list[ModelRun]:
     """Every distinct model of the study, in table order (a model shared by tables appears once)."""
     runs: dict[tuple, ModelRun] = {}
 
-    def add(model: str, length: int, stride: int, nonlinearity: str = "relu", pooling: str = "none",
-            size: int = 1) -> None:
+    def add(
+        model: str, length: int, stride: int, nonlinearity: str = "relu", pooling: str = "none", size: int = 1
+    ) -> None:
         key = (model, length, stride, nonlinearity, pooling, size)
         if key in runs:
             return
@@ -482,30 +599,54 @@ def end_to_end_tables(study: EndToEndStudySettings, results: Sequence[Mapping[st
             row: dict[str, Any] = {"filter length": length, "stride": stride}
             for model, label in (("spectrogram", "spectrogram"), ("raw", "raw audio")):
                 if model in study.inputs:
-                    row[f"{label} ROC-AUC"], row[f"{label} PR-AUC"] = cell(model=model, length=length, stride=stride,
-                                                                           **plain)
+                    row[f"{label} ROC-AUC"], row[f"{label} PR-AUC"] = cell(
+                        model=model, length=length, stride=stride, **plain
+                    )
             rows.append(row)
         tables["length_stride"] = pd.DataFrame(rows)
     length, stride = study.variants_at
     at = {"model": "raw", "length": length, "stride": stride}
     if study.nonlinearities:
-        tables["nonlinearity"] = pd.DataFrame([
-            {"nonlinearity": _NONLINEARITY_NAMES[n], "filter length": length, "stride": stride,
-             **dict(zip(("ROC-AUC", "PR-AUC"), cell(**at, nonlinearity=n, feature_pooling="none")))}
-            for n in study.nonlinearities])
+        tables["nonlinearity"] = pd.DataFrame(
+            [
+                {
+                    "nonlinearity": _NONLINEARITY_NAMES[n],
+                    "filter length": length,
+                    "stride": stride,
+                    **dict(zip(("ROC-AUC", "PR-AUC"), cell(**at, nonlinearity=n, feature_pooling="none"))),
+                }
+                for n in study.nonlinearities
+            ]
+        )
     if study.feature_pooling:
         options = [("none", 1), *study.feature_pooling]
-        tables["feature_pooling"] = pd.DataFrame([
-            {"feature pooling": "none" if kind == "none" else f"{_POOLING_NAMES[kind]} over {size}",
-             "filter length": length, "stride": stride,
-             **dict(zip(("ROC-AUC", "PR-AUC"), cell(**at, nonlinearity="relu", feature_pooling=kind, pool_size=size)))}
-            for kind, size in options])
+        tables["feature_pooling"] = pd.DataFrame(
+            [
+                {
+                    "feature pooling": "none" if kind == "none" else f"{_POOLING_NAMES[kind]} over {size}",
+                    "filter length": length,
+                    "stride": stride,
+                    **dict(
+                        zip(
+                            ("ROC-AUC", "PR-AUC"), cell(**at, nonlinearity="relu", feature_pooling=kind, pool_size=size)
+                        )
+                    ),
+                }
+                for kind, size in options
+            ]
+        )
     if study.modern:
         window, hop = study.resnet_window, study.resnet_hop
-        tables["modern"] = pd.DataFrame([
-            {"model": label, "input": f"log-mel {study.n_mels} bands, {window}/{hop}",
-             **dict(zip(("ROC-AUC", "PR-AUC"), cell(model=model, length=window, stride=hop, **plain)))}
-            for model, label in (("spectrogram", "convnet 2014"), ("short-chunk-resnet", "short-chunk ResNet 2020"))])
+        tables["modern"] = pd.DataFrame(
+            [
+                {
+                    "model": label,
+                    "input": f"log-mel {study.n_mels} bands, {window}/{hop}",
+                    **dict(zip(("ROC-AUC", "PR-AUC"), cell(model=model, length=window, stride=hop, **plain))),
+                }
+                for model, label in (("spectrogram", "convnet 2014"), ("short-chunk-resnet", "short-chunk ResNet 2020"))
+            ]
+        )
     return tables
 
 
@@ -513,6 +654,9 @@ def format_end_to_end(tables: Mapping[str, pd.DataFrame]) -> str:
     """The tables as fixed-width text under their titles."""
     parts = []
     for name, table in tables.items():
-        parts += [f"{END_TO_END_TABLES[name]}:", table.to_string(index=False, float_format=lambda v: f"{v:.4f}",
-                                                                 na_rep="-"), ""]
+        parts += [
+            f"{END_TO_END_TABLES[name]}:",
+            table.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"),
+            "",
+        ]
     return "\n".join(parts).rstrip()

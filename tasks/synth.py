@@ -60,10 +60,14 @@ TAGS: tuple[str, ...] = STYLES + INSTRUMENTS + ("fast", "slow", "major", "minor"
 TAG_TYPES: dict[str, str] = {
     **{s: "style" for s in STYLES},
     **{i: "instrument/timbre" for i in INSTRUMENTS},
-    "fast": "tempo/rhythm", "slow": "tempo/rhythm",
-    "major": "mode", "minor": "mode",
-    "loud": "dynamics", "quiet": "dynamics",
-    "crescendo": "build-up", "breaks": "sections",
+    "fast": "tempo/rhythm",
+    "slow": "tempo/rhythm",
+    "major": "mode",
+    "minor": "mode",
+    "loud": "dynamics",
+    "quiet": "dynamics",
+    "crescendo": "build-up",
+    "breaks": "sections",
 }
 #: Chance of each long-timescale tag, independent of the style (so no short-timescale cue predicts it).
 LONG_TAG_P = {"crescendo": 0.35, "breaks": 0.35}
@@ -161,7 +165,9 @@ def plan_world(settings: WorldSettings) -> list[TrackPlan]:
     seeds = rng.integers(0, 2**62, size=n)
     rank = rng.permutation(n) + 1
     popularity = rank.astype(np.float64) ** -settings.popularity_exponent
-    long_tags = rng.random((n, len(LONG_TAGS))) < np.array([LONG_TAG_P[t] for t in LONG_TAGS])  # drawn last: older draws stay
+    long_tags = rng.random((n, len(LONG_TAGS))) < np.array(
+        [LONG_TAG_P[t] for t in LONG_TAGS]
+    )  # drawn last: older draws stay
 
     seconds = int(round(settings.clip_seconds))
     plans = []
@@ -218,7 +224,16 @@ def _draw_sound(
 
 _MAJOR = np.array([0, 2, 4, 5, 7, 9, 11])
 _MINOR = np.array([0, 2, 3, 5, 7, 8, 10])
-_GAIN = {"piano": 0.5, "strings": 0.22, "flute": 0.45, "guitar": 0.35, "bass": 0.6, "synth": 0.22, "vocal": 0.4, "drums": 0.8}
+_GAIN = {
+    "piano": 0.5,
+    "strings": 0.22,
+    "flute": 0.45,
+    "guitar": 0.35,
+    "bass": 0.6,
+    "synth": 0.22,
+    "vocal": 0.4,
+    "drums": 0.8,
+}
 _VOWELS = ((700.0, 1200.0, 2600.0), (600.0, 1000.0, 2500.0), (750.0, 1300.0, 2700.0))
 
 
@@ -311,7 +326,9 @@ def _render_voice(
     for tone in range(f_note.shape[1]):
         step = (f_note[:, tone] / sample_rate)[idx]
         cycles = np.cumsum(step if vibrato is None else step * vibrato) + rng.uniform()
-        where.append(pitch_of[:, tone][idx] * _TABLE_SIZE + ((cycles * _TABLE_SIZE).astype(np.int64) & (_TABLE_SIZE - 1)))
+        where.append(
+            pitch_of[:, tone][idx] * _TABLE_SIZE + ((cycles * _TABLE_SIZE).astype(np.int64) & (_TABLE_SIZE - 1))
+        )
 
     def read(harmonics: Sequence[float] | np.ndarray) -> np.ndarray:
         table = _wavetables(np.asarray(harmonics), f0, sample_rate=sample_rate)
@@ -350,7 +367,9 @@ def _render_voice(
         formants = np.array(_VOWELS[int(rng.integers(len(_VOWELS)))])
         # Each harmonic's level is the vowel's formant envelope at k * f0, per note.
         hk = np.outer(f0, k)
-        shape = sum(g / (1.0 + ((hk - fc) / bw) ** 2) for fc, bw, g in zip(formants, (110.0, 140.0, 220.0), (1.0, 0.7, 0.35)))
+        shape = sum(
+            g / (1.0 + ((hk - fc) / bw) ** 2) for fc, bw, g in zip(formants, (110.0, 140.0, 220.0), (1.0, 0.7, 0.35))
+        )
         env = np.minimum(t / 0.05, 1.0) * np.clip((note_len - t) / 0.06, 0.0, 1.0)
         y = read((0.12 / k + shape) / np.sqrt(k))
     else:  # pragma: no cover - callers pass names from _PITCHED
@@ -370,8 +389,12 @@ def _drum_kit(sample_rate: int, rng: np.random.Generator) -> dict[str, np.ndarra
     hat = 0.25 * hiss * np.exp(-t / 0.018)
     # The open hat reuses the hiss (no new draws, so the source styles' audio stays as it was).
     open_hat = 0.2 * hiss * np.exp(-t / 0.1) * np.minimum((t[-1] - t) / 0.02, 1.0)
-    return {"kick": kick.astype(np.float32), "snare": snare.astype(np.float32), "hat": hat.astype(np.float32),
-            "open_hat": open_hat.astype(np.float32)}
+    return {
+        "kick": kick.astype(np.float32),
+        "snare": snare.astype(np.float32),
+        "hat": hat.astype(np.float32),
+        "open_hat": open_hat.astype(np.float32),
+    }
 
 
 def _drum_pattern(style: str, *, fast: bool) -> dict[str, list[float]]:
@@ -433,7 +456,9 @@ def render_clip(track: TrackPlan, *, sample_rate: int, seconds: float) -> np.nda
         )
     unknown = set(track.true_tags) - set(TAGS) - {track.style}
     if unknown:
-        raise ParameterError(f"clip {track.clip_id}: unknown tags {sorted(unknown)}; expected names from TAGS or the style")
+        raise ParameterError(
+            f"clip {track.clip_id}: unknown tags {sorted(unknown)}; expected names from TAGS or the style"
+        )
     rng = np.random.default_rng(track.seed)
     tags = set(track.true_tags)
     n = int(round(sample_rate * seconds))
@@ -496,7 +521,11 @@ def render_clip(track: TrackPlan, *, sample_rate: int, seconds: float) -> np.nda
         elif inst == "piano":
             on = grid(0.5)
             which = np.arange(on.size) % n_tones
-            voices.append(_Voice(on, pitch(chord_tone(bar_of(on), which)) + 12.0, rng.uniform(0.6, 1.0, on.size).astype(np.float32)))
+            voices.append(
+                _Voice(
+                    on, pitch(chord_tone(bar_of(on), which)) + 12.0, rng.uniform(0.6, 1.0, on.size).astype(np.float32)
+                )
+            )
             if not lead_sung:
                 leads.append(_Voice(melody.onsets, melody.midi + 12.0, melody.velocity * 0.8))
         elif inst == "guitar" and track.style == "metal":
@@ -508,17 +537,34 @@ def render_clip(track: TrackPlan, *, sample_rate: int, seconds: float) -> np.nda
             # Fingerpicked arpeggio in triplets (root, fifth, third, fifth, ...): a lilt no source style has.
             on = grid(1.0 / 3.0)
             which = np.array([0, 2, 1, 2, 1, 2])[np.arange(on.size) % 6]
-            voices.append(_Voice(on, pitch(chord_tone(bar_of(on), which)).astype(np.float64), rng.uniform(0.6, 0.9, on.size).astype(np.float32)))
+            voices.append(
+                _Voice(
+                    on,
+                    pitch(chord_tone(bar_of(on), which)).astype(np.float64),
+                    rng.uniform(0.6, 0.9, on.size).astype(np.float32),
+                )
+            )
         elif inst == "guitar":
             on = grid(0.5)
             which = np.array([0, 2, 1, 2])[np.arange(on.size) % 4] if not seventh else np.arange(on.size) % 4
-            voices.append(_Voice(on, pitch(chord_tone(bar_of(on), which)).astype(np.float64), rng.uniform(0.7, 1.0, on.size).astype(np.float32)))
+            voices.append(
+                _Voice(
+                    on,
+                    pitch(chord_tone(bar_of(on), which)).astype(np.float64),
+                    rng.uniform(0.7, 1.0, on.size).astype(np.float32),
+                )
+            )
         elif inst == "bass" and track.style == "disco":
             # Octave bass: the chord root on eighths, jumping between two octaves.
             on = grid(0.5)
             octave = np.where(np.arange(on.size) % 2 == 1, 0.0, -12.0)
-            voices.append(_Voice(on, pitch(chord_tone(bar_of(on), np.zeros(on.size, dtype=np.int64))) + octave,
-                                 np.full(on.size, 0.9, np.float32)))
+            voices.append(
+                _Voice(
+                    on,
+                    pitch(chord_tone(bar_of(on), np.zeros(on.size, dtype=np.int64))) + octave,
+                    np.full(on.size, 0.9, np.float32),
+                )
+            )
         elif inst == "bass":
             on = grid(1.0)
             which = np.where(np.arange(on.size) % 4 == 2, 2, 0)
@@ -539,7 +585,11 @@ def render_clip(track: TrackPlan, *, sample_rate: int, seconds: float) -> np.nda
         kit = _drum_kit(sample_rate, rng)
         for drum, positions in _drum_pattern(track.style, fast=fast).items():
             bar_starts = np.arange(n_bars) * 4.0
-            hits = (bar_starts[:, None] + np.asarray(positions, dtype=np.float64)[None, :]).ravel() if positions else np.zeros(0)
+            hits = (
+                (bar_starts[:, None] + np.asarray(positions, dtype=np.float64)[None, :]).ravel()
+                if positions
+                else np.zeros(0)
+            )
             on = np.round(hits * beat).astype(np.int64)
             on = np.sort(on[on < n])
             gains = _GAIN["drums"] * rng.uniform(0.8, 1.0, on.size).astype(np.float32)
@@ -578,8 +628,15 @@ def tag_timescales(settings: WorldSettings) -> dict[str, float]:
     about 9 s); ``crescendo`` only over the whole clip.
     """
     median_bar = 4 * 60.0 / 110.0
-    by_type = {"instrument/timbre": 0.05, "dynamics": 0.05, "tempo/rhythm": 0.5, "mode": 2.0, "style": 4.0,
-               "sections": 2 * _BREAK_BARS * median_bar, "build-up": float(settings.clip_seconds)}
+    by_type = {
+        "instrument/timbre": 0.05,
+        "dynamics": 0.05,
+        "tempo/rhythm": 0.5,
+        "mode": 2.0,
+        "style": 4.0,
+        "sections": 2 * _BREAK_BARS * median_bar,
+        "build-up": float(settings.clip_seconds),
+    }
     return {tag: round(by_type[TAG_TYPES[tag]], 2) for tag in TAGS}
 
 
@@ -603,12 +660,14 @@ def render_clips(tracks: Sequence[TrackPlan], *, root: Path, settings: WorldSett
     int
         Number of MP3 files written (existing ones are skipped).
     """
-    return _write_clips(tracks, Path(root) / "mtat" / "audio", settings=settings, format="MP3",
-                        subtype="MPEG_LAYER_III")
+    return _write_clips(
+        tracks, Path(root) / "mtat" / "audio", settings=settings, format="MP3", subtype="MPEG_LAYER_III"
+    )
 
 
-def _write_clips(tracks: Sequence[TrackPlan], folder: Path, *, settings: WorldSettings, format: str,
-                 subtype: str) -> int:
+def _write_clips(
+    tracks: Sequence[TrackPlan], folder: Path, *, settings: WorldSettings, format: str, subtype: str
+) -> int:
     """Render each track to ``folder / track.mp3_path`` unless it is there: temporary name, then moved into place."""
     written = 0
     for track in tracks:
@@ -726,7 +785,9 @@ def write_listening(tracks: Sequence[TrackPlan], *, root: Path, settings: WorldS
                 keep = share > 0
                 if keep.any():
                     handles[b].write(
-                        "".join(f"{uid}\t{sid}\t{p}\n" for uid, sid, p in zip(users[u[keep]], songs[t[keep]], share[keep]))
+                        "".join(
+                            f"{uid}\t{sid}\t{p}\n" for uid, sid, p in zip(users[u[keep]], songs[t[keep]], share[keep])
+                        )
                     )
     finally:
         for h in handles:
@@ -765,12 +826,20 @@ def write_truth(tracks: Sequence[TrackPlan], *, root: Path, settings: WorldSetti
     pq.write_table(table, tmp)
     os.replace(tmp, root / "truth.parquet")
     timescales = tag_timescales(settings)
-    tags = pa.table({"tag": pa.array(TAGS, pa.string()), "type": pa.array([TAG_TYPES[t] for t in TAGS], pa.string()),
-                     "timescale_s": pa.array([timescales[t] for t in TAGS], pa.float64())})
+    tags = pa.table(
+        {
+            "tag": pa.array(TAGS, pa.string()),
+            "type": pa.array([TAG_TYPES[t] for t in TAGS], pa.string()),
+            "timescale_s": pa.array([timescales[t] for t in TAGS], pa.float64()),
+        }
+    )
     tmp = root / f".tags.parquet.{os.getpid()}.tmp"
     pq.write_table(tags, tmp)
     os.replace(tmp, root / "tags.parquet")
-    _atomic_write_text(root / "world.json", json.dumps({**_settings_record(settings), "complete": True}, indent=2, sort_keys=True) + "\n")
+    _atomic_write_text(
+        root / "world.json",
+        json.dumps({**_settings_record(settings), "complete": True}, indent=2, sort_keys=True) + "\n",
+    )
 
 
 def world_is_complete(root: Path, settings: WorldSettings) -> bool:
@@ -799,7 +868,9 @@ def begin_world(root: Path, settings: WorldSettings) -> bool:
         record = json.loads((root / "world.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         pass
-    same = isinstance(record, dict) and {k: v for k, v in record.items() if k != "complete"} == _settings_record(settings)
+    same = isinstance(record, dict) and {k: v for k, v in record.items() if k != "complete"} == _settings_record(
+        settings
+    )
     removed = False
     if not same:
         for name in ("mtat", "taste_profile", "truth.parquet", "tags.parquet", "world.json"):
@@ -811,7 +882,10 @@ def begin_world(root: Path, settings: WorldSettings) -> bool:
                 target.unlink()
                 removed = True
         root.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(root / "world.json", json.dumps({**_settings_record(settings), "complete": False}, indent=2, sort_keys=True) + "\n")
+        _atomic_write_text(
+            root / "world.json",
+            json.dumps({**_settings_record(settings), "complete": False}, indent=2, sort_keys=True) + "\n",
+        )
     return removed
 
 
@@ -921,7 +995,11 @@ def render_target(root: Path, tracks: Sequence[TrackPlan], *, settings: WorldSet
 def _target_record(settings: WorldSettings, *, n_tracks: int, seed: int) -> dict:
     """What decides the target's files: only the world settings it uses, not e.g. ``n_users``."""
     return {
-        "world": {k: v for k, v in _settings_record(settings).items() if k in ("seed", "sample_rate", "clip_seconds", "synth_version")},
+        "world": {
+            k: v
+            for k, v in _settings_record(settings).items()
+            if k in ("seed", "sample_rate", "clip_seconds", "synth_version")
+        },
         "genres": list(TARGET_GENRES),
         "n_tracks": n_tracks,
         "seed": seed,
@@ -929,7 +1007,9 @@ def _target_record(settings: WorldSettings, *, n_tracks: int, seed: int) -> dict
 
 
 def _write_target_json(root: Path, record: dict, *, complete: bool) -> Path:
-    return _atomic_write_text(root / "target.json", json.dumps({**record, "complete": complete}, indent=2, sort_keys=True) + "\n")
+    return _atomic_write_text(
+        root / "target.json", json.dumps({**record, "complete": complete}, indent=2, sort_keys=True) + "\n"
+    )
 
 
 def _read_json(path: Path) -> dict | None:
@@ -964,7 +1044,11 @@ def begin_target(root: Path, settings: WorldSettings, *, n_tracks: int, seed: in
         return False
     old_genres = old.get("genres") if old is not None else None
     # Only plain folder names: a hand-edited target.json must not reach outside root.
-    named = [g for g in (old_genres if isinstance(old_genres, list) else []) if isinstance(g, str) and _GENRE_NAME.fullmatch(g)]
+    named = [
+        g
+        for g in (old_genres if isinstance(old_genres, list) else [])
+        if isinstance(g, str) and _GENRE_NAME.fullmatch(g)
+    ]
     removed = False
     for name in dict.fromkeys([*TARGET_GENRES, *named]):
         if (root / name).is_dir():
@@ -979,7 +1063,9 @@ def begin_target(root: Path, settings: WorldSettings, *, n_tracks: int, seed: in
     return removed
 
 
-def write_target_truth(tracks: Sequence[TrackPlan], *, root: Path, settings: WorldSettings, n_tracks: int, seed: int) -> None:
+def write_target_truth(
+    tracks: Sequence[TrackPlan], *, root: Path, settings: WorldSettings, n_tracks: int, seed: int
+) -> None:
     """Write ``genres.parquet`` and then ``target.json`` with ``"complete": true``.
 
     Call last: ``target.json`` saying complete is the marker that the whole target

@@ -55,7 +55,9 @@ def item_keys(n: int) -> pa.Array:
     return pa.array([bytes(row[:12]).decode() + f"{i:06X}" for i, row in enumerate(codes)], pa.string())
 
 
-def iter_rows(world: ListeningWorld, *, users_per_chunk: int = 100_000) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def iter_rows(
+    world: ListeningWorld, *, users_per_chunk: int = 100_000
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(user index, item index, plays) chunks, users in order."""
     rng = np.random.default_rng(world.seed)
     user_style = rng.integers(0, world.styles, size=world.n_users)
@@ -77,7 +79,9 @@ def iter_rows(world: ListeningWorld, *, users_per_chunk: int = 100_000) -> Itera
         for s in range(world.styles):
             pick = own & (user_style[users] == s)
             if style_cdf[s] is not None and pick.any():
-                pos = np.searchsorted(style_cdf[s], rng.random(int(pick.sum())), side="right").clip(max=len(style_items[s]) - 1)
+                pos = np.searchsorted(style_cdf[s], rng.random(int(pick.sum())), side="right").clip(
+                    max=len(style_items[s]) - 1
+                )
                 items[pick] = style_items[s][pos]
         plays = np.minimum(rng.zipf(2.2, size=users.size), 10_000).astype(np.int64)
         yield users, items, plays
@@ -93,8 +97,16 @@ def write_triplets(world: ListeningWorld, path: Path, *, users_per_chunk: int = 
     tmp = path.with_name(f".{path.name}.tmp")
     with pacsv.CSVWriter(tmp, schema, write_options=options) as writer:
         for users, items, plays in iter_rows(world, users_per_chunk=users_per_chunk):
-            writer.write_table(pa.table({"user": pc.take(ukeys, pa.array(users)), "item": pc.take(ikeys, pa.array(items)),
-                                         "plays": pa.array(plays)}, schema=schema))
+            writer.write_table(
+                pa.table(
+                    {
+                        "user": pc.take(ukeys, pa.array(users)),
+                        "item": pc.take(ikeys, pa.array(items)),
+                        "plays": pa.array(plays),
+                    },
+                    schema=schema,
+                )
+            )
     tmp.replace(path)
     return path
 

@@ -619,8 +619,14 @@ def _best_c(grid: tuple[float, ...], scores: list[float], where: str) -> float:
 
 
 def _fit_on_split(
-    x: np.ndarray, y: np.ndarray, splits: np.ndarray, classes: tuple[str, ...], kind: str, classifier: str,
-    grid: tuple[float, ...], seed: int,
+    x: np.ndarray,
+    y: np.ndarray,
+    splits: np.ndarray,
+    classes: tuple[str, ...],
+    kind: str,
+    classifier: str,
+    grid: tuple[float, ...],
+    seed: int,
 ) -> TransferScore:
     parts = {split: splits == split for split in SPLITS}
     sizes = {split: int(mask.sum()) for split, mask in parts.items()}
@@ -630,15 +636,21 @@ def _fit_on_split(
     if kind == "single" and len(np.unique(y[train])) < 2:
         raise TransferError("the train split holds only one class; a classifier needs two or more")
     valid_scores = [
-        _evaluate(_fit(classifier, kind, c, seed, x[train], y[train]), x[valid], y[valid], kind).value
-        for c in grid
+        _evaluate(_fit(classifier, kind, c, seed, x[train], y[train]), x[valid], y[valid], kind).value for c in grid
     ]
     c = _best_c(grid, valid_scores, "the valid split")
     fit_part = train | valid
     evaluation = _evaluate(_fit(classifier, kind, c, seed, x[fit_part], y[fit_part]), x[test], y[test], kind)
     return _score(
-        [evaluation], [y[test]], [c], classes, kind, classifier,
-        n_train=int(fit_part.sum()), n_test=sizes["test"], protocol="split",
+        [evaluation],
+        [y[test]],
+        [c],
+        classes,
+        kind,
+        classifier,
+        n_train=int(fit_part.sum()),
+        n_test=sizes["test"],
+        protocol="split",
     )
 
 
@@ -658,8 +670,15 @@ def _folds(y: np.ndarray, kind: str, n_splits: int, seed: int, where: str) -> It
 
 
 def _fit_cross_validated(
-    x: np.ndarray, y: np.ndarray, classes: tuple[str, ...], kind: str, classifier: str, grid: tuple[float, ...],
-    cv: int, inner_folds: int, seed: int,
+    x: np.ndarray,
+    y: np.ndarray,
+    classes: tuple[str, ...],
+    kind: str,
+    classifier: str,
+    grid: tuple[float, ...],
+    cv: int,
+    inner_folds: int,
+    seed: int,
 ) -> TransferScore:
     evaluations, truths, chosen, n_train = [], [], [], []
     for fold, (outer_train, outer_test) in enumerate(_folds(y, kind, cv, seed, f"cv={cv}")):
@@ -678,14 +697,29 @@ def _fit_cross_validated(
         chosen.append(c)
         n_train.append(len(outer_train))
     return _score(
-        evaluations, truths, chosen, classes, kind, classifier,
-        n_train=min(n_train), n_test=len(y), protocol=f"cv={cv}",
+        evaluations,
+        truths,
+        chosen,
+        classes,
+        kind,
+        classifier,
+        n_train=min(n_train),
+        n_test=len(y),
+        protocol=f"cv={cv}",
     )
 
 
 def _score(
-    evaluations: list[_Evaluation], truths: list[np.ndarray], chosen: list[float], classes: tuple[str, ...],
-    kind: str, classifier: str, *, n_train: int, n_test: int, protocol: str,
+    evaluations: list[_Evaluation],
+    truths: list[np.ndarray],
+    chosen: list[float],
+    classes: tuple[str, ...],
+    kind: str,
+    classifier: str,
+    *,
+    n_train: int,
+    n_test: int,
+    protocol: str,
 ) -> TransferScore:
     """The metric per fold and pooled per-class tables from the folds' test predictions."""
     per_fold = tuple(e.value for e in evaluations)
@@ -711,9 +745,17 @@ def _score(
                 }
             )
         return TransferScore(
-            metric="accuracy", value=float(np.mean(per_fold)), std=float(np.std(per_fold)),
-            per_fold=per_fold, chosen_c=tuple(chosen), n_train=n_train, n_test=n_test,
-            protocol=protocol, classifier=classifier, per_class=per_class, confusion=confusion,
+            metric="accuracy",
+            value=float(np.mean(per_fold)),
+            std=float(np.std(per_fold)),
+            per_fold=per_fold,
+            chosen_c=tuple(chosen),
+            n_train=n_train,
+            n_test=n_test,
+            protocol=protocol,
+            classifier=classifier,
+            per_class=per_class,
+            confusion=confusion,
         )
 
     if not all(np.isfinite(v) for v in per_fold):
@@ -736,9 +778,17 @@ def _score(
     )
     skipped = tuple(label for label, n in zip(classes, n_folds_scored, strict=True) if n < len(evaluations))
     return TransferScore(
-        metric="macro_roc_auc", value=float(np.mean(per_fold)), std=float(np.std(per_fold)),
-        per_fold=per_fold, chosen_c=tuple(chosen), n_train=n_train, n_test=n_test,
-        protocol=protocol, classifier=classifier, per_class=per_class, confusion=None,
+        metric="macro_roc_auc",
+        value=float(np.mean(per_fold)),
+        std=float(np.std(per_fold)),
+        per_fold=per_fold,
+        chosen_c=tuple(chosen),
+        n_train=n_train,
+        n_test=n_test,
+        protocol=protocol,
+        classifier=classifier,
+        per_class=per_class,
+        confusion=None,
         skipped_classes=skipped,
     )
 

@@ -192,14 +192,17 @@ def fit_wmf(
             model.iterations = min(step, total - done)
             model.fit(weights, show_progress=False, callback=callback if on_iteration is not None else None)
             done += model.iterations
-            current = WMFModel(_factors_to_numpy(model.user_factors), _factors_to_numpy(model.item_factors),
-                               iterations=done)
+            current = WMFModel(
+                _factors_to_numpy(model.user_factors), _factors_to_numpy(model.item_factors), iterations=done
+            )
             if validate is None:
                 continue
             score = float(validate(current))
             if not np.isfinite(score):
-                raise ParameterError(f"the validation score after {done} sweeps is {score}: the validation split "
-                                     "has no user to score (more plays, or a larger validation_fraction)")
+                raise ParameterError(
+                    f"the validation score after {done} sweeps is {score}: the validation split "
+                    "has no user to score (more plays, or a larger validation_fraction)"
+                )
             history.append((done, score))
             if best is None or score > max(s for _, s in history[:-1]):
                 best, stale = current, 0
@@ -271,7 +274,9 @@ def fold_in_items(user_factors: np.ndarray, item_user_plays: sp.csr_matrix, *, s
             corrections = (listeners.T @ (extra.data[lo:hi, None] * listeners))[None]
         else:
             outer = (listeners[:, :, None] * listeners[:, None, :]).reshape(hi - lo, n_factors * n_factors)
-            segments = sp.csr_matrix((extra.data[lo:hi], np.arange(hi - lo), indptr[start : stop + 1] - lo), shape=(stop - start, hi - lo))
+            segments = sp.csr_matrix(
+                (extra.data[lo:hi], np.arange(hi - lo), indptr[start : stop + 1] - lo), shape=(stop - start, hi - lo)
+            )
             corrections = np.asarray(segments @ outer).reshape(stop - start, n_factors, n_factors)
         try:
             item_factors[start:stop] = np.linalg.solve(gram + corrections, rhs[start:stop, :, None])[..., 0]
@@ -311,8 +316,10 @@ def warm_start(
     Returns the model and counts ``known_users, new_users, known_items, new_items``.
     """
     if previous.user_factors.shape[1] != settings.factors:
-        raise ParameterError(f"previous factors have {previous.user_factors.shape[1]} dimensions, "
-                             f"settings ask for {settings.factors}: refit from scratch")
+        raise ParameterError(
+            f"previous factors have {previous.user_factors.shape[1]} dimensions, "
+            f"settings ask for {settings.factors}: refit from scratch"
+        )
     user_pos = pd.Index(np.asarray(previous_users, dtype=object)).get_indexer(np.asarray(users, dtype=object))
     item_pos = pd.Index(np.asarray(previous_items, dtype=object)).get_indexer(np.asarray(items, dtype=object))
     known_u, known_i = user_pos >= 0, item_pos >= 0
@@ -326,8 +333,12 @@ def warm_start(
         y[~known_i] = fold_in_items(x, matrix[:, ~known_i].T.tocsr(), settings=settings)
     if (~known_u).any():
         x[~known_u] = fold_in_users(y, matrix[~known_u].tocsr(), settings=settings)
-    counts = {"known_users": int(known_u.sum()), "new_users": int((~known_u).sum()),
-              "known_items": int(known_i.sum()), "new_items": int((~known_i).sum())}
+    counts = {
+        "known_users": int(known_u.sum()),
+        "new_users": int((~known_u).sum()),
+        "known_items": int(known_i.sum()),
+        "new_items": int((~known_i).sum()),
+    }
     return WMFModel(x, y, iterations=previous.iterations), counts
 
 
@@ -370,4 +381,3 @@ def wmf_objective(plays: sp.csr_matrix, model: WMFModel, *, settings: WMFSetting
 
 
 __all__ = ["WMFModel", "confidence", "fit_wmf", "fold_in_items", "fold_in_users", "warm_start", "wmf_objective"]
-

@@ -174,8 +174,11 @@ VALID = [
 ]
 
 
-@pytest.mark.parametrize(("fmt", "subtype", "rate", "seconds", "channels"), VALID,
-                         ids=[f"{v[1].lower()}-{v[2]}-{v[3]}s-{v[4]}ch" for v in VALID])
+@pytest.mark.parametrize(
+    ("fmt", "subtype", "rate", "seconds", "channels"),
+    VALID,
+    ids=[f"{v[1].lower()}-{v[2]}-{v[3]}s-{v[4]}ch" for v in VALID],
+)
 def test_valid_short_and_long_files_decode_to_their_whole_length(tmp_path, fmt, subtype, rate, seconds, channels):
     t = np.arange(int(rate * seconds)) / rate
     tone = 0.3 * np.sin(2 * np.pi * 440 * t)

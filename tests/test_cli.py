@@ -44,9 +44,21 @@ def test_pipeline_command_on_external_data_quarantines_a_corrupt_clip(tmp_path):
     corrupt.write_bytes(b"\x00" * 100)
     triplets = sorted((source / "taste_profile").glob("*.txt"))
     data_dir = tmp_path / "store"
-    args = ["pipeline", "--annotations", str(source / "mtat" / "annotations_final.csv"),
-            "--audio-root", str(source / "mtat" / "audio"), "--dataset", "external", "--data-dir", str(data_dir),
-            "--epochs", "2", "--workers", "1"]
+    args = [
+        "pipeline",
+        "--annotations",
+        str(source / "mtat" / "annotations_final.csv"),
+        "--audio-root",
+        str(source / "mtat" / "audio"),
+        "--dataset",
+        "external",
+        "--data-dir",
+        str(data_dir),
+        "--epochs",
+        "2",
+        "--workers",
+        "1",
+    ]
     for path in triplets:
         args += ["--triplets", str(path)]
     with prefect_test_harness(server_startup_timeout=60):
@@ -72,9 +84,27 @@ def test_features_command_runs_a_manifest_and_then_only_new_files(tmp_path):
         rows.append({"track_id": f"t{i}", "path": path.name, "tags": "tone|test", "split": "train"})
     manifest = tmp_path / "manifest.csv"
     pd.DataFrame(rows[:5]).to_csv(manifest, index=False)
-    args = ["features", "--adapter", "manifest", "--source", str(manifest), "--dataset", "tones",
-            "--windows", "512,2048", "--n-mels", "40", "--pyramid", "gaussian", "--pyramid-levels", "3",
-            "--workers", "1", "--data-dir", str(tmp_path / "store")]
+    args = [
+        "features",
+        "--adapter",
+        "manifest",
+        "--source",
+        str(manifest),
+        "--dataset",
+        "tones",
+        "--windows",
+        "512,2048",
+        "--n-mels",
+        "40",
+        "--pyramid",
+        "gaussian",
+        "--pyramid-levels",
+        "3",
+        "--workers",
+        "1",
+        "--data-dir",
+        str(tmp_path / "store"),
+    ]
     with prefect_test_harness(server_startup_timeout=60):
         first = CliRunner().invoke(app, args)
         pd.DataFrame(rows).to_csv(manifest, index=False)
@@ -108,8 +138,11 @@ def test_wmf_command_ingests_quarantines_and_updates(tmp_path):
 
 
 def test_study_rejects_bad_settings_before_anything_runs(tmp_path):
-    for argv, message in ((["--k", "1"], "at least 2 means"), (["--preset", "ismir1999"], "unknown preset"),
-                          (["--clip-seconds", "1"], "clip_seconds")):
+    for argv, message in (
+        (["--k", "1"], "at least 2 means"),
+        (["--preset", "ismir1999"], "unknown preset"),
+        (["--clip-seconds", "1"], "clip_seconds"),
+    ):
         result = CliRunner().invoke(app, ["study", "tagging", *argv, "--data-dir", str(tmp_path)])
         assert result.exit_code == 2, result.output
         assert message in result.output and "Traceback" not in result.output
@@ -119,14 +152,16 @@ def test_study_rejects_bad_settings_before_anything_runs(tmp_path):
 @pytest.mark.integration
 def test_study_with_a_context_longer_than_the_clips_stops_before_any_work(tmp_path):
     preset = tmp_path / "long-context.json"
-    from tasks.studies import PRESETS
     import json
+
+    from tasks.studies import PRESETS
 
     preset.write_text(json.dumps({**PRESETS["smoke"], "kmeans": {**PRESETS["smoke"]["kmeans"], "context": 400}}))
     data_dir = tmp_path / "data"
     with prefect_test_harness(server_startup_timeout=60):
-        result = CliRunner().invoke(app, ["study", "tagging", "--preset", str(preset), "--clip-seconds", "6",
-                                          "--data-dir", str(data_dir)])
+        result = CliRunner().invoke(
+            app, ["study", "tagging", "--preset", str(preset), "--clip-seconds", "6", "--data-dir", str(data_dir)]
+        )
     assert result.exit_code == 2, result.output
     assert "context=400 frames is longer than the synthetic clips" in result.output
     assert not (data_dir / "raw").exists() and not (data_dir / "features").exists()

@@ -37,8 +37,13 @@ class Run:
 
 
 def mirflow(*args: str | Path, env: dict[str, str] | None = None) -> Run:
-    done = subprocess.run([str(MIRFLOW), *map(str, args)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "COLUMNS": "80", **(env or {})})
+    done = subprocess.run(
+        [str(MIRFLOW), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "80", **(env or {})},
+    )
     return Run(done.returncode, done.stdout, done.stderr)
 
 
@@ -54,8 +59,11 @@ def tones(folder: Path, n: int) -> list[str]:
 
 def snapshot(root: Path) -> dict[str, str]:
     """Every file under ``root``: its relative path and content hash."""
-    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -79,20 +87,37 @@ def catalogue(tmp_path_factory, flows_env):
     names = tones(root / "audio", 2)
     good = root / "good.csv"
     good.write_text("track_id,path\n" + "".join(f"t{i},audio/{name}\n" for i, name in enumerate(names)))
-    done = mirflow("features", "--adapter", "manifest", "--source", good, "--dataset", "tones", *FEATURES,
-                   "--data-dir", root / "store", env=flows_env)
+    done = mirflow(
+        "features",
+        "--adapter",
+        "manifest",
+        "--source",
+        good,
+        "--dataset",
+        "tones",
+        *FEATURES,
+        "--data-dir",
+        root / "store",
+        env=flows_env,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert (root / "store" / "tracks" / "tones.parquet").is_file()
     return root
 
 
 BAD_MANIFESTS = {
-    "missing-column": ("track_id,file\nt0,audio/tone0.wav\n",
-                       "missing required columns ['path'] (found ['track_id', 'file']); it needs track_id and path"),
-    "empty-track-id": ("track_id,path\nt0,audio/tone0.wav\n,audio/tone1.wav\n",
-                       "empty track_id in rows [3] (counting the header as row 1); every track needs an id"),
-    "duplicate-track-id": ("track_id,path\nt0,audio/tone0.wav\nt0,audio/tone1.wav\n",
-                           "duplicate track ids ['t0']; track ids must be unique"),
+    "missing-column": (
+        "track_id,file\nt0,audio/tone0.wav\n",
+        "missing required columns ['path'] (found ['track_id', 'file']); it needs track_id and path",
+    ),
+    "empty-track-id": (
+        "track_id,path\nt0,audio/tone0.wav\n,audio/tone1.wav\n",
+        "empty track_id in rows [3] (counting the header as row 1); every track needs an id",
+    ),
+    "duplicate-track-id": (
+        "track_id,path\nt0,audio/tone0.wav\nt0,audio/tone1.wav\n",
+        "duplicate track ids ['t0']; track ids must be unique",
+    ),
 }
 
 
@@ -104,8 +129,19 @@ def test_a_bad_manifest_ends_with_its_message_alone_and_loses_nothing(case, cata
     manifest.write_text(text)
     store = catalogue / "store"
     before = snapshot(store)
-    run = mirflow("features", "--adapter", "manifest", "--source", manifest, "--dataset", "tones", *FEATURES,
-                  "--data-dir", store, env=flows_env)
+    run = mirflow(
+        "features",
+        "--adapter",
+        "manifest",
+        "--source",
+        manifest,
+        "--dataset",
+        "tones",
+        *FEATURES,
+        "--data-dir",
+        store,
+        env=flows_env,
+    )
     assert run.returncode == 2
     assert run.stderr_lines == [f"mirflow: manifest {manifest}: {reason}"], run.stderr
     assert "Traceback" not in run.stdout
@@ -121,8 +157,20 @@ def test_a_bad_manifest_ends_with_its_message_alone_and_loses_nothing(case, cata
 def test_verbose_keeps_the_tracebacks(catalogue, flows_env):
     manifest = catalogue / "verbose.csv"
     manifest.write_text(BAD_MANIFESTS["duplicate-track-id"][0])
-    run = mirflow("features", "--adapter", "manifest", "--source", manifest, "--dataset", "tones", *FEATURES,
-                  "--data-dir", catalogue / "store", "--verbose", env=flows_env)
+    run = mirflow(
+        "features",
+        "--adapter",
+        "manifest",
+        "--source",
+        manifest,
+        "--dataset",
+        "tones",
+        *FEATURES,
+        "--data-dir",
+        catalogue / "store",
+        "--verbose",
+        env=flows_env,
+    )
     assert run.returncode == 2
     assert "Encountered exception during execution" in run.stderr  # Prefect's own report, with its traceback
     assert run.stderr.count("Traceback (most recent call last)") >= 2  # Prefect's and the command's
@@ -133,39 +181,78 @@ def test_verbose_keeps_the_tracebacks(catalogue, flows_env):
 
 # Every command on a bad option or setting: refused before anything runs or is written.
 COMMANDS = {
-    "world": (["world", "--tracks", "3"],
-              "invalid settings (WorldSettings): n_tracks: Input should be greater than or equal to 16 (got 3)"),
-    "demo": (["demo", "--clip-seconds", "1"], "invalid settings (PipelineSettings): world.clip_seconds: Input should "
-                                              "be greater than or equal to 3 (got 1.0)"),
-    "pipeline": (["pipeline", "--annotations", "{inputs}/annotations.csv", "--audio-root", "{inputs}",
-                  "--triplets", "{inputs}/triplets.txt", "--cluster", "address"],
-                 "invalid settings (PipelineSettings): cluster: cluster kind 'address' needs an address such as "
-                 "tcp://127.0.0.1:8786"),
-    "features": (["features", "--adapter", "manifest", "--source", "{inputs}/annotations.csv", "--dataset", "x",
-                  "--windows", "1024,2k"],
-                 "windows='1024,2k': FFT windows are whole numbers of samples, comma-separated, "
-                 "e.g. 1024,2048,4096,8192"),
-    "wmf": (["wmf", "--listening", "{inputs}/triplets.txt", "--format", "xml"],
-            "listening format 'xml' is unknown: use triplets, hetrec, events or auto"),
-    "retrain": (["retrain", "--metric", "accuracy"],
-                "invalid settings (PromotionSettings): metric: Input should be 'map_at_k', 'auc', 'ndcg_at_k' or "
-                "'precision_at_k' (got 'accuracy')"),
-    "up": (["up", "--prefect-port", "5000", "--mlflow-port", "5000"],
-           "the service ports must differ, got {'prefect': 5000, 'mlflow': 5000, 'dask': 8786, 'dashboard': 8787, "
-           "'web': 8000}"),
-    "study-tagging": (["study", "tagging", "--k", "1"],
-                      "preset 'ismir2013': invalid settings (StudySettings): kmeans.k: k=1: K-means needs at least 2 "
-                      "means (got 1)"),
-    "study-recommendation": (["study", "recommendation", "--preset", "ismir2013"],
-                             "preset 'ismir2013' is a multiscale study: run `mirflow study tagging --preset "
-                             "ismir2013`"),
-    "study-transfer": (["study", "transfer", "--cv", "1"],
-                       "preset 'ismir2014': invalid settings (TransferStudySettings): transfer.cv: Input should be "
-                       "greater than or equal to 2 (got 1)"),
-    "embed": (["embed", "--model", "models:/none@champion", "--dataset", "x", "--adapter", "gtzan"],
-              "--adapter gtzan needs --source"),
-    "transfer": (["transfer", "--dataset", "x", "--classifier", "forest"],
-                 "invalid settings (TransferSettings): classifier: Input should be 'logreg' or 'svm' (got 'forest')"),
+    "world": (
+        ["world", "--tracks", "3"],
+        "invalid settings (WorldSettings): n_tracks: Input should be greater than or equal to 16 (got 3)",
+    ),
+    "demo": (
+        ["demo", "--clip-seconds", "1"],
+        "invalid settings (PipelineSettings): world.clip_seconds: Input should be greater than or equal to 3 (got 1.0)",
+    ),
+    "pipeline": (
+        [
+            "pipeline",
+            "--annotations",
+            "{inputs}/annotations.csv",
+            "--audio-root",
+            "{inputs}",
+            "--triplets",
+            "{inputs}/triplets.txt",
+            "--cluster",
+            "address",
+        ],
+        "invalid settings (PipelineSettings): cluster: cluster kind 'address' needs an address such as "
+        "tcp://127.0.0.1:8786",
+    ),
+    "features": (
+        [
+            "features",
+            "--adapter",
+            "manifest",
+            "--source",
+            "{inputs}/annotations.csv",
+            "--dataset",
+            "x",
+            "--windows",
+            "1024,2k",
+        ],
+        "windows='1024,2k': FFT windows are whole numbers of samples, comma-separated, e.g. 1024,2048,4096,8192",
+    ),
+    "wmf": (
+        ["wmf", "--listening", "{inputs}/triplets.txt", "--format", "xml"],
+        "listening format 'xml' is unknown: use triplets, hetrec, events or auto",
+    ),
+    "retrain": (
+        ["retrain", "--metric", "accuracy"],
+        "invalid settings (PromotionSettings): metric: Input should be 'map_at_k', 'auc', 'ndcg_at_k' or "
+        "'precision_at_k' (got 'accuracy')",
+    ),
+    "up": (
+        ["up", "--prefect-port", "5000", "--mlflow-port", "5000"],
+        "the service ports must differ, got {'prefect': 5000, 'mlflow': 5000, 'dask': 8786, 'dashboard': 8787, "
+        "'web': 8000}",
+    ),
+    "study-tagging": (
+        ["study", "tagging", "--k", "1"],
+        "preset 'ismir2013': invalid settings (StudySettings): kmeans.k: k=1: K-means needs at least 2 means (got 1)",
+    ),
+    "study-recommendation": (
+        ["study", "recommendation", "--preset", "ismir2013"],
+        "preset 'ismir2013' is a multiscale study: run `mirflow study tagging --preset ismir2013`",
+    ),
+    "study-transfer": (
+        ["study", "transfer", "--cv", "1"],
+        "preset 'ismir2014': invalid settings (TransferStudySettings): transfer.cv: Input should be "
+        "greater than or equal to 2 (got 1)",
+    ),
+    "embed": (
+        ["embed", "--model", "models:/none@champion", "--dataset", "x", "--adapter", "gtzan"],
+        "--adapter gtzan needs --source",
+    ),
+    "transfer": (
+        ["transfer", "--dataset", "x", "--classifier", "forest"],
+        "invalid settings (TransferSettings): classifier: Input should be 'logreg' or 'svm' (got 'forest')",
+    ),
     "serve": (["serve", "--decoders", "0"], "--decoders 0: must be positive"),
 }
 
@@ -192,8 +279,9 @@ def refused(tmp_path_factory) -> dict[str, tuple[Run, Path]]:
 
     def run(command: str) -> tuple[Run, Path]:
         argv, _ = COMMANDS[command]
-        return mirflow(*(arg.format(inputs=inputs) for arg in argv), "--data-dir", data_dirs[command]), \
-            data_dirs[command]
+        return mirflow(*(arg.format(inputs=inputs) for arg in argv), "--data-dir", data_dirs[command]), data_dirs[
+            command
+        ]
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         return dict(zip(COMMANDS, pool.map(run, COMMANDS)))
@@ -208,8 +296,9 @@ def test_a_bad_option_ends_with_its_message_alone(command, refused):
     assert not data_dir.exists()  # refused before anything was written
 
 
-def _record(exc: BaseException | None, message: str = "Encountered exception during execution",
-            level: int = logging.ERROR) -> logging.LogRecord:
+def _record(
+    exc: BaseException | None, message: str = "Encountered exception during execution", level: int = logging.ERROR
+) -> logging.LogRecord:
     exc_info = (type(exc), exc, exc.__traceback__) if exc is not None else None
     return logging.LogRecord("prefect.flow_runs", level, __file__, 1, message, None, exc_info)
 

@@ -26,8 +26,12 @@ def test_local_cluster_binds_loopback_and_maps_in_order():
         assert client.scheduler.address.startswith("tcp://127.0.0.1:")
         assert "127.0.0.1" in client.dashboard_link
         batches = chunked(list(range(10)), 3)
-        assert map_batches(client, _square_sum, batches, description="squares", unit="numbers", size=len,
-                           offset=1) == [6, 51, 150, 82]
+        assert map_batches(client, _square_sum, batches, description="squares", unit="numbers", size=len, offset=1) == [
+            6,
+            51,
+            150,
+            82,
+        ]
         with pytest.raises(ValueError, match="a bad batch"):
             map_batches(client, _square_sum, [[1], [-1]], description="squares", unit="numbers", offset=0)
         assert spectrogram_device(client, ClusterSettings()) is None

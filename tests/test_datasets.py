@@ -92,7 +92,6 @@ def test_tag_vocabulary_counts_and_breaks_ties_by_name():
     assert tag_vocabulary(tracks, n=3) == ["guitar", "rock", "jazz"]
 
 
-
 # ---------------------------------------------------------------- MTAT split lists
 
 
@@ -130,9 +129,13 @@ def test_mtat_split_lists_accept_ids_id_tab_path_and_paths(tmp_path):
 def test_mtat_split_list_errors_are_named(tmp_path):
     annotations = _annotations(tmp_path)
     with pytest.raises(DatasetError, match=r"train.txt:2: '999' names no MTAT clip"):
-        mtat_tracks(annotations, audio_root=tmp_path, split="lists", split_lists=_write_lists(tmp_path, train="2\n999\n"))
+        mtat_tracks(
+            annotations, audio_root=tmp_path, split="lists", split_lists=_write_lists(tmp_path, train="2\n999\n")
+        )
     with pytest.raises(DatasetError, match=r"test.txt:1: 2 is already in the train split"):
-        mtat_tracks(annotations, audio_root=tmp_path, split="lists", split_lists=_write_lists(tmp_path, train="2\n", test="2\n"))
+        mtat_tracks(
+            annotations, audio_root=tmp_path, split="lists", split_lists=_write_lists(tmp_path, train="2\n", test="2\n")
+        )
     with pytest.raises(DatasetError, match="valid split list not found"):
         mtat_tracks(annotations, audio_root=tmp_path, split="lists", split_lists={"valid": tmp_path / "nope.txt"})
     with pytest.raises(ParameterError, match=r"split list keys \['validation'\]"):
@@ -173,9 +176,15 @@ def test_gtzan_filtered_split_matches_by_stem_and_keeps_unlisted_as_unused(tmp_p
     assert len(tracks) == 9
     got = dict(zip(tracks["track_id"], tracks["split"]))
     assert got == {
-        "blues.00000": "train", "blues.00001": "valid", "blues.00002": "unused",
-        "jazz.00000": "unused", "jazz.00001": "train", "jazz.00002": "unused",
-        "rock.00000": "test", "rock.00001": "unused", "rock.00002": "train",
+        "blues.00000": "train",
+        "blues.00001": "valid",
+        "blues.00002": "unused",
+        "jazz.00000": "unused",
+        "jazz.00001": "train",
+        "jazz.00002": "unused",
+        "rock.00000": "test",
+        "rock.00001": "unused",
+        "rock.00002": "train",
     }
     row = tracks.set_index("track_id").loc["jazz.00001"]
     assert row["tags"] == ["jazz"] and row["source_path"] == str((root / "jazz" / "jazz.00001.wav").resolve())
@@ -236,7 +245,11 @@ def test_manifest_csv_resolves_paths_and_splits_tags(tmp_path):
     )
     tracks = manifest_tracks(manifest)
     assert list(tracks.columns) == ["track_id", "source_path", "split", "tags"]
-    assert list(tracks["source_path"]) == [str((tmp_path / "m" / "audio" / "a.mp3").resolve()), "/abs/b.wav", str((tmp_path / "m" / "c.flac").resolve())]
+    assert list(tracks["source_path"]) == [
+        str((tmp_path / "m" / "audio" / "a.mp3").resolve()),
+        "/abs/b.wav",
+        str((tmp_path / "m" / "c.flac").resolve()),
+    ]
     assert list(tracks["split"]) == ["train", "test", "valid"]
     assert list(tracks["tags"]) == [["rock", "guitar"], [], ["jazz, piano", "sax"]]  # '|' in any cell: '|' separates
     other = tmp_path / "commas.csv"
@@ -249,7 +262,9 @@ def test_manifest_csv_resolves_paths_and_splits_tags(tmp_path):
 
 def test_manifest_parquet_with_list_tags(tmp_path):
     path = tmp_path / "manifest.parquet"
-    frame = pd.DataFrame({"track_id": ["x", "y"], "path": ["x.ogg", "y.ogg"], "tags": [["a", "b"], []], "split": ["valid", "unused"]})
+    frame = pd.DataFrame(
+        {"track_id": ["x", "y"], "path": ["x.ogg", "y.ogg"], "tags": [["a", "b"], []], "split": ["valid", "unused"]}
+    )
     frame.to_parquet(path)
     tracks = manifest_tracks(path)
     assert [list(t) for t in tracks["tags"]] == [["a", "b"], []]
@@ -263,7 +278,10 @@ def test_manifest_parquet_with_list_tags(tmp_path):
         ("track_id,path\na,a.wav\nb,b.wav\na,c.wav\n", r"duplicate track ids \['a'\]"),
         ("track_id,file\na,a.wav\n", r"missing required columns \['path'\]"),
         ("id,file\na,a.wav\n", r"missing required columns \['track_id', 'path'\]"),
-        ("track_id,path,split\na,a.wav,train\nb,b.wav,validation\nc,c.wav,\n", r"unknown split values \['', 'validation'\] \(track ids \['b', 'c'\]\)"),
+        (
+            "track_id,path,split\na,a.wav,train\nb,b.wav,validation\nc,c.wav,\n",
+            r"unknown split values \['', 'validation'\] \(track ids \['b', 'c'\]\)",
+        ),
         ("track_id,path\na,\n", r"empty path for track ids \['a'\]"),
         ("track_id,path\n,a.wav\n", r"empty track_id in rows \[2\]"),
         ("track_id,path\n", "has no rows"),
@@ -292,9 +310,16 @@ def test_manifest_file_errors_are_named(tmp_path):
 # The ten GTZAN sample clips (<genre>.00000) in the fault-filtered split, read from
 # ../shared/data/gtzan/splits: none of them is a known fault.
 GTZAN_00000_FILTERED_SPLIT = {
-    "blues.00000": "valid", "classical.00000": "valid", "country.00000": "valid", "disco.00000": "valid",
-    "hiphop.00000": "test", "jazz.00000": "train", "metal.00000": "valid", "pop.00000": "test",
-    "reggae.00000": "train", "rock.00000": "train",
+    "blues.00000": "valid",
+    "classical.00000": "valid",
+    "country.00000": "valid",
+    "disco.00000": "valid",
+    "hiphop.00000": "test",
+    "jazz.00000": "train",
+    "metal.00000": "valid",
+    "pop.00000": "test",
+    "reggae.00000": "train",
+    "rock.00000": "train",
 }
 
 
@@ -330,7 +355,9 @@ def test_real_mtat_index_as_split_lists(shared_data, tmp_path):
     lists["train"].write_text("\n".join(lines[:100]) + "\n")  # clip_id<TAB>mp3_path, as the cleaned split ships
     lists["valid"].write_text("\n".join(str(c) for c in index["clip_id"][100:150]) + "\n")  # bare ids
     lists["test"].write_text("\n".join(f"/mnt/mtat/{p}" for p in index["mp3_path"][150:175]) + "\n")  # mp3 paths
-    tracks = mtat_tracks(annotations, audio_root=shared_data / "mtat" / "audio", n_tags=1, split="lists", split_lists=lists)
+    tracks = mtat_tracks(
+        annotations, audio_root=shared_data / "mtat" / "audio", n_tags=1, split="lists", split_lists=lists
+    )
     assert len(tracks) == 25863
     assert tracks["split"].value_counts().to_dict() == {"unused": 25863 - 175, "train": 100, "valid": 50, "test": 25}
     assert list(tracks["split"][:175]) == ["train"] * 100 + ["valid"] * 50 + ["test"] * 25

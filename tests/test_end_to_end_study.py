@@ -19,10 +19,18 @@ def test_the_paper_preset_expands_to_its_three_tables_and_shares_the_plain_raw_m
     study = load_preset("icassp2014")
     runs = end_to_end_runs(study)
     shapes = [(1024, 1024), (1024, 512), (512, 512), (512, 256), (256, 256)]
-    assert [(r.model, r.length, r.stride) for r in runs[:10]] == [(m, *s) for s in shapes for m in ("spectrogram", "raw")]
+    assert [(r.model, r.length, r.stride) for r in runs[:10]] == [
+        (m, *s) for s in shapes for m in ("spectrogram", "raw")
+    ]
     variants = {(r.nonlinearity, r.feature_pooling, r.pool_size) for r in runs[10:]}
-    assert variants == {("log1p_square", "none", 1), ("log1p_abs", "none", 1), ("relu", "l2", 2), ("relu", "l2", 4),
-                        ("relu", "max", 2), ("relu", "max", 4)}
+    assert variants == {
+        ("log1p_square", "none", 1),
+        ("log1p_abs", "none", 1),
+        ("relu", "l2", 2),
+        ("relu", "l2", 4),
+        ("relu", "max", 2),
+        ("relu", "max", 4),
+    }
     assert len({r.name for r in runs}) == len(runs) == 16  # raw 256/256 ReLU, no pooling: one run, three tables
 
 
@@ -38,7 +46,9 @@ def test_the_spectrogram_counterpart_has_window_l_and_hop_s():
 def test_modern_preset_runs_the_resnet_beside_the_2014_convnet_on_the_same_spectrogram():
     study = load_preset("modern")
     assert [(r.model, r.length, r.stride) for r in end_to_end_runs(study)] == [
-        ("spectrogram", 512, 256), ("short-chunk-resnet", 512, 256)]
+        ("spectrogram", 512, 256),
+        ("short-chunk-resnet", 512, 256),
+    ]
     assert study.resnet.model == "short-chunk-resnet" and study.resnet.train.crop_seconds == pytest.approx(3.69)
 
 
@@ -51,16 +61,19 @@ def test_bad_end_to_end_settings_are_refused_by_name():
         load_preset("icassp2014", overrides={"filters": [[256, 512]]})
     with pytest.raises(ParameterError, match="--k"):
         preset_overrides(kind="end-to-end", k=10)
-    study = load_preset("icassp2014", overrides=preset_overrides(kind="end-to-end", epochs=3,
-                                                                 train={"precision": "bf16-mixed"}))
+    study = load_preset(
+        "icassp2014", overrides=preset_overrides(kind="end-to-end", epochs=3, train={"precision": "bf16-mixed"})
+    )
     assert study.tagger.train.max_epochs == 3 and study.resnet.train.precision == "bf16-mixed"
 
 
 def test_a_partial_override_keeps_the_preset_and_field_defaults():
     """The CLI always passes its training options: they must not rebuild the models' settings from scratch."""
     plain = load_preset("modern")
-    study = load_preset("modern", overrides=preset_overrides(
-        kind="end-to-end", train={"devices": 1, "precision": "32-true", "compile": False}))
+    study = load_preset(
+        "modern",
+        overrides=preset_overrides(kind="end-to-end", train={"devices": 1, "precision": "32-true", "compile": False}),
+    )
     assert study.resnet.model == "short-chunk-resnet" and study.resnet.train.crop_seconds == pytest.approx(3.69)
     assert study.tagger.pool_ceil and study.tagger.train.crops_per_clip == 8
     assert study.model_dump() == plain.model_dump()  # those options are the defaults: nothing changed
@@ -80,15 +93,18 @@ def study_run(tmp_path_factory, prefect_server):
 def _children(data_dir, parent_run_id):
     client = MlflowClient(tracking_for(data_dir).tracking_uri)
     parent = client.get_run(parent_run_id)
-    return client, client.search_runs([parent.info.experiment_id],
-                                      filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    return client, client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    )
 
 
 @pytest.mark.integration
 def test_study_lists_every_row_of_every_table(study_run):
     data_dir, study, _, out = study_run
     client, children = _children(data_dir, out.parent_run_id)
-    assert sorted(c.data.tags["mirflow.configuration"] for c in children) == sorted(r.name for r in end_to_end_runs(study))
+    assert sorted(c.data.tags["mirflow.configuration"] for c in children) == sorted(
+        r.name for r in end_to_end_runs(study)
+    )
     for child in children:  # lineage: the raw models read the PCM shards, the others their log-mel set
         raw = child.data.tags["mirflow.model"] == "raw"
         data = "audio/synthetic" if raw else f"features/synthetic/{child.data.params['feature_set']}"
@@ -96,10 +112,12 @@ def test_study_lists_every_row_of_every_table(study_run):
     artifacts = {a.path for a in client.list_artifacts(out.parent_run_id)}
     tables = {"length_stride", "nonlinearity", "feature_pooling", "modern"}
     assert {f"table_{t}.json" for t in tables} <= artifacts
-    for name, rows in (("length_stride", ["512  512", "256  256"]),
-                       ("nonlinearity", ["ReLU", "log(1 + C x²)", "log(1 + C |x|)"]),
-                       ("feature_pooling", ["none", "L2 over 2", "max over 2"]),
-                       ("modern", ["convnet 2014", "short-chunk ResNet 2020"])):
+    for name, rows in (
+        ("length_stride", ["512  512", "256  256"]),
+        ("nonlinearity", ["ReLU", "log(1 + C x²)", "log(1 + C |x|)"]),
+        ("feature_pooling", ["none", "L2 over 2", "max over 2"]),
+        ("modern", ["convnet 2014", "short-chunk ResNet 2020"]),
+    ):
         local = client.download_artifacts(out.parent_run_id, f"table_{name}.json", str(data_dir))
         import pandas as pd
 
@@ -152,11 +170,19 @@ def test_the_raw_model_learns_the_synthetic_tags(tmp_path, prefect_server):
 
     seed = int(os.environ.get("MIRFLOW_TEST_SEED", "0"))
     world = WorldSettings(n_tracks=400, n_users=200, clip_seconds=8.0, seed=seed)
-    study = load_preset("icassp2014", overrides={
-        "filters": [[256, 256]], "inputs": ["raw"], "nonlinearities": [], "feature_pooling": [],
-        "tagger": {"pool_ceil": True, "train": {"max_epochs": 8, "patience": 8, "crops_per_clip": 8, "seed": seed}}})
-    out = tagging_study(tmp_path, "synthetic", study, ClusterSettings(kind="local", n_workers=2),
-                        tracking_for(tmp_path), world=world)
+    study = load_preset(
+        "icassp2014",
+        overrides={
+            "filters": [[256, 256]],
+            "inputs": ["raw"],
+            "nonlinearities": [],
+            "feature_pooling": [],
+            "tagger": {"pool_ceil": True, "train": {"max_epochs": 8, "patience": 8, "crops_per_clip": 8, "seed": seed}},
+        },
+    )
+    out = tagging_study(
+        tmp_path, "synthetic", study, ClusterSettings(kind="local", n_workers=2), tracking_for(tmp_path), world=world
+    )
     _, children = _children(tmp_path, out.parent_run_id)
     (child,) = children
     assert child.data.metrics["test/roc_auc"] > 0.75

@@ -38,8 +38,11 @@ BROKEN = [
 
 
 def _ingest(tmp_path, *sources):
-    return ingest_sources(list(sources), listening_dir=tmp_path / "listening",
-                          quarantine_path=tmp_path / "quarantine" / "listening.parquet")
+    return ingest_sources(
+        list(sources),
+        listening_dir=tmp_path / "listening",
+        quarantine_path=tmp_path / "quarantine" / "listening.parquet",
+    )
 
 
 def _quarantine(tmp_path) -> pd.DataFrame:
@@ -205,19 +208,27 @@ def test_real_hetrec_user_artists(shared_data, tmp_path):
     assert (batch.rows, batch.valid, batch.malformed, batch.events) == (92834, 92834, 0, 92834)
     matrix = load_play_matrix(tmp_path / "listening")
     assert matrix.plays.shape == (1892, 17632) and matrix.plays.nnz == 92834
-    assert matrix.plays.data.astype(np.int64).sum() == pd.read_csv(shared_data / "lastfm_hetrec2011_2k" / "user_artists.dat", sep="\t")["weight"].sum()
+    assert (
+        matrix.plays.data.astype(np.int64).sum()
+        == pd.read_csv(shared_data / "lastfm_hetrec2011_2k" / "user_artists.dat", sep="\t")["weight"].sum()
+    )
 
 
 def test_timestamps_out_of_range_and_unusual_parquet_types_become_row_errors(tmp_path):
     csv = tmp_path / "events.csv"
     csv.write_text("user,item,plays,ts\na,x,1,999999999999\nb,x,1,2024-13-45\nc,x,1,1700000000.5\nd,x,1,\n")
     parquet = tmp_path / "typed.parquet"
-    pq.write_table(pa.table({
-        "user": pa.array([1.0, 2.0, None, 4.5]),  # pandas' integer ids with a gap, and a non-integral one
-        "item": pa.array(["x", "y", "x", "y"]).dictionary_encode(),
-        "plays": pa.array([1.0, 2.0, 3.0, 1.5]),
-        "ts": pa.array([1.7e9, None, 1.7e9, 1.7e9]),
-    }), parquet)
+    pq.write_table(
+        pa.table(
+            {
+                "user": pa.array([1.0, 2.0, None, 4.5]),  # pandas' integer ids with a gap, and a non-integral one
+                "item": pa.array(["x", "y", "x", "y"]).dictionary_encode(),
+                "plays": pa.array([1.0, 2.0, 3.0, 1.5]),
+                "ts": pa.array([1.7e9, None, 1.7e9, 1.7e9]),
+            }
+        ),
+        parquet,
+    )
     nulls = tmp_path / "nulls.parquet"
     pq.write_table(pa.table({"user": ["a"], "item": ["x"], "plays": pa.nulls(1)}), nulls)
 
@@ -241,18 +252,33 @@ def _mixed_files(tmp_path, rng) -> list[ListeningSource]:
     triplets.parent.mkdir()
     triplets.write_text("\n".join(lines[i][0] for i in order) + "\n")
     hetrec = tmp_path / "in" / "user_artists.dat"
-    hetrec.write_text("userID\tartistID\tweight\n" + "".join(
-        f"u{rng.integers(80)}\ta{rng.integers(30)}\t{rng.integers(1, 500)}\n" for _ in range(300)) + "u1\ta1\tx\n")
+    hetrec.write_text(
+        "userID\tartistID\tweight\n"
+        + "".join(f"u{rng.integers(80)}\ta{rng.integers(30)}\t{rng.integers(1, 500)}\n" for _ in range(300))
+        + "u1\ta1\tx\n"
+    )
     csv = tmp_path / "in" / "events.csv"
-    csv.write_text("user,item,plays,ts\n" + "".join(
-        f"u{rng.integers(90)},s{rng.integers(70)},{rng.integers(1, 5)},{1_600_000_000 + int(rng.integers(10**6))}\n"
-        for _ in range(300)) + "u1,s1,2,not-a-time\n,s2,1,\n")
+    csv.write_text(
+        "user,item,plays,ts\n"
+        + "".join(
+            f"u{rng.integers(90)},s{rng.integers(70)},{rng.integers(1, 5)},{1_600_000_000 + int(rng.integers(10**6))}\n"
+            for _ in range(300)
+        )
+        + "u1,s1,2,not-a-time\n,s2,1,\n"
+    )
     parquet = tmp_path / "in" / "more-events.parquet"
     n = 500
-    pq.write_table(pa.table({"user": [f"u{v}" for v in rng.integers(120, size=n)],
-                             "item": [f"s{v}" for v in rng.integers(90, size=n)],
-                             "plays": pa.array(np.where(rng.random(n) < 0.05, -1, rng.integers(1, 7, size=n)))}),
-                   parquet, row_group_size=37)
+    pq.write_table(
+        pa.table(
+            {
+                "user": [f"u{v}" for v in rng.integers(120, size=n)],
+                "item": [f"s{v}" for v in rng.integers(90, size=n)],
+                "plays": pa.array(np.where(rng.random(n) < 0.05, -1, rng.integers(1, 7, size=n))),
+            }
+        ),
+        parquet,
+        row_group_size=37,
+    )
     return [ListeningSource(triplets), ListeningSource(hetrec), ListeningSource(csv), ListeningSource(parquet)]
 
 
@@ -260,9 +286,12 @@ def _snapshot(root) -> dict:
     listening = root / "listening"
     events = read_batch_events(listening, columns=("user", "item", "plays", "ts")).to_pandas()
     quarantine = pq.read_table(root / "quarantine.parquet").to_pandas()
-    return {"events": events, "users": list(read_id_map(listening / "users.parquet")),
-            "items": list(read_id_map(listening / "items.parquet")),
-            "quarantine": sorted(zip(quarantine["path"].str.replace(str(root.parent), ""), quarantine["reason"]))}
+    return {
+        "events": events,
+        "users": list(read_id_map(listening / "users.parquet")),
+        "items": list(read_id_map(listening / "items.parquet")),
+        "quarantine": sorted(zip(quarantine["path"].str.replace(str(root.parent), ""), quarantine["reason"])),
+    }
 
 
 def _same(a: dict, b: dict) -> None:
@@ -277,8 +306,13 @@ def test_chunks_and_user_ranges_give_exactly_what_one_pass_gives(tmp_path):
     results = {}
     for name, chunk_bytes, range_bytes in (("whole", 1 << 30, 1 << 30), ("chunked", 97, 2_000)):
         root = tmp_path / name
-        report = ingest_sources(sources, listening_dir=root / "listening", quarantine_path=root / "quarantine.parquet",
-                                chunk_bytes=chunk_bytes, range_bytes=range_bytes)
+        report = ingest_sources(
+            sources,
+            listening_dir=root / "listening",
+            quarantine_path=root / "quarantine.parquet",
+            chunk_bytes=chunk_bytes,
+            range_bytes=range_bytes,
+        )
         results[name] = (report, _snapshot(root))
     whole, chunked = results["whole"], results["chunked"]
     _same(whole[1], chunked[1])
@@ -321,13 +355,23 @@ def test_the_cluster_path_gives_what_one_process_gives(tmp_path):
 
     sources = _mixed_files(tmp_path, np.random.default_rng(4))
     here = tmp_path / "here"
-    ingest_sources(sources, listening_dir=here / "listening", quarantine_path=here / "quarantine.parquet",
-                   chunk_bytes=211, range_bytes=3_000)
+    ingest_sources(
+        sources,
+        listening_dir=here / "listening",
+        quarantine_path=here / "quarantine.parquet",
+        chunk_bytes=211,
+        range_bytes=3_000,
+    )
     there = tmp_path / "there"
     with dask_client(ClusterSettings(n_workers=2)) as client:
-        report = ingest_sources(sources, listening_dir=there / "listening",
-                                quarantine_path=there / "quarantine.parquet", chunk_bytes=211, range_bytes=3_000,
-                                map_fn=lambda fn, items, **kw: map_batches(client, fn, items, **kw))
+        report = ingest_sources(
+            sources,
+            listening_dir=there / "listening",
+            quarantine_path=there / "quarantine.parquet",
+            chunk_bytes=211,
+            range_bytes=3_000,
+            map_fn=lambda fn, items, **kw: map_batches(client, fn, items, **kw),
+        )
     assert report.totals()["malformed"] > 0
     _same(_snapshot(here), _snapshot(there))
 
@@ -370,7 +414,8 @@ def test_lone_carriage_returns_are_line_breaks_in_every_chunk(tmp_path):
     got = {}
     for name, chunk_bytes in (("whole", 1 << 30), ("chunked", 60)):
         root = tmp_path / name
-        ingest_sources([source], listening_dir=root / "listening", quarantine_path=root / "q.parquet",
-                       chunk_bytes=chunk_bytes)
+        ingest_sources(
+            [source], listening_dir=root / "listening", quarantine_path=root / "q.parquet", chunk_bytes=chunk_bytes
+        )
         got[name] = pq.read_table(root / "q.parquet").column("path").to_pylist()
     assert got["whole"] == got["chunked"] == [f"{source}:61"]

@@ -44,8 +44,14 @@ def _write_tracks(data_dir, tracks: pd.DataFrame) -> None:
     pq.write_table(pa.Table.from_pandas(tracks, preserve_index=False), path)
 
 
-SETTINGS = FeatureSettings(mel=MelSettings(n_mels=32), extra_windows=(2048,), pyramid="both", pyramid_levels=3,
-                           files_per_task=8, audio_shards=True)
+SETTINGS = FeatureSettings(
+    mel=MelSettings(n_mels=32),
+    extra_windows=(2048,),
+    pyramid="both",
+    pyramid_levels=3,
+    files_per_task=8,
+    audio_shards=True,
+)
 
 
 def test_one_percent_new_files_are_the_only_work(tmp_path):
@@ -70,7 +76,8 @@ def test_one_percent_new_files_are_the_only_work(tmp_path):
     audio = read_audio(Layout(tmp_path).audio("tones"), track_ids=["c0000", "c0100"])
     assert set(audio) == {"c0000", "c0100"} and audio["c0100"].dtype == np.int16 and len(audio["c0100"]) == 32000
     runs = MlflowClient(tracking.tracking_uri).search_runs(
-        [MlflowClient(tracking.tracking_uri).get_experiment_by_name("mirflow-features").experiment_id])
+        [MlflowClient(tracking.tracking_uri).get_experiment_by_name("mirflow-features").experiment_id]
+    )
     assert sorted(r.data.metrics["extracted"] for r in runs) == [1, 100]
     assert all(r.data.metrics["peak_worker_rss_mb"] > 50 for r in runs)
     artifacts = {a.key: a for a in _artifacts(["features-tones", "log-mel-features"])}
@@ -116,7 +123,11 @@ def kill_mid_run(feature_dir, pid: int, *, after_shards: int = 4, timeout: float
 def assert_every_track_once(feature_dir, tracks: pd.DataFrame) -> None:
     manifest = read_manifest(feature_dir).to_pandas()
     assert sorted(manifest["track_id"]) == sorted(tracks["track_id"])
-    shard_ids = [t for p in feature_dir.glob("part-*.parquet") for t in pq.read_table(p, columns=["track_id"]).column(0).to_pylist()]
+    shard_ids = [
+        t
+        for p in feature_dir.glob("part-*.parquet")
+        for t in pq.read_table(p, columns=["track_id"]).column(0).to_pylist()
+    ]
     assert sorted(shard_ids) == sorted(tracks["track_id"])  # every track once, in complete shards
     assert not list(feature_dir.glob(".*.tmp"))
 
@@ -126,13 +137,19 @@ def test_a_killed_worker_costs_nothing_but_time(tmp_path):
     _write_tracks(tmp_path, tracks)
     settings = SETTINGS.model_copy(update={"files_per_task": 2, "audio_shards": False})
     feature_dir = Layout(tmp_path).features("tones", settings.feature_set)
-    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster, \
-            Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster,
+        Client(cluster) as client,
+    ):
         pids = list(client.run(os.getpid).values())
         with kill_mid_run(feature_dir, pids[0], timeout=60) as shards_at_kill:
-            summary = extract_features(tmp_path, "tones", settings,
-                                       ClusterSettings(kind="address", address=cluster.scheduler_address),
-                                       tracking_for(tmp_path))
+            summary = extract_features(
+                tmp_path,
+                "tones",
+                settings,
+                ClusterSettings(kind="address", address=cluster.scheduler_address),
+                tracking_for(tmp_path),
+            )
         assert shards_at_kill, "the worker was never killed"
         assert pids[0] not in client.run(os.getpid).values()  # the nanny started a new worker
     assert 4 <= shards_at_kill[0] < 48  # the kill came mid-run
@@ -147,24 +164,41 @@ def test_real_samples_go_through_the_adapters_and_the_flow(tmp_path, shared_data
 
     gtzan = shared_data / "gtzan"
     manifest = tmp_path / "manifest.csv"
-    paths = [*sorted((gtzan / "au").glob("*.au")), shared_data / "mtat" / "audio" / "e" /
-             "joram-moments_of_clarity-08-solipsism-59-88.mp3", shared_data / "msd" / "TRWJAZW128F42760DD.mp3"]
-    pd.DataFrame({"track_id": [p.stem for p in paths], "path": [str(p) for p in paths],
-                  "tags": ["real"] * len(paths), "split": "test"}).to_csv(manifest, index=False)
+    paths = [
+        *sorted((gtzan / "au").glob("*.au")),
+        shared_data / "mtat" / "audio" / "e" / "joram-moments_of_clarity-08-solipsism-59-88.mp3",
+        shared_data / "msd" / "TRWJAZW128F42760DD.mp3",
+    ]
+    pd.DataFrame(
+        {
+            "track_id": [p.stem for p in paths],
+            "path": [str(p) for p in paths],
+            "tags": ["real"] * len(paths),
+            "split": "test",
+        }
+    ).to_csv(manifest, index=False)
     settings = FeatureSettings(mel=MelSettings(sample_rate=22050), extra_windows=(8192,), pyramid="laplacian")
     cluster, tracking = ClusterSettings(n_workers=2), tracking_for(tmp_path)
-    via_manifest = catalogue_features(tmp_path, "real-manifest", SourceSettings(adapter="manifest", path=manifest),
-                                      settings, cluster, tracking)
-    via_gtzan = catalogue_features(tmp_path, "real-gtzan", SourceSettings(adapter="gtzan", path=gtzan / "wav",
-                                                                          split_dir=gtzan / "splits"),
-                                   settings, cluster, tracking)
+    via_manifest = catalogue_features(
+        tmp_path, "real-manifest", SourceSettings(adapter="manifest", path=manifest), settings, cluster, tracking
+    )
+    via_gtzan = catalogue_features(
+        tmp_path,
+        "real-gtzan",
+        SourceSettings(adapter="gtzan", path=gtzan / "wav", split_dir=gtzan / "splits"),
+        settings,
+        cluster,
+        tracking,
+    )
     assert (via_manifest.n_tracks, via_manifest.n_quarantined) == (12, 0)
     assert (via_gtzan.n_tracks, via_gtzan.n_quarantined) == (10, 0)
     layout = Layout(tmp_path)
-    au = read_features(layout.features("real-manifest", settings.feature_set), column="mel_1024",
-                       track_ids=["blues.00000"])["blues.00000"]
-    wav = read_features(layout.features("real-gtzan", settings.feature_set), column="mel_1024",
-                        track_ids=["blues.00000"])["blues.00000"]
+    au = read_features(
+        layout.features("real-manifest", settings.feature_set), column="mel_1024", track_ids=["blues.00000"]
+    )["blues.00000"]
+    wav = read_features(
+        layout.features("real-gtzan", settings.feature_set), column="mel_1024", track_ids=["blues.00000"]
+    )["blues.00000"]
     np.testing.assert_allclose(au.astype(np.float32), wav.astype(np.float32), atol=0.02)  # same samples, two formats
     tracks = pq.read_table(layout.tracks("real-gtzan")).to_pandas()
     assert set(tracks["split"]) <= {"train", "valid", "test"} and (tracks["duration_s"] > 29).all()

@@ -55,9 +55,11 @@ def test_filter_plots_are_written(tmp_path) -> None:
     )
 
     bank = _tones(mel_reference(16, fmin=80.0, fmax=7000.0), length=256)
-    for plot in (plot_filter_spectra(bank, sample_rate=SR, path=tmp_path / "s.png", title="t"),
-                 plot_dominant_frequencies(bank, sample_rate=SR, path=tmp_path / "d.png", title="t"),
-                 plot_pooled_filters(bank, pool_size=2, path=tmp_path / "p.png", title="t")):
+    for plot in (
+        plot_filter_spectra(bank, sample_rate=SR, path=tmp_path / "s.png", title="t"),
+        plot_dominant_frequencies(bank, sample_rate=SR, path=tmp_path / "d.png", title="t"),
+        plot_pooled_filters(bank, pool_size=2, path=tmp_path / "p.png", title="t"),
+    ):
         assert plot.stat().st_size > 5000
 
 
@@ -65,8 +67,13 @@ def test_group_similarity_tells_shifted_copies_from_other_filters() -> None:
     from tasks.filters import group_similarity
 
     t = np.arange(256)
-    filters = np.stack([np.sin(2 * np.pi * f * t / 16000 + phase) * np.hanning(256)
-                        for f in (500, 1500, 3000, 6000) for phase in (0.0, 1.0)])  # groups of 2: one tone, two phases
+    filters = np.stack(
+        [
+            np.sin(2 * np.pi * f * t / 16000 + phase) * np.hanning(256)
+            for f in (500, 1500, 3000, 6000)
+            for phase in (0.0, 1.0)
+        ]
+    )  # groups of 2: one tone, two phases
     alike = group_similarity(filters, pool_size=2, sample_rate=16000)
     assert alike["within"] > 0.99 and alike["across"] < 0.2
     with pytest.raises(ParameterError):

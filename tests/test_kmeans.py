@@ -113,8 +113,9 @@ def _codebook(seed: int = 0, *, k: int = 5, context: int = 3, n_mels: int = 6) -
     rng = np.random.default_rng(seed)
     spec = rng.standard_normal((80, n_mels)).astype(np.float32)
     windows = sample_windows([spec, spec[::-1].copy()], context=context, n_windows=120, seed=seed)
-    return spec, fit_codebook(windows, k=k, context=context, n_mels=n_mels, epsilon=0.05, iterations=3,
-                              batch_size=32, seed=seed)
+    return spec, fit_codebook(
+        windows, k=k, context=context, n_mels=n_mels, epsilon=0.05, iterations=3, batch_size=32, seed=seed
+    )
 
 
 def test_encoding_equals_the_explicit_dot_products() -> None:
@@ -124,8 +125,9 @@ def test_encoding_equals_the_explicit_dot_products() -> None:
     assert encoded.shape == (78, 5)
     torch.testing.assert_close(encoded, explicit, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(encode_windows(spec, codebook, activation="relu"), explicit.clamp_min(0))
-    torch.testing.assert_close(encode_windows(spec, codebook, activation="threshold", threshold=0.5),
-                               (explicit - 0.5).clamp_min(0))
+    torch.testing.assert_close(
+        encode_windows(spec, codebook, activation="threshold", threshold=0.5), (explicit - 0.5).clamp_min(0)
+    )
     with pytest.raises(ParameterError, match="activation"):
         encode_windows(spec, codebook, activation="tanh")
 

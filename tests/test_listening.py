@@ -20,11 +20,13 @@ from tasks.listening import (
 
 
 def test_cold_start_split_holds_out_columns_and_drops_users_without_training_plays():
-    events = pd.DataFrame({
-        "user": ["a", "a", "b", "c"],
-        "item": ["x", "y", "y", "z"],
-        "plays": [1, 2, 3, 4],
-    })
+    events = pd.DataFrame(
+        {
+            "user": ["a", "a", "b", "c"],
+            "item": ["x", "y", "y", "z"],
+            "plays": [1, 2, 3, 4],
+        }
+    )
     matrix = build_play_matrix(events)
     split = cold_start_split(matrix, heldout_items=np.array(["y"]))
     assert list(split.train.items) == ["x", "z"] and list(split.test.items) == ["y"]
@@ -54,8 +56,11 @@ def _random_plays(n_users: int = 300, n_items: int = 200, density: float = 0.05,
     dense[0, 3:] = 0
     dense[1, :] = 0
     dense[1, 7] = 2  # a single play: never held out
-    return PlayMatrix(sp.csr_matrix(dense.astype(np.float32)), np.array([f"u{i}" for i in range(n_users)]),
-                      np.array([f"i{i}" for i in range(n_items)]))
+    return PlayMatrix(
+        sp.csr_matrix(dense.astype(np.float32)),
+        np.array([f"u{i}" for i in range(n_users)]),
+        np.array([f"i{i}" for i in range(n_items)]),
+    )
 
 
 def test_in_matrix_split_holds_out_a_fraction_of_each_users_items():
@@ -94,6 +99,8 @@ def test_in_matrix_split_keeps_every_pair_on_its_side_when_users_gain_items():
     assert (old_train[moved_users].sum(axis=1) == 1).all()
     assert (old_train & new_test).sum() <= 2
     assert not (old_test & new_train).any()
+
+
 def test_select_columns_matches_scipy_fancy_indexing():
     from tasks.listening import select_columns
 

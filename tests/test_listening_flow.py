@@ -62,15 +62,27 @@ def test_full_fit_then_reuse_then_incremental_update_on_new_batches(tmp_path):
     client = MlflowClient(tracking.tracking_uri)
     run = client.get_run(update.run_id)
     metrics = run.data.metrics
-    for key in ("incremental/seconds", "full_refit/seconds", "incremental/objective", "full_refit/objective",
-                "incremental/new_users", "incremental/time_vs_full_refit", "ingest/rows"):
+    for key in (
+        "incremental/seconds",
+        "full_refit/seconds",
+        "incremental/objective",
+        "full_refit/objective",
+        "incremental/new_users",
+        "incremental/time_vs_full_refit",
+        "ingest/rows",
+    ):
         assert key in metrics, key
     assert metrics["incremental/objective"] < 1.05 * metrics["full_refit/objective"]
     assert run.data.params["mode"] == "incremental" and run.data.tags["mirflow.previous_batches"].count("batch") == 2
     artifacts = {a.path for a in client.list_artifacts(update.run_id, "factors")} | {
-        a.path for a in client.list_artifacts(update.run_id, "id_maps")}
-    assert {"factors/user_factors.parquet", "factors/item_factors.parquet", "id_maps/users.parquet",
-            "id_maps/items.parquet"} <= artifacts
+        a.path for a in client.list_artifacts(update.run_id, "id_maps")
+    }
+    assert {
+        "factors/user_factors.parquet",
+        "factors/item_factors.parquet",
+        "id_maps/users.parquet",
+        "id_maps/items.parquet",
+    } <= artifacts
     evaluation = client.get_run(update.eval_run_id)
     assert evaluation.data.tags["mirflow.fit_run_id"] == update.run_id
     assert evaluation.data.metrics["wmf/ndcg_at_k"] > evaluation.data.metrics["popularity/ndcg_at_k"]
@@ -111,12 +123,22 @@ def test_real_hetrec_lastfm_wmf_beats_popularity(shared_data, tmp_path):
     """HetRec 2011 Last.fm (1,892 users, 17,632 artists): 80/20 split of each user's artists."""
     data_dir = tmp_path / "data"
     settings = WMFSettings(test_fraction=0.2, eval_max_users=0)  # the defaults: 16 factors, log confidence
-    out = factorize(data_dir, [shared_data / "lastfm_hetrec2011_2k" / "user_artists.dat"], None, settings,
-                    tracking_for(data_dir), k=500)
+    out = factorize(
+        data_dir,
+        [shared_data / "lastfm_hetrec2011_2k" / "user_artists.dat"],
+        None,
+        settings,
+        tracking_for(data_dir),
+        k=500,
+    )
     rows = {row.name: row for row in out.rows}
     wmf, popularity, random = rows["WMF"], rows["popularity"], rows["random"]
-    print({name: (round(r.map_at_k, 4), round(r.auc, 4), round(r.precision_at_k, 4), round(r.ndcg_at_k, 4), r.n_users)
-           for name, r in rows.items()})
+    print(
+        {
+            name: (round(r.map_at_k, 4), round(r.auc, 4), round(r.precision_at_k, 4), round(r.ndcg_at_k, 4), r.n_users)
+            for name, r in rows.items()
+        }
+    )
     assert wmf.n_users > 1800
     assert wmf.map_at_k > 2 * popularity.map_at_k > 10 * random.map_at_k
     assert wmf.auc > popularity.auc + 0.03 and popularity.auc > random.auc + 0.3
@@ -157,10 +179,13 @@ def test_large_listening_files_are_ingested_on_the_cluster_the_flow_is_given(tmp
     monkeypatch.setattr(listening_flow, "CLUSTER_CHUNK_BYTES", 50_000)  # several chunks per file
     there = tmp_path / "there"
     with caplog.at_level("INFO", logger="mirflow"):
-        report = listening_flow.ingest_listening.fn(sources, there / "listening", there / "quarantine.parquet",
-                                                    ClusterSettings(n_workers=2))
+        report = listening_flow.ingest_listening.fn(
+            sources, there / "listening", there / "quarantine.parquet", ClusterSettings(n_workers=2)
+        )
     assert "ingesting on the Dask cluster" in caplog.text
     assert report.totals()["events"] == read_batch_events(there / "listening").num_rows > 0
     assert read_batch_events(there / "listening").equals(read_batch_events(here / "listening"))
-    assert read_id_map(there / "listening" / "users.parquet").tolist() == \
-        read_id_map(here / "listening" / "users.parquet").tolist()
+    assert (
+        read_id_map(there / "listening" / "users.parquet").tolist()
+        == read_id_map(here / "listening" / "users.parquet").tolist()
+    )

@@ -11,7 +11,9 @@ from tasks.errors import ParameterError
 from tasks.metrics import random_factors, ranking_metrics, tag_metrics
 
 
-def _naive_ranking(scores: np.ndarray, relevant: np.ndarray, k: int, exclude: np.ndarray | None = None) -> dict[str, float]:
+def _naive_ranking(
+    scores: np.ndarray, relevant: np.ndarray, k: int, exclude: np.ndarray | None = None
+) -> dict[str, float]:
     """One user at a time, straight from the definitions."""
     aps, aucs, precisions, ndcgs = [], [], [], []
     exclude = np.zeros_like(relevant) if exclude is None else exclude
@@ -31,8 +33,13 @@ def _naive_ranking(scores: np.ndarray, relevant: np.ndarray, k: int, exclude: np
         precisions.append(hits / min(k, len(s)))
         ndcgs.append(dcg / sum(1 / np.log2(j + 1) for j in range(1, min(r.sum(), k) + 1)))
         aucs.append(roc_auc_score(r, s))
-    return {"map_at_k": np.mean(aps), "auc": np.mean(aucs), "precision_at_k": np.mean(precisions),
-            "ndcg_at_k": np.mean(ndcgs), "n_users": len(aps)}
+    return {
+        "map_at_k": np.mean(aps),
+        "auc": np.mean(aucs),
+        "precision_at_k": np.mean(precisions),
+        "ndcg_at_k": np.mean(ndcgs),
+        "n_users": len(aps),
+    }
 
 
 @pytest.mark.parametrize("k", [1, 5, 37, 500])

@@ -24,8 +24,9 @@ def _tagger() -> TaggerModule:
 
 
 def _latent() -> LatentFactorModule:
-    return LatentFactorModule(n_mels=N_MELS, n_factors=5, channels=(16, 16, 32), hidden=32, dropout=0.0,
-                              learning_rate=3e-3, target_scale=2.0)
+    return LatentFactorModule(
+        n_mels=N_MELS, n_factors=5, channels=(16, 16, 32), hidden=32, dropout=0.0, learning_rate=3e-3, target_scale=2.0
+    )
 
 
 def _mlp_tagger() -> MLPTaggerModule:
@@ -33,8 +34,14 @@ def _mlp_tagger() -> MLPTaggerModule:
 
 
 def _short_chunk_resnet() -> TaggerModule:
-    return TaggerModule(n_mels=N_MELS * 4, crop_frames=CROP, tags=["a", "b", "c"], architecture="short-chunk-resnet",
-                        resnet_channels=8, learning_rate=3e-3)
+    return TaggerModule(
+        n_mels=N_MELS * 4,
+        crop_frames=CROP,
+        tags=["a", "b", "c"],
+        architecture="short-chunk-resnet",
+        resnet_channels=8,
+        learning_rate=3e-3,
+    )
 
 
 def _wide_crops(n: int, g: torch.Generator) -> torch.Tensor:
@@ -42,8 +49,9 @@ def _wide_crops(n: int, g: torch.Generator) -> torch.Tensor:
 
 
 def _raw_tagger() -> RawAudioTaggerModule:
-    return RawAudioTaggerModule(crop_samples=N_SAMPLES, tags=["a", "b", "c"], filter_length=64, stride=64,
-                                n_filters=16, learning_rate=3e-3)
+    return RawAudioTaggerModule(
+        crop_samples=N_SAMPLES, tags=["a", "b", "c"], filter_length=64, stride=64, n_filters=16, learning_rate=3e-3
+    )
 
 
 def _waveforms(n: int, g: torch.Generator) -> torch.Tensor:
@@ -102,8 +110,9 @@ def test_overfits_one_batch(family):
 def test_checkpoint_round_trip_with_weights_only(family, tmp_path):
     name, make, x, _ = family
     module = make().eval()
-    trainer = L.Trainer(max_epochs=0, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                        enable_model_summary=False)
+    trainer = L.Trainer(
+        max_epochs=0, logger=False, enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False
+    )
     trainer.strategy.connect(module)
     path = tmp_path / f"{name}.ckpt"
     trainer.save_checkpoint(path)
@@ -153,8 +162,16 @@ def test_trains_under_ddp_with_two_cpu_processes(family, tmp_path, monkeypatch):
         # Seen once in ~6 full-suite runs on 2 cores: a spawned rank killed by a signal
         # while gloo connects. One retry on a fresh port tells that apart from a real failure.
         monkeypatch.setenv("MASTER_PORT", str(_free_port()))
-        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
-                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=2,
+            strategy="ddp_spawn",
+            max_epochs=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
         try:
             trainer.fit(module, datamodule=_RandomCrops(*FAMILIES[name][1:]))
             break
@@ -176,9 +193,17 @@ def test_mlp_tagger_learns_separable_tags_and_reports_per_tag_metrics(tmp_path):
     for split, n in (("train", 600), ("valid", 100), ("test", 100)):
         x = rng.standard_normal((n, N_INPUTS)).astype(np.float32) * 5.0 + 3.0  # unstandardized on purpose
         splits[split] = (x, ((x - 3.0) @ weights > 0).astype(np.float32))
-    settings = MLPSettings(hidden=32, dropout=0.2, train=TrainSettings(max_epochs=30, patience=30, batch_size=32, seed=0))
-    result = train_mlp_tagger(features={s: v[0] for s, v in splits.items()}, targets={s: v[1] for s, v in splits.items()},
-                              tags=["a", "b", "c"], settings=settings, checkpoint_dir=tmp_path, quiet=True)
+    settings = MLPSettings(
+        hidden=32, dropout=0.2, train=TrainSettings(max_epochs=30, patience=30, batch_size=32, seed=0)
+    )
+    result = train_mlp_tagger(
+        features={s: v[0] for s, v in splits.items()},
+        targets={s: v[1] for s, v in splits.items()},
+        tags=["a", "b", "c"],
+        settings=settings,
+        checkpoint_dir=tmp_path,
+        quiet=True,
+    )
     assert result.metrics["test/roc_auc"] > 0.9 and result.metrics["test/pr_auc"] > 0.8
     assert list(result.module.test_table.columns) == ["tag", "positives", "roc_auc", "pr_auc"]
     assert sorted(result.module.test_table["tag"]) == ["a", "b", "c"]
@@ -192,8 +217,9 @@ class _FixedClips(L.LightningDataModule):
         super().__init__()
         g = torch.Generator().manual_seed(1)
         clips = [torch.randn(N_MELS, CROP + 40 * i, generator=g).half() for i in range(7)]
-        targets = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1], [1, 0, 0], [0, 1, 1], [1, 1, 1]],
-                               dtype=torch.float32)
+        targets = torch.tensor(
+            [[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1], [1, 0, 0], [0, 1, 1], [1, 1, 1]], dtype=torch.float32
+        )
         if n_targets != 3:  # real-valued factors
             targets = torch.randn(7, n_targets, generator=g)
         self.dataset = ClipWindowsDataset(clips, targets, crop=CROP, hop=40)
@@ -203,20 +229,35 @@ class _FixedClips(L.LightningDataModule):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("make", "n_targets", "metrics"), [(_tagger, 3, ("val/roc_auc", "val/pr_auc")),
-                                                            (_latent, 5, ("val/mse",))], ids=["tagger", "latent"])
-def test_evaluation_under_ddp_counts_every_clip_once_and_equals_one_device(make, n_targets, metrics, tmp_path,
-                                                                          monkeypatch):
+@pytest.mark.parametrize(
+    ("make", "n_targets", "metrics"),
+    [(_tagger, 3, ("val/roc_auc", "val/pr_auc")), (_latent, 5, ("val/mse",))],
+    ids=["tagger", "latent"],
+)
+def test_evaluation_under_ddp_counts_every_clip_once_and_equals_one_device(
+    make, n_targets, metrics, tmp_path, monkeypatch
+):
     L.seed_everything(0)
     module = make().eval()
-    one = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                    enable_model_summary=False, default_root_dir=tmp_path).validate(
-                        module, datamodule=_FixedClips(n_targets), verbose=False)[0]
+    one = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    ).validate(module, datamodule=_FixedClips(n_targets), verbose=False)[0]
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
-    two = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
-                    enable_model_summary=False, default_root_dir=tmp_path).validate(
-                        module, datamodule=_FixedClips(n_targets), verbose=False)[0]
+    two = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    ).validate(module, datamodule=_FixedClips(n_targets), verbose=False)[0]
     for metric in metrics:
         assert two[metric] == pytest.approx(one[metric], abs=1e-6)
 
@@ -233,10 +274,17 @@ def test_mixed_precision_and_compile_train_and_checkpoint(options, tmp_path):
     for split, n in (("train", 600), ("valid", 100), ("test", 100)):
         x = rng.standard_normal((n, N_INPUTS)).astype(np.float32)
         splits[split] = (x, (x @ weights > 0).astype(np.float32))
-    settings = MLPSettings(hidden=32, dropout=0.0, train=TrainSettings(max_epochs=12, patience=12, batch_size=32,
-                                                                       seed=0, **options))
-    result = train_mlp_tagger(features={s: v[0] for s, v in splits.items()}, targets={s: v[1] for s, v in splits.items()},
-                              tags=["a", "b", "c"], settings=settings, checkpoint_dir=tmp_path, quiet=True)
+    settings = MLPSettings(
+        hidden=32, dropout=0.0, train=TrainSettings(max_epochs=12, patience=12, batch_size=32, seed=0, **options)
+    )
+    result = train_mlp_tagger(
+        features={s: v[0] for s, v in splits.items()},
+        targets={s: v[1] for s, v in splits.items()},
+        tags=["a", "b", "c"],
+        settings=settings,
+        checkpoint_dir=tmp_path,
+        quiet=True,
+    )
     assert result.metrics["test/roc_auc"] > 0.75  # it trained
     state = torch.load(result.checkpoint, weights_only=True)["state_dict"]
     assert not any("_orig_mod" in key for key in state)  # compiled in place: loadable by the plain module

@@ -15,8 +15,14 @@ pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\
 
 def _world(seed: int = 0, users: int = 40, tracks: int = 12, f: int = 5):
     rng = np.random.default_rng(seed)
-    plays = sp.random(users, tracks, density=0.2, random_state=seed, format="csr",
-                      data_rvs=lambda n: rng.integers(1, 20, n).astype(np.float64))
+    plays = sp.random(
+        users,
+        tracks,
+        density=0.2,
+        random_state=seed,
+        format="csr",
+        data_rvs=lambda n: rng.integers(1, 20, n).astype(np.float64),
+    )
     keep = np.ones(tracks)
     keep[3] = 0.0  # a track nobody played
     plays = (plays @ sp.diags(keep)).tocsr()
@@ -40,8 +46,9 @@ def test_wpe_equals_the_dense_sum_over_every_user_and_so_does_its_gradient(seed)
     plays, confidence, user_factors = _world(seed)
     columns = PlayColumns(confidence)
     tracks = torch.tensor([5, 3, 0, 11, 5])  # a repeat and a track without plays included
-    predicted = torch.randn(len(tracks), user_factors.shape[1], generator=torch.Generator().manual_seed(seed),
-                            requires_grad=True)
+    predicted = torch.randn(
+        len(tracks), user_factors.shape[1], generator=torch.Generator().manual_seed(seed), requires_grad=True
+    )
     fast = wpe_loss(predicted, user_factors, user_factors.T @ user_factors, *columns.batch(tracks))
     reference = _dense_wpe(predicted, user_factors, plays, confidence, tracks.numpy())
     torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-3)
@@ -65,8 +72,9 @@ def test_the_latent_factor_cnn_lowers_its_wpe_on_the_training_plays():
 
     plays, confidence, user_factors = _world(seed=2, users=30, tracks=8, f=5)
     torch.manual_seed(0)
-    module = LatentFactorModule(n_mels=16, n_factors=5, channels=(8, 8, 16), hidden=16, dropout=0.0,
-                                learning_rate=1e-2, objective="wpe")
+    module = LatentFactorModule(
+        n_mels=16, n_factors=5, channels=(8, 8, 16), hidden=16, dropout=0.0, learning_rate=1e-2, objective="wpe"
+    )
     crops = torch.randn(8, 16, 94)  # one fixed crop per track, the track's position in the split as its id
     batch = (crops, torch.zeros(8, 5), torch.arange(8))
     with pytest.raises(RuntimeError, match="use_plays"):

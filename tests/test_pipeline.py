@@ -80,7 +80,10 @@ def test_every_step_landed_in_mlflow(run):
         assert found and all(r.info.status == "FINISHED" for r in found), family
         runs[family] = found[-1]  # the first run of the family (the re-run test adds a features run)
     tagger = runs["tagger"]
-    assert tagger.data.tags["mirflow.features_manifest_sha1"] == runs["features"].data.tags["mirflow.features_manifest_sha1"]
+    assert (
+        tagger.data.tags["mirflow.features_manifest_sha1"]
+        == runs["features"].data.tags["mirflow.features_manifest_sha1"]
+    )
     assert len(tagger.data.tags["mlflow.source.git.commit"]) == 40 and tagger.data.tags["prefect.flow_run_id"]
     assert tagger.data.params["tagger.train.max_epochs"] == "12"
     assert abs(tagger.data.metrics["test/roc_auc"] - summary.tagger_roc_auc) < 1e-6
@@ -89,13 +92,20 @@ def test_every_step_landed_in_mlflow(run):
     artifacts = {a.path for a in client.list_artifacts(tagger.info.run_id, "checkpoints")}
     assert artifacts == {"checkpoints/tagger-best.ckpt"}
     assert {a.path for a in client.list_artifacts(tagger.info.run_id, "plots")} == {
-        "plots/roc_curves.png", "plots/first_layer_filters.png"}
+        "plots/roc_curves.png",
+        "plots/first_layer_filters.png",
+    }
     recommender = runs["latent-factors"].data.metrics
     assert "test/cnn_predicted_factors/map_at_500" in recommender
     assert {a.path for a in client.list_artifacts(runs["latent-factors"].info.run_id, "plots")} == {
-        "plots/predicted_vs_wmf_factors.png", "plots/tsne_predicted_factors.png", "plots/tsne_wmf_factors.png"}
+        "plots/predicted_vs_wmf_factors.png",
+        "plots/tsne_predicted_factors.png",
+        "plots/tsne_wmf_factors.png",
+    }
     assert {a.path for a in client.list_artifacts(runs["wmf"].info.run_id, "factors")} >= {
-        "factors/user_factors.parquet", "factors/item_factors.parquet"}
+        "factors/user_factors.parquet",
+        "factors/item_factors.parquet",
+    }
     pipeline_run = runs["pipeline"]
     assert pipeline_run.data.params["world.n_tracks"] == "192"
     assert summary.report_path.exists() and "mAP@500" in summary.report_path.read_text()
@@ -147,12 +157,28 @@ def test_the_wpe_objective_trains_the_cnn_from_the_plays(run):
 
     settings, summary = run
     layout = Layout(settings.data_dir)
-    wmf = factorize(settings.data_dir, [], heldout_track_ids(layout.tracks("synthetic")), settings.wmf,
-                    settings.tracking, k=settings.evaluation.k, ingested=factorized_batches(settings.data_dir))
+    wmf = factorize(
+        settings.data_dir,
+        [],
+        heldout_track_ids(layout.tracks("synthetic")),
+        settings.wmf,
+        settings.tracking,
+        k=settings.evaluation.k,
+        ingested=factorized_batches(settings.data_dir),
+    )
     assert wmf.mode == "reused"
     recommender = settings.recommender.model_copy(update={"objective": "wpe"})
-    out = train_recommender_flow(settings.data_dir, "synthetic", settings.features.feature_set, settings.features.mel,
-                                 wmf, recommender, settings.evaluation, settings.tracking, confidence=settings.wmf)
+    out = train_recommender_flow(
+        settings.data_dir,
+        "synthetic",
+        settings.features.feature_set,
+        settings.features.mel,
+        wmf,
+        recommender,
+        settings.evaluation,
+        settings.tracking,
+        confidence=settings.wmf,
+    )
     rows = {r.name: r for r in out.rows}
     # Seeds 0, 1, 2: CNN-WPE AUC 0.656, 0.592, 0.730; random 0.491, 0.486, 0.491; the popularity oracle
     # 0.560, 0.546, 0.578 (12 epochs on 192 clips).
@@ -188,8 +214,9 @@ def test_every_family_is_registered_with_a_champion_that_predicts(run):
     items, item_factors = load_factors(Layout(settings.data_dir).wmf() / "item_factors.parquet")
     pairs = pd.DataFrame({"user_id": [users[0], users[1], "nobody"], "item_id": [items[0], items[2], items[0]]})
     scores = wmf.predict(pairs)["score"].to_numpy()
-    np.testing.assert_allclose(scores[:2], [user_factors[0] @ item_factors[0], user_factors[1] @ item_factors[2]],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        scores[:2], [user_factors[0] @ item_factors[0], user_factors[1] @ item_factors[2]], rtol=1e-5
+    )
     assert np.isnan(scores[2])  # an unknown user has no score
     with pytest.raises(Exception, match="user_id"):
         wmf.predict(pd.DataFrame({"user": ["x"]}))
@@ -211,9 +238,15 @@ def test_an_interrupted_retrain_resumes_without_redoing_ingestion_or_wmf(run):
     # What the killed run had finished: the new batch ingested and the factors updated.
     tracks = pq.read_table(layout.tracks("synthetic")).to_pandas()
     heldout = list(tracks.loc[tracks["split"] == "test", "track_id"])
-    before = factorize(settings.data_dir, [ListeningSource(inbox / batch.name)], heldout, settings.wmf,
-                       settings.tracking, k=settings.evaluation.k,
-                       ingested=["train_triplets.batch-000", "train_triplets.batch-001"])
+    before = factorize(
+        settings.data_dir,
+        [ListeningSource(inbox / batch.name)],
+        heldout,
+        settings.wmf,
+        settings.tracking,
+        k=settings.evaluation.k,
+        ingested=["train_triplets.batch-000", "train_triplets.batch-001"],
+    )
     assert before.mode == "incremental"
     marker = layout.listening() / "events" / "batch=train_triplets.batch-002" / "_source.json"
     ingested_at = marker.stat().st_mtime_ns

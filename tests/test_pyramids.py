@@ -61,7 +61,7 @@ def test_lengths_halve_rounding_up(n):
     expected = [n]
     for _ in range(levels - 1):
         expected.append(math.ceil(expected[-1] / 2))
-    assert [g.shape[-2] for g in gaussian] == [l.shape[-2] for l in laplacian] == expected
+    assert [g.shape[-2] for g in gaussian] == [level.shape[-2] for level in laplacian] == expected
     assert all(g.shape[-1] == 4 and g.dtype == torch.float32 for g in gaussian)
     assert expected[-1] >= 2
 
@@ -229,8 +229,16 @@ def test_feature_columns_match_librosa(window):
     settings = FeatureSettings(mel=MelSettings(sample_rate=sr, n_mels=128), hop_policy="half")
     got = feature_columns(y, settings=settings)[f"mel_{window}"].numpy()
     S = librosa.feature.melspectrogram(
-        y=y, sr=sr, n_fft=window, hop_length=window // 2, win_length=window, window="hann",
-        center=True, pad_mode="constant", power=2.0, n_mels=128,
+        y=y,
+        sr=sr,
+        n_fft=window,
+        hop_length=window // 2,
+        win_length=window,
+        window="hann",
+        center=True,
+        pad_mode="constant",
+        power=2.0,
+        n_mels=128,
     )
     expected = np.log1p(settings.mel.log_c * S.T)
     assert got.shape == expected.shape
@@ -260,8 +268,9 @@ def test_batch_of_unequal_clips_equals_one_call_per_clip(pyramid, compression):
     from tasks.spectrogram import feature_columns, feature_columns_batch
 
     rng = np.random.default_rng(5)
-    settings = FeatureSettings(mel=MelSettings(n_mels=40, compression=compression), extra_windows=(4096,),
-                               pyramid=pyramid, pyramid_levels=3)
+    settings = FeatureSettings(
+        mel=MelSettings(n_mels=40, compression=compression), extra_windows=(4096,), pyramid=pyramid, pyramid_levels=3
+    )
     clips = [rng.standard_normal(n).astype(np.float32) * 0.1 for n in (16000, 23457, 9000)]
     batched = feature_columns_batch(clips, settings=settings)
     for clip, columns in zip(clips, batched):

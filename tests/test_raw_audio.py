@@ -17,8 +17,17 @@ from tasks.shards import audio_to_table, write_feature_shard
 
 
 def test_output_shape_and_gradients_reach_the_first_layer() -> None:
-    net = RawAudioConvNet2014(n_samples=8192, n_outputs=5, filter_length=128, stride=64, n_filters=32,
-                              nonlinearity="log1p_square", feature_pooling="l2", pool_size=4, batch_norm=True)
+    net = RawAudioConvNet2014(
+        n_samples=8192,
+        n_outputs=5,
+        filter_length=128,
+        stride=64,
+        n_filters=32,
+        nonlinearity="log1p_square",
+        feature_pooling="l2",
+        pool_size=4,
+        batch_norm=True,
+    )
     x = torch.randn(3, 8192, requires_grad=True)
     out = net(x)
     assert out.shape == (3, 5)
@@ -65,9 +74,15 @@ def test_audio_datamodule_crops_windows_and_pads(tmp_path) -> None:
     lengths = {"a": 20000, "b": 9000, "c": 12000, "d": 30000}
     audio_dir = _pcm_shards(tmp_path, lengths)
     targets = {t: np.array([i % 2], dtype=np.float32) for i, t in enumerate(lengths)}
-    module = AudioDataModule(audio_dir=audio_dir, track_ids={"train": ["a", "b"], "valid": ["c"], "test": ["d"]},
-                             targets=targets, crop_samples=10000, eval_hop_samples=5000, batch_size=2,
-                             crops_per_clip=3)
+    module = AudioDataModule(
+        audio_dir=audio_dir,
+        track_ids={"train": ["a", "b"], "valid": ["c"], "test": ["d"]},
+        targets=targets,
+        crop_samples=10000,
+        eval_hop_samples=5000,
+        batch_size=2,
+        crops_per_clip=3,
+    )
     module.setup()
     x, y, clips = next(iter(module.train_dataloader()))
     assert x.shape == (2, 1, 10000) and x.dtype == torch.float32 and y.shape == (2, 1)
@@ -77,14 +92,27 @@ def test_audio_datamodule_crops_windows_and_pads(tmp_path) -> None:
     windows, clip_index, clip_targets, positions = next(iter(module.test_dataloader()))
     assert windows.shape == (1 + (30000 - 10000) // 5000, 1, 10000) and set(clip_index.tolist()) == {0}
     assert clip_targets.shape == (1, 1) and positions.tolist() == [0]  # one clip: the first of its split
-    missing = AudioDataModule(audio_dir=audio_dir, track_ids={"train": ["a", "zz"], "valid": ["c"], "test": ["d"]},
-                              targets=targets, crop_samples=10000, eval_hop_samples=5000, batch_size=2,
-                              crops_per_clip=1)
+    missing = AudioDataModule(
+        audio_dir=audio_dir,
+        track_ids={"train": ["a", "zz"], "valid": ["c"], "test": ["d"]},
+        targets=targets,
+        crop_samples=10000,
+        eval_hop_samples=5000,
+        batch_size=2,
+        crops_per_clip=1,
+    )
     with pytest.raises(DatasetError, match="no raw-audio shard"):
         missing.setup()
-    other_rate = AudioDataModule(audio_dir=audio_dir, track_ids={"train": ["a"], "valid": ["c"], "test": ["d"]},
-                                 targets=targets, crop_samples=10000, eval_hop_samples=5000, batch_size=2,
-                                 crops_per_clip=1, sample_rate=22050)
+    other_rate = AudioDataModule(
+        audio_dir=audio_dir,
+        track_ids={"train": ["a"], "valid": ["c"], "test": ["d"]},
+        targets=targets,
+        crop_samples=10000,
+        eval_hop_samples=5000,
+        batch_size=2,
+        crops_per_clip=1,
+        sample_rate=22050,
+    )
     with pytest.raises(DatasetError, match="not 22050 Hz"):
         other_rate.setup()
 
@@ -152,15 +180,36 @@ def test_raw_tagger_trains_from_pcm_shards(tmp_path, resident) -> None:
     ids = [f"t{i}" for i in range(24)]
     loud = [i % 2 == 0 for i in range(24)]  # "tone": a 440 Hz tone; the others noise
     t = np.arange(8000) / 8000.0
-    rows = [(track, (0.5 * np.sin(2 * np.pi * 440 * t) if on else 0.3 * rng.standard_normal(8000)).astype(np.float32))
-            for track, on in zip(ids, loud)]
+    rows = [
+        (track, (0.5 * np.sin(2 * np.pi * 440 * t) if on else 0.3 * rng.standard_normal(8000)).astype(np.float32))
+        for track, on in zip(ids, loud)
+    ]
     audio_dir = tmp_path / "audio"
     write_feature_shard(audio_to_table(rows, sample_rate=8000), audio_dir / "part-0.parquet")
-    tracks = pd.DataFrame({"track_id": ids, "split": ["train"] * 16 + ["valid"] * 4 + ["test"] * 4,
-                           "tags": [["tone"] if on else ["noise"] for on in loud]})
-    train = TrainSettings(crop_seconds=0.5, eval_hop_seconds=0.25, batch_size=8, crops_per_clip=2, max_epochs=3,
-                          patience=3, resident_data=resident, seed=0)
-    result = train_raw_tagger(audio_dir=audio_dir, tracks=tracks, tags=["noise", "tone"], train=train,
-                              sample_rate=8000, model={"filter_length": 64, "stride": 32, "n_filters": 16},
-                              checkpoint_dir=tmp_path / "ckpt")
+    tracks = pd.DataFrame(
+        {
+            "track_id": ids,
+            "split": ["train"] * 16 + ["valid"] * 4 + ["test"] * 4,
+            "tags": [["tone"] if on else ["noise"] for on in loud],
+        }
+    )
+    train = TrainSettings(
+        crop_seconds=0.5,
+        eval_hop_seconds=0.25,
+        batch_size=8,
+        crops_per_clip=2,
+        max_epochs=3,
+        patience=3,
+        resident_data=resident,
+        seed=0,
+    )
+    result = train_raw_tagger(
+        audio_dir=audio_dir,
+        tracks=tracks,
+        tags=["noise", "tone"],
+        train=train,
+        sample_rate=8000,
+        model={"filter_length": 64, "stride": 32, "n_filters": 16},
+        checkpoint_dir=tmp_path / "ckpt",
+    )
     assert result.metrics["test/roc_auc"] > 0.9 and result.checkpoint.exists()

@@ -23,9 +23,15 @@ def test_table_orders_sources_as_expected_on_a_planted_structure():
     scores = users @ items.T
     plays = sp.csr_matrix((scores > np.quantile(scores, 0.8, axis=1, keepdims=True)).astype(np.float32))
     noisy = items + 0.7 * rng.standard_normal(items.shape).astype(np.float32)
-    rows = {r.name: r for r in cold_start_rows(heldout_plays=plays, k=500, seed=0,
-                                                models={"CNN-predicted factors": (users, noisy),
-                                                        "WMF factors (upper bound)": (users, items)})}
+    rows = {
+        r.name: r
+        for r in cold_start_rows(
+            heldout_plays=plays,
+            k=500,
+            seed=0,
+            models={"CNN-predicted factors": (users, noisy), "WMF factors (upper bound)": (users, items)},
+        )
+    }
     assert abs(rows["random"].auc - 0.5) < 0.05
     assert rows["WMF factors (upper bound)"].auc == 1.0
     assert rows["random"].auc < rows["CNN-predicted factors"].auc < rows["WMF factors (upper bound)"].auc

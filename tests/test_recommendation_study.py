@@ -15,8 +15,15 @@ from tasks.recommend import choose_queries, nearest_by_cosine, query_table
 from tasks.studies import load_preset, preset_overrides
 
 WORLD = WorldSettings(n_tracks=160, n_users=300, clip_seconds=4.0, seed=0)
-ROWS = ["random", "popularity (oracle)", "linear regression", "MLP (1 hidden)", "CNN (MSE)", "CNN (WPE)",
-        "WMF factors (upper bound)"]
+ROWS = [
+    "random",
+    "popularity (oracle)",
+    "linear regression",
+    "MLP (1 hidden)",
+    "CNN (MSE)",
+    "CNN (WPE)",
+    "WMF factors (upper bound)",
+]
 
 
 def test_nearest_by_cosine_ranks_by_angle_and_leaves_the_query_out():
@@ -72,8 +79,9 @@ def test_the_study_lists_every_row_under_one_parent(study_run):
     data_dir, study, _, out = study_run
     client = MlflowClient(tracking_for(data_dir).tracking_uri)
     parent = client.get_run(out.parent_run_id)
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{out.parent_run_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{out.parent_run_id}'"
+    )
     assert sorted(c.data.tags["mirflow.configuration"] for c in children) == sorted(ROWS[2:6])
     logmel, kmeans = (f"features/synthetic/{parent.data.params[p]}" for p in ("feature_set", "kmeans_feature_set"))
     parent_inputs = run_inputs(parent)
@@ -118,8 +126,14 @@ def test_a_rerun_with_other_queries_reuses_every_model(study_run):
     client = MlflowClient(tracking_for(data_dir).tracking_uri)
     local = client.download_artifacts(out.parent_run_id, "table_queries.json", str(data_dir))
     first = str(pd.read_json(local, orient="split", dtype={"query": str})["query"].iloc[0])
-    again = recommendation_study(data_dir, "synthetic", study.model_copy(update={"query_ids": (first,)}), cluster,
-                                 tracking_for(data_dir), world=WORLD)
+    again = recommendation_study(
+        data_dir,
+        "synthetic",
+        study.model_copy(update={"query_ids": (first,)}),
+        cluster,
+        tracking_for(data_dir),
+        world=WORLD,
+    )
     assert again.parent_run_id == out.parent_run_id and (again.n_runs, again.n_reused) == (0, 4)
     assert again.table == out.table and f"query {first}," in again.queries
 
@@ -128,10 +142,16 @@ def test_a_rerun_with_other_queries_reuses_every_model(study_run):
 def test_an_unknown_query_is_refused_before_any_model_trains(study_run):
     data_dir, study, cluster, out = study_run
     with pytest.raises(ParameterError, match="'nope'"):
-        recommendation_study(data_dir, "synthetic", study.model_copy(update={"query_ids": ("nope",),
-                                                                             "regressor": study.regressor.model_copy(
-                                                                                 update={"hidden": 7})}),
-                             cluster, tracking_for(data_dir), world=WORLD)
+        recommendation_study(
+            data_dir,
+            "synthetic",
+            study.model_copy(
+                update={"query_ids": ("nope",), "regressor": study.regressor.model_copy(update={"hidden": 7})}
+            ),
+            cluster,
+            tracking_for(data_dir),
+            world=WORLD,
+        )
     client = MlflowClient(tracking_for(data_dir).tracking_uri)
     parent = client.get_run(out.parent_run_id)
     parents = client.search_runs([parent.info.experiment_id], filter_string="tags.`mirflow.preset` = 'nips2013-smoke'")

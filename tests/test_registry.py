@@ -67,8 +67,9 @@ def test_registering_the_same_model_again_makes_no_new_version(tracking):
 def test_the_cnn_alias_is_the_commit_point_of_a_promotion(tracking):
     for tag in ("a", "b"):
         wmf = register(tracking, WMF, _logged_model(tracking, f"wmf-{tag}"))
-        register(tracking, LATENT_FACTOR_CNN, _logged_model(tracking, f"cnn-{tag}"),
-                 tags={WMF_VERSION_TAG: str(wmf.version)})
+        register(
+            tracking, LATENT_FACTOR_CNN, _logged_model(tracking, f"cnn-{tag}"), tags={WMF_VERSION_TAG: str(wmf.version)}
+        )
     assert repair_recommender_aliases(tracking) is None  # version 1 of both: consistent
     # Killed after the WMF alias moved and before the CNN's: readers still see CNN v1 and the WMF it names.
     client_for(tracking).set_registered_model_alias(WMF, CHAMPION, "2")
@@ -82,8 +83,12 @@ def test_the_cnn_alias_is_the_commit_point_of_a_promotion(tracking):
 def test_a_promotion_registered_but_never_applied_is_finished(tracking):
     for tag in ("a", "b"):
         wmf = register(tracking, WMF, _logged_model(tracking, f"wmf-{tag}"))
-        register(tracking, LATENT_FACTOR_CNN, _logged_model(tracking, f"cnn-{tag}"),
-                 tags={WMF_VERSION_TAG: str(wmf.version), **({"mirflow.decision": "promoted"} if tag == "b" else {})})
+        register(
+            tracking,
+            LATENT_FACTOR_CNN,
+            _logged_model(tracking, f"cnn-{tag}"),
+            tags={WMF_VERSION_TAG: str(wmf.version), **({"mirflow.decision": "promoted"} if tag == "b" else {})},
+        )
     # Killed after registering v2 as promoted, before any alias moved: v1 is still champion of both.
     assert str(champion(tracking, LATENT_FACTOR_CNN).version) == "1"
     repair_recommender_aliases(tracking)
@@ -94,10 +99,17 @@ def _rows(new: float, old: float) -> list[RankingRow]:
     return [RankingRow("random", 0.1, 0.5), RankingRow(CHAMPION_ROW, old, 0.7), RankingRow(CHALLENGER_ROW, new, 0.8)]
 
 
-@pytest.mark.parametrize(("new", "old", "margin", "promoted"), [
-    (0.30, 0.20, 0.0, True), (0.20, 0.20, 0.0, False), (0.19, 0.20, 0.0, False),
-    (0.30, 0.20, 0.2, False), (0.30, 0.20, 0.1, True), (0.201, 0.20, 0.0, True),
-])
+@pytest.mark.parametrize(
+    ("new", "old", "margin", "promoted"),
+    [
+        (0.30, 0.20, 0.0, True),
+        (0.20, 0.20, 0.0, False),
+        (0.19, 0.20, 0.0, False),
+        (0.30, 0.20, 0.2, False),
+        (0.30, 0.20, 0.1, True),
+        (0.201, 0.20, 0.0, True),
+    ],
+)
 def test_promotion_needs_a_better_challenger_by_the_margin(new, old, margin, promoted):
     promote, challenger, champion_score, reason = decide(_rows(new, old), PromotionSettings(margin=margin))
     assert (promote, challenger, champion_score) == (promoted, new, old)
@@ -123,8 +135,12 @@ def test_recommenders_are_compared_on_the_users_they_all_know():
     perfect = (np.array(["u3", "u1", "u2"]), np.array([[1.0], [1.0], [-1.0]]), items)
     # Knows only u1 and u2, and ranks their tracks last; u3 is scored for no one.
     backwards = (np.array(["u2", "u1"]), np.array([[1.0], [-1.0]]), items)
-    rows = {r.name: r for r in compare_recommenders(heldout_plays=plays, track_ids=tracks,
-                                                    recommenders={"good": perfect, "bad": backwards}, k=2, seed=0)}
+    rows = {
+        r.name: r
+        for r in compare_recommenders(
+            heldout_plays=plays, track_ids=tracks, recommenders={"good": perfect, "bad": backwards}, k=2, seed=0
+        )
+    }
     assert rows["good"].n_users == rows["bad"].n_users == rows["random"].n_users == 2  # u1 and u2
     assert rows["good"].auc == 1.0 and rows["bad"].auc == 0.0
 
@@ -200,14 +216,20 @@ def test_prefect_retries_a_task_that_met_a_transient_io_error():
 
 
 def test_the_service_environment_is_read_when_asked(tmp_path):
-    env = service_environment({"MIRFLOW_DATA_DIR": str(tmp_path), "MIRFLOW_TRACKING_URI": "http://127.0.0.1:5000",
-                               "MIRFLOW_DASK_ADDRESS": "tcp://127.0.0.1:8786"})
+    env = service_environment(
+        {
+            "MIRFLOW_DATA_DIR": str(tmp_path),
+            "MIRFLOW_TRACKING_URI": "http://127.0.0.1:5000",
+            "MIRFLOW_DASK_ADDRESS": "tcp://127.0.0.1:8786",
+        }
+    )
     assert env.data_dir == tmp_path and env.tracking.artifact_root is None
     assert env.cluster().kind == "address" and env.cluster().address == "tcp://127.0.0.1:8786"
     local = service_environment({"MIRFLOW_DATA_DIR": str(tmp_path)})
     assert local.tracking.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}" and local.cluster().kind == "local"
-    shared = service_environment({"MIRFLOW_TRACKING_URI": "http://127.0.0.1:5000",
-                                  "MIRFLOW_ARTIFACT_ROOT": (tmp_path / "mlartifacts").as_uri()})
+    shared = service_environment(
+        {"MIRFLOW_TRACKING_URI": "http://127.0.0.1:5000", "MIRFLOW_ARTIFACT_ROOT": (tmp_path / "mlartifacts").as_uri()}
+    )
     assert shared.tracking.artifact_root == (tmp_path / "mlartifacts").as_uri()
 
 

@@ -46,12 +46,21 @@ def test_ddp_training_logs_to_exactly_one_mlflow_run(tmp_path, monkeypatch):
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     tracking = _tracking(tmp_path)
     features, targets = _splits()
-    settings = MLPSettings(hidden=32, dropout=0.0, train=TrainSettings(max_epochs=3, patience=3, batch_size=32,
-                                                                       accelerator="cpu", devices=2))
+    settings = MLPSettings(
+        hidden=32,
+        dropout=0.0,
+        train=TrainSettings(max_epochs=3, patience=3, batch_size=32, accelerator="cpu", devices=2),
+    )
     with tracked_run(tracking, "tagger", run_name="ddp", params={}) as run:
-        result = train_mlp_tagger(features=features, targets=targets, tags=TAGS, settings=settings,
-                                  checkpoint_dir=tmp_path / "checkpoints", quiet=True,
-                                  logger=mlflow_logger(tracking, "tagger", run.info.run_id))
+        result = train_mlp_tagger(
+            features=features,
+            targets=targets,
+            tags=TAGS,
+            settings=settings,
+            checkpoint_dir=tmp_path / "checkpoints",
+            quiet=True,
+            logger=mlflow_logger(tracking, "tagger", run.info.run_id),
+        )
     client = MlflowClient(tracking.tracking_uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [r.info.run_id for r in runs] == [run.info.run_id]  # rank 1 logged nowhere else
@@ -87,8 +96,9 @@ def _fit(checkpoint_dir, kill_at: int | None = None):
     features, targets = _splits()
     datamodule = VectorDataModule(features=features, targets=targets, batch_size=train.batch_size)
     module = MLPTaggerModule(n_inputs=N_INPUTS, tags=TAGS, hidden=16, dropout=0.0)
-    trainer, best = build_trainer(train, name="mlp", monitor="val/roc_auc", mode="max", checkpoint_dir=checkpoint_dir,
-                                  logger=False, quiet=True)
+    trainer, best = build_trainer(
+        train, name="mlp", monitor="val/roc_auc", mode="max", checkpoint_dir=checkpoint_dir, logger=False, quiet=True
+    )
     if kill_at is not None:
         trainer.callbacks.append(_Kill(kill_at))
     result = fit_and_test(trainer, best, module, datamodule, train=train, checkpoint_dir=checkpoint_dir)
@@ -123,8 +133,10 @@ def test_tracked_run_with_a_key_continues_the_run_that_did_not_complete(tmp_path
     from infra.tracking import tracked_run
 
     tracking = _tracking(tmp_path)
-    with pytest.raises(RuntimeError), tracked_run(tracking, "tagger", run_name="t", params={"a": 1},
-                                                  resume_key="k1") as first:
+    with (
+        pytest.raises(RuntimeError),
+        tracked_run(tracking, "tagger", run_name="t", params={"a": 1}, resume_key="k1") as first,
+    ):
         raise RuntimeError("killed")
     with tracked_run(tracking, "tagger", run_name="t", params={"a": 1}, resume_key="k1") as second:
         pass
@@ -138,8 +150,11 @@ def test_tracked_run_with_a_key_continues_the_run_that_did_not_complete(tmp_path
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("options", [{"resident_data": "cuda"}, {"resident_data": "off", "compile": True}],
-                         ids=["resident-cuda", "loader-compiled"])
+@pytest.mark.parametrize(
+    "options",
+    [{"resident_data": "cuda"}, {"resident_data": "off", "compile": True}],
+    ids=["resident-cuda", "loader-compiled"],
+)
 def test_raw_tagger_trains_on_a_gpu_in_bf16(tmp_path, options):
     import pandas as pd
 
@@ -150,16 +165,40 @@ def test_raw_tagger_trains_on_a_gpu_in_bf16(tmp_path, options):
     ids = [f"t{i}" for i in range(48)]
     tone = [i % 2 == 0 for i in range(48)]
     t = np.arange(16000) / 16000.0
-    rows = [(track, (0.5 * np.sin(2 * np.pi * 440 * t) if on else 0.3 * rng.standard_normal(16000)).astype(np.float32))
-            for track, on in zip(ids, tone)]
+    rows = [
+        (track, (0.5 * np.sin(2 * np.pi * 440 * t) if on else 0.3 * rng.standard_normal(16000)).astype(np.float32))
+        for track, on in zip(ids, tone)
+    ]
     write_feature_shard(audio_to_table(rows, sample_rate=16000), tmp_path / "audio" / "part-0.parquet")
-    tracks = pd.DataFrame({"track_id": ids, "split": ["train"] * 32 + ["valid"] * 8 + ["test"] * 8,
-                           "tags": [["tone"] if on else ["noise"] for on in tone]})
-    train = TrainSettings(crop_seconds=0.5, eval_hop_seconds=0.25, batch_size=16, crops_per_clip=4, max_epochs=4,
-                          patience=4, accelerator="gpu", precision="bf16-mixed", seed=0, **options)
-    result = train_raw_tagger(audio_dir=tmp_path / "audio", tracks=tracks, tags=["noise", "tone"], train=train,
-                              sample_rate=16000, model={"filter_length": 256, "stride": 128, "n_filters": 32},
-                              checkpoint_dir=tmp_path / "ckpt", quiet=True)
+    tracks = pd.DataFrame(
+        {
+            "track_id": ids,
+            "split": ["train"] * 32 + ["valid"] * 8 + ["test"] * 8,
+            "tags": [["tone"] if on else ["noise"] for on in tone],
+        }
+    )
+    train = TrainSettings(
+        crop_seconds=0.5,
+        eval_hop_seconds=0.25,
+        batch_size=16,
+        crops_per_clip=4,
+        max_epochs=4,
+        patience=4,
+        accelerator="gpu",
+        precision="bf16-mixed",
+        seed=0,
+        **options,
+    )
+    result = train_raw_tagger(
+        audio_dir=tmp_path / "audio",
+        tracks=tracks,
+        tags=["noise", "tone"],
+        train=train,
+        sample_rate=16000,
+        model={"filter_length": 256, "stride": 128, "n_filters": 32},
+        checkpoint_dir=tmp_path / "ckpt",
+        quiet=True,
+    )
     assert result.metrics["test/roc_auc"] > 0.9
     state = torch.load(result.checkpoint, weights_only=True)["state_dict"]
     assert not any("_orig_mod" in key for key in state)

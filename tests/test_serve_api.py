@@ -30,10 +30,14 @@ LIMITS = UploadLimits(max_bytes=4 * 2**20, max_seconds=120.0, min_seconds=1.0)
 def served(tmp_path_factory, prefect_server):
     data_dir = tmp_path_factory.mktemp("serve")
     train = TrainSettings(max_epochs=3, patience=3, crops_per_clip=2)
-    settings = PipelineSettings(data_dir=data_dir, world=WorldSettings(n_tracks=96, n_users=200, clip_seconds=5.0),
-                                cluster=ClusterSettings(kind="local", n_workers=2),
-                                tagger=TaggerSettings(train=train), recommender=LatentFactorSettings(train=train),
-                                tracking=tracking_for(data_dir))
+    settings = PipelineSettings(
+        data_dir=data_dir,
+        world=WorldSettings(n_tracks=96, n_users=200, clip_seconds=5.0),
+        cluster=ClusterSettings(kind="local", n_workers=2),
+        tagger=TaggerSettings(train=train),
+        recommender=LatentFactorSettings(train=train),
+        tracking=tracking_for(data_dir),
+    )
     pipeline(settings)
     catalogue = load_catalogue(data_dir, tracking_for(data_dir))
     return data_dir, catalogue, TestClient(create_app(catalogue, limits=LIMITS, decode_timeout_s=20))
@@ -110,9 +114,13 @@ def test_bad_uploads_get_a_json_reason_and_the_server_keeps_serving(served, tmp_
 @pytest.mark.integration
 def test_ids_are_validated_and_unknown_ones_are_404_json(served):
     _, catalogue, client = served
-    for url, status in (("/api/tracks/..%2F..%2Fetc%2Fpasswd", 400), ("/api/tracks/nope", 404),
-                        ("/api/audio/nope", 404), ("/api/users/nobody/recommendations", 404),
-                        ("/api/tracks/a%20b", 400)):
+    for url, status in (
+        ("/api/tracks/..%2F..%2Fetc%2Fpasswd", 400),
+        ("/api/tracks/nope", 404),
+        ("/api/audio/nope", 404),
+        ("/api/users/nobody/recommendations", 404),
+        ("/api/tracks/a%20b", 400),
+    ):
         response = client.get(url)
         assert response.status_code in (status, 404), (url, response.status_code)
         assert "error" in response.json()

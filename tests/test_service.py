@@ -45,15 +45,25 @@ class Service:
         self.data_dir = data_dir
         self.service_id = uuid.uuid4().hex
         prefect, mlflow_port, dask, dashboard, web = free_ports(5)
-        args = (f"--prefect-port {prefect} --mlflow-port {mlflow_port} --dask-port {dask} "
-                f"--dashboard-port {dashboard} --web-port {web} --workers 2 --paused-schedules")
-        self.env = {**os.environ, SERVICE_ID: self.service_id, "PREFECT_API_URL": f"http://127.0.0.1:{prefect}/api",
-                    "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}"}
+        args = (
+            f"--prefect-port {prefect} --mlflow-port {mlflow_port} --dask-port {dask} "
+            f"--dashboard-port {dashboard} --web-port {web} --workers 2 --paused-schedules"
+        )
+        self.env = {
+            **os.environ,
+            SERVICE_ID: self.service_id,
+            "PREFECT_API_URL": f"http://127.0.0.1:{prefect}/api",
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
+        }
         self.log = data_dir / "make-serve.log"
         self.out = open(self.log, "wb")
-        self.process = subprocess.Popen(["make", "-s", "-C", str(ROOT), "serve", f"DATA_DIR={data_dir}",
-                                         f"SERVE_ARGS={args}"], env=self.env, stdout=self.out,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            ["make", "-s", "-C", str(ROOT), "serve", f"DATA_DIR={data_dir}", f"SERVE_ARGS={args}"],
+            env=self.env,
+            stdout=self.out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.urls: dict[str, str] = {}
 
     def wait_ready(self, timeout: float = 300) -> None:
@@ -71,8 +81,9 @@ class Service:
         pytest.fail(f"make serve did not get ready in {timeout} s:\n{self.log.read_text()[-3000:]}")
 
     def prefect(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "prefect"), *args], env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            [str(BIN / "prefect"), *args], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
 
     def run_deployment(self, name: str, **params) -> str:
         """Run a deployment to its end with `prefect deployment run --watch`; returns its final state name."""
@@ -125,8 +136,11 @@ def _latest_decision(service: Service) -> str:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: service.env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["retrain-on-new-listening"])),
-                                      sort=ArtifactSort.CREATED_DESC, limit=1)
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["retrain-on-new-listening"])),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=1,
+        )
     return found[0].data
 
 
@@ -138,8 +152,13 @@ def test_every_printed_url_answers(service):
 
 
 def test_a_second_make_serve_says_one_is_running_and_exits(service):
-    done = subprocess.run(["make", "-s", "-C", str(ROOT), "serve", f"DATA_DIR={service.data_dir}"],
-                          env=service.env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        ["make", "-s", "-C", str(ROOT), "serve", f"DATA_DIR={service.data_dir}"],
+        env=service.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode != 0
     assert "already running" in done.stdout + done.stderr and service.urls["Prefect UI"] in done.stdout + done.stderr
     assert service.process.poll() is None  # the first one is untouched
@@ -230,15 +249,17 @@ def test_a_batch_of_random_plays_is_registered_but_not_promoted(service):
     songs = pq.read_table(layout.tracks("synthetic"), columns=["track_id"]).column(0).to_numpy()
     rng = np.random.default_rng(7)
     n = 20_000  # more plays than the real batches hold: noise that drowns the users' tastes
-    noise = pd.DataFrame({"user": rng.choice(users.unique(), n), "song": rng.choice(songs, n),
-                          "plays": rng.integers(1, 20, n)})
+    noise = pd.DataFrame(
+        {"user": rng.choice(users.unique(), n), "song": rng.choice(songs, n), "plays": rng.integers(1, 20, n)}
+    )
     noise.to_csv(layout.inbox() / "random-plays.txt", sep="\t", header=False, index=False)
     assert service.run_deployment("retrain-on-new-listening") == "Completed"
     versions = _versions(service, LATENT_FACTOR_CNN)
     assert [int(mv.version) for mv in versions] == [1, 2, 3]
     assert versions[-1].tags["mirflow.decision"] == "kept-champion"
-    assert float(versions[-1].tags["mirflow.challenger_score"]) < float(versions[-1].tags["mirflow.champion_score"]), \
+    assert float(versions[-1].tags["mirflow.challenger_score"]) < float(versions[-1].tags["mirflow.champion_score"]), (
         versions[-1].tags["mirflow.reason"]
+    )
     assert _champion(service, LATENT_FACTOR_CNN) == "2"
     assert "champion stays" in _latest_decision(service)
 
@@ -275,27 +296,84 @@ def test_features_on_a_cli_started_cluster_survive_a_killed_worker(tmp_path):
     tracks = _catalogue(tmp_path / "audio", 96, seconds=3.0)
     manifest = tmp_path / "catalogue.csv"
     tracks.rename(columns={"source_path": "path"})[["track_id", "path"]].to_csv(manifest, index=False)
-    options = {"windows": "1024,2048", "hop": 512, "hop_policy": "fixed", "sample_rate": 16000, "n_mels": 32,
-               "pyramid": "none", "pyramid_levels": 4, "audio_shards": False, "files_per_task": 2}
+    options = {
+        "windows": "1024,2048",
+        "hop": 512,
+        "hop_policy": "fixed",
+        "sample_rate": 16000,
+        "n_mels": 32,
+        "pyramid": "none",
+        "pyramid_levels": 4,
+        "audio_shards": False,
+        "files_per_task": 2,
+    }
     feature_dir = Layout(tmp_path / "data").features("tones", feature_settings_from_options(**options).feature_set)
     port, dashboard = free_ports(2)
     address = f"tcp://127.0.0.1:{port}"
     env = {**os.environ, "DASK_LOGGING__DISTRIBUTED": "warning"}
-    scheduler = subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                                  "--dashboard-address", f"127.0.0.1:{dashboard}"], env=env, start_new_session=True,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    workers = subprocess.Popen([str(BIN / "dask"), "worker", address, "--nworkers", "2", "--nthreads", "1",
-                                "--host", "127.0.0.1", "--no-dashboard"], env=env, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    scheduler = subprocess.Popen(
+        [
+            str(BIN / "dask"),
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dashboard-address",
+            f"127.0.0.1:{dashboard}",
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    workers = subprocess.Popen(
+        [
+            str(BIN / "dask"),
+            "worker",
+            address,
+            "--nworkers",
+            "2",
+            "--nthreads",
+            "1",
+            "--host",
+            "127.0.0.1",
+            "--no-dashboard",
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         with Client(address, timeout=60) as client:
             client.wait_for_workers(2, timeout=120)
             pids = list(client.run(os.getpid).values())
             with prefect_test_harness(server_startup_timeout=60), kill_mid_run(feature_dir, pids[0]) as shards_at_kill:
-                result = CliRunner().invoke(app, [
-                    "features", "--adapter", "manifest", "--source", str(manifest), "--dataset", "tones",
-                    "--data-dir", str(tmp_path / "data"), "--cluster", "address", "--address", address,
-                    "--windows", options["windows"], "--n-mels", "32", "--files-per-task", "2"])
+                result = CliRunner().invoke(
+                    app,
+                    [
+                        "features",
+                        "--adapter",
+                        "manifest",
+                        "--source",
+                        str(manifest),
+                        "--dataset",
+                        "tones",
+                        "--data-dir",
+                        str(tmp_path / "data"),
+                        "--cluster",
+                        "address",
+                        "--address",
+                        address,
+                        "--windows",
+                        options["windows"],
+                        "--n-mels",
+                        "32",
+                        "--files-per-task",
+                        "2",
+                    ],
+                )
             assert shards_at_kill, f"the worker was never killed:\n{result.output}"
             assert pids[0] not in client.run(os.getpid).values()
     finally:

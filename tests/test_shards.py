@@ -22,7 +22,6 @@ from tasks.shards import (
     write_table_atomic,
 )
 
-
 SOURCE = {"source_path": "/x.wav", "source_size": 1, "source_mtime_ns": 2, "duration_s": 1.0}
 
 
@@ -46,8 +45,15 @@ def test_shard_round_trip_keeps_shapes_and_float16_values(tmp_path):
 
 def test_several_resolutions_share_a_row_with_their_own_frame_counts(tmp_path):
     rng = np.random.default_rng(2)
-    rows = [(f"t{i}", "sha", {"mel_1024": rng.standard_normal((n, 16)), "mel_8192": rng.standard_normal((n // 8 + 1, 16))},
-             SOURCE) for i, n in enumerate([40, 17])]
+    rows = [
+        (
+            f"t{i}",
+            "sha",
+            {"mel_1024": rng.standard_normal((n, 16)), "mel_8192": rng.standard_normal((n // 8 + 1, 16))},
+            SOURCE,
+        )
+        for i, n in enumerate([40, 17])
+    ]
     path = write_table_atomic(features_to_table(rows, n_mels=16), tmp_path / "part-0.parquet")
     assert pq.read_table(path, columns=["n_frames"]).column(0).to_pylist() == [40, 17]
     coarse = table_to_features(pq.read_table(path, columns=["track_id", "mel_8192"]), column="mel_8192")
@@ -75,13 +81,26 @@ def test_atomic_write_leaves_no_partial_file_when_writing_fails(tmp_path, monkey
 def test_read_features_by_track_id_opens_only_what_is_asked(tmp_path):
     rng = np.random.default_rng(1)
     for shard, ids in (("part-a.parquet", ["a", "b"]), ("part-b.parquet", ["c"])):
-        table = features_to_table([(t, "sha", {"mel_1024": m}, SOURCE) for t, m in zip(ids, _mels(rng, [4] * len(ids)))],
-                                  n_mels=16)
+        table = features_to_table(
+            [(t, "sha", {"mel_1024": m}, SOURCE) for t, m in zip(ids, _mels(rng, [4] * len(ids)))], n_mels=16
+        )
         write_table_atomic(table, tmp_path / shard)
-    write_manifest(tmp_path, [
-        {"track_id": t, "content_sha1": "sha", "shard": s, "n_frames": 4, "settings_hash": "h", "duration_s": 1.0, "sample_rate": 16000}
-        for s, ids in (("part-a.parquet", ["a", "b"]), ("part-b.parquet", ["c"])) for t in ids
-    ])
+    write_manifest(
+        tmp_path,
+        [
+            {
+                "track_id": t,
+                "content_sha1": "sha",
+                "shard": s,
+                "n_frames": 4,
+                "settings_hash": "h",
+                "duration_s": 1.0,
+                "sample_rate": 16000,
+            }
+            for s, ids in (("part-a.parquet", ["a", "b"]), ("part-b.parquet", ["c"]))
+            for t in ids
+        ],
+    )
     assert set(read_features(tmp_path, column="mel_1024", track_ids=["c"])) == {"c"}
     assert set(read_features(tmp_path, column="mel_1024")) == {"a", "b", "c"}
     with pytest.raises(DatasetError, match="no features"):
@@ -91,8 +110,16 @@ def test_read_features_by_track_id_opens_only_what_is_asked(tmp_path):
 def test_quarantine_appends_and_keeps_earlier_records(tmp_path):
     path = tmp_path / "q.parquet"
     assert append_quarantine(path, [{"path": "a.mp3", "stage": "read", "reason": "corrupt"}]) == 1
-    assert append_quarantine(path, [{"path": "a.mp3", "stage": "read", "reason": "corrupt"},
-                                    {"path": "b.mp3", "stage": "check", "reason": "silent"}]) == 2
+    assert (
+        append_quarantine(
+            path,
+            [
+                {"path": "a.mp3", "stage": "read", "reason": "corrupt"},
+                {"path": "b.mp3", "stage": "check", "reason": "silent"},
+            ],
+        )
+        == 2
+    )
     assert sorted(pq.read_table(path).column("path").to_pylist()) == ["a.mp3", "b.mp3"]
 
 
@@ -125,7 +152,9 @@ def test_extract_plan_and_resume_skip_finished_tracks(tmp_path):
     assert resumed.n_skipped == 2 and sum(len(b.track_ids) for b in resumed.batches) == 4
 
     results = [extract_shard(b, feature_dir=out, settings=settings) for b in resumed.batches]
-    summary = finish_features(resumed, results, feature_dir=out, quarantine_path=tmp_path / "q.parquet", wall_seconds=1.0)
+    summary = finish_features(
+        resumed, results, feature_dir=out, quarantine_path=tmp_path / "q.parquet", wall_seconds=1.0
+    )
     assert (summary.n_tracks, summary.n_extracted, summary.n_skipped, summary.n_quarantined) == (5, 3, 2, 1)
     manifest = read_manifest(out).to_pandas()
     assert sorted(manifest["track_id"]) == ["t0", "t1", "t2", "t3", "t4"]
@@ -220,8 +249,9 @@ def test_resume_from_orphan_shard_keeps_metadata(tmp_path):
 
 
 def test_clip_too_short_for_the_pyramid_is_quarantined(tmp_path):
-    settings = FeatureSettings(mel=MelSettings(n_mels=32), extra_windows=(), pyramid="gaussian", pyramid_levels=8,
-                               min_seconds=0.5)
+    settings = FeatureSettings(
+        mel=MelSettings(n_mels=32), extra_windows=(), pyramid="gaussian", pyramid_levels=8, min_seconds=0.5
+    )
     tracks = _tone_files(tmp_path, 2)  # 2 s: 63 frames, too few for 8 levels (129)
     summary = _run(tracks, tmp_path / "features", settings, tmp_path)
     assert (summary.n_extracted, summary.n_quarantined) == (0, 2)

@@ -27,9 +27,19 @@ def noise_and_chirp() -> np.ndarray:
 def _librosa_mel(y: np.ndarray, s: MelSettings) -> np.ndarray:
     """Reference: librosa with the same settings, power spectrum, time-major."""
     S = librosa.feature.melspectrogram(
-        y=y, sr=s.sample_rate, n_fft=s.n_fft, hop_length=s.hop_length, win_length=s.n_fft,
-        window="hann", center=True, pad_mode="constant", power=2.0, n_mels=s.n_mels,
-        fmin=s.fmin, fmax=s.fmax, htk=s.mel_scale == "htk",
+        y=y,
+        sr=s.sample_rate,
+        n_fft=s.n_fft,
+        hop_length=s.hop_length,
+        win_length=s.n_fft,
+        window="hann",
+        center=True,
+        pad_mode="constant",
+        power=2.0,
+        n_mels=s.n_mels,
+        fmin=s.fmin,
+        fmax=s.fmax,
+        htk=s.mel_scale == "htk",
     )
     return S.T
 
@@ -67,8 +77,14 @@ def test_log1p_matches_librosa(noise_and_chirp, n_fft):
 @pytest.mark.parametrize("mel_scale", ["slaney", "htk"])
 def test_db_matches_librosa(noise_and_chirp, n_fft, mel_scale):
     s = MelSettings(
-        sample_rate=SR, n_fft=n_fft, hop_length=n_fft // 2, n_mels=128, fmin=20.0, fmax=10000.0,
-        mel_scale=mel_scale, compression="db",
+        sample_rate=SR,
+        n_fft=n_fft,
+        hop_length=n_fft // 2,
+        n_mels=128,
+        fmin=20.0,
+        fmax=10000.0,
+        mel_scale=mel_scale,
+        compression="db",
     )
     expected = librosa.power_to_db(_librosa_mel(noise_and_chirp, s), ref=1.0, amin=1e-10, top_db=80.0)
     got = log_mel(noise_and_chirp, settings=s).numpy()

@@ -45,8 +45,11 @@ def study_run(tmp_path_factory, prefect_server):
 def _children(data_dir, parent_run_id):
     client = MlflowClient(tracking_for(data_dir).tracking_uri)
     parent = client.get_run(parent_run_id)
-    return client, parent, client.search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    return (
+        client,
+        parent,
+        client.search_runs([parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'"),
+    )
 
 
 def test_parent_run_with_one_child_per_configuration(study_run):
@@ -68,8 +71,10 @@ def test_parent_run_with_one_child_per_configuration(study_run):
         written |= {name: digest for name, (digest, context) in run_inputs(run).items() if context == "output"}
     for child in children:
         kmeans = f"features/synthetic/{parent.data.params['kmeans_feature_set.' + child.data.tags['mirflow.codebook']]}"
-        assert run_inputs(child) == {kmeans: (written[kmeans], "training"),
-                                  "tracks/synthetic": parent_inputs["tracks/synthetic"]}
+        assert run_inputs(child) == {
+            kmeans: (written[kmeans], "training"),
+            "tracks/synthetic": parent_inputs["tracks/synthetic"],
+        }
     assert len(parent_inputs) == len(study.codebooks) + 1
     artifacts = {a.path for a in client.list_artifacts(out.parent_run_id)}
     assert {"study_table.json", "timescale_importance.json"} <= artifacts
@@ -98,9 +103,9 @@ def test_kmeans_features_beat_the_random_codebook(study_run):
     _, _, _, out = study_run
     data_dir = study_run[0]
     client = MlflowClient(tracking_for(data_dir).tracking_uri)
-    table = pd.read_json(client.download_artifacts(out.parent_run_id, "study_table.json",
-                                                   str(data_dir / "downloads-2")), orient="split").set_index(
-        "configuration")
+    table = pd.read_json(
+        client.download_artifacts(out.parent_run_id, "study_table.json", str(data_dir / "downloads-2")), orient="split"
+    ).set_index("configuration")
     # World seeds 0, 1, 2 gave gains of 0.152, 0.127, 0.101 (mel_1024) and 0.138, 0.156, 0.077
     # (multiresolution), with K-means ROC-AUC 0.71 or more.
     for row in ("mel_1024", "multiresolution"):
@@ -131,8 +136,9 @@ def test_rerun_reuses_features_and_finished_children(study_run):
     assert again.table == out.table
     # The resumed parent's tables are replaced, not appended to.
     client = MlflowClient(tracking_for(data_dir).tracking_uri)
-    table = pd.read_json(client.download_artifacts(out.parent_run_id, "study_table.json", str(data_dir / "dl-3")),
-                         orient="split")
+    table = pd.read_json(
+        client.download_artifacts(out.parent_run_id, "study_table.json", str(data_dir / "dl-3")), orient="split"
+    )
     assert len(table) == len({c.base for c in configurations(study) if c.group != "without"})
 
 
@@ -143,22 +149,26 @@ def test_other_data_never_reuses_codebooks_or_children(study_run):
     settings = study.kmeans.model_copy(update={"codebook": "kmeans", "timescales": study.timescales})
     kmeans_dir = layout.features("synthetic", kmeans_feature_set(study.features, settings))
     base_dir = layout.features("synthetic", study.features.feature_set)
-    plan = plan_kmeans_features(tracks, base_dir=base_dir, kmeans_dir=kmeans_dir, features=study.features,
-                                kmeans=settings)
+    plan = plan_kmeans_features(
+        tracks, base_dir=base_dir, kmeans_dir=kmeans_dir, features=study.features, kmeans=settings
+    )
     assert plan.to_fit == ()  # same split: every codebook is kept
     # A clip a codebook was fitted on moves to the test split: every codebook is fitted again.
     moved = tracks.copy()
     moved.loc[moved["track_id"] == plan.fit_track_ids[0], "split"] = "test"
-    replan = plan_kmeans_features(moved, base_dir=base_dir, kmeans_dir=kmeans_dir, features=study.features,
-                                  kmeans=settings)
+    replan = plan_kmeans_features(
+        moved, base_dir=base_dir, kmeans_dir=kmeans_dir, features=study.features, kmeans=settings
+    )
     assert replan.to_fit == plan.timescales
     # ... and the study's data fingerprint (part of every reuse key) changes with the split.
     dirs = {"kmeans": kmeans_dir}
     same = load_study_data(tracks, dirs, timescales=study.timescales, n_tags=study.mlp.n_tags)
     other = load_study_data(moved, dirs, timescales=study.timescales, n_tags=study.mlp.n_tags)
     assert same.fingerprint != other.fingerprint
-    assert same.fingerprint == load_study_data(tracks, dirs, timescales=study.timescales,
-                                               n_tags=study.mlp.n_tags).fingerprint
+    assert (
+        same.fingerprint
+        == load_study_data(tracks, dirs, timescales=study.timescales, n_tags=study.mlp.n_tags).fingerprint
+    )
 
 
 def test_bad_settings_fail_before_any_work(study_run, tmp_path):
@@ -191,12 +201,16 @@ def test_a_clip_that_cannot_be_encoded_is_quarantined_and_the_batch_goes_on(stud
     base_dir = Layout(data_dir).features("synthetic", study.features.feature_set)
     n_mels, context = study.features.mel.n_mels, 60  # longer than mel_1024_l2 (47 frames of a 6 s clip)
     whitening = fit_whitening(np.random.default_rng(0).standard_normal((50, context * n_mels)), epsilon=1.0)
-    random_codebook(whitening, k=4, context=context, n_mels=n_mels, seed=0).save(
-        codebook_path(tmp_path, "mel_1024_l2"))
+    random_codebook(whitening, k=4, context=context, n_mels=n_mels, seed=0).save(codebook_path(tmp_path, "mel_1024_l2"))
     ids = tuple(pq.read_table(base_dir / "_manifest.parquet").column("track_id").to_pylist()[:2])
-    result = encode_batch(EncodeBatch(shard="part-x.parquet", track_ids=ids), base_dir=base_dir, kmeans_dir=tmp_path,
-                          timescales=("mel_1024_l2",), kmeans=KMeansSettings(k=4, context=context),
-                          encoding_hash="test")
+    result = encode_batch(
+        EncodeBatch(shard="part-x.parquet", track_ids=ids),
+        base_dir=base_dir,
+        kmeans_dir=tmp_path,
+        timescales=("mel_1024_l2",),
+        kmeans=KMeansSettings(k=4, context=context),
+        encoding_hash="test",
+    )
     assert result.shard is None and not result.records
     assert [(q["track_id"], q["stage"]) for q in result.quarantined] == [(t, "kmeans") for t in ids]
     assert "shorter than the codebook's context" in result.quarantined[0]["reason"]

@@ -22,7 +22,9 @@ SECONDS = 3.0
 
 @pytest.fixture(scope="module")
 def settings() -> WorldSettings:
-    return WorldSettings(n_tracks=24, n_users=30, clip_seconds=SECONDS, sample_rate=SR, mean_tracks_per_user=6.0, seed=7)
+    return WorldSettings(
+        n_tracks=24, n_users=30, clip_seconds=SECONDS, sample_rate=SR, mean_tracks_per_user=6.0, seed=7
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,9 @@ def _track(*tags: str, style: str, seed: int = 3) -> synth.TrackPlan:
 
 def _triplets(root: Path) -> pd.DataFrame:
     frames = [
-        pd.read_csv(p, sep="\t", header=None, names=["user", "song", "plays"], dtype={"user": str, "song": str}).assign(batch=b)
+        pd.read_csv(p, sep="\t", header=None, names=["user", "song", "plays"], dtype={"user": str, "song": str}).assign(
+            batch=b
+        )
         for b, p in enumerate(sorted((root / "taste_profile").glob("train_triplets.batch-*.txt")))
     ]
     return pd.concat(frames, ignore_index=True)
@@ -100,7 +104,9 @@ def test_world_is_deterministic(world: Path, settings: WorldSettings, tmp_path: 
         assert (tmp_path / "taste_profile" / path.name).read_bytes() == path.read_bytes()
     again = synth.plan_world(settings)
     synth.write_annotations(again, root=tmp_path)
-    assert (tmp_path / "mtat" / "annotations_final.csv").read_bytes() == (world / "mtat" / "annotations_final.csv").read_bytes()
+    assert (tmp_path / "mtat" / "annotations_final.csv").read_bytes() == (
+        world / "mtat" / "annotations_final.csv"
+    ).read_bytes()
     a = synth.render_clip(tracks[0], sample_rate=SR, seconds=SECONDS)
     b = synth.render_clip(tracks[0], sample_rate=SR, seconds=SECONDS)
     assert a.dtype == np.float32 and a.shape == (int(SR * SECONDS),)
@@ -121,7 +127,9 @@ def test_completion_marker(world: Path, settings: WorldSettings) -> None:
 
 def test_loud_clips_are_louder() -> None:
     def rms(*tags: str) -> float:
-        y = synth.render_clip(_track("piano", "drums", "slow", "major", *tags, style="pop"), sample_rate=SR, seconds=SECONDS)
+        y = synth.render_clip(
+            _track("piano", "drums", "slow", "major", *tags, style="pop"), sample_rate=SR, seconds=SECONDS
+        )
         return float(np.sqrt(np.mean(y**2)))
 
     assert rms("loud") > 3 * rms("quiet")
@@ -207,10 +215,12 @@ def _rms_per_second(y: np.ndarray) -> np.ndarray:
 def test_crescendo_rises_over_the_clip_and_breaks_drop_the_band() -> None:
     seconds = 12.0
     plain = synth.render_clip(_track("drums", "bass", "slow", "minor", style="rock"), sample_rate=SR, seconds=seconds)
-    rising = synth.render_clip(_track("drums", "bass", "slow", "minor", "crescendo", style="rock"), sample_rate=SR,
-                               seconds=seconds)
-    breaks = synth.render_clip(_track("drums", "bass", "slow", "minor", "breaks", style="rock"), sample_rate=SR,
-                               seconds=seconds)
+    rising = synth.render_clip(
+        _track("drums", "bass", "slow", "minor", "crescendo", style="rock"), sample_rate=SR, seconds=seconds
+    )
+    breaks = synth.render_clip(
+        _track("drums", "bass", "slow", "minor", "breaks", style="rock"), sample_rate=SR, seconds=seconds
+    )
     level = {name: _rms_per_second(y) for name, y in {"plain": plain, "rising": rising, "breaks": breaks}.items()}
     # The same notes: without the long-timescale tags the level is steady ...
     assert level["plain"].max() / level["plain"].min() < 2.0
@@ -290,7 +300,9 @@ def test_plan_target_rejects_bad_arguments(settings: WorldSettings) -> None:
         synth.plan_target(settings, n_tracks=len(synth.TARGET_GENRES) - 1, seed=0)
     with pytest.raises(ParameterError, match="seed"):
         synth.plan_target(settings, n_tracks=12, seed=-1)
-    rock_tagged_metal = synth.TrackPlan(1, "rock/rock.00000.wav", "rock", ("rock", "metal", "guitar"), ("rock",), 3, 1.0)
+    rock_tagged_metal = synth.TrackPlan(
+        1, "rock/rock.00000.wav", "rock", ("rock", "metal", "guitar"), ("rock",), 3, 1.0
+    )
     with pytest.raises(ParameterError, match="unknown tags"):  # a genre name is a tag of its own clips only
         synth.render_clip(rock_tagged_metal, sample_rate=SR, seconds=1.0)
 
@@ -324,7 +336,9 @@ def test_target_resumes_and_is_replaced_when_settings_change(tmp_path: Path, set
     assert synth.target_is_complete(tmp_path, settings, n_tracks=6, seed=1)
     assert synth.target_is_complete(tmp_path, settings.model_copy(update={"n_users": 31}), n_tracks=6, seed=1)
     assert not synth.target_is_complete(tmp_path, settings, n_tracks=6, seed=2)
-    assert not synth.target_is_complete(tmp_path, settings.model_copy(update={"sample_rate": 22050}), n_tracks=6, seed=1)
+    assert not synth.target_is_complete(
+        tmp_path, settings.model_copy(update={"sample_rate": 22050}), n_tracks=6, seed=1
+    )
     (tmp_path / "notes.txt").write_text("not ours")
     old_clip = next(tmp_path.rglob("*.wav"))
     assert synth.begin_target(tmp_path, settings, n_tracks=6, seed=2) is True
@@ -373,7 +387,9 @@ def test_new_genres_sound_different_from_shared_ones_with_the_same_tags(seed: in
     assert _low_band_peaks(render(*drums, style="metal")) > 3 * _low_band_peaks(render(*drums, style="rock"))
     # Disco's open hats ring on the off-beats where techno's closed hats (same positions) are short ticks.
     disco = ("drums", "fast", "major", "loud")
-    assert _power_share_above(render(*disco, style="disco"), 4000.0) > 1.5 * _power_share_above(render(*disco, style="techno"), 4000.0)
+    assert _power_share_above(render(*disco, style="disco"), 4000.0) > 1.5 * _power_share_above(
+        render(*disco, style="techno"), 4000.0
+    )
     # Metal's overdriven guitar is far noisier in spectrum than rock's clean one.
     guitar = ("guitar", "fast", "minor", "loud")
     assert _spectral_flatness(render(*guitar, style="metal")) > 5 * _spectral_flatness(render(*guitar, style="rock"))

@@ -30,8 +30,10 @@ def test_quota_from_cgroup_v2_and_v1_files(tmp_path):
     assert 1 <= cpu_budget()
 
 
-@pytest.mark.parametrize("budget, others, threads", [(2, 0.0, 2), (2, 0.4, 2), (2, 0.6, 1), (2, 1.0, 1), (2, 3.0, 1),
-                                                     (16, 2.2, 14), (16, 2.5, 13), (1, 0.9, 1)])
+@pytest.mark.parametrize(
+    "budget, others, threads",
+    [(2, 0.0, 2), (2, 0.4, 2), (2, 0.6, 1), (2, 1.0, 1), (2, 3.0, 1), (16, 2.2, 14), (16, 2.5, 13), (1, 0.9, 1)],
+)
 def test_threads_leave_the_cores_other_processes_keep_busy(budget, others, threads):
     assert threads_for(budget, others) == threads
 

@@ -42,14 +42,34 @@ def _catalogue(root: Path, *, tags_of_b: tuple[str, ...] = ("rock",), sha1_of_b:
     way round. Paths, sizes and times differ with ``root``; the content only with the keyword values."""
     rows = [("a", "train", ["piano"], "aa"), ("b", "test", list(tags_of_b), sha1_of_b)]
     rows = rows[::-1] if reverse else rows
-    tracks = pd.DataFrame({"track_id": [r[0] for r in rows], "source_path": [str(root / f"{r[0]}.mp3") for r in rows],
-                           "split": [r[1] for r in rows], "tags": [r[2] for r in rows]})
+    tracks = pd.DataFrame(
+        {
+            "track_id": [r[0] for r in rows],
+            "source_path": [str(root / f"{r[0]}.mp3") for r in rows],
+            "split": [r[1] for r in rows],
+            "tags": [r[2] for r in rows],
+        }
+    )
     tracks_path = write_table_atomic(pa.Table.from_pandas(tracks, preserve_index=False), root / "tracks" / "x.parquet")
     feature_dir = root / "features" / "x" / "logmel-test"
-    write_manifest(feature_dir, [{"track_id": t, "content_sha1": sha1, "shard": f"part-{root.name}.parquet",
-                                  "n_frames": 10, "settings_hash": "s1", "duration_s": 1.0, "sample_rate": 22050,
-                                  "source_path": str(root / f"{t}.mp3"), "source_size": len(str(root)),
-                                  "source_mtime_ns": hash(str(root)) & 0xFFFF} for t, _, _, sha1 in rows])
+    write_manifest(
+        feature_dir,
+        [
+            {
+                "track_id": t,
+                "content_sha1": sha1,
+                "shard": f"part-{root.name}.parquet",
+                "n_frames": 10,
+                "settings_hash": "s1",
+                "duration_s": 1.0,
+                "sample_rate": 22050,
+                "source_path": str(root / f"{t}.mp3"),
+                "source_size": len(str(root)),
+                "source_mtime_ns": hash(str(root)) & 0xFFFF,
+            }
+            for t, _, _, sha1 in rows
+        ],
+    )
     return tracks_path, feature_dir
 
 
@@ -70,8 +90,7 @@ def test_runs_on_the_same_data_show_the_same_digests_and_other_data_others(tmp_p
 
     def run(root: Path, batches: list[str], **content) -> dict[str, tuple[str, str]]:
         tracks_path, feature_dir = _catalogue(root, **content)
-        inputs = [features_input(feature_dir, "x"), tracks_input(tracks_path, "x"),
-                  listening_input(listening, batches)]
+        inputs = [features_input(feature_dir, "x"), tracks_input(tracks_path, "x"), listening_input(listening, batches)]
         with tracked_run(tracking, "tagger", run_name="t", params={}, inputs=inputs) as active:
             pass
         return run_inputs(MlflowClient(tracking.tracking_uri).get_run(active.info.run_id))
@@ -86,7 +105,10 @@ def test_runs_on_the_same_data_show_the_same_digests_and_other_data_others(tmp_p
     # Other content: another digest for that input only.
     other = run(tmp_path / "four", ["b1", "b3"], tags_of_b=("jazz",), sha1_of_b="cc")
     assert {name: other[name][0] != first[name][0] for name in first} == {
-        "features/x/logmel-test": True, "tracks/x": True, "listening": True}
+        "features/x/logmel-test": True,
+        "tracks/x": True,
+        "listening": True,
+    }
     audio_only = run(tmp_path / "five", ["b1", "b2"], sha1_of_b="cc")
     assert audio_only["tracks/x"] == first["tracks/x"]  # the audio's content is the features' digest
     assert audio_only["features/x/logmel-test"] != first["features/x/logmel-test"]
@@ -99,8 +121,10 @@ def test_a_resumed_run_logs_its_inputs_once_and_files_are_hashed_by_content(tmp_
     copy.parent.mkdir()
     copy.write_bytes((feature_dir / MANIFEST).read_bytes())
     inputs = [tracks_input(tracks_path, "x"), files_input({"m": feature_dir / MANIFEST}, name="m", context="output")]
-    with pytest.raises(RuntimeError), tracked_run(tracking, "tagger", run_name="t", params={}, inputs=inputs,
-                                                  resume_key="k") as first:
+    with (
+        pytest.raises(RuntimeError),
+        tracked_run(tracking, "tagger", run_name="t", params={}, inputs=inputs, resume_key="k") as first,
+    ):
         raise RuntimeError("killed")
     with tracked_run(tracking, "tagger", run_name="t", params={}, inputs=inputs, resume_key="k") as again:
         pass
@@ -116,8 +140,7 @@ def test_every_family_has_a_description_and_a_users_edit_is_kept(store):
     client = MlflowClient(tracking.tracking_uri)
     used = set()
     for path in FLOWS.glob("*.py"):  # every family a flow opens runs in
-        used |= set(re.findall(r'(?:tracked_run|parent_run|mlflow_logger)\(\s*[\w.]+,\s*"([a-z-]+)"',
-                               path.read_text()))
+        used |= set(re.findall(r'(?:tracked_run|parent_run|mlflow_logger)\(\s*[\w.]+,\s*"([a-z-]+)"', path.read_text()))
     assert {"features", "tagger", "wmf", "study", "pipeline"} <= used <= FAMILY_DESCRIPTIONS.keys()
     older = client.create_experiment("described-embed")  # made before experiments had descriptions
     for family, description in FAMILY_DESCRIPTIONS.items():

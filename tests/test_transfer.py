@@ -137,16 +137,23 @@ def test_check_target_rejects_bad_cv(cv) -> None:
 
 
 def test_check_target_multi_label_removes_untrainable_tags_with_a_record() -> None:
-    rows = [("train", ["a", "b"]), ("train", ["a"]), ("valid", ["a", "b"]), ("test", ["b"]),
-            ("test", ["a", "c"]), ("valid", ["c"])]  # 'c' has no training track
+    rows = [
+        ("train", ["a", "b"]),
+        ("train", ["a"]),
+        ("valid", ["a", "b"]),
+        ("test", ["b"]),
+        ("test", ["a", "c"]),
+        ("valid", ["c"]),
+    ]  # 'c' has no training track
 
     with pytest.warns(UserWarning, match="1 label"):
         check = check_target(_tracks(rows), cv=None)
 
     assert check.kind == "multi"
     assert check.classes == ("a", "b")
-    assert check.class_notes == [{"label": "c", "action": "removed", "reason": check.class_notes[0]["reason"],
-                                  "train": 0, "valid": 1, "test": 1}]
+    assert check.class_notes == [
+        {"label": "c", "action": "removed", "reason": check.class_notes[0]["reason"], "train": 0, "valid": 1, "test": 1}
+    ]
     assert check.track_ids == ("t0", "t1", "t2", "t3", "t4")  # t5 held only 'c'
     assert check.dropped[0]["track_id"] == "t5"
 
@@ -225,8 +232,9 @@ def test_random_features_score_at_chance() -> None:
     x = rng.normal(size=(len(y), 8))
     labels = [[CLASSES[i]] for i in rng.permutation(y)]
 
-    score = fit_transfer(x, labels, np.full(len(y), "test"), classes=CLASSES, kind="single",
-                         cs=(0.01, 1.0), cv=5, inner_folds=3)
+    score = fit_transfer(
+        x, labels, np.full(len(y), "test"), classes=CLASSES, kind="single", cs=(0.01, 1.0), cv=5, inner_folds=3
+    )
 
     assert score.value == pytest.approx(0.25, abs=0.1)
 
@@ -236,8 +244,14 @@ def test_fit_transfer_is_deterministic_for_a_seed() -> None:
     x = rng.normal(size=(120, 5))
     labels = [[CLASSES[i]] for i in rng.integers(0, 3, size=120)]
     splits = np.full(120, "train")
-    kwargs = {"classes": CLASSES[:3], "kind": "single", "classifier": "svm", "cs": (0.01, 1.0), "cv": 3,
-              "inner_folds": 3}
+    kwargs = {
+        "classes": CLASSES[:3],
+        "kind": "single",
+        "classifier": "svm",
+        "cs": (0.01, 1.0),
+        "cv": 3,
+        "inner_folds": 3,
+    }
 
     first = fit_transfer(x, labels, splits, seed=11, **kwargs)
     again = fit_transfer(x, labels, splits, seed=11, **kwargs)
@@ -258,8 +272,17 @@ def test_multi_label_macro_auc_on_the_split_and_with_cv() -> None:
     tags = ("a", "b", "c")
 
     on_split = fit_transfer(x, labels, _split_of(len(y), 9), classes=tags, kind="multi", cs=(0.1, 10.0))
-    crossed = fit_transfer(x, labels, np.full(len(y), "valid"), classes=tags, kind="multi", classifier="svm",
-                           cs=(0.1, 10.0), cv=3, inner_folds=3)
+    crossed = fit_transfer(
+        x,
+        labels,
+        np.full(len(y), "valid"),
+        classes=tags,
+        kind="multi",
+        classifier="svm",
+        cs=(0.1, 10.0),
+        cv=3,
+        inner_folds=3,
+    )
 
     for score in (on_split, crossed):
         assert score.metric == "macro_roc_auc" and score.confusion is None
@@ -312,8 +335,12 @@ def test_fit_transfer_emits_no_warnings_at_large_c() -> None:
     labels = [[CLASSES[i]] for i in y]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        scores = [fit_transfer(x, labels, _split_of(len(y), 15), classes=CLASSES[:2], kind="single",
-                               classifier=classifier, cs=(1e4,)) for classifier in ("logreg", "svm")]
+        scores = [
+            fit_transfer(
+                x, labels, _split_of(len(y), 15), classes=CLASSES[:2], kind="single", classifier=classifier, cs=(1e4,)
+            )
+            for classifier in ("logreg", "svm")
+        ]
     assert [str(w.message) for w in caught] == []
     assert all(s.chosen_c == (1e4,) and s.value > 0.9 for s in scores)  # separable blobs, the one C given
 
@@ -323,12 +350,26 @@ def test_fit_transfer_emits_no_warnings_at_large_c() -> None:
 
 def test_format_transfer_table() -> None:
     x, y = _blobs(20, 2, 4, spread=4.0, seed=16)
-    score = fit_transfer(x, [[CLASSES[i]] for i in y], np.full(len(y), "train"), classes=CLASSES[:2],
-                         kind="single", cs=(0.1,), cv=4, inner_folds=2)
+    score = fit_transfer(
+        x,
+        [[CLASSES[i]] for i in y],
+        np.full(len(y), "train"),
+        classes=CLASSES[:2],
+        kind="single",
+        cs=(0.1,),
+        cv=4,
+        inner_folds=2,
+    )
     rows = [
         {"feature_set": "mfcc-20", "dims": 40, **score.summary()},
-        {"feature_set": "log-mel statistics", "dims": 256, "metric": "macro_roc_auc", "value": 0.8766,
-         "std": 0.0, "chosen_c": 1.0},
+        {
+            "feature_set": "log-mel statistics",
+            "dims": 256,
+            "metric": "macro_roc_auc",
+            "value": 0.8766,
+            "std": 0.0,
+            "chosen_c": 1.0,
+        },
     ]
 
     lines = format_transfer_table(rows).splitlines()

@@ -57,8 +57,9 @@ def test_the_study_gives_the_source_table_and_registers_every_model(pretrained):
     data_dir, study, out = pretrained
     client = MlflowClient(tracking_for(data_dir).tracking_uri)
     parent = client.get_run(out.parent_run_id)
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{out.parent_run_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{out.parent_run_id}'"
+    )
     expected = {f"{task} · {model}" for task in study.sources for model in study.models}
     assert {c.data.tags["mirflow.configuration"] for c in children} == expected
     kmeans = f"features/synthetic/{parent.data.params['kmeans_feature_set']}"
@@ -74,8 +75,9 @@ def test_the_study_gives_the_source_table_and_registers_every_model(pretrained):
         for model in study.models:
             version = client.get_model_version_by_alias(f"{PRETRAINED}-{task}-{model}", CHAMPION)
             assert version.run_id in {c.info.run_id for c in children}
-    transfer_table = pd.read_json(client.download_artifacts(out.parent_run_id, "table_transfer.json", str(data_dir)),
-                                  orient="split")
+    transfer_table = pd.read_json(
+        client.download_artifacts(out.parent_run_id, "table_transfer.json", str(data_dir)), orient="split"
+    )
     names = list(transfer_table["feature_set"])
     assert names[-3:] == ["K-means (target audio)", "log-mel mean/std", "MFCC-20 mean/std"]
     assert sum(n.startswith("pretrained: ") for n in names) == len(expected) + 1  # each model, and all combined
@@ -118,8 +120,18 @@ def test_embed_the_real_gtzan_samples(pretrained, shared_data):
     first = embed_catalogue(data_dir, "gtzan-samples", ref, CLUSTER, tracking_for(data_dir), source=source)
     vectors = read_embeddings(Path(first.path))
     assert len(vectors) == first.n_tracks == 10
-    assert sorted(t.split(".")[0] for t in vectors) == ["blues", "classical", "country", "disco", "hiphop", "jazz",
-                                                        "metal", "pop", "reggae", "rock"]
+    assert sorted(t.split(".")[0] for t in vectors) == [
+        "blues",
+        "classical",
+        "country",
+        "disco",
+        "hiphop",
+        "jazz",
+        "metal",
+        "pop",
+        "reggae",
+        "rock",
+    ]
     assert all(np.isfinite(v).all() for v in vectors.values())
     assert np.ptp(np.stack(list(vectors.values())), axis=0).max() > 0  # the clips do not all embed alike
     Path(first.path).unlink()  # the second run rewrites it from the stored features
@@ -157,8 +169,16 @@ def _balanced(genres=("metal", "folk")) -> list[tuple[str, str, str]]:
 def test_a_target_with_one_class_is_refused_by_name(tmp_path, prefect_server):
     manifest = _target_manifest(tmp_path / "audio", rows=_balanced(("metal",)))
     with pytest.raises(TransferError, match="one class 'metal'"):
-        transfer(tmp_path, "one-class", BASELINES, FEATURES, KMeansSettings(), CLUSTER, tracking_for(tmp_path),
-                 source=SourceSettings(adapter="manifest", path=manifest))
+        transfer(
+            tmp_path,
+            "one-class",
+            BASELINES,
+            FEATURES,
+            KMeansSettings(),
+            CLUSTER,
+            tracking_for(tmp_path),
+            source=SourceSettings(adapter="manifest", path=manifest),
+        )
     assert not Layout(tmp_path).features("one-class", FEATURES.feature_set).exists()  # refused before any audio
 
 
@@ -167,8 +187,16 @@ def test_a_label_missing_from_a_split_is_refused_with_the_counts_and_the_cv_alte
     rows = [r for r in _balanced() if not (r[0] == "folk" and r[1] == "test")]
     manifest = _target_manifest(tmp_path / "audio", rows=rows)
     with pytest.raises(TransferError, match=r"'folk' has no track in the test split .*--cv"):
-        transfer(tmp_path, "gap", BASELINES, FEATURES, KMeansSettings(), CLUSTER, tracking_for(tmp_path),
-                 source=SourceSettings(adapter="manifest", path=manifest))
+        transfer(
+            tmp_path,
+            "gap",
+            BASELINES,
+            FEATURES,
+            KMeansSettings(),
+            CLUSTER,
+            tracking_for(tmp_path),
+            source=SourceSettings(adapter="manifest", path=manifest),
+        )
 
 
 @pytest.mark.integration
@@ -180,8 +208,16 @@ def test_tracks_that_fail_to_decode_are_quarantined_and_left_out(tmp_path, prefe
     broken.write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really audio" * 10)
     listed.loc[len(listed) - 1, ["track_id", "path"]] = ["broken", "broken.wav"]
     listed.to_csv(manifest, index=False)
-    out = transfer(tmp_path, "broken", BASELINES, FEATURES, KMeansSettings(), CLUSTER, tracking_for(tmp_path),
-                   source=SourceSettings(adapter="manifest", path=manifest))
+    out = transfer(
+        tmp_path,
+        "broken",
+        BASELINES,
+        FEATURES,
+        KMeansSettings(),
+        CLUSTER,
+        tracking_for(tmp_path),
+        source=SourceSettings(adapter="manifest", path=manifest),
+    )
     assert out.n_tracks == len(rows) - 1 and out.n_dropped == 1
     assert [r["feature_set"] for r in out.rows] == ["log-mel mean/std", "MFCC-20 mean/std"]
     quarantine = pq.read_table(Layout(tmp_path).quarantine("broken")).to_pandas()
@@ -191,16 +227,60 @@ def test_tracks_that_fail_to_decode_are_quarantined_and_left_out(tmp_path, prefe
 @pytest.mark.integration
 def test_the_cli_prints_the_bad_target_message_without_a_traceback(tmp_path, prefect_server):
     manifest = _target_manifest(tmp_path / "audio", rows=_balanced(("folk",)))
-    result = CliRunner().invoke(app, ["transfer", "--dataset", "cli-one", "--adapter", "manifest", "--source",
-                                      str(manifest), "--feature-set", "mfcc", "--data-dir", str(tmp_path),
-                                      "--workers", "1"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "transfer",
+            "--dataset",
+            "cli-one",
+            "--adapter",
+            "manifest",
+            "--source",
+            str(manifest),
+            "--feature-set",
+            "mfcc",
+            "--data-dir",
+            str(tmp_path),
+            "--workers",
+            "1",
+        ],
+    )
     assert result.exit_code == 2 and "one class 'folk'" in result.output and "Traceback" not in result.output
-    result = CliRunner().invoke(app, ["transfer", "--dataset", "cli-one", "--adapter", "manifest", "--source",
-                                      str(manifest), "--feature-set", "pretrained", "--data-dir", str(tmp_path)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "transfer",
+            "--dataset",
+            "cli-one",
+            "--adapter",
+            "manifest",
+            "--source",
+            str(manifest),
+            "--feature-set",
+            "pretrained",
+            "--data-dir",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 2 and "needs --model" in result.output
-    result = CliRunner().invoke(app, ["transfer", "--dataset", "cli-one", "--adapter", "manifest", "--source",
-                                      str(manifest), "--feature-set", "mfcc", "--model", "0" * 32,
-                                      "--data-dir", str(tmp_path)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "transfer",
+            "--dataset",
+            "cli-one",
+            "--adapter",
+            "manifest",
+            "--source",
+            str(manifest),
+            "--feature-set",
+            "mfcc",
+            "--model",
+            "0" * 32,
+            "--data-dir",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 2 and "leave out 'pretrained'" in result.output
     result = CliRunner().invoke(app, ["study", "transfer", "--preset", "nips2013", "--data-dir", str(tmp_path)])
     assert result.exit_code == 2 and "mirflow study recommendation" in result.output
@@ -216,10 +296,16 @@ def test_pretrained_embeddings_beat_mfcc_on_the_target_over_seeds(tmp_path, pref
     pre-trained on each source task. 5-fold CV, three fold seeds:
     the study's transfer run gives seed 0, the same feature vectors are refitted for seeds 1 and 2."""
     world = WorldSettings(n_tracks=600, n_users=1500, clip_seconds=10.0, seed=0)
-    study = load_preset("ismir2014", overrides={
-        "kmeans": {"k": 64, "sample_windows": 20_000, "iterations": 8, "timescales": ["mel_1024", "mel_4096"]},
-        "regressor": {"hidden": 256, "train": {"max_epochs": 80, "patience": 10, "batch_size": 32}},
-        "models": ["mlp-1"], "transfer": {"cv": 5, "feature_sets": ["pretrained", "mfcc"]}, "target_tracks": 240})
+    study = load_preset(
+        "ismir2014",
+        overrides={
+            "kmeans": {"k": 64, "sample_windows": 20_000, "iterations": 8, "timescales": ["mel_1024", "mel_4096"]},
+            "regressor": {"hidden": 256, "train": {"max_epochs": 80, "patience": 10, "batch_size": 32}},
+            "models": ["mlp-1"],
+            "transfer": {"cv": 5, "feature_sets": ["pretrained", "mfcc"]},
+            "target_tracks": 240,
+        },
+    )
     out = transfer_study(tmp_path, "synthetic", study, CLUSTER, tracking_for(tmp_path), world=world)
     combined = f"pretrained: all {len(study.sources) * len(study.models)} (concatenated)"
     layout = Layout(tmp_path)
@@ -227,15 +313,29 @@ def test_pretrained_embeddings_beat_mfcc_on_the_target_over_seeds(tmp_path, pref
     check = check_target(tracks, cv=5)
     ids = list(check.track_ids)
     labels = list(tracks.set_index("track_id").loc[ids, "labels"])
-    vectors = _feature_vectors(layout, TARGET_DATASET, {"mfcc": None}, features=study.features,
-                               timescales=study.timescales,
-                               embeddings=sorted((tmp_path / "embeddings" / TARGET_DATASET).glob("*.parquet")))
+    vectors = _feature_vectors(
+        layout,
+        TARGET_DATASET,
+        {"mfcc": None},
+        features=study.features,
+        timescales=study.timescales,
+        embeddings=sorted((tmp_path / "embeddings" / TARGET_DATASET).glob("*.parquet")),
+    )
     margins = []
     for seed in (0, 1, 2):
-        scores = {name: fit_transfer(np.stack([vectors[name][t] for t in ids]), labels, np.array(["train"] * len(ids)),
-                                     classes=check.classes, kind=check.kind, cs=study.transfer.cs, cv=5,
-                                     seed=seed).value
-                  for name in (combined, "MFCC-20 mean/std")}
+        scores = {
+            name: fit_transfer(
+                np.stack([vectors[name][t] for t in ids]),
+                labels,
+                np.array(["train"] * len(ids)),
+                classes=check.classes,
+                kind=check.kind,
+                cs=study.transfer.cs,
+                cv=5,
+                seed=seed,
+            ).value
+            for name in (combined, "MFCC-20 mean/std")
+        }
         margins.append(scores[combined] - scores["MFCC-20 mean/std"])
     assert combined in out.transfer_table and "MFCC-20 mean/std" in out.transfer_table  # the study's own (seed 0)
     # Seen on this world, fold seeds 0, 1, 2: MFCC-20 0.742, 0.754, 0.779; tags · mlp-1 and listening · mlp-1

@@ -41,16 +41,19 @@ def test_a_good_clip_is_decoded_at_the_model_rate(tmp_path):
     assert y.dtype == np.float32 and len(y) == 48000
 
 
-@pytest.mark.parametrize("make, status, reason", [
-    (lambda d: _bytes(d / "empty.wav", b""), 422, "empty"),
-    (lambda d: _bytes(d / "notes.mp3", b"just some text\n" * 50), 415, "not an audio file"),
-    (lambda d: _wav(d / "short.wav", 0.1), 422, "shorter than"),
-    (lambda d: _wav(d / "nan.wav", 2.0, value=np.nan, subtype="FLOAT"), 422, "non-finite"),
-    (lambda d: _wav(d / "long.wav", 61.0, rate=8000), 413, "limit is 60 s"),
-    (lambda d: _bytes(d / "big.wav", b"\0" * (3 * 2**20)), 413, "limit is 2 MB"),
-    (lambda d: _first_third(d / "cut.ogg", "OGG", "OPUS"), 422, "truncated: the Ogg page"),
-    (lambda d: _first_third(d / "cut.flac", "FLAC", "PCM_16"), 422, "truncated: the stream breaks off"),
-])
+@pytest.mark.parametrize(
+    "make, status, reason",
+    [
+        (lambda d: _bytes(d / "empty.wav", b""), 422, "empty"),
+        (lambda d: _bytes(d / "notes.mp3", b"just some text\n" * 50), 415, "not an audio file"),
+        (lambda d: _wav(d / "short.wav", 0.1), 422, "shorter than"),
+        (lambda d: _wav(d / "nan.wav", 2.0, value=np.nan, subtype="FLOAT"), 422, "non-finite"),
+        (lambda d: _wav(d / "long.wav", 61.0, rate=8000), 413, "limit is 60 s"),
+        (lambda d: _bytes(d / "big.wav", b"\0" * (3 * 2**20)), 413, "limit is 2 MB"),
+        (lambda d: _first_third(d / "cut.ogg", "OGG", "OPUS"), 422, "truncated: the Ogg page"),
+        (lambda d: _first_third(d / "cut.flac", "FLAC", "PCM_16"), 422, "truncated: the stream breaks off"),
+    ],
+)
 def test_bad_uploads_get_a_status_and_a_reason(tmp_path, make, status, reason):
     path = make(tmp_path)
     with pytest.raises(UploadError, match=reason) as err:
@@ -79,8 +82,10 @@ def test_the_pool_returns_the_same_waveform_and_the_same_refusals(tmp_path):
     try:
         path = _wav(tmp_path / "a.wav", 2.0)
         for _ in range(2):  # the worker is reused
-            assert np.array_equal(pool.decode(path, sample_rate=16000, limits=LIMITS),
-                                  decode_upload(path, sample_rate=16000, limits=LIMITS))
+            assert np.array_equal(
+                pool.decode(path, sample_rate=16000, limits=LIMITS),
+                decode_upload(path, sample_rate=16000, limits=LIMITS),
+            )
         with pytest.raises(UploadError, match="shorter than"):
             pool.decode(_wav(tmp_path / "s.wav", 0.2), sample_rate=16000, limits=LIMITS)
     finally:
@@ -130,8 +135,11 @@ def test_a_request_that_finds_every_decoder_busy_gets_a_503(tmp_path):
 
     pool = DecoderPool(1, timeout_s=3.0, wait_s=0.5, target=fragile_decoder)
     try:
-        hung = threading.Thread(target=lambda: pytest.raises(UploadError, pool.decode, _wav(tmp_path / "hang.wav", 2.0),
-                                                               sample_rate=16000, limits=LIMITS))
+        hung = threading.Thread(
+            target=lambda: pytest.raises(
+                UploadError, pool.decode, _wav(tmp_path / "hang.wav", 2.0), sample_rate=16000, limits=LIMITS
+            )
+        )
         hung.start()
         time.sleep(0.5)
         with pytest.raises(UploadError, match="busy") as err:

@@ -43,7 +43,9 @@ def test_confidence_log_and_linear_by_hand() -> None:
     linear = confidence(plays, settings=WMFSettings(confidence="linear", alpha=0.5))
     assert log.dtype == linear.dtype == np.float32
     np.testing.assert_array_equal(log.indices, plays.indices)
-    np.testing.assert_allclose(log.toarray(), [[0, 1 + 2 * np.log(7), 0], [1 + 2 * np.log(3), 0, 1 + 2 * np.log(15)]], rtol=1e-6)
+    np.testing.assert_allclose(
+        log.toarray(), [[0, 1 + 2 * np.log(7), 0], [1 + 2 * np.log(3), 0, 1 + 2 * np.log(15)]], rtol=1e-6
+    )
     np.testing.assert_allclose(linear.toarray(), [[0, 2.5, 0], [1.5, 0, 4.5]])
 
 
@@ -80,9 +82,7 @@ def test_fit_wmf_recovers_block_structure() -> None:
     # held-out in-block entries against the out-of-block items the user never played
     unseen = plays.toarray() == 0
     aucs = [
-        roc_auc_score(held_out[u][unseen[u]], scores[u][unseen[u]])
-        for u in range(plays.shape[0])
-        if held_out[u].any()
+        roc_auc_score(held_out[u][unseen[u]], scores[u][unseen[u]]) for u in range(plays.shape[0]) if held_out[u].any()
     ]
     assert np.mean(aucs) > 0.9
 
@@ -181,8 +181,10 @@ def _exact_wmf(plays: sp.csr_matrix, settings: WMFSettings, init: WMFModel, swee
 
 def _init(plays: sp.csr_matrix, factors: int, seed: int = 1) -> WMFModel:
     rng = np.random.default_rng(seed)
-    return WMFModel(rng.random((plays.shape[0], factors), dtype=np.float32) * 0.01,
-                    rng.random((plays.shape[1], factors), dtype=np.float32) * 0.01)
+    return WMFModel(
+        rng.random((plays.shape[0], factors), dtype=np.float32) * 0.01,
+        rng.random((plays.shape[1], factors), dtype=np.float32) * 0.01,
+    )
 
 
 @pytest.mark.parametrize("kind", ["log", "linear"])
@@ -199,7 +201,8 @@ def test_implicit_exact_solver_matches_the_numpy_reference_sweep_by_sweep(kind: 
         for a, b in ((got.user_factors, want.user_factors), (got.item_factors, want.item_factors)):
             np.testing.assert_allclose(a, b, atol=1e-3 * np.abs(b).max())
         assert wmf_objective(plays, got, settings=settings) == pytest.approx(
-            wmf_objective(plays, want, settings=settings), rel=1e-5)
+            wmf_objective(plays, want, settings=settings), rel=1e-5
+        )
 
 
 def test_default_conjugate_gradient_reaches_the_exact_objective() -> None:
@@ -251,10 +254,21 @@ def test_incremental_update_from_previous_factors_is_close_to_a_full_refit() -> 
     old_users, old_items = np.arange(0, plays.shape[0], 2), np.arange(0, plays.shape[1] - 6)
     old = fit_wmf(plays[old_users][:, old_items], settings=SETTINGS)
 
-    init, counts = warm_start(old, previous_users=users[old_users], previous_items=items[old_items],
-                              plays=plays, users=users, items=items, settings=SETTINGS)
-    assert counts == {"known_users": len(old_users), "new_users": plays.shape[0] - len(old_users),
-                      "known_items": len(old_items), "new_items": 6}
+    init, counts = warm_start(
+        old,
+        previous_users=users[old_users],
+        previous_items=items[old_items],
+        plays=plays,
+        users=users,
+        items=items,
+        settings=SETTINGS,
+    )
+    assert counts == {
+        "known_users": len(old_users),
+        "new_users": plays.shape[0] - len(old_users),
+        "known_items": len(old_items),
+        "new_items": 6,
+    }
     np.testing.assert_array_equal(init.user_factors[old_users], old.user_factors)
     assert np.abs(init.item_factors[-6:]).sum() > 0 and np.abs(init.user_factors[1::2]).sum() > 0
 

@@ -53,8 +53,11 @@ def service_environment(environ: Mapping[str, str] | None = None) -> ServiceEnvi
     data_dir = Path(environ.get(DATA_DIR) or "data").expanduser().resolve()
     uri = environ.get(TRACKING_URI)
     # A remote tracking server chooses where artifacts go (its --artifacts-destination) unless told.
-    tracking = (TrackingSettings(tracking_uri=uri, artifact_root=environ.get(ARTIFACT_ROOT) or None) if uri
-                else tracking_for(data_dir))
+    tracking = (
+        TrackingSettings(tracking_uri=uri, artifact_root=environ.get(ARTIFACT_ROOT) or None)
+        if uri
+        else tracking_for(data_dir)
+    )
     return ServiceEnvironment(data_dir=data_dir, tracking=tracking, dask_address=environ.get(DASK_ADDRESS) or None)
 
 

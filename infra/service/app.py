@@ -79,8 +79,9 @@ class Served:
     """The catalogue being served. With a ``loader`` and none yet, it is loaded in a background thread (again at
     most every ``retry_s`` after a failure); requests meanwhile get a 503 with the reason, never a wait."""
 
-    def __init__(self, catalogue: Catalogue | None, loader: Callable[[], Catalogue] | None = None,
-                 retry_s: float = 15.0) -> None:
+    def __init__(
+        self, catalogue: Catalogue | None, loader: Callable[[], Catalogue] | None = None, retry_s: float = 15.0
+    ) -> None:
         if catalogue is None and loader is None:
             raise ValueError("serve a catalogue, or give a loader")
         self.catalogue, self.loader, self.retry_s = catalogue, loader, retry_s
@@ -117,11 +118,17 @@ class Served:
         return self.catalogue
 
 
-def create_app(catalogue: Catalogue | None, *, loader: Callable[[], Catalogue] | None = None,
-               limits: UploadLimits = UploadLimits(), decode_timeout_s: float = 30.0,
-               decoders_size: int = 2) -> FastAPI:
+def create_app(
+    catalogue: Catalogue | None,
+    *,
+    loader: Callable[[], Catalogue] | None = None,
+    limits: UploadLimits | None = None,
+    decode_timeout_s: float = 30.0,
+    decoders_size: int = 2,
+) -> FastAPI:
     """The service over a loaded catalogue (:func:`infra.service.catalogue.load_catalogue`), or over what
     ``loader`` loads once it can (503 with the reason until then)."""
+    limits = limits if limits is not None else UploadLimits()
     served = Served(catalogue, loader)
     decoders = DecoderPool(decoders_size, timeout_s=decode_timeout_s)
 
@@ -130,8 +137,9 @@ def create_app(catalogue: Catalogue | None, *, loader: Callable[[], Catalogue] |
         yield
         decoders.close()  # the decoding processes end with the server
 
-    app = FastAPI(title="mirflow", description="Tags and cold-start recommendations from audio (mirflow).",
-                  lifespan=lifespan)
+    app = FastAPI(
+        title="mirflow", description="Tags and cold-start recommendations from audio (mirflow).", lifespan=lifespan
+    )
     app.state.decoders = decoders
 
     @app.middleware("http")
@@ -139,8 +147,13 @@ def create_app(catalogue: Catalogue | None, *, loader: Callable[[], Catalogue] |
         """An upload whose declared length passes the limit is refused before its body is read (or spooled)."""
         length = request.headers.get("content-length", "")
         if request.url.path == "/api/analyze" and length.isdigit() and int(length) > limits.max_bytes + (1 << 16):
-            return JSONResponse({"error": f"the upload is {int(length) / 2**20:.1f} MB; the limit is "
-                                          f"{limits.max_bytes / 2**20:.0f} MB"}, status_code=413)
+            return JSONResponse(
+                {
+                    "error": f"the upload is {int(length) / 2**20:.1f} MB; the limit is "
+                    f"{limits.max_bytes / 2**20:.0f} MB"
+                },
+                status_code=413,
+            )
         return await call_next(request)
 
     @app.exception_handler(ApiError)
@@ -164,8 +177,9 @@ def create_app(catalogue: Catalogue | None, *, loader: Callable[[], Catalogue] |
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, err: Exception) -> JSONResponse:
         log.exception("serve: %s %s failed", request.method, request.url.path)
-        return JSONResponse({"error": f"internal error ({type(err).__name__}); the server log has the details"},
-                            status_code=500)
+        return JSONResponse(
+            {"error": f"internal error ({type(err).__name__}); the server log has the details"}, status_code=500
+        )
 
     @app.get("/healthz")
     def healthz() -> dict:
@@ -173,8 +187,12 @@ def create_app(catalogue: Catalogue | None, *, loader: Callable[[], Catalogue] |
             catalogue = served.get()
         except ApiError as err:
             return {"status": "waiting", "reason": err.reason}
-        return {"status": "ok", "tracks": len(catalogue.track_ids), "users": len(catalogue.users),
-                "models": catalogue.source}
+        return {
+            "status": "ok",
+            "tracks": len(catalogue.track_ids),
+            "users": len(catalogue.users),
+            "models": catalogue.source,
+        }
 
     @app.post("/api/analyze")
     def analyze(file: UploadFile, top: int = 10) -> dict:
@@ -184,11 +202,15 @@ def create_app(catalogue: Catalogue | None, *, loader: Callable[[], Catalogue] |
             path = Path(tmp) / "upload"  # never the client's file name
             copy_upload(file.file, path, limits.max_bytes)
             y = decoders.decode(path, sample_rate=catalogue.cnn.mel.sample_rate, limits=limits)
-            y_tagger = y if catalogue.tagger.mel.sample_rate == catalogue.cnn.mel.sample_rate else decoders.decode(
-                path, sample_rate=catalogue.tagger.mel.sample_rate, limits=limits)
+            y_tagger = (
+                y
+                if catalogue.tagger.mel.sample_rate == catalogue.cnn.mel.sample_rate
+                else decoders.decode(path, sample_rate=catalogue.tagger.mel.sample_rate, limits=limits)
+            )
         tagger, cnn = catalogue.tagger, catalogue.cnn
-        scores = predict_tag_scores(tagger.module, mel_clips(y_tagger[None], mel=tagger.mel), crop=tagger.crop,
-                                    hop=tagger.hop)[0]
+        scores = predict_tag_scores(
+            tagger.module, mel_clips(y_tagger[None], mel=tagger.mel), crop=tagger.crop, hop=tagger.hop
+        )[0]
         factors = predict_latent_factors(cnn.module, mel_clips(y[None], mel=cnn.mel), crop=cnn.crop, hop=cnn.hop)[0]
         with_upload = np.vstack([catalogue.predicted, factors[None]])
         similar, cosine = nearest_by_cosine(with_upload, len(with_upload) - 1, n=top)
@@ -208,9 +230,12 @@ def create_app(catalogue: Catalogue | None, *, loader: Callable[[], Catalogue] |
         catalogue = served.get()
         row = _track(catalogue, track_id)
         top = max(1, min(int(top), 50))
-        return {**_summary(catalogue, row), "has_wmf_factors": bool(np.isfinite(catalogue.wmf[row]).all()),
-                "by_wmf": _neighbours(catalogue, catalogue.wmf, row, top),
-                "by_predicted": _neighbours(catalogue, catalogue.predicted, row, top)}
+        return {
+            **_summary(catalogue, row),
+            "has_wmf_factors": bool(np.isfinite(catalogue.wmf[row]).all()),
+            "by_wmf": _neighbours(catalogue, catalogue.wmf, row, top),
+            "by_predicted": _neighbours(catalogue, catalogue.predicted, row, top),
+        }
 
     @app.get("/api/users/{user_id}/recommendations")
     def recommendations(user_id: str, top: int = 10) -> dict:
@@ -223,15 +248,22 @@ def create_app(catalogue: Catalogue | None, *, loader: Callable[[], Catalogue] |
         new = np.flatnonzero(~catalogue.factorized)  # tracks the factorization never saw: cold start
         candidates = new if len(new) else np.arange(len(catalogue.track_ids))
         scores = catalogue.predicted[candidates] @ catalogue.user_factors[where[0]]
-        order = np.argsort(-scores, kind="stable")[:max(1, min(int(top), 100))]
-        return {"user_id": user_id, "candidates": "new tracks (not in the factorization)" if len(new) else "all tracks",
-                "tracks": [_summary(catalogue, int(candidates[i]), score=float(scores[i])) for i in order]}
+        order = np.argsort(-scores, kind="stable")[: max(1, min(int(top), 100))]
+        return {
+            "user_id": user_id,
+            "candidates": "new tracks (not in the factorization)" if len(new) else "all tracks",
+            "tracks": [_summary(catalogue, int(candidates[i]), score=float(scores[i])) for i in order],
+        }
 
     @app.get("/api/map")
     def catalogue_map() -> dict:
         catalogue = served.get()
-        return {"points": [{"track_id": str(t), "x": float(x), "y": float(y), "tags": tags}
-                           for t, (x, y), tags in zip(catalogue.track_ids, catalogue.coordinates, catalogue.tags)]}
+        return {
+            "points": [
+                {"track_id": str(t), "x": float(x), "y": float(y), "tags": tags}
+                for t, (x, y), tags in zip(catalogue.track_ids, catalogue.coordinates, catalogue.tags)
+            ]
+        }
 
     @app.get("/api/audio/{track_id}")
     def audio(track_id: str) -> FileResponse:
@@ -240,8 +272,13 @@ def create_app(catalogue: Catalogue | None, *, loader: Callable[[], Catalogue] |
         path = Path(catalogue.audio[str(catalogue.track_ids[row])])
         if not path.is_file():
             raise ApiError(404, f"the audio of track {track_id!r} is not on this machine any more")
-        media = {".mp3": "audio/mpeg", ".wav": "audio/wav", ".au": "audio/basic", ".flac": "audio/flac",
-                 ".ogg": "audio/ogg"}.get(path.suffix.lower(), "application/octet-stream")
+        media = {
+            ".mp3": "audio/mpeg",
+            ".wav": "audio/wav",
+            ".au": "audio/basic",
+            ".flac": "audio/flac",
+            ".ogg": "audio/ogg",
+        }.get(path.suffix.lower(), "application/octet-stream")
         return FileResponse(path, media_type=media)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")  # the page's own assets: no CDN

@@ -84,8 +84,13 @@ def _audio_model(folder: Path, module_class, version: str) -> AudioModel:
     config = json.loads((artifacts / "config.json").read_text())
     checkpoint = next(artifacts.glob("*.ckpt"))
     module = module_class.load_from_checkpoint(checkpoint, weights_only=True, map_location="cpu").eval()
-    return AudioModel(module=module, mel=MelSettings.model_validate(config["mel"]), crop=int(config["crop_frames"]),
-                      hop=int(config["hop_frames"]), version=version)
+    return AudioModel(
+        module=module,
+        mel=MelSettings.model_validate(config["mel"]),
+        crop=int(config["crop_frames"]),
+        hop=int(config["hop_frames"]),
+        version=version,
+    )
 
 
 def _download(uri: str, into: Path) -> Path:
@@ -100,21 +105,37 @@ def load_models(tracking: TrackingSettings, *, into: Path) -> tuple[AudioModel, 
         tagger_v = client.get_model_version_by_alias(TAGGER, CHAMPION)
         cnn_v = client.get_model_version_by_alias(LATENT_FACTOR_CNN, CHAMPION)
         wmf_version = cnn_v.tags[WMF_VERSION_TAG]
-        uris = {"tagger": f"models:/{TAGGER}/{tagger_v.version}", "cnn": f"models:/{LATENT_FACTOR_CNN}/{cnn_v.version}",
-                "wmf": f"models:/{WMF}/{wmf_version}"}
-        source = (f"registry: {TAGGER} v{tagger_v.version}, {LATENT_FACTOR_CNN} v{cnn_v.version}, "
-                  f"{WMF} v{wmf_version} (champions)")
+        uris = {
+            "tagger": f"models:/{TAGGER}/{tagger_v.version}",
+            "cnn": f"models:/{LATENT_FACTOR_CNN}/{cnn_v.version}",
+            "wmf": f"models:/{WMF}/{wmf_version}",
+        }
+        source = (
+            f"registry: {TAGGER} v{tagger_v.version}, {LATENT_FACTOR_CNN} v{cnn_v.version}, "
+            f"{WMF} v{wmf_version} (champions)"
+        )
     except Exception:  # no registry, no champion yet, or a CNN that names no WMF version
         runs = MlflowClient(tracking.tracking_uri).search_runs(
-            [e.experiment_id for e in MlflowClient(tracking.tracking_uri).search_experiments()
-             if e.name.endswith("-pipeline")],
-            filter_string="tags.`mirflow.complete` = 'true'", order_by=["attributes.start_time DESC"], max_results=1)
+            [
+                e.experiment_id
+                for e in MlflowClient(tracking.tracking_uri).search_experiments()
+                if e.name.endswith("-pipeline")
+            ],
+            filter_string="tags.`mirflow.complete` = 'true'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
         if not runs:
-            raise DatasetError("no champion models in the registry and no finished pipeline run: run `make demo` "
-                               "(or `mirflow pipeline`) first") from None
+            raise DatasetError(
+                "no champion models in the registry and no finished pipeline run: run `make demo` "
+                "(or `mirflow pipeline`) first"
+            ) from None
         tags = runs[0].data.tags
-        uris = {"tagger": f"runs:/{tags['tagger_run_id']}/model", "cnn": f"runs:/{tags['recommender_run_id']}/model",
-                "wmf": f"runs:/{tags['wmf_run_id']}/model"}
+        uris = {
+            "tagger": f"runs:/{tags['tagger_run_id']}/model",
+            "cnn": f"runs:/{tags['recommender_run_id']}/model",
+            "wmf": f"runs:/{tags['wmf_run_id']}/model",
+        }
         source = f"pipeline run {runs[0].info.run_id} (no registry champions)"
         log.warning("serve: no champion models in the registry; using the artifacts of %s", source)
     folders = {name: _download(uri, Path(into) / name) for name, uri in uris.items()}
@@ -124,8 +145,9 @@ def load_models(tracking: TrackingSettings, *, into: Path) -> tuple[AudioModel, 
     return tagger, cnn, wmf, source
 
 
-def load_catalogue(data_dir: Path, tracking: TrackingSettings, *, dataset: str = "synthetic",
-                   feature_set: str | None = None) -> Catalogue:
+def load_catalogue(
+    data_dir: Path, tracking: TrackingSettings, *, dataset: str = "synthetic", feature_set: str | None = None
+) -> Catalogue:
     """The models and the catalogue of ``dataset``; predictions and map cached under ``<data>/serve/``."""
     layout = Layout(Path(data_dir))
     cache = Path(data_dir) / "serve"
@@ -140,8 +162,9 @@ def load_catalogue(data_dir: Path, tracking: TrackingSettings, *, dataset: str =
             items, item_factors = np.concatenate([items, held]), np.concatenate([item_factors, held_factors])
     tracks = pd.read_parquet(layout.tracks(dataset), columns=["track_id", "source_path", "tags"])
     feature_dir = _feature_dir(layout, dataset, cnn.mel, feature_set)
-    key = hashlib.sha1(f"{cnn.version}|{content_sha1(feature_dir / MANIFEST)}|{content_sha1(layout.tracks(dataset))}"
-                       .encode()).hexdigest()[:16]
+    key = hashlib.sha1(
+        f"{cnn.version}|{content_sha1(feature_dir / MANIFEST)}|{content_sha1(layout.tracks(dataset))}".encode()
+    ).hexdigest()[:16]
     cached = cache / f"catalogue-{key}.npz"
     loaded = None
     if cached.exists():
@@ -166,11 +189,21 @@ def load_catalogue(data_dir: Path, tracking: TrackingSettings, *, dataset: str =
     factor_of = dict(zip(items, item_factors))
     nan = np.full(item_factors.shape[1], np.nan, dtype=np.float32)
     wmf = np.stack([factor_of.get(t, nan) for t in ids]).astype(np.float32)
-    return Catalogue(dataset=dataset, track_ids=ids, tags=[list(v) for v in tracks["tags"]],
-                     audio=dict(zip(ids, tracks["source_path"].astype(str))), predicted=predicted, wmf=wmf,
-                     factorized=np.asarray([t in factorized for t in ids]),
-                     users=users, user_factors=user_factors, coordinates=coordinates, tagger=tagger, cnn=cnn,
-                     source=source)
+    return Catalogue(
+        dataset=dataset,
+        track_ids=ids,
+        tags=[list(v) for v in tracks["tags"]],
+        audio=dict(zip(ids, tracks["source_path"].astype(str))),
+        predicted=predicted,
+        wmf=wmf,
+        factorized=np.asarray([t in factorized for t in ids]),
+        users=users,
+        user_factors=user_factors,
+        coordinates=coordinates,
+        tagger=tagger,
+        cnn=cnn,
+        source=source,
+    )
 
 
 def _feature_dir(layout: Layout, dataset: str, mel: MelSettings, feature_set: str | None) -> Path:
@@ -184,6 +217,8 @@ def _feature_dir(layout: Layout, dataset: str, mel: MelSettings, feature_set: st
     prefix = f"logmel-sr{mel.sample_rate}-n{mel.n_fft}"
     found = sorted(p for p in (layout.root / "features" / dataset).glob(f"{prefix}*") if (p / MANIFEST).exists())
     if len(found) != 1:
-        raise DatasetError(f"cannot tell which log-mel shards of {dataset!r} the CNN reads ({len(found)} candidates "
-                           f"under {layout.root / 'features' / dataset}): pass the feature set")
+        raise DatasetError(
+            f"cannot tell which log-mel shards of {dataset!r} the CNN reads ({len(found)} candidates "
+            f"under {layout.root / 'features' / dataset}): pass the feature set"
+        )
     return found[0]

@@ -52,8 +52,15 @@ def serve_decodes(connection) -> None:
 class DecoderPool:
     """``size`` decoding processes; :meth:`decode` waits for a free one (at most ``timeout_s`` for the decode)."""
 
-    def __init__(self, size: int = 2, *, timeout_s: float = 30.0, wait_s: float | None = None,
-                 start_s: float = 120.0, target=serve_decodes) -> None:
+    def __init__(
+        self,
+        size: int = 2,
+        *,
+        timeout_s: float = 30.0,
+        wait_s: float | None = None,
+        start_s: float = 120.0,
+        target=serve_decodes,
+    ) -> None:
         self.timeout_s, self._target = timeout_s, target
         self.start_s = start_s  # how long a fresh worker may take to start (spawn + imports), apart from decoding
         self.wait_s = timeout_s if wait_s is None else wait_s  # how long a request waits for a free decoder

@@ -35,13 +35,9 @@ from pathlib import Path
 
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-for _key, _value in {
-    "DO_NOT_TRACK": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
-}.items():
-    os.environ.setdefault(_key, _value)
+from mirflow.offline import apply_quiet_offline
+
+apply_quiet_offline()
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -50,6 +46,7 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.settings import ClusterSettings, SourceSettings, WorldSettings  # noqa: E402
 from flows.transfer import (  # noqa: E402
     PRETRAINED,
     embed_catalogue,
@@ -58,7 +55,6 @@ from flows.transfer import (  # noqa: E402
     transfer_study,
 )
 from infra.registry import CHAMPION  # noqa: E402
-from infra.settings import ClusterSettings, SourceSettings, WorldSettings  # noqa: E402
 from infra.tracking import tracking_for  # noqa: E402
 from tasks import synth  # noqa: E402
 from tasks.audio import decode  # noqa: E402

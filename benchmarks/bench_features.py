@@ -57,10 +57,10 @@ from threadpoolctl import threadpool_limits
 # Run from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.layout import Layout
+from core.settings import ClusterSettings, FeatureSettings, MelSettings, WorldSettings
 from flows.features import extract_features
 from infra.cluster import _cuda_cluster, _local_cluster, usable_cores
-from infra.layout import Layout
-from infra.settings import ClusterSettings, FeatureSettings, MelSettings, WorldSettings
 from infra.tracking import tracking_for
 from tasks.audio import decode
 from tasks.spectrogram import feature_columns

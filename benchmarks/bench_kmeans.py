@@ -41,14 +41,14 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from infra.cluster import _local_cluster, map_batches, usable_cores
-from infra.settings import (
+from core.settings import (
     ClusterSettings,
     FeatureSettings,
     KMeansSettings,
     MelSettings,
     WorldSettings,
 )
+from infra.cluster import _local_cluster, map_batches, usable_cores
 from tasks.kmeans import (
     encode_windows,
     fit_codebook,

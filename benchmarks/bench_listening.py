@@ -54,7 +54,7 @@ import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from infra.settings import WMFSettings
+from core.settings import WMFSettings
 from tasks.events import ingest_sources
 from tasks.listening import cold_start_split, load_play_matrix
 from tasks.metrics import random_factors, ranking_metrics
@@ -382,9 +382,9 @@ def _ingest_child(path_name: str, triplets: str, store: str, workers: int, resul
     elif path_name == "chunked":
         ingest_sources([Path(triplets)], listening_dir=store_path, quarantine_path=store_path / "quarantine.parquet")
     elif path_name == "cluster":
+        from core.settings import ClusterSettings
         from flows.listening import CLUSTER_CHUNK_BYTES
         from infra.cluster import dask_client, map_batches
-        from infra.settings import ClusterSettings
 
         with dask_client(ClusterSettings(n_workers=workers)) as client:
             start = time.perf_counter()  # the cluster's start-up is not ingestion

@@ -30,7 +30,7 @@ from threadpoolctl import threadpool_limits
 # Run from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from infra.settings import MelSettings
+from core.settings import MelSettings
 from tasks.spectrogram import log_mel
 
 SAMPLE_RATE = 22050

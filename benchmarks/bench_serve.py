@@ -30,14 +30,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-for _key, _value in {
-    "DO_NOT_TRACK": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
-    "PREFECT_LOGGING_LEVEL": "WARNING",
-}.items():
-    os.environ.setdefault(_key, _value)
+from mirflow.offline import apply_quiet_offline
+
+apply_quiet_offline()
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
@@ -46,7 +41,7 @@ import soundfile as sf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from infra.settings import WorldSettings  # noqa: E402
+from core.settings import WorldSettings  # noqa: E402
 from tasks import synth  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,9 +88,9 @@ def clips(cache: Path, n: int = 8) -> list[Path]:
 
 def lower_bound(data_dir: Path, clip: Path, repeats: int) -> float:
     """Median seconds of decode + log-mel + both forwards + neighbours, in this process."""
-    from infra.service.catalogue import load_catalogue
     from infra.tracking import tracking_for
     from lightning_modules.served import mel_clips, predict_latent_factors, predict_tag_scores
+    from mirflow.web.catalogue import load_catalogue
     from tasks.audio import decode
     from tasks.recommend import nearest_by_cosine
 

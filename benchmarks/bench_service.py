@@ -24,7 +24,6 @@ Run it on an otherwise idle machine (it starts its own service on free ports).
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import sys
@@ -32,16 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-for key, value in {
-    "DO_NOT_TRACK": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
-    "PREFECT_LOGGING_LEVEL": "WARNING",
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-    "GIT_PYTHON_REFRESH": "quiet",
-}.items():
-    os.environ.setdefault(key, value)
+from mirflow.offline import apply_quiet_offline
+
+apply_quiet_offline()
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -55,7 +47,7 @@ class Service:
     """A started stack (the code of `make serve`) and a Prefect client pointed at it."""
 
     def __init__(self, data_dir: Path, n_workers: int) -> None:
-        from infra.stack import Ports, Stack, free_ports
+        from mirflow.stack import Ports, Stack, free_ports
 
         prefect, mlflow_port, dask, dashboard, web = free_ports(5)
         self.stack = Stack(
@@ -191,9 +183,9 @@ def bench_features(args: argparse.Namespace) -> None:
 
 def champion_scores(data_dirs: dict[str, Path], *, heldout_from: Path, k: int) -> dict[str, float]:
     """mAP@k of each data folder's champion recommender on the same held-out plays and users."""
+    from core.settings import PipelineSettings
     from flows.retrain import score_recommenders
     from infra.registry import LATENT_FACTOR_CNN, champion, download_recommender
-    from infra.settings import PipelineSettings
     from infra.tracking import tracking_for
 
     settings = PipelineSettings.model_validate_json((heldout_from / "models" / "pipeline-settings.json").read_text())
@@ -223,12 +215,12 @@ def champion_scores(data_dirs: dict[str, Path], *, heldout_from: Path, k: int) -
 def bench_retrain(args: argparse.Namespace) -> None:
     from prefect.testing.utilities import prefect_test_harness
 
+    from core.layout import Layout
+    from core.settings import ClusterSettings, PipelineSettings, WorldSettings
     from flows.pipeline import pipeline
     from flows.retrain import retrain_on_new_listening
-    from infra.cli import _quiet_lightning, _setup
-    from infra.layout import Layout
-    from infra.settings import ClusterSettings, PipelineSettings, WorldSettings
     from infra.tracking import tracking_for
+    from mirflow.cli import _quiet_lightning, _setup
 
     _setup(False)
     _quiet_lightning()

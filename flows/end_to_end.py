@@ -24,17 +24,19 @@ import numpy as np
 import pandas as pd
 from prefect import flow, get_run_logger
 
-from flows.features import extract_features
-from flows.study import StudyOutput, study_cluster
-from flows.training import mlflow_logger
-from infra.layout import Layout
-from infra.settings import (
+from core.errors import DatasetError
+from core.layout import Layout
+from core.settings import (
     ClusterSettings,
     EndToEndStudySettings,
     FeatureSettings,
     TrackingSettings,
     WorldSettings,
 )
+from flows.features import extract_features
+from flows.study import StudyOutput, study_cluster
+from flows.training import mlflow_logger
+from infra.threads import ThreadPolicy
 from infra.tracking import (
     RunInput,
     child_run,
@@ -49,7 +51,6 @@ from infra.tracking import (
 )
 from lightning_modules.train import train_raw_tagger, train_tagger
 from tasks.datasets import tag_vocabulary
-from tasks.errors import DatasetError
 from tasks.filters import dominant_frequencies, group_similarity, mel_likeness
 from tasks.report import (
     metric_slug,
@@ -259,6 +260,7 @@ def run_model(
         logger = mlflow_logger(tracking, "study", run.info.run_id)
         if model.model == "raw":
             result = train_raw_tagger(
+                callbacks=[ThreadPolicy()],
                 audio_dir=layout.audio(dataset),
                 tracks=tracks,
                 tags=tags,
@@ -285,6 +287,7 @@ def run_model(
             _log_filters(result.module.net.first_layer_filters().cpu().numpy(), model, sample_rate=study.sample_rate)
         else:
             result = train_tagger(
+                callbacks=[ThreadPolicy()],
                 feature_dir=layout.features(dataset, feature_set.feature_set),
                 tracks=tracks,
                 tags=tags,

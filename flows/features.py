@@ -14,10 +14,10 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from core.layout import Layout
+from core.settings import ClusterSettings, FeatureSettings, SourceSettings, TrackingSettings
 from infra.cluster import dask_client, map_batches, spectrogram_device
-from infra.layout import Layout
-from infra.service import TRANSIENT_IO_RETRIES
-from infra.settings import ClusterSettings, FeatureSettings, SourceSettings, TrackingSettings
+from infra.retries import TRANSIENT_IO_RETRIES
 from infra.tracking import features_input, file_sha1, log_inputs, tracked_run, tracks_input
 from tasks.datasets import tracks_from_source
 from tasks.features import FeatureSummary, annotate_tracks, extract_shard, finish_features, plan_feature_batches

@@ -11,15 +11,15 @@ import mlflow
 import pandas as pd
 from prefect import flow
 
-from infra.cluster import dask_client, map_batches, spectrogram_device
-from infra.layout import Layout
-from infra.settings import (
+from core.layout import Layout
+from core.settings import (
     ClusterSettings,
     FeatureSettings,
     KMeansSettings,
     TrackingSettings,
     kmeans_feature_set,
 )
+from infra.cluster import dask_client, map_batches, spectrogram_device
 from infra.tracking import RunInput, features_input, file_sha1, log_inputs, tracked_run, tracks_input
 from tasks.kmeans import Codebook
 from tasks.kmeans_features import (

@@ -29,13 +29,13 @@ import scipy.sparse as sp
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from core.errors import DatasetError
+from core.layout import Layout
+from core.settings import ClusterSettings, TrackingSettings, WMFSettings
 from infra.cluster import dask_client, map_batches
-from infra.layout import Layout
-from infra.progress import ProgressReporter
-from infra.service import TRANSIENT_IO_RETRIES
-from infra.settings import ClusterSettings, TrackingSettings, WMFSettings
+from infra.progress import ProgressReporter, run_here
+from infra.retries import TRANSIENT_IO_RETRIES
 from infra.tracking import DIGEST_LENGTH, RunInput, listening_input, tracked_run
-from tasks.errors import DatasetError
 from tasks.events import IngestReport, ListeningSource, batch_record, ingest_sources, ingested_batches
 from tasks.listening import (
     PlayMatrix,
@@ -88,7 +88,7 @@ def ingest_listening(
     """Ingest in this process; with ``cluster`` and at least ``CLUSTER_MIN_BYTES`` of files, on the Dask cluster."""
     size = sum(Path(s.path).stat().st_size for s in sources if Path(s.path).is_file())
     if cluster is None or size < CLUSTER_MIN_BYTES:
-        report = ingest_sources(sources, listening_dir=listening_dir, quarantine_path=quarantine_path)
+        report = ingest_sources(sources, listening_dir=listening_dir, quarantine_path=quarantine_path, map_fn=run_here)
     else:
         log.info("listening: %.1f GiB of files: ingesting on the Dask cluster", size / 2**30)
         with dask_client(cluster) as client:

@@ -13,18 +13,18 @@ import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from core.errors import ParameterError
+from core.layout import Layout
+from core.settings import PipelineSettings
 from flows.features import extract_features
 from flows.listening import factorize
 from flows.registry import register_pipeline_models
 from flows.training import train_recommender_flow, train_tagger_flow
 from flows.world import synthetic_world
 from infra.cluster import dask_client, shared_settings
-from infra.layout import Layout
-from infra.service import TRANSIENT_IO_RETRIES
-from infra.settings import PipelineSettings
+from infra.retries import TRANSIENT_IO_RETRIES
 from infra.tracking import features_input, listening_input, tracked_run, tracks_input
 from tasks.datasets import heldout_track_ids, mtat_tracks, read_mtat_annotations
-from tasks.errors import ParameterError
 from tasks.recommend import rows_as_metrics
 from tasks.report import PipelineSummary, summary_text, write_report
 from tasks.shards import write_table_atomic, write_text_atomic

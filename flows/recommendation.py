@@ -26,18 +26,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import flow, get_run_logger
 
-from flows.features import extract_features
-from flows.kmeans_features import kmeans_features
-from flows.listening import WMFOutput, factorize
-from flows.study import study_cluster
-from flows.training import mlflow_logger, training_confidence
-from infra.layout import Layout
-from infra.settings import (
+from core.errors import DatasetError, ParameterError
+from core.layout import Layout
+from core.settings import (
     ClusterSettings,
     RecommendationStudySettings,
     TrackingSettings,
     WorldSettings,
 )
+from flows.features import extract_features
+from flows.kmeans_features import kmeans_features
+from flows.listening import WMFOutput, factorize
+from flows.study import study_cluster
+from flows.training import mlflow_logger, training_confidence
+from infra.threads import ThreadPolicy
 from infra.tracking import (
     RunInput,
     child_run,
@@ -53,7 +55,6 @@ from infra.tracking import (
 )
 from lightning_modules.train import train_factor_regressor, train_latent_factor_cnn
 from tasks.datasets import heldout_track_ids
-from tasks.errors import DatasetError, ParameterError
 from tasks.kmeans_features import read_kmeans_features
 from tasks.listening import load_factors, play_matrix_for
 from tasks.recommend import (
@@ -362,6 +363,7 @@ def run_recommender(
                     ),
                 }
             result = train_latent_factor_cnn(
+                callbacks=[ThreadPolicy()],
                 feature_dir=feature_dir,
                 track_ids=data.track_ids,
                 item_factors=data.factors,
@@ -380,6 +382,7 @@ def run_recommender(
             }
             targets = {s: np.stack([data.factors[t] for t in ids]) for s, ids in splits.items()}
             result = train_factor_regressor(
+                callbacks=[ThreadPolicy()],
                 features=features,
                 targets=targets,
                 layers=model,

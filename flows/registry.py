@@ -8,11 +8,11 @@ from mlflow.entities.model_registry import ModelVersion
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from core.settings import TrackingSettings
 from flows.listening import WMFOutput
 from flows.training import RecommenderOutput, TaggerOutput
 from infra.registry import BATCHES_TAG, LATENT_FACTOR_CNN, TAGGER, WMF, WMF_VERSION_TAG, register
-from infra.service import TRANSIENT_IO_RETRIES
-from infra.settings import TrackingSettings
+from infra.retries import TRANSIENT_IO_RETRIES
 
 
 def register_recommender(

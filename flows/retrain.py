@@ -28,10 +28,13 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from core.errors import DatasetError
+from core.layout import Layout
+from core.settings import PipelineSettings, PromotionSettings, TrackingSettings, TrainSettings
 from flows.listening import WMFOutput, factorize, ingest_listening
 from flows.registry import register_recommender
 from flows.training import train_recommender_flow
-from infra.layout import Layout
+from infra.locks import try_lock
 from infra.registry import (
     BATCHES_TAG,
     DECISION_TAG,
@@ -45,13 +48,10 @@ from infra.registry import (
     promote_recommender,
     repair_recommender_aliases,
 )
-from infra.service import try_lock
-from infra.settings import PipelineSettings, PromotionSettings, TrackingSettings, TrainSettings
 from infra.tracking import features_input, listening_input, tracked_run
 from lightning_modules.latent_factors import LatentFactorModule
 from lightning_modules.served import predict_latent_factors
 from tasks.datasets import heldout_track_ids
-from tasks.errors import DatasetError
 from tasks.events import ListeningSource, batch_record, ingested_batches
 from tasks.listening import load_factors
 from tasks.recommend import compare_recommenders, rows_as_metrics

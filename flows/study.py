@@ -24,20 +24,22 @@ import numpy as np
 import pandas as pd
 from prefect import flow, get_run_logger
 
-from flows.features import extract_features
-from flows.kmeans_features import kmeans_features
-from flows.pipeline import ingest_mtat
-from flows.training import mlflow_logger
-from flows.world import synthetic_world
-from infra.cluster import dask_client, shared_settings
-from infra.layout import Layout
-from infra.settings import (
+from core.errors import DatasetError
+from core.layout import Layout
+from core.settings import (
     ClusterSettings,
     EndToEndStudySettings,
     StudySettings,
     TrackingSettings,
     WorldSettings,
 )
+from flows.features import extract_features
+from flows.kmeans_features import kmeans_features
+from flows.pipeline import ingest_mtat
+from flows.training import mlflow_logger
+from flows.world import synthetic_world
+from infra.cluster import dask_client, shared_settings
+from infra.threads import ThreadPolicy
 from infra.tracking import (
     RunInput,
     child_run,
@@ -48,7 +50,6 @@ from infra.tracking import (
     tracks_input,
 )
 from lightning_modules.train import train_mlp_tagger
-from tasks.errors import DatasetError
 from tasks.kmeans_features import check_context
 from tasks.report import metric_slug, plot_importance_heatmap, plot_study_bars
 from tasks.shards import write_text_atomic
@@ -277,6 +278,7 @@ def run_configuration(
     }
     with child_run(run_name=config.name, params=params, tags=tags_, settings=tracking, inputs=inputs) as run:
         result = train_mlp_tagger(
+            callbacks=[ThreadPolicy()],
             features=features,
             targets=data.targets,
             tags=data.tags,

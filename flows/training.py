@@ -12,15 +12,8 @@ import pandas as pd
 from lightning.pytorch.loggers import MLFlowLogger
 from prefect import flow
 
-from flows.listening import WMFOutput
-from infra.layout import Layout
-from infra.registry import (
-    factors_schema,
-    log_served_model,
-    tag_scores_schema,
-    waveform_signature,
-)
-from infra.settings import (
+from core.layout import Layout
+from core.settings import (
     EvalSettings,
     LatentFactorSettings,
     MelSettings,
@@ -29,6 +22,14 @@ from infra.settings import (
     TrainSettings,
     WMFSettings,
 )
+from flows.listening import WMFOutput
+from infra.registry import (
+    factors_schema,
+    log_served_model,
+    tag_scores_schema,
+    waveform_signature,
+)
+from infra.threads import ThreadPolicy
 from infra.tracking import (
     experiment_id,
     features_input,
@@ -121,6 +122,7 @@ def train_tagger_flow(
         inputs=inputs,
     ) as run:
         result = train_tagger(
+            callbacks=[ThreadPolicy()],
             feature_dir=feature_dir,
             tracks=tracks,
             tags=tags,
@@ -231,6 +233,7 @@ def train_recommender_flow(
                 ),
             }
         result = train_latent_factor_cnn(
+            callbacks=[ThreadPolicy()],
             feature_dir=feature_dir,
             track_ids=track_ids,
             **plays,

@@ -32,22 +32,9 @@ import pyarrow.parquet as pq
 import torch
 from prefect import flow, get_run_logger
 
-from flows.features import extract_features, ingest_catalogue
-from flows.kmeans_features import kmeans_features
-from flows.listening import factorize
-from flows.study import study_cluster
-from flows.training import mlflow_logger
-from flows.world import synthetic_target
-from infra.cluster import dask_client, shared_settings
-from infra.layout import Layout
-from infra.registry import (
-    CHALLENGER,
-    CHAMPION,
-    factors_schema,
-    log_served_model,
-    register,
-)
-from infra.settings import (
+from core.errors import DatasetError, ParameterError
+from core.layout import Layout
+from core.settings import (
     MODEL_LAYERS,
     ClusterSettings,
     FeatureSettings,
@@ -58,6 +45,21 @@ from infra.settings import (
     TransferStudySettings,
     WorldSettings,
 )
+from flows.features import extract_features, ingest_catalogue
+from flows.kmeans_features import kmeans_features
+from flows.listening import factorize
+from flows.study import study_cluster
+from flows.training import mlflow_logger
+from flows.world import synthetic_target
+from infra.cluster import dask_client, shared_settings
+from infra.registry import (
+    CHALLENGER,
+    CHAMPION,
+    factors_schema,
+    log_served_model,
+    register,
+)
+from infra.threads import ThreadPolicy
 from infra.tracking import (
     RunInput,
     child_run,
@@ -75,7 +77,6 @@ from infra.tracking import (
 from lightning_modules.mlp import FactorRegressorModule
 from lightning_modules.train import train_factor_regressor
 from tasks.datasets import heldout_track_ids, multi_hot, tag_vocabulary
-from tasks.errors import DatasetError, ParameterError
 from tasks.kmeans import pooled_size
 from tasks.kmeans_features import codebook_path, read_kmeans_features
 from tasks.listening import load_factors, play_matrix_for
@@ -843,6 +844,7 @@ def pretrain_model(
         tags={"mirflow.config_key": key, "mirflow.configuration": row["name"]},
     ) as run:
         result = train_factor_regressor(
+            callbacks=[ThreadPolicy()],
             features=features,
             targets=targets,
             layers=layers,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from prefect import flow
 
+from core.settings import ClusterSettings, WorldSettings
 from infra.cluster import chunked, dask_client, map_batches
-from infra.settings import ClusterSettings, WorldSettings
 from tasks import synth
 
 log = logging.getLogger("mirflow")

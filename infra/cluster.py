@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 import dask
 from distributed import Client, LocalCluster, as_completed
 
+from core.settings import ClusterSettings
 from infra.progress import ProgressReporter
-from infra.settings import ClusterSettings
 from infra.threads import usable_cores
 
 log = logging.getLogger("mirflow")

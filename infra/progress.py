@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable, Sequence
 from types import TracebackType
 
 from rich.console import Console
@@ -118,3 +119,14 @@ class ProgressReporter:
         else:
             self._log()
         self._update_artifact(force=True)
+
+
+def run_here(fn: Callable, items: Sequence, *, description: str, unit: str, **kwargs) -> list:
+    """An in-process ``map_fn`` (see ``tasks.events``): ``fn(item, **kwargs)`` for each item, in order,
+    with progress in ``unit``/s."""
+    out = []
+    with ProgressReporter(description, total=len(items), unit=unit, every_s=10) as progress:
+        for item in items:
+            out.append(fn(item, **kwargs))
+            progress.advance(1)
+    return out

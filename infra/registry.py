@@ -38,7 +38,7 @@ from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema, TensorSpec
 
-from infra.settings import TrackingSettings
+from core.settings import TrackingSettings
 
 log = logging.getLogger("mirflow")
 

@@ -31,6 +31,9 @@ import os
 import time
 from pathlib import Path
 
+import lightning as L
+import torch
+
 log = logging.getLogger("mirflow")
 
 # Other processes' load, in cores, at or above which a core counts as taken (0.5: more than half a core).
@@ -186,3 +189,29 @@ __all__ = [
     "threads_for",
     "usable_cores",
 ]
+
+
+class ThreadPolicy(L.Callback):
+    """On CPUs: torch's threads by this module's policy when training starts, then re-measured every few
+    seconds, so that training gives way to (and takes back) cores another process keeps busy."""
+
+    def __init__(self, every_s: float = 2.0) -> None:
+        self.every_s = every_s
+        self._adjuster = None
+        self._before: int | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.strategy.root_device.type == "cpu":
+            self._before = torch.get_num_threads()
+            processes = max(1, trainer.num_devices)  # the ranks on this machine share its cores
+            apply_thread_policy(processes=processes)
+            self._adjuster = ThreadAdjuster(self.every_s, processes=processes)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and self._before is not None:  # testing and prediction after it start from torch's count
+            torch.set_num_threads(self._before)
+            self._before, self._adjuster = None, None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if self._adjuster is not None:
+            self._adjuster.maybe_adjust()

@@ -24,7 +24,7 @@ from mlflow.data.dataset_source_registry import get_registered_sources, resolve_
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.tracking import MlflowClient
 
-from infra.settings import TrackingSettings
+from core.settings import TrackingSettings
 
 log = logging.getLogger("mirflow")
 # MLflow rejects param values longer than this; longer ones are cut with a marker.

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.errors import DatasetError
 from lightning_modules.datamodule import ClipDataModule
-from tasks.errors import DatasetError
 from tasks.shards import read_audio
 
 PCM_SCALE = 1.0 / 32768.0  # int16 sample -> [-1, 1)

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import lightning as L
-import torch
 
 log = logging.getLogger("mirflow")
 
@@ -95,31 +94,3 @@ class CompileNetwork(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
             pl_module.net.compile()
-
-
-class ThreadPolicy(L.Callback):
-    """On CPUs: torch's threads by ``infra.threads``' policy when training starts, then re-measured every few
-    seconds, so that training gives way to (and takes back) cores another process keeps busy."""
-
-    def __init__(self, every_s: float = 2.0) -> None:
-        self.every_s = every_s
-        self._adjuster = None
-        self._before: int | None = None
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from infra.threads import ThreadAdjuster, apply_thread_policy
-
-        if stage == "fit" and trainer.strategy.root_device.type == "cpu":
-            self._before = torch.get_num_threads()
-            processes = max(1, trainer.num_devices)  # the ranks on this machine share its cores
-            apply_thread_policy(processes=processes)
-            self._adjuster = ThreadAdjuster(self.every_s, processes=processes)
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and self._before is not None:  # testing and prediction after it start from torch's count
-            torch.set_num_threads(self._before)
-            self._before, self._adjuster = None, None
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        if self._adjuster is not None:
-            self._adjuster.maybe_adjust()

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
-from tasks.errors import DatasetError
+from core.errors import DatasetError
 from tasks.shards import read_features
 
 

@@ -29,11 +29,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from infra.settings import MelSettings
+from core.errors import ParameterError
+from core.settings import MelSettings
 from lightning_modules.datamodule import clip_windows, pad_to_crop
 from lightning_modules.latent_factors import LatentFactorModule
 from lightning_modules.tagger import TaggerModule
-from tasks.errors import ParameterError
 
 
 def mel_clips(waveforms: np.ndarray, *, mel: MelSettings) -> list[np.ndarray]:

@@ -5,6 +5,8 @@ data -> model -> callbacks -> logger -> trainer -> fit -> test.
 from __future__ import annotations
 
 import logging
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +17,8 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
-from infra.progress import interactive
-from infra.settings import (
+from core.errors import ParameterError
+from core.settings import (
     LatentFactorSettings,
     MelSettings,
     MLPSettings,
@@ -29,7 +31,6 @@ from lightning_modules.callbacks import (
     FINISHED,
     CompileNetwork,
     Snapshot,
-    ThreadPolicy,
     ThroughputLog,
 )
 from lightning_modules.datamodule import FeatureDataModule, VectorDataModule
@@ -37,7 +38,6 @@ from lightning_modules.latent_factors import LatentFactorModule
 from lightning_modules.mlp import FactorRegressorModule, MLPTaggerModule
 from lightning_modules.tagger import RawAudioTaggerModule, TaggerModule
 from tasks.datasets import multi_hot
-from tasks.errors import ParameterError
 
 log = logging.getLogger("mirflow")
 
@@ -68,12 +68,14 @@ def build_trainer(
     logger: Logger | bool,
     quiet: bool = False,
     log_every_n_steps: int = 5,
+    callbacks: Sequence[L.Callback] = (),
 ) -> tuple[L.Trainer, ModelCheckpoint]:
     """The trainer of every family: best checkpoint on ``monitor``, early stopping, a resumable ``last.ckpt``.
 
     With ``train.devices > 1`` it trains under DDP in spawned processes (``ddp_spawn``:
     a flow cannot be re-executed per rank as the script launcher of ``ddp`` would);
-    the gloo backend on CPUs, NCCL on GPUs. Lightning logs from rank 0 only.
+    the gloo backend on CPUs, NCCL on GPUs. Lightning logs from rank 0 only. ``callbacks``
+    are the resources' own (``infra.threads.ThreadPolicy``), handed down by the flow.
     """
     best = ModelCheckpoint(dirpath=checkpoint_dir, filename=f"{name}-best", monitor=monitor, mode=mode, save_top_k=1)
     trainer = L.Trainer(
@@ -87,11 +89,11 @@ def build_trainer(
             best,
             EarlyStopping(monitor=monitor, mode=mode, patience=train.patience),
             ThroughputLog(name, quiet=quiet),
-            ThreadPolicy(),
+            *callbacks,
             Snapshot(Path(checkpoint_dir) / LAST_CHECKPOINT, every_n_steps=train.checkpoint_every_n_steps),
             *([CompileNetwork()] if train.compile else []),
         ],
-        enable_progress_bar=interactive() and not quiet,
+        enable_progress_bar=sys.stderr.isatty() and not quiet,
         enable_model_summary=False,
         log_every_n_steps=log_every_n_steps,
         num_sanity_val_steps=0,
@@ -191,6 +193,7 @@ def train_tagger(
     checkpoint_dir: Path,
     logger: Logger | bool = False,
     quiet: bool = False,
+    callbacks: Sequence[L.Callback] = (),
 ) -> TrainResult:
     """Train the spectrogram tagger (``settings.model``) on the tracks' train split; test on their test split."""
     L.seed_everything(settings.train.seed, workers=True)
@@ -214,6 +217,7 @@ def train_tagger(
     )
     trainer, checkpoint = build_trainer(
         settings.train,
+        callbacks=callbacks,
         name="tagger",
         monitor="val/roc_auc",
         mode="max",
@@ -243,6 +247,7 @@ def train_latent_factor_cnn(
     train: TrainSettings | None = None,
     user_factors: np.ndarray | None = None,
     train_confidence=None,
+    callbacks: Sequence[L.Callback] = (),
 ) -> LatentFactorResult:
     """Regress item factors from audio; predict the factors of the test tracks (the cold-start items).
 
@@ -293,7 +298,13 @@ def train_latent_factor_cnn(
     if settings.objective == "wpe":
         model.use_plays(user_factors, train_confidence)
     trainer, checkpoint = build_trainer(
-        train, name="latent_factors", monitor="val/mse", mode="min", checkpoint_dir=checkpoint_dir, logger=logger
+        train,
+        callbacks=callbacks,
+        name="latent_factors",
+        monitor="val/mse",
+        mode="min",
+        checkpoint_dir=checkpoint_dir,
+        logger=logger,
     )
     fitted = fit_and_test(trainer, checkpoint, model, datamodule, train=train, checkpoint_dir=checkpoint_dir)
     predictor = L.Trainer(
@@ -324,6 +335,7 @@ def train_mlp_tagger(
     checkpoint_dir: Path,
     logger: Logger | bool = False,
     quiet: bool = False,
+    callbacks: Sequence[L.Callback] = (),
 ) -> TrainResult:
     """Train the MLP tagger on one feature vector per clip; early stopping on validation ROC-AUC; test.
 
@@ -347,6 +359,7 @@ def train_mlp_tagger(
     )
     trainer, checkpoint = build_trainer(
         settings.train,
+        callbacks=callbacks,
         name="mlp_tagger",
         monitor="val/roc_auc",
         mode="max",
@@ -372,6 +385,7 @@ def train_factor_regressor(
     checkpoint_dir: Path,
     logger: Logger | bool = False,
     quiet: bool = False,
+    callbacks: Sequence[L.Callback] = (),
 ) -> RegressorResult:
     """Linear regression (``layers=0``) or an MLP from one feature vector per clip to its target vector.
 
@@ -397,6 +411,7 @@ def train_factor_regressor(
     )
     trainer, checkpoint = build_trainer(
         settings.train,
+        callbacks=callbacks,
         name=f"regressor{layers}",
         monitor="val/mse",
         mode="min",
@@ -428,6 +443,7 @@ def train_raw_tagger(
     checkpoint_dir: Path,
     logger: Logger | bool = False,
     quiet: bool = False,
+    callbacks: Sequence[L.Callback] = (),
 ) -> TrainResult:
     """Train the raw-audio convnet on the PCM shards' train split; test on the test split.
 
@@ -456,6 +472,7 @@ def train_raw_tagger(
     )
     trainer, checkpoint = build_trainer(
         train,
+        callbacks=callbacks,
         name="raw_tagger",
         monitor="val/roc_auc",
         mode="max",

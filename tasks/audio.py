@@ -3,7 +3,7 @@
 soundfile (libsndfile) reads mp3, wav, au, flac and ogg directly; formats it cannot
 read (m4a/AAC, for example) fall back to audioread, which needs an ffmpeg or
 GStreamer backend on the machine. Every failure is raised as a
-:class:`~tasks.errors.DecodeError` whose ``stage`` says which step failed, so that the
+:class:`~core.errors.DecodeError` whose ``stage`` says which step failed, so that the
 caller can quarantine the file with a reason and go on. A file cut short is refused
 at ``check`` whatever its codec (:mod:`tasks.containers` reads the evidence), rather
 than passed on as a short clip.
@@ -17,8 +17,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from core.errors import DecodeError, ParameterError
 from tasks.containers import decoded_cut, header_cut, sniff_container
-from tasks.errors import DecodeError, ParameterError
 
 #: A waveform whose peak absolute value is below this is treated as digital silence.
 SILENCE_PEAK = 1e-6

@@ -25,8 +25,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from infra.settings import SourceSettings
-from tasks.errors import DatasetError, ParameterError
+from core.errors import DatasetError, ParameterError
+from core.settings import SourceSettings
 
 # The papers' folder split of MagnaTagATune: folders 0-b train, c valid, d-f test.
 MTAT_FOLDER_SPLIT = {**{f: "train" for f in "0123456789ab"}, "c": "valid", **{f: "test" for f in "def"}}

@@ -49,8 +49,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from infra.progress import ProgressReporter
-from tasks.errors import DatasetError, ParameterError
+from core.errors import DatasetError, ParameterError
 from tasks.shards import append_quarantine, content_sha1, write_table_atomic, write_text_atomic
 
 log = logging.getLogger("mirflow")
@@ -586,13 +585,11 @@ Mapper = Callable[..., list]
 
 
 def run_here(fn: Callable, items: Sequence, *, description: str, unit: str, **kwargs) -> list:
-    """The in-process ``map_fn``: ``fn(item, **kwargs)`` for each item, in order, with progress in ``unit``/s."""
-    out = []
-    with ProgressReporter(description, total=len(items), unit=unit, every_s=10) as progress:
-        for item in items:
-            out.append(fn(item, **kwargs))
-            progress.advance(1)
-    return out
+    """The plain ``map_fn``: ``fn(item, **kwargs)`` for each item, in order, in this process.
+
+    The flows hand down ``infra.progress.run_here`` instead (the same, with progress in ``unit``/s).
+    """
+    return [fn(item, **kwargs) for item in items]
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from infra.settings import FeatureSettings
+from core.errors import DecodeError
+from core.settings import FeatureSettings
 from tasks.audio import decode
-from tasks.errors import DecodeError
 from tasks.shards import (
     append_quarantine,
     audio_to_table,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.errors import ParameterError
+from core.errors import ParameterError
 
 
 def filter_spectra(filters: np.ndarray, *, sample_rate: int, n_fft: int | None = None) -> tuple[np.ndarray, np.ndarray]:

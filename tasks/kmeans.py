@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.errors import DatasetError, ParameterError
+from core.errors import DatasetError, ParameterError
 
 ACTIVATIONS = ("linear", "relu", "threshold")
 POOLINGS = ("max", "mean", "max+mean")

@@ -31,8 +31,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from infra.settings import FeatureSettings, KMeansSettings
-from tasks.errors import DatasetError, ParameterError
+from core.errors import DatasetError, ParameterError
+from core.settings import FeatureSettings, KMeansSettings
 from tasks.features import peak_rss_mb
 from tasks.kmeans import (
     Codebook,

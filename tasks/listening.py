@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-from tasks.errors import DatasetError, ParameterError
+from core.errors import DatasetError, ParameterError
 from tasks.events import read_batch_events, read_id_map
 from tasks.shards import write_table_atomic
 

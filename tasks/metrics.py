@@ -20,7 +20,7 @@ import scipy.sparse as sp
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from tasks.errors import ParameterError
+from core.errors import ParameterError
 
 # Largest users x items block of scores (and its sort order) held at once.
 _SCORE_BLOCK_ELEMENTS = 1 << 24

@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from infra.settings import WMFSettings
+from core.errors import DatasetError
+from core.settings import WMFSettings
 from tasks.datasets import multi_hot
-from tasks.errors import DatasetError
 from tasks.metrics import tag_metrics
 from tasks.wmf import fit_wmf, fold_in_users
 

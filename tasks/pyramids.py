@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tasks.errors import ParameterError
+from core.errors import ParameterError
 
 #: Burt & Adelson's binomial generating kernel (their ``a = 0.375``).
 KERNEL = (1.0 / 16, 4.0 / 16, 6.0 / 16, 4.0 / 16, 1.0 / 16)

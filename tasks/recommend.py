@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from tasks.errors import ParameterError
+from core.errors import ParameterError
 from tasks.listening import play_matrix_for
 from tasks.metrics import random_factors, ranking_metrics
 from tasks.report import RankingRow, metric_slug

@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.errors import DatasetError
+from core.errors import DatasetError
 
 MANIFEST = "_manifest.parquet"
 MANIFEST_SCHEMA = pa.schema(

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from infra.settings import FeatureSettings, MelSettings
-from tasks.errors import ParameterError
+from core.errors import ParameterError
+from core.settings import FeatureSettings, MelSettings
 from tasks.pyramids import gaussian_pyramid, laplacian_from_gaussian
 
 #: ``power_to_db`` constants, as librosa's defaults with ``ref=1.0``.

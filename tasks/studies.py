@@ -1,7 +1,7 @@
 """Studies: presets as data, the configurations they expand to, and the tables they end in (DESIGN.md §8).
 
 A preset is a plain dict of settings (:data:`PRESETS`, or a JSON file of the same
-shape) validated into :class:`~infra.settings.StudySettings`. A later study adds a
+shape) validated into :class:`~core.settings.StudySettings`. A later study adds a
 preset, not a code path. :func:`configurations` expands the settings into the runs
 of the study. :func:`study_table` and :func:`timescale_importance` shape their
 results like the paper's tables.
@@ -20,13 +20,13 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ValidationError
 
-from infra.settings import (
+from core.errors import DatasetError, ParameterError, settings_message
+from core.settings import (
     EndToEndStudySettings,
     RecommendationStudySettings,
     StudySettings,
     TransferStudySettings,
 )
-from tasks.errors import DatasetError, ParameterError, settings_message
 
 _PAPER_FEATURES = {
     # Hamel et al. 2012 via Dieleman & Schrauwen 2013: windows 1024..8192 at half-window hops,

@@ -48,8 +48,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import soundfile as sf
 
-from infra.settings import WorldSettings
-from tasks.errors import ParameterError
+from core.errors import ParameterError
+from core.settings import WorldSettings
 
 STYLES: tuple[str, ...] = ("classical", "rock", "techno", "ambient", "pop", "jazz")
 INSTRUMENTS: tuple[str, ...] = ("piano", "strings", "flute", "guitar", "drums", "bass", "synth", "vocal")

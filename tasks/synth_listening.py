@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from tasks.errors import ParameterError
+from core.errors import ParameterError
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from tasks.errors import DatasetError, ParameterError
+from core.errors import DatasetError, ParameterError
 
 SPLITS = ("train", "valid", "test")
 DEFAULT_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from core.errors import DecodeError, MirflowError
 from tasks.audio import audio_info, decode
-from tasks.errors import DecodeError, MirflowError
 
 
 class UploadError(MirflowError):

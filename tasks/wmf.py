@@ -22,8 +22,8 @@ import pandas as pd
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-from infra.settings import WMFSettings
-from tasks.errors import ParameterError
+from core.errors import ParameterError
+from core.settings import WMFSettings
 
 # Largest float64 work array (elements) that fold-in and the objective build at once.
 _CHUNK_ELEMENTS = 1 << 23

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
+from mirflow.offline import apply_quiet_offline
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
-for key, value in {
-    "DO_NOT_TRACK": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
-    "GIT_PYTHON_REFRESH": "quiet",
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-}.items():
-    os.environ.setdefault(key, value)
+apply_quiet_offline()
 
 
 def _cuda_available() -> bool:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from core.errors import DecodeError
 from tasks.audio import audio_info, decode
-from tasks.errors import DecodeError
 from tasks.shards import content_sha1
 
 FILE_SR = 22050

@@ -7,8 +7,8 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner
 
-from infra.cli import app
-from infra.settings import WorldSettings
+from core.settings import WorldSettings
+from mirflow.cli import app
 from tasks import synth
 
 

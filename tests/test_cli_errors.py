@@ -19,8 +19,8 @@ import pytest
 import soundfile as sf
 from prefect.client.orchestration import get_client
 
-from infra.cli import UserErrorConsoleFilter
-from tasks.errors import DatasetError
+from core.errors import DatasetError
+from mirflow.cli import UserErrorConsoleFilter
 
 MIRFLOW = Path(sys.executable).parent / "mirflow"
 
@@ -260,7 +260,7 @@ COMMANDS = {
 def test_every_command_is_covered():
     from typer.main import get_command
 
-    from infra.cli import app
+    from mirflow.cli import app
 
     def names(group, prefix=""):
         for name, command in group.commands.items():

@@ -8,8 +8,8 @@ import pytest
 import torch
 from distributed import LocalCluster
 
+from core.settings import ClusterSettings
 from infra.cluster import chunked, dask_client, map_batches, spectrogram_device
-from infra.settings import ClusterSettings
 
 pytestmark = pytest.mark.integration
 

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from core.errors import DatasetError, ParameterError
 from tasks.audio import decode
 from tasks.datasets import (
     gtzan_tracks,
@@ -18,7 +19,6 @@ from tasks.datasets import (
     read_mtat_index,
     top_tags,
 )
-from tasks.errors import DatasetError, ParameterError
 
 ANNOTATIONS = (
     '"clip_id"\t"guitar"\t"piano"\t"rock"\t"mp3_path"\n'

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
+from core.errors import ParameterError
+from core.settings import ClusterSettings, WorldSettings
 from flows.end_to_end import feature_sets
 from flows.study import tagging_study
-from infra.settings import ClusterSettings, WorldSettings
 from infra.tracking import COMPLETE_TAG, run_inputs, tracking_for
-from tasks.errors import ParameterError
 from tasks.studies import end_to_end_runs, load_preset, preset_overrides
 
 WORLD = WorldSettings(n_tracks=120, n_users=150, clip_seconds=5.0, seed=0)

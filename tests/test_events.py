@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.errors import DatasetError, ParameterError
+from core.errors import DatasetError, ParameterError
 from tasks.events import (
     IdMap,
     ListeningSource,
@@ -350,8 +350,8 @@ def test_a_failed_reingest_keeps_the_batch_ingested_before(tmp_path):
 @pytest.mark.integration
 def test_the_cluster_path_gives_what_one_process_gives(tmp_path):
     """Chunks parsed, routed and reduced on a Dask cluster of two worker processes: the same batch, bit for bit."""
+    from core.settings import ClusterSettings
     from infra.cluster import dask_client, map_batches
-    from infra.settings import ClusterSettings
 
     sources = _mixed_files(tmp_path, np.random.default_rng(4))
     here = tmp_path / "here"

@@ -18,9 +18,9 @@ import soundfile as sf
 from distributed import Client, LocalCluster
 from mlflow.tracking import MlflowClient
 
+from core.layout import Layout
+from core.settings import ClusterSettings, FeatureSettings, MelSettings
 from flows.features import extract_features
-from infra.layout import Layout
-from infra.settings import ClusterSettings, FeatureSettings, MelSettings
 from infra.tracking import tracking_for
 from tasks.shards import read_audio, read_features, read_manifest
 
@@ -159,8 +159,8 @@ def test_a_killed_worker_costs_nothing_but_time(tmp_path):
 
 @pytest.mark.realdata
 def test_real_samples_go_through_the_adapters_and_the_flow(tmp_path, shared_data):
+    from core.settings import SourceSettings
     from flows.features import catalogue_features
-    from infra.settings import SourceSettings
 
     gtzan = shared_data / "gtzan"
     manifest = tmp_path / "manifest.csv"

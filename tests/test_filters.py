@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.errors import ParameterError
+from core.errors import ParameterError
 from tasks.filters import (
     dominant_frequencies,
     filter_spectra,

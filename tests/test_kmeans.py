@@ -8,8 +8,8 @@ import torch
 from pydantic import ValidationError
 from scipy.optimize import linear_sum_assignment
 
-from infra.settings import KMeansSettings
-from tasks.errors import DatasetError, ParameterError
+from core.errors import DatasetError, ParameterError
+from core.settings import KMeansSettings
 from tasks.kmeans import (
     Codebook,
     encode_clip,

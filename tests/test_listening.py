@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from tasks.errors import DatasetError
+from core.errors import DatasetError
 from tasks.listening import (
     PlayMatrix,
     build_play_matrix,

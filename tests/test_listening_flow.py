@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
+from core.layout import Layout
+from core.settings import WMFSettings
 from flows.listening import factorize
-from infra.layout import Layout
-from infra.settings import WMFSettings
 from infra.tracking import tracking_for
 from tasks.events import read_id_map
 from tasks.listening import load_factors
@@ -168,7 +168,7 @@ def test_a_run_killed_after_writing_factors_is_not_mistaken_for_the_previous_one
 def test_large_listening_files_are_ingested_on_the_cluster_the_flow_is_given(tmp_path, monkeypatch, caplog):
     """Past CLUSTER_MIN_BYTES the ingestion task fans out on the Dask cluster; the batch is the one a process makes."""
     import flows.listening as listening_flow
-    from infra.settings import ClusterSettings
+    from core.settings import ClusterSettings
     from tasks.events import ListeningSource, read_batch_events
 
     paths, _ = _batches(tmp_path)

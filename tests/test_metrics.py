@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from tasks.errors import ParameterError
+from core.errors import ParameterError
 from tasks.metrics import random_factors, ranking_metrics, tag_metrics
 
 

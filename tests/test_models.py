@@ -184,7 +184,7 @@ def test_trains_under_ddp_with_two_cpu_processes(family, tmp_path, monkeypatch):
 
 
 def test_mlp_tagger_learns_separable_tags_and_reports_per_tag_metrics(tmp_path):
-    from infra.settings import MLPSettings, TrainSettings
+    from core.settings import MLPSettings, TrainSettings
     from lightning_modules.train import train_mlp_tagger
 
     rng = np.random.default_rng(0)
@@ -265,7 +265,7 @@ def test_evaluation_under_ddp_counts_every_clip_once_and_equals_one_device(
 @pytest.mark.slow
 @pytest.mark.parametrize("options", [{"precision": "bf16-mixed"}, {"compile": True}], ids=["bf16-mixed", "compile"])
 def test_mixed_precision_and_compile_train_and_checkpoint(options, tmp_path):
-    from infra.settings import MLPSettings, TrainSettings
+    from core.settings import MLPSettings, TrainSettings
     from lightning_modules.train import train_mlp_tagger
 
     rng = np.random.default_rng(0)

@@ -17,10 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from flows.features import extract_features
-from flows.pipeline import pipeline
-from infra.layout import Layout
-from infra.settings import (
+from core.layout import Layout
+from core.settings import (
     ClusterSettings,
     LatentFactorSettings,
     PipelineSettings,
@@ -28,6 +26,8 @@ from infra.settings import (
     TrainSettings,
     WorldSettings,
 )
+from flows.features import extract_features
+from flows.pipeline import pipeline
 from infra.tracking import run_inputs, tracking_for
 
 pytestmark = pytest.mark.integration

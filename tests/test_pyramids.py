@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from infra.settings import FeatureSettings, MelSettings
-from tasks.errors import ParameterError
+from core.errors import ParameterError
+from core.settings import FeatureSettings, MelSettings
 from tasks.pyramids import (
     KERNEL,
     gaussian_expand,
@@ -264,7 +264,7 @@ def test_feature_columns_cuda_matches_cpu(clip_16k):
 @pytest.mark.parametrize("pyramid", ["none", "both"])
 @pytest.mark.parametrize("compression", ["log1p", "db"])
 def test_batch_of_unequal_clips_equals_one_call_per_clip(pyramid, compression):
-    from infra.settings import FeatureSettings, MelSettings
+    from core.settings import FeatureSettings, MelSettings
     from tasks.spectrogram import feature_columns, feature_columns_batch
 
     rng = np.random.default_rng(5)

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from core.errors import DatasetError
 from lightning_modules.architectures import (
     FeaturePooling,
     FirstLayerNonlinearity,
     RawAudioConvNet2014,
 )
 from lightning_modules.audio_datamodule import AudioDataModule
-from tasks.errors import DatasetError
 from tasks.shards import audio_to_table, write_feature_shard
 
 
@@ -173,7 +173,7 @@ def test_resident_crops_split_an_epoch_evenly_between_ranks(monkeypatch) -> None
 def test_raw_tagger_trains_from_pcm_shards(tmp_path, resident) -> None:
     import pandas as pd
 
-    from infra.settings import TrainSettings
+    from core.settings import TrainSettings
     from lightning_modules.train import train_raw_tagger
 
     rng = np.random.default_rng(0)

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from core.errors import ParameterError
+from core.settings import ClusterSettings, WorldSettings
 from flows.recommendation import recommendation_study
-from infra.settings import ClusterSettings, WorldSettings
 from infra.tracking import run_inputs, tracking_for
-from tasks.errors import ParameterError
 from tasks.recommend import choose_queries, nearest_by_cosine, query_table
 from tasks.studies import load_preset, preset_overrides
 

@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from core.errors import ParameterError
+from core.settings import PromotionSettings
 from flows.retrain import CHALLENGER_ROW, CHAMPION_ROW, decide, inbox_sources, new_sources
 from infra.registry import (
     CHALLENGER,
@@ -21,11 +23,10 @@ from infra.registry import (
     register,
     repair_recommender_aliases,
 )
-from infra.service import is_transient, service_environment
-from infra.settings import PromotionSettings
-from infra.stack import Ports, Stack, StackError, free_ports
+from infra.retries import is_transient
 from infra.tracking import tracking_for
-from tasks.errors import ParameterError
+from mirflow.environment import service_environment
+from mirflow.stack import Ports, Stack, StackError, free_ports
 from tasks.events import ingest_sources
 from tasks.recommend import compare_recommenders
 from tasks.report import RankingRow
@@ -163,9 +164,9 @@ def test_the_inbox_yields_only_what_the_last_recommender_did_not_cover(tmp_path)
 def test_retraining_before_any_pipeline_run_or_beside_another_does_nothing(tmp_path):
     from prefect.testing.utilities import prefect_test_harness
 
+    from core.layout import Layout
     from flows.retrain import retrain_on_new_listening
-    from infra.layout import Layout
-    from infra.service import try_lock
+    from infra.locks import try_lock
 
     with prefect_test_harness(server_startup_timeout=60):
         outcome = retrain_on_new_listening(tmp_path, tracking_for(tmp_path))
@@ -187,7 +188,7 @@ def test_prefect_retries_a_task_that_met_a_transient_io_error():
     from prefect import flow, task
     from prefect.testing.utilities import prefect_test_harness
 
-    from infra.service import TRANSIENT_IO_RETRIES
+    from infra.retries import TRANSIENT_IO_RETRIES
 
     calls = {"flaky": 0, "missing": 0}
 

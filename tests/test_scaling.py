@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from infra.settings import MLPSettings, TrackingSettings, TrainSettings
+from core.settings import MLPSettings, TrackingSettings, TrainSettings
 
 N_INPUTS, TAGS = 40, ["a", "b", "c"]
 

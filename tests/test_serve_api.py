@@ -9,10 +9,7 @@ import pytest
 import soundfile as sf
 from fastapi.testclient import TestClient
 
-from flows.pipeline import pipeline
-from infra.service.app import create_app
-from infra.service.catalogue import load_catalogue
-from infra.settings import (
+from core.settings import (
     ClusterSettings,
     LatentFactorSettings,
     PipelineSettings,
@@ -20,7 +17,10 @@ from infra.settings import (
     TrainSettings,
     WorldSettings,
 )
+from flows.pipeline import pipeline
 from infra.tracking import tracking_for
+from mirflow.web.app import create_app
+from mirflow.web.catalogue import load_catalogue
 from tasks.uploads import UploadLimits
 
 LIMITS = UploadLimits(max_bytes=4 * 2**20, max_seconds=120.0, min_seconds=1.0)

@@ -27,9 +27,9 @@ import pytest
 from distributed import Client
 from mlflow.tracking import MlflowClient
 
-from infra.layout import Layout
+from core.layout import Layout
 from infra.registry import CHAMPION, LATENT_FACTOR_CNN, TAGGER, WMF
-from infra.stack import SERVICE_ID, free_ports, service_processes
+from mirflow.stack import SERVICE_ID, free_ports, service_processes
 from tests.test_feature_flow import _catalogue, assert_every_track_once, kill_mid_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -290,8 +290,8 @@ def test_features_on_a_cli_started_cluster_survive_a_killed_worker(tmp_path):
     from prefect.testing.utilities import prefect_test_harness
     from typer.testing import CliRunner
 
-    from infra.cli import app
-    from infra.settings import feature_settings_from_options
+    from core.settings import feature_settings_from_options
+    from mirflow.cli import app
 
     tracks = _catalogue(tmp_path / "audio", 96, seconds=3.0)
     manifest = tmp_path / "catalogue.csv"

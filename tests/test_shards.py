@@ -9,8 +9,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from infra.settings import FeatureSettings, MelSettings
-from tasks.errors import DatasetError
+from core.errors import DatasetError
+from core.settings import FeatureSettings, MelSettings
 from tasks.features import extract_shard, finish_features, plan_feature_batches
 from tasks.shards import (
     append_quarantine,

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from infra.settings import MelSettings
-from tasks.errors import ParameterError
+from core.errors import ParameterError
+from core.settings import MelSettings
 from tasks.spectrogram import log_mel, mel_band_centres, mel_filterbank, n_frames
 
 SR = 22050

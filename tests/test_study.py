@@ -14,17 +14,17 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from flows.kmeans_features import kmeans_features
-from flows.study import tagging_study
-from infra.layout import Layout
-from infra.settings import (
+from core.errors import ParameterError
+from core.layout import Layout
+from core.settings import (
     ClusterSettings,
     KMeansSettings,
     WorldSettings,
     kmeans_feature_set,
 )
+from flows.kmeans_features import kmeans_features
+from flows.study import tagging_study
 from infra.tracking import run_inputs, tracking_for
-from tasks.errors import ParameterError
 from tasks.kmeans_features import check_timescales, codebook_path, plan_kmeans_features
 from tasks.studies import configurations, load_preset, load_study_data, study_table
 

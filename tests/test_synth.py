@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from infra.settings import WorldSettings
+from core.errors import ParameterError
+from core.settings import WorldSettings
 from tasks import synth
-from tasks.errors import ParameterError
 
 SR = 16000
 SECONDS = 3.0
@@ -415,8 +415,8 @@ def test_source_world_audio_is_unchanged_by_the_target_genres(settings: WorldSet
 
 @pytest.mark.integration
 def test_synthetic_target_flow_renders_and_then_skips(prefect_server, tmp_path: Path, settings: WorldSettings) -> None:
+    from core.settings import ClusterSettings
     from flows.world import synthetic_target
-    from infra.settings import ClusterSettings
     from tasks.datasets import gtzan_tracks
 
     root = tmp_path / "gtzan"

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.errors import DatasetError, ParameterError
+from core.errors import DatasetError, ParameterError
 from tasks.transfer import (
     DEFAULT_CS,
     TransferError,

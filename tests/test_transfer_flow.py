@@ -12,6 +12,16 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
+from core.errors import ParameterError
+from core.layout import Layout
+from core.settings import (
+    ClusterSettings,
+    FeatureSettings,
+    KMeansSettings,
+    SourceSettings,
+    TransferSettings,
+    WorldSettings,
+)
 from flows.transfer import (
     PRETRAINED,
     TARGET_DATASET,
@@ -21,20 +31,10 @@ from flows.transfer import (
     transfer,
     transfer_study,
 )
-from infra.cli import app
-from infra.layout import Layout
 from infra.registry import CHAMPION
-from infra.settings import (
-    ClusterSettings,
-    FeatureSettings,
-    KMeansSettings,
-    SourceSettings,
-    TransferSettings,
-    WorldSettings,
-)
 from infra.tracking import run_inputs, tracking_for
+from mirflow.cli import app
 from tasks import synth
-from tasks.errors import ParameterError
 from tasks.studies import load_preset
 from tasks.transfer import TransferError, check_target, fit_transfer
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from infra.service.decoding import DecoderPool
+from mirflow.web.decoding import DecoderPool
 from tasks.uploads import UploadError, UploadLimits, check_upload, decode_upload
 
 LIMITS = UploadLimits(max_bytes=2 * 2**20, max_seconds=60.0, min_seconds=1.0)
@@ -154,8 +154,8 @@ def test_a_request_that_finds_every_decoder_busy_gets_a_503(tmp_path):
 
 
 def test_the_catalogue_loads_in_the_background_and_a_failure_is_the_503_reason():
-    from infra.service.app import ApiError, Served
-    from tasks.errors import DatasetError
+    from core.errors import DatasetError
+    from mirflow.web.app import ApiError, Served
 
     def missing():
         raise DatasetError("no finished pipeline run")

@@ -10,8 +10,8 @@ import scipy.sparse as sp
 from sklearn.metrics import roc_auc_score
 from threadpoolctl import threadpool_limits
 
-from infra.settings import WMFSettings
-from tasks.errors import ParameterError
+from core.errors import ParameterError
+from core.settings import WMFSettings
 from tasks.wmf import WMFModel, confidence, fit_wmf, fold_in_items, wmf_objective
 
 N_BLOCKS, BLOCK_USERS, BLOCK_ITEMS = 3, 40, 30

@@ -19,14 +19,13 @@ start of each deployment run.
 
 from __future__ import annotations
 
-import fcntl
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.settings import ClusterSettings, TrackingSettings
+from core.settings import ClusterSettings, TrackingSettings
 from infra.tracking import tracking_for
 
 DATA_DIR = "MIRFLOW_DATA_DIR"
@@ -61,31 +60,6 @@ def service_environment(environ: Mapping[str, str] | None = None) -> ServiceEnvi
     return ServiceEnvironment(data_dir=data_dir, tracking=tracking, dask_address=environ.get(DASK_ADDRESS) or None)
 
 
-# Errors of the file system or the network that a second try may not meet; a missing
-# file or a refused permission will be the same next time.
-_PERMANENT_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)
-
-
-def is_transient(error: BaseException | None) -> bool:
-    """True for I/O errors worth retrying (a flaky disk or network), False for the rest."""
-    return isinstance(error, OSError) and not isinstance(error, _PERMANENT_OS_ERRORS)
-
-
-def retry_on_transient_io(task, task_run, state) -> bool:
-    """Prefect ``retry_condition_fn``: retry a task only when it failed with a transient I/O error."""
-    error = state.data if isinstance(state.data, BaseException) else None
-    if error is None:
-        try:
-            state.result(raise_on_failure=True)
-        except BaseException as exc:  # the task's own exception, re-raised by Prefect
-            error = exc
-    return is_transient(error)
-
-
-#: Keyword arguments of ``@task`` for steps that read or write shared storage.
-TRANSIENT_IO_RETRIES = {"retries": 2, "retry_delay_seconds": [1, 5], "retry_condition_fn": retry_on_transient_io}
-
-
 @contextmanager
 def subflow_heartbeats_off() -> Iterator[None]:
     """Flows started inside run without Prefect heartbeats; the run that enters this keeps its own.
@@ -99,15 +73,3 @@ def subflow_heartbeats_off() -> Iterator[None]:
 
     with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
-
-
-def try_lock(path: Path):
-    """An open file holding an exclusive lock on ``path`` (released when closed); None if another process holds it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        return None
-    return handle

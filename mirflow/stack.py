@@ -8,7 +8,7 @@ would start it:
     Dask scheduler      ``dask scheduler``                 (dashboard on its own port)
     Dask workers        ``dask worker --nworkers N``       (one single-threaded worker per core)
     work pool + worker  a ``process`` work pool and ``prefect worker start`` with the service environment
-                        (infra/service.py) pointing every deployment run at the servers above
+                        (mirflow/environment.py) pointing every deployment run at the servers above
 
 then registers the deployments of ``prefect.yaml`` and prints the URLs. Ctrl-C (or
 SIGTERM) stops everything it started, newest first, each process group whole (a
@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tasks.errors import ParameterError
+from core.errors import ParameterError
 
 log = logging.getLogger("mirflow")
 
@@ -154,8 +154,8 @@ class Stack:
 
     def environ(self) -> dict[str, str]:
         """The children's environment: quiet, offline, pointed at this service."""
-        from infra.cli import QUIET_OFFLINE
-        from infra.service import ARTIFACT_ROOT, DASK_ADDRESS, DATA_DIR, TRACKING_URI
+        from mirflow.environment import ARTIFACT_ROOT, DASK_ADDRESS, DATA_DIR, TRACKING_URI
+        from mirflow.offline import QUIET_OFFLINE
 
         info = self.info
         return {
@@ -183,7 +183,7 @@ class Stack:
 
     def acquire(self) -> None:
         """Take the storage root's service lock, or raise with what is running there."""
-        from infra.service import try_lock
+        from infra.locks import try_lock
 
         handle = try_lock(self.folder / "serve.lock")
         if handle is None:

@@ -31,14 +31,14 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from infra.service.catalogue import TRACK_ID, Catalogue
-from infra.service.decoding import DecoderPool
+from core.errors import MirflowError
 from lightning_modules.served import (
     mel_clips,
     predict_latent_factors,
     predict_tag_scores,
 )
-from tasks.errors import MirflowError
+from mirflow.web.catalogue import TRACK_ID, Catalogue
+from mirflow.web.decoding import DecoderPool
 from tasks.recommend import nearest_by_cosine
 from tasks.uploads import UploadError, UploadLimits
 
@@ -126,7 +126,7 @@ def create_app(
     decode_timeout_s: float = 30.0,
     decoders_size: int = 2,
 ) -> FastAPI:
-    """The service over a loaded catalogue (:func:`infra.service.catalogue.load_catalogue`), or over what
+    """The service over a loaded catalogue (:func:`mirflow.web.catalogue.load_catalogue`), or over what
     ``loader`` loads once it can (503 with the reason until then)."""
     limits = limits if limits is not None else UploadLimits()
     served = Served(catalogue, loader)

@@ -25,7 +25,9 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from infra.layout import Layout
+from core.errors import DatasetError
+from core.layout import Layout
+from core.settings import MelSettings, TrackingSettings
 from infra.registry import (
     CHAMPION,
     LATENT_FACTOR_CNN,
@@ -34,11 +36,9 @@ from infra.registry import (
     WMF_VERSION_TAG,
     client_for,
 )
-from infra.settings import MelSettings, TrackingSettings
 from lightning_modules.latent_factors import LatentFactorModule
 from lightning_modules.served import predict_latent_factors
 from lightning_modules.tagger import TaggerModule
-from tasks.errors import DatasetError
 from tasks.listening import load_factors
 from tasks.report import tsne_coordinates
 from tasks.shards import MANIFEST, content_sha1, read_features
@@ -209,7 +209,7 @@ def load_catalogue(
 def _feature_dir(layout: Layout, dataset: str, mel: MelSettings, feature_set: str | None) -> Path:
     """The log-mel shards the CNN reads: ``feature_set``, the last pipeline run's, or the one set with its column."""
     if feature_set is None and layout.pipeline_settings().exists():
-        from infra.settings import PipelineSettings
+        from core.settings import PipelineSettings
 
         feature_set = PipelineSettings.model_validate_json(layout.pipeline_settings().read_text()).features.feature_set
     if feature_set is not None:

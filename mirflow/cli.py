@@ -21,7 +21,6 @@ and exit status 2; any other failure with status 1. ``--verbose`` adds debug log
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 import traceback
@@ -36,6 +35,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
+from mirflow.offline import apply_quiet_offline
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="mirflow: ML on music audio, as a pipeline.")
 console = Console()
 err_console = Console(stderr=True)
@@ -47,17 +48,6 @@ USER_ERROR = 2
 #: nobody planned for. A crash (a bug) ends with Python's traceback and status 1 as well.
 FAILED = 1
 
-# Quiet, offline defaults; an explicit setting in the environment wins.
-QUIET_OFFLINE = {
-    "DO_NOT_TRACK": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
-    "PREFECT_LOGGING_LEVEL": "WARNING",
-    "GIT_PYTHON_REFRESH": "quiet",
-    "DASK_LOGGING__DISTRIBUTED": "warning",
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-}
 # Libraries whose INFO lines drown the pipeline's own progress.
 CHATTY_LOGGERS = (
     "distributed",
@@ -71,8 +61,7 @@ CHATTY_LOGGERS = (
 
 
 def _setup(verbose: bool) -> None:
-    for key, value in QUIET_OFFLINE.items():
-        os.environ.setdefault(key, value)
+    apply_quiet_offline()
     logger = logging.getLogger("mirflow")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     if not logger.handlers:
@@ -105,7 +94,7 @@ def _fail(message: str, code: int = USER_ERROR) -> typer.Exit:
 def _user_error_types() -> tuple[type[Exception], ...]:
     from pydantic import ValidationError
 
-    from tasks.errors import MirflowError
+    from core.errors import MirflowError
 
     return MirflowError, ValidationError
 
@@ -113,7 +102,7 @@ def _user_error_types() -> tuple[type[Exception], ...]:
 def _error_message(err: Exception) -> str:
     from pydantic import ValidationError
 
-    from tasks.errors import settings_message
+    from core.errors import settings_message
 
     return settings_message(err) if isinstance(err, ValidationError) else str(err)
 
@@ -216,7 +205,7 @@ def _launch(
     **fields,
 ) -> None:
     """Build the settings (tracking under the data folder) with the training options asked for; run the pipeline."""
-    from infra.settings import PipelineSettings
+    from core.settings import PipelineSettings
     from infra.tracking import tracking_for
 
     settings = PipelineSettings(
@@ -359,7 +348,7 @@ def features(
 ) -> None:
     """Extract multiresolution log-mel features (and pyramids) for a catalogue; re-runs do only new files."""
     with _command(verbose):
-        from infra.settings import (
+        from core.settings import (
             ClusterSettings,
             SourceSettings,
             feature_settings_from_options,
@@ -433,9 +422,9 @@ def wmf(
     that update against a full refit; with the same files, nothing is redone.
     """
     with _command(verbose):
-        from infra.settings import ClusterSettings, WMFSettings
+        from core.errors import ParameterError
+        from core.settings import ClusterSettings, WMFSettings
         from infra.tracking import tracking_for
-        from tasks.errors import ParameterError
         from tasks.events import ListeningSource
 
         cluster_settings = ClusterSettings(kind=cluster, n_workers=workers, address=address)
@@ -492,7 +481,7 @@ def retrain(
 ) -> None:
     """Retrain the recommender on new listening files in <data-dir>/inbox/listening; promote it only if better."""
     with _command(verbose):
-        from infra.settings import PromotionSettings, TrainSettings
+        from core.settings import PromotionSettings, TrainSettings
 
         # before any flow starts: a bad value is a usage error, not a failed run
         PromotionSettings(**{k: v for k, v in {"metric": metric, "margin": margin}.items() if v is not None})
@@ -561,7 +550,7 @@ def _serve_stack(
     import signal
 
     from infra.cluster import usable_cores
-    from infra.stack import Ports, Stack, StackError
+    from mirflow.stack import Ports, Stack, StackError
 
     stopping: list[int] = []
     prefect_port, mlflow_port, dask_port, dashboard_port, web_port = ports
@@ -644,9 +633,9 @@ def study_tagging(
     """A tagging study under one MLflow parent run: multiscale K-means features (ismir2013), or raw audio
     against spectrograms (icassp2014), or the short-chunk ResNet beside the 2014 convnet (modern)."""
     with _command(verbose):
-        from infra.settings import ClusterSettings, WorldSettings
+        from core.errors import ParameterError
+        from core.settings import ClusterSettings, WorldSettings
         from infra.tracking import tracking_for
-        from tasks.errors import ParameterError
         from tasks.studies import load_preset, preset_kind, preset_overrides
 
         training = {"devices": devices, "precision": precision, "compile": compile_}
@@ -725,7 +714,7 @@ def study_recommendation(
     """The recommendation study (NIPS 2013): cold start on held-out tracks for random, popularity (oracle),
     linear regression, MLP, CNN-MSE, CNN-WPE and the WMF upper bound, with nearest-neighbour queries."""
     with _command(verbose):
-        from infra.settings import ClusterSettings, WorldSettings
+        from core.settings import ClusterSettings, WorldSettings
         from infra.tracking import tracking_for
 
         extra = {
@@ -809,7 +798,7 @@ def study_transfer(
     """Supervised pre-training (ISMIR 2014): linear regression and MLPs learn tag factors and listening factors
     from K-means features; their embeddings, and the target's own features, transfer to a genre catalogue."""
     with _command(verbose):
-        from infra.settings import ClusterSettings, WorldSettings
+        from core.settings import ClusterSettings, WorldSettings
         from infra.tracking import tracking_for
 
         extra = {
@@ -871,8 +860,8 @@ Source = Annotated[
 
 
 def _catalogue(adapter: str | None, source: Path | None, split: str | None, split_dir: Path | None, seed: int = 0):
-    from infra.settings import SourceSettings
-    from tasks.errors import ParameterError
+    from core.errors import ParameterError
+    from core.settings import SourceSettings
 
     if adapter is None:
         if source is not None:
@@ -900,7 +889,7 @@ def embed(
     """One embedding per track of a catalogue by a pre-trained model, as Parquet: the features it needs are
     computed on the cluster, incrementally (a second run computes nothing again)."""
     with _command(verbose):
-        from infra.settings import ClusterSettings
+        from core.settings import ClusterSettings
         from infra.tracking import tracking_for
 
         catalogue = _catalogue(adapter, source, split, split_dir)
@@ -952,7 +941,7 @@ def transfer_command(
     """Transfer to a labelled target: a logistic regression (or linear SVM) per feature set, its regularization
     chosen on the validation split or by inner cross-validation; accuracy, or macro ROC-AUC for tags."""
     with _command(verbose):
-        from infra.settings import (
+        from core.settings import (
             ClusterSettings,
             FeatureSettings,
             KMeansSettings,
@@ -1012,7 +1001,7 @@ def serve(
     """The web demo and its API: upload a track for its tags and cold-start recommendations, browse the catalogue
     map (http://HOST:PORT/, API docs at /docs)."""
     with _command(verbose, flows=False):
-        from tasks.errors import ParameterError
+        from core.errors import ParameterError
 
         for option, value in (
             ("--max-upload-mb", max_upload_mb),
@@ -1025,9 +1014,9 @@ def serve(
         _quiet_lightning()
         import uvicorn
 
-        from infra.service.app import create_app
-        from infra.service.catalogue import load_catalogue
         from infra.tracking import tracking_for
+        from mirflow.web.app import create_app
+        from mirflow.web.catalogue import load_catalogue
         from tasks.uploads import UploadLimits
 
         def loader():
@@ -1071,8 +1060,8 @@ def world(
 ) -> None:
     """Only write the synthetic world (MTAT-style mp3 tree + Taste Profile triplets)."""
     with _command(verbose, flows=False):
-        from infra.layout import Layout
-        from infra.settings import WorldSettings
+        from core.layout import Layout
+        from core.settings import WorldSettings
         from tasks.synth import generate_world
 
         settings = WorldSettings(n_tracks=tracks, n_users=users, clip_seconds=clip_seconds, seed=seed)

@@ -1,7 +1,7 @@
 """Deployment entry points: what ``prefect deployment run 'mirflow/<name>'`` runs (see prefect.yaml).
 
 Each takes plain parameters (what ``--param key=value`` can give), reads the service
-environment once (:mod:`infra.service`: storage root, MLflow server, Dask scheduler
+environment once (:mod:`mirflow.environment`: storage root, MLflow server, Dask scheduler
 address), builds the same settings objects the CLI builds, and calls the same flow.
 They all carry the flow name ``mirflow``; the deployment name says which job it is.
 
@@ -17,17 +17,17 @@ from typing import TYPE_CHECKING, Literal
 
 from prefect import flow
 
-from infra.layout import Layout
-from infra.service import (
-    ServiceEnvironment,
-    service_environment,
-    subflow_heartbeats_off,
-)
-from infra.settings import (
+from core.layout import Layout
+from core.settings import (
     PipelineSettings,
     SourceSettings,
     WMFSettings,
     feature_settings_from_options,
+)
+from mirflow.environment import (
+    ServiceEnvironment,
+    service_environment,
+    subflow_heartbeats_off,
 )
 
 if TYPE_CHECKING:
@@ -241,8 +241,8 @@ def study_tagging_job(
 ) -> StudyOutput:
     """A tagging study under one parent run: ``ismir2013`` (multiscale K-means features, MLP per configuration),
     ``icassp2014`` (raw audio against spectrograms) or ``modern`` (the short-chunk ResNet)."""
+    from core.settings import WorldSettings
     from flows.study import tagging_study
-    from infra.settings import WorldSettings
     from tasks.studies import load_preset, preset_kind, preset_overrides
 
     env = service_environment()
@@ -256,7 +256,7 @@ def _source(
     adapter: str | None, source: str | None, split: str | None, split_dir: str | None = None, seed: int = 0
 ) -> SourceSettings | None:
     """A catalogue to (re)read, or None to use the dataset's tracks table from an earlier run."""
-    from tasks.errors import ParameterError
+    from core.errors import ParameterError
 
     if adapter is None:
         return None
@@ -283,8 +283,8 @@ def study_recommendation_job(
     """The NIPS 2013 table (cold start: random, popularity, linear regression, MLP, CNN-MSE, CNN-WPE, WMF upper
     bound) and nearest-neighbour ``queries`` (held-out track ids; default a seeded draw), under one parent run.
     ``triplets``: the listening files of a catalogue other than the synthetic one."""
+    from core.settings import WorldSettings
     from flows.recommendation import recommendation_study
-    from infra.settings import WorldSettings
     from tasks.studies import load_study, merge, preset_overrides
 
     env = service_environment()
@@ -321,8 +321,8 @@ def study_transfer_job(
 ) -> TransferStudyOutput:
     """ISMIR 2014: source models pre-trained on tags and listening data (registered), transferred to the synthetic
     genre catalogue beside its own features; source and transfer tables under one parent run."""
+    from core.settings import WorldSettings
     from flows.transfer import transfer_study
-    from infra.settings import WorldSettings
     from tasks.studies import load_study, merge, preset_overrides
 
     env = service_environment()
@@ -377,8 +377,8 @@ def transfer_job(
     seed: int = 0,
 ) -> TransferOutput:
     """A simple classifier per feature set on a labelled target catalogue (accuracy, or macro ROC-AUC for tags)."""
+    from core.settings import FeatureSettings, KMeansSettings, TransferSettings
     from flows.transfer import transfer
-    from infra.settings import FeatureSettings, KMeansSettings, TransferSettings
 
     env = service_environment()
     sets = feature_sets or [s for s in ("pretrained", "kmeans", "logmel-stats", "mfcc") if s != "pretrained" or models]

@@ -3,7 +3,7 @@
 Everything numeric that a run depends on lives here, so that it can be logged to
 MLflow as params, hashed into feature-set names, and passed down explicitly.
 Nothing in ``tasks/`` or ``lightning_modules/`` reads the environment; the CLI in
-``infra/cli.py`` builds these objects once and hands them over.
+``mirflow/cli.py`` builds these objects once and hands them over.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks.errors import ParameterError
+from core.errors import ParameterError
 
 
 class _Settings(BaseModel):

@@ -14,7 +14,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 60
 export PREFECT_LOGGING_LEVEL ?= WARNING
 
-.PHONY: demo test setup serve bench clean
+.PHONY: demo test lint docs docs-build setup serve bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +35,22 @@ demo: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/mirflow up --data-dir $(DATA_DIR) $(SERVE_ARGS)
 
-test: $(STAMP)
+# Lint (ruff), the floors (import-linter), the docs site (a broken link fails), then the tests.
+test: lint docs-build
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+
+docs-build: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --quiet --site-dir $(VENV)/site
+
+# The docs site on 127.0.0.1 (DOCS_PORT, default 8001), rebuilt as pages change.
+DOCS_PORT ?= 8001
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:$(DOCS_PORT)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_log_mel.py

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -395,22 +395,56 @@ def test_new_genres_sound_different_from_shared_ones_with_the_same_tags(seed: in
     assert _spectral_flatness(render(*guitar, style="metal")) > 5 * _spectral_flatness(render(*guitar, style="rock"))
 
 
-# sha256 of render_clip's float32 bytes for plan_world(settings) clips, computed with the code
-# from before the target genres existed (x86-64, numpy float32): the source world must not change.
-SOURCE_CLIP_SHA256 = {
-    2: "b499fef5c885ace458fc03102c1293205d6f9d81393296b86408e5b2067e539e",  # pop, drums
-    6: "cf02a682c502d3aa9235f0d695ad5fb87eb9c3a40598287ac96f8f2d69233523",  # classical
-    10: "4f3d24961991f46da57a6dcd7f271161701d62e9ca41c477e202f20ae505fc2c",  # rock, drums
-    18: "d8bd48116770a795aa7accb164aaee6c524810a8d50fda3ca872bd7b377aa03a",  # techno, drums
-    26: "aa22fbf588b85c083b803440c46cb48a60f545d13743e754ce3f15a16d1f5923",  # jazz, drums
-}
+# The source world must not change when target genres are added. Each source clip is compared with a
+# stored low-resolution reference rendering (tests/data/source_world_reference.json, rendered with the
+# code from before the target genres existed; rebuild it with `python -m tests.test_synth`) in three
+# coarse views: the loudness envelope, the spectral envelope and a few samples. Float32 rendering
+# differs in its last bits between CPUs (AVX2 against AVX-512 kernels: about 1e-7 relative), so the
+# tolerances sit far above that noise and far below any real change of a note, an instrument, a
+# level or a seed (each moves these views by whole percent).
+SOURCE_CLIPS = {2: "pop, drums", 6: "classical", 10: "rock, drums", 18: "techno, drums", 26: "jazz, drums"}
+REFERENCE = Path(__file__).with_name("data") / "source_world_reference.json"
 
 
-def test_source_world_audio_is_unchanged_by_the_target_genres(settings: WorldSettings) -> None:
-    plans = {p.clip_id: p for p in synth.plan_world(settings)}
-    for clip_id, digest in SOURCE_CLIP_SHA256.items():
-        y = synth.render_clip(plans[clip_id], sample_rate=SR, seconds=SECONDS)
-        assert hashlib.sha256(y.tobytes()).hexdigest() == digest, (clip_id, plans[clip_id].style)
+def coarse_view(y: np.ndarray) -> dict[str, np.ndarray]:
+    """A clip seen coarsely: RMS of 48 equal blocks, the level of 24 equal FFT bands (dB), 64 samples."""
+    y = np.asarray(y, dtype=np.float64)
+    blocks = np.array_split(y, 48)
+    power = np.abs(np.fft.rfft(y)) ** 2
+    bands = np.array_split(power[1:], 24)
+    return {
+        "block_rms": np.array([np.sqrt(np.mean(b**2)) for b in blocks]),
+        "band_db": np.array([10 * np.log10(np.sum(b) + 1e-12) for b in bands]),
+        "samples": y[:: max(1, len(y) // 64)][:64],
+    }
+
+
+def _source_world() -> WorldSettings:
+    return WorldSettings(
+        n_tracks=24, n_users=30, clip_seconds=SECONDS, sample_rate=SR, mean_tracks_per_user=6.0, seed=7
+    )
+
+
+def test_source_world_audio_is_unchanged_by_the_target_genres() -> None:
+    reference = json.loads(REFERENCE.read_text())
+    plans = {p.clip_id: p for p in synth.plan_world(_source_world())}
+    for clip_id, style in SOURCE_CLIPS.items():
+        got = coarse_view(synth.render_clip(plans[clip_id], sample_rate=SR, seconds=SECONDS))
+        want = {key: np.asarray(values) for key, values in reference[str(clip_id)].items()}
+        # 0.1 % of each block's loudness, 0.01 dB of each band, 1e-4 of full scale per sample.
+        np.testing.assert_allclose(got["block_rms"], want["block_rms"], rtol=1e-3, atol=1e-6, err_msg=style)
+        np.testing.assert_allclose(got["band_db"], want["band_db"], atol=0.01, err_msg=style)
+        np.testing.assert_allclose(got["samples"], want["samples"], atol=1e-4, err_msg=style)
+
+
+def _write_reference() -> None:
+    plans = {p.clip_id: p for p in synth.plan_world(_source_world())}
+    views = {}
+    for clip_id in SOURCE_CLIPS:
+        view = coarse_view(synth.render_clip(plans[clip_id], sample_rate=SR, seconds=SECONDS))
+        views[str(clip_id)] = {key: [float(f"{v:.9g}") for v in values] for key, values in view.items()}
+    REFERENCE.parent.mkdir(exist_ok=True)
+    REFERENCE.write_text(json.dumps(views, indent=1) + "\n")
 
 
 @pytest.mark.integration
@@ -427,3 +461,7 @@ def test_synthetic_target_flow_renders_and_then_skips(prefect_server, tmp_path: 
     written = {path: path.stat().st_mtime_ns for path in root.rglob("*")}
     synthetic_target(root, settings, cluster, n_tracks=12, seed=3)  # complete: nothing is touched
     assert {path: path.stat().st_mtime_ns for path in root.rglob("*")} == written
+
+
+if __name__ == "__main__":
+    _write_reference()

@@ -102,6 +102,28 @@ class FeatureSettings(_Settings):
     files_per_task: int = Field(32, ge=1, description="files decoded per Dask task")
     min_seconds: float = Field(1.0, ge=0.0, description="shorter clips are quarantined")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _half_hop(cls, data: Any) -> Any:
+        """The hop rule, in this one place: under ``half`` the first resolution's hop (``mel.hop_length``,
+        which training crops and the served spectrogram use) is its window / 2, as for every other
+        resolution. Left unset, it is set so; set to anything else, the settings are refused."""
+        if not isinstance(data, dict) or data.get("hop_policy") != "half":
+            return data
+        mel = data.get("mel", MelSettings())
+        if isinstance(mel, MelSettings):
+            given, fields = "hop_length" in mel.model_fields_set, mel.model_dump()
+        else:
+            given, fields = "hop_length" in mel, dict(mel)
+        n_fft = int(fields.get("n_fft", MelSettings.model_fields["n_fft"].default))
+        if given and int(fields["hop_length"]) != n_fft // 2:
+            raise ValueError(
+                f"hop_policy='half' gives every resolution a hop of half its window, so mel.hop_length must be "
+                f"{n_fft // 2} (n_fft={n_fft} / 2), got {fields['hop_length']}: leave mel.hop_length unset, "
+                f"or use hop_policy='fixed' to keep a hop of {fields['hop_length']} at every resolution"
+            )
+        return {**data, "mel": {**fields, "hop_length": n_fft // 2}}
+
     @model_validator(mode="after")
     def _check(self) -> FeatureSettings:
         windows = self.windows
@@ -795,13 +817,12 @@ def feature_settings_from_options(
         ) from None
     if not sizes:
         raise ParameterError(f"windows={windows!r}: give at least one FFT window, e.g. 1024,2048,4096,8192")
+    # Under ``half`` the hop follows from each window (FeatureSettings' rule); ``hop`` is for ``fixed``.
+    mel = {"sample_rate": sample_rate, "n_fft": sizes[0], "n_mels": n_mels}
+    if hop_policy != "half":
+        mel["hop_length"] = hop
     return FeatureSettings(
-        mel={
-            "sample_rate": sample_rate,
-            "n_fft": sizes[0],
-            "hop_length": hop if hop_policy == "fixed" else sizes[0] // 2,
-            "n_mels": n_mels,
-        },
+        mel=mel,
         extra_windows=tuple(sizes[1:]),
         hop_policy=hop_policy,
         pyramid=pyramid,

@@ -53,7 +53,7 @@ BATCHES_TAG = "mirflow.batches"  # the listening batches a version was trained o
 _PROJECT = Path(__file__).resolve().parents[1]
 _MODEL_CODE = _PROJECT / "lightning_modules" / "mlflow_models"
 # The packages a served model imports travel with it: one copy of the spectrogram code.
-_CODE_PATHS = [str(_PROJECT / name) for name in ("tasks", "infra", "lightning_modules")]
+_CODE_PATHS = [str(_PROJECT / name) for name in ("core", "tasks", "lightning_modules")]
 _REQUIREMENTS = ("torch", "lightning", "numpy", "pandas", "pyarrow", "scipy", "pydantic", "soundfile", "soxr", "mlflow")
 
 

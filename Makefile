@@ -45,8 +45,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
 
+# No --quiet: it drops the warnings that --strict counts, and a broken link would pass.
 docs-build: $(STAMP)
-	$(VENV)/bin/mkdocs build --strict --quiet --site-dir $(VENV)/site
+	$(VENV)/bin/mkdocs build --strict --site-dir $(VENV)/site
 
 # The docs site on 127.0.0.1 (DOCS_PORT, default 8001), rebuilt as pages change.
 DOCS_PORT ?= 8001

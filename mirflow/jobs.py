@@ -459,7 +459,8 @@ class RetrainOptions:
 
 @dataclass(frozen=True)
 class RetrainPlan:
-    runtime: Runtime
+    data_dir: Path  # the retraining ingests the inbox in this process: no cluster
+    tracking: TrackingSettings
     metric: str | None
     margin: float | None
     epochs: int | None
@@ -472,15 +473,14 @@ def plan_retrain(runtime: Runtime, options: RetrainOptions) -> RetrainPlan:
     )
     if options.epochs is not None:
         TrainSettings(max_epochs=options.epochs)
-    return RetrainPlan(runtime, options.metric, options.margin, options.epochs)
+    return RetrainPlan(runtime.data_dir, runtime.tracking, options.metric, options.margin, options.epochs)
 
 
 def run_retrain(plan: RetrainPlan) -> RetrainOutcome:
     from flows.retrain import retrain_on_new_listening
 
-    r = plan.runtime
     return retrain_on_new_listening(
-        r.data_dir, r.tracking, metric=plan.metric, margin=plan.margin, max_epochs=plan.epochs
+        plan.data_dir, plan.tracking, metric=plan.metric, margin=plan.margin, max_epochs=plan.epochs
     )
 
 

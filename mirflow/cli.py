@@ -200,7 +200,7 @@ Model = Annotated[
 Verbose = Annotated[bool, typer.Option(help="debug logging; a failed run shows its traceback")]
 
 # The defaults are the job options' own (mirflow/jobs.py), shared with the deployments.
-P, F, W, T, R = jobs.PipelineOptions, jobs.FeaturesOptions, jobs.WMFOptions, jobs.TrainOptions, jobs.RetrainOptions
+P, F, W, T = jobs.PipelineOptions, jobs.FeaturesOptions, jobs.WMFOptions, jobs.TrainOptions
 ST, SR, SX = jobs.TaggingStudyOptions, jobs.RecommendationStudyOptions, jobs.TransferStudyOptions
 X, S = jobs.TransferOptions, jobs.ServeOptions
 

@@ -33,9 +33,9 @@ Adapter = Literal["manifest", "gtzan", "mtat"]
 Metric = Literal["map_at_k", "auc", "ndcg_at_k", "precision_at_k"]
 
 # The defaults are the job options' own (one place for both doors).
-P, F, W, T, R = jobs.PipelineOptions, jobs.FeaturesOptions, jobs.WMFOptions, jobs.TrainOptions, jobs.RetrainOptions
+P, F, W, T = jobs.PipelineOptions, jobs.FeaturesOptions, jobs.WMFOptions, jobs.TrainOptions
 ST, SR, SX = jobs.TaggingStudyOptions, jobs.RecommendationStudyOptions, jobs.TransferStudyOptions
-E, X = jobs.EmbedOptions, jobs.TransferOptions
+X = jobs.TransferOptions
 
 
 def runtime() -> jobs.Runtime:

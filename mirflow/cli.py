@@ -1,9 +1,11 @@
-"""The ``mirflow`` command line: builds the settings once and runs a flow.
+"""The ``mirflow`` command line: parses the flags into a job's options, runs the job (mirflow/jobs.py), prints.
 
     mirflow demo                       the whole pipeline on the synthetic world
     mirflow pipeline --dataset mtat …  the same pipeline on MTAT-layout data and Taste Profile triplets
     mirflow features --adapter …       log-mel features of a catalogue into Parquet shards
     mirflow wmf --listening FILE …     ingest listening data, factorize it (WMF) and evaluate
+    mirflow train-tagger               train the tagger again on an earlier run's shards, register it
+    mirflow train-recommender          train the latent-factor CNN again on the current WMF factors
     mirflow retrain                    retrain the recommender on new listening files, promote if better
     mirflow study tagging              a study (e.g. --preset ismir2013) under one MLflow parent run
     mirflow study recommendation       the NIPS 2013 table (--preset nips2013) and nearest-neighbour queries
@@ -20,12 +22,14 @@ and exit status 2; any other failure with status 1. ``--verbose`` adds debug log
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import re
 import time
 import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -35,6 +39,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
+from mirflow import jobs
 from mirflow.offline import apply_quiet_offline
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="mirflow: ML on music audio, as a pipeline.")
@@ -178,6 +183,7 @@ Address = Annotated[str | None, typer.Option(help="scheduler address for --clust
 Tracks = Annotated[int, typer.Option(help="clips in the synthetic world")]
 Users = Annotated[int, typer.Option(help="listeners in the synthetic world")]
 ClipSeconds = Annotated[float, typer.Option(help="length of each synthetic clip")]
+WorldSeed = Annotated[int, typer.Option(help="synthetic world's seed")]
 Devices = Annotated[int, typer.Option(help="train each model under DDP on N devices (GPUs, or CPU processes)")]
 Precision = Annotated[str, typer.Option(help="32-true | bf16-mixed (on a GPU) | 16-mixed")]
 Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile each network")]
@@ -193,49 +199,60 @@ Model = Annotated[
 ]
 Verbose = Annotated[bool, typer.Option(help="debug logging; a failed run shows its traceback")]
 
+# The defaults are the job options' own (mirflow/jobs.py), shared with the deployments.
+P, F, W, T = jobs.PipelineOptions, jobs.FeaturesOptions, jobs.WMFOptions, jobs.TrainOptions
+ST, SR, SX = jobs.TaggingStudyOptions, jobs.RecommendationStudyOptions, jobs.TransferStudyOptions
+X, S = jobs.TransferOptions, jobs.ServeOptions
 
-def _launch(
-    epochs: int | None,
-    *,
-    devices: int = 1,
-    precision: str = "32-true",
-    compile_: bool = False,
-    model: str = "convnet2014",
-    objective: str = "mse",
-    **fields,
-) -> None:
-    """Build the settings (tracking under the data folder) with the training options asked for; run the pipeline."""
-    from core.settings import PipelineSettings
-    from infra.tracking import tracking_for
 
-    settings = PipelineSettings(
-        **fields,
-        tagger={"model": model},
-        recommender={"objective": objective},
-        tracking=tracking_for(fields["data_dir"]),
-    )
-    training = {"devices": devices, "precision": precision, "compile": compile_}
-    if epochs is not None:
-        training["max_epochs"] = epochs
-    settings = settings.with_training(**training)
+def cluster_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Declares ``--workers``, ``--cluster`` and ``--address`` once for every command whose job runs on the Dask
+    cluster: the command receives them as one ``cluster: jobs.ClusterOptions`` (and lists them before --verbose).
+
+    Put it under ``@app.command()``, so that typer reads the signature this makes.
+    """
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    own = [p.replace(kind=keyword) for p in inspect.signature(command, eval_str=True).parameters.values()]
+    own = [p for p in own if p.name != "cluster"]
+    at = next((i for i, p in enumerate(own) if p.name == "verbose"), len(own))
+    shared = [
+        inspect.Parameter("workers", keyword, annotation=Workers, default=jobs.ClusterOptions.workers),
+        inspect.Parameter("cluster", keyword, annotation=Cluster, default=jobs.ClusterOptions.kind),
+        inspect.Parameter("address", keyword, annotation=Address, default=jobs.ClusterOptions.address),
+    ]
+
+    @functools.wraps(command)
+    def with_cluster(*, workers: int | None, cluster: str, address: str | None, **options) -> None:
+        command(cluster=jobs.ClusterOptions(kind=cluster, workers=workers, address=address), **options)
+
+    params = [*own[:at], *shared, *own[at:]]
+    with_cluster.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    with_cluster.__annotations__ = {p.name: p.annotation for p in params}
+    return with_cluster
+
+
+def _pipeline(cluster: jobs.ClusterOptions, data_dir: Path, options: jobs.PipelineOptions) -> None:
+    """Run the pipeline job and print its summary."""
+    plan = jobs.plan_pipeline(jobs.command_runtime(data_dir, cluster), options)
     _quiet_lightning()
-    from flows.pipeline import pipeline
     from tasks.report import summary_text
 
     start = time.perf_counter()
-    summary = pipeline(settings)
+    summary = jobs.run_pipeline(plan)
     console.print(f"\n[bold]mirflow pipeline finished in {time.perf_counter() - start:.0f} s[/bold]")
     console.print(summary_text(summary), highlight=False, soft_wrap=True)
 
 
 @app.command()
+@cluster_options
 def demo(
+    cluster: jobs.ClusterOptions,
     data_dir: DataDir = Path("data"),
-    tracks: Tracks = 1200,
-    users: Users = 3000,
-    clip_seconds: ClipSeconds = 15.0,
+    tracks: Tracks = P.tracks,
+    users: Users = P.users,
+    clip_seconds: ClipSeconds = P.clip_seconds,
     epochs: Annotated[int | None, typer.Option(help="cap on training epochs of each model")] = None,
-    seed: int = 0,
+    seed: WorldSeed = P.seed,
     initial_batches: Annotated[
         int | None,
         typer.Option(
@@ -243,38 +260,36 @@ def demo(
             "<data-dir>/inbox/listening to try `mirflow retrain`"
         ),
     ] = None,
-    model: Model = "convnet2014",
-    objective: Objective = "mse",
-    devices: Devices = 1,
-    precision: Precision = "32-true",
-    compile_: Compile = False,
-    workers: Workers = None,
-    cluster: Cluster = "local",
-    address: Address = None,
+    model: Model = P.model,
+    objective: Objective = P.objective,
+    devices: Devices = P.devices,
+    precision: Precision = P.precision,
+    compile_: Compile = P.compile,
     verbose: Verbose = False,
 ) -> None:
     """Run the whole pipeline on the embedded synthetic world (built on first use)."""
     with _command(verbose):
-        from tasks.synth import STYLES
-
-        _launch(
-            epochs,
+        options = jobs.PipelineOptions(
+            dataset="synthetic",
+            tracks=tracks,
+            users=users,
+            clip_seconds=clip_seconds,
+            seed=seed,
+            initial_batches=initial_batches,
+            epochs=epochs,
             model=model,
             objective=objective,
             devices=devices,
             precision=precision,
-            compile_=compile_,
-            data_dir=data_dir,
-            dataset="synthetic",
-            initial_batches=initial_batches,
-            world={"n_tracks": tracks, "n_users": users, "clip_seconds": clip_seconds, "seed": seed},
-            cluster={"kind": cluster, "n_workers": workers, "address": address},
-            evaluation={"map_tags": STYLES},
+            compile=compile_,
         )
+        _pipeline(cluster, data_dir, options)
 
 
 @app.command()
+@cluster_options
 def pipeline(
+    cluster: jobs.ClusterOptions,
     annotations: Annotated[
         Path, typer.Option(exists=True, dir_okay=False, help="MTAT annotations_final.csv (or the same format)")
     ],
@@ -291,36 +306,34 @@ def pipeline(
     dataset: Annotated[str, typer.Option(help="name of the dataset under the storage root")] = "mtat",
     data_dir: DataDir = Path("data"),
     epochs: Annotated[int | None, typer.Option(help="cap on training epochs of each model")] = None,
-    model: Model = "convnet2014",
-    objective: Objective = "mse",
-    devices: Devices = 1,
-    precision: Precision = "32-true",
-    compile_: Compile = False,
-    workers: Workers = None,
-    cluster: Cluster = "local",
-    address: Address = None,
+    model: Model = P.model,
+    objective: Objective = P.objective,
+    devices: Devices = P.devices,
+    precision: Precision = P.precision,
+    compile_: Compile = P.compile,
     verbose: Verbose = False,
 ) -> None:
     """Run the whole pipeline on MTAT-layout audio and annotations with Taste Profile listening data."""
     with _command(verbose):
-        _launch(
-            epochs,
+        options = jobs.PipelineOptions(
+            dataset=dataset,
+            annotations=annotations,
+            audio_root=audio_root,
+            triplets=tuple(triplets),
+            epochs=epochs,
             model=model,
             objective=objective,
             devices=devices,
             precision=precision,
-            compile_=compile_,
-            data_dir=data_dir,
-            dataset=dataset,
-            annotations=annotations.resolve(),
-            audio_root=audio_root.resolve(),
-            triplets=tuple(p.resolve() for p in triplets),
-            cluster={"kind": cluster, "n_workers": workers, "address": address},
+            compile=compile_,
         )
+        _pipeline(cluster, data_dir, options)
 
 
 @app.command()
+@cluster_options
 def features(
+    cluster: jobs.ClusterOptions,
     adapter: Annotated[str, typer.Option(help="mtat | gtzan | manifest")],
     source: Annotated[
         Path, typer.Option(exists=True, help="mtat: annotations_final.csv; gtzan: root folder; manifest: CSV/Parquet")
@@ -329,33 +342,29 @@ def features(
     audio_root: Annotated[Path | None, typer.Option(help="mtat: root of the mp3 tree")] = None,
     split: Annotated[str | None, typer.Option(help="mtat: folder|lists; gtzan: filtered|random")] = None,
     split_dir: Annotated[Path | None, typer.Option(help="folder of the split lists")] = None,
-    windows: Annotated[
-        str, typer.Option(help="FFT windows, comma-separated; the first is the finest")
-    ] = "1024,2048,4096,8192",
-    hop: Annotated[int, typer.Option(help="hop in samples for hop-policy fixed")] = 512,
-    hop_policy: Annotated[str, typer.Option(help="fixed | half (window/2)")] = "fixed",
-    sample_rate: Annotated[int, typer.Option(help="model rate the audio is resampled to")] = 16000,
-    n_mels: int = 128,
-    pyramid: Annotated[str, typer.Option(help="none | gaussian | laplacian | both")] = "none",
-    pyramid_levels: int = 4,
-    audio_shards: Annotated[bool, typer.Option(help="also keep int16 PCM shards for raw-audio models")] = False,
-    files_per_task: Annotated[int, typer.Option(help="files decoded per Dask task (and per shard)")] = 32,
+    windows: Annotated[str, typer.Option(help="FFT windows, comma-separated; the first is the finest")] = F.windows,
+    hop: Annotated[int, typer.Option(help="hop in samples for hop-policy fixed")] = F.hop,
+    hop_policy: Annotated[str, typer.Option(help="fixed | half (window/2)")] = F.hop_policy,
+    sample_rate: Annotated[int, typer.Option(help="model rate the audio is resampled to")] = F.sample_rate,
+    n_mels: int = F.n_mels,
+    pyramid: Annotated[str, typer.Option(help="none | gaussian | laplacian | both")] = F.pyramid,
+    pyramid_levels: int = F.pyramid_levels,
+    audio_shards: Annotated[
+        bool, typer.Option(help="also keep int16 PCM shards for raw-audio models")
+    ] = F.audio_shards,
+    files_per_task: Annotated[int, typer.Option(help="files decoded per Dask task (and per shard)")] = F.files_per_task,
     data_dir: DataDir = Path("data"),
-    workers: Workers = None,
-    cluster: Cluster = "local",
-    address: Address = None,
     verbose: Verbose = False,
 ) -> None:
     """Extract multiresolution log-mel features (and pyramids) for a catalogue; re-runs do only new files."""
     with _command(verbose):
-        from core.settings import (
-            ClusterSettings,
-            SourceSettings,
-            feature_settings_from_options,
-        )
-        from infra.tracking import tracking_for
-
-        settings = feature_settings_from_options(
+        options = jobs.FeaturesOptions(
+            adapter=adapter,
+            source=source,
+            dataset=dataset,
+            audio_root=audio_root,
+            split=split,
+            split_dir=split_dir,
             windows=windows,
             hop=hop,
             hop_policy=hop_policy,
@@ -366,15 +375,7 @@ def features(
             audio_shards=audio_shards,
             files_per_task=files_per_task,
         )
-        catalogue = SourceSettings(
-            adapter=adapter, path=source.resolve(), audio_root=audio_root, split=split, split_dir=split_dir
-        )
-        cluster_settings = ClusterSettings(kind=cluster, n_workers=workers, address=address)
-        from flows.features import catalogue_features
-
-        summary = catalogue_features(
-            data_dir.resolve(), dataset, catalogue, settings, cluster_settings, tracking_for(data_dir)
-        )
+        summary = jobs.run_features(jobs.plan_features(jobs.command_runtime(data_dir, cluster), options))
     console.print(
         f"features of {dataset}: {summary.n_tracks} tracks ({summary.n_extracted} extracted, "
         f"{summary.n_skipped} already present, {summary.n_quarantined} quarantined), "
@@ -384,11 +385,15 @@ def features(
 
 
 @app.command()
+@cluster_options
 def wmf(
+    cluster: jobs.ClusterOptions,
     listening: Annotated[
         list[Path], typer.Option(exists=True, dir_okay=False, help="listening files, oldest first (one batch each)")
     ],
-    listening_format: Annotated[str, typer.Option("--format", help="auto | triplets | hetrec | events")] = "auto",
+    listening_format: Annotated[
+        str, typer.Option("--format", help="auto | triplets | hetrec | events")
+    ] = W.listening_format,
     heldout_items: Annotated[
         Path | None,
         typer.Option(
@@ -397,20 +402,21 @@ def wmf(
             help="text file of item ids to hold out (cold start); without it, each user's plays are split (in-matrix)",
         ),
     ] = None,
-    factors: int = 16,
-    regularization: float = 5.0,
-    iterations: int = 15,
-    confidence: Annotated[str, typer.Option(help="log | linear")] = "log",
-    alpha: float = 2.0,
-    epsilon: float = 1.0,
-    test_fraction: Annotated[float, typer.Option(help="in-matrix: share of each user's items held out")] = 0.2,
-    early_stopping: Annotated[int, typer.Option(help="patience in evaluations; 0 = off")] = 0,
-    eval_max_users: Annotated[int, typer.Option(help="users sampled for in-matrix evaluation; 0 = all")] = 100_000,
-    k: Annotated[int, typer.Option(help="cut-off of mAP@k, precision@k, NDCG@k")] = 500,
+    factors: int = W.factors,
+    regularization: float = W.regularization,
+    iterations: int = W.iterations,
+    confidence: Annotated[str, typer.Option(help="log | linear")] = W.confidence,
+    alpha: float = W.alpha,
+    epsilon: float = W.epsilon,
+    test_fraction: Annotated[
+        float, typer.Option(help="in-matrix: share of each user's items held out")
+    ] = W.test_fraction,
+    early_stopping: Annotated[int, typer.Option(help="patience in evaluations; 0 = off")] = W.early_stopping,
+    eval_max_users: Annotated[
+        int, typer.Option(help="users sampled for in-matrix evaluation; 0 = all")
+    ] = W.eval_max_users,
+    k: Annotated[int, typer.Option(help="cut-off of mAP@k, precision@k, NDCG@k")] = W.k,
     data_dir: DataDir = Path("data"),
-    workers: Workers = None,
-    cluster: Cluster = "local",
-    address: Address = None,
     verbose: Verbose = False,
 ) -> None:
     """Ingest listening data (validated, quarantined, stable ids), factorize it with WMF and evaluate.
@@ -422,13 +428,10 @@ def wmf(
     that update against a full refit; with the same files, nothing is redone.
     """
     with _command(verbose):
-        from core.errors import ParameterError
-        from core.settings import ClusterSettings, WMFSettings
-        from infra.tracking import tracking_for
-        from tasks.events import ListeningSource
-
-        cluster_settings = ClusterSettings(kind=cluster, n_workers=workers, address=address)
-        settings = WMFSettings(
+        options = jobs.WMFOptions(
+            listening=tuple(listening),
+            listening_format=listening_format,
+            heldout_items=jobs.read_item_ids(heldout_items) if heldout_items is not None else None,
             factors=factors,
             regularization=regularization,
             iterations=iterations,
@@ -436,20 +439,11 @@ def wmf(
             alpha=alpha,
             epsilon=epsilon,
             test_fraction=test_fraction,
-            early_stopping_patience=early_stopping,
+            early_stopping=early_stopping,
             eval_max_users=eval_max_users,
+            k=k,
         )
-        sources = [ListeningSource(path.resolve(), format=listening_format).resolved() for path in listening]
-        if k < 1:
-            raise ParameterError(f"--k {k}: the cut-off of the ranking metrics must be >= 1")
-        from flows.listening import factorize
-
-        heldout = None
-        if heldout_items is not None:
-            heldout = [line.strip() for line in heldout_items.read_text().splitlines() if line.strip()]
-        out = factorize(
-            data_dir.resolve(), sources, heldout, settings, tracking_for(data_dir), k=k, cluster=cluster_settings
-        )
+        out = jobs.run_wmf(jobs.plan_wmf(jobs.command_runtime(data_dir, cluster), options))
     console.print(
         f"WMF ({out.mode}) on batches {', '.join(out.batches)}: {out.n_users} users, {out.n_items} items"
         + (f", {out.n_heldout} held out" if out.n_heldout else "")
@@ -462,6 +456,49 @@ def wmf(
                 f"  {row.name:28s}{row.map_at_k:10.4f}{row.auc:8.3f}{row.precision_at_k:10.4f}{row.ndcg_at_k:11.4f}",
                 highlight=False,
             )
+
+
+TrainDataset = Annotated[str, typer.Option(help="the dataset an earlier pipeline run made shards (and factors) of")]
+TrainEpochs = Annotated[int | None, typer.Option(help="cap on training epochs")]
+
+
+@app.command("train-tagger")
+def train_tagger(
+    dataset: TrainDataset = T.dataset,
+    epochs: TrainEpochs = None,
+    data_dir: DataDir = Path("data"),
+    verbose: Verbose = False,
+) -> None:
+    """Train the tagger again on the dataset's feature shards (the last pipeline run's settings); register it as
+    challenger."""
+    with _command(verbose):
+        plan = jobs.plan_train(jobs.command_runtime(data_dir), jobs.TrainOptions(dataset=dataset, epochs=epochs))
+        _quiet_lightning()
+        out = jobs.run_train_tagger(plan)
+    console.print(
+        f"tagger of {dataset}: test ROC-AUC {out.roc_auc:.3f}, PR-AUC {out.pr_auc:.3f} (chance {out.pr_auc_chance:.3f})"
+        f"\n  {out.model_uri} (MLflow run {out.run_id}), registered as challenger",
+        highlight=False,
+    )
+
+
+@app.command("train-recommender")
+def train_recommender(
+    dataset: TrainDataset = T.dataset,
+    epochs: TrainEpochs = None,
+    data_dir: DataDir = Path("data"),
+    verbose: Verbose = False,
+) -> None:
+    """Train the latent-factor CNN again on the current WMF factors (reused, not refitted); register it as
+    challenger."""
+    with _command(verbose):
+        plan = jobs.plan_train(jobs.command_runtime(data_dir), jobs.TrainOptions(dataset=dataset, epochs=epochs))
+        _quiet_lightning()
+        out = jobs.run_train_recommender(plan)
+    console.print(f"recommender of {dataset} (held-out tracks, cut-off {out.k}):", highlight=False)
+    for row in out.rows:
+        console.print(f"  {row.name:28s} mAP@k {row.map_at_k:.4f}  AUC {row.auc:.3f}", highlight=False)
+    console.print(f"  {out.model_uri} (MLflow run {out.run_id}), registered as challenger", highlight=False)
 
 
 @app.command()
@@ -481,22 +518,13 @@ def retrain(
 ) -> None:
     """Retrain the recommender on new listening files in <data-dir>/inbox/listening; promote it only if better."""
     with _command(verbose):
-        from core.settings import PromotionSettings, TrainSettings
-
-        # before any flow starts: a bad value is a usage error, not a failed run
-        PromotionSettings(**{k: v for k, v in {"metric": metric, "margin": margin}.items() if v is not None})
-        if epochs is not None:
-            TrainSettings(max_epochs=epochs)
+        options = jobs.RetrainOptions(metric=metric, margin=margin, epochs=epochs)
+        plan = jobs.plan_retrain(jobs.command_runtime(data_dir), options)
         _quiet_lightning()
         from mlflow.exceptions import MlflowException
 
-        from flows.retrain import retrain_on_new_listening
-        from infra.tracking import tracking_for
-
         try:
-            outcome = retrain_on_new_listening(
-                data_dir.resolve(), tracking_for(data_dir), metric=metric, margin=margin, max_epochs=epochs
-            )
+            outcome = jobs.run_retrain(plan)
         except MlflowException as err:  # the registry refused: its reason, the traceback only with --verbose
             if verbose:
                 traceback.print_exception(err)
@@ -603,56 +631,66 @@ def _serve_stack(
 study_app = typer.Typer(no_args_is_help=True, help="Studies: many configurations under one MLflow parent run.")
 app.add_typer(study_app, name="study")
 
+StudyK = Annotated[int | None, typer.Option(help="K-means means per timescale (default: the preset's)")]
+StudyEpochs = Annotated[int | None, typer.Option(help="cap on each model's training epochs")]
+StudyTriplets = Annotated[
+    list[Path],
+    typer.Option(exists=True, dir_okay=False, help="Taste Profile triplet files of a real catalogue, oldest first"),
+]
+
+
+def _mlflow_ui(data_dir: Path) -> str:
+    from infra.tracking import tracking_for
+
+    return f"  mlflow ui --backend-store-uri {tracking_for(data_dir.resolve()).tracking_uri}"
+
 
 @study_app.command("tagging")
+@cluster_options
 def study_tagging(
+    cluster: jobs.ClusterOptions,
     preset: Annotated[
         str,
         typer.Option(
             help="ismir2013 | icassp2014 | modern | smoke | icassp2014-smoke, or a JSON file of the same shape"
         ),
-    ] = "ismir2013",
-    k: Annotated[int | None, typer.Option(help="K-means means per timescale (default: the preset's)")] = None,
+    ] = ST.preset,
+    k: StudyK = None,
     dataset: Annotated[
         str, typer.Option(help="synthetic (built if absent), or a catalogue made by `mirflow features`")
-    ] = "synthetic",
+    ] = ST.dataset,
     data_dir: DataDir = Path("data"),
-    tracks: Tracks = 1200,
-    users: Users = 3000,
-    clip_seconds: ClipSeconds = 15.0,
-    seed: Annotated[int, typer.Option(help="synthetic world's seed")] = 0,
-    epochs: Annotated[int | None, typer.Option(help="cap on each model's training epochs")] = None,
-    devices: Devices = 1,
-    precision: Precision = "32-true",
-    compile_: Compile = False,
-    workers: Workers = None,
-    cluster: Cluster = "local",
-    address: Address = None,
+    tracks: Tracks = ST.tracks,
+    users: Users = ST.users,
+    clip_seconds: ClipSeconds = ST.clip_seconds,
+    seed: WorldSeed = ST.seed,
+    epochs: StudyEpochs = None,
+    devices: Devices = ST.devices,
+    precision: Precision = ST.precision,
+    compile_: Compile = ST.compile,
     verbose: Verbose = False,
 ) -> None:
     """A tagging study under one MLflow parent run: multiscale K-means features (ismir2013), or raw audio
     against spectrograms (icassp2014), or the short-chunk ResNet beside the 2014 convnet (modern)."""
     with _command(verbose):
-        from core.errors import ParameterError
-        from core.settings import ClusterSettings, WorldSettings
-        from infra.tracking import tracking_for
-        from tasks.studies import load_preset, preset_kind, preset_overrides
-
-        training = {"devices": devices, "precision": precision, "compile": compile_}
-        kind = preset_kind(preset)
-        if kind in ("recommendation", "transfer"):
-            raise ParameterError(f"preset {preset!r} is a {kind} study: run `mirflow study {kind} --preset {preset}`")
-        study = load_preset(preset, overrides=preset_overrides(kind=kind, k=k, epochs=epochs, train=training))
-        world_settings = WorldSettings(n_tracks=tracks, n_users=users, clip_seconds=clip_seconds, seed=seed)
-        cluster_settings = ClusterSettings(kind=cluster, n_workers=workers, address=address)
-        _quiet_lightning()
-        from flows.study import tagging_study
-
-        out = tagging_study(
-            data_dir.resolve(), dataset, study, cluster_settings, tracking_for(data_dir), world=world_settings
+        options = jobs.TaggingStudyOptions(
+            preset=preset,
+            k=k,
+            dataset=dataset,
+            tracks=tracks,
+            users=users,
+            clip_seconds=clip_seconds,
+            seed=seed,
+            epochs=epochs,
+            devices=devices,
+            precision=precision,
+            compile=compile_,
         )
+        plan = jobs.plan_tagging_study(jobs.command_runtime(data_dir, cluster), options)
+        _quiet_lightning()
+        out = jobs.run_tagging_study(plan)
     console.print(
-        f"\n[bold]study {study.preset} on {dataset}[/bold]: {out.n_runs + out.n_reused} configurations "
+        f"\n[bold]study {plan.study.preset} on {dataset}[/bold]: {out.n_runs + out.n_reused} configurations "
         f"({out.n_reused} reused) in {out.seconds:.0f} s; test ROC-AUC and PR-AUC, macro over tags\n",
         highlight=False,
     )
@@ -662,27 +700,18 @@ def study_tagging(
         console.print(out.importance, highlight=False, soft_wrap=True)
     console.print(
         f"\nMLflow parent run {out.parent_run_id} (experiment mirflow-study); report: {out.report_path}\n"
-        f"  mlflow ui --backend-store-uri {tracking_for(data_dir).tracking_uri}",
+        + _mlflow_ui(data_dir),
         highlight=False,
     )
 
 
-def _study_settings(
-    preset: str, kind: str, *, k: int | None, epochs: int | None, training: dict, extra: dict | None = None
-):
-    """A study's settings from its preset and the command line; ParameterError for a preset of another kind."""
-    from tasks.studies import load_study, merge, preset_overrides
-
-    return load_study(
-        preset, kind, overrides=merge(preset_overrides(kind=kind, k=k, epochs=epochs, train=training), extra or {})
-    )
-
-
 @study_app.command("recommendation")
+@cluster_options
 def study_recommendation(
+    cluster: jobs.ClusterOptions,
     preset: Annotated[
         str, typer.Option(help="nips2013 | nips2013-smoke, or a JSON file of the same shape")
-    ] = "nips2013",
+    ] = SR.preset,
     query: Annotated[
         list[str],
         typer.Option(help="a held-out track to query (repeatable); default: a seeded draw of --queries tracks"),
@@ -692,59 +721,43 @@ def study_recommendation(
     dataset: Annotated[
         str,
         typer.Option(help="synthetic (built if absent), or a catalogue made by `mirflow features` (with --triplets)"),
-    ] = "synthetic",
-    triplets: Annotated[
-        list[Path],
-        typer.Option(exists=True, dir_okay=False, help="Taste Profile triplet files of a real catalogue, oldest first"),
-    ] = [],  # noqa: B006
+    ] = SR.dataset,
+    triplets: StudyTriplets = [],  # noqa: B006
     data_dir: DataDir = Path("data"),
-    tracks: Tracks = 1200,
-    users: Users = 3000,
-    clip_seconds: ClipSeconds = 15.0,
-    seed: Annotated[int, typer.Option(help="synthetic world's seed")] = 0,
-    epochs: Annotated[int | None, typer.Option(help="cap on each model's training epochs")] = None,
-    devices: Devices = 1,
-    precision: Precision = "32-true",
-    compile_: Compile = False,
-    workers: Workers = None,
-    cluster: Cluster = "local",
-    address: Address = None,
+    tracks: Tracks = SR.tracks,
+    users: Users = SR.users,
+    clip_seconds: ClipSeconds = SR.clip_seconds,
+    seed: WorldSeed = SR.seed,
+    epochs: StudyEpochs = None,
+    devices: Devices = SR.devices,
+    precision: Precision = SR.precision,
+    compile_: Compile = SR.compile,
     verbose: Verbose = False,
 ) -> None:
     """The recommendation study (NIPS 2013): cold start on held-out tracks for random, popularity (oracle),
     linear regression, MLP, CNN-MSE, CNN-WPE and the WMF upper bound, with nearest-neighbour queries."""
     with _command(verbose):
-        from core.settings import ClusterSettings, WorldSettings
-        from infra.tracking import tracking_for
-
-        extra = {
-            **({"query_ids": list(query)} if query else {}),
-            **({"queries": queries} if queries is not None else {}),
-        }
-        study = _study_settings(
-            preset,
-            "recommendation",
+        options = jobs.RecommendationStudyOptions(
+            preset=preset,
+            query=tuple(query),
+            queries=queries,
             k=k,
+            dataset=dataset,
+            triplets=tuple(triplets),
+            tracks=tracks,
+            users=users,
+            clip_seconds=clip_seconds,
+            seed=seed,
             epochs=epochs,
-            extra=extra,
-            training={"devices": devices, "precision": precision, "compile": compile_},
+            devices=devices,
+            precision=precision,
+            compile=compile_,
         )
-        world_settings = WorldSettings(n_tracks=tracks, n_users=users, clip_seconds=clip_seconds, seed=seed)
-        cluster_settings = ClusterSettings(kind=cluster, n_workers=workers, address=address)
+        plan = jobs.plan_recommendation_study(jobs.command_runtime(data_dir, cluster), options)
         _quiet_lightning()
-        from flows.recommendation import recommendation_study
-
-        out = recommendation_study(
-            data_dir.resolve(),
-            dataset,
-            study,
-            cluster_settings,
-            tracking_for(data_dir),
-            world=world_settings,
-            triplets=tuple(p.resolve() for p in triplets),
-        )
+        out = jobs.run_recommendation_study(plan)
     console.print(
-        f"\n[bold]study {study.preset} on {dataset}[/bold]: {out.n_runs + out.n_reused} trained models "
+        f"\n[bold]study {plan.study.preset} on {dataset}[/bold]: {out.n_runs + out.n_reused} trained models "
         f"({out.n_reused} reused) in {out.seconds:.0f} s; cold start on the held-out tracks\n",
         highlight=False,
     )
@@ -755,16 +768,18 @@ def study_recommendation(
     console.print(out.queries, highlight=False, soft_wrap=True)
     console.print(
         f"MLflow parent run {out.parent_run_id} (experiment mirflow-study); report: {out.report_path}\n"
-        f"  mlflow ui --backend-store-uri {tracking_for(data_dir).tracking_uri}",
+        + _mlflow_ui(data_dir),
         highlight=False,
     )
 
 
 @study_app.command("transfer")
+@cluster_options
 def study_transfer(
+    cluster: jobs.ClusterOptions,
     preset: Annotated[
         str, typer.Option(help="ismir2014 | ismir2014-smoke, or a JSON file of the same shape")
-    ] = "ismir2014",
+    ] = SX.preset,
     k: Annotated[int | None, typer.Option(help="K-means means per timescale")] = None,
     cv: Annotated[
         int | None, typer.Option(help="score the target by k-fold cross-validation instead of its split")
@@ -776,58 +791,43 @@ def study_transfer(
             help="the source catalogue: synthetic (built if absent), or one made by "
             "`mirflow features` (with --triplets)"
         ),
-    ] = "synthetic",
-    triplets: Annotated[
-        list[Path],
-        typer.Option(exists=True, dir_okay=False, help="Taste Profile triplet files of a real source catalogue"),
-    ] = [],  # noqa: B006
+    ] = SX.dataset,
+    triplets: StudyTriplets = [],  # noqa: B006
     data_dir: DataDir = Path("data"),
-    tracks: Tracks = 1200,
-    users: Users = 3000,
-    clip_seconds: ClipSeconds = 15.0,
-    seed: Annotated[int, typer.Option(help="synthetic world's seed")] = 0,
+    tracks: Tracks = SX.tracks,
+    users: Users = SX.users,
+    clip_seconds: ClipSeconds = SX.clip_seconds,
+    seed: WorldSeed = SX.seed,
     epochs: Annotated[int | None, typer.Option(help="cap on each source model's training epochs")] = None,
-    devices: Devices = 1,
-    precision: Precision = "32-true",
-    compile_: Compile = False,
-    workers: Workers = None,
-    cluster: Cluster = "local",
-    address: Address = None,
+    devices: Devices = SX.devices,
+    precision: Precision = SX.precision,
+    compile_: Compile = SX.compile,
     verbose: Verbose = False,
 ) -> None:
     """Supervised pre-training (ISMIR 2014): linear regression and MLPs learn tag factors and listening factors
     from K-means features; their embeddings, and the target's own features, transfer to a genre catalogue."""
     with _command(verbose):
-        from core.settings import ClusterSettings, WorldSettings
-        from infra.tracking import tracking_for
-
-        extra = {
-            "transfer": {**({"cv": cv} if cv is not None else {}), **({"classifier": classifier} if classifier else {})}
-        }
-        study = _study_settings(
-            preset,
-            "transfer",
+        options = jobs.TransferStudyOptions(
+            preset=preset,
             k=k,
+            cv=cv,
+            classifier=classifier,
+            dataset=dataset,
+            triplets=tuple(triplets),
+            tracks=tracks,
+            users=users,
+            clip_seconds=clip_seconds,
+            seed=seed,
             epochs=epochs,
-            extra=extra,
-            training={"devices": devices, "precision": precision, "compile": compile_},
+            devices=devices,
+            precision=precision,
+            compile=compile_,
         )
-        world_settings = WorldSettings(n_tracks=tracks, n_users=users, clip_seconds=clip_seconds, seed=seed)
-        cluster_settings = ClusterSettings(kind=cluster, n_workers=workers, address=address)
+        plan = jobs.plan_transfer_study(jobs.command_runtime(data_dir, cluster), options)
         _quiet_lightning()
-        from flows.transfer import transfer_study
-
-        out = transfer_study(
-            data_dir.resolve(),
-            dataset,
-            study,
-            cluster_settings,
-            tracking_for(data_dir),
-            world=world_settings,
-            triplets=tuple(p.resolve() for p in triplets),
-        )
+        out = jobs.run_transfer_study(plan)
     console.print(
-        f"\n[bold]study {study.preset} on {dataset}[/bold]: {out.n_runs + out.n_reused} source models "
+        f"\n[bold]study {plan.study.preset} on {dataset}[/bold]: {out.n_runs + out.n_reused} source models "
         f"({out.n_reused} reused) in {out.seconds:.0f} s\n\nsource tasks (test split)\n",
         highlight=False,
     )
@@ -857,49 +857,32 @@ Source = Annotated[
     Path | None,
     typer.Option(help="gtzan: the genre folders' root; manifest: the CSV/Parquet file; mtat: annotations_final.csv"),
 ]
-
-
-def _catalogue(adapter: str | None, source: Path | None, split: str | None, split_dir: Path | None, seed: int = 0):
-    from core.errors import ParameterError
-    from core.settings import SourceSettings
-
-    if adapter is None:
-        if source is not None:
-            raise ParameterError("--source needs --adapter (manifest, gtzan or mtat)")
-        return None
-    if source is None:
-        raise ParameterError(f"--adapter {adapter} needs --source")
-    return SourceSettings(adapter=adapter, path=source.resolve(), split=split, split_dir=split_dir, seed=seed)
+Split = Annotated[str | None, typer.Option(help="gtzan: filtered | random; mtat: folder | lists")]
+SplitDir = Annotated[Path | None, typer.Option(help="folder of the split lists")]
 
 
 @app.command()
+@cluster_options
 def embed(
+    cluster: jobs.ClusterOptions,
     model: ModelRef,
     dataset: Annotated[str, typer.Option(help="name of the catalogue under the storage root")],
     adapter: Adapter = None,
     source: Source = None,
-    split: Annotated[str | None, typer.Option(help="gtzan: filtered | random; mtat: folder | lists")] = None,
-    split_dir: Annotated[Path | None, typer.Option(help="folder of the split lists")] = None,
+    split: Split = None,
+    split_dir: SplitDir = None,
     data_dir: DataDir = Path("data"),
-    workers: Workers = None,
-    cluster: Cluster = "local",
-    address: Address = None,
     verbose: Verbose = False,
 ) -> None:
     """One embedding per track of a catalogue by a pre-trained model, as Parquet: the features it needs are
     computed on the cluster, incrementally (a second run computes nothing again)."""
     with _command(verbose):
-        from core.settings import ClusterSettings
-        from infra.tracking import tracking_for
-
-        catalogue = _catalogue(adapter, source, split, split_dir)
-        cluster_settings = ClusterSettings(kind=cluster, n_workers=workers, address=address)
-        _quiet_lightning()
-        from flows.transfer import embed_catalogue
-
-        out = embed_catalogue(
-            data_dir.resolve(), dataset, model, cluster_settings, tracking_for(data_dir), source=catalogue
+        options = jobs.EmbedOptions(
+            model=model, dataset=dataset, adapter=adapter, source=source, split=split, split_dir=split_dir
         )
+        plan = jobs.plan_embed(jobs.command_runtime(data_dir, cluster), options)
+        _quiet_lightning()
+        out = jobs.run_embed(plan)
     console.print(
         f"embeddings of {out.n_tracks} tracks ({out.dims} dims, {out.n_quarantined} quarantined) in "
         f"{out.seconds:.0f} s, {out.clips_per_s:.1f} clips/s\n  {out.path}\n  model {out.model_uri}; "
@@ -909,68 +892,54 @@ def embed(
 
 
 @app.command("transfer")
+@cluster_options
 def transfer_command(
+    cluster: jobs.ClusterOptions,
     dataset: Annotated[str, typer.Option(help="name of the target catalogue under the storage root")],
     adapter: Adapter = None,
     source: Source = None,
-    model: Annotated[
+    models: Annotated[
         list[str],
         typer.Option("--model", help="pre-trained source model(s) for the 'pretrained' feature set (repeatable)"),
     ] = [],  # noqa: B006
-    feature_set: Annotated[
+    feature_sets: Annotated[
         list[str],
         typer.Option(
-            help="pretrained | kmeans | logmel-stats | mfcc (repeatable; default: all, pretrained only with --model)"
+            "--feature-set",
+            help="pretrained | kmeans | logmel-stats | mfcc (repeatable; default: all, pretrained only with --model)",
         ),
     ] = [],  # noqa: B006
     cv: Annotated[
         int | None,
         typer.Option(help="k-fold cross-validation (C chosen by inner folds) instead of the catalogue's split"),
     ] = None,
-    classifier: Annotated[str, typer.Option(help="logreg | svm")] = "logreg",
-    k: Annotated[int, typer.Option(help="means per timescale of the target's own K-means features")] = 200,
-    split: Annotated[str | None, typer.Option(help="gtzan: filtered | random; mtat: folder | lists")] = None,
-    split_dir: Annotated[Path | None, typer.Option(help="folder of the split lists")] = None,
-    seed: Annotated[int, typer.Option(help="seed of the folds (and of a random GTZAN split)")] = 0,
+    classifier: Annotated[str, typer.Option(help="logreg | svm")] = X.classifier,
+    k: Annotated[int, typer.Option(help="means per timescale of the target's own K-means features")] = X.k,
+    split: Split = None,
+    split_dir: SplitDir = None,
+    seed: Annotated[int, typer.Option(help="seed of the folds (and of a random GTZAN split)")] = X.seed,
     data_dir: DataDir = Path("data"),
-    workers: Workers = None,
-    cluster: Cluster = "local",
-    address: Address = None,
     verbose: Verbose = False,
 ) -> None:
     """Transfer to a labelled target: a logistic regression (or linear SVM) per feature set, its regularization
     chosen on the validation split or by inner cross-validation; accuracy, or macro ROC-AUC for tags."""
     with _command(verbose):
-        from core.settings import (
-            ClusterSettings,
-            FeatureSettings,
-            KMeansSettings,
-            TransferSettings,
+        options = jobs.TransferOptions(
+            dataset=dataset,
+            adapter=adapter,
+            source=source,
+            models=tuple(models),
+            feature_sets=tuple(feature_sets),
+            cv=cv,
+            classifier=classifier,
+            k=k,
+            split=split,
+            split_dir=split_dir,
+            seed=seed,
         )
-        from infra.tracking import tracking_for
-
-        sets = feature_set or [
-            s for s in ("pretrained", "kmeans", "logmel-stats", "mfcc") if s != "pretrained" or model
-        ]
-        settings = TransferSettings(classifier=classifier, cv=cv, feature_sets=tuple(sets), seed=seed)
-        catalogue = _catalogue(adapter, source, split, split_dir, seed=seed)
-        cluster_settings = ClusterSettings(kind=cluster, n_workers=workers, address=address)
-        features = FeatureSettings()
-        kmeans = KMeansSettings(k=k, timescales=(features.mel.column,))
+        plan = jobs.plan_transfer(jobs.command_runtime(data_dir, cluster), options)
         _quiet_lightning()
-        from flows.transfer import transfer
-
-        out = transfer(
-            data_dir.resolve(),
-            dataset,
-            settings,
-            features,
-            kmeans,
-            cluster_settings,
-            tracking_for(data_dir),
-            source=catalogue,
-            models=tuple(model),
-        )
+        out = jobs.run_transfer(plan)
     console.print(
         f"\ntransfer to {dataset}: {out.n_tracks} tracks ({out.n_dropped} left out), {out.metric}, "
         f"{out.seconds:.0f} s\n",
@@ -983,45 +952,37 @@ def transfer_command(
 @app.command()
 def serve(
     data_dir: DataDir = Path("data"),
-    host: Annotated[str, typer.Option(help="address to bind; 0.0.0.0 exposes it to the network")] = "127.0.0.1",
-    port: int = 8000,
-    dataset: Annotated[str, typer.Option(help="the catalogue to serve (its pipeline run's models)")] = "synthetic",
-    max_upload_mb: Annotated[float, typer.Option(help="largest upload accepted")] = 20.0,
-    max_minutes: Annotated[float, typer.Option(help="longest clip accepted (checked from the header)")] = 10.0,
+    host: Annotated[str, typer.Option(help="address to bind; 0.0.0.0 exposes it to the network")] = S.host,
+    port: int = S.port,
+    dataset: Annotated[str, typer.Option(help="the catalogue to serve (its pipeline run's models)")] = S.dataset,
+    max_upload_mb: Annotated[float, typer.Option(help="largest upload accepted")] = S.max_upload_mb,
+    max_minutes: Annotated[float, typer.Option(help="longest clip accepted (checked from the header)")] = S.max_minutes,
     decode_timeout: Annotated[
         float, typer.Option(help="seconds a decoder may take before the upload is refused")
-    ] = 30.0,
-    decoders: Annotated[int, typer.Option(help="decoding processes (uploads decoded at once)")] = 2,
+    ] = S.decode_timeout,
+    decoders: Annotated[int, typer.Option(help="decoding processes (uploads decoded at once)")] = S.decoders,
     wait: Annotated[
         bool,
         typer.Option(help="start without models (503 with the reason) and load them once a pipeline run has made them"),
-    ] = False,
+    ] = S.wait,
     verbose: Verbose = False,
 ) -> None:
     """The web demo and its API: upload a track for its tags and cold-start recommendations, browse the catalogue
     map (http://HOST:PORT/, API docs at /docs)."""
     with _command(verbose, flows=False):
-        from core.errors import ParameterError
-
-        for option, value in (
-            ("--max-upload-mb", max_upload_mb),
-            ("--max-minutes", max_minutes),
-            ("--decode-timeout", decode_timeout),
-            ("--decoders", decoders),
-        ):
-            if not value > 0:
-                raise ParameterError(f"{option} {value}: must be positive")
+        options = jobs.ServeOptions(
+            dataset=dataset,
+            host=host,
+            port=port,
+            max_upload_mb=max_upload_mb,
+            max_minutes=max_minutes,
+            decode_timeout=decode_timeout,
+            decoders=decoders,
+            wait=wait,
+        )
+        plan = jobs.plan_serve(jobs.command_runtime(data_dir), options)
         _quiet_lightning()
-        import uvicorn
-
-        from infra.tracking import tracking_for
-        from mirflow.web.app import create_app
-        from mirflow.web.catalogue import load_catalogue
-        from tasks.uploads import UploadLimits
-
-        def loader():
-            return load_catalogue(data_dir.resolve(), tracking_for(data_dir), dataset=dataset)
-
+        loader = jobs.serve_loader(plan)
         if wait:  # loaded in the background: the server answers (503 with the reason) from the start
             catalogue, what = None, f"{dataset} once its models can be loaded (503 with the reason until then)"
         else:
@@ -1039,34 +1000,23 @@ def serve(
                     FAILED,
                 ) from None
             what = f"{len(catalogue.track_ids)} tracks of {dataset} ({catalogue.source})"
-        limits = UploadLimits(max_bytes=int(max_upload_mb * 2**20), max_seconds=max_minutes * 60.0)
     console.print(f"serving {what}\n  http://{host}:{port}/   (API docs: http://{host}:{port}/docs)", highlight=False)
-    uvicorn.run(
-        create_app(catalogue, loader=loader, limits=limits, decode_timeout_s=decode_timeout, decoders_size=decoders),
-        host=host,
-        port=port,
-        log_level="info" if verbose else "warning",
-    )
+    jobs.run_serve(plan, catalogue, loader, log_level="info" if verbose else "warning")
 
 
 @app.command()
 def world(
     data_dir: DataDir = Path("data"),
-    tracks: int = 1200,
-    users: int = 3000,
-    clip_seconds: float = 15.0,
-    seed: int = 0,
+    tracks: Tracks = jobs.WorldOptions.tracks,
+    users: Users = jobs.WorldOptions.users,
+    clip_seconds: ClipSeconds = jobs.WorldOptions.clip_seconds,
+    seed: WorldSeed = jobs.WorldOptions.seed,
     verbose: Verbose = False,
 ) -> None:
     """Only write the synthetic world (MTAT-style mp3 tree + Taste Profile triplets)."""
     with _command(verbose, flows=False):
-        from core.layout import Layout
-        from core.settings import WorldSettings
-        from tasks.synth import generate_world
-
-        settings = WorldSettings(n_tracks=tracks, n_users=users, clip_seconds=clip_seconds, seed=seed)
-        root = Layout(data_dir.resolve()).world()
-        generate_world(root, settings)
+        options = jobs.WorldOptions(tracks=tracks, users=users, clip_seconds=clip_seconds, seed=seed)
+        root = jobs.write_world(jobs.command_runtime(data_dir), options)
     console.print(f"synthetic world written to {root}")
 
 

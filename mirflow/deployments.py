@@ -1,34 +1,23 @@
 """Deployment entry points: what ``prefect deployment run 'mirflow/<name>'`` runs (see prefect.yaml).
 
-Each takes plain parameters (what ``--param key=value`` can give), reads the service
+Each takes plain parameters (what ``--param key=value`` can give), the same options as its
+``mirflow`` command with the same defaults (:mod:`mirflow.jobs` holds both), reads the service
 environment once (:mod:`mirflow.environment`: storage root, MLflow server, Dask scheduler
-address), builds the same settings objects the CLI builds, and calls the same flow.
-They all carry the flow name ``mirflow``; the deployment name says which job it is.
+address) and runs the job. They all carry the flow name ``mirflow``; the deployment name says
+which job it is. A path parameter must be absolute: the worker's directory is not the caller's.
 
-Every deployment run starts a fresh Python process that imports this module, so each
-job imports only the flows it runs (the features job needs neither Lightning nor the
-registry): the imports are a fixed cost of every run.
+Every deployment run starts a fresh Python process that imports this module, so each job
+imports only the flows it runs (the features job needs neither Lightning nor the registry).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from prefect import flow
 
-from core.layout import Layout
-from core.settings import (
-    PipelineSettings,
-    SourceSettings,
-    WMFSettings,
-    feature_settings_from_options,
-)
-from mirflow.environment import (
-    ServiceEnvironment,
-    service_environment,
-    subflow_heartbeats_off,
-)
+from mirflow import jobs
+from mirflow.environment import service_environment, subflow_heartbeats_off
 
 if TYPE_CHECKING:
     from flows.listening import WMFOutput
@@ -40,77 +29,88 @@ if TYPE_CHECKING:
     from tasks.features import FeatureSummary
     from tasks.report import PipelineSummary
 
+Adapter = Literal["manifest", "gtzan", "mtat"]
+Metric = Literal["map_at_k", "auc", "ndcg_at_k", "precision_at_k"]
 
-def _pipeline_settings(env: ServiceEnvironment, dataset: str, epochs: int | None) -> PipelineSettings:
-    """The last pipeline run's settings under this storage root (or the defaults), for single-step jobs."""
-    from flows.retrain import load_pipeline_settings
+# The defaults are the job options' own (one place for both doors).
+P, F, W, T = jobs.PipelineOptions, jobs.FeaturesOptions, jobs.WMFOptions, jobs.TrainOptions
+ST, SR, SX = jobs.TaggingStudyOptions, jobs.RecommendationStudyOptions, jobs.TransferStudyOptions
+X = jobs.TransferOptions
 
-    path = Layout(env.data_dir).pipeline_settings()
-    if path.exists():
-        settings = load_pipeline_settings(env.data_dir, env.tracking)
-        if settings.dataset != dataset:
-            settings = settings.model_copy(update={"dataset": dataset})
-    else:
-        settings = PipelineSettings(data_dir=env.data_dir, dataset=dataset, tracking=env.tracking)
-    settings = settings.model_copy(update={"cluster": env.cluster()})
-    return settings.with_max_epochs(epochs) if epochs is not None else settings
+
+def runtime() -> jobs.Runtime:
+    """This deployment run's runtime: the service environment's storage root, tracking and Dask scheduler."""
+    env = service_environment()
+    return jobs.service_runtime(env.data_dir, env.tracking, env.dask_address)
 
 
 @flow(name="mirflow", flow_run_name="pipeline-{dataset}")
 def pipeline_job(
-    dataset: str = "synthetic",
+    dataset: str = P.dataset,
     annotations: str | None = None,
     audio_root: str | None = None,
     triplets: list[str] | None = None,
     epochs: int | None = None,
-    tracks: int = 1200,
-    users: int = 3000,
-    clip_seconds: float = 15.0,
-    seed: int = 0,
+    tracks: int = P.tracks,
+    users: int = P.users,
+    clip_seconds: float = P.clip_seconds,
+    seed: int = P.seed,
     initial_batches: int | None = None,
+    model: str = P.model,
+    objective: str = P.objective,
+    devices: int = P.devices,
+    precision: str = P.precision,
+    compile: bool = P.compile,
 ) -> PipelineSummary:
     """The whole pipeline (the synthetic world by default, or MTAT-layout audio with Taste Profile triplets)."""
-    from flows.pipeline import pipeline
-
-    env = service_environment()
-    settings = PipelineSettings(
-        data_dir=env.data_dir,
+    options = jobs.PipelineOptions(
         dataset=dataset,
         annotations=annotations,
         audio_root=audio_root,
-        triplets=tuple(Path(t) for t in triplets or ()),
+        triplets=tuple(triplets or ()),
+        epochs=epochs,
+        tracks=tracks,
+        users=users,
+        clip_seconds=clip_seconds,
+        seed=seed,
         initial_batches=initial_batches,
-        world={"n_tracks": tracks, "n_users": users, "clip_seconds": clip_seconds, "seed": seed},
-        cluster=env.cluster(),
-        tracking=env.tracking,
+        model=model,
+        objective=objective,
+        devices=devices,
+        precision=precision,
+        compile=compile,
     )
+    plan = jobs.plan_pipeline(runtime(), options)
     with subflow_heartbeats_off():
-        return pipeline(settings.with_max_epochs(epochs) if epochs is not None else settings)
+        return jobs.run_pipeline(plan)
 
 
 @flow(name="mirflow", flow_run_name="features-{dataset}")
 def features_job(
-    adapter: str,
+    adapter: Adapter,
     source: str,
     dataset: str,
     audio_root: str | None = None,
     split: str | None = None,
     split_dir: str | None = None,
-    windows: str = "1024,2048,4096,8192",
-    hop: int = 512,
-    hop_policy: str = "fixed",
-    sample_rate: int = 16000,
-    n_mels: int = 128,
-    pyramid: str = "none",
-    pyramid_levels: int = 4,
-    audio_shards: bool = False,
-    files_per_task: int = 32,
+    windows: str = F.windows,
+    hop: int = F.hop,
+    hop_policy: str = F.hop_policy,
+    sample_rate: int = F.sample_rate,
+    n_mels: int = F.n_mels,
+    pyramid: str = F.pyramid,
+    pyramid_levels: int = F.pyramid_levels,
+    audio_shards: bool = F.audio_shards,
+    files_per_task: int = F.files_per_task,
 ) -> FeatureSummary:
     """Feature shards of any catalogue (adapters mtat, gtzan, manifest), on the service's Dask cluster."""
-    from flows.features import catalogue_features
-
-    env = service_environment()
-    features = feature_settings_from_options(
+    options = jobs.FeaturesOptions(
+        adapter=adapter,
+        source=source,
+        dataset=dataset,
+        audio_root=audio_root,
+        split=split,
+        split_dir=split_dir,
         windows=windows,
         hop=hop,
         hop_policy=hop_policy,
@@ -121,279 +121,238 @@ def features_job(
         audio_shards=audio_shards,
         files_per_task=files_per_task,
     )
-    catalogue = SourceSettings(
-        adapter=adapter, path=Path(source).resolve(), audio_root=audio_root, split=split, split_dir=split_dir
-    )
+    plan = jobs.plan_features(runtime(), options)
     with subflow_heartbeats_off():
-        return catalogue_features(env.data_dir, dataset, catalogue, features, env.cluster(), env.tracking)
+        return jobs.run_features(plan)
 
 
 @flow(name="mirflow", flow_run_name="wmf")
 def wmf_job(
     listening: list[str],
-    listening_format: str = "auto",
+    listening_format: str = W.listening_format,
     heldout_items: list[str] | None = None,
-    factors: int = 16,
-    regularization: float = 5.0,
-    iterations: int = 15,
-    early_stopping: int = 0,
-    k: int = 500,
+    factors: int = W.factors,
+    regularization: float = W.regularization,
+    iterations: int = W.iterations,
+    confidence: Literal["log", "linear"] = W.confidence,
+    alpha: float = W.alpha,
+    epsilon: float = W.epsilon,
+    test_fraction: float = W.test_fraction,
+    early_stopping: int = W.early_stopping,
+    eval_max_users: int = W.eval_max_users,
+    k: int = W.k,
 ) -> WMFOutput:
-    """Ingest listening files and factorize them (in-matrix, or cold start with ``heldout_items``)."""
-    from flows.listening import factorize
-    from tasks.events import ListeningSource
-
-    env = service_environment()
-    settings = WMFSettings(
-        factors=factors, regularization=regularization, iterations=iterations, early_stopping_patience=early_stopping
+    """Ingest listening files and factorize them (in-matrix, or cold start with ``heldout_items``, item ids),
+    ingesting big files on the service's Dask cluster."""
+    options = jobs.WMFOptions(
+        listening=tuple(listening),
+        listening_format=listening_format,
+        heldout_items=heldout_items,
+        factors=factors,
+        regularization=regularization,
+        iterations=iterations,
+        confidence=confidence,
+        alpha=alpha,
+        epsilon=epsilon,
+        test_fraction=test_fraction,
+        early_stopping=early_stopping,
+        eval_max_users=eval_max_users,
+        k=k,
     )
-    sources = [ListeningSource(Path(p).resolve(), format=listening_format).resolved() for p in listening]
+    plan = jobs.plan_wmf(runtime(), options)
     with subflow_heartbeats_off():
-        return factorize(env.data_dir, sources, heldout_items, settings, env.tracking, k=k)
+        return jobs.run_wmf(plan)
 
 
 @flow(name="mirflow", flow_run_name="train-tagger-{dataset}")
-def train_tagger_job(dataset: str = "synthetic", epochs: int | None = None) -> TaggerOutput:
+def train_tagger_job(dataset: str = T.dataset, epochs: int | None = None) -> TaggerOutput:
     """Train the tagger on the dataset's feature shards and register it (alias ``challenger``)."""
-    from flows.registry import register_tagger
-    from flows.training import train_tagger_flow
-
-    env = service_environment()
-    settings = _pipeline_settings(env, dataset, epochs)
+    plan = jobs.plan_train(runtime(), jobs.TrainOptions(dataset=dataset, epochs=epochs))
     with subflow_heartbeats_off():
-        out = train_tagger_flow(
-            settings.data_dir,
-            dataset,
-            settings.features.feature_set,
-            settings.features.mel,
-            settings.tagger,
-            settings.tracking,
-        )
-    register_tagger(settings.tracking, out, dataset=dataset)
-    return out
+        return jobs.run_train_tagger(plan)
 
 
 @flow(name="mirflow", flow_run_name="train-recommender-{dataset}")
-def train_recommender_job(dataset: str = "synthetic", epochs: int | None = None) -> RecommenderOutput:
+def train_recommender_job(dataset: str = T.dataset, epochs: int | None = None) -> RecommenderOutput:
     """Train the latent-factor CNN on the current WMF factors (reused, not refitted) and register both."""
-    from flows.listening import factorize, factorized_batches
-    from flows.registry import register_recommender
-    from flows.training import train_recommender_flow
-    from tasks.datasets import heldout_track_ids
-
-    env = service_environment()
-    settings = _pipeline_settings(env, dataset, epochs)
-    heldout = heldout_track_ids(Layout(settings.data_dir).tracks(dataset))
-    # The factorization on disk covers these batches: asking for them again reuses its factors.
+    plan = jobs.plan_train(runtime(), jobs.TrainOptions(dataset=dataset, epochs=epochs))
     with subflow_heartbeats_off():
-        wmf = factorize(
-            settings.data_dir,
-            [],
-            heldout,
-            settings.wmf,
-            settings.tracking,
-            k=settings.evaluation.k,
-            ingested=factorized_batches(settings.data_dir),
-        )
-        recommender = train_recommender_flow(
-            settings.data_dir,
-            dataset,
-            settings.features.feature_set,
-            settings.features.mel,
-            wmf,
-            settings.recommender,
-            settings.evaluation,
-            settings.tracking,
-            confidence=settings.wmf,
-        )
-    register_recommender(settings.tracking, wmf=wmf, recommender=recommender, dataset=dataset)
-    return recommender
+        return jobs.run_train_recommender(plan)
 
 
 @flow(name="mirflow", flow_run_name="retrain-on-new-listening")
-def retrain_job(
-    metric: Literal["map_at_k", "auc", "ndcg_at_k", "precision_at_k"] | None = None,
-    margin: float | None = None,
-    epochs: int | None = None,
-) -> RetrainOutcome:
+def retrain_job(metric: Metric | None = None, margin: float | None = None, epochs: int | None = None) -> RetrainOutcome:
     """Retrain the recommender on new files in ``<data>/inbox/listening``; promote it only if it is better.
 
     ``metric`` (map_at_k, auc, ndcg_at_k, precision_at_k) and ``margin`` override the
     promotion rule of the pipeline's settings; ``epochs`` caps the fine-tuning.
     """
-    from flows.retrain import retrain_on_new_listening
-
-    env = service_environment()
+    plan = jobs.plan_retrain(runtime(), jobs.RetrainOptions(metric=metric, margin=margin, epochs=epochs))
     with subflow_heartbeats_off():
-        return retrain_on_new_listening(env.data_dir, env.tracking, metric=metric, margin=margin, max_epochs=epochs)
+        return jobs.run_retrain(plan)
 
 
 @flow(name="mirflow", flow_run_name="study-tagging-{preset}-{dataset}")
 def study_tagging_job(
-    preset: str = "ismir2013",
-    dataset: str = "synthetic",
+    preset: str = ST.preset,
+    dataset: str = ST.dataset,
     k: int | None = None,
     epochs: int | None = None,
-    tracks: int = 1200,
-    users: int = 3000,
-    clip_seconds: float = 15.0,
-    seed: int = 0,
+    tracks: int = ST.tracks,
+    users: int = ST.users,
+    clip_seconds: float = ST.clip_seconds,
+    seed: int = ST.seed,
+    devices: int = ST.devices,
+    precision: str = ST.precision,
+    compile: bool = ST.compile,
 ) -> StudyOutput:
     """A tagging study under one parent run: ``ismir2013`` (multiscale K-means features, MLP per configuration),
     ``icassp2014`` (raw audio against spectrograms) or ``modern`` (the short-chunk ResNet)."""
-    from core.settings import WorldSettings
-    from flows.study import tagging_study
-    from tasks.studies import load_preset, preset_kind, preset_overrides
-
-    env = service_environment()
-    study = load_preset(preset, overrides=preset_overrides(kind=preset_kind(preset), k=k, epochs=epochs))
-    world = WorldSettings(n_tracks=tracks, n_users=users, clip_seconds=clip_seconds, seed=seed)
-    with subflow_heartbeats_off():
-        return tagging_study(env.data_dir, dataset, study, env.cluster(), env.tracking, world=world)
-
-
-def _source(
-    adapter: str | None, source: str | None, split: str | None, split_dir: str | None = None, seed: int = 0
-) -> SourceSettings | None:
-    """A catalogue to (re)read, or None to use the dataset's tracks table from an earlier run."""
-    from core.errors import ParameterError
-
-    if adapter is None:
-        return None
-    if not source or not Path(source).is_absolute():
-        raise ParameterError(f"adapter {adapter!r} needs source: an absolute path on the workers' machines")
-    return SourceSettings(
-        adapter=adapter, path=Path(source), split=split, split_dir=Path(split_dir) if split_dir else None, seed=seed
+    options = jobs.TaggingStudyOptions(
+        preset=preset,
+        dataset=dataset,
+        k=k,
+        epochs=epochs,
+        tracks=tracks,
+        users=users,
+        clip_seconds=clip_seconds,
+        seed=seed,
+        devices=devices,
+        precision=precision,
+        compile=compile,
     )
+    plan = jobs.plan_tagging_study(runtime(), options)
+    with subflow_heartbeats_off():
+        return jobs.run_tagging_study(plan)
 
 
 @flow(name="mirflow", flow_run_name="study-recommendation-{preset}-{dataset}")
 def study_recommendation_job(
-    preset: str = "nips2013",
-    dataset: str = "synthetic",
-    queries: list[str] | None = None,
+    preset: str = SR.preset,
+    dataset: str = SR.dataset,
+    query: list[str] | None = None,
+    queries: int | None = None,
     triplets: list[str] | None = None,
     k: int | None = None,
     epochs: int | None = None,
-    tracks: int = 1200,
-    users: int = 3000,
-    clip_seconds: float = 15.0,
-    seed: int = 0,
+    tracks: int = SR.tracks,
+    users: int = SR.users,
+    clip_seconds: float = SR.clip_seconds,
+    seed: int = SR.seed,
+    devices: int = SR.devices,
+    precision: str = SR.precision,
+    compile: bool = SR.compile,
 ) -> RecommendationStudyOutput:
     """The NIPS 2013 table (cold start: random, popularity, linear regression, MLP, CNN-MSE, CNN-WPE, WMF upper
-    bound) and nearest-neighbour ``queries`` (held-out track ids; default a seeded draw), under one parent run.
-    ``triplets``: the listening files of a catalogue other than the synthetic one."""
-    from core.settings import WorldSettings
-    from flows.recommendation import recommendation_study
-    from tasks.studies import load_study, merge, preset_overrides
-
-    env = service_environment()
-    extra = {"query_ids": list(queries)} if queries else {}
-    study = load_study(
-        preset, "recommendation", overrides=merge(preset_overrides(kind="recommendation", k=k, epochs=epochs), extra)
+    bound) and nearest-neighbour queries under one parent run: ``query`` held-out track ids, or a seeded draw of
+    ``queries`` tracks. ``triplets``: the listening files of a catalogue other than the synthetic one."""
+    options = jobs.RecommendationStudyOptions(
+        preset=preset,
+        dataset=dataset,
+        query=tuple(query or ()),
+        queries=queries,
+        triplets=tuple(triplets or ()),
+        k=k,
+        epochs=epochs,
+        tracks=tracks,
+        users=users,
+        clip_seconds=clip_seconds,
+        seed=seed,
+        devices=devices,
+        precision=precision,
+        compile=compile,
     )
-    world = WorldSettings(n_tracks=tracks, n_users=users, clip_seconds=clip_seconds, seed=seed)
+    plan = jobs.plan_recommendation_study(runtime(), options)
     with subflow_heartbeats_off():
-        return recommendation_study(
-            env.data_dir,
-            dataset,
-            study,
-            env.cluster(),
-            env.tracking,
-            world=world,
-            triplets=tuple(Path(p) for p in triplets or ()),
-        )
+        return jobs.run_recommendation_study(plan)
 
 
 @flow(name="mirflow", flow_run_name="study-transfer-{preset}-{dataset}")
 def study_transfer_job(
-    preset: str = "ismir2014",
-    dataset: str = "synthetic",
+    preset: str = SX.preset,
+    dataset: str = SX.dataset,
     k: int | None = None,
     epochs: int | None = None,
     cv: int | None = None,
     classifier: Literal["logreg", "svm"] | None = None,
     triplets: list[str] | None = None,
-    tracks: int = 1200,
-    users: int = 3000,
-    clip_seconds: float = 15.0,
-    seed: int = 0,
+    tracks: int = SX.tracks,
+    users: int = SX.users,
+    clip_seconds: float = SX.clip_seconds,
+    seed: int = SX.seed,
+    devices: int = SX.devices,
+    precision: str = SX.precision,
+    compile: bool = SX.compile,
 ) -> TransferStudyOutput:
     """ISMIR 2014: source models pre-trained on tags and listening data (registered), transferred to the synthetic
     genre catalogue beside its own features; source and transfer tables under one parent run."""
-    from core.settings import WorldSettings
-    from flows.transfer import transfer_study
-    from tasks.studies import load_study, merge, preset_overrides
-
-    env = service_environment()
-    extra = {
-        "transfer": {**({"cv": cv} if cv is not None else {}), **({"classifier": classifier} if classifier else {})}
-    }
-    study = load_study(
-        preset, "transfer", overrides=merge(preset_overrides(kind="transfer", k=k, epochs=epochs), extra)
+    options = jobs.TransferStudyOptions(
+        preset=preset,
+        dataset=dataset,
+        k=k,
+        epochs=epochs,
+        cv=cv,
+        classifier=classifier,
+        triplets=tuple(triplets or ()),
+        tracks=tracks,
+        users=users,
+        clip_seconds=clip_seconds,
+        seed=seed,
+        devices=devices,
+        precision=precision,
+        compile=compile,
     )
-    world = WorldSettings(n_tracks=tracks, n_users=users, clip_seconds=clip_seconds, seed=seed)
+    plan = jobs.plan_transfer_study(runtime(), options)
     with subflow_heartbeats_off():
-        return transfer_study(
-            env.data_dir,
-            dataset,
-            study,
-            env.cluster(),
-            env.tracking,
-            world=world,
-            triplets=tuple(Path(p) for p in triplets or ()),
-        )
+        return jobs.run_transfer_study(plan)
 
 
 @flow(name="mirflow", flow_run_name="embed-{dataset}")
 def embed_job(
     model: str,
     dataset: str,
-    adapter: Literal["manifest", "gtzan", "mtat"] | None = None,
+    adapter: Adapter | None = None,
     source: str | None = None,
     split: str | None = None,
     split_dir: str | None = None,
 ) -> EmbedOutput:
     """Embeddings of a catalogue by a pre-trained model (run id or models:/name@alias), as Parquet."""
-    from flows.transfer import embed_catalogue
-
-    env = service_environment()
-    catalogue = _source(adapter, source, split, split_dir)
+    options = jobs.EmbedOptions(
+        model=model, dataset=dataset, adapter=adapter, source=source, split=split, split_dir=split_dir
+    )
+    plan = jobs.plan_embed(runtime(), options)
     with subflow_heartbeats_off():
-        return embed_catalogue(env.data_dir, dataset, model, env.cluster(), env.tracking, source=catalogue)
+        return jobs.run_embed(plan)
 
 
 @flow(name="mirflow", flow_run_name="transfer-{dataset}")
 def transfer_job(
     dataset: str,
-    adapter: Literal["manifest", "gtzan", "mtat"] | None = None,
+    adapter: Adapter | None = None,
     source: str | None = None,
     models: list[str] | None = None,
     feature_sets: list[str] | None = None,
     cv: int | None = None,
-    classifier: Literal["logreg", "svm"] = "logreg",
-    k: int = 200,
+    classifier: Literal["logreg", "svm"] = X.classifier,
+    k: int = X.k,
     split: str | None = None,
-    seed: int = 0,
+    split_dir: str | None = None,
+    seed: int = X.seed,
 ) -> TransferOutput:
     """A simple classifier per feature set on a labelled target catalogue (accuracy, or macro ROC-AUC for tags)."""
-    from core.settings import FeatureSettings, KMeansSettings, TransferSettings
-    from flows.transfer import transfer
-
-    env = service_environment()
-    sets = feature_sets or [s for s in ("pretrained", "kmeans", "logmel-stats", "mfcc") if s != "pretrained" or models]
-    settings = TransferSettings(classifier=classifier, cv=cv, feature_sets=tuple(sets), seed=seed)
-    catalogue = _source(adapter, source, split, seed=seed)
-    features = FeatureSettings()
+    options = jobs.TransferOptions(
+        dataset=dataset,
+        adapter=adapter,
+        source=source,
+        models=tuple(models or ()),
+        feature_sets=tuple(feature_sets or ()),
+        cv=cv,
+        classifier=classifier,
+        k=k,
+        split=split,
+        split_dir=split_dir,
+        seed=seed,
+    )
+    plan = jobs.plan_transfer(runtime(), options)
     with subflow_heartbeats_off():
-        return transfer(
-            env.data_dir,
-            dataset,
-            settings,
-            features,
-            KMeansSettings(k=k, timescales=(features.mel.column,)),
-            env.cluster(),
-            env.tracking,
-            source=catalogue,
-            models=tuple(models or ()),
-        )
+        return jobs.run_transfer(plan)

@@ -42,9 +42,9 @@ class ServiceEnvironment:
 
     def cluster(self) -> ClusterSettings:
         """The running cluster by address, or a LocalCluster for this run when none is configured."""
-        if self.dask_address:
-            return ClusterSettings(kind="address", address=self.dask_address)
-        return ClusterSettings()
+        from mirflow.jobs import service_runtime  # the job layer builds every ClusterSettings
+
+        return service_runtime(self.data_dir, self.tracking, self.dask_address).cluster
 
 
 def service_environment(environ: Mapping[str, str] | None = None) -> ServiceEnvironment:

@@ -187,7 +187,7 @@ COMMANDS = {
     ),
     "demo": (
         ["demo", "--clip-seconds", "1"],
-        "invalid settings (PipelineSettings): world.clip_seconds: Input should be greater than or equal to 3 (got 1.0)",
+        "invalid settings (WorldSettings): clip_seconds: Input should be greater than or equal to 3 (got 1.0)",
     ),
     "pipeline": (
         [
@@ -201,8 +201,7 @@ COMMANDS = {
             "--cluster",
             "address",
         ],
-        "invalid settings (PipelineSettings): cluster: cluster kind 'address' needs an address such as "
-        "tcp://127.0.0.1:8786",
+        "invalid settings (ClusterSettings): cluster kind 'address' needs an address such as tcp://127.0.0.1:8786",
     ),
     "features": (
         [
@@ -221,6 +220,14 @@ COMMANDS = {
     "wmf": (
         ["wmf", "--listening", "{inputs}/triplets.txt", "--format", "xml"],
         "listening format 'xml' is unknown: use triplets, hetrec, events or auto",
+    ),
+    "train-tagger": (
+        ["train-tagger", "--epochs", "0"],
+        "invalid settings (TrainSettings): max_epochs: Input should be greater than or equal to 1 (got 0)",
+    ),
+    "train-recommender": (
+        ["train-recommender", "--epochs", "0"],
+        "invalid settings (TrainSettings): max_epochs: Input should be greater than or equal to 1 (got 0)",
     ),
     "retrain": (
         ["retrain", "--metric", "accuracy"],
@@ -247,13 +254,14 @@ COMMANDS = {
     ),
     "embed": (
         ["embed", "--model", "models:/none@champion", "--dataset", "x", "--adapter", "gtzan"],
-        "--adapter gtzan needs --source",
+        "adapter 'gtzan' needs a source (gtzan: the genre folders' root; manifest: the CSV/Parquet file; "
+        "mtat: annotations_final.csv)",
     ),
     "transfer": (
         ["transfer", "--dataset", "x", "--classifier", "forest"],
         "invalid settings (TransferSettings): classifier: Input should be 'logreg' or 'svm' (got 'forest')",
     ),
-    "serve": (["serve", "--decoders", "0"], "--decoders 0: must be positive"),
+    "serve": (["serve", "--decoders", "0"], "decoders=0: must be positive"),
 }
 
 

@@ -8,7 +8,8 @@
 
 Same conventions as the multiscale study: one parent run per settings and data, nested
 children, finished children reused, and a child killed mid-training continues in its
-own run from its last checkpoint.
+own run from its last checkpoint. This module is the study kind; :func:`flows.study_runner.run_study`
+runs it.
 """
 
 from __future__ import annotations

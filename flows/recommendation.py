@@ -7,7 +7,8 @@
 
 Every model predicts the factors of the tracks held out of the factorization from
 their audio; users rank those tracks by ``x_uᵀ ŷ_i``, scored against their real plays.
-A re-run with the same settings and data resumes the parent run and reuses its children.
+A re-run with the same settings and data resumes the parent run and reuses its children
+(:func:`flows.study_runner.run_study` runs the study kind this module builds).
 """
 
 from __future__ import annotations

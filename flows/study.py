@@ -7,6 +7,8 @@
               paper-shaped table, bar chart, timescale importance heatmap, report ──► parent run
 
 A re-run with the same settings resumes the same parent run and reuses its finished children.
+This module is the study kind (configurations, "run one", the table shaper);
+:func:`flows.study_runner.run_study` runs it.
 """
 
 from __future__ import annotations

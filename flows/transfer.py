@@ -45,10 +45,11 @@ from core.settings import (
     TransferStudySettings,
     WorldSettings,
 )
+from core.storage import read_frame
 from flows.features import extract_features, ingest_catalogue
 from flows.kmeans_features import kmeans_features
 from flows.listening import factorize
-from flows.study import study_cluster
+from flows.study_runner import Child, Findings, StudyKind, StudyParent, listening_files, run_study, study_cluster
 from flows.training import mlflow_logger
 from flows.world import synthetic_target
 from infra.cluster import dask_client, shared_settings
@@ -62,13 +63,10 @@ from infra.registry import (
 from infra.threads import ThreadPolicy
 from infra.tracking import (
     RunInput,
-    child_run,
     features_input,
     file_sha1,
     files_input,
-    finished_children,
     log_table_replacing,
-    parent_run,
     run_key,
     tracked_run,
     tracks_input,
@@ -76,19 +74,28 @@ from infra.tracking import (
 )
 from lightning_modules.mlp import FactorRegressorModule
 from lightning_modules.train import train_factor_regressor
-from tasks.datasets import heldout_track_ids, multi_hot, tag_vocabulary
+from tasks.datasets import heldout_track_ids
 from tasks.kmeans import pooled_size
 from tasks.kmeans_features import codebook_path, read_kmeans_features
-from tasks.listening import load_factors, play_matrix_for
-from tasks.pretrain import factorize_tags, nmse, tag_task_scores
-from tasks.recommend import cold_start_track_splits, ranking_row
+from tasks.pretrain import nmse, tag_task_scores
+from tasks.recommend import ranking_row
 from tasks.report import metric_slug, plot_transfer_bars
 from tasks.shards import (
     MANIFEST,
     append_quarantine,
     read_features,
     read_manifest,
-    write_text_atomic,
+)
+from tasks.studies import clips_with_features, manifest_ids, read_listening_factors, source_data
+from tasks.study_tables import (
+    SOURCE_SCORES,
+    finite,
+    format_source_table,
+    frame,
+    source_table,
+    stack_by_id,
+    transfer_study_metrics,
+    transfer_study_report,
 )
 from tasks.transfer import (
     check_target,
@@ -610,8 +617,6 @@ def transfer_study(
 ) -> TransferStudyOutput:
     """Pre-train every model on every source task, then transfer each, and the target's own features, to the
     synthetic genre catalogue; one parent run with the source table and the transfer table."""
-    from flows.recommendation import listening_files
-
     start = time.perf_counter()
     layout = Layout(Path(data_dir))
     world = world or WorldSettings()
@@ -632,200 +637,155 @@ def transfer_study(
             tracking,
             k=study.evaluation.k,
         )
-    data = source_data(layout, dataset, study, wmf=wmf, kmeans_dir=kmeans_dir)
-
-    key = f"{study.settings_hash}-{dataset}-{data['fingerprint']}"
-    params = {
-        **study.flat(),
-        "dataset": dataset,
-        "data_fingerprint": data["fingerprint"],
-        "kmeans_feature_set": kmeans_dir.name,
-        "wmf_run_id": wmf.run_id if wmf else "",
-    }
-    runs = [(task, model) for task in study.sources for model in study.models]
+    data = source_data_of(layout, dataset, study, wmf=wmf, kmeans_dir=kmeans_dir)
     inputs = {
         "kmeans": features_input(kmeans_dir, dataset),
         "tracks": tracks_input(layout.tracks(dataset), dataset),
         "factors": wmf_factors_input(wmf) if wmf is not None else None,
     }
-    with parent_run(
-        tracking,
-        "study",
-        key=key,
-        run_name=f"study-{study.preset}-{dataset}",
-        params=params,
-        tags={"mirflow.preset": study.preset, "mirflow.dataset": dataset},
+    parent = StudyParent(
+        key=f"{study.settings_hash}-{dataset}-{data['fingerprint']}",
+        params={
+            **study.flat(),
+            "dataset": dataset,
+            "data_fingerprint": data["fingerprint"],
+            "kmeans_feature_set": kmeans_dir.name,
+            "wmf_run_id": wmf.run_id if wmf else "",
+        },
         inputs=inputs.values(),
-    ) as (parent, resumed):
-        parent_id = parent.info.run_id
-        reuse = finished_children(tracking, parent_id) if resumed else {}
-        results = []
-        for i, (task, model) in enumerate(runs, start=1):
-            row = pretrain_model(
-                task,
-                model,
-                study=study,
-                data=data,
-                kmeans_dir=kmeans_dir,
-                reuse=reuse,
-                tracking=tracking,
-                checkpoint_dir=layout.checkpoints("study") / parent_id,
-                inputs=[inputs["kmeans"], inputs["tracks"], inputs["factors"] if task == "listening" else None],
+    )
+
+    def conclude(rows: list[dict], parent_id: str) -> Findings:
+        """Registered and transferred with no run active (the registry calls need none; the transfer flow
+        opens its own run). The registry's rule: the newest version is the challenger, the first one the
+        champion until someone promotes another (a study on another world is not comparable by its numbers,
+        so none is promoted here)."""
+        versions = {}
+        for row in rows:
+            version = register(
+                tracking,
+                f"{PRETRAINED}-{row['task']}-{row['model']}",
+                row["model_uri"],
+                run_id=row["run_id"],
+                tags={"mirflow.study": parent_id},
             )
-            results.append(row)
-            log.info(
-                "study %s %d/%d %s · %s: NMSE %.4f, AUC %.4f, mAP %.4f (%s)",
-                study.preset,
-                i,
-                len(runs),
-                task,
-                model,
-                row["nmse"],
-                row["auc"],
-                row["map"],
-                "reused" if row["reused"] else f"{row['seconds']:.0f} s",
-            )
-    source_table = pd.DataFrame([{k: r[k] for k in ("task", "model", "nmse", "auc", "map")} for r in results])
-    # Registered after the parent run closed (the registry calls need no active run).
-    # The registry's rule: the newest version is the challenger, the first one the champion until someone
-    # promotes another (a study on another world is not comparable by its numbers, so none is promoted here).
-    versions = {}
-    for row in results:
-        version = register(
+            versions[(row["task"], row["model"])] = version.version
+        target = SourceSettings(adapter="gtzan", path=Path(target_root), split="random", seed=study.target_seed)
+        out = transfer(
+            data_dir,
+            TARGET_DATASET,
+            study.transfer,
+            study.features,
+            study.kmeans,
+            cluster,
             tracking,
-            f"{PRETRAINED}-{row['task']}-{row['model']}",
-            row["model_uri"],
-            run_id=row["run_id"],
-            tags={"mirflow.study": parent_id},
+            source=target,
+            models=tuple(r["run_id"] for r in rows),
         )
-        versions[(row["task"], row["model"])] = version.version
-    target = SourceSettings(adapter="gtzan", path=Path(target_root), split="random", seed=study.target_seed)
-    out = transfer(
-        data_dir,
-        TARGET_DATASET,
-        study.transfer,
-        study.features,
-        study.kmeans,
-        cluster,
-        tracking,
-        source=target,
-        models=tuple(r["run_id"] for r in results),
-    )
-    seconds = time.perf_counter() - start
-    n_reused = sum(1 for r in results if r["reused"])
-    with parent_run(tracking, "study", key=key, run_name=f"study-{study.preset}-{dataset}", params=params) as (run, _):
-        report = _log_transfer_study(
-            source_table,
-            out,
-            results,
-            versions,
+        source = source_table(rows)
+        registered = [
+            f"- `{PRETRAINED}-{task}-{model}` version {v} (alias `{CHALLENGER}`: the newest)"
+            for (task, model), v in versions.items()
+        ]
+        return Findings(
+            tables={"table_source.json": source, "table_transfer.json": frame(out.rows)},
+            text=f"{format_source_table(source)}\n\n{out.table}",
+            metrics=transfer_study_metrics(rows, out.rows),
+            tags={"mirflow.transfer_run_id": out.run_id},
+            report=lambda s: transfer_study_report(
+                source,
+                transfer_table=out.table,
+                transfer_run_id=out.run_id,
+                n_target=out.n_tracks,
+                metric=out.metric,
+                registered=registered,
+                k=study.evaluation.k,
+                run_id=s.run_id,
+                n=s.n_rows,
+                n_reused=s.n_reused,
+                seconds=s.seconds,
+            ),
+            values={"source_table": format_source_table(source), "transfer_table": out.table},
+        )
+
+    kind = StudyKind(
+        configurations=[(task, model) for task in study.sources for model in study.models],
+        name=lambda config: f"{config[0]} · {config[1]}",
+        key=lambda config: run_key(
+            *config, study.regressor.model_dump(mode="json"), kmeans_dir.name, study.tag_factors, data["fingerprint"]
+        ),
+        reuse=reused_source_model,
+        run_one=lambda config, child: pretrain_model(
+            *config,
+            child,
             study=study,
-            dataset=dataset,
-            layout=layout,
-            run_id=run.info.run_id,
-            seconds=seconds,
-            n_reused=n_reused,
-        )
-    text = format_source_table(source_table)
-    get_run_logger().info("study %s on %s\n%s\n\n%s", study.preset, dataset, text, out.table)
+            data=data,
+            kmeans_dir=kmeans_dir,
+            inputs=[inputs["kmeans"], inputs["tracks"], inputs["factors"] if config[0] == "listening" else None],
+        ),
+        conclude=conclude,
+        progress=lambda row: f"NMSE {row['nmse']:.4f}, AUC {row['auc']:.4f}, mAP {row['map']:.4f}",
+    )
+    out = run_study(kind, study=study, dataset=dataset, parent=parent, layout=layout, tracking=tracking, start=start)
+    get_run_logger().info("study %s on %s\n%s", study.preset, dataset, out.findings.text)
     return TransferStudyOutput(
-        source_table=text,
-        transfer_table=out.table,
-        parent_run_id=parent_id,
-        report_path=str(report),
-        n_runs=len(results) - n_reused,
-        n_reused=n_reused,
-        seconds=seconds,
+        source_table=out.findings.values["source_table"],
+        transfer_table=out.findings.values["transfer_table"],
+        parent_run_id=out.parent_run_id,
+        report_path=str(out.report_path),
+        n_runs=out.n_runs,
+        n_reused=out.n_reused,
+        seconds=out.seconds,
     )
 
 
-def source_data(layout: Layout, dataset: str, study: TransferStudySettings, *, wmf, kmeans_dir: Path) -> dict:
-    """Inputs, targets and scorers of every source task: ``{task: {...}, "fingerprint": str}``."""
-    tracks = pd.read_parquet(layout.tracks(dataset), columns=["track_id", "split", "tags"])
-    tracks = tracks[tracks["track_id"].isin(set(read_manifest(kmeans_dir).column("track_id").to_pylist()))]
-    tracks = tracks.sort_values("track_id").reset_index(drop=True)
-    data: dict = {"tracks": tracks}
-    parts = [file_sha1(kmeans_dir / MANIFEST)]
-    if "tags" in study.sources:
-        tags = tag_vocabulary(tracks, n=study.n_tags)
-        ids = {split: list(tracks.loc[tracks["split"] == split, "track_id"]) for split in ("train", "valid", "test")}
-        if any(len(v) < 2 for v in ids.values()):
-            raise DatasetError(
-                f"the tag task needs tracks in train, valid and test: { ({k: len(v) for k, v in ids.items()}) }"
-            )
-        factors = factorize_tags(
-            tracks,
-            tags=tags,
-            fit_ids=ids["train"],
-            fold_ids=ids["valid"] + ids["test"],
-            settings=study.wmf.model_copy(update={"factors": study.tag_factors}),
-        )
-        truth = multi_hot(tracks, tags)
-        data["tags"] = {
-            "ids": ids,
-            "targets": factors.track_factors,
-            "factors": factors,
-            "truth": np.stack([truth[t] for t in ids["test"]]),
-        }
-        parts.append((tags, ids, [(t, sorted(v)) for t, v in zip(tracks["track_id"], tracks["tags"])]))
-    if "listening" in study.sources:
-        users, user_factors = load_factors(wmf.user_factors)
-        items, item_factors = load_factors(wmf.item_factors)
-        heldout, heldout_factors = load_factors(wmf.heldout_item_factors)
-        ids = cold_start_track_splits(tracks, factorized=set(items), heldout=set(heldout))
-        if any(len(v) < 2 for v in ids.values()):
-            raise DatasetError(
-                f"the listening task needs factorized and held-out tracks with features: "
-                f"{ ({k: len(v) for k, v in ids.items()}) }"
-            )
-        relevant = play_matrix_for(
-            pd.read_parquet(wmf.heldout_plays), users=users, items=np.asarray(ids["test"], dtype=str)
-        )
-        data["listening"] = {
-            "ids": ids,
-            "targets": {**dict(zip(items, item_factors)), **dict(zip(heldout, heldout_factors))},
-            "user_factors": user_factors,
-            "relevant": relevant,
-        }
-        parts += [file_sha1(Path(wmf.item_factors)), file_sha1(Path(wmf.heldout_item_factors)), ids]
-    data["fingerprint"] = run_key(*parts)
-    return data
+def source_data_of(layout: Layout, dataset: str, study: TransferStudySettings, *, wmf, kmeans_dir: Path) -> dict:
+    """Inputs, targets and scorers of every source task (:func:`tasks.studies.source_data`) and the data's
+    fingerprint: ``{"tracks": frame, task: {...}, "fingerprint": str}``."""
+    tracks = clips_with_features(
+        read_frame(layout.tracks(dataset), columns=["track_id", "split", "tags"]), [manifest_ids(kmeans_dir)], sort=True
+    )
+    listening = read_listening_factors(wmf.user_factors, wmf.item_factors, wmf.heldout_item_factors) if wmf else None
+    plays = read_frame(wmf.heldout_plays) if wmf and "listening" in study.sources else None
+    data, own = source_data(tracks, study, listening=listening, heldout_plays=plays)
+    parts: list = [file_sha1(kmeans_dir / MANIFEST)]
+    if "tags" in own:
+        parts.append(own["tags"])
+    if "listening" in own:
+        parts += [file_sha1(Path(wmf.item_factors)), file_sha1(Path(wmf.heldout_item_factors)), own["listening"]]
+    return {**data, "fingerprint": run_key(*parts)}
+
+
+def reused_source_model(config: tuple[str, str], run) -> dict:
+    """A finished source model's row: its test scores (NaN where its task has none) and its MLflow model."""
+    task, model = config
+    m = run.data.metrics
+    return {
+        "task": task,
+        "model": model,
+        "name": f"{task} · {model}",
+        **{k: m.get(f"test/{k}", float("nan")) for k in SOURCE_SCORES},
+        "run_id": run.info.run_id,
+        "model_uri": run.data.tags["mirflow.model_uri"],
+    }
 
 
 def pretrain_model(
     task: str,
     model: str,
+    child: Child,
     *,
     study: TransferStudySettings,
     data: dict,
     kmeans_dir: Path,
-    reuse: dict,
-    tracking: TrackingSettings,
-    checkpoint_dir: Path,
     inputs: Sequence[RunInput | None] = (),
 ) -> dict:
-    """Train one source model in a child run (``inputs``: its datasets), or reuse a completed one: its scores and
-    its MLflow model."""
-    key = run_key(
-        task, model, study.regressor.model_dump(mode="json"), kmeans_dir.name, study.tag_factors, data["fingerprint"]
-    )
+    """Train one source model in its child run (``inputs``: its datasets): its scores and its MLflow model."""
     row = {"task": task, "model": model, "name": f"{task} · {model}"}
-    if key in reuse:
-        run = reuse[key]
-        m = run.data.metrics
-        return {
-            **row,
-            **{k: m.get(f"test/{k}", float("nan")) for k in ("nmse", "auc", "map")},
-            "seconds": 0.0,
-            "reused": True,
-            "run_id": run.info.run_id,
-            "model_uri": run.data.tags["mirflow.model_uri"],
-        }
-    start = time.perf_counter()
     part = data[task]
     ids = part["ids"]
     features = {s: read_kmeans_features(kmeans_dir, timescales=study.timescales, track_ids=v) for s, v in ids.items()}
-    targets = {s: np.stack([part["targets"][t] for t in v]) for s, v in ids.items()}
+    targets = {s: stack_by_id(part["targets"], v) for s, v in ids.items()}
     layers = MODEL_LAYERS[model]
     params = {
         "task": task,
@@ -836,21 +796,15 @@ def pretrain_model(
         **study.regressor.flat("regressor."),
         **{f"n_{s}": len(v) for s, v in ids.items()},
     }
-    with child_run(
-        run_name=row["name"],
-        params=params,
-        settings=tracking,
-        inputs=inputs,
-        tags={"mirflow.config_key": key, "mirflow.configuration": row["name"]},
-    ) as run:
+    with child.run(params=params, inputs=inputs) as run:
         result = train_factor_regressor(
             callbacks=[ThreadPolicy()],
             features=features,
             targets=targets,
             layers=layers,
             settings=study.regressor,
-            checkpoint_dir=checkpoint_dir / key,
-            logger=mlflow_logger(tracking, "study", run.info.run_id),
+            checkpoint_dir=child.checkpoint_dir,
+            logger=mlflow_logger(child.tracking, "study", run.info.run_id),
             quiet=True,
         )
         if task == "tags":
@@ -861,7 +815,7 @@ def pretrain_model(
             )
             scores = {"auc": ranked.auc, "map": ranked.map_at_k}
         metrics = {"nmse": nmse(result.predicted, targets["test"]), **scores}
-        mlflow.log_metrics({"epochs": result.epochs, **{f"test/{k}": v for k, v in metrics.items() if np.isfinite(v)}})
+        mlflow.log_metrics({"epochs": result.epochs, **finite({f"test/{k}": v for k, v in metrics.items()})})
         model_uri = log_pretrained(
             result.checkpoint,
             name=row["name"],
@@ -872,14 +826,7 @@ def pretrain_model(
             example=features["test"][:2],
         )
         mlflow.set_tag("mirflow.model_uri", model_uri)
-    return {
-        **row,
-        **metrics,
-        "seconds": time.perf_counter() - start,
-        "reused": False,
-        "run_id": run.info.run_id,
-        "model_uri": model_uri,
-    }
+    return {**row, **metrics, "run_id": run.info.run_id, "model_uri": model_uri}
 
 
 def log_pretrained(
@@ -890,9 +837,11 @@ def log_pretrained(
     kmeans_dir: Path,
     n_inputs: int,
     dims: int,
-    example: np.ndarray,
+    example,
 ) -> str:
-    """The source model as an MLflow pyfunc: checkpoint, codebooks and the settings its inputs need."""
+    """The source model as an MLflow pyfunc: checkpoint, codebooks and the settings its inputs need.
+
+    ``example``: two input vectors [ndarray, shape=(2, n_inputs)], the model's input example."""
     from mlflow.models import ModelSignature
 
     config = {
@@ -915,91 +864,5 @@ def log_pretrained(
             artifacts={"checkpoint": Path(checkpoint), "codebooks": codebooks},
             config=config,
             signature=signature,
-            input_example=example.astype(np.float32),
+            input_example=example.astype("float32"),
         )
-
-
-def format_source_table(table: pd.DataFrame) -> str:
-    return table.rename(columns={"nmse": "NMSE", "auc": "AUC", "map": "mAP"}).to_string(
-        index=False, float_format=lambda v: f"{v:.4f}"
-    )
-
-
-def _log_transfer_study(
-    source: pd.DataFrame,
-    out: TransferOutput,
-    results: list[dict],
-    versions: dict,
-    *,
-    study: TransferStudySettings,
-    dataset: str,
-    layout: Layout,
-    run_id: str,
-    seconds: float,
-    n_reused: int,
-) -> Path:
-    log_table_replacing(source, "table_source.json")
-    log_table_replacing(pd.DataFrame(out.rows), "table_transfer.json")
-    log_table_replacing(pd.DataFrame(results), "study_runs.json")
-    mlflow.set_tag("mirflow.transfer_run_id", out.run_id)
-    mlflow.log_metrics(
-        {
-            **{
-                f"source/{r['task']}_{metric_slug(r['model'])}/{m}": r[m]
-                for r in results
-                for m in ("nmse", "auc", "map")
-                if np.isfinite(r[m])
-            },
-            **{f"transfer/{metric_slug(r['feature_set'])}": r["value"] for r in out.rows},
-            "study_seconds": seconds,
-            "children_reused": n_reused,
-        }
-    )
-    report = layout.reports() / f"study-{study.preset}-{run_id}.md"
-    registered = [
-        f"- `{PRETRAINED}-{task}-{model}` version {v} (alias `{CHALLENGER}`: the newest)"
-        for (task, model), v in versions.items()
-    ]
-    write_text_atomic(
-        report,
-        "\n".join(
-            [
-                f"# Study {study.preset} on {dataset}",
-                "",
-                f"MLflow parent run `{run_id}`, {len(results)} source models ({n_reused} reused), {seconds:.0f} s.",
-                "",
-                "## Source tasks (test split)",
-                "",
-                (
-                    "tags: the track × tag matrix reduced by WMF; AUC and mAP of the tags ranked per track, macro over tags. "
-                    f"listening: the WMF item factors; AUC and mAP@{study.evaluation.k} of the held-out tracks ranked per user "
-                    "(cold start). NMSE: squared error over the targets' variance."
-                ),
-                "",
-                "```",
-                format_source_table(source),
-                "```",
-                "",
-                f"## Transfer to the synthetic genre catalogue ({out.n_tracks} tracks, {out.metric})",
-                "",
-                "```",
-                out.table,
-                "```",
-                "",
-                f"Transfer run `{out.run_id}` (experiment mirflow-transfer).",
-                "",
-                "## Registered models",
-                "",
-                *registered,
-                "",
-                "## Settings",
-                "",
-                "```json",
-                study.model_dump_json(indent=1),
-                "```",
-                "",
-            ]
-        ),
-    )
-    mlflow.log_artifact(str(report))
-    return report

@@ -300,6 +300,11 @@ class StudyData:
             for split in self.split_ids
         }
 
+    def width(self, config: Configuration) -> int:
+        """The width of the configuration's input: its timescales' vector widths summed."""
+        by_timescale = self.vectors[config.codebook]
+        return sum(by_timescale[t]["train"].shape[1] for t in config.timescales)
+
 
 def load_study_data(
     tracks: pd.DataFrame, kmeans_dirs: Mapping[str, Path], *, timescales: Sequence[str], n_tags: int
@@ -660,3 +665,176 @@ def format_end_to_end(tables: Mapping[str, pd.DataFrame]) -> str:
             "",
         ]
     return "\n".join(parts).rstrip()
+
+
+# --- The data the studies train on ----------------------------------------------------------------
+
+SPLITS = ("train", "valid", "test")
+
+
+def manifest_ids(feature_dir: Path) -> set[str]:
+    """The tracks a feature set has (its manifest's ``track_id``); empty when it has none yet."""
+    from tasks.shards import read_manifest
+
+    return set(read_manifest(feature_dir).column("track_id").to_pylist())
+
+
+def clips_with_features(tracks: pd.DataFrame, present: Sequence[set[str]], *, sort: bool = False) -> pd.DataFrame:
+    """The tracks that are in every one of the ``present`` id sets (the feature sets a study reads), in table
+    order or sorted by ``track_id``."""
+    for ids in present:
+        tracks = tracks[tracks["track_id"].isin(ids)]
+    return tracks.sort_values("track_id").reset_index(drop=True) if sort else tracks
+
+
+def end_to_end_clips(tracks: pd.DataFrame, present: Sequence[set[str]]) -> pd.DataFrame:
+    """The clips every model of an end-to-end study can use: in every feature set, sorted by ``track_id``.
+
+    Raises ``DatasetError`` when a split has none (the study compares test scores of trained models).
+    """
+    tracks = clips_with_features(tracks, present, sort=True)
+    for split in SPLITS:
+        if not (tracks["split"] == split).any():
+            raise DatasetError(f"the study needs clips in train, valid and test; none with features in {split!r}")
+    return tracks
+
+
+def clip_labels(tracks: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """``(track_id, split, "tag|tag|...")`` of every clip: what a study's data fingerprint covers."""
+    return [(t, split, "|".join(sorted(labels))) for t, split, labels in tracks.itertuples(index=False)]
+
+
+def split_counts(tracks: pd.DataFrame) -> dict[str, int]:
+    """Clips per split: ``{"train": n, "valid": n, "test": n}``."""
+    return {split: int((tracks["split"] == split).sum()) for split in SPLITS}
+
+
+@dataclass(frozen=True)
+class ListeningFactors:
+    """A factorization's factors as a study reads them (``tasks.listening.load_factors`` of each file)."""
+
+    users: np.ndarray  # [shape=(n_users,)] user ids
+    user_factors: np.ndarray  # [shape=(n_users, n_factors)]
+    items: np.ndarray  # [shape=(n_items,)] factorized track ids
+    item_factors: np.ndarray  # [shape=(n_items, n_factors)]
+    heldout: np.ndarray  # [shape=(n_heldout,)] held-out track ids, folded in afterwards
+    heldout_factors: np.ndarray  # [shape=(n_heldout, n_factors)]
+
+    @property
+    def track_factors(self) -> dict[str, np.ndarray]:
+        """Every track's factors, the held-out tracks' folded in."""
+        return {**dict(zip(self.items, self.item_factors)), **dict(zip(self.heldout, self.heldout_factors))}
+
+
+def read_listening_factors(user_factors: Path, item_factors: Path, heldout_item_factors: Path) -> ListeningFactors:
+    """The three factor files of a factorization (users, items, the held-out items folded in)."""
+    from tasks.listening import load_factors
+
+    users, by_user = load_factors(user_factors)
+    items, by_item = load_factors(item_factors)
+    heldout, by_heldout = load_factors(heldout_item_factors)
+    return ListeningFactors(users, by_user, items, by_item, heldout, by_heldout)
+
+
+def _cold_start_ids(tracks: pd.DataFrame, factors: ListeningFactors) -> dict[str, list[str]]:
+    """Train / valid (factorized) and test (held out) ids of the tracks that have factors."""
+    from tasks.recommend import cold_start_track_splits
+
+    return cold_start_track_splits(tracks, factorized=set(factors.items), heldout=set(factors.heldout))
+
+
+def _heldout_plays(heldout_plays: pd.DataFrame, factors: ListeningFactors, test_ids: list[str]):
+    """The held-out plays of the test tracks as a matrix [sp.csr_matrix, shape=(n_users, n_test)]."""
+    from tasks.listening import play_matrix_for
+
+    return play_matrix_for(heldout_plays, users=factors.users, items=np.asarray(test_ids, dtype=str))
+
+
+@dataclass(frozen=True)
+class Recommenders:
+    """What every model of the recommendation study learns from and is scored on."""
+
+    track_ids: dict[str, list[str]]  # train / valid (factorized) and test (held out), with features
+    factors: dict[str, np.ndarray]  # WMF item factors; the held-out tracks' folded in
+    users: np.ndarray
+    user_factors: np.ndarray
+    relevant: object  # sp.csr_matrix (n_users, n_test): the held-out plays
+    tags: dict[str, list[str]]
+    fingerprint: str = ""  # of the features, factors and splits (the flow sets it: it hashes the files)
+
+
+def recommenders(tracks: pd.DataFrame, factors: ListeningFactors, heldout_plays: pd.DataFrame) -> Recommenders:
+    """The tracks (already those with features) split for cold start, with their factors and plays."""
+    track_ids = _cold_start_ids(tracks, factors)
+    for split, ids in track_ids.items():
+        if len(ids) < 2:
+            raise DatasetError(
+                f"the recommendation study needs tracks with features and factors in every split; "
+                f"{split!r} has {len(ids)}"
+            )
+    relevant = _heldout_plays(heldout_plays, factors, track_ids["test"])
+    return Recommenders(
+        track_ids=track_ids,
+        factors=factors.track_factors,
+        users=factors.users,
+        user_factors=factors.user_factors,
+        relevant=relevant,
+        tags={str(t): list(v) for t, v in zip(tracks["track_id"], tracks["tags"])},
+    )
+
+
+def source_data(
+    tracks: pd.DataFrame,
+    study: TransferStudySettings,
+    *,
+    listening: ListeningFactors | None = None,
+    heldout_plays: pd.DataFrame | None = None,
+) -> tuple[dict, list]:
+    """Inputs, targets and scorers of every source task of a transfer study: ``{"tracks": frame, task: {...}}``,
+    and the parts of its data fingerprint that are not file digests (the tag task's vocabulary, splits and
+    labels; the listening task's splits). ``tracks``: those with K-means features, sorted by ``track_id``."""
+    from tasks.datasets import multi_hot, tag_vocabulary
+    from tasks.pretrain import factorize_tags
+
+    data: dict = {"tracks": tracks}
+    parts: dict[str, Any] = {}
+    if "tags" in study.sources:
+        tags = tag_vocabulary(tracks, n=study.n_tags)
+        ids = {split: list(tracks.loc[tracks["split"] == split, "track_id"]) for split in SPLITS}
+        if any(len(v) < 2 for v in ids.values()):
+            raise DatasetError(
+                f"the tag task needs tracks in train, valid and test: { ({k: len(v) for k, v in ids.items()}) }"
+            )
+        factors = factorize_tags(
+            tracks,
+            tags=tags,
+            fit_ids=ids["train"],
+            fold_ids=ids["valid"] + ids["test"],
+            settings=study.wmf.model_copy(update={"factors": study.tag_factors}),
+        )
+        truth = multi_hot(tracks, tags)
+        data["tags"] = {
+            "ids": ids,
+            "targets": factors.track_factors,
+            "factors": factors,
+            "truth": np.stack([truth[t] for t in ids["test"]]),
+        }
+        parts["tags"] = (tags, ids, [(t, sorted(v)) for t, v in zip(tracks["track_id"], tracks["tags"])])
+    if "listening" in study.sources:
+        if listening is None or heldout_plays is None:
+            raise ParameterError("the listening source task needs the factorization's factors and held-out plays")
+        ids = _cold_start_ids(tracks, listening)
+        if any(len(v) < 2 for v in ids.values()):
+            raise DatasetError(
+                f"the listening task needs factorized and held-out tracks with features: "
+                f"{ ({k: len(v) for k, v in ids.items()}) }"
+            )
+        relevant = _heldout_plays(heldout_plays, listening, ids["test"])
+        data["listening"] = {
+            "ids": ids,
+            "targets": listening.track_factors,
+            "user_factors": listening.user_factors,
+            "relevant": relevant,
+        }
+        parts["listening"] = ids
+    return data, parts

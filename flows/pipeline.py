@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from core.errors import ParameterError
 from core.layout import Layout
 from core.settings import PipelineSettings
+from core.storage import write_text
 from flows.features import extract_features
 from flows.listening import factorize
 from flows.registry import register_pipeline_models
@@ -27,7 +28,6 @@ from tasks.catalogue import write_tracks
 from tasks.datasets import heldout_track_ids, mtat_tracks, read_mtat_annotations
 from tasks.recommend import rows_as_metrics
 from tasks.report import PipelineSummary, summary_text, write_report
-from tasks.shards import write_text_atomic
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT_IO_RETRIES)
@@ -149,4 +149,4 @@ def pipeline(settings: PipelineSettings) -> PipelineSummary:
 @task(cache_policy=NO_CACHE, **TRANSIENT_IO_RETRIES)
 def save_pipeline_settings(settings: PipelineSettings, path: Path) -> Path:
     """What ``retrain-on-new-listening`` starts from: the settings the registered models were trained with."""
-    return write_text_atomic(path, settings.model_dump_json(indent=1))
+    return write_text(path, settings.model_dump_json(indent=1))

@@ -8,8 +8,6 @@ import time
 from pathlib import Path
 
 import mlflow
-import pandas as pd
-import pyarrow as pa
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -19,18 +17,18 @@ from core.settings import ClusterSettings, FeatureSettings, SourceSettings, Trac
 from infra.cluster import dask_client, map_batches, spectrogram_device
 from infra.retries import TRANSIENT_IO_RETRIES
 from infra.tracking import features_input, file_sha1, log_inputs, tracked_run, tracks_input
+from tasks.catalogue import read_tracks, write_tracks
 from tasks.datasets import tracks_from_source
 from tasks.features import FeatureSummary, annotate_tracks, extract_shard, finish_features, plan_feature_batches
-from tasks.shards import MANIFEST, read_manifest, write_table_atomic
+from tasks.shards import MANIFEST, read_manifest
 
 log = logging.getLogger("mirflow")
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT_IO_RETRIES)
 def update_tracks_table(tracks_path: Path, feature_dir: Path) -> Path:
-    tracks = pd.read_parquet(tracks_path)
-    annotated = annotate_tracks(tracks, read_manifest(feature_dir).to_pandas())
-    return write_table_atomic(pa.Table.from_pandas(annotated, preserve_index=False), tracks_path)
+    annotated = annotate_tracks(read_tracks(tracks_path), read_manifest(feature_dir).to_pandas())
+    return write_tracks(tracks_path, annotated)
 
 
 @flow(name="features")
@@ -41,7 +39,7 @@ def extract_features(
     layout = Layout(Path(data_dir))
     tracks_path = layout.tracks(dataset)
     feature_dir = layout.features(dataset, features.feature_set)
-    tracks = pd.read_parquet(tracks_path, columns=["track_id", "source_path"])
+    tracks = read_tracks(tracks_path, columns=["track_id", "source_path"])
     audio_dir = layout.audio(dataset) if features.audio_shards else None
     plan = plan_feature_batches(tracks, feature_dir=feature_dir, settings=features, audio_dir=audio_dir)
     params = {**features.flat("features."), **cluster.flat("cluster."), "dataset": dataset}
@@ -109,8 +107,7 @@ def report_feature_run(summary: FeatureSummary, dataset: str) -> None:
 @task(cache_policy=NO_CACHE, **TRANSIENT_IO_RETRIES)
 def ingest_catalogue(source: SourceSettings, tracks_path: Path) -> Path:
     """Read a catalogue through its adapter and write ``tracks/<dataset>.parquet``."""
-    tracks = tracks_from_source(source)
-    return write_table_atomic(pa.Table.from_pandas(tracks, preserve_index=False), tracks_path)
+    return write_tracks(tracks_path, tracks_from_source(source))
 
 
 @flow(name="features-from-source")

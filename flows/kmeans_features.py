@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import mlflow
-import pandas as pd
 from prefect import flow
 
 from core.layout import Layout
@@ -21,6 +20,7 @@ from core.settings import (
 )
 from infra.cluster import dask_client, map_batches, spectrogram_device
 from infra.tracking import RunInput, features_input, file_sha1, log_inputs, tracked_run, tracks_input
+from tasks.catalogue import read_tracks
 from tasks.kmeans import Codebook
 from tasks.kmeans_features import (
     KMeansSummary,
@@ -77,7 +77,7 @@ def kmeans_features(
             profile={"timescales": ",".join(timescales)},
         )
     kmeans_dir = layout.features(dataset, name)
-    tracks = pd.read_parquet(layout.tracks(dataset), columns=["track_id", "split"])
+    tracks = read_tracks(layout.tracks(dataset), columns=["track_id", "split"])
     plan = plan_kmeans_features(
         tracks,
         base_dir=base_dir,

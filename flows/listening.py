@@ -13,7 +13,6 @@ and the quality of the two are on record for the retraining schedule to choose.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import tempfile
@@ -23,9 +22,6 @@ from functools import partial
 from pathlib import Path
 
 import mlflow
-import numpy as np
-import pyarrow as pa
-import scipy.sparse as sp
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
@@ -34,32 +30,39 @@ from core.layout import Layout
 from core.settings import ClusterSettings, TrackingSettings, WMFSettings
 from infra.cluster import dask_client, map_batches
 from infra.progress import ProgressReporter, run_here
+from infra.registry import log_wmf_model
 from infra.retries import TRANSIENT_IO_RETRIES
 from infra.tracking import DIGEST_LENGTH, RunInput, listening_input, tracked_run
 from tasks.events import IngestReport, ListeningSource, batch_record, ingest_sources, ingested_batches
-from tasks.listening import (
-    PlayMatrix,
-    cold_start_split,
-    in_matrix_split,
-    load_factors,
-    load_play_matrix,
-    plays_to_frame,
-    save_factors,
+from tasks.listening import PlayMatrix, load_play_matrix
+from tasks.recommend import cold_start_rows, in_matrix_rows, rows_as_metrics
+from tasks.refit import (
+    Split,
+    clear_state,
+    decide_refit,
+    factor_files,
+    factors_on_disk,
+    fit_factorization,
+    fold_in_heldout,
+    load_model,
+    needs_evaluation,
+    read_state,
+    save_factorization,
+    split_key,
+    split_plays,
+    warm_start_from,
+    write_state,
 )
-from tasks.metrics import ranking_metrics
-from tasks.recommend import cold_start_rows, in_matrix_rows, rows_as_metrics, sample_users
 from tasks.report import RankingRow
-from tasks.shards import write_table_atomic, write_text_atomic
-from tasks.wmf import WMFModel, fit_wmf, fold_in_items, warm_start, wmf_objective
+from tasks.wmf import WMFModel, wmf_objective
 
 log = logging.getLogger("mirflow")
 
-# Users scored by the early-stopping validation metric (a sample keeps each check cheap).
-_VALIDATION_USERS = 20_000
 # Listening files this large (together) are ingested on the cluster when the flow is given one,
 # in chunks of CLUSTER_CHUNK_BYTES: below it, starting the cluster costs more than it saves.
 CLUSTER_MIN_BYTES = 1 << 30
 CLUSTER_CHUNK_BYTES = 256 << 20
+__all__ = ["WMFOutput", "factorize", "factorized_batches", "ingest_listening", "log_wmf_model"]
 
 
 @dataclass(frozen=True)
@@ -112,30 +115,12 @@ def ingest_listening(
     return report
 
 
-def _split_key(heldout_items: list[str] | None, wmf: WMFSettings) -> dict:
-    if heldout_items is None:
-        return {"protocol": "in-matrix", "test_fraction": wmf.test_fraction}
-    digest = hashlib.sha1("\n".join(sorted(map(str, heldout_items))).encode()).hexdigest()
-    return {"protocol": "cold-start", "heldout_sha1": digest}
-
-
-def _previous_state(out: Path) -> dict | None:
-    try:
-        return json.loads((out / "state.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def factorized_batches(data_dir: Path) -> list[str]:
     """Batches of the factorization on disk (``models/wmf/state.json``) that are still ingested, in its order."""
     layout = Layout(Path(data_dir))
-    state = _previous_state(layout.wmf()) or {}
+    state = read_state(layout.wmf()) or {}
     ingested = set(ingested_batches(layout.listening()))
     return [b for b in state.get("batches", {}) if b in ingested]
-
-
-def _write_state(out: Path, state: dict) -> None:
-    write_text_atomic(out / "state.json", json.dumps(state, indent=1))
 
 
 def _fit(
@@ -147,43 +132,14 @@ def _fit(
     init: WMFModel | None = None,
     iterations: int | None = None,
 ) -> tuple[WMFModel, float]:
-    """One fit with progress.
-
-    With early stopping, plays set aside from ``train`` pick the number of sweeps, and
-    the returned model is then fitted on all of ``train`` for that many.
-    """
-    sweeps = iterations or wmf.iterations
+    """One fit (:func:`tasks.refit.fit_factorization`) with progress; returns the model and its seconds."""
     start = time.perf_counter()
-    with ProgressReporter(f"WMF {label} (implicit ALS)", total=sweeps, unit="sweeps", every_s=5) as progress:
-        if wmf.early_stopping_patience and init is None:
-            val = in_matrix_split(train, fraction=wmf.validation_fraction, seed=wmf.seed + 1, keep_all_items=True)
-            users = sample_users(val.train.plays.shape[0], _VALIDATION_USERS, seed=wmf.seed)
-            seen, held = val.train.plays[users], val.test.plays[users]
-
-            def validate(model: WMFModel) -> float:
-                score = ranking_metrics(model.user_factors[users], model.item_factors, held, exclude=seen, k=k)
-                log.info("WMF %s: sweep %d, validation mAP@%d %.4f", label, model.iterations, k, score["map_at_k"])
-                return score["map_at_k"]
-
-            chosen = fit_wmf(
-                val.train.plays, settings=wmf, validate=validate, on_iteration=lambda i, loss: progress.advance()
-            )
-            # The validation plays only chose the number of sweeps: the model is refitted on
-            # all training plays for that many, from the same initial factors.
-            log.info(
-                "WMF %s: best validation mAP@%d after %d sweeps; refitting on all training plays",
-                label,
-                k,
-                chosen.iterations,
-            )
-            model = fit_wmf(train.plays, settings=wmf, iterations=chosen.iterations)
-            model = WMFModel(
-                model.user_factors, model.item_factors, iterations=model.iterations, validation=chosen.validation
-            )
-        else:
-            model = fit_wmf(
-                train.plays, settings=wmf, init=init, iterations=sweeps, on_iteration=lambda i, loss: progress.advance()
-            )
+    with ProgressReporter(
+        f"WMF {label} (implicit ALS)", total=iterations or wmf.iterations, unit="sweeps", every_s=5
+    ) as progress:
+        model = fit_factorization(
+            train, wmf, k=k, label=label, init=init, iterations=iterations, on_sweep=progress.advance
+        )
     return model, time.perf_counter() - start
 
 
@@ -205,52 +161,49 @@ def factorize(
     any content-based predictor). Without, a share of each user's plays is held out.
     ``ingested`` names batches already ingested (their files need not be at hand any
     more) that the factorization covers besides ``sources``. With ``cluster``, large listening
-    files are ingested on it (:func:`ingest_listening`).
+    files are ingested on it (:func:`ingest_listening`). Which of the three it does is
+    :func:`tasks.refit.decide_refit`'s choice.
     """
     layout = Layout(Path(data_dir))
     out = layout.wmf()
     listening = layout.listening()
     sources = [s if isinstance(s, ListeningSource) else ListeningSource(Path(s)) for s in sources]
     if not sources and not ingested:
-        raise DatasetError("no listening files given")
+        raise DatasetError("no listening files given: name at least one listening file or an ingested batch")
     ingest = ingest_listening(sources, listening, layout.quarantine("listening"), cluster)
     batches = list(dict.fromkeys([*(ingested or []), *ingest.batch_ids]))
     # What was factorized is identified by each batch's content hash, not only its name.
     contents = {b: batch_record(listening, b)["sha1"] for b in batches}
     matrix = load_play_matrix(listening, batches=batches)
 
-    split_key = _split_key(heldout_items, wmf)
-    inputs = [listening_input(listening, batches), _heldout_input(split_key, heldout_items, out)]
-    if heldout_items is not None:
-        split = cold_start_split(matrix, heldout_items=np.asarray(heldout_items, dtype=object))
-    else:
-        split = in_matrix_split(matrix, fraction=wmf.test_fraction, seed=wmf.seed)
+    cold_start = heldout_items is not None
+    key = split_key(heldout_items, wmf)
+    inputs = [listening_input(listening, batches), _heldout_input(key, heldout_items, out)]
+    split = split_plays(matrix, heldout_items, wmf)
     train = split.train
 
-    state = _previous_state(out)
-    same_setup = state is not None and state.get("fit_key") == wmf.fit_key() and state.get("split") == split_key
-    files = {
-        name: out / f"{name}.parquet"
-        for name in ("user_factors", "item_factors", "heldout_item_factors", "heldout_plays")
-    }
-    previous = state.get("batches", {}) if same_setup else {}
-    have_factors = all(files[n].exists() for n in ("user_factors", "item_factors")) and (
-        heldout_items is None or files["heldout_item_factors"].exists()
+    state = read_state(out)
+    files = factor_files(out)
+    decision = decide_refit(
+        state,
+        fit_key=wmf.fit_key(),
+        split=key,
+        contents=contents,
+        have_factors=factors_on_disk(files, cold_start=cold_start),
     )
     eval_key = {"k": k, "eval_max_users": wmf.eval_max_users}
-    if same_setup and previous == contents and have_factors and state.get("model_uri"):
+    if decision.mode == "reused":
         log.info(
             "WMF: batches %s already factorized with these settings (run %s): reusing the factors",
             batches,
             state["run_id"],
         )
         eval_run_id, rows = state["eval_run_id"], [RankingRow(**r) for r in state.get("rows", [])]
-        if state.get("eval_key") != eval_key or not rows:
-            model = WMFModel(load_factors(files["user_factors"])[1], load_factors(files["item_factors"])[1])
-            heldout = load_factors(files["heldout_item_factors"])[1] if heldout_items is not None else None
+        if needs_evaluation(state, eval_key):
+            model, heldout = load_model(files, cold_start=cold_start)
             eval_run_id, rows = evaluate(
                 split,
-                heldout_items is not None,
+                cold_start,
                 model,
                 heldout,
                 None,
@@ -261,7 +214,7 @@ def factorize(
                 batches=batches,
                 inputs=inputs,
             )
-            _write_state(
+            write_state(
                 out, {**state, "eval_key": eval_key, "eval_run_id": eval_run_id, "rows": [asdict(r) for r in rows]}
             )
         return WMFOutput(
@@ -276,14 +229,15 @@ def factorize(
             batches=tuple(batches),
             rows=tuple(rows),
         )
-    incremental = same_setup and have_factors and set(previous.items()) < set(contents.items())
+    incremental = decision.mode == "incremental"
+    log.info("WMF: %s fit (%s)", decision.mode, decision.reason)
 
     totals = ingest.totals()
     params = {
         **wmf.flat("wmf."),
         "batches": ",".join(batches),
-        "protocol": split_key["protocol"],
-        "mode": "incremental" if incremental else "full",
+        "protocol": key["protocol"],
+        "mode": decision.mode,
     }
     with tracked_run(
         tracking,
@@ -307,21 +261,11 @@ def factorize(
         )
         full_model = None
         if incremental:
-            previous_users, previous_x = load_factors(files["user_factors"])
-            previous_items, previous_y = load_factors(files["item_factors"])
             start = time.perf_counter()  # the warm start's fold-ins are part of the update
-            init, counts = warm_start(
-                WMFModel(previous_x, previous_y),
-                previous_users=previous_users,
-                previous_items=previous_items,
-                plays=train.plays,
-                users=train.users,
-                items=train.items,
-                settings=wmf,
-            )
+            init, counts = warm_start_from(files, train, wmf)
             model, _ = _fit(train, wmf, k=k, label="update", init=init, iterations=wmf.incremental_sweeps)
             seconds = time.perf_counter() - start
-            mlflow.log_metrics({f"incremental/{key}": value for key, value in counts.items()})
+            mlflow.log_metrics({f"incremental/{name}": value for name, value in counts.items()})
             mlflow.log_metrics(
                 {
                     "incremental/seconds": seconds,
@@ -329,7 +273,7 @@ def factorize(
                     "incremental/objective": wmf_objective(train.plays, model, settings=wmf),
                 }
             )
-            mlflow.set_tag("mirflow.previous_batches", ",".join(previous))
+            mlflow.set_tag("mirflow.previous_batches", ",".join(decision.previous))
             if wmf.compare_full_refit:
                 full_model, full_seconds = _fit(train, wmf, k=k, label="full refit")
                 mlflow.log_metrics(
@@ -353,23 +297,9 @@ def factorize(
         )
 
         # The factors on disk are about to change: until the new state is written, none holds.
-        (out / "state.json").unlink(missing_ok=True)
-        paths = {
-            "user_factors": save_factors(files["user_factors"], train.users, model.user_factors),
-            "item_factors": save_factors(files["item_factors"], train.items, model.item_factors),
-        }
-        heldout = None
-        if heldout_items is not None:
-            heldout = fold_in_items(model.user_factors, split.test.plays.T.tocsr(), settings=wmf)
-            paths["heldout_item_factors"] = save_factors(files["heldout_item_factors"], split.test.items, heldout)
-            paths["heldout_plays"] = write_table_atomic(
-                pa.Table.from_pandas(plays_to_frame(split.test), preserve_index=False),
-                files["heldout_plays"],
-                row_group_size=1 << 20,
-            )
-        else:
-            for name in ("heldout_item_factors", "heldout_plays"):
-                files[name].unlink(missing_ok=True)
+        clear_state(out)
+        heldout = fold_in_heldout(model, split, wmf) if cold_start else None
+        paths = save_factorization(files, split, model, heldout)
         for path in paths.values():
             mlflow.log_artifact(str(path), artifact_path="factors")
         for name in ("users.parquet", "items.parquet"):
@@ -382,7 +312,7 @@ def factorize(
 
     eval_run_id, rows = evaluate(
         split,
-        heldout_items is not None,
+        cold_start,
         model,
         heldout,
         full_model,
@@ -395,7 +325,7 @@ def factorize(
     )
     state = {
         "fit_key": wmf.fit_key(),
-        "split": split_key,
+        "split": key,
         "batches": contents,
         "run_id": run.info.run_id,
         "eval_run_id": eval_run_id,
@@ -404,11 +334,11 @@ def factorize(
         "model_uri": model_uri,
         "n_users": len(train.users),
         "n_items": len(train.items),
-        "n_heldout": len(split.test.items) if heldout_items is not None else 0,
+        "n_heldout": len(split.test.items) if cold_start else 0,
     }
     # Last: a run killed after its factors were written and before this point finds no
     # state next time, and refits in full.
-    _write_state(out, state)
+    write_state(out, state)
     return WMFOutput(
         **{n: str(paths.get(n, "")) for n in files},
         n_users=state["n_users"],
@@ -423,39 +353,25 @@ def factorize(
     )
 
 
-def _heldout_input(split_key: dict, heldout_items: list[str] | None, wmf_dir: Path) -> RunInput | None:
+def _heldout_input(key: dict, heldout_items: list[str] | None, wmf_dir: Path) -> RunInput | None:
     """The held-out items of the cold-start protocol (the tracks table's test split), by the hash of their ids;
     None in-matrix. Where they are recorded: the factorization's ``state.json``."""
     if heldout_items is None:
         return None
     return RunInput(
         name="heldout-items",
-        digest=split_key["heldout_sha1"][:DIGEST_LENGTH],
+        digest=key["heldout_sha1"][:DIGEST_LENGTH],
         source=str(wmf_dir),
         context="split",
         profile={"items": len(heldout_items)},
     )
 
 
-def log_wmf_model(paths: dict[str, Path], *, users: np.ndarray, items: np.ndarray) -> str:
-    """The factor tables as the ``mirflow-wmf`` pyfunc model, in the active run; returns its URI."""
-    import pandas as pd
-
-    from infra.registry import WMF_SIGNATURE, log_served_model
-
-    artifacts = {n: Path(paths[n]) for n in ("user_factors", "item_factors", "heldout_item_factors") if n in paths}
-    n = min(3, len(users), len(items))
-    example = pd.DataFrame({"user_id": users[:n].astype(str), "item_id": items[:n].astype(str)})
-    return log_served_model(
-        code="wmf", artifacts=artifacts, config=None, signature=WMF_SIGNATURE, input_example=example
-    )
-
-
 def evaluate(
-    split,
+    split: Split,
     cold_start: bool,
     model: WMFModel,
-    heldout: np.ndarray | None,
+    heldout,  # (n_heldout, factors) under cold start, else None
     full_model: WMFModel | None,
     wmf: WMFSettings,
     tracking: TrackingSettings,
@@ -481,12 +397,13 @@ def evaluate(
     ) as run:
         start = time.perf_counter()
         if cold_start:
-            test: sp.csr_matrix = split.test.plays
             models = {"WMF factors (upper bound)": (model.user_factors, heldout)}
             if full_model is not None:
-                refit = fold_in_items(full_model.user_factors, test.T.tocsr(), settings=wmf)
-                models["WMF full refit (upper bound)"] = (full_model.user_factors, refit)
-            rows = cold_start_rows(heldout_plays=test, models=models, k=k, seed=wmf.seed)
+                models["WMF full refit (upper bound)"] = (
+                    full_model.user_factors,
+                    fold_in_heldout(full_model, split, wmf),
+                )
+            rows = cold_start_rows(heldout_plays=split.test.plays, models=models, k=k, seed=wmf.seed)
         else:
             models = {"WMF": (model.user_factors, model.item_factors)}
             if full_model is not None:

@@ -9,13 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
-import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from core.errors import ParameterError
 from core.layout import Layout
 from core.settings import PipelineSettings
+from core.storage import write_text
 from flows.features import extract_features
 from flows.listening import factorize
 from flows.registry import register_pipeline_models
@@ -24,16 +24,16 @@ from flows.world import synthetic_world
 from infra.cluster import dask_client, shared_settings
 from infra.retries import TRANSIENT_IO_RETRIES
 from infra.tracking import features_input, listening_input, tracked_run, tracks_input
+from tasks.catalogue import write_tracks
 from tasks.datasets import heldout_track_ids, mtat_tracks, read_mtat_annotations
 from tasks.recommend import rows_as_metrics
 from tasks.report import PipelineSummary, summary_text, write_report
-from tasks.shards import write_table_atomic, write_text_atomic
 
 
 @task(cache_policy=NO_CACHE, **TRANSIENT_IO_RETRIES)
 def ingest_mtat(annotations: Path, audio_root: Path, n_tags: int, tracks_path: Path) -> Path:
     tracks = mtat_tracks(read_mtat_annotations(annotations), audio_root=audio_root, n_tags=n_tags)
-    return write_table_atomic(pa.Table.from_pandas(tracks, preserve_index=False), tracks_path)
+    return write_tracks(tracks_path, tracks)
 
 
 def _sources(settings: PipelineSettings) -> tuple[Path, Path, tuple[Path, ...]]:
@@ -45,7 +45,9 @@ def _sources(settings: PipelineSettings) -> tuple[Path, Path, tuple[Path, ...]]:
             triplets = triplets[: settings.initial_batches]
         return root / "mtat" / "annotations_final.csv", root / "mtat" / "audio", triplets
     if settings.annotations is None or settings.audio_root is None:
-        raise ParameterError(f"dataset {settings.dataset!r} needs --annotations and --audio-root (MTAT layout)")
+        raise ParameterError(
+            f"dataset {settings.dataset!r} needs annotations and an audio root (MTAT layout) in the pipeline settings"
+        )
     return settings.annotations, settings.audio_root, settings.triplets
 
 
@@ -61,7 +63,10 @@ def pipeline(settings: PipelineSettings) -> PipelineSummary:
             synthetic_world(layout.world(), settings.world, shared)
         annotations, audio_root, triplets = _sources(settings)
         if not triplets:
-            raise ParameterError("no listening data: pass --triplets (Taste Profile files) to train the recommender")
+            raise ParameterError(
+                "no listening data: the pipeline settings name no triplets (Taste Profile files) to train the "
+                "recommender on"
+            )
         tracks_path = ingest_mtat(annotations, audio_root, settings.tagger.n_tags, layout.tracks(dataset))
         features = extract_features(settings.data_dir, dataset, settings.features, shared, settings.tracking)
     feature_set = settings.features.feature_set
@@ -144,4 +149,4 @@ def pipeline(settings: PipelineSettings) -> PipelineSummary:
 @task(cache_policy=NO_CACHE, **TRANSIENT_IO_RETRIES)
 def save_pipeline_settings(settings: PipelineSettings, path: Path) -> Path:
     """What ``retrain-on-new-listening`` starts from: the settings the registered models were trained with."""
-    return write_text_atomic(path, settings.model_dump_json(indent=1))
+    return write_text(path, settings.model_dump_json(indent=1))

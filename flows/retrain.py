@@ -17,13 +17,12 @@ new model version (tags), into a Prefect markdown artifact, an MLflow run
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
-import numpy as np
-import pandas as pd
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -53,10 +52,11 @@ from lightning_modules.latent_factors import LatentFactorModule
 from lightning_modules.served import predict_latent_factors
 from tasks.datasets import heldout_track_ids
 from tasks.events import ListeningSource, batch_record, ingested_batches
+from tasks.heldout import heldout_clips
 from tasks.listening import load_factors
 from tasks.recommend import compare_recommenders, rows_as_metrics
 from tasks.report import RankingRow
-from tasks.shards import content_sha1, read_features, read_manifest
+from tasks.shards import content_sha1
 
 log = logging.getLogger("mirflow")
 CHALLENGER_ROW = "challenger"
@@ -137,19 +137,13 @@ def score_recommenders(
     CNN sees the same windows (``crop``, ``hop``); the held-out tracks and the relevance
     judgements are those of ``heldout_plays`` (long form ``user, item, plays``).
     """
-    plays = pd.read_parquet(heldout_plays)
-    present = set(read_manifest(feature_dir).column("track_id").to_pylist())
-    track_ids = np.asarray(sorted(set(plays["item"].astype(str)) & present), dtype=str)
-    if len(track_ids) == 0:
-        raise DatasetError("no held-out track has features: nothing to compare the recommenders on")
-    mels = read_features(feature_dir, column=column, track_ids=list(track_ids))
-    clips = [mels[t] for t in track_ids]
+    held = heldout_clips(heldout_plays, feature_dir, column=column)
     scored = {}
     for name, (checkpoint, user_factors_path) in recommenders.items():
         module = LatentFactorModule.load_from_checkpoint(checkpoint, weights_only=True, map_location="cpu")
         users, user_factors = load_factors(Path(user_factors_path))
-        scored[name] = (users, user_factors, predict_latent_factors(module, clips, crop=crop, hop=hop))
-    return compare_recommenders(heldout_plays=plays, track_ids=track_ids, recommenders=scored, k=k, seed=seed)
+        scored[name] = (users, user_factors, predict_latent_factors(module, held.clips, crop=crop, hop=hop))
+    return compare_recommenders(heldout_plays=held.plays, track_ids=held.track_ids, recommenders=scored, k=k, seed=seed)
 
 
 @task(cache_policy=NO_CACHE)
@@ -178,7 +172,7 @@ def decide(rows: list[RankingRow], promotion: PromotionSettings) -> tuple[bool, 
     by_name = {r.name: r for r in rows}
     new, old = getattr(by_name[CHALLENGER_ROW], promotion.metric), getattr(by_name[CHAMPION_ROW], promotion.metric)
     gain = new - old
-    if not np.isfinite(gain):
+    if not math.isfinite(gain):
         return False, new, old, f"{promotion.metric} is undefined on these held-out tracks; the champion stays"
     scores = f"challenger {promotion.metric} {new:.4f} vs champion {old:.4f}: gain {gain:+.4f}"
     # 1e-9: a margin written in decimals, not float noise, decides.

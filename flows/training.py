@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-import numpy as np
-import pandas as pd
 from lightning.pytorch.loggers import MLFlowLogger
 from prefect import flow
 
@@ -41,13 +39,10 @@ from infra.tracking import (
     wmf_factors_input,
 )
 from lightning_modules.train import train_latent_factor_cnn, train_tagger
+from tasks.catalogue import tracks_with_features
 from tasks.datasets import tag_vocabulary
-from tasks.listening import (
-    load_factors,
-    load_play_matrix,
-    play_matrix_for,
-    plays_to_frame,
-)
+from tasks.heldout import factors_of, heldout_relevance, play_confidence
+from tasks.listening import load_factors
 from tasks.recommend import cold_start_rows, cold_start_track_splits, rows_as_metrics
 from tasks.report import (
     RankingRow,
@@ -57,8 +52,7 @@ from tasks.report import (
     plot_roc_curves,
     plot_tsne,
 )
-from tasks.shards import MANIFEST, read_manifest
-from tasks.wmf import confidence as wmf_confidence
+from tasks.shards import MANIFEST
 
 
 @dataclass(frozen=True)
@@ -85,11 +79,10 @@ def mlflow_logger(tracking: TrackingSettings, family: str, run_id: str) -> MLFlo
     return MLFlowLogger(experiment_name=experiment.name, tracking_uri=tracking.tracking_uri, run_id=run_id)
 
 
-def _tracks_with_features(data_dir: Path, dataset: str, feature_set: str) -> pd.DataFrame:
+def _tracks_with_features(data_dir: Path, dataset: str, feature_set: str):
+    """The dataset's tracks (``track_id, split, tags, source_path``) that have features of ``feature_set``."""
     layout = Layout(Path(data_dir))
-    tracks = pd.read_parquet(layout.tracks(dataset), columns=["track_id", "split", "tags", "source_path"])
-    present = set(read_manifest(layout.features(dataset, feature_set)).column("track_id").to_pylist())
-    return tracks[tracks["track_id"].isin(present)].reset_index(drop=True)
+    return tracks_with_features(layout.tracks(dataset), layout.features(dataset, feature_set))
 
 
 @flow(name="train-tagger")
@@ -245,9 +238,9 @@ def train_recommender_flow(
             init_checkpoint=init_checkpoint,
             train=finetune,
         )
-        test_ids = np.asarray(result.test_track_ids, dtype=str)
-        relevant = play_matrix_for(pd.read_parquet(wmf.heldout_plays), users=users, items=test_ids)
-        true_factors = heldout_factors[pd.Index(heldout).get_indexer(test_ids)]
+        test_ids = list(result.test_track_ids)
+        relevant = heldout_relevance(Path(wmf.heldout_plays), users=users, track_ids=test_ids)
+        true_factors = factors_of(heldout, heldout_factors, test_ids)
         rows = cold_start_rows(
             heldout_plays=relevant,
             k=evaluation.k,
@@ -298,17 +291,15 @@ def train_recommender_flow(
     )
 
 
-def training_confidence(layout: Layout, wmf: WMFOutput, *, users: np.ndarray, tracks: list[str], settings: WMFSettings):
-    """WMF confidence of every play of ``tracks`` in the factorized batches: ``(len(users), len(tracks))``, csr."""
-    matrix = load_play_matrix(layout.listening(), batches=list(wmf.batches))
-    plays = play_matrix_for(plays_to_frame(matrix), users=users, items=np.asarray(tracks, dtype=str))
-    return wmf_confidence(plays, settings=settings)
+def training_confidence(layout: Layout, wmf: WMFOutput, *, users, tracks: list[str], settings: WMFSettings):
+    """WMF confidence of every play of ``tracks`` by ``users`` (the factors' keys) in the factorized batches:
+    ``(len(users), len(tracks))``, csr (:func:`tasks.heldout.play_confidence`)."""
+    return play_confidence(layout.listening(), wmf.batches, users=users, tracks=tracks, settings=settings)
 
 
-def log_audio_model(
-    code: str, checkpoint: Path, *, tracks: pd.DataFrame, mel: MelSettings, train: TrainSettings, outputs
-) -> str:
-    """Log a trained audio model (tagger or CNN) as a pyfunc in the active run, a real clip as its input example."""
+def log_audio_model(code: str, checkpoint: Path, *, tracks, mel: MelSettings, train: TrainSettings, outputs) -> str:
+    """Log a trained audio model (tagger or CNN) as a pyfunc in the active run, a real clip as its input example
+    (the first of ``tracks``, the tracks table: its ``source_path``)."""
     from lightning_modules.served import served_config
     from lightning_modules.train import frames
     from tasks.audio import excerpt

@@ -14,9 +14,7 @@ Every step goes through the feature flows on the cluster, incrementally: a secon
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import shutil
 import tempfile
 import time
@@ -25,11 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-import numpy as np
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
 from prefect import flow, get_run_logger
 
 from core.errors import DatasetError, ParameterError
@@ -53,9 +46,9 @@ from flows.study_runner import Child, Findings, StudyKind, StudyParent, listenin
 from flows.training import mlflow_logger
 from flows.world import synthetic_target
 from infra.cluster import dask_client, shared_settings
+from infra.pretrained import PRETRAINED, Pretrained, model_uri_of, resolve_pretrained
 from infra.registry import (
     CHALLENGER,
-    CHAMPION,
     factors_schema,
     log_served_model,
     register,
@@ -72,10 +65,17 @@ from infra.tracking import (
     tracks_input,
     wmf_factors_input,
 )
-from lightning_modules.mlp import FactorRegressorModule
 from lightning_modules.train import train_factor_regressor
 from tasks.datasets import heldout_track_ids
-from tasks.kmeans import pooled_size
+from tasks.embedding import EmbeddingProvenance, embed_vectors, read_embeddings, write_embeddings
+from tasks.feature_sets import (
+    FEATURE_SET_NAMES,
+    feature_vectors,
+    read_target_tracks,
+    rows_frame,
+    target_with_features,
+    tracks_without_features,
+)
 from tasks.kmeans_features import codebook_path, read_kmeans_features
 from tasks.pretrain import nmse, tag_task_scores
 from tasks.recommend import ranking_row
@@ -83,7 +83,6 @@ from tasks.report import metric_slug, plot_transfer_bars
 from tasks.shards import (
     MANIFEST,
     append_quarantine,
-    read_features,
     read_manifest,
 )
 from tasks.studies import clips_with_features, manifest_ids, read_listening_factors, source_data
@@ -97,125 +96,23 @@ from tasks.study_tables import (
     transfer_study_metrics,
     transfer_study_report,
 )
-from tasks.transfer import (
-    check_target,
-    clean_labels,
-    fit_transfer,
-    format_transfer_table,
-    log_mel_statistics,
-    mfcc_statistics,
-)
+from tasks.transfer import check_target, fit_transfer, format_transfer_table
 
 log = logging.getLogger("mirflow")
-PRETRAINED = "mirflow-pretrained"  # registered as mirflow-pretrained-<task>-<model>
-FEATURE_SET_NAMES = {"kmeans": "K-means (target audio)", "logmel-stats": "log-mel mean/std", "mfcc": "MFCC-20 mean/std"}
 TARGET_DATASET = "synthetic-target"
-
-
-# ----------------------------------------------------------------------------- pre-trained models
-
-
-@dataclass(frozen=True)
-class Pretrained:
-    """A pre-trained source model, downloaded: what ``mirflow embed`` needs of it."""
-
-    model_uri: str
-    run_id: str
-    name: str  # e.g. "tags · mlp-1"
-    features: FeatureSettings
-    kmeans: KMeansSettings
-    timescales: tuple[str, ...]
-    checkpoint: Path
-    codebooks: Path
-
-    @property
-    def tag(self) -> str:
-        """A file-name-safe label of the model: task, architecture, run."""
-        return f"{re.sub(r'[^a-z0-9]+', '-', self.name.lower()).strip('-')}-{self.run_id[:8]}"
-
-    def module(self) -> FactorRegressorModule:
-        """The network, loaded with ``weights_only=True`` (nothing is unpickled)."""
-        try:
-            module = FactorRegressorModule.load_from_checkpoint(self.checkpoint, weights_only=True, map_location="cpu")
-        except Exception as err:  # a truncated or foreign file: torch raises several types
-            raise ParameterError(f"the checkpoint of {self.model_uri} could not be loaded ({err})") from None
-        n_inputs = len(self.timescales) * pooled_size(self.kmeans.k, self.kmeans.pooling)
-        if module.hparams.n_inputs != n_inputs:
-            raise ParameterError(
-                f"{self.model_uri}: the network takes {module.hparams.n_inputs} inputs, but its "
-                f"K-means settings make {n_inputs}"
-            )
-        return module.eval()
-
-
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-def model_uri_of(ref: str) -> str:
-    """``runs:/<id>/model`` for a run id; ``models:/name@alias`` or ``models:/name/version`` as given."""
-    ref = ref.strip()
-    if ref.startswith(("models:/", "runs:/")):
-        return ref
-    if _RUN_ID.match(ref):
-        return f"runs:/{ref}/model"
-    raise ParameterError(
-        f"--model {ref!r}: give a run id (32 hex digits) or models:/<name>@<alias>, e.g. "
-        f"models:/{PRETRAINED}-tags-mlp-1@{CHAMPION}"
-    )
-
-
-def resolve_pretrained(ref: str, tracking: TrackingSettings, *, cache: Path) -> Pretrained:
-    """Download a pre-trained model (by run id or registry URI) into ``cache`` and read its settings."""
-    uri = model_uri_of(ref)
-    mlflow.set_tracking_uri(tracking.tracking_uri)
-    try:
-        info = mlflow.models.get_model_info(uri)
-    except Exception as err:  # MLflow raises several types for an unknown run, name or alias
-        raise ParameterError(f"--model {ref!r}: no such model in {tracking.tracking_uri} ({err})") from None
-    target = Path(cache) / (info.run_id or "model") / info.artifact_path
-    if not (target / "MLmodel").exists():
-        if target.exists():
-            shutil.rmtree(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            try:
-                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
-            except Exception as err:  # an artifact store that is gone or unreadable
-                raise ParameterError(f"--model {ref!r}: its files could not be downloaded ({err})") from None
-            shutil.move(str(local), str(target))
-    artifacts = target / "artifacts"
-    config_path = artifacts / "config.json"
-    if not config_path.exists():
-        raise ParameterError(f"--model {ref!r} is not a pre-trained source model of mirflow (no config.json)")
-    try:
-        config = json.loads(config_path.read_text())
-    except ValueError as err:
-        raise ParameterError(f"--model {ref!r}: its config.json is not JSON ({err})") from None
-    if not isinstance(config, dict) or config.get("kind") != "pretrained-embedding":
-        kind = config.get("kind", "different") if isinstance(config, dict) else "different"
-        raise ParameterError(
-            f"--model {ref!r} is a {kind} model, not a pre-trained source model: use "
-            "`mirflow study transfer` to make one"
-        )
-    checkpoint = next(artifacts.glob("*.ckpt"), None)
-    if checkpoint is None:
-        raise ParameterError(f"--model {ref!r}: its checkpoint is missing from {artifacts}")
-    try:
-        return Pretrained(
-            model_uri=uri,
-            run_id=info.run_id,
-            name=str(config["name"]),
-            features=FeatureSettings.model_validate(config["features"]),
-            kmeans=KMeansSettings.model_validate(config["kmeans"]),
-            timescales=tuple(config["timescales"]),
-            checkpoint=checkpoint,
-            codebooks=artifacts / "codebooks",
-        )
-    except (KeyError, TypeError, ValueError) as err:  # pydantic's ValidationError is a ValueError
-        raise ParameterError(
-            f"--model {ref!r}: its config.json does not describe a model this mirflow can "
-            f"use ({type(err).__name__}: {err})"
-        ) from None
+# Importable from here as before: the flows' names of the pre-trained model resource and the transfer's inputs.
+__all__ = [
+    "FEATURE_SET_NAMES",
+    "PRETRAINED",
+    "EmbedOutput",
+    "Pretrained",
+    "TransferOutput",
+    "embed_catalogue",
+    "model_uri_of",
+    "read_embeddings",
+    "resolve_pretrained",
+    "transfer",
+]
 
 
 # ----------------------------------------------------------------------------- embed
@@ -226,7 +123,10 @@ def catalogue_ready(layout: Layout, dataset: str, source: SourceSettings | None)
     if source is not None:
         ingest_catalogue(source, layout.tracks(dataset))
     elif not layout.tracks(dataset).exists():
-        raise DatasetError(f"no catalogue {dataset!r} under {layout.root}: pass --adapter and --source")
+        raise DatasetError(
+            f"no catalogue {dataset!r} under {layout.root}: give its source (an adapter and the path it reads) "
+            "to read it first"
+        )
 
 
 @dataclass(frozen=True)
@@ -278,8 +178,19 @@ def embed_catalogue(
     embeddings = embed_vectors(
         model.module(), read_kmeans_features(kmeans_dir, timescales=model.timescales, track_ids=track_ids)
     )
-    path = embeddings_path(layout, dataset, model)
-    write_embeddings(path, track_ids, embeddings, model=model, kmeans_dir=kmeans_dir)
+    path = write_embeddings(
+        embeddings_path(layout, dataset, model),
+        track_ids,
+        embeddings,
+        provenance=EmbeddingProvenance(
+            model_uri=model.model_uri,
+            model_run_id=model.run_id,
+            model_name=model.name,
+            kmeans_feature_set=kmeans_dir.name,
+            kmeans_manifest_sha1=file_sha1(kmeans_dir / MANIFEST) or "",
+        ),
+    )
+    dims = int(embeddings.shape[1])
     seconds = time.perf_counter() - start
     params = {
         "dataset": dataset,
@@ -305,7 +216,7 @@ def embed_catalogue(
         mlflow.log_metrics(
             {
                 "tracks": len(track_ids),
-                "dims": embeddings.shape[1],
+                "dims": dims,
                 "seconds": seconds,
                 "clips_per_s": len(track_ids) / seconds,
                 "quarantined": features.n_quarantined + encoded.n_quarantined,
@@ -315,7 +226,7 @@ def embed_catalogue(
         "embeddings of %d %s tracks (%d dims) by %s -> %s, %.1f clips/s",
         len(track_ids),
         dataset,
-        embeddings.shape[1],
+        dims,
         model.name,
         path,
         len(track_ids) / seconds,
@@ -325,7 +236,7 @@ def embed_catalogue(
         model_uri=model.model_uri,
         run_id=run.info.run_id,
         n_tracks=len(track_ids),
-        dims=int(embeddings.shape[1]),
+        dims=dims,
         n_quarantined=features.n_quarantined + encoded.n_quarantined,
         n_computed=features.n_extracted + encoded.n_encoded,
         seconds=seconds,
@@ -333,56 +244,9 @@ def embed_catalogue(
     )
 
 
-@torch.no_grad()
-def embed_vectors(module: FactorRegressorModule, vectors: np.ndarray, *, batch_size: int = 1024) -> np.ndarray:
-    """The module's embedding of each row of ``vectors``, float32."""
-    parts = [
-        module.embed(torch.from_numpy(np.ascontiguousarray(vectors[i : i + batch_size], dtype=np.float32)))
-        for i in range(0, len(vectors), batch_size)
-    ]
-    return torch.cat(parts).numpy().astype(np.float32, copy=False)
-
-
-def write_embeddings(
-    path: Path, track_ids: list[str], embeddings: np.ndarray, *, model: Pretrained, kmeans_dir: Path
-) -> Path:
-    """``track_id, embedding`` Parquet, tagged (schema metadata and columns) with the model that made it."""
-    if not np.isfinite(embeddings).all():
-        raise DatasetError(f"{int((~np.isfinite(embeddings)).any(axis=1).sum())} embeddings are not finite")
-    table = pa.table(
-        {
-            "track_id": pa.array(track_ids, pa.string()),
-            "embedding": pa.array(list(embeddings), pa.list_(pa.float32())),
-            "model_uri": pa.array([model.model_uri] * len(track_ids), pa.string()),
-            "model_run_id": pa.array([model.run_id] * len(track_ids), pa.string()),
-        }
-    ).replace_schema_metadata(
-        {
-            "mirflow.model_uri": model.model_uri,
-            "mirflow.model_run_id": model.run_id,
-            "mirflow.model": model.name,
-            "mirflow.kmeans_feature_set": kmeans_dir.name,
-            "mirflow.kmeans_manifest_sha1": file_sha1(kmeans_dir / MANIFEST) or "",
-        }
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
-    return path
-
-
 def embeddings_input(path: Path, dataset: str, *, context: str = "training") -> RunInput:
     """An embeddings file as a run's dataset, by its bytes' hash."""
     return files_input({"embeddings": Path(path)}, name=f"embeddings/{dataset}/{Path(path).stem}", context=context)
-
-
-def read_embeddings(path: Path) -> dict[str, np.ndarray]:
-    table = pq.read_table(path, columns=["track_id", "embedding"])
-    return {
-        t: np.asarray(e, dtype=np.float32)
-        for t, e in zip(table.column("track_id").to_pylist(), table.column("embedding").to_pylist())
-    }
 
 
 # ----------------------------------------------------------------------------- transfer
@@ -418,21 +282,21 @@ def transfer(
     that fail to decode are quarantined by the feature flow and left out (counted).
     """
     if "pretrained" in settings.feature_sets and not models:
+        # Still in the command line's words: tests/test_transfer_flow.py pins "needs --model" in the CLI's
+        # output; once the CLI checks this itself, this message can say "models".
         raise ParameterError(
             "the 'pretrained' feature set needs --model (a pre-trained source model); "
             "or leave it out of the feature sets"
         )
     if models and "pretrained" not in settings.feature_sets:
         raise ParameterError(
-            f"--model given but the feature sets {list(settings.feature_sets)} leave out "
-            "'pretrained': add it, or drop --model"
+            f"models given but the feature sets {list(settings.feature_sets)} leave out "
+            "'pretrained': add it, or give no models"
         )
     start = time.perf_counter()
     layout = Layout(Path(data_dir))
     catalogue_ready(layout, dataset, source)
-    tracks = pd.read_parquet(layout.tracks(dataset), columns=["track_id", "split", "tags"]).rename(
-        columns={"tags": "labels"}
-    )
+    tracks = read_target_tracks(layout.tracks(dataset))
     check_target(tracks, cv=settings.cv)  # a bad target fails here, before any audio
     sets = {name: None for name in settings.feature_sets if name != "pretrained"}
     timescales = tuple(kmeans.timescales) or (features.mel.column,)
@@ -448,19 +312,16 @@ def transfer(
             for ref in models:
                 out = embed_catalogue(data_dir, dataset, ref, shared, tracking)
                 embedded[out.path] = out
-    vectors = _feature_vectors(
+    vectors = feature_vectors(
         layout, dataset, sets, features=features, timescales=timescales, embeddings=[Path(p) for p in embedded]
     )
-    usable = set(tracks["track_id"])
-    for table in vectors.values():
-        usable &= set(table)
-    missing = tracks[~tracks["track_id"].isin(usable)]
-    if len(missing):
+    missing = tracks_without_features(tracks, vectors)
+    if missing:
         append_quarantine(
             layout.quarantine(dataset),
             [
                 {"path": str(t), "stage": "transfer", "reason": "no features (failed to decode, or too short)"}
-                for t in missing["track_id"]
+                for t in missing
             ],
         )
         log.warning(
@@ -469,18 +330,16 @@ def transfer(
             len(tracks),
             layout.quarantine(dataset),
         )
-    kept = tracks[tracks["track_id"].isin(usable)].sort_values("track_id").reset_index(drop=True)
-    check = check_target(kept, cv=settings.cv)  # again: failed decodes may have emptied a class or a split
-    ids = list(check.track_ids)
-    kept = kept.set_index("track_id").loc[ids].reset_index()
-    kept["labels"] = [list(clean_labels(raw, t)) for t, raw in zip(kept["track_id"], kept["labels"])]
+    # Again: failed decodes may have emptied a class or a split.
+    target = target_with_features(tracks, vectors, cv=settings.cv)
+    check, ids = target.check, list(target.track_ids)
     rows, scores = [], {}
     for name, table in vectors.items():
-        x = np.stack([table[t] for t in ids])
+        x = target.matrix(table)
         score = fit_transfer(
             x,
-            list(kept["labels"]),
-            kept["split"].to_numpy(),
+            list(target.labels),
+            target.splits,
             classes=check.classes,
             kind=check.kind,
             classifier=settings.classifier,
@@ -520,7 +379,7 @@ def transfer(
         tags={"mirflow.dataset": dataset},
         inputs=inputs,
     ) as run:
-        log_table_replacing(pd.DataFrame(rows), "table_transfer.json")
+        log_table_replacing(rows_frame(rows), "table_transfer.json")
         mlflow.log_metrics(
             {
                 **{f"{metric_slug(r['feature_set'])}/{r['metric']}": r["value"] for r in rows},
@@ -553,42 +412,9 @@ def transfer(
     )
 
 
-def _feature_vectors(
-    layout: Layout,
-    dataset: str,
-    sets: dict[str, Path | None],
-    *,
-    features: FeatureSettings,
-    timescales: tuple[str, ...],
-    embeddings: list[Path],
-) -> dict[str, dict[str, np.ndarray]]:
-    """``{feature set name: {track_id: vector}}`` for every feature set, in table order (pretrained first)."""
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for path in embeddings:
-        meta = pq.read_schema(path).metadata or {}
-        name = f"pretrained: {meta.get(b'mirflow.model', b'?').decode()}"
-        if name in out:  # two runs of the same task and architecture: tell them apart by run
-            name = f"{name} ({meta.get(b'mirflow.model_run_id', b'?').decode()[:8]})"
-        out[name] = read_embeddings(path)
-    if len(out) > 1:  # one more feature set: every embedding side by side (tags and listening together)
-        parts = list(out.values())
-        common = set.intersection(*(set(p) for p in parts))
-        out[f"pretrained: all {len(parts)} (concatenated)"] = {
-            t: np.concatenate([p[t] for p in parts]) for t in sorted(common)
-        }
-    if "kmeans" in sets:
-        kmeans_dir = sets["kmeans"]
-        ids = read_manifest(kmeans_dir).column("track_id").to_pylist()
-        out[FEATURE_SET_NAMES["kmeans"]] = dict(
-            zip(ids, read_kmeans_features(kmeans_dir, timescales=timescales, track_ids=ids))
-        )
-    wanted = [s for s in ("logmel-stats", "mfcc") if s in sets]
-    if wanted:
-        mels = read_features(layout.features(dataset, features.feature_set), column=features.mel.column)
-        for name, fn in (("logmel-stats", log_mel_statistics), ("mfcc", mfcc_statistics)):
-            if name in wanted:
-                out[FEATURE_SET_NAMES[name]] = {t: fn(m.astype(np.float32)) for t, m in mels.items()}
-    return out
+#: The transfer's feature vectors (:func:`tasks.feature_sets.feature_vectors`), under the name tests and the
+#: study have used.
+_feature_vectors = feature_vectors
 
 
 # ----------------------------------------------------------------------------- the study

@@ -280,3 +280,17 @@ def versions_frame(tracking: TrackingSettings, name: str) -> pd.DataFrame:
         names = sorted(a for a, v in aliases.items() if str(v) == str(mv.version))
         rows.append({"version": int(mv.version), "aliases": ",".join(names), **mv.tags})
     return pd.DataFrame(rows).sort_values("version").reset_index(drop=True) if rows else pd.DataFrame()
+
+
+def log_wmf_model(paths: Mapping[str, Path], *, users: np.ndarray, items: np.ndarray) -> str:
+    """The factor tables as the ``mirflow-wmf`` pyfunc model, in the active run; returns its URI.
+
+    ``paths``: ``user_factors``, ``item_factors`` and (cold start) ``heldout_item_factors``; ``users`` and
+    ``items`` the factorization's keys, whose first pairs are the model's input example.
+    """
+    artifacts = {n: Path(paths[n]) for n in ("user_factors", "item_factors", "heldout_item_factors") if n in paths}
+    n = min(3, len(users), len(items))
+    example = pd.DataFrame({"user_id": users[:n].astype(str), "item_id": items[:n].astype(str)})
+    return log_served_model(
+        code="wmf", artifacts=artifacts, config=None, signature=WMF_SIGNATURE, input_example=example
+    )

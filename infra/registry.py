@@ -21,7 +21,6 @@ back in step.
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from collections.abc import Mapping
@@ -38,6 +37,7 @@ from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema, TensorSpec
 
+from core import storage
 from core.settings import TrackingSettings
 
 log = logging.getLogger("mirflow")
@@ -53,7 +53,8 @@ BATCHES_TAG = "mirflow.batches"  # the listening batches a version was trained o
 _PROJECT = Path(__file__).resolve().parents[1]
 _MODEL_CODE = _PROJECT / "lightning_modules" / "mlflow_models"
 # The packages a served model imports travel with it: one copy of the spectrogram code.
-_CODE_PATHS = [str(_PROJECT / name) for name in ("tasks", "infra", "lightning_modules")]
+# Every floor the served code imports (core: settings and errors), so a model loads without mirflow installed.
+_CODE_PATHS = [str(_PROJECT / name) for name in ("core", "tasks", "infra", "lightning_modules")]
 _REQUIREMENTS = ("torch", "lightning", "numpy", "pandas", "pyarrow", "scipy", "pydantic", "soundfile", "soxr", "mlflow")
 
 
@@ -107,7 +108,7 @@ def log_served_model(
         paths = {key: str(path) for key, path in artifacts.items()}
         if config is not None:
             config_path = Path(tmp) / "config.json"
-            config_path.write_text(json.dumps(config, indent=1))
+            storage.write_json(config_path, config, indent=1, durable=False)
             paths["config"] = str(config_path)
         info = mlflow.pyfunc.log_model(
             name=name,
@@ -258,7 +259,7 @@ def download_recommender(tracking: TrackingSettings, *, cnn_version: str, into: 
         cnn_version=str(cnn_version),
         wmf_version=wmf_version,
         checkpoint=_one(cnn_dir / "artifacts", "*.ckpt"),
-        config=json.loads((cnn_dir / "artifacts" / "config.json").read_text()),
+        config=storage.read_json(cnn_dir / "artifacts" / "config.json"),
         user_factors=wmf_dir / "artifacts" / "user_factors.parquet",
         item_factors=wmf_dir / "artifacts" / "item_factors.parquet",
     )

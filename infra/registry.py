@@ -38,6 +38,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema, TensorSpec
 
 from core import storage
+from core.errors import DatasetError
 from core.settings import TrackingSettings
 
 log = logging.getLogger("mirflow")
@@ -120,6 +121,13 @@ def log_served_model(
             pip_requirements=_pip_requirements(),
         )
     return info.model_uri
+
+
+class RegistryError(DatasetError, MlflowException):
+    """A registered model lacks what mirflow logs with it (a tag, an artifact).
+
+    Also an ``MlflowException``, so callers that handle the registry's own refusals handle it too.
+    """
 
 
 def register(
@@ -245,7 +253,11 @@ def download_recommender(tracking: TrackingSettings, *, cnn_version: str, into: 
     client = client_for(tracking)
     cnn = client.get_model_version(LATENT_FACTOR_CNN, cnn_version)
     if WMF_VERSION_TAG not in cnn.tags:
-        raise MlflowException(f"{LATENT_FACTOR_CNN} version {cnn_version} names no WMF version ({WMF_VERSION_TAG})")
+        raise RegistryError(
+            f"{LATENT_FACTOR_CNN} version {cnn_version} names no WMF version (its tag {WMF_VERSION_TAG} is missing): "
+            "register the CNN with the WMF version it was trained on (the recommender flow tags it), "
+            "or use another version"
+        )
     wmf_version = str(cnn.tags[WMF_VERSION_TAG])
     cnn_dir = Path(
         mlflow.artifacts.download_artifacts(
@@ -268,7 +280,10 @@ def download_recommender(tracking: TrackingSettings, *, cnn_version: str, into: 
 def _one(folder: Path, pattern: str) -> Path:
     found = sorted(Path(folder).glob(pattern))
     if len(found) != 1:
-        raise MlflowException(f"expected one {pattern} in {folder}, found {[p.name for p in found]}")
+        raise RegistryError(
+            f"the model's artifacts hold {len(found)} files matching {pattern} in {folder} "
+            f"({[p.name for p in found]}), not exactly one: register a model logged by mirflow"
+        )
     return found[0]
 
 

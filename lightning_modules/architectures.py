@@ -54,8 +54,11 @@ class SpectrogramConvNet2014(nn.Module):
             nn.MaxPool1d(pool, ceil_mode=pool_ceil),
             nn.Flatten(),
         )
-        with torch.no_grad():
-            flat = self.features(torch.zeros(1, n_mels, n_frames)).shape[1]
+        try:
+            with torch.no_grad():
+                flat = self.features(torch.zeros(1, n_mels, n_frames)).shape[1]
+        except RuntimeError:  # torch refuses a stage whose output would be empty
+            flat = 0
         if flat == 0:
             raise ParameterError(
                 f"a crop of {n_frames} frames is too short for two conv({conv_length})+pool({pool}) stages: "

@@ -87,7 +87,9 @@ def write_text(path: Path | str, text: str, *, durable: bool = True) -> Path:
 
 
 def read_text(path: Path | str) -> str:
-    return Path(path).read_text(encoding="utf-8")
+    """A UTF-8 file's text as written (no newline translation, like :func:`write_text`)."""
+    with open(path, encoding="utf-8", newline="") as handle:
+        return handle.read()
 
 
 def copy_file(source: Path | str, target: Path | str, *, durable: bool = True) -> Path:

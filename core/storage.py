@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -78,9 +79,24 @@ def write_bytes(path: Path | str, data: bytes, *, durable: bool = True) -> Path:
 
 
 def write_text(path: Path | str, text: str, *, durable: bool = True) -> Path:
+    """``text`` as UTF-8, newlines written as given (no translation: the same bytes on every platform)."""
     with atomic_path(path, durable=durable) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
     return Path(path)
+
+
+def read_text(path: Path | str) -> str:
+    """A UTF-8 file's text as written (no newline translation, like :func:`write_text`)."""
+    with open(path, encoding="utf-8", newline="") as handle:
+        return handle.read()
+
+
+def copy_file(source: Path | str, target: Path | str, *, durable: bool = True) -> Path:
+    """A copy of ``source`` at ``target``, atomically (``target`` is the old file or the whole copy)."""
+    with atomic_path(target, durable=durable) as tmp:
+        shutil.copyfile(source, tmp)
+    return Path(target)
 
 
 def write_json(path: Path | str, obj: Any, *, durable: bool = True, indent: int | None = 2) -> Path:
@@ -99,16 +115,36 @@ def write_parquet(
     durable: bool = True,
     row_group_size: int | None = None,
     compression: str = COMPRESSION,
+    use_dictionary: bool | Sequence[str] = True,
 ) -> Path:
-    """``table`` as one Parquet file at ``path``, atomically."""
+    """``table`` as one Parquet file at ``path``, atomically.
+
+    ``row_group_size`` (rows; pyarrow's default when None) bounds what a streaming reader holds at once;
+    ``use_dictionary``: all columns, none, or the names of those to dictionary-encode (string columns of
+    tensor shards: dictionary pages of raw float bytes only cost space).
+    """
+    if not isinstance(use_dictionary, bool):
+        use_dictionary = list(use_dictionary)
     with atomic_path(path, durable=durable) as tmp:
-        pq.write_table(table, tmp, compression=compression, row_group_size=row_group_size)
+        pq.write_table(
+            table, tmp, compression=compression, row_group_size=row_group_size, use_dictionary=use_dictionary
+        )
     return Path(path)
 
 
-def write_frame(path: Path | str, frame, *, durable: bool = True, preserve_index: bool = False) -> Path:
-    """A pandas DataFrame as Parquet, atomically (its index dropped unless asked for)."""
-    return write_parquet(path, pa.Table.from_pandas(frame, preserve_index=preserve_index), durable=durable)
+def write_frame(
+    path: Path | str,
+    frame,
+    *,
+    durable: bool = True,
+    preserve_index: bool | None = False,
+    compression: str = COMPRESSION,
+) -> Path:
+    """A pandas DataFrame as Parquet, atomically (its index dropped unless asked for; None: as pandas does,
+    a range index kept as metadata only)."""
+    return write_parquet(
+        path, pa.Table.from_pandas(frame, preserve_index=preserve_index), durable=durable, compression=compression
+    )
 
 
 def read_parquet(

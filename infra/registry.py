@@ -21,7 +21,6 @@ back in step.
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from collections.abc import Mapping
@@ -38,6 +37,8 @@ from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema, TensorSpec
 
+from core import storage
+from core.errors import DatasetError
 from core.settings import TrackingSettings
 
 log = logging.getLogger("mirflow")
@@ -53,6 +54,8 @@ BATCHES_TAG = "mirflow.batches"  # the listening batches a version was trained o
 _PROJECT = Path(__file__).resolve().parents[1]
 _MODEL_CODE = _PROJECT / "lightning_modules" / "mlflow_models"
 # The packages a served model imports travel with it: one copy of the spectrogram code.
+# Every floor the served code imports (core: settings and errors; the floors keep infra out of it),
+# so that a model loads without mirflow installed.
 _CODE_PATHS = [str(_PROJECT / name) for name in ("core", "tasks", "lightning_modules")]
 _REQUIREMENTS = ("torch", "lightning", "numpy", "pandas", "pyarrow", "scipy", "pydantic", "soundfile", "soxr", "mlflow")
 
@@ -107,7 +110,7 @@ def log_served_model(
         paths = {key: str(path) for key, path in artifacts.items()}
         if config is not None:
             config_path = Path(tmp) / "config.json"
-            config_path.write_text(json.dumps(config, indent=1))
+            storage.write_json(config_path, config, indent=1, durable=False)
             paths["config"] = str(config_path)
         info = mlflow.pyfunc.log_model(
             name=name,
@@ -119,6 +122,13 @@ def log_served_model(
             pip_requirements=_pip_requirements(),
         )
     return info.model_uri
+
+
+class RegistryError(DatasetError, MlflowException):
+    """A registered model lacks what mirflow logs with it (a tag, an artifact).
+
+    Also an ``MlflowException``, so callers that handle the registry's own refusals handle it too.
+    """
 
 
 def register(
@@ -244,7 +254,11 @@ def download_recommender(tracking: TrackingSettings, *, cnn_version: str, into: 
     client = client_for(tracking)
     cnn = client.get_model_version(LATENT_FACTOR_CNN, cnn_version)
     if WMF_VERSION_TAG not in cnn.tags:
-        raise MlflowException(f"{LATENT_FACTOR_CNN} version {cnn_version} names no WMF version ({WMF_VERSION_TAG})")
+        raise RegistryError(
+            f"{LATENT_FACTOR_CNN} version {cnn_version} names no WMF version (its tag {WMF_VERSION_TAG} is missing): "
+            "register the CNN with the WMF version it was trained on (the recommender flow tags it), "
+            "or use another version"
+        )
     wmf_version = str(cnn.tags[WMF_VERSION_TAG])
     cnn_dir = Path(
         mlflow.artifacts.download_artifacts(
@@ -258,7 +272,7 @@ def download_recommender(tracking: TrackingSettings, *, cnn_version: str, into: 
         cnn_version=str(cnn_version),
         wmf_version=wmf_version,
         checkpoint=_one(cnn_dir / "artifacts", "*.ckpt"),
-        config=json.loads((cnn_dir / "artifacts" / "config.json").read_text()),
+        config=storage.read_json(cnn_dir / "artifacts" / "config.json"),
         user_factors=wmf_dir / "artifacts" / "user_factors.parquet",
         item_factors=wmf_dir / "artifacts" / "item_factors.parquet",
     )
@@ -267,7 +281,10 @@ def download_recommender(tracking: TrackingSettings, *, cnn_version: str, into: 
 def _one(folder: Path, pattern: str) -> Path:
     found = sorted(Path(folder).glob(pattern))
     if len(found) != 1:
-        raise MlflowException(f"expected one {pattern} in {folder}, found {[p.name for p in found]}")
+        raise RegistryError(
+            f"the model's artifacts hold {len(found)} files matching {pattern} in {folder} "
+            f"({[p.name for p in found]}), not exactly one: register a model logged by mirflow"
+        )
     return found[0]
 
 

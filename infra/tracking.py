@@ -24,6 +24,7 @@ from mlflow.data.dataset_source_registry import get_registered_sources, resolve_
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.tracking import MlflowClient
 
+from core import storage
 from core.settings import TrackingSettings
 
 log = logging.getLogger("mirflow")
@@ -185,8 +186,6 @@ def table_input(
     path: Path, *, name: str, context: str, columns: tuple[str, ...], source: Path | None = None
 ) -> RunInput:
     """A Parquet table as a run input, its digest over ``columns`` (see :func:`tasks.shards.table_content_sha1`)."""
-    import pyarrow.parquet as pq
-
     from tasks.shards import table_content_sha1
 
     path = Path(path)
@@ -195,7 +194,7 @@ def table_input(
         digest=table_content_sha1(path, columns=columns)[:DIGEST_LENGTH],
         source=str(source or path),
         context=context,
-        profile={"rows": pq.read_metadata(path).num_rows, "digest_of": ",".join(columns)},
+        profile={"rows": storage.parquet_num_rows(path), "digest_of": ",".join(columns)},
     )
 
 
@@ -462,7 +461,7 @@ def log_table_replacing(frame, artifact_file: str) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:  # the same JSON layout log_table writes
         path = Path(tmp) / Path(artifact_file).name
-        path.write_text(frame.to_json(orient="split", index=False))
+        storage.write_text(path, frame.to_json(orient="split", index=False), durable=False)
         mlflow.log_artifact(str(path), artifact_path=str(Path(artifact_file).parent) if "/" in artifact_file else None)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from core.errors import ParameterError
+
 
 class SpectrogramConvNet2014(nn.Module):
     """The spectrogram convnet of Dieleman & Schrauwen (ICASSP 2014).
@@ -52,11 +54,15 @@ class SpectrogramConvNet2014(nn.Module):
             nn.MaxPool1d(pool, ceil_mode=pool_ceil),
             nn.Flatten(),
         )
-        with torch.no_grad():
-            flat = self.features(torch.zeros(1, n_mels, n_frames)).shape[1]
+        try:
+            with torch.no_grad():
+                flat = self.features(torch.zeros(1, n_mels, n_frames)).shape[1]
+        except RuntimeError:  # torch refuses a stage whose output would be empty
+            flat = 0
         if flat == 0:
-            raise ValueError(
-                f"a crop of {n_frames} frames is too short for two conv({conv_length})+pool({pool}) stages"
+            raise ParameterError(
+                f"a crop of {n_frames} frames is too short for two conv({conv_length})+pool({pool}) stages: "
+                "train on longer crops (crop_seconds), or with a shorter conv_length or pool"
             )
         self.head = nn.Sequential(nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, n_outputs))
 
@@ -126,7 +132,7 @@ class FirstLayerNonlinearity(nn.Module):
     def __init__(self, kind: str = "relu", *, c: float = 10.0) -> None:
         super().__init__()
         if kind not in FIRST_LAYER_NONLINEARITIES:
-            raise ValueError(f"first-layer nonlinearity {kind!r}: expected one of {FIRST_LAYER_NONLINEARITIES}")
+            raise ParameterError(f"first-layer nonlinearity {kind!r}: expected one of {FIRST_LAYER_NONLINEARITIES}")
         self.kind, self.c = kind, c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,15 +154,18 @@ class FeaturePooling(nn.Module):
     def __init__(self, kind: str, *, size: int) -> None:
         super().__init__()
         if kind not in ("l2", "max"):
-            raise ValueError(f"feature pooling {kind!r}: expected 'l2' or 'max'")
+            raise ParameterError(f"feature pooling {kind!r}: choose 'l2' or 'max'")
         if size < 2:
-            raise ValueError(f"feature pooling size {size} must be >= 2")
+            raise ParameterError(f"feature pooling size {size}: pool groups of 2 or more filters")
         self.kind, self.size = kind, size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, steps = x.shape
         if channels % self.size:
-            raise ValueError(f"{channels} filters do not split into groups of {self.size}")
+            raise ParameterError(
+                f"{channels} filters do not split into feature-pooling groups of {self.size}: "
+                "choose a pooling size that divides the number of filters"
+            )
         groups = x.reshape(batch, channels // self.size, self.size, steps)
         if self.kind == "max":
             return groups.amax(dim=2)
@@ -206,9 +215,12 @@ class RawAudioConvNet2014(nn.Module):
     ) -> None:
         super().__init__()
         if feature_pooling not in FEATURE_POOLINGS:
-            raise ValueError(f"feature pooling {feature_pooling!r}: expected one of {FEATURE_POOLINGS}")
+            raise ParameterError(f"feature pooling {feature_pooling!r}: expected one of {FEATURE_POOLINGS}")
         if n_samples < filter_length:
-            raise ValueError(f"a crop of {n_samples} samples is shorter than one filter ({filter_length})")
+            raise ParameterError(
+                f"a crop of {n_samples} samples is shorter than one filter ({filter_length}): "
+                "train on longer crops (crop_seconds) or with a shorter filter"
+            )
         self.first = nn.Conv1d(1, n_filters, filter_length, stride=stride, bias=False)
         layers: list[nn.Module] = [FirstLayerNonlinearity(nonlinearity, c=log_c)]
         bands = n_filters
@@ -286,9 +298,10 @@ class ShortChunkResNet(nn.Module):
         super().__init__()
         widths = [channels, channels, 2 * channels, 2 * channels, 2 * channels, 2 * channels, 4 * channels]
         if min(n_mels, n_frames) < 2 ** len(widths) // 2:
-            raise ValueError(
+            raise ParameterError(
                 f"a crop of {n_mels} bands x {n_frames} frames is too small for {len(widths)} "
-                f"stride-2 blocks (needs at least {2 ** len(widths) // 2} of each)"
+                f"stride-2 blocks (needs at least {2 ** len(widths) // 2} of each): "
+                "use more mel bands (n_mels) or longer crops (crop_seconds)"
             )
         blocks: list[nn.Module] = [nn.BatchNorm2d(1)]
         width = 1

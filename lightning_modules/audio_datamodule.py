@@ -73,7 +73,7 @@ class AudioDataModule(ClipDataModule):
         if missing:
             raise DatasetError(
                 f"{len(missing)} tracks have no raw-audio shard in {self.audio_dir}, e.g. "
-                f"{missing[:3]}: run the feature flow with audio shards (--audio-shards)"
+                f"{missing[:3]}: run the feature flow with audio shards (FeatureSettings.audio_shards=True)"
             )
         for split, ids in self.track_ids.items():
             self._clips[split] = [self._prepare(pcm[t]) for t in ids]

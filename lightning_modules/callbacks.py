@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
 import lightning as L
+
+from core import storage
 
 log = logging.getLogger("mirflow")
 
@@ -58,7 +59,7 @@ class Snapshot(L.Callback):
     loops' progress, mid-epoch included (the rest of that epoch draws fresh crops: the
     loaders do not resume mid-epoch). The snapshot written when training ends carries
     :data:`FINISHED`, so a re-run tests the best checkpoint instead of training on.
-    Each write goes to a temporary file renamed over the last one. Every rank calls
+    Each write goes to a temporary file renamed over the last one (:func:`core.storage.atomic_path`). Every rank calls
     :meth:`~lightning.Trainer.save_checkpoint` (it is collective); rank 0 writes.
     """
 
@@ -67,10 +68,11 @@ class Snapshot(L.Callback):
         self._finished = False
 
     def _save(self, trainer: L.Trainer) -> None:
-        partial = self.path.with_name(self.path.name + ".partial")
-        trainer.save_checkpoint(partial)
         if trainer.is_global_zero:
-            os.replace(partial, self.path)
+            with storage.atomic_path(self.path) as tmp:
+                trainer.save_checkpoint(tmp)
+        else:  # the other ranks take part in the collective call; only rank 0 writes a file
+            trainer.save_checkpoint(self.path)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint[FINISHED] = self._finished

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
-from core.errors import DatasetError
+from core.errors import DatasetError, ParameterError
 from tasks.shards import read_features
 
 
@@ -88,7 +88,10 @@ def stat_buffer(values: list[float] | None, n: int, default: float) -> torch.Ten
     if values is None:
         return torch.full((n,), default)
     if len(values) != n:
-        raise ValueError(f"expected {n} per-band values, got {len(values)}")
+        raise ParameterError(
+            f"{len(values)} per-band statistics for {n} mel bands: give one mean and one deviation per band "
+            "(compute them on features with the model's n_mels)"
+        )
     return torch.tensor(values, dtype=torch.float32)
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.errors import ParameterError
 from lightning_modules.architectures import LatentFactorCNN
 from lightning_modules.datamodule import clip_means, standardize, stat_buffer
 from lightning_modules.objectives import PlayColumns, wpe_loss
@@ -45,7 +46,7 @@ class LatentFactorModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if objective not in ("mse", "wpe"):
-            raise ValueError(f"objective {objective!r}: expected 'mse' or 'wpe'")
+            raise ParameterError(f"objective {objective!r}: choose 'mse' or 'wpe'")
         self.save_hyperparameters(logger=False)
         self.net = LatentFactorCNN(
             n_mels=n_mels,
@@ -69,7 +70,10 @@ class LatentFactorModule(L.LightningModule):
         """What WPE training needs: the fixed user factors ``(n_users, f)`` and the confidence of every play of
         the training tracks, ``sp.csr_matrix (n_users, n_train)`` with columns in train-split order."""
         if confidence.shape != (user_factors.shape[0], confidence.shape[1]):
-            raise ValueError(f"confidence {confidence.shape} does not match {user_factors.shape[0]} users")
+            raise ParameterError(
+                f"a confidence matrix of shape {confidence.shape} for {user_factors.shape[0]} users' factors: "
+                "give one row per user of the factorization (the same users, in the same order)"
+            )
         self._plays = PlayColumns(confidence)
         self._user_factors = torch.from_numpy(
             np.array(user_factors, dtype=np.float32)
@@ -88,7 +92,9 @@ class LatentFactorModule(L.LightningModule):
             self.log("train/mse", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x), sync_dist=True)
             return loss
         if self._plays is None:
-            raise RuntimeError("objective 'wpe' needs use_plays(user_factors, confidence) before training")
+            raise ParameterError(
+                "objective 'wpe' trains on plays: call use_plays(user_factors, confidence) before training"
+            )
         if self._user_factors.device != predicted.device:
             self._user_factors, self._gram = self._user_factors.to(predicted.device), self._gram.to(predicted.device)
         position, users, confidence = (t.to(predicted.device) for t in self._plays.batch(batch[2]))

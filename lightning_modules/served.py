@@ -20,7 +20,6 @@ Python object is not pickled either.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from core import storage
 from core.errors import ParameterError
 from core.settings import MelSettings
 from lightning_modules.datamodule import clip_windows, pad_to_crop
@@ -110,7 +110,7 @@ class _AudioModel(mlflow.pyfunc.PythonModel):
     module_class: type = TaggerModule
 
     def load_context(self, context) -> None:
-        config = json.loads(Path(context.artifacts["config"]).read_text())
+        config = storage.read_json(context.artifacts["config"])
         self.mel = MelSettings.model_validate(config["mel"])
         self.crop, self.hop = int(config["crop_frames"]), int(config["hop_frames"])
         self.module = self.module_class.load_from_checkpoint(
@@ -179,7 +179,7 @@ class PretrainedEmbeddingPyfunc(mlflow.pyfunc.PythonModel):
         self.module = FactorRegressorModule.load_from_checkpoint(
             context.artifacts["checkpoint"], weights_only=True, map_location="cpu"
         ).eval()
-        self.config = json.loads(Path(context.artifacts["config"]).read_text())
+        self.config = storage.read_json(context.artifacts["config"])
 
     def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
         x = np.asarray(model_input, dtype=np.float32)

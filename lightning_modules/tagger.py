@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.errors import ParameterError
 from lightning_modules.architectures import (
     RawAudioConvNet2014,
     ShortChunkResNet,
@@ -154,7 +155,7 @@ class TaggerModule(WindowedTagger):
                 n_mels=n_mels, n_frames=crop_frames, n_outputs=len(tags), channels=resnet_channels
             )
         else:
-            raise ValueError(f"architecture {architecture!r}: expected 'convnet2014' or 'short-chunk-resnet'")
+            raise ParameterError(f"architecture {architecture!r}: choose 'convnet2014' or 'short-chunk-resnet'")
         self.register_buffer("feature_mean", stat_buffer(feature_mean, n_mels, 0.0))
         self.register_buffer("feature_std", stat_buffer(feature_std, n_mels, 1.0))
         self.loss = nn.BCEWithLogitsLoss()

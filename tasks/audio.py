@@ -150,6 +150,8 @@ def _read(path: Path) -> tuple[np.ndarray, int]:
     except Exception as sf_exc:
         try:
             frames, rate = _read_audioread(name)
+        except DecodeError:
+            raise
         except Exception as ar_exc:
             raise DecodeError(name, "read", f"soundfile: {sf_exc}; audioread fallback: {ar_exc!r}") from ar_exc
         declared = 0  # audioread declares no length of its own
@@ -217,7 +219,7 @@ def _read_audioread(name: str) -> tuple[np.ndarray, int]:
         channels, rate = int(f.channels), int(f.samplerate)
         pcm = b"".join(f)
     if channels < 1:
-        raise ValueError(f"audioread reports {channels} channels")
+        raise DecodeError(name, "read", f"no audio stream (audioread reports {channels} channels): give an audio file")
     samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
     n = samples.shape[0] // channels
     return samples[: n * channels].reshape(n, channels), rate

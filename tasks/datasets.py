@@ -25,6 +25,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from core import storage
 from core.errors import DatasetError, ParameterError
 from core.settings import SourceSettings
 
@@ -322,7 +323,7 @@ def manifest_tracks(path: Path, *, base_dir: Path | None = None) -> pd.DataFrame
     suffix = path.suffix.lower()
     try:
         if suffix in (".parquet", ".pq"):
-            frame = pd.read_parquet(path)
+            frame = storage.read_frame(path)
         elif suffix in (".csv", ".tsv", ".txt"):
             frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
         else:
@@ -412,7 +413,7 @@ def _examples(values: Iterable, n: int = 5) -> list:
 
 def heldout_track_ids(tracks_path: Path) -> list[str]:
     """Tracks of the test split: held out of the factorization in the cold-start protocol, in table order."""
-    tracks = pd.read_parquet(tracks_path, columns=["track_id", "split"])
+    tracks = storage.read_frame(tracks_path, columns=["track_id", "split"])
     return list(tracks.loc[tracks["split"] == "test", "track_id"])
 
 

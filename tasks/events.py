@@ -32,7 +32,6 @@ steps run on a Dask cluster for logs that outgrow one machine.
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import shutil
 import time
@@ -47,10 +46,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
+from core import storage
 from core.errors import DatasetError, ParameterError
-from tasks.shards import append_quarantine, content_sha1, write_table_atomic, write_text_atomic
+from tasks.shards import append_quarantine, content_sha1
 
 log = logging.getLogger("mirflow")
 
@@ -137,7 +136,7 @@ class IdMap:
     def __init__(self, path: Path):
         self.path = Path(path)
         if self.path.exists():
-            table = pq.read_table(self.path, schema=ID_MAP_SCHEMA)
+            table = storage.read_parquet(self.path, schema=ID_MAP_SCHEMA)
             ids = table.column("id").to_numpy()
             if not np.array_equal(ids, np.arange(len(ids))):
                 raise DatasetError(f"{self.path}: ids are not 0..n-1 in order; the id map is damaged")
@@ -192,7 +191,7 @@ class IdMap:
         if self.added or not self.path.exists():
             keys = self.keys
             table = pa.table({"key": keys, "id": pa.array(np.arange(len(keys), dtype=np.int32))}, schema=ID_MAP_SCHEMA)
-            write_table_atomic(table, self.path, row_group_size=1 << 20)
+            storage.write_parquet(self.path, table, row_group_size=1 << 20)
             self._saved = len(keys)
 
 
@@ -200,7 +199,7 @@ def read_id_map(path: Path) -> np.ndarray:
     """Keys of an id map in id order (object array of str); empty when there is none."""
     if not Path(path).exists():
         return np.asarray([], dtype=object)
-    return pq.read_table(path, columns=["key"]).column("key").to_numpy(zero_copy_only=False)
+    return storage.read_parquet(path, columns=["key"]).column("key").to_numpy(zero_copy_only=False)
 
 
 # ---------------------------------------------------------------- readers
@@ -344,9 +343,9 @@ def _text_layout(source: ListeningSource) -> tuple[str, list[str], bool]:
     return delimiter, names, True
 
 
-def _parquet_file(path: Path) -> pq.ParquetFile:
+def _parquet_file(path: Path):
     try:
-        return pq.ParquetFile(path)
+        return storage.parquet_file(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise DatasetError(f"{path}: not a readable Parquet file: {exc}") from exc
 
@@ -734,8 +733,8 @@ def route_chunk(job: tuple[ParsedChunk, str], *, edges: np.ndarray) -> RoutedChu
     Its inputs stay where they are (the driver removes the spill folder), so that Dask can run it again.
     """
     parsed, ids_path = job
-    with np.load(ids_path) as ids:
-        user_ids, item_ids = ids["users"], ids["items"]
+    ids = storage.read_npz(ids_path)
+    user_ids, item_ids = ids["users"], ids["items"]
     table = _read_ipc(parsed.rows_path)
     users = np.asarray(user_ids, dtype=np.int32)[table.column("user").to_numpy()]
     items = np.asarray(item_ids, dtype=np.int32)[table.column("item").to_numpy()]
@@ -777,7 +776,7 @@ def reduce_range(job: tuple[int, list[tuple[str, int]]], *, out_dir: str | Path)
     events = events.rename_columns(["user", "item", "plays", "ts"]).cast(EVENT_SCHEMA)
     events = events.sort_by([("user", "ascending"), ("item", "ascending")])
     name = f"part-{number:05d}.parquet"
-    write_table_atomic(events, Path(out_dir) / name, row_group_size=1 << 20)
+    storage.write_parquet(Path(out_dir) / name, events, row_group_size=1 << 20)
     return name, events.num_rows
 
 
@@ -799,7 +798,7 @@ def ingested_batches(listening_dir: Path) -> list[str]:
 def batch_record(listening_dir: Path, batch: str) -> dict:
     """The ``_source.json`` of an ingested batch."""
     try:
-        return json.loads((_batch_dir(listening_dir, batch) / "_source.json").read_text())
+        return storage.read_json(_batch_dir(listening_dir, batch) / "_source.json")
     except (OSError, ValueError) as exc:
         raise DatasetError(f"batch {batch!r} is not ingested under {listening_dir}: {exc}") from exc
 
@@ -846,7 +845,7 @@ def ingest_source(
     marker = out / "_source.json"
     sha1 = content_sha1(path)
     try:
-        if json.loads(marker.read_text())["sha1"] == sha1 and batch_parts(listening_dir, source.batch):
+        if storage.read_json(marker)["sha1"] == sha1 and batch_parts(listening_dir, source.batch):
             report.skipped = True
             return report
     except (OSError, ValueError, KeyError):
@@ -878,7 +877,9 @@ def ingest_source(
             ids_path = spill / f"chunk-{chunk.index:06d}.ids.npz"
             chunk_users = _read_ipc(chunk.users_path)
             user_ids = users.ids(chunk_users.column("key"))
-            np.savez(ids_path, users=user_ids, items=items.ids(_read_ipc(chunk.items_path).column("key")))
+            item_ids = items.ids(_read_ipc(chunk.items_path).column("key"))
+            # Scratch of this ingestion (the staging folder goes with it): no fsync.
+            storage.write_npz(ids_path, {"users": user_ids, "items": item_ids}, durable=False)
             jobs.append((chunk, str(ids_path)))
             seen_ids.append(user_ids)
             seen_rows.append(chunk_users.column("rows").to_numpy())
@@ -902,7 +903,7 @@ def ingest_source(
         )
         if not written:  # no valid rows: an empty part keeps the batch readable
             empty = EVENT_SCHEMA.empty_table()
-            write_table_atomic(empty, staging / "part-00000.parquet", row_group_size=1 << 20)
+            storage.write_parquet(staging / "part-00000.parquet", empty, row_group_size=1 << 20)
             written = [("part-00000.parquet", 0)]
         shutil.rmtree(spill)
 
@@ -940,11 +941,10 @@ def ingest_source(
         shutil.rmtree(staging, ignore_errors=True)
     append_quarantine(quarantine_path, records)
     report.seconds = time.perf_counter() - start
-    write_text_atomic(
+    storage.write_json(
         marker,
-        json.dumps(
-            {**asdict(report), "sha1": sha1, "format": source.format, "parts": [name for name, _ in written]}, indent=1
-        ),
+        {**asdict(report), "sha1": sha1, "format": source.format, "parts": [name for name, _ in written]},
+        indent=1,
     )
     if records:
         log.warning(
@@ -997,7 +997,7 @@ def ingest_sources(
                 range_bytes=range_bytes,
             )
         )
-    report.quarantined = pq.read_metadata(quarantine_path).num_rows if Path(quarantine_path).exists() else 0
+    report.quarantined = storage.parquet_num_rows(quarantine_path) if Path(quarantine_path).exists() else 0
     return report
 
 
@@ -1013,7 +1013,7 @@ def read_batch_events(
         parts = batch_parts(listening_dir, batch)
         if not (_batch_dir(listening_dir, batch) / "_source.json").exists() or not parts:
             raise DatasetError(f"listening batch {batch!r} is not (completely) ingested under {listening_dir}")
-        tables.extend(pq.read_table(part, columns=list(columns)) for part in parts)
+        tables.extend(storage.read_parquet(part, columns=columns) for part in parts)
     return pa.concat_tables(tables)
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core import storage
 from core.errors import DatasetError, ParameterError
 
 ACTIVATIONS = ("linear", "relu", "threshold")
@@ -312,8 +313,6 @@ class Codebook:
 
     def save(self, path: Path) -> Path:
         """Write ``path`` (``.npz``): arrays and a JSON header, readable with ``allow_pickle=False``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         header = json.dumps(
             {
                 "context": self.context,
@@ -323,26 +322,29 @@ class Codebook:
                 "format": "mirflow-codebook-1",
             }
         )
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez(
-            tmp,
-            means=self.means,
-            whitening_mean=self.whitening.mean,
-            whitening_matrix=self.whitening.matrix,
-            header=np.array(header),
+        return storage.write_npz(
+            path,
+            {
+                "means": self.means,
+                "whitening_mean": self.whitening.mean,
+                "whitening_matrix": self.whitening.matrix,
+                "header": np.array(header),
+            },
         )
-        tmp.replace(path)
-        return path
 
     @classmethod
     def load(cls, path: Path) -> Codebook:
         """Read a codebook written by :meth:`save` (never unpickles)."""
         try:
-            with np.load(Path(path), allow_pickle=False) as npz:
-                header = json.loads(str(npz["header"]))
-                means, mean, matrix = npz["means"], npz["whitening_mean"], npz["whitening_matrix"]
+            npz = storage.read_npz(path)
+            header = json.loads(str(npz["header"]))
+            means, mean, matrix = npz["means"], npz["whitening_mean"], npz["whitening_matrix"]
             if not isinstance(header, dict) or header.get("format") != "mirflow-codebook-1":
-                raise ValueError("unknown codebook format")
+                found = header.get("format") if isinstance(header, dict) else None
+                raise DatasetError(
+                    f"{path}: its header names the format {found!r}, not 'mirflow-codebook-1'; "
+                    "give a codebook written by Codebook.save (the K-means feature flow writes them)"
+                )
             return cls(
                 means=means.astype(np.float32),
                 whitening=Whitening(mean=mean, matrix=matrix),
@@ -351,8 +353,13 @@ class Codebook:
                 kind=str(header["kind"]),
                 info=header.get("info", {}),
             )
+        except DatasetError:
+            raise
         except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as err:
-            raise DatasetError(f"{path} is not a mirflow codebook: {err}") from err
+            raise DatasetError(
+                f"{path} is not a mirflow codebook ({type(err).__name__}: {err}); "
+                "give a codebook written by Codebook.save (the K-means feature flow writes them)"
+            ) from err
 
     def unwhitened_means(self) -> np.ndarray:
         """Each mean mapped back through the inverse whitening: the window shape it stands for.

@@ -20,8 +20,6 @@ or changed; the codebooks, once fitted, are kept (new clips are encoded with the
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from core import storage
 from core.errors import DatasetError, ParameterError
 from core.settings import FeatureSettings, KMeansSettings
 from tasks.features import peak_rss_mb
@@ -117,7 +115,7 @@ def kmeans_device(kmeans: KMeansSettings, cluster_device: str | None) -> str:
     if kmeans.device == "cuda" and cluster_device != "cuda":
         raise ParameterError(
             "kmeans device 'cuda' was asked for, but the cluster's workers have no GPU: "
-            "use --cluster cuda on a GPU machine, or device auto/cpu"
+            "run on a cluster of kind 'cuda' (workers with a GPU), or set the K-means device to 'auto' or 'cpu'"
         )
     return "cuda" if kmeans.device != "cpu" and cluster_device == "cuda" else "cpu"
 
@@ -127,7 +125,7 @@ def check_timescales(base_dir: Path, timescales: tuple[str, ...]) -> None:
     shards = sorted(Path(base_dir).glob("part-*.parquet"))
     if not shards:
         raise DatasetError(f"no log-mel shards in {base_dir}: run the feature flow first")
-    present = [name for name in pq.read_schema(shards[0]).names if name.startswith("mel_")]
+    present = [name for name in storage.parquet_schema(shards[0]).names if name.startswith("mel_")]
     missing = [t for t in timescales if t not in present]
     if missing:
         raise ParameterError(
@@ -221,10 +219,7 @@ def install_codebooks(codebooks: Path, kmeans_dir: Path, timescales: tuple[str, 
         Codebook.load(source)  # raises DatasetError for a file that is no codebook
         if target.exists() and content_sha1(target) == content_sha1(source):
             continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
+        storage.copy_file(source, target)
 
 
 def _base_manifest(base_dir: Path) -> pd.DataFrame:
@@ -327,7 +322,7 @@ def _done_records(kmeans_dir: Path, base: pd.DataFrame, encoding_hash: str) -> d
     known = {r["track_id"]: r for r in manifest if r["settings_hash"] == encoding_hash and r["shard"] in on_disk}
     skip = {r["shard"] for r in manifest}
     for name in on_disk - skip:  # written before an interruption: only if by these codebooks
-        if (pq.read_schema(kmeans_dir / name).metadata or {}).get(b"encoding_hash") != encoding_hash.encode():
+        if (storage.parquet_schema(kmeans_dir / name).metadata or {}).get(b"encoding_hash") != encoding_hash.encode():
             skip.add(name)
     for record in shard_records(kmeans_dir, skip=skip):
         known.setdefault(record["track_id"], record)
@@ -538,7 +533,7 @@ def read_kmeans_features(
     if not timescales:
         raise ParameterError("no timescale selected")
     shards = sorted(Path(kmeans_dir).glob("part-*.parquet"))
-    present = set(pq.read_schema(shards[0]).names) if shards else set()
+    present = set(storage.parquet_schema(shards[0]).names) if shards else set()
     missing = [t for t in timescales if t not in present]
     if missing:
         raise ParameterError(f"timescale(s) {missing} are not in the K-means features at {kmeans_dir}")

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import scipy.sparse as sp
 
+from core import storage
 from core.errors import DatasetError, ParameterError
 from tasks.events import read_batch_events, read_id_map
 from tasks.shards import write_table_atomic
@@ -216,7 +216,7 @@ def save_factors(path: Path, keys: np.ndarray, factors: np.ndarray) -> Path:
 
 
 def load_factors(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    table = pq.read_table(path)
+    table = storage.read_parquet(path)
     column = table.column("factors").combine_chunks()
     dim = column.type.list_size
     factors = column.values.to_numpy(zero_copy_only=False).reshape(-1, dim)

@@ -14,6 +14,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from sklearn.metrics import roc_curve
 
+from core import storage
+
 
 @dataclass(frozen=True)
 class RankingRow:
@@ -79,18 +81,14 @@ def summary_text(summary: PipelineSummary) -> str:
 
 def write_report(path: Path, summary: PipelineSummary, *, per_tag: str, settings: Mapping[str, object]) -> Path:
     """A Markdown report: the summary table, the per-tag table and the settings."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     settings_lines = "\n".join(f"| `{k}` | `{v}` |" for k, v in sorted(settings.items()))
-    tmp.write_text(
+    return storage.write_text(
+        path,
         "# mirflow pipeline report\n\n"
         f"```\n{summary_text(summary)}\n```\n\n"
         f"## Tagger: per-tag test metrics\n\n```\n{per_tag}\n```\n\n"
-        f"## Settings\n\n| setting | value |\n|---|---|\n{settings_lines}\n"
+        f"## Settings\n\n| setting | value |\n|---|---|\n{settings_lines}\n",
     )
-    tmp.replace(path)
-    return path
 
 
 def _save(fig, path: Path) -> Path:

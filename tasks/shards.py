@@ -1,8 +1,9 @@
 """Parquet I/O for feature shards, track tables and quarantine records.
 
-All Parquet writing in the project goes through this module. Every file is
-written under a temporary name in the same folder and renamed into place when
-complete, so a killed worker leaves no half-written shard behind.
+The files are read and written through :mod:`core.storage`: each is written under
+a unique temporary name in the same folder and renamed into place when complete,
+so a killed worker leaves no half-written shard behind (and :func:`remove_unreferenced`
+sweeps the temporary files it may leave).
 
 Feature shard schema (one row per track)::
 
@@ -24,17 +25,15 @@ source_path, source_size, source_mtime_ns``.
 from __future__ import annotations
 
 import hashlib
-import os
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from core.errors import DatasetError
+from core import storage
+from core.errors import DatasetError, ParameterError
 
 MANIFEST = "_manifest.parquet"
 MANIFEST_SCHEMA = pa.schema(
@@ -90,9 +89,9 @@ def table_content_sha1(path: str | Path, *, columns: Sequence[str], sort_by: str
     so the same tracks give the same digest in any storage root. Columns the table
     lacks are skipped; the names of those read are part of the digest.
     """
-    present = set(pq.read_schema(path).names)
+    present = set(storage.parquet_schema(path).names)
     names = [c for c in columns if c in present]
-    table = pq.read_table(path, columns=names)
+    table = storage.read_parquet(path, columns=names)
     if sort_by in names:
         table = table.sort_by(sort_by)
     digest = hashlib.sha1()
@@ -110,37 +109,19 @@ def write_table_atomic(
     use_dictionary: bool | list[str] = True,
     row_group_size: int = ROW_GROUP_SIZE,
 ) -> Path:
-    """Write ``table`` to ``path`` via a temporary file and an atomic rename.
+    """Write ``table`` to ``path`` atomically (:func:`core.storage.write_parquet`), in the shards' row groups.
 
     ``row_group_size`` (rows) defaults to the feature shards' 64; tables of small rows
     (events, factors, id maps) pass a larger one.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        pq.write_table(
-            table, tmp, compression=compression, row_group_size=row_group_size, use_dictionary=use_dictionary
-        )
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return storage.write_parquet(
+        path, table, compression=compression, use_dictionary=use_dictionary, row_group_size=row_group_size
+    )
 
 
 def write_text_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary file and an atomic rename (markers, state, settings)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    """Write ``text`` to ``path`` atomically (markers, state, settings): :func:`core.storage.write_text`."""
+    return storage.write_text(path, text)
 
 
 def tensor_field(name: str, *, dtype: str, inner_shape: Sequence[int]) -> pa.Field:
@@ -194,14 +175,20 @@ def features_to_table(rows: Sequence[tuple[str, str, Mapping[str, np.ndarray], M
     source_mtime_ns, duration_s`` to its value.
     """
     if not rows:
-        raise ValueError("a shard needs at least one row")
+        raise ParameterError("a shard needs at least one row: leave empty batches out instead of writing them")
     columns = list(rows[0][2])
     for track_id, _, features, _ in rows:
         if list(features) != columns:
-            raise ValueError(f"{track_id}: columns {list(features)} differ from {columns}")
+            raise ParameterError(
+                f"track {track_id!r} has feature columns {list(features)}, the shard's first track {columns}: "
+                "every track of a shard needs the same resolutions"
+            )
         for column, mel in features.items():
             if mel.ndim != 2 or mel.shape[1] != n_mels:
-                raise ValueError(f"{track_id}/{column}: expected (n_frames, {n_mels}), got {mel.shape}")
+                raise ParameterError(
+                    f"track {track_id!r}, column {column!r}: a spectrogram of shape {mel.shape}, expected "
+                    f"(n_frames, {n_mels}): compute it with n_mels={n_mels} or give the shard that n_mels"
+                )
     arrays = [
         pa.array([r[0] for r in rows], pa.string()),
         pa.array([r[1] for r in rows], pa.string()),
@@ -262,7 +249,7 @@ def read_audio(
     wanted = None if track_ids is None else set(track_ids)
     out = {}
     for shard in sorted(Path(audio_dir).glob("part-*.parquet")):
-        table = pq.read_table(shard, columns=["track_id", "sample_rate", "pcm"])
+        table = storage.read_parquet(shard, columns=["track_id", "sample_rate", "pcm"])
         rates = table.column("sample_rate").to_pylist()
         for track_id, rate, pcm in zip(table.column("track_id").to_pylist(), rates, _tensors(table, "pcm")):
             if wanted is None or track_id in wanted:
@@ -280,11 +267,31 @@ def table_to_features(table: pa.Table, *, column: str) -> dict[str, np.ndarray]:
     return dict(zip(table.column("track_id").to_pylist(), _tensors(table, column)))
 
 
+def _read_table(path: Path, *, columns: Sequence[str] | None = None) -> pa.Table:
+    """A manifest or shard of a feature folder; one that is damaged, gone or lacks ``columns`` is a ``DatasetError``."""
+    try:
+        return storage.read_parquet(path, columns=columns)
+    except (pa.ArrowInvalid, OSError, KeyError) as err:
+        wanted = f" (columns {list(columns)})" if columns is not None else ""
+        raise DatasetError(
+            f"{path} cannot be read{wanted}: {err}. A damaged file, or one not written by mirflow, is deleted "
+            "and its features computed again (the feature flow writes it); a missing column means the features "
+            "were computed with other settings"
+        ) from err
+
+
 def read_manifest(feature_dir: Path) -> pa.Table:
+    """The manifest of a feature folder (empty when there is none); damaged or id-less ones are a ``DatasetError``."""
     path = Path(feature_dir) / MANIFEST
     if not path.exists():
         return MANIFEST_SCHEMA.empty_table()
-    table = pq.read_table(path)
+    table = _read_table(path)
+    lacking = [name for name in ("track_id", "shard") if name not in table.column_names]
+    if lacking:
+        raise DatasetError(
+            f"{path} lacks the column(s) {lacking} (it has {table.column_names}): it is no feature manifest; "
+            "delete it and compute the features again (the feature flow writes it)"
+        )
     # Columns a manifest of an older release lacks read as nulls: those tracks are re-checked.
     columns = [
         table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
@@ -312,8 +319,8 @@ def shard_records(feature_dir: Path, *, skip: Iterable[str] = ()) -> list[dict]:
     for shard in sorted(Path(feature_dir).glob("part-*.parquet")):
         if shard.name in skip:
             continue
-        present = set(pq.read_schema(shard).names)
-        table = pq.read_table(shard, columns=[c for c in wanted if c in present])
+        present = set(storage.parquet_schema(shard).names)
+        table = storage.read_parquet(shard, columns=[c for c in wanted if c in present])
         for row in table.to_pylist():
             records.append({**dict.fromkeys(wanted), **row, "shard": shard.name})
     return records
@@ -356,7 +363,7 @@ def read_features(feature_dir: Path, *, column: str, track_ids: Iterable[str] | 
             )
     out: dict[str, np.ndarray] = {}
     for shard, ids in shards.items():
-        table = pq.read_table(feature_dir / shard, columns=["track_id", column])
+        table = _read_table(feature_dir / shard, columns=["track_id", column])
         features = table_to_features(table, column=column)
         out.update({t: features[t] for t in ids if t in features})
     return out
@@ -368,7 +375,7 @@ def append_quarantine(path: Path, records: Sequence[Mapping]) -> int:
     Existing records are kept; the same (path, stage, reason) is stored once.
     """
     path = Path(path)
-    old = pq.read_table(path, schema=QUARANTINE_SCHEMA).to_pylist() if path.exists() else []
+    old = storage.read_parquet(path, schema=QUARANTINE_SCHEMA).to_pylist() if path.exists() else []
     now = datetime.now(UTC)
     seen = {(r["path"], r["stage"], r["reason"]) for r in old}
     new = []

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ValidationError
 
+from core import storage
 from core.errors import DatasetError, ParameterError, settings_message
 from core.settings import (
     EndToEndStudySettings,
@@ -249,7 +250,7 @@ def _preset(name_or_path: str) -> tuple[str, dict[str, Any]]:
         return name_or_path, PRESETS[name_or_path]
     if Path(name_or_path).suffix == ".json" and Path(name_or_path).is_file():
         try:
-            return Path(name_or_path).stem, json.loads(Path(name_or_path).read_text())
+            return Path(name_or_path).stem, storage.read_json(name_or_path)
         except ValueError as err:
             raise ParameterError(f"preset file {name_or_path} is not valid JSON: {err}") from err
     raise ParameterError(f"unknown preset {name_or_path!r}: use one of {sorted(PRESETS)} or a .json file")
@@ -266,7 +267,9 @@ def preset_overrides(
     overrides: dict[str, Any] = {}
     if k is not None:
         if kind == "end-to-end":
-            raise ParameterError("--k sets the K-means codebooks of a study; this preset has none")
+            raise ParameterError(
+                "k sets the size of a study's K-means codebooks, and an end-to-end study has none: leave k unset"
+            )
         overrides["kmeans"] = {"k": k}
     if train:
         for family in FAMILIES[kind]:
@@ -355,7 +358,7 @@ def world_tag_types(world_root: Path) -> tuple[dict[str, str], dict[str, float]]
     path = Path(world_root) / "tags.parquet"
     if not path.exists():
         return {}, {}
-    frame = pd.read_parquet(path)
+    frame = storage.read_frame(path)
     return dict(zip(frame["tag"], frame["type"])), dict(zip(frame["tag"], frame["timescale_s"]))
 
 

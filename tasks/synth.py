@@ -35,19 +35,18 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
-import os
 import re
 import shutil
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import soundfile as sf
 
+from core import storage
 from core.errors import ParameterError
 from core.settings import WorldSettings
 
@@ -76,6 +75,8 @@ _CRESCENDO_DB = 20.0
 
 #: Bumped whenever the generator's output changes, so old worlds are regenerated.
 SYNTH_VERSION = 2
+# pyarrow's default, which worlds were always written with: the same settings give the same bytes.
+_WORLD_COMPRESSION = "snappy"
 
 _PITCHED = tuple(i for i in INSTRUMENTS if i != "drums")
 _FOLDERS = "0123456789abcdef"
@@ -674,24 +675,15 @@ def _write_clips(
         path = folder / track.mp3_path
         if path.exists():
             continue
-        path.parent.mkdir(parents=True, exist_ok=True)
         y = render_clip(track, sample_rate=settings.sample_rate, seconds=settings.clip_seconds)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        sf.write(tmp, y, settings.sample_rate, format=format, subtype=subtype)
-        os.replace(tmp, path)
+        # Not fsynced one by one (hundreds of clips): world.json, written durably last, says the world is whole.
+        with storage.atomic_path(path, durable=False) as tmp:
+            sf.write(tmp, y, settings.sample_rate, format=format, subtype=subtype)
         written += 1
     return written
 
 
 # -------------------------------------------------------------------------- files
-
-
-def _atomic_write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8", newline="")
-    os.replace(tmp, path)
-    return path
 
 
 def write_annotations(tracks: Sequence[TrackPlan], *, root: Path) -> Path:
@@ -711,7 +703,7 @@ def write_annotations(tracks: Sequence[TrackPlan], *, root: Path) -> Path:
         present = set(track.annotated_tags)
         cells = [str(track.clip_id), *("1" if tag in present else "0" for tag in TAGS), track.mp3_path]
         lines.append("\t".join(f'"{c}"' for c in cells))
-    return _atomic_write_text(Path(root) / "mtat" / "annotations_final.csv", "\n".join(lines) + "\n")
+    return storage.write_text(Path(root) / "mtat" / "annotations_final.csv", "\n".join(lines) + "\n")
 
 
 def _user_ids(seed: int, n_users: int) -> list[str]:
@@ -756,10 +748,10 @@ def write_listening(tracks: Sequence[TrackPlan], *, root: Path, settings: WorldS
     counts = np.minimum(counts, n_tracks)
 
     paths = [Path(root) / "taste_profile" / f"train_triplets.batch-{b:03d}.txt" for b in range(n_batches)]
-    paths[0].parent.mkdir(parents=True, exist_ok=True)
-    tmps = [p.with_name(f".{p.name}.{os.getpid()}.tmp") for p in paths]
-    handles = [open(tmp, "w", encoding="utf-8", newline="") for tmp in tmps]
-    try:
+    # Every batch file appears whole, or (on an error) none is replaced and no temporary file stays.
+    with ExitStack() as files:
+        tmps = [files.enter_context(storage.atomic_path(p)) for p in paths]
+        handles = [files.enter_context(open(tmp, "w", encoding="utf-8", newline="")) for tmp in tmps]
         chunk = 512  # bounds the (users x tracks) matrices at MSD scale
         for lo in range(0, n_users, chunk):
             hi = min(n_users, lo + chunk)
@@ -789,11 +781,6 @@ def write_listening(tracks: Sequence[TrackPlan], *, root: Path, settings: WorldS
                             f"{uid}\t{sid}\t{p}\n" for uid, sid, p in zip(users[u[keep]], songs[t[keep]], share[keep])
                         )
                     )
-    finally:
-        for h in handles:
-            h.close()
-    for tmp, path in zip(tmps, paths):
-        os.replace(tmp, path)
     return paths
 
 
@@ -822,9 +809,7 @@ def write_truth(tracks: Sequence[TrackPlan], *, root: Path, settings: WorldSetti
             "popularity": pa.array([t.popularity for t in tracks], pa.float64()),
         }
     )
-    tmp = root / f".truth.parquet.{os.getpid()}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, root / "truth.parquet")
+    storage.write_parquet(root / "truth.parquet", table, compression=_WORLD_COMPRESSION)
     timescales = tag_timescales(settings)
     tags = pa.table(
         {
@@ -833,20 +818,15 @@ def write_truth(tracks: Sequence[TrackPlan], *, root: Path, settings: WorldSetti
             "timescale_s": pa.array([timescales[t] for t in TAGS], pa.float64()),
         }
     )
-    tmp = root / f".tags.parquet.{os.getpid()}.tmp"
-    pq.write_table(tags, tmp)
-    os.replace(tmp, root / "tags.parquet")
-    _atomic_write_text(
-        root / "world.json",
-        json.dumps({**_settings_record(settings), "complete": True}, indent=2, sort_keys=True) + "\n",
-    )
+    storage.write_parquet(root / "tags.parquet", tags, compression=_WORLD_COMPRESSION)
+    storage.write_json(root / "world.json", {**_settings_record(settings), "complete": True})
 
 
 def world_is_complete(root: Path, settings: WorldSettings) -> bool:
     """True when ``root/world.json`` says complete and was made with these settings (and this generator version)."""
     path = Path(root) / "world.json"
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        record = storage.read_json(path)
     except (OSError, ValueError):
         return False
     if not isinstance(record, dict) or record.pop("complete", False) is not True:
@@ -865,7 +845,7 @@ def begin_world(root: Path, settings: WorldSettings) -> bool:
     root = Path(root)
     record = None
     try:
-        record = json.loads((root / "world.json").read_text(encoding="utf-8"))
+        record = storage.read_json(root / "world.json")
     except (OSError, ValueError):
         pass
     same = isinstance(record, dict) and {k: v for k, v in record.items() if k != "complete"} == _settings_record(
@@ -882,10 +862,7 @@ def begin_world(root: Path, settings: WorldSettings) -> bool:
                 target.unlink()
                 removed = True
         root.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(
-            root / "world.json",
-            json.dumps({**_settings_record(settings), "complete": False}, indent=2, sort_keys=True) + "\n",
-        )
+        storage.write_json(root / "world.json", {**_settings_record(settings), "complete": False})
     return removed
 
 
@@ -1007,14 +984,12 @@ def _target_record(settings: WorldSettings, *, n_tracks: int, seed: int) -> dict
 
 
 def _write_target_json(root: Path, record: dict, *, complete: bool) -> Path:
-    return _atomic_write_text(
-        root / "target.json", json.dumps({**record, "complete": complete}, indent=2, sort_keys=True) + "\n"
-    )
+    return storage.write_json(root / "target.json", {**record, "complete": complete})
 
 
 def _read_json(path: Path) -> dict | None:
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        record = storage.read_json(path)
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None
@@ -1085,9 +1060,7 @@ def write_target_truth(
             "true_tags": pa.array([list(t.true_tags) for t in tracks], pa.list_(pa.string())),
         }
     )
-    tmp = root / f".genres.parquet.{os.getpid()}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, root / "genres.parquet")
+    storage.write_parquet(root / "genres.parquet", table, compression=_WORLD_COMPRESSION)
     _write_target_json(root, _target_record(settings, n_tracks=n_tracks, seed=seed), complete=True)
 
 

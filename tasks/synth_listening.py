@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from core import storage
 from core.errors import ParameterError
 
 
@@ -89,13 +90,10 @@ def iter_rows(
 
 def write_triplets(world: ListeningWorld, path: Path, *, users_per_chunk: int = 100_000) -> Path:
     """Write the world's rows as one Taste Profile triplet file (no header, tab-separated)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ukeys, ikeys = user_keys(world.n_users), item_keys(world.n_items)
     options = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
     schema = pa.schema([("user", pa.string()), ("item", pa.string()), ("plays", pa.int64())])
-    tmp = path.with_name(f".{path.name}.tmp")
-    with pacsv.CSVWriter(tmp, schema, write_options=options) as writer:
+    with storage.atomic_path(path) as tmp, pacsv.CSVWriter(tmp, schema, write_options=options) as writer:
         for users, items, plays in iter_rows(world, users_per_chunk=users_per_chunk):
             writer.write_table(
                 pa.table(
@@ -107,8 +105,7 @@ def write_triplets(world: ListeningWorld, path: Path, *, users_per_chunk: int = 
                     schema=schema,
                 )
             )
-    tmp.replace(path)
-    return path
+    return Path(path)
 
 
 __all__ = ["ListeningWorld", "item_keys", "iter_rows", "user_keys", "write_triplets"]

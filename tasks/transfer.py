@@ -397,7 +397,7 @@ def _check_single_label_counts(counts: dict[str, dict[str, int]], cv: int | None
             more = f"; {_name_labels(others)} also miss a split" if others else ""
             raise TransferError(
                 f"label {label!r} has no track in the {split} split ({_format_counts(counts[label])}){more}: "
-                "re-split or pass --cv 10"
+                "re-split the target, or cross-validate instead (set cv, e.g. cv=10)"
             )
         return
     totals = {label: sum(c.values()) for label, c in counts.items()}
@@ -407,7 +407,7 @@ def _check_single_label_counts(counts: dict[str, dict[str, int]], cv: int | None
         more = f" and {len(small) - _MAX_NAMED} more" if len(small) > _MAX_NAMED else ""
         raise TransferError(
             f"label {small[0]!r} has {totals[small[0]]} track(s), fewer than cv={cv} folds "
-            f"(labels under {cv} tracks: {listed}{more}): lower --cv, or drop or merge the label"
+            f"(labels under {cv} tracks: {listed}{more}): lower cv, or drop or merge the label"
         )
 
 
@@ -631,7 +631,9 @@ def _fit_on_split(
     parts = {split: splits == split for split in SPLITS}
     sizes = {split: int(mask.sum()) for split, mask in parts.items()}
     if min(sizes.values()) == 0:
-        raise TransferError(f"the train/valid/test protocol needs tracks in every split, got {sizes}; or pass --cv")
+        raise TransferError(
+            f"the train/valid/test protocol needs tracks in every split, got {sizes}: re-split the target, or cross-validate instead (set cv)"
+        )
     train, valid, test = parts["train"], parts["valid"], parts["test"]
     if kind == "single" and len(np.unique(y[train])) < 2:
         raise TransferError("the train split holds only one class; a classifier needs two or more")
@@ -661,7 +663,7 @@ def _folds(y: np.ndarray, kind: str, n_splits: int, seed: int, where: str) -> It
         if present.min() < n_splits:
             raise TransferError(
                 f"{where}: a class has {present.min()} track(s), fewer than {n_splits} folds; "
-                "lower --cv or --inner-folds, or drop or merge the class"
+                "lower cv or inner_folds, or drop or merge the class"
             )
         return StratifiedKFold(n_splits, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)
     if len(y) < n_splits:

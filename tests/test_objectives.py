@@ -7,6 +7,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from core.errors import ParameterError
 from lightning_modules.objectives import PlayColumns, wpe_loss
 
 # Training steps are called outside a Trainer: their self.log calls have nowhere to go.
@@ -77,7 +78,7 @@ def test_the_latent_factor_cnn_lowers_its_wpe_on_the_training_plays():
     )
     crops = torch.randn(8, 16, 94)  # one fixed crop per track, the track's position in the split as its id
     batch = (crops, torch.zeros(8, 5), torch.arange(8))
-    with pytest.raises(RuntimeError, match="use_plays"):
+    with pytest.raises(ParameterError, match="use_plays"):
         module.training_step(batch, 0)
     module.use_plays(user_factors.numpy(), confidence)
     optimizer = torch.optim.Adam(module.parameters(), lr=1e-2)

@@ -62,3 +62,29 @@ def test_a_file_written_in_parts_appears_only_when_complete(tmp_path):
         writer.write_table(pa.table({"user": [3]}, schema=schema))
     assert storage.read_parquet(path).column("user").to_pylist() == [1, 2, 3]
     assert _litter(tmp_path) == []
+
+
+def test_text_is_written_byte_for_byte_as_utf8(tmp_path):
+    path = storage.write_text(tmp_path / "annotations.csv", '"clip_id"\t"rock"\r\n"1"\t"é"\n')
+    assert path.read_bytes() == '"clip_id"\t"rock"\r\n"1"\t"é"\n'.encode()  # no newline translation
+    assert storage.read_text(path) == '"clip_id"\t"rock"\r\n"1"\t"é"\n'
+
+
+def test_a_copy_replaces_the_target_whole_or_not_at_all(tmp_path):
+    source, target = tmp_path / "given.npz", tmp_path / "store" / "mel_1024.npz"
+    source.write_bytes(b"new codebook")
+    storage.write_bytes(target, b"old codebook")
+    with pytest.raises(FileNotFoundError):
+        storage.copy_file(tmp_path / "absent.npz", target)
+    assert target.read_bytes() == b"old codebook" and _litter(target.parent) == []
+    storage.copy_file(source, target)
+    assert target.read_bytes() == b"new codebook" and _litter(target.parent) == []
+
+
+def test_dictionary_encoding_only_for_the_columns_named(tmp_path):
+    table = pa.table({"track_id": ["a", "a", "b"], "pcm": pa.array([b"\x00\x01"] * 3, pa.large_binary())})
+    path = storage.write_parquet(tmp_path / "part-0.parquet", table, use_dictionary=["track_id"])
+    columns = storage.parquet_file(path).metadata.row_group(0)
+    encodings = {columns.column(i).path_in_schema: columns.column(i).encodings for i in range(columns.num_columns)}
+    assert "RLE_DICTIONARY" in encodings["track_id"] and "RLE_DICTIONARY" not in encodings["pcm"]
+    assert storage.read_parquet(path).equals(table)

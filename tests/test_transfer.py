@@ -109,7 +109,8 @@ def test_check_target_one_class() -> None:
 def test_check_target_label_missing_from_the_test_split() -> None:
     rows = _balanced(["jazz"], {"train": 12, "valid": 3, "test": 2})
     rows += _balanced(["rock"], {"train": 12, "valid": 3})
-    message = r"label 'rock' has no track in the test split \(train 12, valid 3, test 0\): re-split or pass --cv 10"
+    message = r"label 'rock' has no track in the test split \(train 12, valid 3, test 0\): re-split the target, "
+    message += r"or cross-validate instead \(set cv, e.g. cv=10\)"
     with pytest.raises(TransferError, match=message) as caught:
         check_target(_tracks(rows), cv=None)
     assert isinstance(caught.value, DatasetError)

@@ -186,7 +186,7 @@ def test_a_target_with_one_class_is_refused_by_name(tmp_path, prefect_server):
 def test_a_label_missing_from_a_split_is_refused_with_the_counts_and_the_cv_alternative(tmp_path, prefect_server):
     rows = [r for r in _balanced() if not (r[0] == "folk" and r[1] == "test")]
     manifest = _target_manifest(tmp_path / "audio", rows=rows)
-    with pytest.raises(TransferError, match=r"'folk' has no track in the test split .*--cv"):
+    with pytest.raises(TransferError, match=r"'folk' has no track in the test split .*\(set cv"):
         transfer(
             tmp_path,
             "gap",

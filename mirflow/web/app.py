@@ -31,7 +31,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.errors import MirflowError
+from core.errors import MirflowError, ParameterError
 from lightning_modules.served import (
     mel_clips,
     predict_latent_factors,
@@ -83,7 +83,7 @@ class Served:
         self, catalogue: Catalogue | None, loader: Callable[[], Catalogue] | None = None, retry_s: float = 15.0
     ) -> None:
         if catalogue is None and loader is None:
-            raise ValueError("serve a catalogue, or give a loader")
+            raise ParameterError("the app needs a catalogue to serve, or a loader that makes one: give either")
         self.catalogue, self.loader, self.retry_s = catalogue, loader, retry_s
         self.reason, self._tried, self._loading = "not loaded yet", -float("inf"), False
         self._lock = threading.Lock()

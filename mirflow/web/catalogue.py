@@ -13,18 +13,18 @@ predictions and the map are computed once per (models, shards) and cached under
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
 import numpy as np
-import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from core import storage
 from core.errors import DatasetError
 from core.layout import Layout
 from core.settings import MelSettings, TrackingSettings
@@ -81,7 +81,7 @@ class Catalogue:
 
 def _audio_model(folder: Path, module_class, version: str) -> AudioModel:
     artifacts = Path(folder) / "artifacts"
-    config = json.loads((artifacts / "config.json").read_text())
+    config = storage.read_json(artifacts / "config.json")
     checkpoint = next(artifacts.glob("*.ckpt"))
     module = module_class.load_from_checkpoint(checkpoint, weights_only=True, map_location="cpu").eval()
     return AudioModel(
@@ -160,7 +160,7 @@ def load_catalogue(
         if "heldout_item_factors" in wmf_files:
             held, held_factors = load_factors(wmf_files["heldout_item_factors"])
             items, item_factors = np.concatenate([items, held]), np.concatenate([item_factors, held_factors])
-    tracks = pd.read_parquet(layout.tracks(dataset), columns=["track_id", "source_path", "tags"])
+    tracks = storage.read_frame(layout.tracks(dataset), columns=["track_id", "source_path", "tags"])
     feature_dir = _feature_dir(layout, dataset, cnn.mel, feature_set)
     key = hashlib.sha1(
         f"{cnn.version}|{content_sha1(feature_dir / MANIFEST)}|{content_sha1(layout.tracks(dataset))}".encode()
@@ -169,9 +169,9 @@ def load_catalogue(
     loaded = None
     if cached.exists():
         try:
-            with np.load(cached, allow_pickle=False) as npz:
-                loaded = npz["track_ids"].astype(str), npz["predicted"], npz["coordinates"]
-        except (OSError, ValueError, KeyError):  # a damaged cache is computed again
+            npz = storage.read_npz(cached)
+            loaded = npz["track_ids"].astype(str), npz["predicted"], npz["coordinates"]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # a damaged cache is computed again
             log.warning("serve: the cache %s is unreadable; computing it again", cached)
             cached.unlink(missing_ok=True)
     if loaded is not None:
@@ -182,9 +182,8 @@ def load_catalogue(
         log.info("serve: predicting the factors of %d catalogue tracks (once; cached in %s)", len(ids), cached)
         predicted = predict_latent_factors(cnn.module, [mels[t] for t in ids], crop=cnn.crop, hop=cnn.hop)
         coordinates = tsne_coordinates(predicted, seed=0).astype(np.float32)
-        with tempfile.NamedTemporaryFile(dir=cache, prefix=f".{cached.stem}.", suffix=".npz", delete=False) as tmp:
-            np.savez(tmp, track_ids=ids, predicted=predicted, coordinates=coordinates)
-        Path(tmp.name).replace(cached)  # a unique name: two servers on one folder never write the same file
+        # A cache (computed again when lost): not fsynced. Two servers on one folder write distinct temporary files.
+        storage.write_npz(cached, {"track_ids": ids, "predicted": predicted, "coordinates": coordinates}, durable=False)
     tracks = tracks.set_index("track_id").loc[ids]
     factor_of = dict(zip(items, item_factors))
     nan = np.full(item_factors.shape[1], np.nan, dtype=np.float32)
@@ -211,7 +210,9 @@ def _feature_dir(layout: Layout, dataset: str, mel: MelSettings, feature_set: st
     if feature_set is None and layout.pipeline_settings().exists():
         from core.settings import PipelineSettings
 
-        feature_set = PipelineSettings.model_validate_json(layout.pipeline_settings().read_text()).features.feature_set
+        feature_set = PipelineSettings.model_validate_json(
+            storage.read_text(layout.pipeline_settings())
+        ).features.feature_set
     if feature_set is not None:
         return layout.features(dataset, feature_set)
     prefix = f"logmel-sr{mel.sample_rate}-n{mel.n_fft}"

@@ -528,8 +528,14 @@ class StudyPlan:
 def _study(
     runtime: Runtime, options: TaggingStudyOptions, kind: str, extra: dict[str, Any], triplets: Sequence[PathLike]
 ) -> StudyPlan:
-    from tasks.studies import load_study, merge, preset_overrides
+    from tasks.studies import load_study, merge, preset_kind, preset_overrides
 
+    found = preset_kind(options.preset)
+    if found != kind:
+        command = "tagging" if found in ("multiscale", "end-to-end") else found
+        raise ParameterError(
+            f"preset {options.preset!r} is a {found} study: run `mirflow study {command} --preset {options.preset}`"
+        )
     overrides = preset_overrides(kind=kind, k=options.k, epochs=None, train=options.training())
     study = load_study(options.preset, kind, overrides=merge(overrides, extra))
     return StudyPlan(

@@ -237,11 +237,10 @@ def preset_kind(name_or_path: str) -> str:
 
 
 def load_study(preset: str, kind: str, *, overrides: Mapping[str, Any] | None = None) -> AnyStudySettings:
-    """:func:`load_preset` for a command that runs one kind of study: a preset of another kind is refused by name."""
+    """:func:`load_preset` for a runner of one kind of study: a preset of another kind is refused by name."""
     found = preset_kind(preset)
     if found != kind:
-        command = "tagging" if found in ("multiscale", "end-to-end") else found
-        raise ParameterError(f"preset {preset!r} is a {found} study: run `mirflow study {command} --preset {preset}`")
+        raise ParameterError(f"preset {preset!r} is a {found} study, not a {kind} one: run it as a {found} study")
     return load_preset(preset, overrides=overrides)
 
 

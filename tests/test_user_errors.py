@@ -278,9 +278,8 @@ def test_the_web_app_needs_a_catalogue_or_a_loader():
 INTERNAL = {
     ("infra/tracking.py", "RuntimeError"),  # child_run outside a parent run: a flow's bug, not a user's input
 }
-# Library messages that still name a command: load_study's refusal is worded for the two front doors that call it,
-# and tests/test_cli_errors.py pins it; it moves to the job layer with them.
-NAMES_A_COMMAND = {("tasks/studies.py", "load_study")}
+# Library messages that name a command: none (the job layer words a refusal for the front doors).
+NAMES_A_COMMAND: set[tuple[str, str]] = set()
 BUILTIN = {"ValueError", "RuntimeError", "TypeError", "KeyError", "IndexError", "Exception", "AssertionError"}
 
 

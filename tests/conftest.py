@@ -39,10 +39,33 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def prefect_server():
-    """Prefect's own (test) server for one test module's flows."""
+    """Prefect's own (test) server, one for the whole session (each xdist worker starts its own).
+
+    A start costs about 5-10 s on 2 cores, and the integration modules only run flows on it: nothing
+    they assert reads another module's flow runs. A module that reads Prefect's state back (artifacts
+    by key) overrides this fixture with a module-scoped server of its own (tests/test_feature_flow.py).
+    """
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=60):
         yield
+
+
+@pytest.fixture(scope="session")
+def dask_cluster():
+    """One 2-worker LocalCluster for the session, as the settings that reach it by address.
+
+    Each flow given ``kind="local"`` starts and stops a cluster of its own (about 5 s up and 2 s down on
+    2 cores); the study and pipeline fixtures, whose assertions are about what the flows compute, share
+    this one instead, the way the flows hand their own cluster to their sub-flows. It is built by the
+    project's own ``dask_client`` (the workers' environment of ``kind="local"``). Tests that kill a worker,
+    or that are about how a cluster is started, keep their own.
+    """
+    from core.settings import ClusterSettings
+    from infra.cluster import dask_client, shared_settings
+
+    local = ClusterSettings(kind="local", n_workers=2)
+    with dask_client(local) as client:
+        yield shared_settings(client, local)

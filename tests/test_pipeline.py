@@ -19,7 +19,6 @@ from mlflow.tracking import MlflowClient
 
 from core.layout import Layout
 from core.settings import (
-    ClusterSettings,
     LatentFactorSettings,
     PipelineSettings,
     TaggerSettings,
@@ -35,13 +34,13 @@ SEED = int(os.environ.get("MIRFLOW_TEST_SEED", "0"))
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, prefect_server):
+def run(tmp_path_factory, prefect_server, dask_cluster):
     data_dir = tmp_path_factory.mktemp("pipeline")
     settings = PipelineSettings(
         data_dir=data_dir,
         world=WorldSettings(n_tracks=192, n_users=400, clip_seconds=6.0, seed=SEED),
         initial_batches=2,  # the third listening batch is new data for the retraining tests
-        cluster=ClusterSettings(kind="local", n_workers=2),
+        cluster=dask_cluster,
         tagger=TaggerSettings(train=TrainSettings(max_epochs=12, patience=12, crops_per_clip=4, seed=SEED)),
         recommender=LatentFactorSettings(train=TrainSettings(max_epochs=12, patience=12, crops_per_clip=4, seed=SEED)),
         tracking=tracking_for(data_dir),

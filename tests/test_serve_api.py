@@ -10,7 +10,6 @@ import soundfile as sf
 from fastapi.testclient import TestClient
 
 from core.settings import (
-    ClusterSettings,
     LatentFactorSettings,
     PipelineSettings,
     TaggerSettings,
@@ -27,13 +26,13 @@ LIMITS = UploadLimits(max_bytes=4 * 2**20, max_seconds=120.0, min_seconds=1.0)
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, prefect_server):
+def served(tmp_path_factory, prefect_server, dask_cluster):
     data_dir = tmp_path_factory.mktemp("serve")
     train = TrainSettings(max_epochs=3, patience=3, crops_per_clip=2)
     settings = PipelineSettings(
         data_dir=data_dir,
         world=WorldSettings(n_tracks=96, n_users=200, clip_seconds=5.0),
-        cluster=ClusterSettings(kind="local", n_workers=2),
+        cluster=dask_cluster,
         tagger=TaggerSettings(train=train),
         recommender=LatentFactorSettings(train=train),
         tracking=tracking_for(data_dir),

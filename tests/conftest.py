@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,7 +25,39 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+# Under `make test` (pytest-xdist, `-n 2 --dist loadgroup`) a module is one unit of work, so that its
+# module-scoped fixtures are built once; modules that share a session fixture built at a cost go together.
+SHARED_GROUPS = {"test_pipeline": "pipeline-run", "test_serve_api": "pipeline-run"}
+# The modules that take longest (seconds on 2 cores, from `--durations`), handed out first so that the two
+# workers finish together instead of one waiting on the other's last long module; the rest keep file order.
+LONGEST_FIRST = (
+    "test_transfer_flow",
+    "test_service",
+    "test_study",
+    "test_end_to_end_study",
+    "test_cli",
+    "test_models",
+    "test_pipeline",
+    "test_serve_api",
+    "test_recommendation_study",
+    "test_cli_errors",
+    "test_feature_flow",
+    "test_listening_flow",
+)
+
+
+def _group(item: pytest.Item) -> str:
+    module = Path(str(item.path)).stem
+    return SHARED_GROUPS.get(module, module)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.pluginmanager.hasplugin("xdist") and config.getoption("dist", "no") == "loadgroup":
+        for item in items:
+            item.add_marker(pytest.mark.xdist_group(_group(item)))
+        rank = {module: i for i, module in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(Path(str(item.path)).stem, len(rank)))  # stable: file order within
     no_data = pytest.mark.skip(reason=f"real sample data not found at {SHARED_DATA} (see shared/data/README.md)")
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none is visible")
     has_data, has_gpu = SHARED_DATA.is_dir(), None
@@ -69,3 +105,49 @@ def dask_cluster():
     local = ClusterSettings(kind="local", n_workers=2)
     with dask_client(local) as client:
         yield shared_settings(client, local)
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    """The session's pipeline run: its settings and summary, and an untouched copy of its storage root."""
+
+    settings: Any  # core.settings.PipelineSettings (imported late: collection stays light)
+    summary: Any  # flows.pipeline.PipelineSummary
+    pristine: Path  # copied right after the run, before any test retrains or deletes models
+
+    def copy_to(self, root: Path) -> Path:
+        """A storage root of one's own (a test that mutates it must not touch the session's), as it was after the
+        run. The copy's MLflow runs still name their artifacts under the original root, which nobody deletes."""
+        target = Path(root) / "data"
+        shutil.copytree(self.pristine, target)
+        return target
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory, prefect_server, dask_cluster) -> PipelineRun:
+    """The whole pipeline once per session on a 192-track world (6 s clips, 12 epochs; the margins of
+    tests/test_pipeline.py were checked over world seeds 0, 1 and 2: set MIRFLOW_TEST_SEED to repeat that).
+
+    tests/test_pipeline.py works on this storage root itself (its retraining tests add to it, in file order);
+    a module that only needs what the run left takes ``copy_to``, and the pipeline runs once instead of twice.
+    """
+    from core.settings import LatentFactorSettings, PipelineSettings, TaggerSettings, TrainSettings, WorldSettings
+    from flows.pipeline import pipeline
+    from infra.tracking import tracking_for
+
+    seed = int(os.environ.get("MIRFLOW_TEST_SEED", "0"))
+    data_dir = tmp_path_factory.mktemp("pipeline")
+    train = TrainSettings(max_epochs=12, patience=12, crops_per_clip=4, seed=seed)
+    settings = PipelineSettings(
+        data_dir=data_dir,
+        world=WorldSettings(n_tracks=192, n_users=400, clip_seconds=6.0, seed=seed),
+        initial_batches=2,  # the third listening batch is new data for the retraining tests
+        cluster=dask_cluster,
+        tagger=TaggerSettings(train=train),
+        recommender=LatentFactorSettings(train=train),
+        tracking=tracking_for(data_dir),
+    )
+    summary = pipeline(settings)
+    pristine = tmp_path_factory.mktemp("pipeline-pristine") / "data"
+    shutil.copytree(data_dir, pristine)
+    return PipelineRun(settings, summary, pristine)

@@ -1,4 +1,10 @@
-"""Shared fixtures and the marker rules: realdata and gpu tests skip with a reason when they cannot run."""
+"""Shared fixtures and the marker rules: realdata and gpu tests skip with a reason when they cannot run.
+
+What costs seconds and is only read is built once per session (per xdist worker): the Prefect test server
+(``prefect_server``), a 2-worker Dask cluster (``dask_cluster``) and the pipeline run (``pipeline_run``, with a
+pristine copy for the modules that change what they are given). A module whose assertions depend on being
+alone (Prefect artifacts read back by key, a killed worker, how a cluster starts) keeps its own.
+"""
 
 from __future__ import annotations
 

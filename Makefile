@@ -37,11 +37,11 @@ serve: $(STAMP)
 	$(VENV)/bin/mirflow up --data-dir $(DATA_DIR) $(SERVE_ARGS)
 
 # Lint (ruff), the floors (import-linter), the docs site (a broken link fails), then the tests: two pytest-xdist
-# workers, one test module (or the modules sharing a session run) per unit, tests/conftest.py says why.
+# workers, one test module per unit (tests/conftest.py says which go first).
 # TEST_WORKERS=0 runs them in this process (e.g. with PYTEST_ARGS=--pdb).
 TEST_WORKERS ?= 2
 test: lint docs-build
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -41,7 +41,7 @@ serve: $(STAMP)
 # TEST_WORKERS=0 runs them in this process (e.g. with PYTEST_ARGS=--pdb).
 TEST_WORKERS ?= 2
 test: lint docs-build
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

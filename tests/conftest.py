@@ -31,12 +31,13 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-# Under `make test` (pytest-xdist, `-n 2 --dist loadfile`: a module is one unit of work, so that its module-scoped
-# fixtures are built once) the modules that take longest on 2 cores (from `--durations`) are handed out first,
-# so that the two workers finish together instead of one waiting on the other's last long module. The rest keep
-# file order. (`--dist loadgroup` would also keep test_pipeline and test_serve_api, which share the session's
-# pipeline run, on one worker, but its groups are not applied with pytest 9.2 and xdist 3.8: tests of one
-# group land on both workers.)
+# Under `make test` (pytest-xdist, `-n 2 --dist loadfile --no-loadscope-reorder`: a module is one unit of work,
+# so that its module-scoped fixtures are built once, handed out in this order) the modules that take longest on
+# 2 cores (from `--durations`) go first, so that the two workers finish together instead of one waiting on the
+# other's last long module; the rest keep file order. test_serve_api follows test_pipeline: it reuses the
+# session's pipeline run when it lands on the same worker, and builds one of its own (as before) when not.
+# (`--dist loadgroup` could pin the two together, but its groups are not applied with pytest 9.2 and xdist
+# 3.8: the tests of one group land on both workers.)
 LONGEST_FIRST = (
     "test_transfer_flow",
     "test_service",
@@ -45,6 +46,7 @@ LONGEST_FIRST = (
     "test_cli",
     "test_models",
     "test_pipeline",
+    "test_serve_api",
     "test_recommendation_study",
     "test_cli_errors",
     "test_feature_flow",

@@ -36,9 +36,12 @@ demo: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/mirflow up --data-dir $(DATA_DIR) $(SERVE_ARGS)
 
-# Lint (ruff), the floors (import-linter), the docs site (a broken link fails), then the tests.
+# Lint (ruff), the floors (import-linter), the docs site (a broken link fails), then the tests: two pytest-xdist
+# workers, one test module per unit (tests/conftest.py says which go first).
+# TEST_WORKERS=0 runs them in this process (e.g. with PYTEST_ARGS=--pdb).
+TEST_WORKERS ?= 2
 test: lint docs-build
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -67,14 +67,12 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def flows_env(tmp_path_factory):
-    """The environment of a `mirflow` that runs flows: a real Prefect server shared by this module's runs
-    (instead of one ephemeral server per process), its own Prefect home."""
+def flows_env(tmp_path_factory, prefect_server):
+    """The environment of a `mirflow` that runs flows: the session's Prefect test server shared by this module's
+    runs (instead of one ephemeral server per process), its own Prefect home."""
     from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=60):
-        yield {"PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect"))}
+    return {"PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect"))}
 
 
 FEATURES = ("--windows", "512", "--n-mels", "16", "--workers", "1")

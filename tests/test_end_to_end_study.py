@@ -6,7 +6,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from core.errors import ParameterError
-from core.settings import ClusterSettings, WorldSettings
+from core.settings import WorldSettings
 from flows.end_to_end import feature_sets
 from flows.study import tagging_study
 from infra.tracking import COMPLETE_TAG, run_inputs, tracking_for
@@ -82,10 +82,10 @@ def test_a_partial_override_keeps_the_preset_and_field_defaults():
 
 
 @pytest.fixture(scope="module")
-def study_run(tmp_path_factory, prefect_server):
+def study_run(tmp_path_factory, prefect_server, dask_cluster):
     data_dir = tmp_path_factory.mktemp("e2e")
     study = load_preset("icassp2014-smoke")
-    cluster = ClusterSettings(kind="local", n_workers=2)
+    cluster = dask_cluster
     out = tagging_study(data_dir, "synthetic", study, cluster, tracking_for(data_dir), world=WORLD)
     return data_dir, study, cluster, out
 
@@ -160,7 +160,7 @@ def test_rerun_reuses_children_and_a_killed_child_continues_in_its_own_run(study
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_the_raw_model_learns_the_synthetic_tags(tmp_path, prefect_server):
+def test_the_raw_model_learns_the_synthetic_tags(tmp_path, prefect_server, dask_cluster):
     """Learning happened: the raw 256/256 model, trained through the study, far above chance (0.5).
 
     World (and training) seeds 0, 1 and 2 gave test ROC-AUC 0.829, 0.817 and 0.794 (400 clips of
@@ -180,9 +180,7 @@ def test_the_raw_model_learns_the_synthetic_tags(tmp_path, prefect_server):
             "tagger": {"pool_ceil": True, "train": {"max_epochs": 8, "patience": 8, "crops_per_clip": 8, "seed": seed}},
         },
     )
-    out = tagging_study(
-        tmp_path, "synthetic", study, ClusterSettings(kind="local", n_workers=2), tracking_for(tmp_path), world=world
-    )
+    out = tagging_study(tmp_path, "synthetic", study, dask_cluster, tracking_for(tmp_path), world=world)
     _, children = _children(tmp_path, out.parent_run_id)
     (child,) = children
     assert child.data.metrics["test/roc_auc"] > 0.75

@@ -27,6 +27,16 @@ from tasks.shards import read_audio, read_features, read_manifest
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_server")]  # every test here runs flows
 
 
+@pytest.fixture(scope="module")
+def prefect_server():
+    """This module's own Prefect server, not the session's: the first test reads the progress artifacts back by
+    key, and every feature run of the other modules writes one under the same key."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
 def _catalogue(folder, n: int, *, start: int = 0, seconds: float = 2.0) -> pd.DataFrame:
     folder.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -165,10 +165,11 @@ def test_a_run_killed_after_writing_factors_is_not_mistaken_for_the_previous_one
     assert again.mode == "full" and again.run_id != first.run_id and again.n_users == first.n_users
 
 
-def test_large_listening_files_are_ingested_on_the_cluster_the_flow_is_given(tmp_path, monkeypatch, caplog):
+def test_large_listening_files_are_ingested_on_the_cluster_the_flow_is_given(
+    tmp_path, monkeypatch, caplog, dask_cluster
+):
     """Past CLUSTER_MIN_BYTES the ingestion task fans out on the Dask cluster; the batch is the one a process makes."""
     import flows.listening as listening_flow
-    from core.settings import ClusterSettings
     from tasks.events import ListeningSource, read_batch_events
 
     paths, _ = _batches(tmp_path)
@@ -180,7 +181,7 @@ def test_large_listening_files_are_ingested_on_the_cluster_the_flow_is_given(tmp
     there = tmp_path / "there"
     with caplog.at_level("INFO", logger="mirflow"):
         report = listening_flow.ingest_listening.fn(
-            sources, there / "listening", there / "quarantine.parquet", ClusterSettings(n_workers=2)
+            sources, there / "listening", there / "quarantine.parquet", dask_cluster
         )
     assert "ingesting on the Dask cluster" in caplog.text
     assert report.totals()["events"] == read_batch_events(there / "listening").num_rows > 0

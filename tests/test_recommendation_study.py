@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from core.errors import ParameterError
-from core.settings import ClusterSettings, WorldSettings
+from core.settings import WorldSettings
 from flows.recommendation import recommendation_study
 from infra.tracking import run_inputs, tracking_for
 from tasks.recommend import choose_queries, nearest_by_cosine, query_table
@@ -66,10 +66,10 @@ def test_presets_and_overrides_reach_every_trained_family():
 
 
 @pytest.fixture(scope="module")
-def study_run(tmp_path_factory, prefect_server):
+def study_run(tmp_path_factory, prefect_server, dask_cluster):
     data_dir = tmp_path_factory.mktemp("nips2013")
     study = load_preset("nips2013-smoke")
-    cluster = ClusterSettings(kind="local", n_workers=2)
+    cluster = dask_cluster
     out = recommendation_study(data_dir, "synthetic", study, cluster, tracking_for(data_dir), world=WORLD)
     return data_dir, study, cluster, out
 

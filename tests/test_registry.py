@@ -161,19 +161,16 @@ def test_the_inbox_yields_only_what_the_last_recommender_did_not_cover(tmp_path)
     assert inbox_sources(tmp_path / "missing") == []
 
 
-def test_retraining_before_any_pipeline_run_or_beside_another_does_nothing(tmp_path):
-    from prefect.testing.utilities import prefect_test_harness
-
+def test_retraining_before_any_pipeline_run_or_beside_another_does_nothing(tmp_path, prefect_server):
     from core.layout import Layout
     from flows.retrain import retrain_on_new_listening
     from infra.locks import try_lock
 
-    with prefect_test_harness(server_startup_timeout=60):
+    outcome = retrain_on_new_listening(tmp_path, tracking_for(tmp_path))
+    assert outcome.status == "no-champion" and "run the pipeline first" in outcome.message
+    with try_lock(Layout(tmp_path).retrain_lock()):  # another retraining holds the storage root
         outcome = retrain_on_new_listening(tmp_path, tracking_for(tmp_path))
-        assert outcome.status == "no-champion" and "run the pipeline first" in outcome.message
-        with try_lock(Layout(tmp_path).retrain_lock()):  # another retraining holds the storage root
-            outcome = retrain_on_new_listening(tmp_path, tracking_for(tmp_path))
-        assert outcome.status == "busy" and "another retrain-on-new-listening" in outcome.message
+    assert outcome.status == "busy" and "another retrain-on-new-listening" in outcome.message
     assert champion(tracking_for(tmp_path), LATENT_FACTOR_CNN) is None
 
 
@@ -184,9 +181,8 @@ def test_only_transient_io_errors_are_retried():
         assert not is_transient(error)
 
 
-def test_prefect_retries_a_task_that_met_a_transient_io_error():
+def test_prefect_retries_a_task_that_met_a_transient_io_error(prefect_server):
     from prefect import flow, task
-    from prefect.testing.utilities import prefect_test_harness
 
     from infra.retries import TRANSIENT_IO_RETRIES
 
@@ -211,8 +207,7 @@ def test_prefect_retries_a_task_that_met_a_transient_io_error():
             missing()
         return out
 
-    with prefect_test_harness(server_startup_timeout=60):
-        assert both() == "written"
+    assert both() == "written"
     assert calls == {"flaky": 2, "missing": 1}
 
 

@@ -9,36 +9,19 @@ import pytest
 import soundfile as sf
 from fastapi.testclient import TestClient
 
-from core.settings import (
-    ClusterSettings,
-    LatentFactorSettings,
-    PipelineSettings,
-    TaggerSettings,
-    TrainSettings,
-    WorldSettings,
-)
-from flows.pipeline import pipeline
 from infra.tracking import tracking_for
 from mirflow.web.app import create_app
 from mirflow.web.catalogue import load_catalogue
 from tasks.uploads import UploadLimits
 
+N_TRACKS = 192  # the session pipeline run's world
 LIMITS = UploadLimits(max_bytes=4 * 2**20, max_seconds=120.0, min_seconds=1.0)
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, prefect_server):
-    data_dir = tmp_path_factory.mktemp("serve")
-    train = TrainSettings(max_epochs=3, patience=3, crops_per_clip=2)
-    settings = PipelineSettings(
-        data_dir=data_dir,
-        world=WorldSettings(n_tracks=96, n_users=200, clip_seconds=5.0),
-        cluster=ClusterSettings(kind="local", n_workers=2),
-        tagger=TaggerSettings(train=train),
-        recommender=LatentFactorSettings(train=train),
-        tracking=tracking_for(data_dir),
-    )
-    pipeline(settings)
+def served(tmp_path_factory, pipeline_run):
+    """The app over a copy of the session's pipeline run (tests/conftest.py): the last test deletes its models."""
+    data_dir = pipeline_run.copy_to(tmp_path_factory.mktemp("serve"))
     catalogue = load_catalogue(data_dir, tracking_for(data_dir))
     return data_dir, catalogue, TestClient(create_app(catalogue, limits=LIMITS, decode_timeout_s=20))
 
@@ -51,10 +34,10 @@ def _upload(client, name: str, data: bytes):
 def test_health_map_and_a_track_with_both_neighbour_lists(served):
     _, catalogue, client = served
     health = client.get("/healthz").json()
-    assert health["status"] == "ok" and health["tracks"] == len(catalogue.track_ids) == 96
+    assert health["status"] == "ok" and health["tracks"] == len(catalogue.track_ids) == N_TRACKS
     assert "registry" in health["models"]
     points = client.get("/api/map").json()["points"]
-    assert len(points) == 96 and all(np.isfinite([p["x"], p["y"]]).all() for p in points)
+    assert len(points) == N_TRACKS and all(np.isfinite([p["x"], p["y"]]).all() for p in points)
     with_wmf = next(t for t, row in zip(catalogue.track_ids, catalogue.wmf) if np.isfinite(row).all())
     body = client.get(f"/api/tracks/{with_wmf}").json()
     assert len(body["by_wmf"]) == len(body["by_predicted"]) == 5

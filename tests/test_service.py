@@ -285,9 +285,8 @@ def test_sigint_stops_every_process_of_the_service(service):
 # ---------------------------------------------------------------- Dask from its own CLI
 
 
-def test_features_on_a_cli_started_cluster_survive_a_killed_worker(tmp_path):
+def test_features_on_a_cli_started_cluster_survive_a_killed_worker(tmp_path, prefect_server):
     """`mirflow features --cluster address` on a scheduler and two workers started by Dask's CLI; one is SIGKILLed."""
-    from prefect.testing.utilities import prefect_test_harness
     from typer.testing import CliRunner
 
     from core.settings import feature_settings_from_options
@@ -349,7 +348,7 @@ def test_features_on_a_cli_started_cluster_survive_a_killed_worker(tmp_path):
         with Client(address, timeout=60) as client:
             client.wait_for_workers(2, timeout=120)
             pids = list(client.run(os.getpid).values())
-            with prefect_test_harness(server_startup_timeout=60), kill_mid_run(feature_dir, pids[0]) as shards_at_kill:
+            with kill_mid_run(feature_dir, pids[0]) as shards_at_kill:
                 result = CliRunner().invoke(
                     app,
                     [

@@ -17,7 +17,6 @@ from mlflow.tracking import MlflowClient
 from core.errors import ParameterError
 from core.layout import Layout
 from core.settings import (
-    ClusterSettings,
     KMeansSettings,
     WorldSettings,
     kmeans_feature_set,
@@ -34,10 +33,10 @@ WORLD = WorldSettings(n_tracks=160, n_users=200, clip_seconds=6.0, seed=SEED)
 
 
 @pytest.fixture(scope="module")
-def study_run(tmp_path_factory, prefect_server):
+def study_run(tmp_path_factory, prefect_server, dask_cluster):
     data_dir = tmp_path_factory.mktemp("study")
     study = load_preset("smoke")
-    cluster = ClusterSettings(kind="local", n_workers=2)
+    cluster = dask_cluster
     out = tagging_study(data_dir, "synthetic", study, cluster, tracking_for(data_dir), world=WORLD)
     return data_dir, study, cluster, out
 

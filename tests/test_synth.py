@@ -448,13 +448,14 @@ def _write_reference() -> None:
 
 
 @pytest.mark.integration
-def test_synthetic_target_flow_renders_and_then_skips(prefect_server, tmp_path: Path, settings: WorldSettings) -> None:
-    from core.settings import ClusterSettings
+def test_synthetic_target_flow_renders_and_then_skips(
+    prefect_server, dask_cluster, tmp_path: Path, settings: WorldSettings
+) -> None:
     from flows.world import synthetic_target
     from tasks.datasets import gtzan_tracks
 
     root = tmp_path / "gtzan"
-    cluster = ClusterSettings(n_workers=2)
+    cluster = dask_cluster
     assert synthetic_target(root, settings, cluster, n_tracks=12, seed=3) == root
     assert synth.target_is_complete(root, settings, n_tracks=12, seed=3)
     assert len(gtzan_tracks(root, split="random")) == 12

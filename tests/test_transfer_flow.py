@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 from core.errors import ParameterError
 from core.layout import Layout
 from core.settings import (
-    ClusterSettings,
     FeatureSettings,
     KMeansSettings,
     SourceSettings,
@@ -39,16 +38,15 @@ from tasks.studies import load_preset
 from tasks.transfer import TransferError, check_target, fit_transfer
 
 WORLD = WorldSettings(n_tracks=160, n_users=300, clip_seconds=4.0, seed=0)
-CLUSTER = ClusterSettings(kind="local", n_workers=2)
 BASELINES = TransferSettings(feature_sets=("logmel-stats", "mfcc"), cs=(0.1, 1.0))
 FEATURES = FeatureSettings(extra_windows=())
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, prefect_server):
+def pretrained(tmp_path_factory, prefect_server, dask_cluster):
     data_dir = tmp_path_factory.mktemp("ismir2014")
     study = load_preset("ismir2014-smoke")
-    out = transfer_study(data_dir, "synthetic", study, CLUSTER, tracking_for(data_dir), world=WORLD)
+    out = transfer_study(data_dir, "synthetic", study, dask_cluster, tracking_for(data_dir), world=WORLD)
     return data_dir, study, out
 
 
@@ -93,31 +91,31 @@ def test_the_study_gives_the_source_table_and_registers_every_model(pretrained):
 
 
 @pytest.mark.integration
-def test_embed_by_registry_alias_is_one_finite_vector_per_track_and_a_rerun_computes_nothing(pretrained):
+def test_embed_by_registry_alias_is_one_finite_vector_per_track_and_a_rerun_computes_nothing(pretrained, dask_cluster):
     data_dir, study, _ = pretrained
     ref = f"models:/{PRETRAINED}-tags-mlp-1@{CHAMPION}"
-    first = embed_catalogue(data_dir, TARGET_DATASET, ref, CLUSTER, tracking_for(data_dir))
+    first = embed_catalogue(data_dir, TARGET_DATASET, ref, dask_cluster, tracking_for(data_dir))
     tracks = pd.read_parquet(Layout(data_dir).tracks(TARGET_DATASET))
     vectors = read_embeddings(Path(first.path))
     assert set(vectors) == set(tracks["track_id"]) and first.dims == study.regressor.hidden
     assert all(v.shape == (first.dims,) and np.isfinite(v).all() for v in vectors.values())
     meta = pq.read_schema(first.path).metadata
     assert meta[b"mirflow.model_uri"].decode() == ref and meta[b"mirflow.model"].decode() == "tags · mlp-1"
-    again = embed_catalogue(data_dir, TARGET_DATASET, ref, CLUSTER, tracking_for(data_dir))
+    again = embed_catalogue(data_dir, TARGET_DATASET, ref, dask_cluster, tracking_for(data_dir))
     assert again.n_computed == 0 and again.path == first.path
     assert all(np.array_equal(vectors[t], v) for t, v in read_embeddings(Path(again.path)).items())
     with pytest.raises(ParameterError, match="run id"):
-        embed_catalogue(data_dir, TARGET_DATASET, "not-a-model", CLUSTER, tracking_for(data_dir))
+        embed_catalogue(data_dir, TARGET_DATASET, "not-a-model", dask_cluster, tracking_for(data_dir))
 
 
 @pytest.mark.integration
 @pytest.mark.realdata
-def test_embed_the_real_gtzan_samples(pretrained, shared_data):
+def test_embed_the_real_gtzan_samples(pretrained, shared_data, dask_cluster):
     """A catalogue the model never saw (22,050 Hz WAVs, resampled by the feature flow): deterministic embeddings."""
     data_dir, _, _ = pretrained
     source = SourceSettings(adapter="gtzan", path=shared_data / "gtzan" / "wav", split="random")
     ref = f"models:/{PRETRAINED}-listening-mlp-1@{CHAMPION}"
-    first = embed_catalogue(data_dir, "gtzan-samples", ref, CLUSTER, tracking_for(data_dir), source=source)
+    first = embed_catalogue(data_dir, "gtzan-samples", ref, dask_cluster, tracking_for(data_dir), source=source)
     vectors = read_embeddings(Path(first.path))
     assert len(vectors) == first.n_tracks == 10
     assert sorted(t.split(".")[0] for t in vectors) == [
@@ -135,7 +133,7 @@ def test_embed_the_real_gtzan_samples(pretrained, shared_data):
     assert all(np.isfinite(v).all() for v in vectors.values())
     assert np.ptp(np.stack(list(vectors.values())), axis=0).max() > 0  # the clips do not all embed alike
     Path(first.path).unlink()  # the second run rewrites it from the stored features
-    again = embed_catalogue(data_dir, "gtzan-samples", ref, CLUSTER, tracking_for(data_dir), source=source)
+    again = embed_catalogue(data_dir, "gtzan-samples", ref, dask_cluster, tracking_for(data_dir), source=source)
     assert again.n_computed == 0
     assert all(np.array_equal(vectors[t], v) for t, v in read_embeddings(Path(again.path)).items())
 
@@ -166,7 +164,7 @@ def _balanced(genres=("metal", "folk")) -> list[tuple[str, str, str]]:
 
 
 @pytest.mark.integration
-def test_a_target_with_one_class_is_refused_by_name(tmp_path, prefect_server):
+def test_a_target_with_one_class_is_refused_by_name(tmp_path, prefect_server, dask_cluster):
     manifest = _target_manifest(tmp_path / "audio", rows=_balanced(("metal",)))
     with pytest.raises(TransferError, match="one class 'metal'"):
         transfer(
@@ -175,7 +173,7 @@ def test_a_target_with_one_class_is_refused_by_name(tmp_path, prefect_server):
             BASELINES,
             FEATURES,
             KMeansSettings(),
-            CLUSTER,
+            dask_cluster,
             tracking_for(tmp_path),
             source=SourceSettings(adapter="manifest", path=manifest),
         )
@@ -183,7 +181,9 @@ def test_a_target_with_one_class_is_refused_by_name(tmp_path, prefect_server):
 
 
 @pytest.mark.integration
-def test_a_label_missing_from_a_split_is_refused_with_the_counts_and_the_cv_alternative(tmp_path, prefect_server):
+def test_a_label_missing_from_a_split_is_refused_with_the_counts_and_the_cv_alternative(
+    tmp_path, prefect_server, dask_cluster
+):
     rows = [r for r in _balanced() if not (r[0] == "folk" and r[1] == "test")]
     manifest = _target_manifest(tmp_path / "audio", rows=rows)
     with pytest.raises(TransferError, match=r"'folk' has no track in the test split .*\(set cv"):
@@ -193,14 +193,14 @@ def test_a_label_missing_from_a_split_is_refused_with_the_counts_and_the_cv_alte
             BASELINES,
             FEATURES,
             KMeansSettings(),
-            CLUSTER,
+            dask_cluster,
             tracking_for(tmp_path),
             source=SourceSettings(adapter="manifest", path=manifest),
         )
 
 
 @pytest.mark.integration
-def test_tracks_that_fail_to_decode_are_quarantined_and_left_out(tmp_path, prefect_server):
+def test_tracks_that_fail_to_decode_are_quarantined_and_left_out(tmp_path, prefect_server, dask_cluster):
     rows = _balanced() + [("metal", "train", "")]
     manifest = _target_manifest(tmp_path / "audio", rows=rows)
     listed = pd.read_csv(manifest)
@@ -214,7 +214,7 @@ def test_tracks_that_fail_to_decode_are_quarantined_and_left_out(tmp_path, prefe
         BASELINES,
         FEATURES,
         KMeansSettings(),
-        CLUSTER,
+        dask_cluster,
         tracking_for(tmp_path),
         source=SourceSettings(adapter="manifest", path=manifest),
     )
@@ -291,7 +291,7 @@ def test_the_cli_prints_the_bad_target_message_without_a_traceback(tmp_path, pre
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_pretrained_embeddings_beat_mfcc_on_the_target_over_seeds(tmp_path, prefect_server):
+def test_pretrained_embeddings_beat_mfcc_on_the_target_over_seeds(tmp_path, prefect_server, dask_cluster):
     """Source: 600 clips of 10 s; target: 240 genre clips, half its genres unseen; an MLP with one hidden layer
     pre-trained on each source task. 5-fold CV, three fold seeds:
     the study's transfer run gives seed 0, the same feature vectors are refitted for seeds 1 and 2."""
@@ -306,7 +306,7 @@ def test_pretrained_embeddings_beat_mfcc_on_the_target_over_seeds(tmp_path, pref
             "target_tracks": 240,
         },
     )
-    out = transfer_study(tmp_path, "synthetic", study, CLUSTER, tracking_for(tmp_path), world=world)
+    out = transfer_study(tmp_path, "synthetic", study, dask_cluster, tracking_for(tmp_path), world=world)
     combined = f"pretrained: all {len(study.sources) * len(study.models)} (concatenated)"
     layout = Layout(tmp_path)
     tracks = pd.read_parquet(layout.tracks(TARGET_DATASET)).rename(columns={"tags": "labels"})

@@ -9,6 +9,7 @@ alone (Prefect artifacts read back by key, a killed worker, how a cluster starts
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +35,9 @@ def _cuda_available() -> bool:
 # Under `make test` (pytest-xdist, `-n 2 --dist loadfile --no-loadscope-reorder`: a module is one unit of work,
 # so that its module-scoped fixtures are built once, handed out in this order) the modules that take longest on
 # 2 cores (from `--durations`) go first, so that the two workers finish together instead of one waiting on the
-# other's last long module; the rest keep file order. test_serve_api follows test_pipeline: it reuses the
-# session's pipeline run when it lands on the same worker, and builds one of its own (as before) when not.
-# (`--dist loadgroup` could pin the two together, but its groups are not applied with pytest 9.2 and xdist
-# 3.8: the tests of one group land on both workers.)
+# other's last long module; the rest keep file order. test_pipeline and test_serve_api share the session's
+# pipeline run across workers (see ``pipeline_run``). (`--dist loadgroup` could pin modules together, but its
+# groups are not applied with pytest 9.2 and xdist 3.8: the tests of one group land on both workers.)
 LONGEST_FIRST = (
     "test_transfer_flow",
     "test_service",
@@ -123,20 +123,12 @@ class PipelineRun:
         return target
 
 
-@pytest.fixture(scope="session")
-def pipeline_run(tmp_path_factory, prefect_server, dask_cluster) -> PipelineRun:
-    """The whole pipeline once per session on a 192-track world (6 s clips, 12 epochs; the margins of
-    tests/test_pipeline.py were checked over world seeds 0, 1 and 2: set MIRFLOW_TEST_SEED to repeat that).
-
-    tests/test_pipeline.py works on this storage root itself (its retraining tests add to it, in file order);
-    a module that only needs what the run left takes ``copy_to``, and the pipeline runs once instead of twice.
-    """
+def _run_pipeline(data_dir: Path, dask_cluster) -> tuple[Any, Any]:
     from core.settings import LatentFactorSettings, PipelineSettings, TaggerSettings, TrainSettings, WorldSettings
     from flows.pipeline import pipeline
     from infra.tracking import tracking_for
 
     seed = int(os.environ.get("MIRFLOW_TEST_SEED", "0"))
-    data_dir = tmp_path_factory.mktemp("pipeline")
     train = TrainSettings(max_epochs=12, patience=12, crops_per_clip=4, seed=seed)
     settings = PipelineSettings(
         data_dir=data_dir,
@@ -147,7 +139,36 @@ def pipeline_run(tmp_path_factory, prefect_server, dask_cluster) -> PipelineRun:
         recommender=LatentFactorSettings(train=train),
         tracking=tracking_for(data_dir),
     )
-    summary = pipeline(settings)
-    pristine = tmp_path_factory.mktemp("pipeline-pristine") / "data"
-    shutil.copytree(data_dir, pristine)
-    return PipelineRun(settings, summary, pristine)
+    return settings, pipeline(settings)
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory, prefect_server, dask_cluster) -> PipelineRun:
+    """The whole pipeline once per session on a 192-track world (6 s clips, 12 epochs; the margins of
+    tests/test_pipeline.py were checked over world seeds 0, 1 and 2: set MIRFLOW_TEST_SEED to repeat that).
+
+    tests/test_pipeline.py works on this storage root itself (its retraining tests add to it, in file order);
+    a module that only needs what the run left takes ``copy_to``, and the pipeline runs once instead of twice.
+    Under xdist the workers share one run: the first to ask builds it under a file lock in the session's
+    common temporary folder, the others wait for it and read its settings and summary back (pickles the tests
+    wrote themselves), with their own Dask cluster in place of the builder's.
+    """
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        data_dir = tmp_path_factory.mktemp("pipeline")
+        settings, summary = _run_pipeline(data_dir, dask_cluster)
+        pristine = tmp_path_factory.mktemp("pipeline-pristine") / "data"
+        shutil.copytree(data_dir, pristine)
+        return PipelineRun(settings, summary, pristine)
+
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / "shared-pipeline-run"
+    done = shared / "run.pickle"
+    with FileLock(f"{shared}.lock"):
+        if not done.exists():
+            shared.mkdir(exist_ok=True)
+            settings, summary = _run_pipeline(shared / "run", dask_cluster)
+            shutil.copytree(shared / "run", shared / "pristine")
+            done.write_bytes(pickle.dumps((settings, summary)))
+    settings, summary = pickle.loads(done.read_bytes())
+    return PipelineRun(settings.model_copy(update={"cluster": dask_cluster}), summary, shared / "pristine")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner
 
 from core.settings import WorldSettings
@@ -29,15 +28,14 @@ def test_retrain_rejects_bad_settings_before_anything_runs(tmp_path):
 
 
 @pytest.mark.integration
-def test_retrain_without_a_pipeline_run_says_what_to_do(tmp_path):
-    with prefect_test_harness(server_startup_timeout=60):
-        result = CliRunner().invoke(app, ["retrain", "--data-dir", str(tmp_path)])
+def test_retrain_without_a_pipeline_run_says_what_to_do(tmp_path, prefect_server):
+    result = CliRunner().invoke(app, ["retrain", "--data-dir", str(tmp_path)])
     assert result.exit_code == 2 and "run the pipeline first" in result.output
 
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_pipeline_command_on_external_data_quarantines_a_corrupt_clip(tmp_path):
+def test_pipeline_command_on_external_data_quarantines_a_corrupt_clip(tmp_path, prefect_server):
     source = tmp_path / "external"
     synth.generate_world(source, WorldSettings(n_tracks=64, n_users=120, clip_seconds=4.0, seed=3))
     corrupt = sorted((source / "mtat" / "audio").rglob("*.mp3"))[0]
@@ -61,8 +59,7 @@ def test_pipeline_command_on_external_data_quarantines_a_corrupt_clip(tmp_path):
     ]
     for path in triplets:
         args += ["--triplets", str(path)]
-    with prefect_test_harness(server_startup_timeout=60):
-        result = CliRunner().invoke(app, args)
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "tracks 63 (quarantined 1)" in result.output
     assert "WMF factors (upper bound)" in result.output
@@ -72,7 +69,7 @@ def test_pipeline_command_on_external_data_quarantines_a_corrupt_clip(tmp_path):
 
 
 @pytest.mark.integration
-def test_features_command_runs_a_manifest_and_then_only_new_files(tmp_path):
+def test_features_command_runs_a_manifest_and_then_only_new_files(tmp_path, prefect_server):
     import numpy as np
     import pandas as pd
     import soundfile as sf
@@ -105,10 +102,9 @@ def test_features_command_runs_a_manifest_and_then_only_new_files(tmp_path):
         "--data-dir",
         str(tmp_path / "store"),
     ]
-    with prefect_test_harness(server_startup_timeout=60):
-        first = CliRunner().invoke(app, args)
-        pd.DataFrame(rows).to_csv(manifest, index=False)
-        second = CliRunner().invoke(app, args)
+    first = CliRunner().invoke(app, args)
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    second = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
     assert "5 tracks (5 extracted, 0 already present, 0 quarantined)" in first.output
     assert second.exit_code == 0 and "6 tracks (1 extracted, 5 already present, 0 quarantined)" in second.output
@@ -117,7 +113,7 @@ def test_features_command_runs_a_manifest_and_then_only_new_files(tmp_path):
 
 
 @pytest.mark.integration
-def test_wmf_command_ingests_quarantines_and_updates(tmp_path):
+def test_wmf_command_ingests_quarantines_and_updates(tmp_path, prefect_server):
     from tasks.synth_listening import ListeningWorld, write_triplets
 
     first = write_triplets(ListeningWorld(n_users=300, n_items=150, n_rows=6000, seed=1), tmp_path / "batch-000.txt")
@@ -125,9 +121,8 @@ def test_wmf_command_ingests_quarantines_and_updates(tmp_path):
     second.write_text(first.read_text().replace("\n", "\nbroken line\n", 3))
     data_dir = tmp_path / "store"
     base = ["wmf", "--data-dir", str(data_dir), "--k", "50", "--iterations", "5"]
-    with prefect_test_harness(server_startup_timeout=60):
-        one = CliRunner().invoke(app, [*base, "--listening", str(first)])
-        two = CliRunner().invoke(app, [*base, "--listening", str(first), "--listening", str(second)])
+    one = CliRunner().invoke(app, [*base, "--listening", str(first)])
+    two = CliRunner().invoke(app, [*base, "--listening", str(first), "--listening", str(second)])
     assert one.exit_code == 0 and two.exit_code == 0, one.output + two.output
     assert "WMF (full)" in one.output and "popularity" in one.output and "NDCG@50" in one.output
     assert "WMF (incremental)" in two.output and "WMF full refit" in two.output
@@ -150,7 +145,7 @@ def test_study_rejects_bad_settings_before_anything_runs(tmp_path):
 
 
 @pytest.mark.integration
-def test_study_with_a_context_longer_than_the_clips_stops_before_any_work(tmp_path):
+def test_study_with_a_context_longer_than_the_clips_stops_before_any_work(tmp_path, prefect_server):
     preset = tmp_path / "long-context.json"
     import json
 
@@ -158,10 +153,9 @@ def test_study_with_a_context_longer_than_the_clips_stops_before_any_work(tmp_pa
 
     preset.write_text(json.dumps({**PRESETS["smoke"], "kmeans": {**PRESETS["smoke"]["kmeans"], "context": 400}}))
     data_dir = tmp_path / "data"
-    with prefect_test_harness(server_startup_timeout=60):
-        result = CliRunner().invoke(
-            app, ["study", "tagging", "--preset", str(preset), "--clip-seconds", "6", "--data-dir", str(data_dir)]
-        )
+    result = CliRunner().invoke(
+        app, ["study", "tagging", "--preset", str(preset), "--clip-seconds", "6", "--data-dir", str(data_dir)]
+    )
     assert result.exit_code == 2, result.output
     assert "context=400 frames is longer than the synthetic clips" in result.output
     assert not (data_dir / "raw").exists() and not (data_dir / "features").exists()

@@ -323,6 +323,14 @@ COMPLETE_TAG = "mirflow.complete"  # set last, when a run's block ended without 
 RUN_KEY_TAG = "mirflow.run_key"
 
 
+def _resume(run_id: str, *, experiment_id: str, nested: bool = False) -> mlflow.ActiveRun:
+    """``mlflow.start_run`` of an existing run. MLflow refuses to resume a run of another experiment than
+    the process's active one (set by any earlier ``mlflow.set_experiment``, ours or a caller's): make the
+    run's own experiment the active one first."""
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return mlflow.start_run(run_id=run_id, nested=nested)
+
+
 @contextmanager
 def tracked_run(
     settings: TrackingSettings,
@@ -344,7 +352,7 @@ def tracked_run(
     if resume_key is not None:
         unfinished = _unfinished(settings, exp_id, f"tags.`{RUN_KEY_TAG}` = '{resume_key}'")
         if unfinished is not None:
-            with mlflow.start_run(run_id=unfinished) as run:
+            with _resume(unfinished, experiment_id=exp_id) as run:
                 log.info("resuming MLflow run %s (%s, not completed before)", unfinished, run_name)
                 if flow_run := prefect_flow_run_id():
                     mlflow.set_tag("prefect.flow_run_id", flow_run)
@@ -408,7 +416,7 @@ def parent_run(
         max_results=1,
     )
     if found:
-        with mlflow.start_run(run_id=found[0].info.run_id) as run:
+        with _resume(found[0].info.run_id, experiment_id=exp_id) as run:
             if flow_run := prefect_flow_run_id():
                 mlflow.set_tag("prefect.flow_run_id", flow_run)
             log_inputs(inputs)
@@ -491,7 +499,7 @@ def child_run(
             f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`mirflow.config_key` = '{key}'",
         )
         if unfinished is not None:
-            with mlflow.start_run(run_id=unfinished, nested=True) as run:
+            with _resume(unfinished, experiment_id=parent.info.experiment_id, nested=True) as run:
                 log.info("resuming child run %s (%s)", unfinished, run_name)
                 log_inputs(inputs)
                 yield run

@@ -122,11 +122,12 @@ def test_features_training_and_serving_use_the_same_hop(tmp_path: Path, policy: 
 
     # Serving: the model is logged as the pipeline logs it and loaded as the service loads it; an
     # upload of the same audio gets the spectrogram the shards hold (float16 storage: 1e-2 absolute).
+    # A store of its own, and no process-wide active experiment left behind for the tests after this one.
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
-        mlflow.set_experiment("hop-rule")
-        with mlflow.start_run():
+        experiment = mlflow.MlflowClient().create_experiment("hop-rule")
+        with mlflow.start_run(experiment_id=experiment):
             uri = log_audio_model(
                 "tagger",
                 result.checkpoint,

@@ -152,3 +152,39 @@ def test_every_family_has_a_description_and_a_users_edit_is_kept(store):
     client.set_experiment_tag(tagger, DESCRIPTION_TAG, "my notes")
     assert experiment_id(tracking, "tagger") == tagger
     assert client.get_experiment(tagger).tags[DESCRIPTION_TAG] == "my notes"
+
+
+_RESUME_CHECK = """
+import sys
+import mlflow
+from infra.tracking import _resume
+
+mlflow.set_tracking_uri(sys.argv[1])
+client = mlflow.MlflowClient()
+ours, theirs = client.create_experiment("mirflow-study"), client.create_experiment("theirs")
+with mlflow.start_run(experiment_id=ours) as parent:
+    with mlflow.start_run(experiment_id=ours, nested=True) as child:
+        pass
+mlflow.set_experiment(experiment_id=theirs)  # what a notebook user might have done before
+with _resume(parent.info.run_id, experiment_id=ours) as resumed:
+    with _resume(child.info.run_id, experiment_id=ours, nested=True) as resumed_child:
+        assert resumed_child.info.run_id == child.info.run_id
+    assert resumed.info.run_id == parent.info.run_id
+print("resumed")
+"""
+
+
+def test_a_run_is_resumed_whatever_experiment_the_caller_made_active(tmp_path):
+    """MLflow refuses to resume a run of another experiment than the process's active one; a caller's own
+    ``mlflow.set_experiment`` must not break a study's or a training run's resumption. (In a process of its
+    own: an active experiment cannot be unset, and it would leak into the tests after this one.)"""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _RESUME_CHECK, f"sqlite:///{tmp_path / 'mlflow.db'}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and "resumed" in done.stdout, done.stderr[-2000:]

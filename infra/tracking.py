@@ -22,7 +22,7 @@ from typing import Any
 import mlflow
 from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.tracking import MlflowClient
+from mlflow.tracking import MlflowClient, fluent
 
 from core import storage
 from core.settings import TrackingSettings
@@ -323,12 +323,20 @@ COMPLETE_TAG = "mirflow.complete"  # set last, when a run's block ended without 
 RUN_KEY_TAG = "mirflow.run_key"
 
 
-def _resume(run_id: str, *, experiment_id: str, nested: bool = False) -> mlflow.ActiveRun:
-    """``mlflow.start_run`` of an existing run. MLflow refuses to resume a run of another experiment than
-    the process's active one (set by any earlier ``mlflow.set_experiment``, ours or a caller's): make the
-    run's own experiment the active one first."""
-    mlflow.set_experiment(experiment_id=experiment_id)
-    return mlflow.start_run(run_id=run_id, nested=nested)
+def _resume(run_id: str, *, nested: bool = False) -> mlflow.ActiveRun:
+    """``mlflow.start_run`` of an existing run, whatever experiment the process made active.
+
+    MLflow refuses to resume a run of another experiment than the process's active one, set by any
+    earlier ``mlflow.set_experiment`` (a caller's, in a notebook or a test). Setting ours instead would
+    leak into the caller's later runs, and MLflow has no public way to unset it: the check is passed
+    by clearing the active experiment for this one call and putting the caller's back at once.
+    """
+    saved = fluent._active_experiment_id
+    fluent._active_experiment_id = None
+    try:
+        return mlflow.start_run(run_id=run_id, nested=nested)
+    finally:
+        fluent._active_experiment_id = saved
 
 
 @contextmanager
@@ -352,7 +360,7 @@ def tracked_run(
     if resume_key is not None:
         unfinished = _unfinished(settings, exp_id, f"tags.`{RUN_KEY_TAG}` = '{resume_key}'")
         if unfinished is not None:
-            with _resume(unfinished, experiment_id=exp_id) as run:
+            with _resume(unfinished) as run:
                 log.info("resuming MLflow run %s (%s, not completed before)", unfinished, run_name)
                 if flow_run := prefect_flow_run_id():
                     mlflow.set_tag("prefect.flow_run_id", flow_run)
@@ -416,7 +424,7 @@ def parent_run(
         max_results=1,
     )
     if found:
-        with _resume(found[0].info.run_id, experiment_id=exp_id) as run:
+        with _resume(found[0].info.run_id) as run:
             if flow_run := prefect_flow_run_id():
                 mlflow.set_tag("prefect.flow_run_id", flow_run)
             log_inputs(inputs)
@@ -499,7 +507,7 @@ def child_run(
             f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`mirflow.config_key` = '{key}'",
         )
         if unfinished is not None:
-            with _resume(unfinished, experiment_id=parent.info.experiment_id, nested=True) as run:
+            with _resume(unfinished, nested=True) as run:
                 log.info("resuming child run %s (%s)", unfinished, run_name)
                 log_inputs(inputs)
                 yield run

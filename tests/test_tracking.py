@@ -166,10 +166,13 @@ with mlflow.start_run(experiment_id=ours) as parent:
     with mlflow.start_run(experiment_id=ours, nested=True) as child:
         pass
 mlflow.set_experiment(experiment_id=theirs)  # what a notebook user might have done before
-with _resume(parent.info.run_id, experiment_id=ours) as resumed:
-    with _resume(child.info.run_id, experiment_id=ours, nested=True) as resumed_child:
+with _resume(parent.info.run_id) as resumed:
+    with _resume(child.info.run_id, nested=True) as resumed_child:
         assert resumed_child.info.run_id == child.info.run_id
     assert resumed.info.run_id == parent.info.run_id
+# ...and the caller's active experiment is left as the caller set it.
+with mlflow.start_run() as theirs_run:
+    assert theirs_run.info.experiment_id == theirs
 print("resumed")
 """
 

@@ -47,18 +47,14 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.settings import ClusterSettings, SourceSettings, WorldSettings  # noqa: E402
-from flows.transfer import (  # noqa: E402
-    PRETRAINED,
-    embed_catalogue,
-    read_embeddings,
-    resolve_pretrained,
-    transfer_study,
-)
+from flows.transfer import embed_catalogue, transfer_study  # noqa: E402
+from infra.pretrained import PRETRAINED, resolve_pretrained  # noqa: E402
 from infra.registry import CHAMPION  # noqa: E402
 from infra.tracking import tracking_for  # noqa: E402
 from tasks import synth  # noqa: E402
 from tasks.audio import decode  # noqa: E402
 from tasks.datasets import gtzan_tracks  # noqa: E402
+from tasks.embedding import read_embeddings  # noqa: E402
 from tasks.kmeans import Codebook, encode_clip  # noqa: E402
 from tasks.spectrogram import feature_columns  # noqa: E402
 from tasks.studies import load_preset  # noqa: E402

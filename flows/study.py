@@ -61,7 +61,6 @@ from tasks.studies import (
 from tasks.study_tables import read_split_table, tagging_metrics, tagging_report
 
 PER_TAG = "per_tag_test_metrics.json"
-__all__ = ["StudyOutput", "study_cluster", "tagging_study"]
 
 
 @flow(name="study-tagging")

@@ -46,7 +46,7 @@ from flows.study_runner import Child, Findings, StudyKind, StudyParent, listenin
 from flows.training import mlflow_logger
 from flows.world import synthetic_target
 from infra.cluster import dask_client, shared_settings
-from infra.pretrained import PRETRAINED, Pretrained, model_uri_of, resolve_pretrained
+from infra.pretrained import PRETRAINED, Pretrained, resolve_pretrained
 from infra.registry import (
     CHALLENGER,
     factors_schema,
@@ -67,9 +67,8 @@ from infra.tracking import (
 )
 from lightning_modules.train import train_factor_regressor
 from tasks.datasets import heldout_track_ids
-from tasks.embedding import EmbeddingProvenance, embed_vectors, read_embeddings, write_embeddings
+from tasks.embedding import EmbeddingProvenance, embed_vectors, write_embeddings
 from tasks.feature_sets import (
-    FEATURE_SET_NAMES,
     feature_vectors,
     read_target_tracks,
     rows_frame,
@@ -100,19 +99,6 @@ from tasks.transfer import check_target, fit_transfer, format_transfer_table
 
 log = logging.getLogger("mirflow")
 TARGET_DATASET = "synthetic-target"
-# Importable from here as before: the flows' names of the pre-trained model resource and the transfer's inputs.
-__all__ = [
-    "FEATURE_SET_NAMES",
-    "PRETRAINED",
-    "EmbedOutput",
-    "Pretrained",
-    "TransferOutput",
-    "embed_catalogue",
-    "model_uri_of",
-    "read_embeddings",
-    "resolve_pretrained",
-    "transfer",
-]
 
 
 # ----------------------------------------------------------------------------- embed
@@ -414,7 +400,6 @@ def transfer(
 
 #: The transfer's feature vectors (:func:`tasks.feature_sets.feature_vectors`), under the name tests and the
 #: study have used.
-_feature_vectors = feature_vectors
 
 
 # ----------------------------------------------------------------------------- the study

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from flows.listening import WMFOutput
     from flows.recommendation import RecommendationStudyOutput
     from flows.retrain import RetrainOutcome
-    from flows.study import StudyOutput
+    from flows.study_runner import StudyOutput
     from flows.training import RecommenderOutput, TaggerOutput
     from flows.transfer import EmbedOutput, TransferOutput, TransferStudyOutput
     from tasks.events import ListeningSource

@@ -21,19 +21,14 @@ from core.settings import (
     TransferSettings,
     WorldSettings,
 )
-from flows.transfer import (
-    PRETRAINED,
-    TARGET_DATASET,
-    _feature_vectors,
-    embed_catalogue,
-    read_embeddings,
-    transfer,
-    transfer_study,
-)
+from flows.transfer import TARGET_DATASET, embed_catalogue, transfer, transfer_study
+from infra.pretrained import PRETRAINED
 from infra.registry import CHAMPION
 from infra.tracking import run_inputs, tracking_for
 from mirflow.cli import app
 from tasks import synth
+from tasks.embedding import read_embeddings
+from tasks.feature_sets import feature_vectors
 from tasks.studies import load_preset
 from tasks.transfer import TransferError, check_target, fit_transfer
 
@@ -313,7 +308,7 @@ def test_pretrained_embeddings_beat_mfcc_on_the_target_over_seeds(tmp_path, pref
     check = check_target(tracks, cv=5)
     ids = list(check.track_ids)
     labels = list(tracks.set_index("track_id").loc[ids, "labels"])
-    vectors = _feature_vectors(
+    vectors = feature_vectors(
         layout,
         TARGET_DATASET,
         {"mfcc": None},
